@@ -1,0 +1,1 @@
+"""The platform daemon: the model of the VMkernel, one per host."""

@@ -1,0 +1,70 @@
+"""``vmmem-platform``: run the platform daemon (one per host)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from shared.config import PlatformConfig, load_settings
+from shared.logs import configure_logging
+from shared.loops import run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vmmem-platform",
+        description=(
+            "The VMMem platform daemon: owns machine memory (a shared file of 4 KiB frames "
+            "split into NUMA nodes), the p2m of every VM, the swap file and the memory "
+            "services. VMM agents (vmmem-vmm) connect to its Unix socket. Every flag can also "
+            "be set as VMMEM_<NAME> in the environment or in a TOML file (--config)."
+        ),
+        epilog="Sizes accept 4096, 64MiB, 1GiB. Example: vmmem-platform --socket /tmp/vmmem.sock "
+        "--host-memory 256MiB --swap-file /var/tmp/vmmem.swap --swap-size 1GiB",
+    )
+    a = p.add_argument
+    a("--config", type=Path, help="TOML file with a [platform] table of these settings")
+    a("--socket", help="Unix socket path agents connect to (default /tmp/vmmem.sock)")
+    a("--host-memory", help="machine memory to manage, e.g. 256MiB (default 256MiB)")
+    a("--numa-nodes", type=int, help="NUMA nodes to split machine memory into (default 2)")
+    a("--metrics-port", type=int,
+      help="Prometheus port on 127.0.0.1 (default 9470; 0 picks a free port; -1 disables)")
+    a("--mem-dir", help="directory for the shared memory files (default /dev/shm)")
+    a("--swap-file", help="path of the swap file (created, removed at exit)")
+    a("--swap-size", help="size of the swap file, e.g. 1GiB (default: no swap)")
+    a("--slot-capacity", type=int, help="pages per PageList batch (default 512)")
+    a("--max-fault-around", type=int, help="most neighbour pages one fault may map (default 16)")
+    a("--free-high-pct", type=float, help="free memory %% where reclaim stops (default 6)")
+    a("--free-soft-pct", type=float, help="below this %% free: soft state (default 4)")
+    a("--free-hard-pct", type=float, help="below this %% free: hard state, swapping (default 2)")
+    a("--free-low-pct", type=float, help="below this %% free: low state, faults wait (default 1)")
+    a("--log-format", choices=["auto", "json", "console"], help="log format (default auto)")
+    a("--log-level", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    config_file = args.pop("config")
+    try:
+        config = load_settings(PlatformConfig, args, config_file)
+    except (ValidationError, ValueError, OSError) as exc:
+        print(f"vmmem-platform: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_format, config.log_level)
+    from .server import PlatformServer
+
+    try:
+        server = PlatformServer(config)
+    except OSError as exc:
+        print(f"vmmem-platform: cannot start: {exc}", file=sys.stderr)
+        return 1
+    run(server.serve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

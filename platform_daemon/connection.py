@@ -1,0 +1,76 @@
+"""The thin adapter from an asyncio transport to the sans-I/O codec, one per peer."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import cast, TYPE_CHECKING
+
+import structlog
+
+from shared.codec import Codec
+from shared.errors import ErrorCode, RemoteProtocolError, VMMemError
+from shared.messages import Error, Message
+
+if TYPE_CHECKING:
+    from .server import PlatformServer
+    from .vm import VM
+
+log = structlog.get_logger("vmmem.platform.connection")
+
+
+class PlatformConnection(asyncio.Protocol):
+    """One agent or control client connected to the daemon's Unix socket."""
+
+    def __init__(self, server: PlatformServer) -> None:
+        self.server = server
+        self.codec = Codec()
+        self.transport: asyncio.Transport | None = None
+        self.vm: VM | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement the interface without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.server.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.codec.receive_data(data)
+        try:
+            while not self.closed and (env := self.codec.next_event()) is not None:
+                self.server.dispatch(self, env.request_id, env.message)
+        except RemoteProtocolError as exc:
+            self.fail(exc)
+
+    def send(self, message: Message, request_id: int = 0) -> None:
+        """Queue one frame to the peer (dropped silently once the peer is gone)."""
+        if self.transport is not None and not self.closed:
+            self.transport.write(self.codec.send(message, request_id))
+
+    def send_error(self, exc: VMMemError, request_id: int = 0) -> None:
+        """A clear Error the peer can act on; the connection stays up."""
+        self.send(Error(code=int(exc.code), message=str(exc)), request_id)
+
+    def fail(self, exc: VMMemError, request_id: int = 0) -> None:
+        """The peer broke the protocol: tell it why, then disconnect it (and only it)."""
+        if self.closed:
+            return
+        log.warning(
+            "protocol_error",
+            vm=self.vm.name if self.vm else None,
+            code=ErrorCode(exc.code).name,
+            error=str(exc),
+        )
+        self.server.metrics.protocol_errors.labels(ErrorCode(exc.code).name.lower()).inc()
+        self.send_error(exc, request_id)
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connection_lost(self)

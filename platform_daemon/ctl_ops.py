@@ -1,0 +1,114 @@
+"""Operator commands served on the daemon socket (``vmmem-ctl``, ``vmmem-load``)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shared.constants import PAGE_SIZE
+from shared.errors import ErrorCode, VMMemError
+from shared.sizes import parse_size
+
+if TYPE_CHECKING:
+    from .server import PlatformServer
+
+
+class _Args(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RetireArgs(_Args):
+    mpn: int = Field(ge=0)
+
+
+class HostLimitArgs(_Args):
+    size: str | int
+
+
+class CtlOps:
+    """Each ``op_*`` method answers one CtlRequest op with a JSON-able dict."""
+
+    def __init__(self, server: PlatformServer) -> None:
+        self.server = server
+
+    async def handle(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        fn = getattr(self, f"op_{op.replace('-', '_')}", None)
+        if fn is None:
+            raise VMMemError(f"unknown op {op!r}", ErrorCode.BAD_REQUEST)
+        try:
+            result: dict[str, Any] = fn(args)
+        except ValidationError as exc:
+            raise VMMemError(f"{op}: {exc.errors()[0]['msg']}", ErrorCode.BAD_REQUEST) from None
+        return result
+
+    def op_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        """VMs with their pages by state; host frames free/used/retired."""
+        s = self.server
+        alloc = s.machine.allocator
+        swap = s.swap
+        return {
+            "pid": __import__("os").getpid(),
+            "uptime_seconds": round(time.time() - s.started, 3),
+            "host": {
+                "pages": s.machine.host_pages,
+                "page_size": PAGE_SIZE,
+                "free": alloc.free,
+                "used": alloc.used,
+                "retired": alloc.retired,
+                "limit_pages": s.machine.limit_pages,
+                "available": s.machine.available(),
+                "free_state": s.free_state().name.lower(),
+                "nodes": [
+                    {"node": i, "first_mpn": a, "last_mpn": b - 1, **alloc.counts_by_node()[i]}
+                    for i, (a, b) in enumerate(alloc.node_bounds)
+                ],
+            },
+            "swap": None if swap is None else {
+                "path": str(swap.path), "slots": swap.slots, "used": swap.used,
+            },
+            "vms": [self._vm(vm) for vm in s.vms.values()],
+        }
+
+    def _vm(self, vm: Any) -> dict[str, Any]:
+        return {
+            "vm_id": vm.vm_id,
+            "name": vm.name,
+            "guest_pages": vm.guest_pages,
+            "vcpus": vm.info.vcpus,
+            "home_node": vm.home_node,
+            "pid": vm.info.pid,
+            "control_socket": vm.info.control_socket,
+            "metrics_port": vm.info.metrics_port,
+            "pages": vm.p2m.counts(),
+            "pending": vm.region.pending,
+            "swap_target_pages": self.server.memsched.swap_targets.get(vm.vm_id, 0),
+            "stats": vars(vm.stats).copy(),
+        }
+
+    def op_list_vms(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "vms": [
+                {"name": vm.name, "control_socket": vm.info.control_socket, "pid": vm.info.pid,
+                 "metrics_port": vm.info.metrics_port}
+                for vm in self.server.vms.values()
+            ]
+        }  # fmt: skip
+
+    def op_retire(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Mark a frame failing; its page (if any) moves to a healthy frame."""
+        parsed = RetireArgs.model_validate(args)
+        return self.server.retire_frame(parsed.mpn)
+
+    def op_set_host_limit(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Change the memory VMs may use at run time."""
+        parsed = HostLimitArgs.model_validate(args)
+        try:
+            pages = parse_size(parsed.size) // PAGE_SIZE
+        except ValueError as exc:
+            raise VMMemError(str(exc), ErrorCode.BAD_REQUEST) from None
+        s = self.server
+        s.memsched.set_host_limit(pages)
+        s.memsched.tick(time.monotonic())
+        return {"limit_pages": s.machine.limit_pages, "free_state": s.free_state().name.lower()}

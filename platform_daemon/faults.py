@@ -1,0 +1,114 @@
+"""The fault path: a guest touched a page its VMM does not expose (or wrote a read-only one).
+
+The fast cases are answered synchronously, inside the read callback: first touch, a page
+already mapped on the platform (another vCPU won the race), a resident page that lost its
+mapping, a copy-on-write. Pages in flight go to the service that owns their op; swapped
+pages and faults that must wait for free memory are answered from a task.
+
+First touch by a read maps the node's shared zero frame read-only: untouched memory that
+is only read costs no frame. A write to such a page copies it (COW) into a private frame.
+
+Fault-around: a message costs a cross-CPU wakeup (~30 µs here), far more than mapping a
+page, so when the agent says the guest is walking memory (``around > 0``) the reply also
+maps the untouched neighbours after the faulting page, up to ``max_around`` of them, the
+same way as the faulting page (private for a write, shared zero for a read).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from shared.constants import NO_FRAME, FaultReason, PageState
+from shared.messages import FAULT_FLAG_WRITABLE, FaultReply
+
+from .machine import MachineMemory
+from .p2m import FLAG_SHARED
+from .vm import VM
+
+
+class NeedsAsync(Exception):
+    """The fault cannot be answered without waiting (I/O or free memory)."""
+
+
+class FaultResolver:
+    """Answers faults from the p2m and machine memory."""
+
+    def __init__(self, machine: MachineMemory, max_around: int) -> None:
+        self.machine = machine
+        self.max_around = max_around
+
+    def map_private(self, vm: VM, bpns: npt.NDArray[Any], frames: npt.NDArray[Any]) -> None:
+        """Record that ``bpns`` are backed by their own ``frames`` and exposed to the VMM."""
+        p2m = vm.p2m
+        p2m.frame[bpns] = frames
+        p2m.state[bpns] = PageState.EXPOSED
+        p2m.flags[bpns] &= ~np.uint8(FLAG_SHARED)
+        self.machine.set_owner(frames, vm.vm_id, bpns)
+
+    def reply(self, vm: VM, reason: FaultReason, bpns: npt.NDArray[Any]) -> FaultReply:
+        """A reply mapping ``bpns`` (faulting page first) to their current frames."""
+        idx = np.asarray(bpns, dtype=np.int64)
+        writable = (vm.p2m.flags[idx] & FLAG_SHARED) == 0
+        flags = np.where(writable, FAULT_FLAG_WRITABLE, 0).astype(np.uint8)
+        return FaultReply(int(reason), idx.astype(np.uint64), vm.p2m.frame[idx].copy(), flags)
+
+    def first_touch(self, vm: VM, bpn: int, write: bool, around: int) -> FaultReply:
+        """Back the faulting page and, if asked, its untouched neighbours."""
+        p2m = vm.p2m
+        neighbours = self._around(vm, bpn, around)
+        zero_mask = p2m.state[neighbours] == PageState.ZERO
+        fresh = np.concatenate(([bpn], neighbours[zero_mask])).astype(np.int64)
+        resident = neighbours[~zero_mask]
+        if write:
+            available = self.machine.available()
+            if available < 1:
+                raise NeedsAsync
+            fresh = fresh[: min(len(fresh), available)]
+            self.map_private(vm, fresh, self.machine.allocate_zeroed(len(fresh), vm.home_node))
+        else:
+            p2m.frame[fresh] = self.machine.zero_frame[vm.home_node]
+            p2m.flags[fresh] |= np.uint8(FLAG_SHARED)
+            p2m.state[fresh] = PageState.EXPOSED
+        p2m.state[resident] = PageState.EXPOSED
+        vm.stats.pages_mapped += len(fresh)
+        vm.stats.fault_around_pages += len(fresh) - 1 + len(resident)
+        return self.reply(vm, FaultReason.FIRST_TOUCH, np.concatenate((fresh, resident)))
+
+    def copy_on_write(self, vm: VM, bpn: int) -> FaultReply:
+        """Give a shared page its own writable copy."""
+        if self.machine.available() < 1:
+            raise NeedsAsync
+        old = int(vm.p2m.frame[bpn])
+        new = self.machine.allocator.allocate(1, vm.home_node)
+        self.machine.frames[new[0]] = self.machine.frames[old]
+        self.map_private(vm, np.array([bpn]), new)
+        vm.stats.pages_mapped += 1
+        return self.reply(vm, FaultReason.COW, np.array([bpn]))
+
+    def _around(self, vm: VM, bpn: int, around: int) -> npt.NDArray[np.int64]:
+        """Neighbours after ``bpn`` that a fault-around may map: untouched or resident."""
+        n = min(around, self.max_around, vm.guest_pages - bpn - 1)
+        if n <= 0:
+            return np.empty(0, dtype=np.int64)
+        window = np.arange(bpn + 1, bpn + 1 + n, dtype=np.int64)
+        st = vm.p2m.state[window]
+        return window[(st == PageState.ZERO) | (st == PageState.RESIDENT)]
+
+    def try_resolve(self, vm: VM, bpn: int, write: bool, around: int) -> FaultReply:
+        """Answer now, or raise NeedsAsync; in-flight and swapped pages are the services' job."""
+        state = PageState(vm.p2m.state[bpn])
+        if state == PageState.ZERO:
+            return self.first_touch(vm, bpn, write, around)
+        if state not in (PageState.EXPOSED, PageState.SELECTED, PageState.RESIDENT):
+            raise NeedsAsync
+        assert vm.p2m.frame[bpn] != NO_FRAME
+        if write and vm.p2m.flags[bpn] & FLAG_SHARED:
+            return self.copy_on_write(vm, bpn)
+        # SELECTED: the VMM faults on a page it still had, so it will not accept the release;
+        # the page stays exposed and completion skips it.
+        reason = FaultReason.REMAP if state == PageState.RESIDENT else FaultReason.MAPPED
+        vm.p2m.state[bpn] = PageState.EXPOSED
+        return self.reply(vm, reason, np.array([bpn]))

@@ -1,0 +1,415 @@
+"""The platform daemon's server: startup → main loop → shutdown, and message dispatch.
+
+Dispatch runs inside the transport's read callback: the fast paths (most faults, every
+GetRequest and CompleteRequest) are answered synchronously with no task per message. Only
+work that must wait (swap-in I/O, free memory) becomes a task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+import weakref
+from typing import Any
+
+import numpy as np
+import structlog
+from prometheus_client import CollectorRegistry, start_http_server
+
+from shared.config import PlatformConfig
+from shared.constants import NO_FRAME, FaultReason, FreeState, PageState, PageStatus, ServiceType
+from shared.errors import ErrorCode, RemoteProtocolError, VMMemError
+from shared.messages import (
+    CompleteRequest,
+    CtlReply,
+    CtlRequest,
+    Error,
+    Fault,
+    FaultReply,
+    GetRequest,
+    Kick,
+    Message,
+    Register,
+)
+
+from .connection import PlatformConnection
+from .ctl_ops import CtlOps
+from .faults import FaultResolver, NeedsAsync
+from .machine import MachineMemory
+from .memsched import MemSched
+from .metrics import PlatformMetrics, StateCollector
+from .registration import Registry
+from .rounds import RoundEngine, RoundState
+from .services import build_services
+from .swapfile import SwapFile
+from .vm import VM
+
+log = structlog.get_logger("vmmem.platform")
+
+
+class PlatformServer:
+    """One platform daemon: machine memory, VMs, services and the Unix socket."""
+
+    def __init__(self, config: PlatformConfig, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.metrics_registry = registry or CollectorRegistry()
+        self.metrics = PlatformMetrics(self.metrics_registry)
+        self.metrics_registry.register(StateCollector(weakref.ref(self)))  # type: ignore[arg-type]
+        self.machine = MachineMemory(
+            MachineMemory.default_path(config.mem_dir), config.host_pages, config.numa_nodes
+        )
+        self.swap: SwapFile | None = None
+        if config.swap_file is not None and config.swap_size > 0:
+            self.swap = SwapFile(config.swap_file, config.swap_size)
+        self.vms: dict[int, VM] = {}
+        self.rounds: dict[int, RoundState] = {}
+        self.connections: set[PlatformConnection] = set()
+        self.faults = FaultResolver(self.machine, config.max_fault_around)
+        self.registry = Registry(self)
+        self.services = build_services(self)
+        self.engine = RoundEngine(self.services)
+        self.engine.on_batch_done = self._record_batch
+        self.memsched = MemSched(self)
+        self.ctl = CtlOps(self)
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.frames_freed = asyncio.Event()
+        self.should_exit = False
+        self._stop: asyncio.Event | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._http: Any = None
+        self.metrics_port: int | None = None
+        self.started = time.time()
+
+    # ---- life cycle -------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Run until SIGTERM/SIGINT (or ``request_stop``), then shut down cleanly."""
+        await self.startup()
+        try:
+            await self.main_loop()
+        finally:
+            await self.shutdown()
+
+    async def startup(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+        path = self.config.socket
+        if path.exists():
+            path.unlink()
+        self._server = await loop.create_unix_server(lambda: PlatformConnection(self), str(path))
+        os.chmod(path, 0o600)
+        if self.config.metrics_port >= 0:
+            self._http, _ = start_http_server(
+                self.config.metrics_port, addr="127.0.0.1", registry=self.metrics_registry
+            )
+            self.metrics_port = self._http.server_port
+        log.info(
+            "platform_started", socket=str(path), host_pages=self.machine.host_pages,
+            numa_nodes=self.machine.nodes, metrics_port=self.metrics_port,
+            swap_slots=self.swap.slots if self.swap else 0, pid=os.getpid(),
+        )  # fmt: skip
+
+    def request_stop(self) -> None:
+        """Signal handlers only set a flag; the main loop does the work."""
+        self.should_exit = True
+        if self._stop is not None:
+            self._stop.set()
+
+    async def main_loop(self) -> None:
+        assert self._stop is not None
+        while not self.should_exit:
+            self.memsched.tick(time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=self.memsched.period)
+
+    async def shutdown(self) -> None:
+        """Stop accepting, drain in-flight work for a bounded time, release everything."""
+        log.info("platform_stopping", vms=len(self.vms))
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.close()
+        if self.tasks:
+            _, pending = await asyncio.wait(self.tasks, timeout=5.0)
+            for task in pending:
+                task.cancel()
+        for vm in list(self.vms.values()):
+            self.registry.unregister(vm)
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        self.config.socket.unlink(missing_ok=True)
+        self.machine.close()
+        if self.swap is not None:
+            self.swap.close()
+        log.info("platform_stopped")
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """A task the server tracks, so shutdown can drain it."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    # ---- dispatch ---------------------------------------------------------------------------
+
+    def dispatch(self, conn: PlatformConnection, request_id: int, msg: Message) -> None:
+        """Handle one decoded message; protocol violations disconnect this peer only."""
+        if isinstance(msg, CtlRequest):
+            self.spawn(self._ctl(conn, request_id, msg))
+            return
+        if isinstance(msg, Register):
+            try:
+                conn.send(self.registry.register(conn, msg), request_id)
+            except VMMemError as exc:
+                conn.fail(exc, request_id)
+            else:
+                self.metrics.registrations.inc()
+                log.info("vm_registered", vm=msg.name, vm_id=conn.vm.vm_id if conn.vm else None,
+                         guest_pages=msg.guest_pages, vcpus=msg.vcpus)  # fmt: skip
+            return
+        if isinstance(msg, Error):
+            log.warning("peer_error", code=msg.code, error=msg.message)
+            return
+        vm = conn.vm
+        if vm is None:
+            conn.fail(RemoteProtocolError("register first", ErrorCode.NOT_REGISTERED), request_id)
+            return
+        try:
+            if isinstance(msg, Fault):
+                self._fault(vm, request_id, msg)
+            elif isinstance(msg, GetRequest):
+                conn.send(self.engine.get_request(vm, self.rounds[vm.vm_id], msg), request_id)
+            elif isinstance(msg, CompleteRequest):
+                self.engine.complete(vm, self.rounds[vm.vm_id], msg)
+            else:
+                raise RemoteProtocolError(
+                    f"{type(msg).__name__} is not a message the daemon accepts", ErrorCode.PROTOCOL
+                )
+        except RemoteProtocolError as exc:
+            conn.fail(exc, request_id)
+
+    async def _ctl(self, conn: PlatformConnection, request_id: int, msg: CtlRequest) -> None:
+        try:
+            result = await self.ctl.handle(msg.op, msg.args)
+        except VMMemError as exc:
+            conn.send(CtlReply(ok=False, error=str(exc)), request_id)
+        else:
+            conn.send(CtlReply(ok=True, result=result), request_id)
+
+    # ---- faults -----------------------------------------------------------------------------
+
+    def _fault(self, vm: VM, request_id: int, msg: Fault) -> None:
+        if msg.bpn >= vm.guest_pages:
+            raise RemoteProtocolError(
+                f"BPN {msg.bpn} out of range 0..{vm.guest_pages - 1}", ErrorCode.BPN_OUT_OF_RANGE
+            )
+        t0 = time.perf_counter()
+        vm.stats.faults += 1
+        if self.free_state() != FreeState.LOW or vm.p2m.state[msg.bpn] != PageState.ZERO:
+            try:
+                reply = self._resolve_now(vm, msg)
+            except NeedsAsync:
+                pass
+            else:
+                self._send_fault_reply(vm, request_id, reply, t0)
+                return
+        if vm.outstanding_faults >= self.config.max_outstanding_faults:
+            raise RemoteProtocolError(
+                f"more than {self.config.max_outstanding_faults} faults outstanding",
+                ErrorCode.TOO_MANY_FAULTS,
+            )
+        vm.outstanding_faults += 1
+        self.spawn(self._fault_async(vm, request_id, msg, t0))
+
+    def _resolve_now(self, vm: VM, msg: Fault) -> FaultReply:
+        if vm.p2m.state[msg.bpn] == PageState.IN_FLIGHT:
+            reply = self.services[vm.p2m.op[msg.bpn]].on_fault(vm, msg.bpn, msg.write)
+            if isinstance(reply, FaultReply):
+                return reply
+            raise NeedsAsync
+        if vm.p2m.state[msg.bpn] == PageState.SWAPPED:
+            raise NeedsAsync
+        return self.faults.try_resolve(vm, msg.bpn, msg.write, msg.around)
+
+    async def _fault_async(self, vm: VM, request_id: int, msg: Fault, t0: float) -> None:
+        try:
+            reply = await self._resolve_waiting(vm, msg)
+        except VMMemError as exc:
+            log.warning("fault_failed", vm=vm.name, bpn=msg.bpn, error=str(exc))
+            vm.connection.send(Error(code=int(exc.code), message=str(exc)), request_id)
+        else:
+            if vm.alive:
+                self._send_fault_reply(vm, request_id, reply, t0)
+        finally:
+            vm.outstanding_faults -= 1
+
+    async def _resolve_waiting(self, vm: VM, msg: Fault) -> FaultReply:
+        """Swap-in, or wait (bounded, counted) for reclaim to free a frame."""
+        deadline = time.monotonic() + self.config.low_wait_seconds
+        waited = False
+        while True:
+            if not vm.alive:
+                raise VMMemError("VM is gone")
+            state = vm.p2m.state[msg.bpn]
+            if state == PageState.SWAPPED:
+                return await self.services_swap().swap_in(vm, msg.bpn)
+            if state == PageState.IN_FLIGHT:
+                reply = self.services[vm.p2m.op[msg.bpn]].on_fault(vm, msg.bpn, msg.write)
+                return reply if isinstance(reply, FaultReply) else await reply
+            low = self.free_state() == FreeState.LOW and state == PageState.ZERO
+            if not low or time.monotonic() >= deadline:
+                try:
+                    reply = self.faults.try_resolve(vm, msg.bpn, msg.write, msg.around)
+                except NeedsAsync:
+                    if time.monotonic() >= deadline:
+                        self.metrics.low_waits.labels("failed").inc()
+                        raise VMMemError(
+                            f"no free frame after waiting {self.config.low_wait_seconds}s",
+                            ErrorCode.OUT_OF_MEMORY,
+                        ) from None
+                else:
+                    if waited:
+                        self.metrics.low_waits.labels("served").inc()
+                    return reply
+            if not waited:
+                waited = True
+                vm.stats.low_waits += 1
+                self.memsched.tick(time.monotonic())
+            self.frames_freed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.frames_freed.wait(), timeout=0.05)
+
+    async def wait_for_frames(self, n: int) -> None:
+        """Wait, bounded by ``low_wait_seconds``, until ``n`` frames can be allocated."""
+        deadline = time.monotonic() + self.config.low_wait_seconds
+        while self.machine.available() < n:
+            if time.monotonic() >= deadline:
+                self.metrics.low_waits.labels("failed").inc()
+                raise VMMemError("no free frame for swap-in", ErrorCode.OUT_OF_MEMORY)
+            self.memsched.tick(time.monotonic())
+            self.frames_freed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.frames_freed.wait(), timeout=0.05)
+
+    def retire_frame(self, mpn: int) -> dict[str, Any]:
+        """Mark ``mpn`` failing: take it out of use, moving whatever page it holds."""
+        machine = self.machine
+        if not 0 <= mpn < machine.host_pages:
+            raise VMMemError(f"MPN {mpn} out of range 0..{machine.host_pages - 1}",
+                             ErrorCode.BAD_REQUEST)  # fmt: skip
+        state = int(machine.allocator.frame_state[mpn])
+        if state == 2 or machine.failing[mpn]:
+            return {"mpn": mpn, "was": "retired"}
+        if state == 0:
+            machine.allocator.retire(mpn)
+            self.metrics.retired.labels("free").inc()
+            log.info("frame_retired", mpn=mpn, was="free")
+            return {"mpn": mpn, "was": "free"}
+        machine.failing[mpn] = True
+        owner = int(machine.owner_vm[mpn])
+        if machine.is_zero_frame(mpn):
+            result = self._retire_zero_frame(mpn)
+        else:
+            vm = self.vms.get(owner)
+            if vm is None:  # in transit (e.g. a swap-in buffer): retired when it is freed
+                return {"mpn": mpn, "was": "in_transit"}
+            bpn = int(machine.owner_bpn[mpn])
+            retire = self.services[ServiceType.PAGE_RETIRE]
+            retire.enqueue(vm, bpn)  # type: ignore[attr-defined]
+            if vm.p2m.state[bpn] == PageState.RESIDENT:
+                retire.move(vm, np.array([bpn]))  # type: ignore[attr-defined]
+            self.kick(vm)
+            result = {"mpn": mpn, "was": "used", "vm": vm.name, "bpn": bpn,
+                      "page_state": PageState(vm.p2m.state[bpn]).name.lower()}  # fmt: skip
+        self.metrics.retired.labels("used").inc()
+        log.info("frame_retired", **result)
+        return result
+
+    def _retire_zero_frame(self, old: int) -> dict[str, Any]:
+        """Point every sharer at a fresh zero frame; p2mUpdate drops the old mappings."""
+        machine = self.machine
+        node = machine.zero_frame.index(old)
+        new = int(machine.allocate_zeroed(1, node)[0])
+        machine.zero_frame[node] = new
+        machine.zero_frames = frozenset(machine.zero_frame)
+        machine.owner_vm[new] = machine.owner_vm[old]
+        p2m_update = self.services[ServiceType.P2M_UPDATE]
+        p2m_update.refs[old] = 1  # type: ignore[attr-defined]  # held until the end of this loop
+        pages = 0
+        for vm in self.vms.values():
+            sharers = np.flatnonzero(vm.p2m.frame == old)
+            vm.p2m.frame[sharers] = new
+            exposed = sharers[vm.p2m.state[sharers] != PageState.ZERO]
+            p2m_update.enqueue(vm, exposed, old)  # type: ignore[attr-defined]
+            pages += len(exposed)
+            self.kick(vm)
+        p2m_update._unref(old, 1)  # type: ignore[attr-defined]
+        return {"mpn": old, "was": "zero_frame", "node": node, "stale_pages": pages}
+
+    def _send_fault_reply(self, vm: VM, request_id: int, reply: FaultReply, t0: float) -> None:
+        reason = FaultReason(reply.reason).name.lower()
+        self.metrics.faults.labels(reason).inc()
+        self.metrics.fault_seconds.labels(reason).observe(time.perf_counter() - t0)
+        if len(reply.bpns) > 1:
+            self.metrics.fault_around_pages.inc(len(reply.bpns) - 1)
+        vm.connection.send(reply, request_id)
+
+    # ---- hooks ------------------------------------------------------------------------------
+
+    def services_swap(self) -> Any:
+        from .services.swap import SwapService
+
+        svc = self.services.get(SwapService.service)
+        if svc is None:
+            raise VMMemError("page is swapped but no swap service is configured")
+        return svc
+
+    def free_state(self) -> FreeState:
+        return self.memsched.state
+
+    def on_vm_registered(self, vm: VM) -> None:
+        self.rounds[vm.vm_id] = RoundState()
+
+    def on_vm_gone(self, vm: VM) -> None:
+        """Release everything the VM held: frames, swap slots, queues."""
+        for svc in self.services.values():
+            svc.on_vm_gone(vm)
+        p2m = vm.p2m
+        private = (p2m.frame != NO_FRAME) & (p2m.flags == 0)
+        frames = p2m.frame[private]
+        self.machine.release_or_retire(frames)
+        self.memsched.on_vm_gone(vm)
+        if self.swap is not None:
+            self.swap.release(p2m.swap_slot[p2m.swap_slot >= 0])
+        p2m.frame[:] = NO_FRAME
+        p2m.swap_slot[:] = -1
+        self.rounds.pop(vm.vm_id, None)
+        self.frames_freed.set()
+        self.metrics.disconnects.inc()
+        log.info("vm_released", vm=vm.name, frames=int(len(frames)))
+
+    def connection_lost(self, conn: PlatformConnection) -> None:
+        self.connections.discard(conn)
+        if conn.vm is not None:
+            self.registry.unregister(conn.vm)
+
+    def kick(self, vm: VM) -> None:
+        """Action-driven half of the high-priority loop: tell the agent work is pending."""
+        word = self.engine.refresh_pending(vm)
+        if word:
+            vm.connection.send(Kick(word))
+
+    def _record_batch(self, service: Any, seconds: float, status: np.ndarray) -> None:
+        name = service.name.lower()
+        self.metrics.batch_seconds.labels(name).observe(seconds)
+        counts = np.bincount(status, minlength=len(PageStatus))
+        for st in PageStatus:
+            if counts[st]:
+                self.metrics.batch_pages.labels(name, st.name.lower()).inc(int(counts[st]))

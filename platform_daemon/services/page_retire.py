@@ -1,0 +1,100 @@
+"""Page retire: move pages off failing frames, content intact; never use those frames again.
+
+``PlatformServer.retire_frame`` marks a frame failing. A free frame simply leaves the free
+pool. A frame whose page is exposed is queued here: the page is released through a
+high-priority batch, copied to a healthy frame on the same node and left resident (the next
+touch maps the new frame). A page the VMM does not map is moved at once. A page whose
+swap-out is in flight needs nothing: its frame is retired instead of freed when the write
+lands, and if a fault cancels the swap-out the page is back on the failing frame and the
+queue takes it from there.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from shared.constants import PageState, PageStatus, ServiceType
+from shared.messages import FaultReply
+from shared.constants import FaultReason
+
+from .base import Pages, PlatformService
+
+if TYPE_CHECKING:
+    from ..server import PlatformServer
+    from ..vm import VM
+
+_MOVABLE = (PageState.EXPOSED, PageState.SELECTED, PageState.RESIDENT, PageState.IN_FLIGHT)
+
+
+class PageRetireService(PlatformService):
+    """High-priority release service for pages on failing frames."""
+
+    service = ServiceType.PAGE_RETIRE
+
+    def __init__(self, server: PlatformServer) -> None:
+        super().__init__(server)
+        self.queue: dict[int, set[int]] = {}
+
+    def enqueue(self, vm: VM, bpn: int) -> None:
+        self.queue.setdefault(vm.vm_id, set()).add(bpn)
+
+    def _prune(self, vm: VM) -> list[int]:
+        """Queued pages still on a failing frame; drop the rest (swapped, moved, gone)."""
+        queued = self.queue.get(vm.vm_id, set())
+        failing = self.server.machine.failing
+        keep = [
+            b for b in queued
+            if vm.p2m.state[b] in _MOVABLE and vm.p2m.frame[b] >= 0 and failing[vm.p2m.frame[b]]
+        ]  # fmt: skip
+        self.queue[vm.vm_id] = set(keep)
+        return keep
+
+    def has_work(self, vm: VM) -> bool:
+        return any(vm.p2m.state[b] == PageState.EXPOSED for b in self._prune(vm))
+
+    def select(self, vm: VM, capacity: int) -> tuple[Pages, npt.NDArray[np.int64]]:
+        queued = np.array(sorted(self._prune(vm)), dtype=np.int64)
+        if len(queued) == 0:
+            return queued, queued
+        resident = queued[vm.p2m.state[queued] == PageState.RESIDENT]
+        self.move(vm, resident)  # nobody maps these: no need to ask the VMM
+        picked = queued[vm.p2m.state[queued] == PageState.EXPOSED][:capacity]
+        return picked, vm.p2m.frame[picked].copy()
+
+    def complete(self, vm: VM, accepted: Pages, status: npt.NDArray[np.uint8]) -> None:
+        # The copy is a few KiB per page: done here, so no fault can ever find it half done.
+        self.move(vm, accepted)
+        status[:] = PageStatus.OK
+
+    def move(self, vm: VM, bpns: Pages) -> None:
+        """Copy ``bpns`` to healthy frames on their nodes; retire the old frames."""
+        if len(bpns) == 0:
+            return
+        machine = self.server.machine
+        old = vm.p2m.frame[bpns].copy()
+        nodes = machine.allocator.node_of(old)
+        new = np.empty_like(old)
+        for node in np.unique(nodes):
+            sel = nodes == node
+            new[sel] = machine.allocator.allocate(int(sel.sum()), int(node))
+        machine.frames[new] = machine.frames[old]
+        self.server.faults.map_private(vm, bpns, new)
+        vm.p2m.state[bpns] = PageState.RESIDENT
+        vm.p2m.op[bpns] = 0xFF
+        machine.release_or_retire(old)  # failing: retired, never handed out again
+        queued = self.queue.get(vm.vm_id, set())
+        queued.difference_update(bpns.tolist())
+        vm.stats.retired_moves += len(bpns)
+
+    def on_fault(self, vm: VM, bpn: int, write: bool) -> FaultReply:
+        """Complete the move (it is synchronous, so it already is), then map the new frame."""
+        if vm.p2m.frame[bpn] >= 0 and self.server.machine.failing[vm.p2m.frame[bpn]]:
+            self.move(vm, np.array([bpn]))
+        vm.p2m.state[bpn] = PageState.EXPOSED
+        return self.server.faults.reply(vm, FaultReason.COMPLETE, np.array([bpn]))
+
+    def on_vm_gone(self, vm: VM) -> None:
+        self.queue.pop(vm.vm_id, None)

@@ -1,0 +1,212 @@
+"""Swap: release cold pages to a real swap file while the guest runs on.
+
+Selection walks a clock hand over the VM's p2m, a bounded window per batch (the cost of a
+batch does not grow with guest size), taking private exposed pages until the VM's deficit
+against its memsched target is met. Completion allocates slots and starts the write in a
+thread pool; a frame is freed only after its write succeeded.
+
+Why a swap-out is cancelled, not awaited, when its page faults: the frame still holds the
+page, so the fastest correct answer is to hand the same frame back at once and discard the
+write when it lands (the page's epoch moved on, so the completion ignores it). The guest
+never waits for the disk on a page it still has in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno as errno_mod
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from shared.constants import FaultReason, PageState, PageStatus, ServiceType
+from shared.errors import ErrorCode, VMMemError
+from shared.messages import FaultReply
+
+from ..p2m import NO_SLOT
+from ..swapfile import SwapChecksumError
+from .base import Pages, PlatformService
+
+if TYPE_CHECKING:
+    from ..server import PlatformServer
+    from ..vm import VM
+
+log = structlog.get_logger("vmmem.platform.swap")
+_NO_SPACE_ERRNOS = {errno_mod.ENOSPC, errno_mod.EFBIG, errno_mod.EDQUOT}
+
+
+class SwapService(PlatformService):
+    """High-priority release service backed by ``server.swap``."""
+
+    service = ServiceType.SWAP
+    #: A batch looks at no more than this many p2m entries per page it may take.
+    scan_factor = 8
+
+    def __init__(self, server: PlatformServer) -> None:
+        super().__init__(server)
+        self.hand: dict[int, int] = {}
+        self.in_flight: dict[int, int] = {}
+        self.swapping_in: dict[tuple[int, int], asyncio.Future[FaultReply]] = {}
+
+    def has_work(self, vm: VM) -> bool:
+        swap = self.server.swap
+        if swap is None or swap.free == 0:
+            return False
+        return self.server.memsched.swap_deficit(vm, self.in_flight.get(vm.vm_id, 0)) > 0
+
+    def select(self, vm: VM, capacity: int) -> tuple[Pages, npt.NDArray[np.int64]]:
+        deficit = self.server.memsched.swap_deficit(vm, self.in_flight.get(vm.vm_id, 0))
+        assert self.server.swap is not None
+        want = min(capacity, deficit, self.server.swap.free)
+        n = vm.guest_pages
+        start = self.hand.get(vm.vm_id, 0)
+        span = min(n, max(want, 1) * self.scan_factor)
+        window = (np.arange(start, start + span, dtype=np.int64)) % n
+        p2m = vm.p2m
+        ok = (p2m.state[window] == PageState.EXPOSED) & (p2m.flags[window] == 0)
+        picked = window[ok][:want]
+        # Continue after the last page taken, or after the window if it was exhausted.
+        self.hand[vm.vm_id] = int((picked[-1] + 1) % n) if len(picked) == want and want else int(
+            (start + span) % n
+        )
+        return picked, p2m.frame[picked].copy()
+
+    def complete(self, vm: VM, accepted: Pages, status: npt.NDArray[np.uint8]) -> None:
+        swap = self.server.swap
+        assert swap is not None
+        slots = swap.allocate(len(accepted))
+        if len(slots) < len(accepted):
+            # Swap file full: the rest stays resident (unexposed until touched); nothing lost.
+            rest = accepted[len(slots) :]
+            vm.p2m.state[rest] = PageState.RESIDENT
+            status[len(slots) :] = PageStatus.NO_SPACE
+            self.server.metrics.swap_errors.labels("no_space").inc(len(rest))
+            accepted = accepted[: len(slots)]
+        if len(accepted) == 0:
+            return
+        self.in_flight[vm.vm_id] = self.in_flight.get(vm.vm_id, 0) + len(accepted)
+        frames = vm.p2m.frame[accepted].copy()
+        epochs = vm.p2m.epoch[accepted].copy()
+        self.server.spawn(self._write(vm, accepted, frames, slots, epochs))
+
+    async def _write(
+        self, vm: VM, bpns: Pages, frames: npt.NDArray[np.int64], slots: npt.NDArray[np.int64],
+        epochs: npt.NDArray[np.uint32],
+    ) -> None:  # fmt: skip
+        server, swap = self.server, self.server.swap
+        assert swap is not None
+        loop = asyncio.get_running_loop()
+        mem = server.machine.frames
+        t0 = time.perf_counter()
+        try:
+            # Gather and write off the event loop: the guest keeps running meanwhile.
+            await loop.run_in_executor(None, lambda: swap.write_pages(slots, mem[frames]))
+        except OSError as exc:
+            self._write_failed(vm, bpns, slots, epochs, exc)
+            return
+        server.metrics.swap_io_seconds.labels("out").observe(time.perf_counter() - t0)
+        if not vm.alive:
+            swap.release(slots)
+            return
+        p2m = vm.p2m
+        ours = (
+            (p2m.state[bpns] == PageState.IN_FLIGHT)
+            & (p2m.op[bpns] == ServiceType.SWAP)
+            & (p2m.epoch[bpns] == epochs)
+        )
+        done = bpns[ours]
+        self.in_flight[vm.vm_id] -= len(done)
+        swap.release(slots[~ours])  # cancelled while the write was in flight: discard it
+        p2m.state[done] = PageState.SWAPPED
+        p2m.swap_slot[done] = slots[ours]
+        p2m.frame[done] = -1
+        p2m.op[done] = 0xFF
+        server.machine.release_or_retire(frames[ours])
+        vm.stats.swapped_out += len(done)
+        server.metrics.swap_pages.labels("out").inc(len(done))
+
+    def _write_failed(
+        self, vm: VM, bpns: Pages, slots: npt.NDArray[np.int64], epochs: npt.NDArray[np.uint32],
+        exc: OSError,
+    ) -> None:  # fmt: skip
+        """The write failed: pages keep their frames (unexposed), slots go back."""
+        reason = "no_space" if exc.errno in _NO_SPACE_ERRNOS else "io_error"
+        self.server.swap.release(slots)  # type: ignore[union-attr]
+        log.warning("swap_write_failed", vm=vm.name, pages=len(bpns), reason=reason, error=str(exc))
+        self.server.metrics.swap_errors.labels(reason).inc(len(bpns))
+        if not vm.alive:
+            return
+        p2m = vm.p2m
+        ours = (
+            (p2m.state[bpns] == PageState.IN_FLIGHT)
+            & (p2m.op[bpns] == ServiceType.SWAP)
+            & (p2m.epoch[bpns] == epochs)
+        )
+        p2m.state[bpns[ours]] = PageState.RESIDENT
+        p2m.op[bpns[ours]] = 0xFF
+        self.in_flight[vm.vm_id] -= int(ours.sum())
+
+    def on_fault(self, vm: VM, bpn: int, write: bool) -> FaultReply:
+        """Cancel the swap-out: same frame back at once, the write is discarded."""
+        p2m = vm.p2m
+        p2m.state[bpn] = PageState.EXPOSED
+        p2m.op[bpn] = 0xFF
+        p2m.epoch[bpn] += 1
+        self.in_flight[vm.vm_id] -= 1
+        vm.stats.swap_cancelled += 1
+        self.server.metrics.swap_cancelled.inc()
+        return self.server.faults.reply(vm, FaultReason.CANCEL, np.array([bpn]))
+
+    async def swap_in(self, vm: VM, bpn: int) -> FaultReply:
+        """Read a swapped page back (one read per page, however many vCPUs fault on it)."""
+        key = (vm.vm_id, bpn)
+        pending = self.swapping_in.get(key)
+        if pending is not None:
+            await asyncio.shield(pending)
+            return self.server.faults.reply(vm, FaultReason.MAPPED, np.array([bpn]))
+        fut: asyncio.Future[FaultReply] = asyncio.get_running_loop().create_future()
+        self.swapping_in[key] = fut
+        try:
+            reply = await self._swap_in(vm, bpn)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: waiters re-raise their own copy
+            raise
+        else:
+            fut.set_result(reply)
+            return reply
+        finally:
+            del self.swapping_in[key]
+
+    async def _swap_in(self, vm: VM, bpn: int) -> FaultReply:
+        server, swap = self.server, self.server.swap
+        assert swap is not None
+        slot = int(vm.p2m.swap_slot[bpn])
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            data = await loop.run_in_executor(None, swap.read_pages, np.array([slot]))
+        except SwapChecksumError as exc:
+            log.error("swap_checksum_mismatch", vm=vm.name, bpn=bpn, slot=slot)
+            raise VMMemError(str(exc), ErrorCode.INTERNAL) from None
+        except OSError as exc:
+            raise VMMemError(f"swap read failed: {exc}", ErrorCode.INTERNAL) from None
+        server.metrics.swap_io_seconds.labels("in").observe(time.perf_counter() - t0)
+        await server.wait_for_frames(1)
+        if not vm.alive or vm.p2m.state[bpn] != PageState.SWAPPED or vm.p2m.swap_slot[bpn] != slot:
+            raise VMMemError("page changed during swap-in", ErrorCode.INTERNAL)
+        frame = server.machine.allocator.allocate(1, vm.home_node)
+        server.machine.frames[frame[0]] = data[0]
+        server.faults.map_private(vm, np.array([bpn]), frame)
+        vm.p2m.swap_slot[bpn] = NO_SLOT
+        swap.release(np.array([slot]))
+        vm.stats.swapped_in += 1
+        server.metrics.swap_pages.labels("in").inc()
+        return server.faults.reply(vm, FaultReason.SWAP_IN, np.array([bpn]))
+
+    def on_vm_gone(self, vm: VM) -> None:
+        self.hand.pop(vm.vm_id, None)
+        self.in_flight.pop(vm.vm_id, None)

@@ -1,0 +1,114 @@
+"""The swap file: a slot allocator, batched writes and checked reads of 4 KiB pages.
+
+Slots are handed out from a free stack (O(batch), never a scan), lowest first, so a batch
+on a fresh file gets consecutive slots and is written with one ``pwrite`` per run. Every
+slot carries an xxh3-64 checksum of what was written; every read is checked against it.
+The I/O methods are plain blocking functions: the services call them in a thread pool.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import xxhash
+
+from shared.constants import PAGE_SIZE
+from shared.errors import VMMemError
+
+
+class SwapChecksumError(VMMemError):
+    """A page read back from swap does not match the checksum written with it."""
+
+
+def runs(sorted_slots: npt.NDArray[np.int64]) -> list[tuple[int, int]]:
+    """(start index, length) of runs of consecutive slot numbers in a sorted array."""
+    if len(sorted_slots) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(sorted_slots) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(sorted_slots)]))
+    return list(zip(starts.tolist(), (ends - starts).tolist(), strict=True))
+
+
+class SwapFile:
+    """A real file of ``size`` bytes cut into 4 KiB slots."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path = path
+        self.slots = size // PAGE_SIZE
+        if self.slots < 1:
+            raise VMMemError(f"swap size {size} is smaller than one page")
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        # Sparse: blocks are allocated as slots are written, so a small filesystem fills up
+        # for real (ENOSPC) instead of failing at startup.
+        os.ftruncate(self.fd, self.slots * PAGE_SIZE)
+        self.checksum = np.zeros(self.slots, dtype=np.uint64)
+        self.in_use = np.zeros(self.slots, dtype=bool)
+        self._stack = np.arange(self.slots - 1, -1, -1, dtype=np.int64)
+        self._top = self.slots
+        #: Test hook: an errno to raise from the next write (injected I/O errors).
+        self.fail_next_write: int | None = None
+
+    @property
+    def used(self) -> int:
+        return self.slots - self._top
+
+    @property
+    def free(self) -> int:
+        return self._top
+
+    def allocate(self, n: int) -> npt.NDArray[np.int64]:
+        """Up to ``n`` free slots (fewer when the file is nearly full)."""
+        take = min(n, self._top)
+        out = self._stack[self._top - take : self._top][::-1].copy()
+        self._top -= take
+        self.in_use[out] = True
+        return out
+
+    def release(self, slots: npt.NDArray[Any]) -> None:
+        """Return slots; releasing a slot not in use raises (a double free is a bug)."""
+        slots = np.asarray(slots, dtype=np.int64)
+        if len(slots) == 0:
+            return
+        if not self.in_use[slots].all() or len(np.unique(slots)) != len(slots):
+            raise VMMemError("swap slot released twice")
+        self.in_use[slots] = False
+        self.checksum[slots] = 0
+        self._stack[self._top : self._top + len(slots)] = slots
+        self._top += len(slots)
+
+    def write_pages(self, slots: npt.NDArray[np.int64], data: npt.NDArray[np.uint8]) -> None:
+        """Write ``data[i]`` to ``slots[i]`` and record checksums (blocking; run in a thread)."""
+        if self.fail_next_write is not None:
+            errno, self.fail_next_write = self.fail_next_write, None
+            raise OSError(errno, os.strerror(errno))
+        order = np.argsort(slots, kind="stable")
+        sorted_slots = slots[order]
+        ordered = data[order]
+        for start, length in runs(sorted_slots):
+            buf = ordered[start : start + length]
+            offset = int(sorted_slots[start]) * PAGE_SIZE
+            written = os.pwrite(self.fd, memoryview(buf).cast("B"), offset)
+            if written != length * PAGE_SIZE:
+                raise OSError(28, f"short write of {written} bytes to swap")
+        sums = np.fromiter((xxhash.xxh3_64_intdigest(p) for p in data), np.uint64, len(data))
+        self.checksum[slots] = sums
+
+    def read_pages(self, slots: npt.NDArray[np.int64]) -> npt.NDArray[np.uint8]:
+        """Read and verify the pages in ``slots`` (blocking; run in a thread)."""
+        out = np.empty((len(slots), PAGE_SIZE), dtype=np.uint8)
+        for i, slot in enumerate(slots.tolist()):
+            got = os.preadv(self.fd, [memoryview(out[i])], slot * PAGE_SIZE)
+            if got != PAGE_SIZE:
+                raise OSError(5, f"short read of swap slot {slot}")
+            if xxhash.xxh3_64_intdigest(out[i]) != int(self.checksum[slot]):
+                raise SwapChecksumError(f"swap slot {slot}: checksum mismatch on read")
+        return out
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self.path.unlink(missing_ok=True)

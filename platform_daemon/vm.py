@@ -1,0 +1,60 @@
+"""One registered VM as the daemon sees it: identity, p2m, control region, counters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from shared.layout import ControlRegion
+from shared.messages import Register
+from shared.shm import MappedFile
+
+from .p2m import P2M
+
+if TYPE_CHECKING:
+    from .connection import PlatformConnection
+
+
+@dataclass
+class VMStats:
+    """Cumulative per-VM counters, reported by ``vmmem-ctl status``."""
+
+    faults: int = 0
+    pages_mapped: int = 0
+    fault_around_pages: int = 0
+    swapped_out: int = 0
+    swapped_in: int = 0
+    swap_cancelled: int = 0
+    retired_moves: int = 0
+    p2m_updates: int = 0
+    low_waits: int = 0
+
+
+@dataclass(eq=False)
+class VM:
+    """A VM registered with the daemon."""
+
+    vm_id: int
+    generation: int
+    info: Register
+    home_node: int
+    p2m: P2M
+    region: ControlRegion
+    region_file: MappedFile
+    connection: PlatformConnection
+    stats: VMStats = field(default_factory=VMStats)
+    outstanding_faults: int = 0
+    alive: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def guest_pages(self) -> int:
+        return self.info.guest_pages
+
+    @property
+    def region_path(self) -> Path:
+        return self.region_file.path

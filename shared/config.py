@@ -1,0 +1,149 @@
+"""Configuration models: CLI flags over ``VMMEM_*`` environment over an optional TOML file.
+
+Each daemon's CLI parses its flags with argparse (for a useful ``--help``) and hands the ones
+the user gave to ``load_settings``; unset flags fall through to the environment, then to the
+TOML file named by ``--config`` or ``VMMEM_CONFIG``, then to the defaults here.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BeforeValidator, Field, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .constants import DEFAULT_SLOT_CAPACITY, DEFAULT_SLOT_COUNT, MAX_FAULT_AROUND, PAGE_SIZE
+from .sizes import parse_size
+
+Size = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
+LogFormat = Literal["auto", "json", "console"]
+
+
+class _Base(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VMMEM_", extra="forbid", frozen=True)
+
+    log_format: LogFormat = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class PlatformConfig(_Base):
+    """Settings of the platform daemon (one per host)."""
+
+    socket: Path = Path("/tmp/vmmem.sock")
+    host_memory: Size = 256 << 20
+    numa_nodes: int = Field(default=2, ge=1, le=64)
+    metrics_port: int = Field(default=9470, ge=-1, le=65535)
+    mem_dir: Path = Path("/dev/shm")
+    slot_count: int = Field(default=DEFAULT_SLOT_COUNT, ge=1, le=256)
+    slot_capacity: int = Field(default=DEFAULT_SLOT_CAPACITY, ge=1, le=1 << 16)
+    max_outstanding_faults: int = Field(default=256, ge=1)
+    max_fault_around: int = Field(default=16, ge=0, le=MAX_FAULT_AROUND)
+    swap_file: Path | None = None
+    swap_size: Size = 0
+    #: Free-memory thresholds in percent of host memory (high, soft, hard, low), after ESX.
+    free_high_pct: float = Field(default=6.0, ge=0, le=100)
+    free_soft_pct: float = Field(default=4.0, ge=0, le=100)
+    free_hard_pct: float = Field(default=2.0, ge=0, le=100)
+    free_low_pct: float = Field(default=1.0, ge=0, le=100)
+    #: How long a first-touch fault in the low state waits for reclaim before it fails.
+    low_wait_seconds: float = Field(default=5.0, gt=0)
+    #: Longest a stale mapping may pin an old frame before p2mUpdate is re-kicked.
+    p2m_stale_bound_seconds: float = Field(default=0.5, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> PlatformConfig:
+        pages = self.host_memory // PAGE_SIZE
+        if pages < 512 * self.numa_nodes:
+            raise ValueError(
+                f"host memory of {pages} pages is too small for {self.numa_nodes} NUMA nodes "
+                "(need at least 2 MiB per node)"
+            )
+        pcts = [self.free_high_pct, self.free_soft_pct, self.free_hard_pct, self.free_low_pct]
+        if pcts != sorted(pcts, reverse=True):
+            raise ValueError("free thresholds must satisfy high >= soft >= hard >= low")
+        if self.swap_size and self.swap_file is None:
+            raise ValueError("--swap-size needs --swap-file")
+        return self
+
+    @property
+    def host_pages(self) -> int:
+        return self.host_memory // PAGE_SIZE
+
+
+class AgentConfig(_Base):
+    """Settings of one VMM agent (one per VM)."""
+
+    socket: Path = Path("/tmp/vmmem.sock")
+    name: str = Field(default="vm0", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    memory: Size = 64 << 20
+    vcpus: int = Field(default=2, ge=1, le=256)
+    metrics_port: int = Field(default=0, ge=-1, le=65535)
+    control_socket: Path | None = None
+    latency_sensitivity: int = Field(default=0, ge=0)
+    home_node: int = Field(default=-1, ge=-1)
+    shares: int = Field(default=1000, ge=1)
+    seed: int = 0
+    #: Seconds between polls of the pending word (the talk's "polled" half).
+    poll_interval: float = Field(default=0.05, gt=0)
+
+    @property
+    def guest_pages(self) -> int:
+        return self.memory // PAGE_SIZE
+
+    @property
+    def control_socket_path(self) -> Path:
+        """Where the load generator reaches this agent."""
+        if self.control_socket is not None:
+            return self.control_socket
+        return self.socket.parent / f"vmmem-vm-{self.name}.sock"
+
+    @model_validator(mode="after")
+    def _check(self) -> AgentConfig:
+        if self.memory < PAGE_SIZE:
+            raise ValueError("guest memory must be at least one page")
+        return self
+
+
+S = TypeVar("S", bound=_Base)
+
+
+def load_settings(cls: type[S], overrides: dict[str, Any], config_file: Path | None = None) -> S:
+    """Build ``cls`` from ``overrides`` (CLI), then ``VMMEM_*``, then the TOML file."""
+    path = config_file or (Path(os.environ["VMMEM_CONFIG"]) if "VMMEM_CONFIG" in os.environ else None)
+    toml_values: dict[str, Any] = {}
+    if path is not None:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+        section = "platform" if cls is PlatformConfig else "vmm"
+        raw = data.get(section, data)
+        toml_values = {k.replace("-", "_"): v for k, v in raw.items() if not isinstance(v, dict)}
+
+    class _WithToml(cls):  # type: ignore[valid-type,misc]
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings, env_settings, _DictSource(settings_cls, toml_values))
+
+    values = _WithToml(**{k: v for k, v in overrides.items() if v is not None})
+    return cls.model_validate(values.model_dump())
+
+
+class _DictSource(PydanticBaseSettingsSource):
+    def __init__(self, settings_cls: type[BaseSettings], values: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._values = values
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._values)

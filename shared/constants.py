@@ -1,0 +1,93 @@
+"""Closed sets and sizes that both daemons agree on: services, page states, statuses, bits."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+PAGE_SIZE = 4096
+PAGES_PER_2M = 512
+#: Default capacity of one PageList slot (pages per batch).
+DEFAULT_SLOT_CAPACITY = 512
+#: Default number of PageList slots in one VM's control region.
+DEFAULT_SLOT_COUNT = 4
+#: Most pages one fault reply may resolve (the faulting page plus its neighbours).
+MAX_FAULT_AROUND = 64
+#: A frame index that means "no frame"; p2m and exposure arrays use it.
+NO_FRAME = -1
+
+
+class ServiceType(IntEnum):
+    """A memory service; the value is its bit in the pending word and its code on the wire."""
+
+    SWAP = 0
+    P2M_UPDATE = 1
+    PAGE_RETIRE = 2
+    SAMPLING = 3
+    NUMA_MIGRATION = 4
+    DEFRAG_2M = 5
+    PAGE_SHARING = 6
+    VALIDATION = 7
+    PROMOTION_2M = 8
+
+    @property
+    def bit(self) -> int:
+        """This service's bit in the pending word."""
+        return 1 << int(self)
+
+
+#: Release services handled by the high-priority loop, in the order a round serves them.
+HIGH_PRIORITY_SERVICES = (ServiceType.PAGE_RETIRE, ServiceType.P2M_UPDATE, ServiceType.SWAP)
+HIGH_PRIORITY_MASK = sum(s.bit for s in HIGH_PRIORITY_SERVICES)
+
+
+class Priority(IntEnum):
+    """Which loop asks for work."""
+
+    HIGH = 0
+    LOW = 1
+
+
+class PageState(IntEnum):
+    """Platform-side state of one guest page (one byte per BPN in the p2m)."""
+
+    ZERO = 0  # never touched, or given back: the next touch gets a zeroed frame
+    EXPOSED = 1  # the VMM maps the frame
+    SELECTED = 2  # put in a PageList, the VMM has not answered yet
+    IN_FLIGHT = 3  # released by the VMM, a service operates on it (op says which)
+    SWAPPED = 4  # content lives in a swap slot, no frame
+    RESIDENT = 5  # has a frame with content, but the VMM does not map it (after a move)
+
+
+class PageStatus(IntEnum):
+    """Per-page status in a PageList: the VMM's verdict, then the platform's outcome."""
+
+    OK = 0  # accepted by the VMM (or done by the platform)
+    BUSY = 1  # refused: pinned in translation
+    NOT_SHARED = 2  # refused: the p2mUpdate filter keeps shared pages only
+    STALE_FRAME = 3  # refused: the MPN does not match the VMM's exposure table
+    NOT_EXPOSED = 4  # refused: the VMM does not map this page
+    NO_SPACE = 5  # platform: swap file full, page stays resident
+    IO_ERROR = 6  # platform: write failed, page stays resident
+    CANCELLED = 7  # platform: a fault cancelled the operation
+    REFERENCED = 8  # refused: the guest touched it since the last pass (second chance)
+
+
+class FaultReason(IntEnum):
+    """Why a fault needed the platform; a label on fault metrics."""
+
+    FIRST_TOUCH = 0
+    SWAP_IN = 1
+    CANCEL = 2  # fault on a page whose swap-out was in flight
+    COMPLETE = 3  # fault on a page whose move was in flight: completed first
+    REMAP = 4  # resident but not mapped (moved, retired, p2m-updated)
+    COW = 5  # write to a shared read-only page
+    MAPPED = 6  # already mapped on the platform (another vCPU won the race)
+
+
+class FreeState(IntEnum):
+    """Host free-memory state, from most to least free (after ESX)."""
+
+    HIGH = 0
+    SOFT = 1
+    HARD = 2
+    LOW = 3

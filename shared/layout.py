@@ -1,0 +1,227 @@
+"""Per-VM control region and its PageList slots, laid out byte by byte in shared memory.
+
+The daemon creates one control region file per VM (mode 0600) and both processes map it.
+All integers are little-endian. Region header, 64 bytes::
+
+    offset size field
+    0      4    magic               0x524D4D56 (b"VMMR")
+    4      2    version             1
+    6      2    slot_count          K
+    8      4    slot_capacity       C, pages per slot
+    12     4    vm_id
+    16     8    generation          bumped by the daemon at each registration of this id
+    24     4    pending             pending word: bit (1 << ServiceType) set while work waits
+    28     4    free_state          host FreeState, for the agent's information
+    32     8    swap_target_pages   memsched target: pages this VM should have swapped
+    40     8    balloon_target_pages
+    48     8    guest_pages
+    56     8    reserved (0)
+
+Then K slots, each ``slot_size(C)`` bytes, 8-byte aligned. Slot layout::
+
+    offset        size     field
+    0             1        type      ServiceType of the batch
+    1             1        state     SlotState
+    2             2        reserved
+    4             4        count     pages in the batch, <= C
+    8             8        seq       batch sequence number, matches Request/CompleteRequest
+    16            8*C      bpn       u64 guest page numbers
+    16+8C         pad8(C)  status    u8 PageStatus per page (padded to a multiple of 8)
+    16+8C+pad8(C) 8*C      mpn       i64 frame numbers, for match checks and remaps
+
+One writer at a time per slot: the daemon fills it and sets ISSUED; the agent writes statuses
+while it is ISSUED; the daemon reads them on CompleteRequest and sets FREE.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .constants import PageStatus, ServiceType
+from .errors import LayoutError
+
+REGION_MAGIC = 0x524D4D56
+REGION_VERSION = 1
+REGION_HEADER = struct.Struct("<IHHIIQIIQQQ8x")
+REGION_HEADER_SIZE = REGION_HEADER.size  # 64
+SLOT_HEADER = struct.Struct("<BBxxIQ")
+SLOT_HEADER_SIZE = SLOT_HEADER.size  # 16
+MAX_SLOT_CAPACITY = 1 << 16
+MAX_SLOT_COUNT = 256
+_PENDING_OFFSET = 24
+_VALID_STATUS = max(PageStatus)
+
+
+class SlotState(IntEnum):
+    """Who owns a slot right now."""
+
+    FREE = 0
+    ISSUED = 1
+
+
+def _pad8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+def slot_size(capacity: int) -> int:
+    """Bytes of one slot of ``capacity`` pages."""
+    return SLOT_HEADER_SIZE + 8 * capacity + _pad8(capacity) + 8 * capacity
+
+
+def region_size(slot_count: int, capacity: int) -> int:
+    """Bytes of a whole control region."""
+    return REGION_HEADER_SIZE + slot_count * slot_size(capacity)
+
+
+class PageListSlot:
+    """One PageList slot: header fields plus NumPy views of its three arrays."""
+
+    def __init__(self, buf: Any, offset: int, capacity: int, index: int) -> None:
+        self.index = index
+        self.capacity = capacity
+        self._buf = buf
+        self._offset = offset
+        base = offset + SLOT_HEADER_SIZE
+        self.bpn: npt.NDArray[np.uint64] = np.frombuffer(buf, "<u8", capacity, base)
+        self.status: npt.NDArray[np.uint8] = np.frombuffer(buf, "u1", capacity, base + 8 * capacity)
+        mpn_off = base + 8 * capacity + _pad8(capacity)
+        self.mpn: npt.NDArray[np.int64] = np.frombuffer(buf, "<i8", capacity, mpn_off)
+
+    def read_header(self) -> tuple[ServiceType, SlotState, int, int]:
+        """(type, state, count, seq), validated: a corrupt header raises LayoutError."""
+        stype, state, count, seq = SLOT_HEADER.unpack_from(self._buf, self._offset)
+        try:
+            service, slot_state = ServiceType(stype), SlotState(state)
+        except ValueError:
+            raise LayoutError(
+                f"slot {self.index}: corrupt header (type {stype}, state {state})"
+            ) from None
+        if count > self.capacity:
+            raise LayoutError(f"slot {self.index}: count {count} exceeds capacity {self.capacity}")
+        return service, slot_state, count, seq
+
+    def write_header(self, service: ServiceType, state: SlotState, count: int, seq: int) -> None:
+        """Set the header; ``count`` must fit the slot."""
+        if not 0 <= count <= self.capacity:
+            raise LayoutError(f"slot {self.index}: count {count} out of 0..{self.capacity}")
+        SLOT_HEADER.pack_into(self._buf, self._offset, service, state, count, seq)
+
+    def fill(
+        self,
+        service: ServiceType,
+        seq: int,
+        bpns: npt.NDArray[np.integer[Any]],
+        mpns: npt.NDArray[np.integer[Any]],
+    ) -> None:
+        """Daemon side: write a batch, statuses OK, and hand the slot to the agent."""
+        n = len(bpns)
+        if n != len(mpns) or n > self.capacity:
+            raise LayoutError(f"slot {self.index}: batch of {n} pages does not fit")
+        self.bpn[:n] = bpns
+        self.mpn[:n] = mpns
+        self.status[:n] = PageStatus.OK
+        self.write_header(service, SlotState.ISSUED, n, seq)
+
+    def batch(
+        self, count: int
+    ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
+        """Views (bpn, status, mpn) of the first ``count`` entries; statuses are validated."""
+        if not 0 <= count <= self.capacity:
+            raise LayoutError(f"slot {self.index}: count {count} out of 0..{self.capacity}")
+        status = self.status[:count]
+        if count and int(status.max()) > _VALID_STATUS:
+            raise LayoutError(f"slot {self.index}: corrupt status byte {int(status.max())}")
+        return self.bpn[:count], status, self.mpn[:count]
+
+
+class ControlRegion:
+    """The per-VM control region over any writable buffer (an mmap in practice)."""
+
+    def __init__(self, buf: Any) -> None:
+        if len(buf) < REGION_HEADER_SIZE:
+            raise LayoutError(f"control region of {len(buf)} bytes is smaller than its header")
+        self._buf = buf
+        fields = REGION_HEADER.unpack_from(buf, 0)
+        magic, version, slot_count, capacity = fields[:4]
+        if magic != REGION_MAGIC:
+            raise LayoutError(f"control region: bad magic 0x{magic:08x}")
+        if version != REGION_VERSION:
+            raise LayoutError(f"control region: unsupported version {version}")
+        if not (0 < slot_count <= MAX_SLOT_COUNT and 0 < capacity <= MAX_SLOT_CAPACITY):
+            raise LayoutError(f"control region: bad geometry {slot_count}x{capacity}")
+        if len(buf) < region_size(slot_count, capacity):
+            raise LayoutError(
+                f"control region: {len(buf)} bytes, need {region_size(slot_count, capacity)}"
+            )
+        self.slot_count: int = slot_count
+        self.slot_capacity: int = capacity
+        self.vm_id: int = fields[4]
+        self.generation: int = fields[5]
+        self._pending = np.frombuffer(buf, "<u4", 1, _PENDING_OFFSET)
+        self._words = np.frombuffer(buf, "<u8", 3, 32)
+        step = slot_size(capacity)
+        self.slots = [
+            PageListSlot(buf, REGION_HEADER_SIZE + i * step, capacity, i) for i in range(slot_count)
+        ]
+
+    @staticmethod
+    def initialize(
+        buf: Any, *, vm_id: int, generation: int, slot_count: int, capacity: int, guest_pages: int
+    ) -> ControlRegion:
+        """Write a fresh header (all slots FREE) into ``buf`` and return the region."""
+        if len(buf) < region_size(slot_count, capacity):
+            raise LayoutError("buffer too small for the control region")
+        buf[: region_size(slot_count, capacity)] = bytes(region_size(slot_count, capacity))
+        REGION_HEADER.pack_into(
+            buf, 0, REGION_MAGIC, REGION_VERSION, slot_count, capacity, vm_id, generation,
+            0, 0, 0, 0, guest_pages,
+        )  # fmt: skip
+        return ControlRegion(buf)
+
+    @property
+    def pending(self) -> int:
+        """The pending word: one bit per service type with work waiting."""
+        return int(self._pending[0])
+
+    @pending.setter
+    def pending(self, value: int) -> None:
+        self._pending[0] = value
+
+    @property
+    def free_state(self) -> int:
+        return int(np.frombuffer(self._buf, "<u4", 1, 28)[0])
+
+    @free_state.setter
+    def free_state(self, value: int) -> None:
+        np.frombuffer(self._buf, "<u4", 1, 28)[0] = value
+
+    @property
+    def swap_target_pages(self) -> int:
+        return int(self._words[0])
+
+    @swap_target_pages.setter
+    def swap_target_pages(self, value: int) -> None:
+        self._words[0] = value
+
+    @property
+    def balloon_target_pages(self) -> int:
+        return int(self._words[1])
+
+    @balloon_target_pages.setter
+    def balloon_target_pages(self, value: int) -> None:
+        self._words[1] = value
+
+    @property
+    def guest_pages(self) -> int:
+        return int(self._words[2])
+
+    def slot(self, index: int) -> PageListSlot:
+        """The slot at ``index``; out of range raises LayoutError."""
+        if not 0 <= index < self.slot_count:
+            raise LayoutError(f"slot index {index} out of 0..{self.slot_count - 1}")
+        return self.slots[index]

@@ -1,0 +1,317 @@
+"""Message types of the wire protocol.
+
+Hot-path messages (GetRequest, Request, CompleteRequest, Fault, FaultReply, Kick) are frozen
+slotted dataclasses with fixed binary bodies packed by ``struct`` (or NumPy for the arrays of a
+fault reply). Control messages are pydantic models sent as JSON. Every class knows its
+``MessageType`` and how to turn its body into bytes and back; the codec adds the header.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .constants import MAX_FAULT_AROUND, Priority
+from .errors import ErrorCode, RemoteProtocolError
+
+
+class MessageType(IntEnum):
+    """The type byte of a frame header."""
+
+    REGISTER = 1
+    REGISTERED = 2
+    ERROR = 3
+    GET_REQUEST = 10
+    REQUEST = 11
+    COMPLETE_REQUEST = 12
+    FAULT = 13
+    FAULT_REPLY = 14
+    KICK = 15
+    CTL_REQUEST = 20
+    CTL_REPLY = 21
+
+
+#: Slot index in a Request that means "no work for you this round".
+NO_SLOT = 0xFFFF
+
+_GET_REQUEST = struct.Struct("<B3xI")
+_REQUEST = struct.Struct("<BxHIQ")
+_COMPLETE = struct.Struct("<H2xIQI")
+_FAULT = struct.Struct("<QBxH")
+_FAULT_REPLY_HEAD = struct.Struct("<BxH")
+_KICK = struct.Struct("<I")
+
+#: Flag bit in FaultReply.flags: the page may be written through this mapping.
+FAULT_FLAG_WRITABLE = 1
+
+
+def _unpack(st: struct.Struct, body: bytes, name: str) -> tuple[Any, ...]:
+    if len(body) != st.size:
+        raise RemoteProtocolError(
+            f"{name} body is {len(body)} bytes, expected {st.size}", ErrorCode.BAD_LENGTH
+        )
+    return st.unpack(body)
+
+
+def _enum(enum: type[IntEnum], value: int, name: str) -> Any:
+    try:
+        return enum(value)
+    except ValueError:
+        raise RemoteProtocolError(f"{name}: invalid value {value}", ErrorCode.BAD_BODY) from None
+
+
+@dataclass(frozen=True, slots=True)
+class GetRequest:
+    """Agent asks for the next batch of the round; ``budget_us`` is the time left (low only)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.GET_REQUEST
+    priority: Priority
+    budget_us: int = 0
+
+    def encode_body(self) -> bytes:
+        return _GET_REQUEST.pack(self.priority, self.budget_us)
+
+    @classmethod
+    def decode_body(cls, body: bytes) -> GetRequest:
+        prio, budget = _unpack(_GET_REQUEST, body, "GetRequest")
+        return cls(_enum(Priority, prio, "priority"), budget)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """Daemon hands a filled PageList slot to the agent, or ``slot == NO_SLOT``: round over."""
+
+    TYPE: ClassVar[MessageType] = MessageType.REQUEST
+    service: int
+    slot: int
+    count: int
+    seq: int
+
+    @property
+    def has_work(self) -> bool:
+        """False when the daemon has nothing more for this round."""
+        return self.slot != NO_SLOT
+
+    def encode_body(self) -> bytes:
+        return _REQUEST.pack(self.service, self.slot, self.count, self.seq)
+
+    @classmethod
+    def decode_body(cls, body: bytes) -> Request:
+        return cls(*_unpack(_REQUEST, body, "Request"))
+
+
+@dataclass(frozen=True, slots=True)
+class CompleteRequest:
+    """Agent has written a status for every page of the slot; ``elapsed_us`` is its own time."""
+
+    TYPE: ClassVar[MessageType] = MessageType.COMPLETE_REQUEST
+    slot: int
+    count: int
+    seq: int
+    elapsed_us: int = 0
+
+    def encode_body(self) -> bytes:
+        return _COMPLETE.pack(self.slot, self.count, self.seq, self.elapsed_us)
+
+    @classmethod
+    def decode_body(cls, body: bytes) -> CompleteRequest:
+        return cls(*_unpack(_COMPLETE, body, "CompleteRequest"))
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """A guest touched a page the agent does not expose; ``around`` asks for neighbours too."""
+
+    TYPE: ClassVar[MessageType] = MessageType.FAULT
+    bpn: int
+    write: bool
+    around: int = 0
+
+    def encode_body(self) -> bytes:
+        return _FAULT.pack(self.bpn, int(self.write), self.around)
+
+    @classmethod
+    def decode_body(cls, body: bytes) -> Fault:
+        bpn, write, around = _unpack(_FAULT, body, "Fault")
+        if write > 1:
+            raise RemoteProtocolError(f"Fault.write must be 0 or 1, got {write}", ErrorCode.BAD_BODY)
+        if around > MAX_FAULT_AROUND:
+            raise RemoteProtocolError(
+                f"Fault.around {around} exceeds {MAX_FAULT_AROUND}", ErrorCode.BAD_BODY
+            )
+        return cls(bpn, bool(write), around)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class FaultReply:
+    """Mappings for the faulting page (first entry) and any fault-around neighbours.
+
+    Body: ``reason u8, pad, count u16``, then ``bpn u64[count]``, ``mpn i64[count]``,
+    ``flags u8[count]``. ``reason`` is a FaultReason for the faulting page.
+    """
+
+    TYPE: ClassVar[MessageType] = MessageType.FAULT_REPLY
+    reason: int
+    bpns: npt.NDArray[np.uint64] = field(repr=False)
+    mpns: npt.NDArray[np.int64] = field(repr=False)
+    flags: npt.NDArray[np.uint8] = field(repr=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.bpns)
+        if not (1 <= n <= MAX_FAULT_AROUND + 1) or len(self.mpns) != n or len(self.flags) != n:
+            raise ValueError(f"FaultReply needs 1..{MAX_FAULT_AROUND + 1} equal-length arrays")
+
+    def encode_body(self) -> bytes:
+        return b"".join(
+            (
+                _FAULT_REPLY_HEAD.pack(self.reason, len(self.bpns)),
+                np.ascontiguousarray(self.bpns, dtype="<u8").tobytes(),
+                np.ascontiguousarray(self.mpns, dtype="<i8").tobytes(),
+                np.ascontiguousarray(self.flags, dtype="u1").tobytes(),
+            )
+        )
+
+    @classmethod
+    def decode_body(cls, body: bytes) -> FaultReply:
+        head = _FAULT_REPLY_HEAD.size
+        if len(body) < head:
+            raise RemoteProtocolError("FaultReply body truncated", ErrorCode.BAD_LENGTH)
+        reason, n = _FAULT_REPLY_HEAD.unpack_from(body)
+        if not 1 <= n <= MAX_FAULT_AROUND + 1 or len(body) != head + 17 * n:
+            raise RemoteProtocolError(
+                f"FaultReply count {n} does not match body of {len(body)} bytes",
+                ErrorCode.BAD_LENGTH,
+            )
+        bpns = np.frombuffer(body, dtype="<u8", count=n, offset=head)
+        mpns = np.frombuffer(body, dtype="<i8", count=n, offset=head + 8 * n)
+        flags = np.frombuffer(body, dtype="u1", count=n, offset=head + 16 * n)
+        return cls(reason, bpns, mpns, flags)
+
+
+@dataclass(frozen=True, slots=True)
+class Kick:
+    """Daemon tells the agent that work is pending (action-driven); ``pending`` is the word."""
+
+    TYPE: ClassVar[MessageType] = MessageType.KICK
+    pending: int
+
+    def encode_body(self) -> bytes:
+        return _KICK.pack(self.pending)
+
+    @classmethod
+    def decode_body(cls, body: bytes) -> Kick:
+        return cls(*_unpack(_KICK, body, "Kick"))
+
+
+class JsonMessage(BaseModel):
+    """Base of control messages: a JSON object validated by pydantic."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    TYPE: ClassVar[MessageType]
+
+    def encode_body(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def decode_body(cls, body: bytes) -> Any:
+        try:
+            return cls.model_validate_json(body)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            raise RemoteProtocolError(
+                f"{cls.__name__}: {where}: {first.get('msg', 'invalid')}", ErrorCode.BAD_BODY
+            ) from None
+
+
+class Register(JsonMessage):
+    """First message of an agent: who the VM is and what it needs."""
+
+    TYPE: ClassVar[MessageType] = MessageType.REGISTER
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    guest_pages: int = Field(gt=0, le=1 << 32)
+    vcpus: int = Field(ge=1, le=256)
+    latency_sensitivity: int = Field(default=0, ge=0, le=(1 << 64) - 1)
+    home_node: int = Field(default=-1, ge=-1)
+    shares: int = Field(default=1000, ge=1)
+    control_socket: str = ""
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    pid: int = 0
+
+
+class Registered(JsonMessage):
+    """Daemon's answer to Register: where the shared files are and how they are laid out."""
+
+    TYPE: ClassVar[MessageType] = MessageType.REGISTERED
+    vm_id: int
+    machine_memory_path: str
+    host_pages: int
+    control_region_path: str
+    slot_count: int
+    slot_capacity: int
+    home_node: int
+    numa_nodes: int
+    generation: int
+
+
+class Error(JsonMessage):
+    """A clear error; ``code`` is an ErrorCode. Sent before a violating peer is disconnected."""
+
+    TYPE: ClassVar[MessageType] = MessageType.ERROR
+    code: int
+    message: str
+
+
+class CtlRequest(JsonMessage):
+    """An operator or load-generator command: ``op`` and its arguments."""
+
+    TYPE: ClassVar[MessageType] = MessageType.CTL_REQUEST
+    op: str = Field(min_length=1, max_length=64)
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class CtlReply(JsonMessage):
+    """Answer to a CtlRequest: ``ok`` with a result, or an error text."""
+
+    TYPE: ClassVar[MessageType] = MessageType.CTL_REPLY
+    ok: bool
+    result: dict[str, Any] = Field(default_factory=dict)
+    error: str = ""
+
+
+Message = (
+    GetRequest
+    | Request
+    | CompleteRequest
+    | Fault
+    | FaultReply
+    | Kick
+    | Register
+    | Registered
+    | Error
+    | CtlRequest
+    | CtlReply
+)
+
+MESSAGE_CLASSES: dict[MessageType, Any] = {
+    cls.TYPE: cls
+    for cls in (
+        GetRequest,
+        Request,
+        CompleteRequest,
+        Fault,
+        FaultReply,
+        Kick,
+        Register,
+        Registered,
+        Error,
+        CtlRequest,
+        CtlReply,
+    )
+}

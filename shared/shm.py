@@ -1,0 +1,69 @@
+"""Shared-memory files: create or open a file and map it as NumPy arrays.
+
+Both daemons map the machine-memory file as a ``(host_pages, 4096) uint8`` array and the
+per-VM control region as bytes. Files are created with mode 0600: only the daemons' user
+may read guest memory.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from .constants import PAGE_SIZE
+
+
+@dataclass
+class MappedFile:
+    """An open, mapped file; ``close()`` unmaps it (``unlink()`` also removes the name)."""
+
+    path: Path
+    mm: mmap.mmap
+
+    def close(self) -> None:
+        try:
+            self.mm.close()
+        except BufferError:
+            # NumPy views still reference the mapping; the OS unmaps it when they go away.
+            pass
+
+    def unlink(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def create_mapped(path: Path, size: int) -> MappedFile:
+    """Create (or truncate) ``path`` with mode 0600, size it, and map it read-write."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.ftruncate(fd, size)
+        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    return MappedFile(path, mm)
+
+
+def open_mapped(path: Path, size: int | None = None) -> MappedFile:
+    """Map an existing file read-write; ``size`` (if given) must match the file."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        actual = os.fstat(fd).st_size
+        if size is not None and actual != size:
+            raise ValueError(f"{path}: {actual} bytes, expected {size}")
+        mm = mmap.mmap(fd, actual, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    return MappedFile(path, mm)
+
+
+def frames_view(mapped: MappedFile) -> npt.NDArray[np.uint8]:
+    """The mapping as an array of 4 KiB frames."""
+    pages = len(mapped.mm) // PAGE_SIZE
+    return np.frombuffer(mapped.mm, dtype=np.uint8, count=pages * PAGE_SIZE).reshape(
+        pages, PAGE_SIZE
+    )

@@ -1,0 +1,1 @@
+"""The VMM agent: the model of the per-VM monitor, one process per VM."""

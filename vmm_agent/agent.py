@@ -1,0 +1,228 @@
+"""The VMM agent: startup → main loop → shutdown for one VM.
+
+Startup connects to the daemon, registers, maps machine memory and the control region,
+opens the control socket and the metrics endpoint. The main loop runs the high-priority
+rounds and whatever phases the load generator starts. Shutdown stops the vCPUs, closes the
+sockets and removes the control socket file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import weakref
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+from prometheus_client import CollectorRegistry, start_http_server
+from pydantic import ValidationError
+
+from shared.config import AgentConfig
+from shared.constants import HIGH_PRIORITY_MASK, PAGE_SIZE
+from shared.errors import ErrorCode, VMMemError
+from shared.layout import ControlRegion
+from shared.messages import Kick, Message, Register, Registered
+from shared.shm import MappedFile, frames_view, open_mapped
+from shared.workload import Phase
+
+from .control import ControlConnection
+from .exposure import ExposureTable
+from .fault_path import FaultPath
+from .guest import GuestMemory
+from .metrics import AgentMetrics, GuestCollector
+from .rounds import HighPriorityLoop
+from .rpc import RpcClient
+from .runner import WorkloadRunner
+
+log = structlog.get_logger("vmmem.vmm")
+
+
+class Agent:
+    """One VMM agent process."""
+
+    def __init__(self, config: AgentConfig, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.metrics_registry = registry or CollectorRegistry()
+        self.metrics = AgentMetrics(self.metrics_registry, config.name)
+        self.metrics_registry.register(GuestCollector(weakref.ref(self)))  # type: ignore[arg-type]
+        self.exposure = ExposureTable(config.guest_pages)
+        self.guest = GuestMemory(hash(config.name) & 0xFFFFFFFF ^ config.seed, config.guest_pages)
+        self.should_exit = False
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.exit_code = 0
+        self.metrics_port: int | None = None
+
+    async def serve(self) -> int:
+        await self.startup()
+        try:
+            await self.main_loop()
+        finally:
+            await self.shutdown()
+        return self.exit_code
+
+    async def startup(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+        cfg = self.config
+        self._http = None
+        if cfg.metrics_port >= 0:
+            self._http, _ = start_http_server(
+                cfg.metrics_port, addr="127.0.0.1", registry=self.metrics_registry
+            )
+            self.metrics_port = self._http.server_port
+        self.link = await RpcClient.connect(str(cfg.socket), on_message=self._on_message)
+        reg: Registered = await self.link.request(
+            Register(
+                name=cfg.name, guest_pages=cfg.guest_pages, vcpus=cfg.vcpus,
+                latency_sensitivity=cfg.latency_sensitivity, home_node=cfg.home_node,
+                shares=cfg.shares, control_socket=str(cfg.control_socket_path),
+                metrics_port=self.metrics_port or 0, pid=os.getpid(),
+            ),
+            timeout=10,
+        )  # fmt: skip
+        self.registered = reg
+        self.machine: MappedFile = open_mapped(Path(reg.machine_memory_path),
+                                               reg.host_pages * PAGE_SIZE)  # fmt: skip
+        self.frames = frames_view(self.machine)
+        self.region_file = open_mapped(Path(reg.control_region_path))
+        self.region = ControlRegion(self.region_file.mm)
+        if self.region.vm_id != reg.vm_id or self.region.generation != reg.generation:
+            raise VMMemError("control region does not belong to this VM", ErrorCode.PROTOCOL)
+        self.faults = FaultPath(self.link, self.exposure, 64, around=16)
+        self.faults.on_fault_done.append(self.metrics.observe_fault)
+        self.faults.on_fault_done.append(lambda _r, _s: self.rounds.poll())
+        self.rounds = HighPriorityLoop(self.link, self.region, self.exposure, cfg.poll_interval)
+        self.rounds.on_batch.append(self._observe_batch)
+        self.runner = WorkloadRunner(cfg.vcpus, cfg.seed, self.frames, self.exposure,
+                                     self.faults, self.guest)  # fmt: skip
+        ctl_path = cfg.control_socket_path
+        ctl_path.unlink(missing_ok=True)
+        self._control = await loop.create_unix_server(
+            lambda: ControlConnection(self.handle_ctl, self.tasks), str(ctl_path)
+        )
+        os.chmod(ctl_path, 0o600)
+        self._spawn(self._rounds_forever())
+        log.info("vmm_started", vm=cfg.name, vm_id=reg.vm_id, guest_pages=cfg.guest_pages,
+                 home_node=reg.home_node, control_socket=str(ctl_path),
+                 metrics_port=self.metrics_port)  # fmt: skip
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _rounds_forever(self) -> None:
+        try:
+            await self.rounds.run()
+        except VMMemError as exc:
+            log.error("rounds_failed", error=str(exc))
+            self.exit_code = 1
+            self.request_stop()
+
+    def _observe_batch(self, service: str, seconds: float, counts: np.ndarray) -> None:
+        from shared.constants import PageStatus
+
+        self.metrics.batch_seconds.labels(self.config.name, service).observe(seconds)
+        for st in PageStatus:
+            if counts[st]:
+                self.metrics.batch_pages.labels(self.config.name, service,
+                                                st.name.lower()).inc(int(counts[st]))  # fmt: skip
+
+    def _on_message(self, msg: Message) -> None:
+        if isinstance(msg, Kick):
+            if msg.pending & HIGH_PRIORITY_MASK:
+                self.rounds.kick()
+        else:
+            log.warning("unexpected_message", type=type(msg).__name__)
+
+    def request_stop(self) -> None:
+        self.should_exit = True
+        self._stop.set()
+
+    async def main_loop(self) -> None:
+        closed = asyncio.ensure_future(asyncio.shield(self.link.closed))
+        stop = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({closed, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if closed.done() and not self.should_exit:
+            log.error("platform_gone", vm=self.config.name)
+            self.exit_code = 1
+        stop.cancel()
+        closed.cancel()
+
+    async def shutdown(self) -> None:
+        log.info("vmm_stopping", vm=self.config.name)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.runner.halt(), 5.0)
+        self._control.close()
+        for task in list(self.tasks):
+            task.cancel()
+        self.link.close()
+        self.config.control_socket_path.unlink(missing_ok=True)
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        log.info("vmm_stopped", vm=self.config.name, pages_verified=self.guest.verified,
+                 mismatches=self.guest.mismatches)  # fmt: skip
+
+    # ---- control operations -----------------------------------------------------------------
+
+    async def handle_ctl(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        if op == "run_phase":
+            try:
+                phase = Phase.model_validate(args.get("phase", {}))
+            except ValidationError as exc:
+                raise VMMemError(f"invalid phase: {exc.errors()[0]['msg']}") from None
+            await self.runner.start(phase)
+            return {"started": phase.name}
+        if op == "halt":
+            await self.runner.halt()
+            return {"halted": True}
+        if op == "progress":
+            return self.progress()
+        if op == "verify":
+            return await self.runner.verify()
+        if op == "results":
+            return self.results()
+        raise VMMemError(f"unknown op {op!r}", ErrorCode.BAD_REQUEST)
+
+    def progress(self) -> dict[str, Any]:
+        r = self.runner
+        return {
+            "vm": self.config.name,
+            "running": r.running,
+            "phase": r.phase.name if r.phase else None,
+            "reads": r.reads(),
+            "writes": r.writes(),
+            "faults": self.faults.faults,
+            "touched": r.touched_count(),
+            "exposed": self.exposure.exposed_count(),
+            "mismatches": self.guest.mismatches,
+        }
+
+    def results(self) -> dict[str, Any]:
+        r = self.runner
+        return {
+            **self.progress(),
+            "guest_pages": self.config.guest_pages,
+            "vcpus": self.config.vcpus,
+            "pages_written": int(np.count_nonzero(self.guest.version)),
+            "fault_errors": sum(c.fault_errors for c in r.cpus),
+            "faults_by_reason": dict(self.faults.by_reason),
+            "pages_mapped_by_faults": self.faults.pages_mapped,
+            "fault_latency_seconds": self.faults.latency_quantiles(),
+            "verification": self.guest.summary(),
+            "rounds": self.rounds.rounds,
+            "batches": dict(self.rounds.batches),
+            "batch_pages": {f"{s}/{st}": n for (s, st), n in self.rounds.pages.items()},
+            "released_while_pinned": dict(self.rounds.released_while_pinned),
+            "pin_cycles": r.pin_cycles,
+            "pin_violations": r.pin_violations,
+            "mismatch_log": self.guest.mismatch_log[:10],
+        }

@@ -1,0 +1,96 @@
+"""The agent's page-fault path: a guest touch of a page that is not exposed asks the platform.
+
+Many vCPUs may fault at once; each BPN has at most one fault on the wire and every vCPU
+touching it waits for that one. The number of faults outstanding is bounded (backpressure
+agreed with the daemon). When a vCPU faults on the page right after its previous fault, the
+guest is walking memory: the fault asks for fault-around, so one message maps many pages.
+Replies are installed in the exposure table by the read callback itself, before any task
+wakes, so a batch processed later always sees them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+import numpy as np
+
+from shared.constants import FaultReason
+from shared.messages import FAULT_FLAG_WRITABLE, Fault, FaultReply, Message
+
+from .exposure import ExposureTable
+from .rpc import RpcClient
+
+LATENCY_SAMPLES = 1 << 16
+
+
+class FaultPath:
+    """Sends faults, dedups them per BPN, installs replies, records latency."""
+
+    def __init__(
+        self, link: RpcClient, exposure: ExposureTable, max_outstanding: int, around: int
+    ) -> None:
+        self.link = link
+        self.exposure = exposure
+        self.around = around
+        self.slots = asyncio.Semaphore(max_outstanding)
+        self.pending: dict[int, asyncio.Future[FaultReply]] = {}
+        self.by_reason: Counter[str] = Counter()
+        self.latencies = np.zeros(LATENCY_SAMPLES, dtype=np.float64)
+        self.samples = 0
+        self.faults = 0
+        self.pages_mapped = 0
+        self.on_fault_done: list = []  # callbacks(reason, seconds): metrics, alloc-driven poll
+        link.on_reply = self._on_reply
+
+    def _on_reply(self, request_id: int, msg: Message) -> None:
+        if isinstance(msg, FaultReply):
+            writable = (msg.flags & FAULT_FLAG_WRITABLE) != 0
+            self.exposure.install(msg.bpns, msg.mpns, writable)
+            self.pages_mapped += len(msg.bpns)
+
+    def is_ready(self, bpn: int, write: bool) -> bool:
+        return bool(self.exposure.frame[bpn] >= 0 and (not write or self.exposure.writable[bpn]))
+
+    async def ensure(self, bpn: int, write: bool, sequential: bool = False) -> None:
+        """Return once ``bpn`` is exposed (and writable for a write)."""
+        while not self.is_ready(bpn, write):
+            fut = self.pending.get(bpn)
+            if fut is None:
+                fut = asyncio.ensure_future(self._fault(bpn, write, sequential))
+                self.pending[bpn] = fut
+                fut.add_done_callback(lambda _f, b=bpn: self._forget(b, _f))
+            await asyncio.shield(fut)
+
+    def _forget(self, bpn: int, fut: asyncio.Future[FaultReply]) -> None:
+        if self.pending.get(bpn) is fut:
+            del self.pending[bpn]
+        if not fut.cancelled():
+            fut.exception()  # mark retrieved: the waiters re-raise it
+
+    async def _fault(self, bpn: int, write: bool, sequential: bool) -> FaultReply:
+        async with self.slots:
+            t0 = time.perf_counter()
+            around = self.around if sequential else 0
+            reply: FaultReply = await self.link.request(Fault(bpn, write, around))
+            seconds = time.perf_counter() - t0
+        self.faults += 1
+        self.latencies[self.samples % LATENCY_SAMPLES] = seconds
+        self.samples += 1
+        reason = FaultReason(reply.reason).name.lower()
+        self.by_reason[reason] += 1
+        for callback in self.on_fault_done:
+            callback(reason, seconds)
+        return reply
+
+    def latency_quantiles(self) -> dict[str, float]:
+        n = min(self.samples, LATENCY_SAMPLES)
+        if n == 0:
+            return {"p50": 0.0, "p99": 0.0, "max": 0.0}
+        sample = self.latencies[:n]
+        p50, p99 = np.quantile(sample, [0.5, 0.99])
+        return {"p50": float(p50), "p99": float(p99), "max": float(sample.max())}
+
+    def reset_latencies(self) -> None:
+        self.samples = 0

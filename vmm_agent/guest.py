@@ -1,0 +1,95 @@
+"""The guest's memory content, real bytes with an expected hash per BPN.
+
+A write stores deterministic content for (VM, BPN, version): zeros, one page of a small
+duplicate corpus, or unique bytes (a fixed random page XOR a 64-bit key derived from the
+triple). The expected xxh3-64 of every page is kept; every read hashes the frame and
+compares. A mismatch is data loss: counted, and logged with BPN and frame.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import xxhash
+
+from shared.constants import PAGE_SIZE
+
+CORPUS_PAGES = 8
+_KEY = struct.Struct("<QQQ")
+
+
+class Content:
+    """Kinds of content a write may store."""
+
+    ZERO = 0
+    DUPLICATE = 1
+    UNIQUE = 2
+
+
+ZERO_PAGE = np.zeros(PAGE_SIZE, dtype=np.uint8)
+ZERO_HASH = xxhash.xxh3_64_intdigest(ZERO_PAGE)
+
+
+def corpus(seed: int = 0x5EED) -> npt.NDArray[np.uint8]:
+    """The duplicate corpus: the same pages in every VM, so page sharing can find them."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(CORPUS_PAGES, PAGE_SIZE), dtype=np.uint8)
+
+
+class GuestMemory:
+    """Expected content of every guest page and the checks against real frames."""
+
+    def __init__(self, vm_key: int, guest_pages: int) -> None:
+        self.vm_key = vm_key
+        self.expected = np.full(guest_pages, ZERO_HASH, dtype=np.uint64)
+        self.version = np.zeros(guest_pages, dtype=np.uint32)
+        self.kind = np.zeros(guest_pages, dtype=np.uint8)
+        self.corpus = corpus()
+        self.corpus_hash = [xxhash.xxh3_64_intdigest(p) for p in self.corpus]
+        base = np.random.default_rng(vm_key).integers(0, 2**63, size=PAGE_SIZE // 8)
+        self._base = base.astype(np.uint64)
+        self.mismatches = 0
+        self.verified = 0
+        self.mismatch_log: list[dict[str, int]] = []
+
+    def unique_page(self, bpn: int, version: int) -> npt.NDArray[np.uint64]:
+        key = xxhash.xxh3_64_intdigest(_KEY.pack(self.vm_key, bpn, version))
+        return self._base ^ np.uint64(key)
+
+    def write(self, frames: npt.NDArray[np.uint8], frame: int, bpn: int, kind: int, pick: int) -> None:
+        """Store new content for ``bpn`` into ``frame`` and remember its hash."""
+        version = int(self.version[bpn]) + 1
+        self.version[bpn] = version
+        self.kind[bpn] = kind
+        if kind == Content.ZERO:
+            frames[frame] = 0
+            self.expected[bpn] = ZERO_HASH
+        elif kind == Content.DUPLICATE:
+            frames[frame] = self.corpus[pick % CORPUS_PAGES]
+            self.expected[bpn] = self.corpus_hash[pick % CORPUS_PAGES]
+        else:
+            page = self.unique_page(bpn, version)
+            frames[frame] = page.view(np.uint8)
+            self.expected[bpn] = xxhash.xxh3_64_intdigest(page)
+
+    def check(self, frames: npt.NDArray[np.uint8], frame: int, bpn: int) -> bool:
+        """Hash the frame and compare; a mismatch is counted and remembered."""
+        self.verified += 1
+        if xxhash.xxh3_64_intdigest(frames[frame]) == int(self.expected[bpn]):
+            return True
+        self.mismatches += 1
+        if len(self.mismatch_log) < 100:
+            self.mismatch_log.append(
+                {"bpn": bpn, "frame": frame, "version": int(self.version[bpn])}
+            )
+        return False
+
+    def written_pages(self) -> npt.NDArray[np.int64]:
+        """BPNs the guest ever wrote."""
+        return np.flatnonzero(self.version).astype(np.int64)
+
+    def summary(self) -> dict[str, Any]:
+        return {"pages_verified": self.verified, "mismatches": self.mismatches}

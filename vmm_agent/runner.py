@@ -1,0 +1,145 @@
+"""Runs workload phases on the vCPUs, pins pages for device-I/O models, verifies everything."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from shared.workload import Phase
+
+from .access import AccessStream
+from .exposure import ExposureTable
+from .fault_path import FaultPath
+from .guest import GuestMemory
+from .rpc import PeerError
+from .vcpu import VCpu
+
+log = structlog.get_logger("vmmem.vmm.runner")
+VERIFY_CHUNK = 256
+
+
+class WorkloadRunner:
+    """The guest's activity: phases on vCPUs, plus the final verification pass."""
+
+    def __init__(self, vcpus: int, seed: int, frames: npt.NDArray[np.uint8],
+                 exposure: ExposureTable, faults: FaultPath, guest: GuestMemory) -> None:  # fmt: skip
+        self.seed = seed
+        self.exposure = exposure
+        self.faults = faults
+        self.guest = guest
+        self.cpus = [VCpu(i, frames, exposure, faults, guest) for i in range(vcpus)]
+        self.touched = np.zeros(exposure.guest_pages, dtype=bool)
+        self.phase: Phase | None = None
+        self.started = 0.0
+        self.stop = asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.phases_run = 0
+        self.pin_cycles = 0
+        self.pin_violations = 0
+
+    def reads(self) -> int:
+        return sum(c.reads for c in self.cpus)
+
+    def writes(self) -> int:
+        return sum(c.writes for c in self.cpus)
+
+    def touched_count(self) -> int:
+        return int(np.count_nonzero(self.touched))
+
+    @property
+    def running(self) -> bool:
+        return any(not t.done() for t in self.tasks)
+
+    async def start(self, phase: Phase) -> None:
+        """Start a phase (stopping the current one first)."""
+        await self.halt()
+        self.phase, self.started = phase, time.monotonic()
+        self.stop = asyncio.Event()
+        n = min(phase.vcpus or len(self.cpus), len(self.cpus))
+        for cpu in self.cpus[:n]:
+            stream = AccessStream(phase, self.exposure.guest_pages, cpu.index, n, self.seed)
+            self.tasks.append(asyncio.create_task(cpu.run(phase, stream, self.stop, self.touched)))
+        if phase.pinned_pages:
+            self.tasks.append(asyncio.create_task(self._pinner(phase)))
+        self.phases_run += 1
+        log.info("phase_started", phase=phase.name, vcpus=n, duration=phase.duration,
+                 distribution=phase.distribution)  # fmt: skip
+
+    async def halt(self) -> None:
+        """Stop the running phase and wait for its vCPUs."""
+        self.stop.set()
+        for task in self.tasks:
+            if not task.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait_for(asyncio.shield(task), 10.0)
+        for task in self.tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log.error("vcpu_crashed", error=repr(task.exception()))
+        self.tasks = []
+
+    async def _pinner(self, phase: Phase) -> None:
+        """Pin random pages of the working set "in translation" for a while, then unpin."""
+        rng = np.random.default_rng([self.seed, phase.seed, 0xD1])
+        first = int(phase.offset * self.exposure.guest_pages)
+        size = max(1, int(phase.working_set * self.exposure.guest_pages))
+        deadline = self.started + phase.duration
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            pages = np.unique(first + rng.integers(0, size, phase.pinned_pages))
+            pages = pages[pages < self.exposure.guest_pages]
+            for bpn in pages.tolist():
+                with contextlib.suppress(PeerError):
+                    await self.faults.ensure(bpn, write=False)
+            pages = pages[self.exposure.frame[pages] >= 0]
+            frames = self.exposure.frame[pages].copy()
+            self.exposure.pinned[pages] += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), phase.pin_seconds)
+            # A pinned page must still be exposed on the same frame: nothing released it.
+            self.pin_violations += int(np.count_nonzero(self.exposure.frame[pages] != frames))
+            self.exposure.pinned[pages] -= 1
+            self.pin_cycles += 1
+
+    async def verify(self) -> dict[str, Any]:
+        """Read back every page the guest ever wrote, faulting in whatever is not exposed."""
+        await self.halt()
+        t0 = time.monotonic()
+        before_v, before_m = self.guest.verified, self.guest.mismatches
+        pages = self.guest.written_pages()
+        frames = self.cpus[0].frames if self.cpus else None
+        assert frames is not None
+        unreachable = 0
+        for start in range(0, len(pages), VERIFY_CHUNK):
+            chunk = pages[start : start + VERIFY_CHUNK]
+            missing = chunk[self.exposure.frame[chunk] < 0]
+            results = await asyncio.gather(
+                *(self.faults.ensure(int(b), False) for b in missing.tolist()),
+                return_exceptions=True,
+            )
+            for res in results:
+                if isinstance(res, BaseException) and not isinstance(res, PeerError):
+                    raise res
+            for bpn in chunk.tolist():
+                for _ in range(3):  # it may be released again between the fault and the check
+                    frame = int(self.exposure.frame[bpn])
+                    if frame >= 0:
+                        self.guest.check(frames, frame, bpn)
+                        break
+                    with contextlib.suppress(PeerError):
+                        await self.faults.ensure(bpn, False)
+                else:
+                    unreachable += 1
+            await asyncio.sleep(0)
+        result = {
+            "pages_verified": self.guest.verified - before_v,
+            "mismatches": self.guest.mismatches - before_m,
+            "unreachable": unreachable,
+            "seconds": round(time.monotonic() - t0, 3),
+        }
+        log.info("verify_done", **result)
+        return result

@@ -1,0 +1,99 @@
+"""vCPUs: tasks that run the guest workload on real frames in machine memory.
+
+Each access is a real read (hash the frame, compare with the expected hash) or a real write
+(new content, new expected hash). A page that is not exposed, or not writable for a write,
+goes through the fault path first; the access itself happens synchronously right after, so
+no release batch can slip in between "exposed" and "touched".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from shared.workload import Phase
+
+from .access import AccessStream
+from .exposure import ExposureTable
+from .fault_path import FaultPath
+from .guest import GuestMemory
+from .rpc import PeerError
+
+log = structlog.get_logger("vmmem.vmm.vcpu")
+#: Accesses between two yields to the event loop when no fault forced one.
+OPS_PER_YIELD = 64
+
+
+@dataclass
+class VCpuStats:
+    reads: int = 0
+    writes: int = 0
+    fault_errors: int = 0
+    touched: set[int] = field(default_factory=set)
+
+
+class VCpu:
+    """One virtual CPU of the guest."""
+
+    def __init__(
+        self, index: int, frames: npt.NDArray[np.uint8], exposure: ExposureTable,
+        faults: FaultPath, guest: GuestMemory,
+    ) -> None:  # fmt: skip
+        self.index = index
+        self.frames = frames
+        self.exposure = exposure
+        self.faults = faults
+        self.guest = guest
+        self.reads = 0
+        self.writes = 0
+        self.fault_errors = 0
+
+    async def run(self, phase: Phase, stream: AccessStream, stop: asyncio.Event,
+                  touched: npt.NDArray[np.bool_]) -> None:  # fmt: skip
+        """Run ``phase`` until ``stop`` is set or its duration is over."""
+        deadline = time.monotonic() + phase.duration
+        exposure, guest, frames = self.exposure, self.guest, self.frames
+        think = phase.think_us * OPS_PER_YIELD / 1e6
+        last_fault = -2
+        since_yield = 0
+        while not stop.is_set() and time.monotonic() < deadline:
+            bpns, writes, kinds = stream.chunk()
+            picks = stream.rng.integers(0, 1 << 30, len(bpns))
+            for bpn, write, kind, pick in zip(
+                bpns.tolist(), writes.tolist(), kinds.tolist(), picks.tolist(), strict=True
+            ):
+                if exposure.frame[bpn] < 0 or (write and not exposure.writable[bpn]):
+                    try:
+                        await self.faults.ensure(bpn, write, sequential=bpn == last_fault + 1)
+                    except PeerError as exc:
+                        self.fault_errors += 1
+                        log.warning("fault_failed", vcpu=self.index, bpn=bpn, error=str(exc))
+                        await asyncio.sleep(0.05)
+                        continue
+                    last_fault = bpn
+                    since_yield = 0
+                    if stop.is_set():
+                        return
+                frame = int(exposure.frame[bpn])
+                if frame < 0 or (write and not exposure.writable[bpn]):
+                    continue  # released again while we waited; the next pass retries
+                exposure.accessed[bpn] = True
+                touched[bpn] = True
+                if write:
+                    guest.write(frames, frame, bpn, kind, pick)
+                    self.writes += 1
+                else:
+                    if not guest.check(frames, frame, bpn):
+                        log.error("data_mismatch", vcpu=self.index, bpn=bpn, frame=frame)
+                    self.reads += 1
+                since_yield += 1
+                if since_yield >= OPS_PER_YIELD:
+                    since_yield = 0
+                    await asyncio.sleep(think)
+                    if stop.is_set() or time.monotonic() >= deadline:
+                        return
