@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.constants import PAGE_SIZE
@@ -20,7 +21,10 @@ class _Args(BaseModel):
 
 
 class RetireArgs(_Args):
-    mpn: int = Field(ge=0)
+    mpn: int | None = Field(default=None, ge=0)
+    #: Pick a random frame that backs a guest page (failure injection by the load generator).
+    random_used: bool = False
+    seed: int | None = None
 
 
 class HostLimitArgs(_Args):
@@ -99,6 +103,14 @@ class CtlOps:
     def op_retire(self, args: dict[str, Any]) -> dict[str, Any]:
         """Mark a frame failing; its page (if any) moves to a healthy frame."""
         parsed = RetireArgs.model_validate(args)
+        if parsed.random_used:
+            owned = np.flatnonzero(self.server.machine.owner_vm >= 0)
+            if len(owned) == 0:
+                raise VMMemError("no frame backs a guest page", ErrorCode.BAD_REQUEST)
+            rng = np.random.default_rng(parsed.seed)
+            return self.server.retire_frame(int(rng.choice(owned)))
+        if parsed.mpn is None:
+            raise VMMemError("retire needs mpn or random_used", ErrorCode.BAD_REQUEST)
         return self.server.retire_frame(parsed.mpn)
 
     def op_set_host_limit(self, args: dict[str, Any]) -> dict[str, Any]:

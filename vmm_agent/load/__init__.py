@@ -1,0 +1,1 @@
+"""``vmmem-load``: drives workload phases on running agents and verifies every page."""
