@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -29,6 +29,15 @@ class RetireArgs(_Args):
 
 class HostLimitArgs(_Args):
     size: str | int
+
+
+class FailpointArgs(_Args):
+    """Failure injection for tests and experiments (not part of normal operation)."""
+
+    #: ``swap_write_error``: the next swap write fails with errno ``value`` (default EIO).
+    #: ``swap_write_delay``: every swap write first sleeps ``value`` seconds (0 turns it off).
+    name: Literal["swap_write_error", "swap_write_delay"]
+    value: float = 0
 
 
 class CtlOps:
@@ -124,3 +133,15 @@ class CtlOps:
         s.memsched.set_host_limit(pages)
         s.memsched.tick(time.monotonic())
         return {"limit_pages": s.machine.limit_pages, "free_state": s.free_state().name.lower()}
+
+    def op_failpoint(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Arm a failure-injection point (see FailpointArgs)."""
+        parsed = FailpointArgs.model_validate(args)
+        swap = self.server.swap
+        if swap is None:
+            raise VMMemError("no swap file configured", ErrorCode.BAD_REQUEST)
+        if parsed.name == "swap_write_error":
+            swap.fail_next_write = int(parsed.value) or 5
+        else:
+            swap.write_delay = max(0.0, parsed.value)
+        return {"armed": parsed.name, "value": parsed.value}

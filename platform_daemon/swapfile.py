@@ -9,6 +9,7 @@ The I/O methods are plain blocking functions: the services call them in a thread
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,8 @@ class SwapFile:
         self._top = self.slots
         #: Test hook: an errno to raise from the next write (injected I/O errors).
         self.fail_next_write: int | None = None
+        #: Test hook: seconds every write sleeps first (keeps swap-outs in flight longer).
+        self.write_delay = 0.0
 
     @property
     def used(self) -> int:
@@ -83,6 +86,8 @@ class SwapFile:
 
     def write_pages(self, slots: npt.NDArray[np.int64], data: npt.NDArray[np.uint8]) -> None:
         """Write ``data[i]`` to ``slots[i]`` and record checksums (blocking; run in a thread)."""
+        if self.write_delay:
+            time.sleep(self.write_delay)
         if self.fail_next_write is not None:
             errno, self.fail_next_write = self.fail_next_write, None
             raise OSError(errno, os.strerror(errno))
