@@ -47,16 +47,17 @@ class Daemons:
     agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     logs: list[Path] = field(default_factory=list)
 
-    def _log(self, name: str) -> Any:
+    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
         path = self.dir / f"{name}.log"
         self.logs.append(path)
-        return open(path, "wb")
+        with open(path, "wb") as log:  # the child keeps its own descriptor
+            return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
     def start_platform(self, *args: str, metrics_port: int = -1) -> subprocess.Popen[bytes]:
         cmd = [str(BIN / "vmmem-platform"), "--socket", str(self.socket), "--mem-dir",
                str(self.mem_dir), "--metrics-port", str(metrics_port), "--log-format", "json",
                *args]  # fmt: skip
-        self.platform = subprocess.Popen(cmd, stdout=self._log("platform"), stderr=subprocess.STDOUT)
+        self.platform = self._spawn("platform", cmd)
         wait_for_path(self.socket, self.platform)
         return self.platform
 
@@ -66,7 +67,7 @@ class Daemons:
         cmd = [str(BIN / "vmmem-vmm"), "--socket", str(self.socket), "--name", name,
                "--memory", memory, "--vcpus", str(vcpus), "--metrics-port", str(metrics_port),
                "--control-socket", str(ctl), "--log-format", "json", *args]  # fmt: skip
-        proc = subprocess.Popen(cmd, stdout=self._log(name), stderr=subprocess.STDOUT)
+        proc = self._spawn(name, cmd)
         self.agents[name] = proc
         wait_for_path(ctl, proc)
         return proc

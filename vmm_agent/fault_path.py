@@ -57,7 +57,11 @@ class FaultPath:
         """Return once ``bpn`` is exposed (and writable for a write)."""
         while not self.is_ready(bpn, write):
             fut = self.pending.get(bpn)
-            if fut is None:
+            # A finished fault may not be forgotten yet (its callback runs on the next loop
+            # pass), and awaiting a finished future does not yield: start a new fault instead
+            # of spinning on it (e.g. a read fault that mapped the page read-only, and this
+            # vCPU wants to write).
+            if fut is None or fut.done():
                 fut = asyncio.ensure_future(self._fault(bpn, write, sequential))
                 self.pending[bpn] = fut
                 fut.add_done_callback(lambda _f, b=bpn: self._forget(b, _f))

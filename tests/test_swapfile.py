@@ -1,0 +1,280 @@
+"""SwapFile: slot allocation, batched writes with checksums, checked reads, injected errors."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from platform_daemon.swapfile import SwapChecksumError, SwapFile, runs
+from shared.constants import PAGE_SIZE
+from shared.errors import VMMemError
+
+SLOTS = 32
+
+
+@pytest.fixture
+def swap(tmp_path: Path) -> Iterator[SwapFile]:
+    """A swap file of 32 slots in a temporary directory, closed after the test."""
+    sf = SwapFile(tmp_path / "swap", SLOTS * PAGE_SIZE)
+    try:
+        yield sf
+    finally:
+        if sf.path.exists():
+            sf.close()
+
+
+def pages(n: int, seed: int = 0) -> np.ndarray:
+    """``n`` pages of random bytes."""
+    return np.random.default_rng(seed).integers(0, 256, (n, PAGE_SIZE), dtype=np.uint8)
+
+
+# ---- runs ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("slots", "expected"),
+    [
+        ([], []),
+        ([4], [(0, 1)]),
+        ([1, 2, 3], [(0, 3)]),
+        ([1, 2, 3, 7, 8, 10], [(0, 3), (3, 2), (5, 1)]),
+        ([0, 2, 4], [(0, 1), (1, 1), (2, 1)]),
+        ([5, 5, 6], [(0, 1), (1, 2)]),
+    ],
+)
+def test_runs(slots: list[int], expected: list[tuple[int, int]]) -> None:
+    """runs() gives (start index, length) of each run of consecutive slot numbers."""
+    assert runs(np.array(slots, dtype=np.int64)) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 200), unique=True).map(sorted))
+def test_runs_property(slots: list[int]) -> None:
+    """Runs tile the array in order, each is consecutive, and no two runs could be joined."""
+    arr = np.array(slots, dtype=np.int64)
+    out = runs(arr)
+    assert sum(length for _, length in out) == len(slots)
+    pos = 0
+    for start, length in out:
+        assert start == pos and length >= 1
+        assert slots[start : start + length] == list(range(slots[start], slots[start] + length))
+        pos += length
+    for (s1, l1), (s2, _) in zip(out, out[1:], strict=False):
+        assert slots[s1 + l1 - 1] + 1 != slots[s2]
+
+
+# ---- the file -----------------------------------------------------------------------------
+
+
+def test_file_created_sparse_with_mode_0600(swap: SwapFile) -> None:
+    """The swap file has one page per slot and mode 0600."""
+    st_ = swap.path.stat()
+    assert st_.st_size == SLOTS * PAGE_SIZE
+    assert stat.S_IMODE(st_.st_mode) == 0o600
+    assert swap.slots == SLOTS
+
+
+def test_size_rounded_down_to_pages(tmp_path: Path) -> None:
+    """A size that is not a multiple of 4 KiB yields whole slots only."""
+    sf = SwapFile(tmp_path / "s", 3 * PAGE_SIZE + 100)
+    try:
+        assert sf.slots == 3
+        assert sf.path.stat().st_size == 3 * PAGE_SIZE
+    finally:
+        sf.close()
+
+
+def test_smaller_than_a_page(tmp_path: Path) -> None:
+    """A swap size below one page raises and creates no file."""
+    with pytest.raises(VMMemError):
+        SwapFile(tmp_path / "s", PAGE_SIZE - 1)
+    assert not (tmp_path / "s").exists()
+
+
+def test_close_removes_file(swap: SwapFile) -> None:
+    """close() closes the descriptor and unlinks the file."""
+    swap.close()
+    assert not swap.path.exists()
+
+
+# ---- slots --------------------------------------------------------------------------------
+
+
+def test_allocate_lowest_first(swap: SwapFile) -> None:
+    """A fresh file hands out consecutive slots, lowest first."""
+    assert swap.allocate(3).tolist() == [0, 1, 2]
+    assert swap.allocate(2).tolist() == [3, 4]
+    assert swap.used == 5 and swap.free == SLOTS - 5
+    assert swap.in_use[:5].all() and not swap.in_use[5:].any()
+
+
+def test_allocate_more_than_free(swap: SwapFile) -> None:
+    """Asking for more slots than are free returns the ones left, then none."""
+    swap.allocate(SLOTS - 2)
+    assert swap.allocate(5).tolist() == [SLOTS - 2, SLOTS - 1]
+    assert swap.allocate(1).tolist() == []
+    assert swap.free == 0
+
+
+def test_allocate_zero(swap: SwapFile) -> None:
+    """Allocating zero slots returns an empty array and changes nothing."""
+    assert len(swap.allocate(0)) == 0
+    assert swap.free == SLOTS
+
+
+def test_release_and_reuse(swap: SwapFile) -> None:
+    """Released slots are free again and handed out before untouched ones."""
+    got = swap.allocate(6)
+    swap.release(got[[1, 4]])
+    assert swap.used == 4
+    assert not swap.in_use[[1, 4]].any()
+    assert sorted(swap.allocate(2).tolist()) == [1, 4]
+
+
+def test_release_empty(swap: SwapFile) -> None:
+    """Releasing nothing is a no-op."""
+    swap.release(np.empty(0, np.int64))
+    assert swap.free == SLOTS
+
+
+def test_double_release_raises(swap: SwapFile) -> None:
+    """Releasing a slot that is not in use raises and changes nothing."""
+    got = swap.allocate(4)
+    swap.release(got[:1])
+    with pytest.raises(VMMemError):
+        swap.release(got[:2])
+    assert swap.used == 3 and swap.in_use[got[1]]
+
+
+def test_duplicate_in_one_release_raises(swap: SwapFile) -> None:
+    """The same slot twice in one release raises."""
+    got = swap.allocate(2)
+    with pytest.raises(VMMemError):
+        swap.release(np.array([got[0], got[0]]))
+    assert swap.used == 2
+
+
+def test_release_never_allocated_raises(swap: SwapFile) -> None:
+    """Releasing a slot never handed out raises."""
+    with pytest.raises(VMMemError):
+        swap.release(np.array([7]))
+
+
+@settings(max_examples=100, deadline=None)
+@given(ops=st.lists(st.tuples(st.booleans(), st.integers(0, 12)), max_size=30))
+def test_slot_accounting_property(tmp_path_factory: pytest.TempPathFactory,
+                                  ops: list[tuple[bool, int]]) -> None:  # fmt: skip
+    """Random allocate/release sequences never hand out a slot twice; counts stay exact."""
+    sf = SwapFile(tmp_path_factory.mktemp("sw") / "s", SLOTS * PAGE_SIZE)
+    try:
+        held: list[int] = []
+        for alloc, n in ops:
+            if alloc:
+                got = sf.allocate(n).tolist()
+                assert len(got) == min(n, SLOTS - len(held))
+                assert not set(got) & set(held)
+                held += got
+            elif held:
+                out, held = held[: n % (len(held) + 1)], held[n % (len(held) + 1) :]
+                sf.release(np.array(out, dtype=np.int64))
+            assert sf.used == len(held) == int(sf.in_use.sum())
+            assert sf.free == SLOTS - len(held)
+    finally:
+        sf.close()
+
+
+# ---- I/O ----------------------------------------------------------------------------------
+
+
+def test_write_read_roundtrip(swap: SwapFile) -> None:
+    """Pages written to slots in any order read back byte for byte, in any order."""
+    slots = np.array([9, 1, 2, 3, 20, 0], dtype=np.int64)
+    data = pages(len(slots))
+    swap.write_pages(slots, data)
+    assert np.array_equal(swap.read_pages(slots), data)
+    back = slots[::-1].copy()
+    assert np.array_equal(swap.read_pages(back), data[::-1])
+    assert np.array_equal(swap.read_pages(np.array([2], np.int64))[0], data[2])
+
+
+def test_write_lands_at_slot_offsets(swap: SwapFile) -> None:
+    """Slot s occupies bytes s*4096 .. (s+1)*4096 of the file."""
+    slots = swap.allocate(4)[[3, 0]]  # slots 3 and 0, unsorted
+    data = pages(2, seed=5)
+    swap.write_pages(slots, data)
+    raw = swap.path.read_bytes()
+    assert raw[3 * PAGE_SIZE : 4 * PAGE_SIZE] == data[0].tobytes()
+    assert raw[0:PAGE_SIZE] == data[1].tobytes()
+    assert raw[PAGE_SIZE : 3 * PAGE_SIZE] == bytes(2 * PAGE_SIZE)
+
+
+def test_write_from_a_gathered_view(swap: SwapFile) -> None:
+    """Data gathered from a larger frame array (as the swap service does) is written intact."""
+    frames = pages(16, seed=2)
+    picked = np.array([15, 3, 8], dtype=np.int64)
+    slots = swap.allocate(3)
+    swap.write_pages(slots, frames[picked])
+    assert np.array_equal(swap.read_pages(slots), frames[picked])
+
+
+def test_checksum_mismatch_detected(swap: SwapFile) -> None:
+    """A page changed in the file behind the SwapFile's back raises SwapChecksumError on read."""
+    slots = swap.allocate(3)
+    data = pages(3, seed=3)
+    swap.write_pages(slots, data)
+    fd = os.open(swap.path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, bytes([data[1, 100] ^ 1]), int(slots[1]) * PAGE_SIZE + 100)
+    finally:
+        os.close(fd)
+    with pytest.raises(SwapChecksumError, match=f"slot {int(slots[1])}"):
+        swap.read_pages(slots)
+    # The intact pages still read back.
+    assert np.array_equal(swap.read_pages(slots[[0, 2]]), data[[0, 2]])
+
+
+def test_released_slot_is_not_readable(swap: SwapFile) -> None:
+    """After release the slot's checksum is cleared, so a stale read is detected."""
+    slots = swap.allocate(1)
+    swap.write_pages(slots, pages(1))
+    swap.release(slots)
+    with pytest.raises(SwapChecksumError):
+        swap.read_pages(slots)
+
+
+def test_rewrite_updates_checksum(swap: SwapFile) -> None:
+    """Writing a slot again replaces both its bytes and its checksum."""
+    slots = swap.allocate(1)
+    swap.write_pages(slots, pages(1, seed=1))
+    second = pages(1, seed=2)
+    swap.write_pages(slots, second)
+    assert np.array_equal(swap.read_pages(slots), second)
+
+
+def test_checksum_error_is_a_vmmem_error() -> None:
+    """SwapChecksumError belongs to the project's error hierarchy."""
+    assert issubclass(SwapChecksumError, VMMemError)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
+def test_fail_next_write(swap: SwapFile, code: int) -> None:
+    """fail_next_write makes the next write raise OSError(errno) once, writing nothing."""
+    slots = swap.allocate(2)
+    data = pages(2)
+    swap.fail_next_write = code
+    with pytest.raises(OSError) as info:
+        swap.write_pages(slots, data)
+    assert info.value.errno == code
+    assert swap.fail_next_write is None
+    assert swap.path.read_bytes() == bytes(SLOTS * PAGE_SIZE)
+    assert not swap.checksum[slots].any()
+    swap.write_pages(slots, data)  # one-shot: the next write succeeds
+    assert np.array_equal(swap.read_pages(slots), data)
