@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
 from typing import Any
@@ -43,8 +44,14 @@ U64 = st.integers(0, (1 << 64) - 1)
 I64 = st.integers(-(1 << 63), (1 << 63) - 1)
 
 
-def header(mtype: int, length: int, request_id: int = 0, magic: int = MAGIC, version: int = VERSION,
-           flags: int = 0) -> bytes:  # fmt: skip
+def header(
+    mtype: int,
+    length: int,
+    request_id: int = 0,
+    magic: int = MAGIC,
+    version: int = VERSION,
+    flags: int = 0,
+) -> bytes:
     """A raw frame header, valid unless told otherwise."""
     return HEADER.pack(magic, version, mtype, flags, length, request_id)
 
@@ -101,17 +108,34 @@ EXAMPLES: list[Message] = [
     fault_reply(1, reason=1),
     fault_reply(MAX_FAULT_AROUND + 1, reason=6),
     Kick(pending=0xFFFF_FFFF),
-    Register(name="vm-0.a_b", guest_pages=1 << 32, vcpus=256, latency_sensitivity=(1 << 64) - 1,
-             home_node=-1, shares=1, control_socket="/tmp/x.sock", metrics_port=65535, pid=7),
-    Registered(vm_id=1, machine_memory_path="/dev/shm/m", host_pages=65536,
-               control_region_path="/dev/shm/r", slot_count=4, slot_capacity=512, home_node=1,
-               numa_nodes=2, generation=3),
+    Register(
+        name="vm-0.a_b",
+        guest_pages=1 << 32,
+        vcpus=256,
+        latency_sensitivity=(1 << 64) - 1,
+        home_node=-1,
+        shares=1,
+        control_socket="/tmp/x.sock",
+        metrics_port=65535,
+        pid=7,
+    ),
+    Registered(
+        vm_id=1,
+        machine_memory_path="/dev/shm/m",
+        host_pages=65536,
+        control_region_path="/dev/shm/r",
+        slot_count=4,
+        slot_capacity=512,
+        home_node=1,
+        numa_nodes=2,
+        generation=3,
+    ),
     Error(code=int(ErrorCode.SLOT_NOT_ISSUED), message="slot 3 seq 9 was not issued \u2014 bye"),
     CtlRequest(op="status"),
     CtlRequest(op="run_phase", args={"phase": {"name": "warm", "vcpus": [1, 2], "x": None}}),
     CtlReply(ok=True, result={"vms": [{"name": "vm0", "pages": {"zero": 3}}]}),
     CtlReply(ok=False, error="unknown op 'x'"),
-]  # fmt: skip
+]
 
 
 # ---- round trips --------------------------------------------------------------------------
@@ -132,8 +156,12 @@ def test_examples_cover_every_message_type() -> None:
 
 def test_fault_reply_arrays_decode_with_wire_dtypes() -> None:
     """A decoded FaultReply carries u64 BPNs, i64 MPNs (NO_FRAME survives) and u8 flags."""
-    msg = FaultReply(0, np.array([5, 6], np.uint64), np.array([-1, 9], np.int64),
-                     np.array([FAULT_FLAG_WRITABLE, 0], np.uint8))  # fmt: skip
+    msg = FaultReply(
+        0,
+        np.array([5, 6], np.uint64),
+        np.array([-1, 9], np.int64),
+        np.array([FAULT_FLAG_WRITABLE, 0], np.uint8),
+    )
     got = roundtrip(msg).message
     assert isinstance(got, FaultReply)
     assert got.bpns.dtype == np.dtype("<u8")
@@ -144,8 +172,9 @@ def test_fault_reply_arrays_decode_with_wire_dtypes() -> None:
 
 def _fault_reply_from(reason: int, rows: list[tuple[int, int, int]]) -> FaultReply:
     bpns, mpns, flags = zip(*rows, strict=True)
-    return FaultReply(reason, np.array(bpns, np.uint64), np.array(mpns, np.int64),
-                      np.array(flags, np.uint8))  # fmt: skip
+    return FaultReply(
+        reason, np.array(bpns, np.uint64), np.array(mpns, np.int64), np.array(flags, np.uint8)
+    )
 
 
 FAULT_REPLIES = st.builds(
@@ -158,16 +187,39 @@ FAULT_REPLIES = st.builds(
 _JSON_SCALARS = st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.text(max_size=20)
 _JSON = st.recursive(
     _JSON_SCALARS,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 _ARGS = st.dictionaries(st.text(max_size=8), _JSON, max_size=4)
 _JSON_KEYS = [
-    "name", "guest_pages", "vcpus", "latency_sensitivity", "home_node", "shares",
-    "control_socket", "metrics_port", "pid", "vm_id", "machine_memory_path", "host_pages",
-    "control_region_path", "slot_count", "slot_capacity", "numa_nodes", "generation", "code",
-    "message", "op", "args", "ok", "result", "error", "other",
-]  # fmt: skip
+    "name",
+    "guest_pages",
+    "vcpus",
+    "latency_sensitivity",
+    "home_node",
+    "shares",
+    "control_socket",
+    "metrics_port",
+    "pid",
+    "vm_id",
+    "machine_memory_path",
+    "host_pages",
+    "control_region_path",
+    "slot_count",
+    "slot_capacity",
+    "numa_nodes",
+    "generation",
+    "code",
+    "message",
+    "op",
+    "args",
+    "ok",
+    "result",
+    "error",
+    "other",
+]
 
 MESSAGES: st.SearchStrategy[Message] = st.one_of(
     st.builds(GetRequest, st.sampled_from(Priority), U32),
@@ -232,7 +284,7 @@ def test_arbitrary_chunking(cuts: list[int]) -> None:
     stream = b"".join(tx.send(m, i) for i, m in enumerate(EXAMPLES))
     points = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
     got: list[Envelope] = []
-    for a, b in zip(points, points[1:], strict=False):
+    for a, b in itertools.pairwise(points):
         rx.receive_data(stream[a:b])
         got.extend(rx.events())
     assert [e.request_id for e in got] == list(range(len(EXAMPLES)))
@@ -270,13 +322,15 @@ def test_header_layout_byte_by_byte() -> None:
     [
         (GetRequest(Priority.LOW, 0x01020304), bytes.fromhex("01000000 04030201")),
         (Request(2, 0x0304, 0x05060708, 9), bytes.fromhex("0200 0403 08070605 0900000000000000")),
-        (CompleteRequest(0x0102, 3, 4, 5),
-         bytes.fromhex("0201 0000 03000000 0400000000000000 05000000")),
+        (
+            CompleteRequest(0x0102, 3, 4, 5),
+            bytes.fromhex("0201 0000 03000000 0400000000000000 05000000"),
+        ),
         (Fault(0x0102030405060708, True, 16), bytes.fromhex("0807060504030201 01 00 1000")),
         (Kick(7), bytes.fromhex("07000000")),
     ],
     ids=lambda v: type(v).__name__ if not isinstance(v, bytes) else "",
-)  # fmt: skip
+)
 def test_binary_body_layouts(msg: Message, body: bytes) -> None:
     """Hot-path bodies have the fixed little-endian layouts documented in docs/protocol.md."""
     assert Codec().send(msg)[HEADER_SIZE:] == body
@@ -284,13 +338,17 @@ def test_binary_body_layouts(msg: Message, body: bytes) -> None:
 
 def test_fault_reply_body_layout() -> None:
     """FaultReply body: reason u8, pad, count u16, then bpn u64[n], mpn i64[n], flags u8[n]."""
-    msg = FaultReply(5, np.array([1, 2], np.uint64), np.array([-1, 3], np.int64),
-                     np.array([1, 0], np.uint8))  # fmt: skip
+    msg = FaultReply(
+        5, np.array([1, 2], np.uint64), np.array([-1, 3], np.int64), np.array([1, 0], np.uint8)
+    )
     body = Codec().send(msg)[HEADER_SIZE:]
     assert body == (
-        bytes([5, 0]) + (2).to_bytes(2, "little")
-        + struct.pack("<2Q", 1, 2) + struct.pack("<2q", -1, 3) + bytes([1, 0])
-    )  # fmt: skip
+        bytes([5, 0])
+        + (2).to_bytes(2, "little")
+        + struct.pack("<2Q", 1, 2)
+        + struct.pack("<2q", -1, 3)
+        + bytes([1, 0])
+    )
 
 
 def test_json_bodies_are_utf8_json_objects() -> None:
@@ -328,9 +386,7 @@ def test_unknown_type(mtype: int) -> None:
 def test_oversized_length_is_rejected_from_the_header_alone() -> None:
     """A length above max_frame raises FRAME_TOO_LARGE before any body byte arrives."""
     expect_error(header(MessageType.CTL_REQUEST, 101), ErrorCode.FRAME_TOO_LARGE, Codec(100))
-    expect_error(
-        header(MessageType.CTL_REQUEST, DEFAULT_MAX_FRAME + 1), ErrorCode.FRAME_TOO_LARGE
-    )
+    expect_error(header(MessageType.CTL_REQUEST, DEFAULT_MAX_FRAME + 1), ErrorCode.FRAME_TOO_LARGE)
 
 
 def test_length_equal_to_max_frame_is_accepted() -> None:
@@ -480,7 +536,7 @@ def test_arbitrary_bytes_parse_or_raise_remote_protocol_error(data: bytes, chunk
 def test_arbitrary_body_behind_valid_header(
     mtype: MessageType, body: bytes, flags: int, request_id: int
 ) -> None:
-    """Arbitrary body bytes behind a valid header of each type decode or raise RemoteProtocolError."""
+    """Arbitrary bodies behind a valid header of any type decode or raise RemoteProtocolError."""
     codec = Codec()
     codec.receive_data(header(mtype, len(body), request_id, flags=flags) + body)
     _drain(codec)
@@ -508,7 +564,6 @@ def test_sized_bodies_behind_valid_header(mtype: MessageType, n: int, data: st.D
     codec = Codec()
     codec.receive_data(header(mtype, len(body)) + body)
     _drain(codec)
-
 
 
 @MODEST

@@ -61,9 +61,24 @@ def test_parse_size(text: str | int, expected: int) -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    ["", "MiB", "-1", "1e3", "1.5.2", "12XB", "1 2", "0x10", "ten", -1, 1.5, None, "9" * 400,
-     "9" * 400 + ".5"],
-)  # fmt: skip
+    [
+        "",
+        "MiB",
+        "-1",
+        "1e3",
+        "1.5.2",
+        "12XB",
+        "1 2",
+        "0x10",
+        "ten",
+        -1,
+        1.5,
+        None,
+        True,
+        "9" * 5000,
+        "9" * 5000 + ".5",
+    ],
+)
 def test_parse_size_bad_input(bad: object) -> None:
     """Anything that is not a non-negative size raises ValueError (never another exception)."""
     with pytest.raises(ValueError):
@@ -76,6 +91,12 @@ def test_parse_size_exact(n: int, unit: str) -> None:
     """Whole numbers parse exactly, however large (no float rounding)."""
     factor = {"": 1, "b": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}[unit]
     assert parse_size(f"{n}{unit}") == n * factor
+
+
+def test_parse_size_huge_is_exact() -> None:
+    """A number far beyond 64 bits still parses exactly, fractions included (never inf)."""
+    assert parse_size("9" * 400) == int("9" * 400)
+    assert parse_size("9" * 400 + ".5k") == int("9" * 400) * 1024 + 512
 
 
 @pytest.mark.parametrize("n", [0, 1, 1023, 4096, 64 * MiB, 3 << 29, 1 << 40])
@@ -95,8 +116,11 @@ def test_platform_defaults() -> None:
     assert cfg.numa_nodes == 2
     assert cfg.swap_file is None and cfg.swap_size == 0
     assert (cfg.free_high_pct, cfg.free_soft_pct, cfg.free_hard_pct, cfg.free_low_pct) == (
-        6.0, 4.0, 2.0, 1.0,
-    )  # fmt: skip
+        6.0,
+        4.0,
+        2.0,
+        1.0,
+    )
 
 
 def test_agent_defaults() -> None:
@@ -137,7 +161,7 @@ def test_cli_over_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_full_precedence_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each field takes the highest source that sets it: CLI > env > TOML > default."""
     path = write_toml(
-        tmp_path, '[platform]\nslot_count = 8\nslot_capacity = 64\nmetrics_port = 1234\n'
+        tmp_path, "[platform]\nslot_count = 8\nslot_capacity = 64\nmetrics_port = 1234\n"
     )
     monkeypatch.setenv("VMMEM_SLOT_CAPACITY", "128")
     monkeypatch.setenv("VMMEM_METRICS_PORT", "2345")
@@ -155,8 +179,7 @@ def test_config_file_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert load_settings(PlatformConfig, {}).numa_nodes == 5
 
 
-def test_explicit_config_file_beats_env_config(tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_explicit_config_beats_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A config path given by the caller (--config) wins over VMMEM_CONFIG."""
     env_file = tmp_path / "env.toml"
     env_file.write_text("[platform]\nnuma_nodes = 5\n")
@@ -224,8 +247,10 @@ def test_thresholds_out_of_order(pcts: dict[str, float]) -> None:
 
 def test_equal_thresholds_allowed() -> None:
     """Equal thresholds are in order."""
-    cfg = load_settings(PlatformConfig, {"free_high_pct": 2, "free_soft_pct": 2,
-                                         "free_hard_pct": 2, "free_low_pct": 2})  # fmt: skip
+    cfg = load_settings(
+        PlatformConfig,
+        {"free_high_pct": 2, "free_soft_pct": 2, "free_hard_pct": 2, "free_low_pct": 2},
+    )
     assert cfg.free_low_pct == 2
 
 
@@ -256,7 +281,8 @@ def test_host_memory_too_small(memory: str, nodes: int) -> None:
 
 def test_host_memory_minimum_accepted() -> None:
     """Exactly 2 MiB per node is enough."""
-    assert load_settings(PlatformConfig, {"host_memory": "4MiB", "numa_nodes": 2}).host_pages == 1024
+    cfg = load_settings(PlatformConfig, {"host_memory": "4MiB", "numa_nodes": 2})
+    assert cfg.host_pages == 1024
 
 
 @pytest.mark.parametrize("value", ["lots", "-5MiB", 2.5])

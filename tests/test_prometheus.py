@@ -34,9 +34,6 @@ AGENT_PORTS = {"vm1": 9471, "vm2": 9472, "vm3": 9473}
 EXPECTED_TARGETS = {("vmmem-platform", f"127.0.0.1:{PLATFORM_PORT}")} | {
     ("vmmem-vmm", f"127.0.0.1:{port}") for port in AGENT_PORTS.values()
 }
-#: tests/procs.py hands Popen log files it never closes; with filterwarnings=error their
-#: ResourceWarning would fail these tests. Remove once procs.py closes its log files.
-pytestmark = pytest.mark.filterwarnings("ignore:unclosed file:ResourceWarning")
 HOST_PAGES = (256 << 20) // 4096
 GUEST_PAGES = (16 << 20) // 4096
 PHASE = {"duration": 1.5, "working_set": 0.5, "write_ratio": 0.5}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import stat
 from collections.abc import Iterator
@@ -67,7 +68,7 @@ def test_runs_property(slots: list[int]) -> None:
         assert start == pos and length >= 1
         assert slots[start : start + length] == list(range(slots[start], slots[start] + length))
         pos += length
-    for (s1, l1), (s2, _) in zip(out, out[1:], strict=False):
+    for (s1, l1), (s2, _) in itertools.pairwise(out):
         assert slots[s1 + l1 - 1] + 1 != slots[s2]
 
 
@@ -170,8 +171,9 @@ def test_release_never_allocated_raises(swap: SwapFile) -> None:
 
 @settings(max_examples=100, deadline=None)
 @given(ops=st.lists(st.tuples(st.booleans(), st.integers(0, 12)), max_size=30))
-def test_slot_accounting_property(tmp_path_factory: pytest.TempPathFactory,
-                                  ops: list[tuple[bool, int]]) -> None:  # fmt: skip
+def test_slot_accounting_property(
+    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[bool, int]]
+) -> None:
     """Random allocate/release sequences never hand out a slot twice; counts stay exact."""
     sf = SwapFile(tmp_path_factory.mktemp("sw") / "s", SLOTS * PAGE_SIZE)
     try:
