@@ -310,7 +310,7 @@ def test_header_layout_byte_by_byte() -> None:
     assert HEADER_SIZE == 18
     assert frame[0:2] == b"VM"
     assert frame[2] == VERSION == 1
-    assert frame[3] == MessageType.KICK == 15
+    assert frame[3] == 15 == int(MessageType.KICK)
     assert frame[4:6] == b"\x00\x00"
     assert frame[6:10] == (4).to_bytes(4, "little")
     assert frame[10:18] == bytes.fromhex("8877665544332211")

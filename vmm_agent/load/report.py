@@ -34,6 +34,7 @@ def build_report(scenario: str, seconds: float, results: dict[str, dict[str, Any
             "batch_pages": res["batch_pages"],
             "released_while_pinned": res["released_while_pinned"],
             "pin_violations": res["pin_violations"],
+            "pin_cycles": res["pin_cycles"],
             "verification": {
                 "pages_verified": ver["pages_verified"],
                 # Every guest read is checked: count mismatches of the run and of the pass.
