@@ -259,7 +259,10 @@ class PlatformServer:
                 raise VMMemError("VM is gone")
             state = vm.p2m.state[msg.bpn]
             if state == PageState.SWAPPED:
-                return await self.services_swap().swap_in(vm, msg.bpn)
+                reply = await self.services_swap().swap_in(vm, msg.bpn, msg.around)
+                if reply is not None:
+                    return reply
+                continue  # another fault read it: look at the page again
             if state == PageState.IN_FLIGHT:
                 reply = self.services[vm.p2m.op[msg.bpn]].on_fault(vm, msg.bpn, msg.write)
                 return reply if isinstance(reply, FaultReply) else await reply

@@ -104,12 +104,22 @@ class SwapFile:
         self.checksum[slots] = sums
 
     def read_pages(self, slots: npt.NDArray[np.int64]) -> npt.NDArray[np.uint8]:
-        """Read and verify the pages in ``slots`` (blocking; run in a thread)."""
+        """Read and verify the pages in ``slots`` (blocking; run in a thread).
+
+        Consecutive slots are read with one ``preadv`` per run, straight into the result.
+        """
         out = np.empty((len(slots), PAGE_SIZE), dtype=np.uint8)
+        order = np.argsort(slots, kind="stable")
+        sorted_slots = slots[order]
+        staged = out if np.array_equal(order, np.arange(len(slots))) else np.empty_like(out)
+        for start, length in runs(sorted_slots):
+            buf = staged[start : start + length]
+            got = os.preadv(self.fd, [memoryview(buf).cast("B")], int(sorted_slots[start]) * PAGE_SIZE)
+            if got != length * PAGE_SIZE:
+                raise OSError(5, f"short read of swap slots from {int(sorted_slots[start])}")
+        if staged is not out:
+            out[order] = staged
         for i, slot in enumerate(slots.tolist()):
-            got = os.preadv(self.fd, [memoryview(out[i])], slot * PAGE_SIZE)
-            if got != PAGE_SIZE:
-                raise OSError(5, f"short read of swap slot {slot}")
             if xxhash.xxh3_64_intdigest(out[i]) != int(self.checksum[slot]):
                 raise SwapChecksumError(f"swap slot {slot}: checksum mismatch on read")
         return out

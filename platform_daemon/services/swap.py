@@ -14,6 +14,7 @@ never waits for the disk on a page it still has in memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno as errno_mod
 import time
 from typing import TYPE_CHECKING
@@ -49,7 +50,7 @@ class SwapService(PlatformService):
         super().__init__(server)
         self.hand: dict[int, int] = {}
         self.in_flight: dict[int, int] = {}
-        self.swapping_in: dict[tuple[int, int], asyncio.Future[FaultReply]] = {}
+        self.swapping_in: dict[tuple[int, int], asyncio.Future[None]] = {}
 
     def has_work(self, vm: VM) -> bool:
         swap = self.server.swap
@@ -160,52 +161,77 @@ class SwapService(PlatformService):
         self.server.metrics.swap_cancelled.inc()
         return self.server.faults.reply(vm, FaultReason.CANCEL, np.array([bpn]))
 
-    async def swap_in(self, vm: VM, bpn: int) -> FaultReply:
-        """Read a swapped page back (one read per page, however many vCPUs fault on it)."""
-        key = (vm.vm_id, bpn)
-        pending = self.swapping_in.get(key)
-        if pending is not None:
-            await asyncio.shield(pending)
-            return self.server.faults.reply(vm, FaultReason.MAPPED, np.array([bpn]))
-        fut: asyncio.Future[FaultReply] = asyncio.get_running_loop().create_future()
-        self.swapping_in[key] = fut
-        try:
-            reply = await self._swap_in(vm, bpn)
-        except BaseException as exc:
-            fut.set_exception(exc)
-            fut.exception()  # retrieved: waiters re-raise their own copy
-            raise
-        else:
-            fut.set_result(reply)
-            return reply
-        finally:
-            del self.swapping_in[key]
+    async def swap_in(self, vm: VM, bpn: int, around: int = 0) -> FaultReply | None:
+        """Read a swapped page back, with its swapped neighbours when the guest walks memory.
 
-    async def _swap_in(self, vm: VM, bpn: int) -> FaultReply:
+        One read per page however many vCPUs fault on it: a fault on a page already being
+        read waits for that read and returns None, and the caller looks at the page again.
+        """
+        pending = self.swapping_in.get((vm.vm_id, bpn))
+        if pending is not None:
+            with contextlib.suppress(VMMemError):
+                await asyncio.shield(pending)
+            return None
+        pages = self._readahead(vm, bpn, around)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for page in pages.tolist():
+            self.swapping_in[(vm.vm_id, page)] = fut
+        try:
+            return await self._swap_in(vm, pages)
+        except VMMemError as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved here: waiters only need to know it is over
+            raise
+        finally:
+            if not fut.done():
+                fut.set_result(None)
+            for page in pages.tolist():
+                self.swapping_in.pop((vm.vm_id, page), None)
+
+    def _readahead(self, vm: VM, bpn: int, around: int) -> Pages:
+        """The faulting page, then swapped neighbours after it that nobody is reading yet."""
+        n = min(around, self.server.config.max_fault_around, vm.guest_pages - bpn - 1)
+        if n <= 0:
+            return np.array([bpn], dtype=np.int64)
+        window = np.arange(bpn + 1, bpn + 1 + n, dtype=np.int64)
+        swapped = window[vm.p2m.state[window] == PageState.SWAPPED]
+        free = [b for b in swapped.tolist() if (vm.vm_id, b) not in self.swapping_in]
+        return np.array([bpn, *free], dtype=np.int64)
+
+    async def _swap_in(self, vm: VM, pages: Pages) -> FaultReply:
         server, swap = self.server, self.server.swap
         assert swap is not None
-        slot = int(vm.p2m.swap_slot[bpn])
+        slots = vm.p2m.swap_slot[pages].copy()
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
-            data = await loop.run_in_executor(None, swap.read_pages, np.array([slot]))
+            data = await loop.run_in_executor(None, swap.read_pages, slots)
         except SwapChecksumError as exc:
-            log.error("swap_checksum_mismatch", vm=vm.name, bpn=bpn, slot=slot)
+            log.error("swap_checksum_mismatch", vm=vm.name, bpns=pages[:4].tolist(), error=str(exc))
+            server.metrics.swap_errors.labels("checksum").inc()
             raise VMMemError(str(exc), ErrorCode.INTERNAL) from None
         except OSError as exc:
+            server.metrics.swap_errors.labels("read_error").inc()
             raise VMMemError(f"swap read failed: {exc}", ErrorCode.INTERNAL) from None
         server.metrics.swap_io_seconds.labels("in").observe(time.perf_counter() - t0)
         await server.wait_for_frames(1)
-        if not vm.alive or vm.p2m.state[bpn] != PageState.SWAPPED or vm.p2m.swap_slot[bpn] != slot:
+        if not vm.alive:
+            raise VMMemError("VM is gone", ErrorCode.INTERNAL)
+        # Only what is still swapped in the same slot (nothing else changes a swapped page
+        # while it is being read, but the VM may have gone); the faulting page comes first.
+        still = (vm.p2m.state[pages] == PageState.SWAPPED) & (vm.p2m.swap_slot[pages] == slots)
+        if not still[0]:
             raise VMMemError("page changed during swap-in", ErrorCode.INTERNAL)
-        frame = server.machine.allocator.allocate(1, vm.home_node)
-        server.machine.frames[frame[0]] = data[0]
-        server.faults.map_private(vm, np.array([bpn]), frame)
-        vm.p2m.swap_slot[bpn] = NO_SLOT
-        swap.release(np.array([slot]))
-        vm.stats.swapped_in += 1
-        server.metrics.swap_pages.labels("in").inc()
-        return server.faults.reply(vm, FaultReason.SWAP_IN, np.array([bpn]))
+        take = np.flatnonzero(still)[: max(1, server.machine.available())]
+        pages, slots, data = pages[take], slots[take], data[take]
+        frames = server.machine.allocator.allocate(len(pages), vm.home_node)
+        server.machine.frames[frames] = data
+        server.faults.map_private(vm, pages, frames)
+        vm.p2m.swap_slot[pages] = NO_SLOT
+        swap.release(slots)
+        vm.stats.swapped_in += len(pages)
+        server.metrics.swap_pages.labels("in").inc(len(pages))
+        return server.faults.reply(vm, FaultReason.SWAP_IN, pages)
 
     def on_vm_gone(self, vm: VM) -> None:
         self.hand.pop(vm.vm_id, None)
