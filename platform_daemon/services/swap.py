@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from ..vm import VM
 
 log = structlog.get_logger("vmmem.platform.swap")
+MIN_BACKOFF, MAX_BACKOFF = 0.25, 8.0  # seconds swap-outs pause after a failed write
 _NO_SPACE_ERRNOS = {errno_mod.ENOSPC, errno_mod.EFBIG, errno_mod.EDQUOT}
 
 
@@ -51,10 +52,14 @@ class SwapService(PlatformService):
         self.hand: dict[int, int] = {}
         self.in_flight: dict[int, int] = {}
         self.swapping_in: dict[tuple[int, int], asyncio.Future[None]] = {}
+        # After a failed write, swap-outs pause (doubling up to a limit) instead of hammering
+        # a full or failing disk every round; the pages involved stay resident meanwhile.
+        self.backoff = 0.0
+        self.paused_until = 0.0
 
     def has_work(self, vm: VM) -> bool:
         swap = self.server.swap
-        if swap is None or swap.free == 0:
+        if swap is None or swap.free == 0 or time.monotonic() < self.paused_until:
             return False
         return self.server.memsched.swap_deficit(vm, self.in_flight.get(vm.vm_id, 0)) > 0
 
@@ -109,6 +114,7 @@ class SwapService(PlatformService):
             self._write_failed(vm, bpns, slots, epochs, exc)
             return
         server.metrics.swap_io_seconds.labels("out").observe(time.perf_counter() - t0)
+        self.backoff = 0.0
         if not vm.alive:
             swap.release(slots)
             return
@@ -138,6 +144,8 @@ class SwapService(PlatformService):
         self.server.swap.release(slots)  # type: ignore[union-attr]
         log.warning("swap_write_failed", vm=vm.name, pages=len(bpns), reason=reason, error=str(exc))
         self.server.metrics.swap_errors.labels(reason).inc(len(bpns))
+        self.backoff = min(MAX_BACKOFF, max(MIN_BACKOFF, 2 * self.backoff))
+        self.paused_until = time.monotonic() + self.backoff
         if not vm.alive:
             return
         p2m = vm.p2m
