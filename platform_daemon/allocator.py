@@ -122,8 +122,7 @@ class FrameAllocator:
         frames = np.asarray(frames, dtype=np.int64)
         if len(frames) == 0:
             return
-        if len(np.unique(frames)) != len(frames):
-            raise VMMemError("release: the same frame appears twice in one batch")
+        self._check_batch(frames, "release")
         if np.any(self.frame_state[frames] != FrameState.USED):
             bad = frames[self.frame_state[frames] != FrameState.USED][:4]
             raise VMMemError(f"release of frames not in use: {bad.tolist()}")
@@ -131,6 +130,14 @@ class FrameAllocator:
         nodes = self._node_of_block[frames]
         for node in np.unique(nodes):
             self._nodes[int(node)].push(frames[nodes == node])
+
+    def _check_batch(self, frames: Frames, what: str) -> None:
+        """MPNs in range and distinct: NumPy would wrap a negative MPN (NO_FRAME) around to
+        the last frame, and a repeated one would be counted twice."""
+        if frames.min() < 0 or frames.max() >= self.host_pages:
+            raise VMMemError(f"{what} of MPNs outside 0..{self.host_pages - 1}")
+        if len(np.unique(frames)) != len(frames):
+            raise VMMemError(f"{what}: the same frame appears twice in one batch")
 
     def retire(self, mpn: int) -> bool:
         """Take ``mpn`` out of use forever; True if it was free (nothing else to do)."""
@@ -149,6 +156,9 @@ class FrameAllocator:
     def retire_used(self, mpns: npt.NDArray[Any]) -> None:
         """Mark used frames (already emptied by their owner) retired instead of freeing them."""
         mpns = np.asarray(mpns, dtype=np.int64)
+        if len(mpns) == 0:
+            return
+        self._check_batch(mpns, "retire_used")
         if np.any(self.frame_state[mpns] != FrameState.USED):
             raise VMMemError("retire_used of frames not in use")
         self.frame_state[mpns] = FrameState.RETIRED

@@ -103,7 +103,11 @@ class Codec:
 
     def send(self, message: Message, request_id: int = 0) -> bytes:
         """Bytes of one frame carrying ``message``."""
-        body = message.encode_body()
+        try:
+            body = message.encode_body()
+        except (struct.error, OverflowError) as exc:
+            # A field does not fit its wire width: our bug, not the peer's.
+            raise LocalProtocolError(f"{type(message).__name__}: {exc}") from None
         if not 0 < len(body) <= self.max_frame:
             raise LocalProtocolError(f"{type(message).__name__} body of {len(body)} bytes")
         if not 0 <= request_id < 1 << 64:

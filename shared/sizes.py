@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 _UNITS = {
     "": 1, "b": 1,
@@ -16,6 +17,8 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 def parse_size(text: str | int) -> int:
     """Bytes in ``text``; binary units whatever the spelling (``1GB`` is 2**30 here)."""
+    if isinstance(text, bool) or not isinstance(text, str | int):
+        raise ValueError(f"not a size: {text!r} (use e.g. 4096, 64MiB, 1GiB)")
     if isinstance(text, int):
         if text < 0:
             raise ValueError(f"size must not be negative: {text}")
@@ -23,7 +26,8 @@ def parse_size(text: str | int) -> int:
     match = _SIZE.match(text)
     if not match or match.group(2).lower() not in _UNITS:
         raise ValueError(f"not a size: {text!r} (use e.g. 4096, 64MiB, 1GiB)")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    # Fraction, not float: exact for any number of digits, and never inf.
+    return int(Fraction(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
 def format_size(n: int) -> str:
