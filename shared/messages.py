@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .constants import MAX_FAULT_AROUND, Priority
+from .constants import MAX_FAULT_AROUND, FaultReason, Priority, ServiceType
 from .errors import ErrorCode, RemoteProtocolError
 
 
@@ -103,7 +103,10 @@ class Request:
 
     @classmethod
     def decode_body(cls, body: bytes) -> Request:
-        return cls(*_unpack(_REQUEST, body, "Request"))
+        service, slot, count, seq = _unpack(_REQUEST, body, "Request")
+        if slot != NO_SLOT:
+            _enum(ServiceType, service, "Request.service")
+        return cls(service, slot, count, seq)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +186,7 @@ class FaultReply:
         if len(body) < head:
             raise RemoteProtocolError("FaultReply body truncated", ErrorCode.BAD_LENGTH)
         reason, n = _FAULT_REPLY_HEAD.unpack_from(body)
+        _enum(FaultReason, reason, "FaultReply.reason")
         if not 1 <= n <= MAX_FAULT_AROUND + 1 or len(body) != head + 17 * n:
             raise RemoteProtocolError(
                 f"FaultReply count {n} does not match body of {len(body)} bytes",

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared.codec import DEFAULT_MAX_FRAME, HEADER, HEADER_SIZE, MAGIC, VERSION, Codec, Envelope
-from shared.constants import MAX_FAULT_AROUND, Priority
+from shared.constants import MAX_FAULT_AROUND, FaultReason, Priority, ServiceType
 from shared.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from shared.messages import (
     FAULT_FLAG_WRITABLE,
@@ -179,7 +179,7 @@ def _fault_reply_from(reason: int, rows: list[tuple[int, int, int]]) -> FaultRep
 
 FAULT_REPLIES = st.builds(
     _fault_reply_from,
-    U8,
+    st.sampled_from(FaultReason).map(int),
     st.lists(st.tuples(U64, I64, U8), min_size=1, max_size=MAX_FAULT_AROUND + 1),
 )
 
@@ -223,7 +223,10 @@ _JSON_KEYS = [
 
 MESSAGES: st.SearchStrategy[Message] = st.one_of(
     st.builds(GetRequest, st.sampled_from(Priority), U32),
-    st.builds(Request, U8, U16, U32, U64),
+    st.builds(
+        Request, st.sampled_from(ServiceType).map(int), U16.filter(lambda s: s != NO_SLOT), U32, U64
+    ),
+    st.builds(Request, U8, st.just(NO_SLOT), U32, U64),
     st.builds(CompleteRequest, U16, U32, U64, U32),
     st.builds(Fault, U64, st.booleans(), st.integers(0, MAX_FAULT_AROUND)),
     FAULT_REPLIES,
@@ -644,3 +647,14 @@ def test_request_has_work() -> None:
     """A Request with slot NO_SLOT means the round is over."""
     assert not Request(0, NO_SLOT, 0, 0).has_work
     assert Request(0, 0, 1, 1).has_work
+
+
+def test_unknown_service_or_fault_reason_is_a_remote_protocol_error() -> None:
+    """A Request naming no service, or a FaultReply with no known reason, is the peer's error."""
+    for msg in (Request(200, 0, 1, 1), fault_reply(1, reason=200)):
+        data = Codec().send(msg, 1)
+        codec = Codec()
+        codec.receive_data(data)
+        with pytest.raises(RemoteProtocolError) as info:
+            codec.next_event()
+        assert info.value.code == ErrorCode.BAD_BODY
