@@ -59,7 +59,8 @@ class RoundEngine:
         self.services = services
         self.max_batches = max_batches
         self.clock = clock
-        self.on_batch_done = lambda service, seconds, accepted, refused: None
+        # Called as (service, seconds, status) after each completed batch.
+        self.on_batch_done = lambda service, seconds, status: None
 
     def refresh_pending(self, vm: VM) -> int:
         """Recompute the pending word from the services' queues; returns the new word."""
@@ -141,11 +142,14 @@ class RoundEngine:
         still_selected = vm.p2m.state[batch.bpns] == PageState.SELECTED
         status[(status == PageStatus.OK) & ~still_selected] = PageStatus.NOT_EXPOSED
         ok = status == PageStatus.OK
-        accepted, refused = batch.bpns[ok], batch.bpns[~ok & still_selected]
-        vm.p2m.state[refused] = PageState.EXPOSED
+        accepted, refused = batch.bpns[ok], batch.bpns[~ok]
+        vm.p2m.state[batch.bpns[~ok & still_selected]] = PageState.EXPOSED
         svc = self.services[batch.service]
         if len(refused):
-            svc.on_refused(vm, refused, status[~ok & still_selected])
+            # Pages that faulted while selected are reported too (NOT_EXPOSED): they are
+            # exposed again like the refused ones, and a service may hold bookkeeping for
+            # them (p2mUpdate counts the stale mappings that pin an old frame).
+            svc.on_refused(vm, refused, status[~ok])
         outcome = status[ok]
         if len(accepted):
             svc.mark_in_flight(vm, accepted)

@@ -281,7 +281,8 @@ def test_refused_pages_go_back_to_exposed() -> None:
 @pytest.mark.timeout(10)
 def test_page_that_faulted_while_selected_is_not_handed_to_the_service() -> None:
     """A fault on a SELECTED page keeps it exposed (the VMM still maps it); even if the VMM
-    then says OK for it, completion reports NOT_EXPOSED and the service never gets it."""
+    then says OK for it, completion reports NOT_EXPOSED and the service's complete() never
+    gets it: it is reported to on_refused (so per-page bookkeeping can be dropped)."""
     vm, engine, state, swap, req = _issue_one([30, 31, 32])
     faults = FaultResolver(None, max_around=0)  # type: ignore[arg-type]  # no frame needed
     reply = faults.try_resolve(vm, 31, False, 0)  # type: ignore[arg-type]
@@ -290,7 +291,10 @@ def test_page_that_faulted_while_selected_is_not_handed_to_the_service() -> None
     assert vm.p2m.state[31] == PageState.EXPOSED
 
     answer(engine, vm, state, req)  # the VMM accepts all three
-    assert swap.calls == [Call("complete", [30, 32], [PageStatus.OK, PageStatus.OK])]
+    assert swap.calls == [
+        Call("refused", [31], [PageStatus.NOT_EXPOSED]),
+        Call("complete", [30, 32], [PageStatus.OK, PageStatus.OK]),
+    ]
     assert vm.p2m.state[31] == PageState.EXPOSED
     assert vm.p2m.op[31] == NO_OP
     assert vm.region.slot(req.slot).status[:3].tolist() == [

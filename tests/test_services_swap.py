@@ -239,7 +239,7 @@ class FakeAgent:
             status[(status == PageStatus.OK) & self.writable[bpns]] = PageStatus.NOT_SHARED
         if verdict is not None:
             verdict(bpns, mpns, status)
-        accepted = bpns[status == PageStatus.OK]
+        accepted: npt.NDArray[np.int64] = bpns[status == PageStatus.OK]
         self.frame[accepted] = NO_FRAME
         self.writable[accepted] = False
         return accepted
@@ -265,9 +265,7 @@ class FakeAgent:
         return await self.link.ctl("status", timeout=REPLY_TIMEOUT)
 
 
-async def reclaim(
-    server: PlatformServer, agents: list[FakeAgent], max_ticks: int = 100
-) -> int:
+async def reclaim(server: PlatformServer, agents: list[FakeAgent], max_ticks: int = 100) -> int:
     """Tick memsched and let the agents run rounds (accepting everything) until reclaim is
     over or ``max_ticks`` ticks passed; waits for every swap write to land after each round.
     Returns the number of ticks that found reclaim still needed."""
@@ -329,8 +327,24 @@ async def test_swap_out_under_pressure_and_back_in_with_content_intact(
 
         server.memsched.set_host_limit(server.machine.host_pages)
         server.memsched.tick(time.monotonic())
+        # Three vCPUs fault on each of a few swapped pages at once: one read per page, and
+        # every fault gets the same new frame.
+        racers = swapped[:8]
+        futures = [
+            agent.link.request_nowait(Fault(bpn, False, 0)) for bpn in racers.tolist()
+            for _ in range(3)
+        ]  # fmt: skip
+        replies = await asyncio.wait_for(asyncio.gather(*futures), REPLY_TIMEOUT)
+        for i, bpn in enumerate(racers.tolist()):
+            trio = replies[3 * i : 3 * i + 3]
+            assert {int(r.mpns[0]) for r in trio} == {int(vm.p2m.frame[bpn])}
+            assert sorted(FaultReason(r.reason).name for r in trio) == [
+                "MAPPED", "MAPPED", "SWAP_IN",
+            ]  # fmt: skip
+            agent.install(trio[0])
+        assert vm.stats.swapped_in == len(racers)
         reasons = await agent.verify(written)
-        assert reasons["SWAP_IN"] == len(swapped)
+        assert reasons["SWAP_IN"] == len(swapped) - len(racers)
         assert server.swap.used == 0
         assert (states[written] == PageState.EXPOSED).all()
         assert vm.stats.swapped_in == len(swapped)
@@ -417,8 +431,8 @@ async def test_fault_storm_on_in_flight_swap_outs_cancels_each_page_once(
         await server.ctl.handle("failpoint", {"name": "swap_write_delay", "value": 0})
         server.memsched.set_host_limit(server.machine.host_pages)
         server.memsched.tick(time.monotonic())
-        reasons = await agent.verify(written)
-        assert reasons["SWAP_IN"] == len(rest)
+        final = await agent.verify(written)
+        assert final["SWAP_IN"] == len(rest)
         assert server.swap.used == 0
         await agent.close()
 
@@ -499,7 +513,8 @@ async def test_swap_file_full_gives_no_space_status(short_tmp: Path, mem_dir: Pa
     """When the swap file has fewer free slots than a completed batch needs (two batches
     were outstanding at once), the pages left over get status NO_SPACE in the slot, stay
     resident and keep their bytes; metrics count them under no_space."""
-    async with running_platform(short_tmp, mem_dir, host_mib=16, swap_size=16 * PAGE_SIZE) as server:
+    tiny = 16 * PAGE_SIZE
+    async with running_platform(short_tmp, mem_dir, host_mib=16, swap_size=tiny) as server:
         agent = await FakeAgent.connect(server, "vm1", guest_pages=512)
         written = np.arange(0, 400, dtype=np.int64)
         await agent.write_pages(written)
@@ -560,7 +575,14 @@ async def test_injected_write_error_loses_nothing(short_tmp: Path, mem_dir: Path
         reasons = await agent.verify(accepted)
         assert reasons == Counter({"REMAP": len(accepted)})
 
-        # The failpoint fired once: reclaim now works.
+        # Swap-outs back off for a while after a failed write, then reclaim works again
+        # (the failpoint fired once).
+        swap_svc: Any = server.services[ServiceType.SWAP]
+        assert swap_svc.paused_until > 0
+        server.memsched.tick(time.monotonic())
+        if time.monotonic() < swap_svc.paused_until:
+            assert not swap_svc.has_work(vm)
+        await wait_until(lambda: time.monotonic() >= swap_svc.paused_until, "the back-off")
         await reclaim(server, [agent])
         assert vm.stats.swapped_out > 0
         assert server.swap.used == np.count_nonzero(vm.p2m.state == PageState.SWAPPED)
@@ -597,11 +619,23 @@ async def test_corrupt_swap_slot_is_detected_by_checksum(short_tmp: Path, mem_di
             await agent.fault(victim, write=False)
         assert info.value.code == ErrorCode.INTERNAL
         assert "checksum" in str(info.value)
+        assert metric(server, "vmmem_swap_errors_total", reason="checksum") == 1
         assert agent.frame[victim] == NO_FRAME
         assert vm.p2m.state[victim] == PageState.SWAPPED
         assert vm.p2m.swap_slot[victim] == slot
+        # A fault that reads ahead over the corrupt slot still gets its own page: the
+        # neighbour's bad checksum is not the faulting page's problem.
+        before = int(victim) - 1
+        assert vm.p2m.state[before] == PageState.SWAPPED
+        reply = await agent.fault(before, write=False, around=8)
+        assert reply.reason == FaultReason.SWAP_IN
+        assert victim not in reply.bpns.tolist()
+        assert vm.p2m.state[victim] == PageState.SWAPPED
         others = np.setdiff1d(written, [victim])
-        reasons = await agent.verify(others)
-        assert reasons["SWAP_IN"] == len(swapped) - 1
+        await agent.verify(others)
+        assert vm.stats.swapped_in == len(swapped) - 1
+        assert server.swap.used == 1
+        with pytest.raises(PeerError):
+            await agent.fault(victim, write=True)
         assert not agent.link.closed.done()
         await agent.close()

@@ -53,7 +53,11 @@ class PageRetireService(PlatformService):
         return keep
 
     def has_work(self, vm: VM) -> bool:
-        return any(vm.p2m.state[b] == PageState.EXPOSED for b in self._prune(vm))
+        # RESIDENT too: a page can land unmapped on a failing frame after retire_frame ran
+        # (a failed swap-out write puts it back there); select() moves those at once.
+        return any(
+            vm.p2m.state[b] in (PageState.EXPOSED, PageState.RESIDENT) for b in self._prune(vm)
+        )
 
     def select(self, vm: VM, capacity: int) -> tuple[Pages, npt.NDArray[np.int64]]:
         queued = np.array(sorted(self._prune(vm)), dtype=np.int64)

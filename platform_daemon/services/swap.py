@@ -213,7 +213,15 @@ class SwapService(PlatformService):
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
-            data = await loop.run_in_executor(None, swap.read_pages, slots)
+            try:
+                data = await loop.run_in_executor(None, swap.read_pages, slots)
+            except (SwapChecksumError, OSError):
+                if len(pages) == 1:
+                    raise
+                # A read-ahead neighbour failed: the fault needs only its own page, whose
+                # own read decides (the neighbour reports its error when it is touched).
+                pages, slots = pages[:1], slots[:1]
+                data = await loop.run_in_executor(None, swap.read_pages, slots)
         except SwapChecksumError as exc:
             log.error("swap_checksum_mismatch", vm=vm.name, bpns=pages[:4].tolist(), error=str(exc))
             server.metrics.swap_errors.labels("checksum").inc()
