@@ -84,7 +84,8 @@ class FrameAllocator:
 
     def node_of(self, mpns: npt.NDArray[Any]) -> npt.NDArray[np.int16]:
         """NUMA node of each MPN."""
-        return self._node_of_block[mpns]
+        nodes: npt.NDArray[np.int16] = self._node_of_block[mpns]
+        return nodes
 
     def allocate(self, n: int, node: int) -> Frames:
         """``n`` frames, from ``node`` first and then the others; all or nothing."""

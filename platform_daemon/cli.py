@@ -30,8 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--socket", help="Unix socket path agents connect to (default /tmp/vmmem.sock)")
     a("--host-memory", help="machine memory to manage, e.g. 256MiB (default 256MiB)")
     a("--numa-nodes", type=int, help="NUMA nodes to split machine memory into (default 2)")
-    a("--metrics-port", type=int,
-      help="Prometheus port on 127.0.0.1 (default 9470; 0 picks a free port; -1 disables)")
+    a(
+        "--metrics-port",
+        type=int,
+        help="Prometheus port on 127.0.0.1 (default 9470; 0 picks a free port; -1 disables)",
+    )
     a("--mem-dir", help="directory for the shared memory files (default /dev/shm)")
     a("--swap-file", help="path of the swap file (created, removed at exit)")
     a("--swap-size", help="size of the swap file, e.g. 1GiB (default: no swap)")

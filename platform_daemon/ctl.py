@@ -31,12 +31,14 @@ def render_status(st: dict[str, Any]) -> str:
     page = h["page_size"]
     lines = [
         f"host: {h['pages']:,} frames ({format_size(h['pages'] * page)}), free {h['free']:,}, "
-        f"used {h['used']:,}, retired {h['retired']:,}; limit {format_size(h['limit_pages'] * page)}"
-        f", state {h['free_state']}",
+        f"used {h['used']:,}, retired {h['retired']:,}; "
+        f"limit {format_size(h['limit_pages'] * page)}, state {h['free_state']}",
     ]
     for n in h["nodes"]:
-        lines.append(f"  node {n['node']}: MPN {n['first_mpn']}-{n['last_mpn']}  free {n['free']:,}"
-                     f"  used {n['used']:,}  retired {n['retired']:,}")  # fmt: skip
+        lines.append(
+            f"  node {n['node']}: MPN {n['first_mpn']}-{n['last_mpn']}  free {n['free']:,}"
+            f"  used {n['used']:,}  retired {n['retired']:,}"
+        )
     if st.get("swap"):
         sw = st["swap"]
         lines.append(f"swap: {sw['path']}  {sw['used']:,}/{sw['slots']:,} slots used")
@@ -44,8 +46,10 @@ def render_status(st: dict[str, Any]) -> str:
         lines.append("no VMs registered")
     for vm in st["vms"]:
         pages = "  ".join(f"{k} {v:,}" for k, v in vm["pages"].items() if v)
-        lines.append(f"vm {vm['name']} (id {vm['vm_id']}, {vm['guest_pages']:,} pages, "
-                     f"home node {vm['home_node']}, pid {vm['pid']}): {pages}")  # fmt: skip
+        lines.append(
+            f"vm {vm['name']} (id {vm['vm_id']}, {vm['guest_pages']:,} pages, "
+            f"home node {vm['home_node']}, pid {vm['pid']}): {pages}"
+        )
     return "\n".join(lines)
 
 

@@ -78,8 +78,12 @@ class CtlOps:
                     for i, (a, b) in enumerate(alloc.node_bounds)
                 ],
             },
-            "swap": None if swap is None else {
-                "path": str(swap.path), "slots": swap.slots, "used": swap.used,
+            "swap": None
+            if swap is None
+            else {
+                "path": str(swap.path),
+                "slots": swap.slots,
+                "used": swap.used,
             },
             "vms": [self._vm(vm) for vm in s.vms.values()],
         }
@@ -103,11 +107,15 @@ class CtlOps:
     def op_list_vms(self, args: dict[str, Any]) -> dict[str, Any]:
         return {
             "vms": [
-                {"name": vm.name, "control_socket": vm.info.control_socket, "pid": vm.info.pid,
-                 "metrics_port": vm.info.metrics_port}
+                {
+                    "name": vm.name,
+                    "control_socket": vm.info.control_socket,
+                    "pid": vm.info.pid,
+                    "metrics_port": vm.info.metrics_port,
+                }
                 for vm in self.server.vms.values()
             ]
-        }  # fmt: skip
+        }
 
     def op_retire(self, args: dict[str, Any]) -> dict[str, Any]:
         """Mark a frame failing; its page (if any) moves to a healthy frame."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -16,9 +16,23 @@ if TYPE_CHECKING:
 
 #: Buckets from 10 µs to 1 s: a fault is ~100 µs across CPUs, a swap-in a few ms.
 LATENCY_BUCKETS = (
-    1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25,
-    0.5, 1.0,
-)  # fmt: skip
+    1e-5,
+    2.5e-5,
+    5e-5,
+    1e-4,
+    2.5e-4,
+    5e-4,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    1e-2,
+    2.5e-2,
+    5e-2,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
 
 
 class PlatformMetrics:
@@ -27,69 +41,92 @@ class PlatformMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.faults = Counter(
-            "vmmem_platform_faults", "Faults resolved by the platform", ["reason"],
+            "vmmem_platform_faults",
+            "Faults resolved by the platform",
+            ["reason"],
             registry=registry,
-        )  # fmt: skip
+        )
         self.fault_seconds = Histogram(
             "vmmem_platform_fault_service_seconds",
             "Time the platform spent resolving one fault (receipt to reply)",
-            ["reason"], buckets=LATENCY_BUCKETS, registry=registry,
-        )  # fmt: skip
+            ["reason"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.fault_around_pages = Counter(
-            "vmmem_platform_fault_around_pages", "Neighbour pages mapped by fault-around",
+            "vmmem_platform_fault_around_pages",
+            "Neighbour pages mapped by fault-around",
             registry=registry,
-        )  # fmt: skip
+        )
         self.protocol_errors = Counter(
-            "vmmem_platform_protocol_errors", "Peers disconnected for protocol errors", ["code"],
+            "vmmem_platform_protocol_errors",
+            "Peers disconnected for protocol errors",
+            ["code"],
             registry=registry,
-        )  # fmt: skip
+        )
         self.registrations = Counter(
             "vmmem_platform_registrations", "VM registrations accepted", registry=registry
         )
         self.disconnects = Counter(
-            "vmmem_platform_vm_disconnects", "VMs gone, with all their memory released",
+            "vmmem_platform_vm_disconnects",
+            "VMs gone, with all their memory released",
             registry=registry,
-        )  # fmt: skip
+        )
         self.batch_seconds = Histogram(
             "vmmem_platform_batch_seconds",
             "Platform time per batch: selection at GetRequest plus completion",
-            ["service"], buckets=LATENCY_BUCKETS, registry=registry,
-        )  # fmt: skip
+            ["service"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.batch_pages = Counter(
-            "vmmem_platform_batch_pages", "Pages offered in batches, by service and outcome",
-            ["service", "outcome"], registry=registry,
-        )  # fmt: skip
+            "vmmem_platform_batch_pages",
+            "Pages offered in batches, by service and outcome",
+            ["service", "outcome"],
+            registry=registry,
+        )
         self.rounds = Counter(
             "vmmem_platform_rounds", "Rounds of request handling", ["priority"], registry=registry
         )
         self.swap_pages = Counter(
-            "vmmem_swap_pages", "Pages moved through the swap file", ["direction"],
+            "vmmem_swap_pages",
+            "Pages moved through the swap file",
+            ["direction"],
             registry=registry,
-        )  # fmt: skip
+        )
         self.swap_cancelled = Counter(
-            "vmmem_swap_cancelled_pages", "Swap-outs cancelled by a fault on the page",
+            "vmmem_swap_cancelled_pages",
+            "Swap-outs cancelled by a fault on the page",
             registry=registry,
-        )  # fmt: skip
+        )
         self.swap_errors = Counter(
-            "vmmem_swap_errors", "Swap-out pages left resident by an error", ["reason"],
+            "vmmem_swap_errors",
+            "Swap-out pages left resident by an error",
+            ["reason"],
             registry=registry,
-        )  # fmt: skip
+        )
         self.swap_io_seconds = Histogram(
-            "vmmem_swap_io_seconds", "Duration of one batched swap-file write or read",
-            ["direction"], buckets=LATENCY_BUCKETS, registry=registry,
-        )  # fmt: skip
+            "vmmem_swap_io_seconds",
+            "Duration of one batched swap-file write or read",
+            ["direction"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.retired = Counter(
             "vmmem_retired_frames", "Frames retired as failing", ["was"], registry=registry
         )
         self.p2m_stale_seconds = Histogram(
             "vmmem_p2m_stale_mapping_seconds",
             "How long a stale mapping kept an old frame alive before the VMM dropped it",
-            buckets=LATENCY_BUCKETS, registry=registry,
-        )  # fmt: skip
-        self.low_waits = Counter(
-            "vmmem_low_memory_waits", "First-touch faults that waited for reclaim", ["outcome"],
+            buckets=LATENCY_BUCKETS,
             registry=registry,
-        )  # fmt: skip
+        )
+        self.low_waits = Counter(
+            "vmmem_low_memory_waits",
+            "First-touch faults that waited for reclaim",
+            ["outcome"],
+            registry=registry,
+        )
 
 
 class StateCollector(Collector):
@@ -103,16 +140,19 @@ class StateCollector(Collector):
         if server is None:
             return
         host = GaugeMetricFamily(
-            "vmmem_host_memory_pages", "Host frames by NUMA node and state", labels=["node", "state"]
+            "vmmem_host_memory_pages",
+            "Host frames by NUMA node and state",
+            labels=["node", "state"],
         )
         for node, counts in enumerate(server.machine.allocator.counts_by_node()):
             for state, n in counts.items():
                 host.add_metric([str(node), state], n)
         yield host
         vms = GaugeMetricFamily(
-            "vmmem_vm_memory_pages", "Guest pages of each VM by platform state",
+            "vmmem_vm_memory_pages",
+            "Guest pages of each VM by platform state",
             labels=["vm", "state"],
-        )  # fmt: skip
+        )
         for vm in server.vms.values():
             for state, n in vm.p2m.counts().items():
                 vms.add_metric([vm.name, state], n)
@@ -121,15 +161,17 @@ class StateCollector(Collector):
             "vmmem_registered_vms", "VMs registered with the daemon", value=len(server.vms)
         )
         yield GaugeMetricFamily(
-            "vmmem_host_free_state", "Host free-memory state: 0 high, 1 soft, 2 hard, 3 low",
+            "vmmem_host_free_state",
+            "Host free-memory state: 0 high, 1 soft, 2 hard, 3 low",
             value=int(server.free_state()),
-        )  # fmt: skip
+        )
         p2m_update = server.services.get(ServiceType.P2M_UPDATE)
         if p2m_update is not None:
             yield GaugeMetricFamily(
-                "vmmem_p2m_stale_frames", "Old frames still kept alive by stale VMM mappings",
+                "vmmem_p2m_stale_frames",
+                "Old frames still kept alive by stale VMM mappings",
                 value=p2m_update.stale_frames(),  # type: ignore[attr-defined]
-            )  # fmt: skip
+            )
         swap = server.swap
         if swap is not None:
             yield GaugeMetricFamily(

@@ -45,4 +45,5 @@ class P2M:
 
     def resident_frames(self) -> npt.NDArray[np.int64]:
         """Every frame this VM holds (for release at disconnect)."""
-        return self.frame[self.frame != NO_FRAME]
+        held: npt.NDArray[np.int64] = self.frame[self.frame != NO_FRAME]
+        return held

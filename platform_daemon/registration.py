@@ -37,7 +37,9 @@ class Registry:
         """Create the VM's p2m and control region; raise a clear error if it cannot be."""
         server, cfg = self.server, self.server.config
         if conn.vm is not None:
-            raise VMMemError("this connection already registered a VM", ErrorCode.ALREADY_REGISTERED)
+            raise VMMemError(
+                "this connection already registered a VM", ErrorCode.ALREADY_REGISTERED
+            )
         if any(vm.name == info.name for vm in server.vms.values()):
             raise VMMemError(f"a VM named {info.name!r} is already running", ErrorCode.BAD_REQUEST)
         if info.home_node >= server.machine.nodes:
@@ -50,19 +52,28 @@ class Registry:
         path = self.region_path(vm_id)
         mapped = create_mapped(path, region_size(cfg.slot_count, cfg.slot_capacity))
         region = ControlRegion.initialize(
-            mapped.mm, vm_id=vm_id, generation=generation, slot_count=cfg.slot_count,
-            capacity=cfg.slot_capacity, guest_pages=info.guest_pages,
-        )  # fmt: skip
+            mapped.mm,
+            vm_id=vm_id,
+            generation=generation,
+            slot_count=cfg.slot_count,
+            capacity=cfg.slot_capacity,
+            guest_pages=info.guest_pages,
+        )
         vm = VM(vm_id, generation, info, home, P2M(info.guest_pages), region, mapped, conn)
         server.vms[vm_id] = vm
         conn.vm = vm
         server.on_vm_registered(vm)
         return Registered(
-            vm_id=vm_id, machine_memory_path=str(server.machine.path),
-            host_pages=server.machine.host_pages, control_region_path=str(path),
-            slot_count=cfg.slot_count, slot_capacity=cfg.slot_capacity, home_node=home,
-            numa_nodes=server.machine.nodes, generation=generation,
-        )  # fmt: skip
+            vm_id=vm_id,
+            machine_memory_path=str(server.machine.path),
+            host_pages=server.machine.host_pages,
+            control_region_path=str(path),
+            slot_count=cfg.slot_count,
+            slot_capacity=cfg.slot_capacity,
+            home_node=home,
+            numa_nodes=server.machine.nodes,
+            generation=generation,
+        )
 
     def _pick_home_node(self) -> int:
         """The node with the most free frames, so VMs spread over the host."""

@@ -10,6 +10,7 @@ and each type gets at most ``max_batches`` batches, so every round ends.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -54,13 +55,19 @@ class RoundEngine:
     """Serves GetRequest and CompleteRequest for every VM."""
 
     def __init__(
-        self, services: dict[ServiceType, PlatformService], max_batches: int = 8, clock=time.perf_counter
+        self,
+        services: dict[ServiceType, PlatformService],
+        max_batches: int = 8,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.services = services
         self.max_batches = max_batches
         self.clock = clock
         # Called as (service, seconds, status) after each completed batch.
-        self.on_batch_done = lambda service, seconds, status: None
+        self.on_batch_done: Callable[[ServiceType, float, npt.NDArray[np.uint8]], None] = (
+            lambda service, seconds, status: None
+        )
+        self.on_round_open: Callable[[Priority], None] = lambda priority: None
 
     def refresh_pending(self, vm: VM) -> int:
         """Recompute the pending word from the services' queues; returns the new word."""
@@ -78,7 +85,10 @@ class RoundEngine:
         if not state.open:
             word = self.refresh_pending(vm)
             state.open, state.turn, state.rounds = True, 0, state.rounds + 1
-            state.snapshot = [s for s in HIGH_PRIORITY_SERVICES if word & s.bit and s in self.services]
+            self.on_round_open(msg.priority)
+            state.snapshot = [
+                s for s in HIGH_PRIORITY_SERVICES if word & s.bit and s in self.services
+            ]
             state.batches = {s: 0 for s in state.snapshot}
         while state.snapshot:
             stype = state.snapshot[state.turn % len(state.snapshot)]
@@ -108,9 +118,15 @@ class RoundEngine:
         return None
 
     def _issue(
-        self, vm: VM, state: RoundState, stype: ServiceType, slot_index: int,
-        bpns: npt.NDArray[np.int64], mpns: npt.NDArray[np.int64], seconds: float,
-    ) -> Request:  # fmt: skip
+        self,
+        vm: VM,
+        state: RoundState,
+        stype: ServiceType,
+        slot_index: int,
+        bpns: npt.NDArray[np.int64],
+        mpns: npt.NDArray[np.int64],
+        seconds: float,
+    ) -> Request:
         seq = state.next_seq
         state.next_seq += 1
         vm.p2m.state[bpns] = PageState.SELECTED

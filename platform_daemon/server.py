@@ -57,7 +57,7 @@ class PlatformServer:
         self.config = config
         self.metrics_registry = registry or CollectorRegistry()
         self.metrics = PlatformMetrics(self.metrics_registry)
-        self.metrics_registry.register(StateCollector(weakref.ref(self)))  # type: ignore[arg-type]
+        self.metrics_registry.register(StateCollector(weakref.ref(self)))
         self.machine = MachineMemory(
             MachineMemory.default_path(config.mem_dir), config.host_pages, config.numa_nodes
         )
@@ -72,6 +72,7 @@ class PlatformServer:
         self.services = build_services(self)
         self.engine = RoundEngine(self.services)
         self.engine.on_batch_done = self._record_batch
+        self.engine.on_round_open = lambda p: self.metrics.rounds.labels(p.name.lower()).inc()
         self.memsched = MemSched(self)
         self.ctl = CtlOps(self)
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -110,10 +111,14 @@ class PlatformServer:
             )
             self.metrics_port = self._http.server_port
         log.info(
-            "platform_started", socket=str(path), host_pages=self.machine.host_pages,
-            numa_nodes=self.machine.nodes, metrics_port=self.metrics_port,
-            swap_slots=self.swap.slots if self.swap else 0, pid=os.getpid(),
-        )  # fmt: skip
+            "platform_started",
+            socket=str(path),
+            host_pages=self.machine.host_pages,
+            numa_nodes=self.machine.nodes,
+            metrics_port=self.metrics_port,
+            swap_slots=self.swap.slots if self.swap else 0,
+            pid=os.getpid(),
+        )
 
     def request_stop(self) -> None:
         """Signal handlers only set a flag; the main loop does the work."""
@@ -171,8 +176,13 @@ class PlatformServer:
                 conn.fail(exc, request_id)
             else:
                 self.metrics.registrations.inc()
-                log.info("vm_registered", vm=msg.name, vm_id=conn.vm.vm_id if conn.vm else None,
-                         guest_pages=msg.guest_pages, vcpus=msg.vcpus)  # fmt: skip
+                log.info(
+                    "vm_registered",
+                    vm=msg.name,
+                    vm_id=conn.vm.vm_id if conn.vm else None,
+                    guest_pages=msg.guest_pages,
+                    vcpus=msg.vcpus,
+                )
             return
         if isinstance(msg, Error):
             log.warning("peer_error", code=msg.code, error=msg.message)
@@ -259,13 +269,18 @@ class PlatformServer:
                 raise VMMemError("VM is gone")
             state = vm.p2m.state[msg.bpn]
             if state == PageState.SWAPPED:
-                reply = await self.services_swap().swap_in(vm, msg.bpn, msg.around)
-                if reply is not None:
-                    return reply
+                swapped_in: FaultReply | None = await self.services_swap().swap_in(
+                    vm, msg.bpn, msg.around
+                )
+                if swapped_in is not None:
+                    return swapped_in
                 continue  # another fault read it: look at the page again
             if state == PageState.IN_FLIGHT:
-                reply = self.services[vm.p2m.op[msg.bpn]].on_fault(vm, msg.bpn, msg.write)
-                return reply if isinstance(reply, FaultReply) else await reply
+                outcome = self.services[vm.p2m.op[msg.bpn]].on_fault(vm, msg.bpn, msg.write)
+                if isinstance(outcome, FaultReply):
+                    return outcome
+                awaited: FaultReply = await outcome
+                return awaited
             low = self.free_state() == FreeState.LOW and state == PageState.ZERO
             if not low or time.monotonic() >= deadline:
                 try:
@@ -305,8 +320,9 @@ class PlatformServer:
         """Mark ``mpn`` failing: take it out of use, moving whatever page it holds."""
         machine = self.machine
         if not 0 <= mpn < machine.host_pages:
-            raise VMMemError(f"MPN {mpn} out of range 0..{machine.host_pages - 1}",
-                             ErrorCode.BAD_REQUEST)  # fmt: skip
+            raise VMMemError(
+                f"MPN {mpn} out of range 0..{machine.host_pages - 1}", ErrorCode.BAD_REQUEST
+            )
         state = int(machine.allocator.frame_state[mpn])
         if state == 2 or machine.failing[mpn]:
             return {"mpn": mpn, "was": "retired"}
@@ -329,8 +345,13 @@ class PlatformServer:
             if vm.p2m.state[bpn] == PageState.RESIDENT:
                 retire.move(vm, np.array([bpn]))  # type: ignore[attr-defined]
             self.kick(vm)
-            result = {"mpn": mpn, "was": "used", "vm": vm.name, "bpn": bpn,
-                      "page_state": PageState(vm.p2m.state[bpn]).name.lower()}  # fmt: skip
+            result = {
+                "mpn": mpn,
+                "was": "used",
+                "vm": vm.name,
+                "bpn": bpn,
+                "page_state": PageState(vm.p2m.state[bpn]).name.lower(),
+            }
         self.metrics.retired.labels("used").inc()
         log.info("frame_retired", **result)
         return result
@@ -396,7 +417,7 @@ class PlatformServer:
         self.rounds.pop(vm.vm_id, None)
         self.frames_freed.set()
         self.metrics.disconnects.inc()
-        log.info("vm_released", vm=vm.name, frames=int(len(frames)))
+        log.info("vm_released", vm=vm.name, frames=len(frames))
 
     def connection_lost(self, conn: PlatformConnection) -> None:
         self.connections.discard(conn)

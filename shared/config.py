@@ -112,7 +112,9 @@ S = TypeVar("S", bound=_Base)
 
 def load_settings(cls: type[S], overrides: dict[str, Any], config_file: Path | None = None) -> S:
     """Build ``cls`` from ``overrides`` (CLI), then ``VMMEM_*``, then the TOML file."""
-    path = config_file or (Path(os.environ["VMMEM_CONFIG"]) if "VMMEM_CONFIG" in os.environ else None)
+    path = config_file or (
+        Path(os.environ["VMMEM_CONFIG"]) if "VMMEM_CONFIG" in os.environ else None
+    )
     toml_values: dict[str, Any] = {}
     if path is not None:
         with open(path, "rb") as fh:

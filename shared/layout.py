@@ -178,9 +178,20 @@ class ControlRegion:
             raise LayoutError("buffer too small for the control region")
         buf[: region_size(slot_count, capacity)] = bytes(region_size(slot_count, capacity))
         REGION_HEADER.pack_into(
-            buf, 0, REGION_MAGIC, REGION_VERSION, slot_count, capacity, vm_id, generation,
-            0, 0, 0, 0, guest_pages,
-        )  # fmt: skip
+            buf,
+            0,
+            REGION_MAGIC,
+            REGION_VERSION,
+            slot_count,
+            capacity,
+            vm_id,
+            generation,
+            0,
+            0,
+            0,
+            0,
+            guest_pages,
+        )
         return ControlRegion(buf)
 
     @property

@@ -21,5 +21,5 @@ def run(main: Coroutine[Any, Any, T], use_uvloop: bool = True) -> T:
         except ImportError:  # pragma: no cover - uvloop is a dependency; fallback for odd hosts
             pass
         else:
-            return uvloop.run(main)  # type: ignore[no-any-return]
+            return uvloop.run(main)
     return asyncio.run(main)

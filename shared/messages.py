@@ -143,7 +143,9 @@ class Fault:
     def decode_body(cls, body: bytes) -> Fault:
         bpn, write, around = _unpack(_FAULT, body, "Fault")
         if write > 1:
-            raise RemoteProtocolError(f"Fault.write must be 0 or 1, got {write}", ErrorCode.BAD_BODY)
+            raise RemoteProtocolError(
+                f"Fault.write must be 0 or 1, got {write}", ErrorCode.BAD_BODY
+            )
         if around > MAX_FAULT_AROUND:
             raise RemoteProtocolError(
                 f"Fault.around {around} exceeds {MAX_FAULT_AROUND}", ErrorCode.BAD_BODY

@@ -7,6 +7,7 @@ may read guest memory.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 from dataclasses import dataclass
@@ -26,11 +27,9 @@ class MappedFile:
     mm: mmap.mmap
 
     def close(self) -> None:
-        try:
+        # NumPy views may still reference the mapping; the OS unmaps it when they go away.
+        with contextlib.suppress(BufferError):
             self.mm.close()
-        except BufferError:
-            # NumPy views still reference the mapping; the OS unmaps it when they go away.
-            pass
 
     def unlink(self) -> None:
         self.path.unlink(missing_ok=True)

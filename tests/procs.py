@@ -54,19 +54,44 @@ class Daemons:
             return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
     def start_platform(self, *args: str, metrics_port: int = -1) -> subprocess.Popen[bytes]:
-        cmd = [str(BIN / "vmmem-platform"), "--socket", str(self.socket), "--mem-dir",
-               str(self.mem_dir), "--metrics-port", str(metrics_port), "--log-format", "json",
-               *args]  # fmt: skip
+        cmd = [
+            str(BIN / "vmmem-platform"),
+            "--socket",
+            str(self.socket),
+            "--mem-dir",
+            str(self.mem_dir),
+            "--metrics-port",
+            str(metrics_port),
+            "--log-format",
+            "json",
+            *args,
+        ]
         self.platform = self._spawn("platform", cmd)
         wait_for_path(self.socket, self.platform)
         return self.platform
 
-    def start_agent(self, name: str, *args: str, memory: str = "16MiB", vcpus: int = 2,
-                    metrics_port: int = -1) -> subprocess.Popen[bytes]:  # fmt: skip
+    def start_agent(
+        self, name: str, *args: str, memory: str = "16MiB", vcpus: int = 2, metrics_port: int = -1
+    ) -> subprocess.Popen[bytes]:
         ctl = self.control_socket(name)
-        cmd = [str(BIN / "vmmem-vmm"), "--socket", str(self.socket), "--name", name,
-               "--memory", memory, "--vcpus", str(vcpus), "--metrics-port", str(metrics_port),
-               "--control-socket", str(ctl), "--log-format", "json", *args]  # fmt: skip
+        cmd = [
+            str(BIN / "vmmem-vmm"),
+            "--socket",
+            str(self.socket),
+            "--name",
+            name,
+            "--memory",
+            memory,
+            "--vcpus",
+            str(vcpus),
+            "--metrics-port",
+            str(metrics_port),
+            "--control-socket",
+            str(ctl),
+            "--log-format",
+            "json",
+            *args,
+        ]
         proc = self._spawn(name, cmd)
         self.agents[name] = proc
         wait_for_path(ctl, proc)
@@ -119,8 +144,14 @@ async def ctl(path: Path, op: str, timeout: float = 60.0, **args: Any) -> dict[s
 def run_load(*args: str, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
     """Run ``vmmem-load`` as a user would and return its completed process."""
     env = {**os.environ, "COLUMNS": "120"}
-    return subprocess.run([str(BIN / "vmmem-load"), *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, check=False)  # fmt: skip
+    return subprocess.run(
+        [str(BIN / "vmmem-load"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
 
 
 def load_json(path: Path) -> dict[str, Any]:

@@ -144,8 +144,7 @@ async def test_protocol_violation_disconnects_only_that_peer(
 
         if violation == "fault_before_register":
             unsolicited: list[object] = []
-            link = await RpcClient.connect(str(server.config.socket),
-                                           on_message=unsolicited.append)  # fmt: skip
+            link = await RpcClient.connect(str(server.config.socket), on_message=unsolicited.append)
             with pytest.raises(PeerError) as info:
                 await link.request(Fault(0, True, 0), REPLY_TIMEOUT)
             assert info.value.code == expected
@@ -192,8 +191,9 @@ async def test_protocol_violation_disconnects_only_that_peer(
                 assert alloc.free == free_before - 1
             else:
                 assert alloc.free == free_before
-        assert metric(server, "vmmem_platform_protocol_errors_total",
-                      code=expected.name.lower()) == 1  # fmt: skip
+        assert (
+            metric(server, "vmmem_platform_protocol_errors_total", code=expected.name.lower()) == 1
+        )
 
         # The good VM never noticed.
         assert not good.link.closed.done()

@@ -22,9 +22,21 @@ def test_workload_runs_and_every_page_verifies(short_tmp: Path, mem_dir: Path) -
         d.start_agent("a", memory="16MiB")
         d.start_agent("b", memory="16MiB")
         out = short_tmp / "r.json"
-        res = run_load("--socket", str(d.socket), "--expect-vms", "2", "--duration", "3",
-                       "--working-set", "0.6", "--write-ratio", "0.5", "--json", str(out),
-                       "--no-progress")  # fmt: skip
+        res = run_load(
+            "--socket",
+            str(d.socket),
+            "--expect-vms",
+            "2",
+            "--duration",
+            "3",
+            "--working-set",
+            "0.6",
+            "--write-ratio",
+            "0.5",
+            "--json",
+            str(out),
+            "--no-progress",
+        )
         assert res.returncode == 0, res.stdout + res.stderr
         report = load_json(out)
         assert report["verification"]["mismatches"] == 0
@@ -47,8 +59,13 @@ def test_sigterm_stops_both_and_removes_files(short_tmp: Path, mem_dir: Path) ->
     with daemons(short_tmp, mem_dir) as d:
         platform = d.start_platform("--host-memory", "32MiB")
         agent = d.start_agent("a", memory="8MiB")
-        asyncio.run(ctl(d.control_socket("a"), "run_phase",
-                        phase={"duration": 30, "working_set": 0.5, "write_ratio": 0.5}))  # fmt: skip
+        asyncio.run(
+            ctl(
+                d.control_socket("a"),
+                "run_phase",
+                phase={"duration": 30, "working_set": 0.5, "write_ratio": 0.5},
+            )
+        )
         time.sleep(0.5)
         files_running = sorted(os.listdir(mem_dir))
         assert len(files_running) == 2, files_running  # machine memory + one control region
@@ -65,7 +82,9 @@ def _host(socket: Path) -> dict:
     return asyncio.run(ctl(socket, "status"))["host"]
 
 
-def test_killed_agent_returns_all_frames_while_other_vm_runs(short_tmp: Path, mem_dir: Path) -> None:
+def test_killed_agent_returns_all_frames_while_other_vm_runs(
+    short_tmp: Path, mem_dir: Path
+) -> None:
     """SIGKILL one agent mid-run: its frames come back; the other VM keeps running, verified."""
     with daemons(short_tmp, mem_dir) as d:
         d.start_platform("--host-memory", "64MiB")

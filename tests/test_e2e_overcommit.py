@@ -17,14 +17,34 @@ pytestmark = pytest.mark.e2e
 def test_overcommit_scenario_swaps_and_verifies(short_tmp: Path, mem_dir: Path) -> None:
     """4 VMs x 16 MiB on a 32 MiB host limit: swap-outs happen, every page verifies."""
     with daemons(short_tmp, mem_dir) as d:
-        d.start_platform("--host-memory", "64MiB", "--swap-file", str(short_tmp / "swap"),
-                         "--swap-size", "128MiB")  # fmt: skip
+        d.start_platform(
+            "--host-memory",
+            "64MiB",
+            "--swap-file",
+            str(short_tmp / "swap"),
+            "--swap-size",
+            "128MiB",
+        )
         for i in range(4):
             d.start_agent(f"vm{i}", memory="16MiB", vcpus=2)
         out = short_tmp / "r.json"
-        res = run_load("--socket", str(d.socket), "--scenario", "overcommit", "--expect-vms", "4",
-                       "--host-limit", "32MiB", "--duration", "10", "--inject-failures", "2",
-                       "--json", str(out), "--no-progress")  # fmt: skip
+        res = run_load(
+            "--socket",
+            str(d.socket),
+            "--scenario",
+            "overcommit",
+            "--expect-vms",
+            "4",
+            "--host-limit",
+            "32MiB",
+            "--duration",
+            "10",
+            "--inject-failures",
+            "2",
+            "--json",
+            str(out),
+            "--no-progress",
+        )
         assert res.returncode == 0, res.stdout + res.stderr
         report = load_json(out)
         assert report["verification"]["mismatches"] == 0
@@ -42,9 +62,7 @@ def test_overcommit_scenario_swaps_and_verifies(short_tmp: Path, mem_dir: Path) 
         assert "swap:" in res.stdout
         # The swap file is bounded by what the daemon reports as used, and is freed on exit.
         status = asyncio.run(ctl(d.socket, "status"))
-        assert status["swap"]["used"] == sum(
-            v["pages"]["swapped"] for v in status["vms"]
-        )
+        assert status["swap"]["used"] == sum(v["pages"]["swapped"] for v in status["vms"])
         for name in list(d.agents):
             d.agents[name].terminate()
             d.agents[name].wait(10)
@@ -66,23 +84,44 @@ def test_vmmem_ctl_status_retire_and_host_limit(short_tmp: Path, mem_dir: Path) 
     with daemons(short_tmp, mem_dir) as d:
         d.start_platform("--host-memory", "32MiB")
         d.start_agent("a", memory="8MiB")
-        asyncio.run(ctl(d.control_socket("a"), "run_phase",
-                        phase={"duration": 1, "working_set": 1.0, "write_ratio": 1.0,
-                               "distribution": "sequential"}))  # fmt: skip
+        asyncio.run(
+            ctl(
+                d.control_socket("a"),
+                "run_phase",
+                phase={
+                    "duration": 1,
+                    "working_set": 1.0,
+                    "write_ratio": 1.0,
+                    "distribution": "sequential",
+                },
+            )
+        )
         time.sleep(1.5)
         sock = ["--socket", str(d.socket)]
-        out = subprocess.run([str(BIN / "vmmem-ctl"), *sock, "status"], capture_output=True,
-                             text=True, check=True).stdout  # fmt: skip
+        out = subprocess.run(
+            [str(BIN / "vmmem-ctl"), *sock, "status"], capture_output=True, text=True, check=True
+        ).stdout
         assert "vm a" in out and "exposed" in out and "node 1" in out
         free_mpn = 8191  # the last frame of 32 MiB: free, node 1
-        out = subprocess.run([str(BIN / "vmmem-ctl"), *sock, "retire", "--mpn", str(free_mpn)],
-                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+        out = subprocess.run(
+            [str(BIN / "vmmem-ctl"), *sock, "retire", "--mpn", str(free_mpn)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         assert '"was": "free"' in out
-        bad = subprocess.run([str(BIN / "vmmem-ctl"), *sock, "retire", "--mpn", "99999999"],
-                             capture_output=True, text=True)  # fmt: skip
+        bad = subprocess.run(
+            [str(BIN / "vmmem-ctl"), *sock, "retire", "--mpn", "99999999"],
+            capture_output=True,
+            text=True,
+        )
         assert bad.returncode == 1 and "out of range" in bad.stderr
-        out = subprocess.run([str(BIN / "vmmem-ctl"), *sock, "set-host-limit", "16MiB"],
-                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+        out = subprocess.run(
+            [str(BIN / "vmmem-ctl"), *sock, "set-host-limit", "16MiB"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         assert '"limit_pages": 4096' in out
         st = asyncio.run(ctl(d.socket, "status"))
         assert st["host"]["retired"] == 1 and st["host"]["limit_pages"] == 4096

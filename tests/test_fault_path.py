@@ -28,9 +28,11 @@ class FakeLink:
         self.frame += 1
         writable = msg.write or self.writable_on_read
         reply = FaultReply(
-            int(FaultReason.FIRST_TOUCH), np.array([msg.bpn], dtype=np.uint64),
-            np.array([self.frame]), np.array([FAULT_FLAG_WRITABLE if writable else 0], np.uint8),
-        )  # fmt: skip
+            int(FaultReason.FIRST_TOUCH),
+            np.array([msg.bpn], dtype=np.uint64),
+            np.array([self.frame]),
+            np.array([FAULT_FLAG_WRITABLE if writable else 0], np.uint8),
+        )
         assert self.on_reply is not None
         self.on_reply(1, reply)
         return reply

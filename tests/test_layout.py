@@ -57,9 +57,16 @@ def test_header_sizes() -> None:
     assert SLOT_HEADER_SIZE == 16
 
 
-@pytest.mark.parametrize(("capacity", "size"), [(1, 16 + 8 + 8 + 8), (5, 16 + 40 + 8 + 40),
-                                                (8, 16 + 64 + 8 + 64), (9, 16 + 72 + 16 + 72),
-                                                (512, 16 + 4096 + 512 + 4096)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("capacity", "size"),
+    [
+        (1, 16 + 8 + 8 + 8),
+        (5, 16 + 40 + 8 + 40),
+        (8, 16 + 64 + 8 + 64),
+        (9, 16 + 72 + 16 + 72),
+        (512, 16 + 4096 + 512 + 4096),
+    ],
+)
 def test_slot_size(capacity: int, size: int) -> None:
     """A slot is 16 + 8C (bpn) + C padded to 8 (status) + 8C (mpn) bytes."""
     assert slot_size(capacity) == size
@@ -111,8 +118,9 @@ def test_region_header_fields_write_through() -> None:
 def test_initialize_clears_previous_contents() -> None:
     """initialize zeroes the whole region, so every slot starts FREE and empty."""
     buf = bytearray(b"\xaa" * region_size(K, C))
-    region = ControlRegion.initialize(buf, vm_id=1, generation=1, slot_count=K, capacity=C,
-                                      guest_pages=1)  # fmt: skip
+    region = ControlRegion.initialize(
+        buf, vm_id=1, generation=1, slot_count=K, capacity=C, guest_pages=1
+    )
     assert region.pending == 0
     for slot in region.slots:
         assert slot.read_header() == (ServiceType.SWAP, SlotState.FREE, 0, 0)
@@ -223,8 +231,9 @@ def test_open_roundtrip_mmap_file(tmp_path: Path) -> None:
         reader_map = mmap.mmap(fd, size)
     finally:
         os.close(fd)
-    writer = ControlRegion.initialize(writer_map, vm_id=3, generation=11, slot_count=2,
-                                      capacity=512, guest_pages=1 << 20)  # fmt: skip
+    writer = ControlRegion.initialize(
+        writer_map, vm_id=3, generation=11, slot_count=2, capacity=512, guest_pages=1 << 20
+    )
     writer.slot(1).fill(ServiceType.SWAP, 99, np.arange(512), np.arange(512) + 1000)
     writer.pending = ServiceType.SWAP.bit
     reader = ControlRegion(reader_map)
@@ -361,8 +370,9 @@ def test_initialize_buffer_too_small() -> None:
     """initialize into a buffer smaller than the region raises LayoutError and writes nothing."""
     buf = bytearray(b"\xaa" * (region_size(K, C) - 1))
     with pytest.raises(LayoutError):
-        ControlRegion.initialize(buf, vm_id=1, generation=1, slot_count=K, capacity=C,
-                                 guest_pages=1)  # fmt: skip
+        ControlRegion.initialize(
+            buf, vm_id=1, generation=1, slot_count=K, capacity=C, guest_pages=1
+        )
     assert buf == bytearray(b"\xaa" * (region_size(K, C) - 1))
 
 

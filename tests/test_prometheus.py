@@ -98,8 +98,12 @@ def prometheus_server(binary: str, tmp: Path) -> Iterator[str]:
     """Run Prometheus on ``deploy/prometheus.yml``; yield its base URL; always stop it."""
     port = procs.free_port()
     log_path = tmp / "prometheus.log"
-    cmd = [binary, f"--config.file={CONFIG}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-           f"--web.listen-address=127.0.0.1:{port}"]  # fmt: skip
+    cmd = [
+        binary,
+        f"--config.file={CONFIG}",
+        f"--storage.tsdb.path={tmp / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -152,8 +156,13 @@ def by_label(result: list[dict[str, Any]], label: str) -> dict[str, float]:
 def test_prometheus_config_is_valid() -> None:
     """deploy/prometheus.yml passes ``promtool check config``."""
     promtool = require_binary("promtool")
-    r = subprocess.run([promtool, "check", "config", str(CONFIG)], capture_output=True,
-                       text=True, timeout=30, check=False)  # fmt: skip
+    r = subprocess.run(
+        [promtool, "check", "config", str(CONFIG)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -172,15 +181,26 @@ def test_exporters_pass_promtool_check_metrics(short_tmp: Path, mem_dir: Path) -
         texts = {"platform": scrape(platform_port), "agent": scrape(agent_port)}
 
     for who, text in texts.items():
-        r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
-                           text=True, timeout=30, check=False)  # fmt: skip
+        r = subprocess.run(
+            [promtool, "check", "metrics"],
+            input=text,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
         assert r.returncode == 0, f"{who}: promtool check metrics:\n{r.stdout}{r.stderr}"
         assert not (r.stdout + r.stderr).strip(), f"{who}: lint output:\n{r.stdout}{r.stderr}"
 
     plat = samples(texts["platform"])
-    for name in ("vmmem_host_memory_pages", "vmmem_vm_memory_pages",
-                 "vmmem_platform_faults_total", "vmmem_platform_fault_service_seconds_bucket",
-                 "vmmem_platform_fault_service_seconds_count", "vmmem_registered_vms"):  # fmt: skip
+    for name in (
+        "vmmem_host_memory_pages",
+        "vmmem_vm_memory_pages",
+        "vmmem_platform_faults_total",
+        "vmmem_platform_fault_service_seconds_bucket",
+        "vmmem_platform_fault_service_seconds_count",
+        "vmmem_registered_vms",
+    ):
         assert name in plat, f"platform exporter lacks {name}"
     assert sum(v for _, v in plat["vmmem_host_memory_pages"]) == HOST_PAGES
     assert sum(v for _, v in plat["vmmem_vm_memory_pages"]) == GUEST_PAGES
@@ -188,9 +208,13 @@ def test_exporters_pass_promtool_check_metrics(short_tmp: Path, mem_dir: Path) -
     assert plat["vmmem_registered_vms"] == [({}, 1.0)]
 
     agent = samples(texts["agent"])
-    for name in ("vmmem_guest_fault_latency_seconds_bucket", "vmmem_guest_pages_verified_total",
-                 "vmmem_guest_verify_mismatches_total", "vmmem_guest_faults_total",
-                 "vmmem_guest_accesses_total"):  # fmt: skip
+    for name in (
+        "vmmem_guest_fault_latency_seconds_bucket",
+        "vmmem_guest_pages_verified_total",
+        "vmmem_guest_verify_mismatches_total",
+        "vmmem_guest_faults_total",
+        "vmmem_guest_accesses_total",
+    ):
         assert name in agent, f"agent exporter lacks {name}"
     [(labels, verified)] = agent["vmmem_guest_pages_verified_total"]
     assert labels == {"vm": "vm1"} and verified > 0
@@ -216,32 +240,44 @@ def test_prometheus_scrapes_demo_layout(short_tmp: Path, mem_dir: Path) -> None:
             d.start_agent(name, memory="16MiB", metrics_port=port)
         with prometheus_server(prometheus, short_tmp) as base:
             for name in AGENT_PORTS:
-                procs.run(procs.ctl(d.control_socket(name), "run_phase",
-                                    phase={**PHASE, "duration": 4.0}))  # fmt: skip
+                procs.run(
+                    procs.ctl(d.control_socket(name), "run_phase", phase={**PHASE, "duration": 4.0})
+                )
 
-            up = poll(base, "up", lambda res: len(res) == 4 and all(
-                r["value"][1] == "1" for r in res))  # fmt: skip
+            up = poll(
+                base, "up", lambda res: len(res) == 4 and all(r["value"][1] == "1" for r in res)
+            )
             assert {(r["metric"]["job"], r["metric"]["instance"]) for r in up} == EXPECTED_TARGETS
 
-            verified = poll(base, "vmmem_guest_pages_verified_total > 0",
-                            lambda res: len(res) == len(AGENT_PORTS))  # fmt: skip
+            verified = poll(
+                base,
+                "vmmem_guest_pages_verified_total > 0",
+                lambda res: len(res) == len(AGENT_PORTS),
+            )
             assert set(by_label(verified, "vm")) == set(AGENT_PORTS)
             for r in verified:
                 assert r["metric"]["job"] == "vmmem-vmm"
                 assert r["metric"]["instance"] == f"127.0.0.1:{AGENT_PORTS[r['metric']['vm']]}"
 
-            mism = poll(base, "vmmem_guest_verify_mismatches_total",
-                        lambda res: len(res) == len(AGENT_PORTS))  # fmt: skip
+            mism = poll(
+                base,
+                "vmmem_guest_verify_mismatches_total",
+                lambda res: len(res) == len(AGENT_PORTS),
+            )
             assert by_label(mism, "vm") == dict.fromkeys(AGENT_PORTS, 0.0)
 
             host = poll(base, "sum(vmmem_host_memory_pages)", lambda res: len(res) == 1)
             assert float(host[0]["value"][1]) == HOST_PAGES
-            used = poll(base, 'sum(vmmem_host_memory_pages{state="used"})',
-                        lambda res: len(res) == 1)  # fmt: skip
+            used = poll(
+                base, 'sum(vmmem_host_memory_pages{state="used"})', lambda res: len(res) == 1
+            )
             assert 0 < float(used[0]["value"][1]) < HOST_PAGES
 
-            vm_pages = poll(base, "sum by (vm) (vmmem_vm_memory_pages)",
-                            lambda res: len(res) == len(AGENT_PORTS))  # fmt: skip
+            vm_pages = poll(
+                base,
+                "sum by (vm) (vmmem_vm_memory_pages)",
+                lambda res: len(res) == len(AGENT_PORTS),
+            )
             assert by_label(vm_pages, "vm") == dict.fromkeys(AGENT_PORTS, float(GUEST_PAGES))
 
             registered = poll(base, "vmmem_registered_vms", lambda res: len(res) == 1)
@@ -250,8 +286,10 @@ def test_prometheus_scrapes_demo_layout(short_tmp: Path, mem_dir: Path) -> None:
             faults = poll(base, "sum(vmmem_platform_faults_total)", lambda res: len(res) == 1)
             assert float(faults[0]["value"][1]) > 0
 
-            p99 = poll(base, "histogram_quantile(0.99, sum by (le) "
-                             "(vmmem_guest_fault_latency_seconds_bucket))",
-                       lambda res: len(res) == 1)  # fmt: skip
+            p99 = poll(
+                base,
+                "histogram_quantile(0.99, sum by (le) (vmmem_guest_fault_latency_seconds_bucket))",
+                lambda res: len(res) == 1,
+            )
             latency = float(p99[0]["value"][1])
             assert math.isfinite(latency) and 0 < latency <= 5.0, latency

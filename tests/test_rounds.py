@@ -41,9 +41,13 @@ class FakeVM:
 def make_vm() -> FakeVM:
     buf = bytearray(region_size(SLOT_COUNT, CAPACITY))
     region = ControlRegion.initialize(
-        buf, vm_id=1, generation=1, slot_count=SLOT_COUNT, capacity=CAPACITY,
+        buf,
+        vm_id=1,
+        generation=1,
+        slot_count=SLOT_COUNT,
+        capacity=CAPACITY,
         guest_pages=GUEST_PAGES,
-    )  # fmt: skip
+    )
     p2m = P2M(GUEST_PAGES)
     # Every page is exposed on its own frame (frame = 1000 + bpn): a service may take any.
     p2m.state[:] = PageState.EXPOSED
@@ -109,9 +113,12 @@ def get(engine: RoundEngine, vm: FakeVM, state: RoundState) -> Request:
 
 
 def answer(
-    engine: RoundEngine, vm: FakeVM, state: RoundState, req: Request,
+    engine: RoundEngine,
+    vm: FakeVM,
+    state: RoundState,
+    req: Request,
     verdicts: dict[int, PageStatus] | None = None,
-) -> None:  # fmt: skip
+) -> None:
     """Play the VMM: accept every page except those in ``verdicts``, then complete."""
     slot = vm.region.slot(req.slot)
     stype, sstate, count, seq = slot.read_header()
@@ -258,12 +265,18 @@ def test_refused_pages_go_back_to_exposed() -> None:
     service's on_refused with their statuses; only the accepted ones reach complete()."""
     vm, engine, state, swap, req = _issue_one([10, 11, 12, 13, 14])
     assert (vm.p2m.state[[10, 11, 12, 13, 14]] == PageState.SELECTED).all()
-    answer(engine, vm, state, req, {11: PageStatus.BUSY, 13: PageStatus.REFERENCED,
-                                    14: PageStatus.STALE_FRAME})  # fmt: skip
+    answer(
+        engine,
+        vm,
+        state,
+        req,
+        {11: PageStatus.BUSY, 13: PageStatus.REFERENCED, 14: PageStatus.STALE_FRAME},
+    )
     assert swap.calls[0] == Call(
-        "refused", [11, 13, 14],
+        "refused",
+        [11, 13, 14],
         [PageStatus.BUSY, PageStatus.REFERENCED, PageStatus.STALE_FRAME],
-    )  # fmt: skip
+    )
     assert swap.calls[1] == Call("complete", [10, 12], [PageStatus.OK, PageStatus.OK])
     assert (vm.p2m.state[[11, 13, 14]] == PageState.EXPOSED).all()
     assert (vm.p2m.op[[11, 13, 14]] == NO_OP).all()
@@ -272,9 +285,12 @@ def test_refused_pages_go_back_to_exposed() -> None:
     stype, sstate, count, _ = vm.region.slot(req.slot).read_header()
     assert (stype, sstate, count) == (ServiceType.SWAP, SlotState.FREE, 5)
     assert vm.region.slot(req.slot).status[:5].tolist() == [
-        PageStatus.OK, PageStatus.BUSY, PageStatus.OK, PageStatus.REFERENCED,
+        PageStatus.OK,
+        PageStatus.BUSY,
+        PageStatus.OK,
+        PageStatus.REFERENCED,
         PageStatus.STALE_FRAME,
-    ]  # fmt: skip
+    ]
     assert state.issued == {}
 
 
@@ -298,8 +314,10 @@ def test_page_that_faulted_while_selected_is_not_handed_to_the_service() -> None
     assert vm.p2m.state[31] == PageState.EXPOSED
     assert vm.p2m.op[31] == NO_OP
     assert vm.region.slot(req.slot).status[:3].tolist() == [
-        PageStatus.OK, PageStatus.NOT_EXPOSED, PageStatus.OK,
-    ]  # fmt: skip
+        PageStatus.OK,
+        PageStatus.NOT_EXPOSED,
+        PageStatus.OK,
+    ]
 
 
 @pytest.mark.timeout(10)

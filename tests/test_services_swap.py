@@ -73,16 +73,26 @@ async def wait_until(pred: Callable[[], bool], what: str, timeout: float = 10.0)
 
 @contextlib.asynccontextmanager
 async def running_platform(
-    tmp: Path, mem_dir: Path, *, host_mib: int = 16, swap_file: Path | None = None,
-    swap_size: int = 8 * MiB, **config: Any,
-) -> AsyncIterator[PlatformServer]:  # fmt: skip
+    tmp: Path,
+    mem_dir: Path,
+    *,
+    host_mib: int = 16,
+    swap_file: Path | None = None,
+    swap_size: int = 8 * MiB,
+    **config: Any,
+) -> AsyncIterator[PlatformServer]:
     """A real PlatformServer on ``tmp/p.sock`` in this event loop; memsched is ticked by the
     tests themselves (no main loop), so every reclaim step is deterministic."""
     cfg = PlatformConfig(
-        socket=tmp / "p.sock", mem_dir=mem_dir, host_memory=host_mib * MiB, metrics_port=-1,
-        swap_file=swap_file if swap_file is not None else tmp / "swap", swap_size=swap_size,
-        log_level="warning", **config,
-    )  # fmt: skip
+        socket=tmp / "p.sock",
+        mem_dir=mem_dir,
+        host_memory=host_mib * MiB,
+        metrics_port=-1,
+        swap_file=swap_file if swap_file is not None else tmp / "swap",
+        swap_size=swap_size,
+        log_level="warning",
+        **config,
+    )
     server = PlatformServer(cfg)
     await server.startup()
     try:
@@ -112,9 +122,13 @@ class FakeAgent:
     """A scripted VMM: explicit faults, batches and verdicts, real bytes in real frames."""
 
     def __init__(
-        self, link: RpcClient, unsolicited: list[Message], reg: Registered, guest_pages: int,
+        self,
+        link: RpcClient,
+        unsolicited: list[Message],
+        reg: Registered,
+        guest_pages: int,
         tag: int,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.link = link
         self.unsolicited = unsolicited
         self.reg = reg
@@ -321,8 +335,9 @@ async def test_swap_out_under_pressure_and_back_in_with_content_intact(
         assert len(np.unique(vm.p2m.swap_slot[swapped])) == len(swapped)
         assert vm.stats.swapped_out == len(swapped)
         assert metric(server, "vmmem_swap_pages_total", direction="out") == len(swapped)
-        assert metric(server, "vmmem_platform_batch_pages_total",
-                      service="swap", outcome="ok") == len(swapped)  # fmt: skip
+        assert metric(
+            server, "vmmem_platform_batch_pages_total", service="swap", outcome="ok"
+        ) == len(swapped)
         assert agent.kicks, "memsched never kicked the VM"
 
         server.memsched.set_host_limit(server.machine.host_pages)
@@ -331,16 +346,19 @@ async def test_swap_out_under_pressure_and_back_in_with_content_intact(
         # every fault gets the same new frame.
         racers = swapped[:8]
         futures = [
-            agent.link.request_nowait(Fault(bpn, False, 0)) for bpn in racers.tolist()
+            agent.link.request_nowait(Fault(bpn, False, 0))
+            for bpn in racers.tolist()
             for _ in range(3)
-        ]  # fmt: skip
+        ]
         replies = await asyncio.wait_for(asyncio.gather(*futures), REPLY_TIMEOUT)
         for i, bpn in enumerate(racers.tolist()):
             trio = replies[3 * i : 3 * i + 3]
             assert {int(r.mpns[0]) for r in trio} == {int(vm.p2m.frame[bpn])}
             assert sorted(FaultReason(r.reason).name for r in trio) == [
-                "MAPPED", "MAPPED", "SWAP_IN",
-            ]  # fmt: skip
+                "MAPPED",
+                "MAPPED",
+                "SWAP_IN",
+            ]
             agent.install(trio[0])
         assert vm.stats.swapped_in == len(racers)
         reasons = await agent.verify(written)
@@ -444,8 +462,10 @@ def small_tmpfs(short_tmp: Path) -> Any:
     path.mkdir()
     proc = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(path)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if proc.returncode != 0:
         reason = f"cannot mount a small tmpfs: {proc.stderr.strip() or proc.returncode}"
         if in_ci():
@@ -534,8 +554,10 @@ async def test_swap_file_full_gives_no_space_status(short_tmp: Path, mem_dir: Pa
         vm = server.vms[agent.vm_id]
         assert (vm.p2m.state[accepted[1]] == PageState.RESIDENT).all()
         assert metric(server, "vmmem_swap_errors_total", reason="no_space") == 16
-        assert metric(server, "vmmem_platform_batch_pages_total",
-                      service="swap", outcome="no_space") == 16  # fmt: skip
+        assert (
+            metric(server, "vmmem_platform_batch_pages_total", service="swap", outcome="no_space")
+            == 16
+        )
         await wait_until(lambda: swap_in_flight(server) == 0, "swap writes to land")
         # Full swap file: no more swap work is offered, and every page is intact.
         assert not (await agent.get_request()).has_work

@@ -20,7 +20,7 @@ class AccessStream:
         self.size = max(1, min(int(phase.working_set * guest_pages), guest_pages - self.first))
         if phase.distribution == "zipf":
             ranks = np.arange(1, self.size + 1, dtype=np.float64)
-            weights = ranks ** -phase.zipf_s
+            weights = ranks**-phase.zipf_s
             self.cdf = np.cumsum(weights) / weights.sum()
             # Hot pages spread over the working set (same order on every vCPU of this VM).
             self.perm = np.random.default_rng([seed, phase.seed]).permutation(self.size)
@@ -36,7 +36,9 @@ class AccessStream:
         if ph.distribution == "uniform":
             offs = rng.integers(0, self.size, CHUNK)
         elif ph.distribution == "zipf":
-            offs = self.perm[np.minimum(np.searchsorted(self.cdf, rng.random(CHUNK)), self.size - 1)]
+            offs = self.perm[
+                np.minimum(np.searchsorted(self.cdf, rng.random(CHUNK)), self.size - 1)
+            ]
         else:
             offs = (self.cursor + np.arange(CHUNK)) % self.size
             self.cursor = int((self.cursor + CHUNK) % self.size)

@@ -48,7 +48,7 @@ class Agent:
         self.config = config
         self.metrics_registry = registry or CollectorRegistry()
         self.metrics = AgentMetrics(self.metrics_registry, config.name)
-        self.metrics_registry.register(GuestCollector(weakref.ref(self)))  # type: ignore[arg-type]
+        self.metrics_registry.register(GuestCollector(weakref.ref(self)))
         self.exposure = ExposureTable(config.guest_pages)
         self.guest = GuestMemory(hash(config.name) & 0xFFFFFFFF ^ config.seed, config.guest_pages)
         self.should_exit = False
@@ -80,28 +80,35 @@ class Agent:
         self.link = await RpcClient.connect(str(cfg.socket), on_message=self._on_message)
         reg: Registered = await self.link.request(
             Register(
-                name=cfg.name, guest_pages=cfg.guest_pages, vcpus=cfg.vcpus,
-                latency_sensitivity=cfg.latency_sensitivity, home_node=cfg.home_node,
-                shares=cfg.shares, control_socket=str(cfg.control_socket_path),
-                metrics_port=self.metrics_port or 0, pid=os.getpid(),
+                name=cfg.name,
+                guest_pages=cfg.guest_pages,
+                vcpus=cfg.vcpus,
+                latency_sensitivity=cfg.latency_sensitivity,
+                home_node=cfg.home_node,
+                shares=cfg.shares,
+                control_socket=str(cfg.control_socket_path),
+                metrics_port=self.metrics_port or 0,
+                pid=os.getpid(),
             ),
             timeout=10,
-        )  # fmt: skip
+        )
         self.registered = reg
-        self.machine: MappedFile = open_mapped(Path(reg.machine_memory_path),
-                                               reg.host_pages * PAGE_SIZE)  # fmt: skip
+        self.machine: MappedFile = open_mapped(
+            Path(reg.machine_memory_path), reg.host_pages * PAGE_SIZE
+        )
         self.frames = frames_view(self.machine)
         self.region_file = open_mapped(Path(reg.control_region_path))
         self.region = ControlRegion(self.region_file.mm)
         if self.region.vm_id != reg.vm_id or self.region.generation != reg.generation:
             raise VMMemError("control region does not belong to this VM", ErrorCode.PROTOCOL)
+        self.rounds = HighPriorityLoop(self.link, self.region, self.exposure, cfg.poll_interval)
         self.faults = FaultPath(self.link, self.exposure, 64, around=16)
         self.faults.on_fault_done.append(self.metrics.observe_fault)
-        self.faults.on_fault_done.append(lambda _r, _s: self.rounds.poll())
-        self.rounds = HighPriorityLoop(self.link, self.region, self.exposure, cfg.poll_interval)
+        self.faults.on_fault_done.append(lambda _reason, _seconds: self.rounds.poll())
         self.rounds.on_batch.append(self._observe_batch)
-        self.runner = WorkloadRunner(cfg.vcpus, cfg.seed, self.frames, self.exposure,
-                                     self.faults, self.guest)  # fmt: skip
+        self.runner = WorkloadRunner(
+            cfg.vcpus, cfg.seed, self.frames, self.exposure, self.faults, self.guest
+        )
         ctl_path = cfg.control_socket_path
         ctl_path.unlink(missing_ok=True)
         self._control = await loop.create_unix_server(
@@ -109,9 +116,15 @@ class Agent:
         )
         os.chmod(ctl_path, 0o600)
         self._spawn(self._rounds_forever())
-        log.info("vmm_started", vm=cfg.name, vm_id=reg.vm_id, guest_pages=cfg.guest_pages,
-                 home_node=reg.home_node, control_socket=str(ctl_path),
-                 metrics_port=self.metrics_port)  # fmt: skip
+        log.info(
+            "vmm_started",
+            vm=cfg.name,
+            vm_id=reg.vm_id,
+            guest_pages=cfg.guest_pages,
+            home_node=reg.home_node,
+            control_socket=str(ctl_path),
+            metrics_port=self.metrics_port,
+        )
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -132,8 +145,9 @@ class Agent:
         self.metrics.batch_seconds.labels(self.config.name, service).observe(seconds)
         for st in PageStatus:
             if counts[st]:
-                self.metrics.batch_pages.labels(self.config.name, service,
-                                                st.name.lower()).inc(int(counts[st]))  # fmt: skip
+                self.metrics.batch_pages.labels(self.config.name, service, st.name.lower()).inc(
+                    int(counts[st])
+                )
 
     def _on_message(self, msg: Message) -> None:
         if isinstance(msg, Kick):
@@ -168,8 +182,12 @@ class Agent:
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
-        log.info("vmm_stopped", vm=self.config.name, pages_verified=self.guest.verified,
-                 mismatches=self.guest.mismatches)  # fmt: skip
+        log.info(
+            "vmm_stopped",
+            vm=self.config.name,
+            pages_verified=self.guest.verified,
+            mismatches=self.guest.mismatches,
+        )
 
     # ---- control operations -----------------------------------------------------------------
 

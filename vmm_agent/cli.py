@@ -32,8 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--name", help="VM name, unique on the host (default vm0)")
     a("--memory", help="guest memory, e.g. 64MiB (default 64MiB)")
     a("--vcpus", type=int, help="virtual CPUs (default 2)")
-    a("--metrics-port", type=int,
-      help="Prometheus port on 127.0.0.1 (default 0: a free port; -1 disables)")
+    a(
+        "--metrics-port",
+        type=int,
+        help="Prometheus port on 127.0.0.1 (default 0: a free port; -1 disables)",
+    )
     a("--control-socket", help="control socket for vmmem-load (default beside --socket)")
     a("--latency-sensitivity", type=int, help="VM latency sensitivity (default 0)")
     a("--home-node", type=int, help="NUMA home node (default -1: the daemon picks)")
@@ -65,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConnectionClosed, VMMemError) as exc:
         print(f"vmmem-vmm: {exc}", file=sys.stderr)
         return 1
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,8 +11,10 @@ wakes, so a batch processed later always sees them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 
@@ -41,7 +43,8 @@ class FaultPath:
         self.samples = 0
         self.faults = 0
         self.pages_mapped = 0
-        self.on_fault_done: list = []  # callbacks(reason, seconds): metrics, alloc-driven poll
+        # Callbacks (reason, seconds) after each fault: metrics, allocation-driven poll.
+        self.on_fault_done: list[Callable[[str, float], None]] = []
         link.on_reply = self._on_reply
 
     def _on_reply(self, request_id: int, msg: Message) -> None:
@@ -64,7 +67,7 @@ class FaultPath:
             if fut is None or fut.done():
                 fut = asyncio.ensure_future(self._fault(bpn, write, sequential))
                 self.pending[bpn] = fut
-                fut.add_done_callback(lambda _f, b=bpn: self._forget(b, _f))
+                fut.add_done_callback(functools.partial(self._forget, bpn))
             await asyncio.shield(fut)
 
     def _forget(self, bpn: int, fut: asyncio.Future[FaultReply]) -> None:

@@ -30,7 +30,7 @@ class Content:
 
 
 ZERO_PAGE = np.zeros(PAGE_SIZE, dtype=np.uint8)
-ZERO_HASH = xxhash.xxh3_64_intdigest(ZERO_PAGE)
+ZERO_HASH = xxhash.xxh3_64_intdigest(ZERO_PAGE.data)
 
 
 def corpus(seed: int = 0x5EED) -> npt.NDArray[np.uint8]:
@@ -59,7 +59,9 @@ class GuestMemory:
         key = xxhash.xxh3_64_intdigest(_KEY.pack(self.vm_key, bpn, version))
         return self._base ^ np.uint64(key)
 
-    def write(self, frames: npt.NDArray[np.uint8], frame: int, bpn: int, kind: int, pick: int) -> None:
+    def write(
+        self, frames: npt.NDArray[np.uint8], frame: int, bpn: int, kind: int, pick: int
+    ) -> None:
         """Store new content for ``bpn`` into ``frame`` and remember its hash."""
         version = int(self.version[bpn]) + 1
         self.version[bpn] = version
@@ -73,7 +75,7 @@ class GuestMemory:
         else:
             page = self.unique_page(bpn, version)
             frames[frame] = page.view(np.uint8)
-            self.expected[bpn] = xxhash.xxh3_64_intdigest(page)
+            self.expected[bpn] = xxhash.xxh3_64_intdigest(page.data)
 
     def check(self, frames: npt.NDArray[np.uint8], frame: int, bpn: int) -> bool:
         """Hash the frame and compare; a mismatch is counted and remembered."""

@@ -13,9 +13,23 @@ if TYPE_CHECKING:
     from .agent import Agent
 
 LATENCY_BUCKETS = (
-    2.5e-5, 5e-5, 7.5e-5, 1e-4, 1.5e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1,
-    0.5, 1.0, 5.0,
-)  # fmt: skip
+    2.5e-5,
+    5e-5,
+    7.5e-5,
+    1e-4,
+    1.5e-4,
+    2.5e-4,
+    5e-4,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    1e-2,
+    2.5e-2,
+    0.1,
+    0.5,
+    1.0,
+    5.0,
+)
 
 
 class AgentMetrics:
@@ -26,17 +40,24 @@ class AgentMetrics:
         self.vm = vm
         self.fault_seconds = Histogram(
             "vmmem_guest_fault_latency_seconds",
-            "Guest-visible fault latency: fault sent to mapping installed", ["vm", "reason"],
-            buckets=LATENCY_BUCKETS, registry=registry,
-        )  # fmt: skip
+            "Guest-visible fault latency: fault sent to mapping installed",
+            ["vm", "reason"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.batch_seconds = Histogram(
-            "vmmem_vmm_batch_seconds", "VMM time to filter and invalidate one batch",
-            ["vm", "service"], buckets=LATENCY_BUCKETS, registry=registry,
-        )  # fmt: skip
+            "vmmem_vmm_batch_seconds",
+            "VMM time to filter and invalidate one batch",
+            ["vm", "service"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.batch_pages = Counter(
-            "vmmem_vmm_batch_pages", "Pages the VMM accepted or refused, by reason",
-            ["vm", "service", "status"], registry=registry,
-        )  # fmt: skip
+            "vmmem_vmm_batch_pages",
+            "Pages the VMM accepted or refused, by reason",
+            ["vm", "service", "status"],
+            registry=registry,
+        )
 
     def observe_fault(self, reason: str, seconds: float) -> None:
         self.fault_seconds.labels(self.vm, reason).observe(seconds)
@@ -55,15 +76,17 @@ class GuestCollector(Collector):
         vm = agent.config.name
         runner = agent.runner
         verified = CounterMetricFamily(
-            "vmmem_guest_pages_verified", "Guest reads checked against the expected hash",
+            "vmmem_guest_pages_verified",
+            "Guest reads checked against the expected hash",
             labels=["vm"],
-        )  # fmt: skip
+        )
         verified.add_metric([vm], agent.guest.verified)
         yield verified
         mism = CounterMetricFamily(
-            "vmmem_guest_verify_mismatches", "Guest reads that did not match: data loss",
+            "vmmem_guest_verify_mismatches",
+            "Guest reads that did not match: data loss",
             labels=["vm"],
-        )  # fmt: skip
+        )
         mism.add_metric([vm], agent.guest.mismatches)
         yield mism
         acc = CounterMetricFamily(
@@ -73,7 +96,9 @@ class GuestCollector(Collector):
         acc.add_metric([vm, "write"], runner.writes())
         yield acc
         faults = CounterMetricFamily(
-            "vmmem_guest_faults", "Faults the guest took, by platform reason", labels=["vm", "reason"]
+            "vmmem_guest_faults",
+            "Faults the guest took, by platform reason",
+            labels=["vm", "reason"],
         )
         for reason, n in agent.faults.by_reason.items():
             faults.add_metric([vm, reason], n)

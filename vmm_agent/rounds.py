@@ -35,8 +35,9 @@ log = structlog.get_logger("vmmem.vmm.rounds")
 class HighPriorityLoop:
     """Runs rounds of release requests against the daemon."""
 
-    def __init__(self, link: RpcClient, region: ControlRegion, exposure: ExposureTable,
-                 poll_interval: float) -> None:  # fmt: skip
+    def __init__(
+        self, link: RpcClient, region: ControlRegion, exposure: ExposureTable, poll_interval: float
+    ) -> None:
         self.link = link
         self.region = region
         self.exposure = exposure
@@ -82,7 +83,12 @@ class HighPriorityLoop:
         t0 = time.perf_counter()
         slot = self.region.slot(req.slot)
         stype, state, count, seq = slot.read_header()
-        if state != SlotState.ISSUED or count != req.count or seq != req.seq or stype != req.service:
+        if (
+            state != SlotState.ISSUED
+            or count != req.count
+            or seq != req.seq
+            or stype != req.service
+        ):
             raise RemoteProtocolError(
                 f"slot {req.slot} does not match Request {req}", ErrorCode.SLOT_NOT_ISSUED
             )

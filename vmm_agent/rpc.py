@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Callable
-from typing import cast, Any
+from typing import Any, cast
 
 from shared.codec import Codec
 from shared.errors import ErrorCode, RemoteProtocolError, VMMemError

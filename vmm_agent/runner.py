@@ -29,8 +29,15 @@ FAULT_AROUND_SPAN = 17
 class WorkloadRunner:
     """The guest's activity: phases on vCPUs, plus the final verification pass."""
 
-    def __init__(self, vcpus: int, seed: int, frames: npt.NDArray[np.uint8],
-                 exposure: ExposureTable, faults: FaultPath, guest: GuestMemory) -> None:  # fmt: skip
+    def __init__(
+        self,
+        vcpus: int,
+        seed: int,
+        frames: npt.NDArray[np.uint8],
+        exposure: ExposureTable,
+        faults: FaultPath,
+        guest: GuestMemory,
+    ) -> None:
         self.seed = seed
         self.exposure = exposure
         self.faults = faults
@@ -70,8 +77,13 @@ class WorkloadRunner:
         if phase.pinned_pages:
             self.tasks.append(asyncio.create_task(self._pinner(phase)))
         self.phases_run += 1
-        log.info("phase_started", phase=phase.name, vcpus=n, duration=phase.duration,
-                 distribution=phase.distribution)  # fmt: skip
+        log.info(
+            "phase_started",
+            phase=phase.name,
+            vcpus=n,
+            duration=phase.duration,
+            distribution=phase.distribution,
+        )
 
     async def halt(self) -> None:
         """Stop the running phase and wait for its vCPUs."""

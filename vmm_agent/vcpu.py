@@ -41,9 +41,13 @@ class VCpu:
     """One virtual CPU of the guest."""
 
     def __init__(
-        self, index: int, frames: npt.NDArray[np.uint8], exposure: ExposureTable,
-        faults: FaultPath, guest: GuestMemory,
-    ) -> None:  # fmt: skip
+        self,
+        index: int,
+        frames: npt.NDArray[np.uint8],
+        exposure: ExposureTable,
+        faults: FaultPath,
+        guest: GuestMemory,
+    ) -> None:
         self.index = index
         self.frames = frames
         self.exposure = exposure
@@ -53,8 +57,13 @@ class VCpu:
         self.writes = 0
         self.fault_errors = 0
 
-    async def run(self, phase: Phase, stream: AccessStream, stop: asyncio.Event,
-                  touched: npt.NDArray[np.bool_]) -> None:  # fmt: skip
+    async def run(
+        self,
+        phase: Phase,
+        stream: AccessStream,
+        stop: asyncio.Event,
+        touched: npt.NDArray[np.bool_],
+    ) -> None:
         """Run ``phase`` until ``stop`` is set or its duration is over."""
         deadline = time.monotonic() + phase.duration
         exposure, guest, frames = self.exposure, self.guest, self.frames

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -43,7 +44,7 @@ class P2MUpdateService(PlatformService):
 
     service = ServiceType.P2M_UPDATE
 
-    def __init__(self, server: PlatformServer, clock=time.monotonic) -> None:
+    def __init__(self, server: PlatformServer, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(server)
         self.clock = clock
         self.queues: dict[int, deque[StaleEntry]] = {}

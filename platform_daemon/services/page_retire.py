@@ -16,9 +16,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from shared.constants import PageState, PageStatus, ServiceType
+from shared.constants import FaultReason, PageState, PageStatus, ServiceType
 from shared.messages import FaultReply
-from shared.constants import FaultReason
 
 from .base import Pages, PlatformService
 
@@ -46,9 +45,10 @@ class PageRetireService(PlatformService):
         queued = self.queue.get(vm.vm_id, set())
         failing = self.server.machine.failing
         keep = [
-            b for b in queued
+            b
+            for b in queued
             if vm.p2m.state[b] in _MOVABLE and vm.p2m.frame[b] >= 0 and failing[vm.p2m.frame[b]]
-        ]  # fmt: skip
+        ]
         self.queue[vm.vm_id] = set(keep)
         return keep
 

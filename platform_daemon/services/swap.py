@@ -75,8 +75,8 @@ class SwapService(PlatformService):
         ok = (p2m.state[window] == PageState.EXPOSED) & (p2m.flags[window] == 0)
         picked = window[ok][:want]
         # Continue after the last page taken, or after the window if it was exhausted.
-        self.hand[vm.vm_id] = int((picked[-1] + 1) % n) if len(picked) == want and want else int(
-            (start + span) % n
+        self.hand[vm.vm_id] = (
+            int((picked[-1] + 1) % n) if len(picked) == want and want else int((start + span) % n)
         )
         return picked, p2m.frame[picked].copy()
 
@@ -99,9 +99,13 @@ class SwapService(PlatformService):
         self.server.spawn(self._write(vm, accepted, frames, slots, epochs))
 
     async def _write(
-        self, vm: VM, bpns: Pages, frames: npt.NDArray[np.int64], slots: npt.NDArray[np.int64],
+        self,
+        vm: VM,
+        bpns: Pages,
+        frames: npt.NDArray[np.int64],
+        slots: npt.NDArray[np.int64],
         epochs: npt.NDArray[np.uint32],
-    ) -> None:  # fmt: skip
+    ) -> None:
         server, swap = self.server, self.server.swap
         assert swap is not None
         loop = asyncio.get_running_loop()
@@ -136,9 +140,13 @@ class SwapService(PlatformService):
         server.metrics.swap_pages.labels("out").inc(len(done))
 
     def _write_failed(
-        self, vm: VM, bpns: Pages, slots: npt.NDArray[np.int64], epochs: npt.NDArray[np.uint32],
+        self,
+        vm: VM,
+        bpns: Pages,
+        slots: npt.NDArray[np.int64],
+        epochs: npt.NDArray[np.uint32],
         exc: OSError,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """The write failed: pages keep their frames (unexposed), slots go back."""
         reason = "no_space" if exc.errno in _NO_SPACE_ERRNOS else "io_error"
         self.server.swap.release(slots)  # type: ignore[union-attr]

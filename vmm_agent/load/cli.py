@@ -38,14 +38,27 @@ def build_parser() -> argparse.ArgumentParser:
     a("--scenario", choices=SCENARIOS, default="basic", help="what to run (default basic)")
     a("--duration", type=float, default=20.0, help="seconds of workload in total (default 20)")
     a("--working-set", type=float, default=0.5, help="basic: fraction of guest memory touched")
-    a("--distribution", choices=["uniform", "zipf", "sequential"], default="uniform",
-      help="basic: access distribution (default uniform)")
+    a(
+        "--distribution",
+        choices=["uniform", "zipf", "sequential"],
+        default="uniform",
+        help="basic: access distribution (default uniform)",
+    )
     a("--write-ratio", type=float, default=0.3, help="basic: fraction of accesses that write")
-    a("--pinned-pages", type=int, default=None,
-      help="pages each guest keeps pinned in translation (overcommit default 32)")
+    a(
+        "--pinned-pages",
+        type=int,
+        default=None,
+        help="pages each guest keeps pinned in translation (overcommit default 32)",
+    )
     a("--host-limit", help="overcommit: memory the host may use during the run, e.g. 128MiB")
-    a("--inject-failures", type=int, default=0, metavar="N",
-      help="retire N random in-use frames during the run (page-retire)")
+    a(
+        "--inject-failures",
+        type=int,
+        default=0,
+        metavar="N",
+        help="retire N random in-use frames during the run (page-retire)",
+    )
     a("--expect-vms", type=int, default=1, help="wait until this many VMs are registered")
     a("--json", type=Path, help="write the report as JSON to this file")
     a("--no-progress", action="store_true", help="no live progress line")
@@ -56,11 +69,14 @@ def make_scenario(args: argparse.Namespace) -> Scenario:
     if args.scenario == "overcommit":
         pinned = 32 if args.pinned_pages is None else args.pinned_pages
         return overcommit(args.duration, args.host_limit, pinned)
-    return basic(args.duration, args.working_set, args.distribution, args.write_ratio,
-                 args.pinned_pages or 0)  # fmt: skip
+    return basic(
+        args.duration, args.working_set, args.distribution, args.write_ratio, args.pinned_pages or 0
+    )
 
 
-async def find_agents(daemon: RpcClient, expect: int, timeout: float = 30.0) -> list[dict[str, Any]]:
+async def find_agents(
+    daemon: RpcClient, expect: int, timeout: float = 30.0
+) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while True:
         vms = (await daemon.ctl("list_vms"))["vms"]
@@ -89,32 +105,48 @@ class Progress:
         ops = sum(p["reads"] + p["writes"] for p in progress)
         faults = sum(p["faults"] for p in progress)
         mism = sum(p["mismatches"] for p in progress)
-        line = (f"[{phase:<9}] {left:5.1f}s left  accesses {ops:>11,}  faults {faults:>9,}  "
-                f"mismatches {mism}")  # fmt: skip
-        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n",
-              file=sys.stderr, flush=True)  # fmt: skip
+        line = (
+            f"[{phase:<9}] {left:5.1f}s left  accesses {ops:>11,}  faults {faults:>9,}  "
+            f"mismatches {mism}"
+        )
+        print(
+            ("\r" + line) if self.tty else line,
+            end="" if self.tty else "\n",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def done(self) -> None:
         if self.enabled and self.tty:
             print(file=sys.stderr)
 
 
-async def run_phases(scenario: Scenario, agents: dict[str, RpcClient], daemon: RpcClient,
-                     inject: int, progress: Progress) -> list[dict[str, Any]]:  # fmt: skip
+async def run_phases(
+    scenario: Scenario,
+    agents: dict[str, RpcClient],
+    daemon: RpcClient,
+    inject: int,
+    progress: Progress,
+) -> list[dict[str, Any]]:
     injected: list[dict[str, Any]] = []
     total = sum(p.duration for p in scenario.phases)
     inject_at = sorted(random.Random(7).uniform(0.1, 0.9) * total for _ in range(inject))
     t_start = time.monotonic()
     for phase in scenario.phases:
-        await asyncio.gather(*(a.ctl("run_phase", phase=phase.model_dump()) for a in agents.values()))
+        await asyncio.gather(
+            *(a.ctl("run_phase", phase=phase.model_dump()) for a in agents.values())
+        )
         end = time.monotonic() + phase.duration
         while (left := end - time.monotonic()) > 0:
             while inject_at and time.monotonic() - t_start >= inject_at[0]:
                 inject_at.pop(0)
                 injected.append(await daemon.ctl("retire", random_used=True))
             await asyncio.sleep(min(0.5, left))
-            progress.show(phase.name, max(0.0, end - time.monotonic()),
-                          await asyncio.gather(*(a.ctl("progress") for a in agents.values())))  # fmt: skip
+            progress.show(
+                phase.name,
+                max(0.0, end - time.monotonic()),
+                await asyncio.gather(*(a.ctl("progress") for a in agents.values())),
+            )
         await asyncio.gather(*(a.ctl("halt") for a in agents.values()))
     progress.done()
     return injected
@@ -131,16 +163,23 @@ async def main_async(args: argparse.Namespace) -> int:
         if scenario.host_limit:
             await daemon.ctl("set_host_limit", size=scenario.host_limit)
         t0 = time.monotonic()
-        injected = await run_phases(scenario, agents, daemon, args.inject_failures,
-                                    Progress(not args.no_progress))  # fmt: skip
+        injected = await run_phases(
+            scenario, agents, daemon, args.inject_failures, Progress(not args.no_progress)
+        )
         names = list(agents)
         verify = await asyncio.gather(*(agents[n].ctl("verify", timeout=600) for n in names))
         results = await asyncio.gather(*(agents[n].ctl("results") for n in names))
         status = await daemon.ctl("status")
         if scenario.host_limit:
             await daemon.ctl("set_host_limit", size=status["host"]["pages"] * 4096)
-        report = build_report(scenario.name, time.monotonic() - t0, dict(zip(names, results)),
-                              dict(zip(names, verify)), status, injected)  # fmt: skip
+        report = build_report(
+            scenario.name,
+            time.monotonic() - t0,
+            dict(zip(names, results, strict=True)),
+            dict(zip(names, verify, strict=True)),
+            status,
+            injected,
+        )
     finally:
         for client in [daemon, *agents.values()]:
             client.close()

@@ -6,9 +6,14 @@ from collections import Counter
 from typing import Any
 
 
-def build_report(scenario: str, seconds: float, results: dict[str, dict[str, Any]],
-                 verify: dict[str, dict[str, Any]], status: dict[str, Any],
-                 injected: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+def build_report(
+    scenario: str,
+    seconds: float,
+    results: dict[str, dict[str, Any]],
+    verify: dict[str, dict[str, Any]],
+    status: dict[str, Any],
+    injected: list[dict[str, Any]],
+) -> dict[str, Any]:
     """Combine the agents' results, their verification passes and the daemon's status."""
     vms: dict[str, Any] = {}
     faults: Counter[str] = Counter()
@@ -26,9 +31,11 @@ def build_report(scenario: str, seconds: float, results: dict[str, dict[str, Any
             "faults_by_reason": res["faults_by_reason"],
             "fault_errors": res["fault_errors"],
             "fault_latency_seconds": res["fault_latency_seconds"],
-            "swap": {"pages_out": stats.get("swapped_out", 0),
-                     "pages_in": stats.get("swapped_in", 0),
-                     "cancelled": stats.get("swap_cancelled", 0)},  # fmt: skip
+            "swap": {
+                "pages_out": stats.get("swapped_out", 0),
+                "pages_in": stats.get("swapped_in", 0),
+                "cancelled": stats.get("swap_cancelled", 0),
+            },
             "retired_moves": stats.get("retired_moves", 0),
             "batches": res["batches"],
             "batch_pages": res["batch_pages"],
@@ -47,7 +54,9 @@ def build_report(scenario: str, seconds: float, results: dict[str, dict[str, Any
         key: sum(v["verification"][key] for v in vms.values())
         for key in ("pages_verified", "mismatches", "unreachable")
     }
-    swap = {k: sum(v["swap"][k] for v in vms.values()) for k in ("pages_out", "pages_in", "cancelled")}
+    swap = {
+        k: sum(v["swap"][k] for v in vms.values()) for k in ("pages_out", "pages_in", "cancelled")
+    }
     host = status.get("host", {})
     return {
         "scenario": scenario,
@@ -59,10 +68,13 @@ def build_report(scenario: str, seconds: float, results: dict[str, dict[str, Any
         "injected_failures": injected,
         "host": host,
         "vms": vms,
-        "ok": total["mismatches"] == 0 and total["unreachable"] == 0
-        and all(v["pin_violations"] == 0 and not v["released_while_pinned"].get("swap")
-                for v in vms.values()),
-    }  # fmt: skip
+        "ok": total["mismatches"] == 0
+        and total["unreachable"] == 0
+        and all(
+            v["pin_violations"] == 0 and not v["released_while_pinned"].get("swap")
+            for v in vms.values()
+        ),
+    }
 
 
 def _us(seconds: float) -> str:
@@ -71,8 +83,10 @@ def _us(seconds: float) -> str:
 
 def render_table(report: dict[str, Any]) -> str:
     """A fixed-width table, one row per VM, then the totals."""
-    head = (f"{'VM':<10}{'touched':>9}{'written':>9}{'faults':>9}{'p50 µs':>9}{'p99 µs':>9}"
-            f"{'swap out':>10}{'swap in':>9}{'cancel':>8}{'verified':>10}{'mismatch':>9}")  # fmt: skip
+    head = (
+        f"{'VM':<10}{'touched':>9}{'written':>9}{'faults':>9}{'p50 µs':>9}{'p99 µs':>9}"
+        f"{'swap out':>10}{'swap in':>9}{'cancel':>8}{'verified':>10}{'mismatch':>9}"
+    )
     lines = [f"scenario {report['scenario']}, {report['seconds']:.1f} s", head, "-" * len(head)]
     for name, v in sorted(report["vms"].items()):
         lat = v["fault_latency_seconds"]
@@ -87,9 +101,13 @@ def render_table(report: dict[str, Any]) -> str:
     faults = ", ".join(f"{k} {n:,}" for k, n in sorted(report["faults"].items()))
     lines.append(f"faults by reason: {faults or 'none'}")
     s = report["swap"]
-    lines.append(f"swap: {s['pages_out']:,} out, {s['pages_in']:,} in, {s['cancelled']:,} "
-                 f"cancelled; retired frames: {report['retired_frames']}")  # fmt: skip
+    lines.append(
+        f"swap: {s['pages_out']:,} out, {s['pages_in']:,} in, {s['cancelled']:,} "
+        f"cancelled; retired frames: {report['retired_frames']}"
+    )
     verdict = "OK: every page verified" if report["ok"] else "FAILED: data loss or violation"
-    lines.append(f"verification: {t['pages_verified']:,} pages, {t['mismatches']} mismatches, "
-                 f"{t['unreachable']} unreachable — {verdict}")  # fmt: skip
+    lines.append(
+        f"verification: {t['pages_verified']:,} pages, {t['mismatches']} mismatches, "
+        f"{t['unreachable']} unreachable — {verdict}"
+    )
     return "\n".join(lines)

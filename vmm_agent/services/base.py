@@ -33,7 +33,7 @@ class AgentService:
         status[frame != mpns] = PageStatus.STALE_FRAME
         status[frame < 0] = PageStatus.NOT_EXPOSED
         self.filter(idx, status)
-        accepted = idx[status == PageStatus.OK]
+        accepted: npt.NDArray[np.int64] = idx[status == PageStatus.OK]
         self.exposure.invalidate(accepted)
         return accepted
 
