@@ -27,6 +27,11 @@ class FrameState(IntEnum):
     RETIRED = 2
 
 
+# Plain ints for comparisons with NumPy values: comparing NumPy data with an IntEnum member
+# costs microseconds on Python 3.11 (NumPy probes the enum class for array attributes).
+_FREE, _USED, _RETIRED = int(FrameState.FREE), int(FrameState.USED), int(FrameState.RETIRED)
+
+
 class _NodeStack:
     """Free MPNs of one node; the top of the stack is ``stack[top-1]``."""
 
@@ -101,7 +106,7 @@ class FrameAllocator:
             parts.append(got)
             need -= len(got)
         frames = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        self.frame_state[frames] = FrameState.USED
+        self.frame_state[frames] = _USED
         return frames
 
     def _pop(self, ns: _NodeStack, want: int) -> Frames:
@@ -112,7 +117,7 @@ class FrameAllocator:
             chunk = ns.stack[ns.top - take : ns.top][::-1].copy()
             ns.top -= take
             # Frames retired while free are skipped here (lazy removal).
-            chunk = chunk[self.frame_state[chunk] == FrameState.FREE]
+            chunk = chunk[self.frame_state[chunk] == _FREE]
             ns.free -= len(chunk)
             out.append(chunk)
             got += len(chunk)
@@ -124,10 +129,10 @@ class FrameAllocator:
         if len(frames) == 0:
             return
         self._check_batch(frames, "release")
-        if np.any(self.frame_state[frames] != FrameState.USED):
-            bad = frames[self.frame_state[frames] != FrameState.USED][:4]
+        if np.any(self.frame_state[frames] != _USED):
+            bad = frames[self.frame_state[frames] != _USED][:4]
             raise VMMemError(f"release of frames not in use: {bad.tolist()}")
-        self.frame_state[frames] = FrameState.FREE
+        self.frame_state[frames] = _FREE
         nodes = self._node_of_block[frames]
         for node in np.unique(nodes):
             self._nodes[int(node)].push(frames[nodes == node])
@@ -145,10 +150,10 @@ class FrameAllocator:
         if not 0 <= mpn < self.host_pages:
             raise VMMemError(f"MPN {mpn} out of range 0..{self.host_pages - 1}")
         state = self.frame_state[mpn]
-        if state == FrameState.RETIRED:
+        if state == _RETIRED:
             return False
-        was_free = state == FrameState.FREE
-        self.frame_state[mpn] = FrameState.RETIRED
+        was_free = state == _FREE
+        self.frame_state[mpn] = _RETIRED
         self.retired += 1
         if was_free:
             self._nodes[int(self._node_of_block[mpn])].free -= 1
@@ -160,9 +165,9 @@ class FrameAllocator:
         if len(mpns) == 0:
             return
         self._check_batch(mpns, "retire_used")
-        if np.any(self.frame_state[mpns] != FrameState.USED):
+        if np.any(self.frame_state[mpns] != _USED):
             raise VMMemError("retire_used of frames not in use")
-        self.frame_state[mpns] = FrameState.RETIRED
+        self.frame_state[mpns] = _RETIRED
         self.retired += len(mpns)
 
     def counts_by_node(self) -> list[dict[str, int]]:

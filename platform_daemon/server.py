@@ -48,6 +48,9 @@ from .swapfile import SwapFile
 from .vm import VM
 
 log = structlog.get_logger("vmmem.platform")
+# Plain ints: comparing a NumPy value with an IntEnum member costs microseconds (see faults.py).
+_ZERO, _IN_FLIGHT, _SWAPPED = int(PageState.ZERO), int(PageState.IN_FLIGHT), int(PageState.SWAPPED)
+_REASONS = [r.name.lower() for r in FaultReason]
 
 
 class PlatformServer:
@@ -74,6 +77,10 @@ class PlatformServer:
         self.engine.on_batch_done = self._record_batch
         self.engine.on_round_open = lambda p: self.metrics.rounds.labels(p.name.lower()).inc()
         self.memsched = MemSched(self)
+        # Metric children bound once per reason: labels() on every fault costs microseconds.
+        self._fault_metrics = [
+            (self.metrics.faults.labels(r), self.metrics.fault_seconds.labels(r)) for r in _REASONS
+        ]
         self.ctl = CtlOps(self)
         self.tasks: set[asyncio.Task[Any]] = set()
         self.frames_freed = asyncio.Event()
@@ -222,9 +229,10 @@ class PlatformServer:
             )
         t0 = time.perf_counter()
         vm.stats.faults += 1
-        if self.free_state() != FreeState.LOW or vm.p2m.state[msg.bpn] != PageState.ZERO:
+        state = int(vm.p2m.state[msg.bpn])
+        if state != _ZERO or self.memsched.state != FreeState.LOW:
             try:
-                reply = self._resolve_now(vm, msg)
+                reply = self._resolve_now(vm, msg, state)
             except NeedsAsync:
                 pass
             else:
@@ -238,13 +246,13 @@ class PlatformServer:
         vm.outstanding_faults += 1
         self.spawn(self._fault_async(vm, request_id, msg, t0))
 
-    def _resolve_now(self, vm: VM, msg: Fault) -> FaultReply:
-        if vm.p2m.state[msg.bpn] == PageState.IN_FLIGHT:
+    def _resolve_now(self, vm: VM, msg: Fault, state: int) -> FaultReply:
+        if state == _IN_FLIGHT:
             reply = self.services[vm.p2m.op[msg.bpn]].on_fault(vm, msg.bpn, msg.write)
             if isinstance(reply, FaultReply):
                 return reply
             raise NeedsAsync
-        if vm.p2m.state[msg.bpn] == PageState.SWAPPED:
+        if state == _SWAPPED:
             raise NeedsAsync
         return self.faults.try_resolve(vm, msg.bpn, msg.write, msg.around)
 
@@ -378,9 +386,9 @@ class PlatformServer:
         return {"mpn": old, "was": "zero_frame", "node": node, "stale_pages": pages}
 
     def _send_fault_reply(self, vm: VM, request_id: int, reply: FaultReply, t0: float) -> None:
-        reason = FaultReason(reply.reason).name.lower()
-        self.metrics.faults.labels(reason).inc()
-        self.metrics.fault_seconds.labels(reason).observe(time.perf_counter() - t0)
+        counter, histogram = self._fault_metrics[reply.reason]
+        counter.inc()
+        histogram.observe(time.perf_counter() - t0)
         if len(reply.bpns) > 1:
             self.metrics.fault_around_pages.inc(len(reply.bpns) - 1)
         vm.connection.send(reply, request_id)

@@ -11,7 +11,6 @@ wakes, so a batch processed later always sees them.
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from .exposure import ExposureTable
 from .rpc import RpcClient
 
 LATENCY_SAMPLES = 1 << 16
+_REASONS = [r.name.lower() for r in FaultReason]
 
 
 class FaultPath:
@@ -37,7 +37,7 @@ class FaultPath:
         self.exposure = exposure
         self.around = around
         self.slots = asyncio.Semaphore(max_outstanding)
-        self.pending: dict[int, asyncio.Future[FaultReply]] = {}
+        self.pending: dict[int, asyncio.Future[None]] = {}
         self.by_reason: Counter[str] = Counter()
         self.latencies = np.zeros(LATENCY_SAMPLES, dtype=np.float64)
         self.samples = 0
@@ -48,35 +48,41 @@ class FaultPath:
         link.on_reply = self._on_reply
 
     def _on_reply(self, request_id: int, msg: Message) -> None:
-        if isinstance(msg, FaultReply):
+        if not isinstance(msg, FaultReply):
+            return
+        if len(msg.bpns) == 1:  # the common case, without fancy indexing
+            bpn = int(msg.bpns[0])
+            self.exposure.frame[bpn] = int(msg.mpns[0])
+            self.exposure.writable[bpn] = bool(msg.flags[0] & FAULT_FLAG_WRITABLE)
+        else:
             writable = (msg.flags & FAULT_FLAG_WRITABLE) != 0
             self.exposure.install(msg.bpns, msg.mpns, writable)
-            self.pages_mapped += len(msg.bpns)
+        self.pages_mapped += len(msg.bpns)
 
     def is_ready(self, bpn: int, write: bool) -> bool:
         return bool(self.exposure.frame[bpn] >= 0 and (not write or self.exposure.writable[bpn]))
 
     async def ensure(self, bpn: int, write: bool, sequential: bool = False) -> None:
-        """Return once ``bpn`` is exposed (and writable for a write)."""
+        """Return once ``bpn`` is exposed (and writable for a write).
+
+        The first vCPU to need a page sends the fault itself (no extra task); the others
+        wait for it and look again, because its fault may not be enough for them (a read
+        fault maps a page read-only, this vCPU may want to write) or may have failed.
+        """
         while not self.is_ready(bpn, write):
             fut = self.pending.get(bpn)
-            # A finished fault may not be forgotten yet (its callback runs on the next loop
-            # pass), and awaiting a finished future does not yield: start a new fault instead
-            # of spinning on it (e.g. a read fault that mapped the page read-only, and this
-            # vCPU wants to write).
-            if fut is None or fut.done():
-                fut = asyncio.ensure_future(self._fault(bpn, write, sequential))
-                self.pending[bpn] = fut
-                fut.add_done_callback(functools.partial(self._forget, bpn))
-            await asyncio.shield(fut)
+            if fut is not None:
+                await asyncio.wait((fut,))
+                continue
+            fut = asyncio.get_running_loop().create_future()
+            self.pending[bpn] = fut
+            try:
+                await self._fault(bpn, write, sequential)
+            finally:
+                del self.pending[bpn]
+                fut.set_result(None)
 
-    def _forget(self, bpn: int, fut: asyncio.Future[FaultReply]) -> None:
-        if self.pending.get(bpn) is fut:
-            del self.pending[bpn]
-        if not fut.cancelled():
-            fut.exception()  # mark retrieved: the waiters re-raise it
-
-    async def _fault(self, bpn: int, write: bool, sequential: bool) -> FaultReply:
+    async def _fault(self, bpn: int, write: bool, sequential: bool) -> None:
         async with self.slots:
             t0 = time.perf_counter()
             around = self.around if sequential else 0
@@ -85,11 +91,10 @@ class FaultPath:
         self.faults += 1
         self.latencies[self.samples % LATENCY_SAMPLES] = seconds
         self.samples += 1
-        reason = FaultReason(reply.reason).name.lower()
+        reason = _REASONS[reply.reason]
         self.by_reason[reason] += 1
         for callback in self.on_fault_done:
             callback(reason, seconds)
-        return reply
 
     def latency_quantiles(self) -> dict[str, float]:
         n = min(self.samples, LATENCY_SAMPLES)

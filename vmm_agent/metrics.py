@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -52,6 +52,7 @@ class AgentMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self._fault_children: dict[str, Any] = {}
         self.batch_pages = Counter(
             "vmmem_vmm_batch_pages",
             "Pages the VMM accepted or refused, by reason",
@@ -60,7 +61,10 @@ class AgentMetrics:
         )
 
     def observe_fault(self, reason: str, seconds: float) -> None:
-        self.fault_seconds.labels(self.vm, reason).observe(seconds)
+        child = self._fault_children.get(reason)
+        if child is None:  # labels() costs microseconds: bind each reason once
+            child = self._fault_children[reason] = self.fault_seconds.labels(self.vm, reason)
+        child.observe(seconds)
 
 
 class GuestCollector(Collector):
