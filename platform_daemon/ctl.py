@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -15,7 +16,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vmmem-ctl", description="Inspect and steer a running VMMem platform daemon."
     )
-    p.add_argument("--socket", default="/tmp/vmmem.sock", help="the platform daemon's socket")
+    p.add_argument(
+        "--socket",
+        default=os.environ.get("VMMEM_SOCKET", "/tmp/vmmem.sock"),
+        help="the platform daemon's socket (default $VMMEM_SOCKET or /tmp/vmmem.sock)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     st = sub.add_parser("status", help="VMs with their pages by state; host frames by state")
     st.add_argument("--json", action="store_true", help="print the raw status as JSON")

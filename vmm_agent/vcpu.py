@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -29,12 +28,9 @@ log = structlog.get_logger("vmmem.vmm.vcpu")
 OPS_PER_YIELD = 64
 
 
-@dataclass
-class VCpuStats:
-    reads: int = 0
-    writes: int = 0
-    fault_errors: int = 0
-    touched: set[int] = field(default_factory=set)
+def _worth_logging(count: int) -> bool:
+    """Log the first ten occurrences, then every power of two: never one line per page."""
+    return count <= 10 or count & (count - 1) == 0
 
 
 class VCpu:
@@ -81,7 +77,14 @@ class VCpu:
                         await self.faults.ensure(bpn, write, sequential=bpn == last_fault + 1)
                     except PeerError as exc:
                         self.fault_errors += 1
-                        log.warning("fault_failed", vcpu=self.index, bpn=bpn, error=str(exc))
+                        if _worth_logging(self.fault_errors):
+                            log.warning(
+                                "fault_failed",
+                                vcpu=self.index,
+                                bpn=bpn,
+                                error=str(exc),
+                                failures=self.fault_errors,
+                            )
                         await asyncio.sleep(0.05)
                         continue
                     last_fault = bpn
@@ -97,8 +100,14 @@ class VCpu:
                     guest.write(frames, frame, bpn, kind, pick)
                     self.writes += 1
                 else:
-                    if not guest.check(frames, frame, bpn):
-                        log.error("data_mismatch", vcpu=self.index, bpn=bpn, frame=frame)
+                    if not guest.check(frames, frame, bpn) and _worth_logging(guest.mismatches):
+                        log.error(
+                            "data_mismatch",
+                            vcpu=self.index,
+                            bpn=bpn,
+                            frame=frame,
+                            mismatches=guest.mismatches,
+                        )
                     self.reads += 1
                 since_yield += 1
                 if since_yield >= OPS_PER_YIELD:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import time
@@ -34,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--host-limit 128MiB --json report.json",
     )
     a = p.add_argument
-    a("--socket", default="/tmp/vmmem.sock", help="the platform daemon's socket")
+    a(
+        "--socket",
+        default=os.environ.get("VMMEM_SOCKET", "/tmp/vmmem.sock"),
+        help="the platform daemon's socket (default $VMMEM_SOCKET or /tmp/vmmem.sock)",
+    )
     a("--scenario", choices=SCENARIOS, default="basic", help="what to run (default basic)")
     a("--duration", type=float, default=20.0, help="seconds of workload in total (default 20)")
     a("--working-set", type=float, default=0.5, help="basic: fraction of guest memory touched")
