@@ -84,7 +84,11 @@ class MemSched:
         vms = list(self.server.vms.values())
         if not vms:
             return
-        need = self.threshold(self.server.config.free_high_pct) - self.available()
+        # Headroom may be negative after the host limit was lowered below what is in use:
+        # then the excess must be reclaimed too, not just the free-memory target.
+        alloc = self.server.machine.allocator
+        headroom = min(alloc.free, self.limit_pages - alloc.used)
+        need = self.threshold(self.server.config.free_high_pct) - headroom
         resident = np.array([self._resident(vm) for vm in vms], dtype=np.float64)
         shares = np.array([vm.info.shares for vm in vms], dtype=np.float64)
         weight = resident / shares

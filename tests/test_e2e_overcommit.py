@@ -49,7 +49,10 @@ def test_overcommit_scenario_swaps_and_verifies(short_tmp: Path, mem_dir: Path) 
         report = load_json(out)
         assert report["verification"]["mismatches"] == 0
         assert report["verification"]["unreachable"] == 0
-        assert report["verification"]["pages_verified"] == 4 * 4096  # "fill" wrote every page
+        # Every page a guest wrote was read back; the guests wrote more than the host limit.
+        written = sum(v["pages_written"] for v in report["vms"].values())
+        assert report["verification"]["pages_verified"] == written
+        assert written > (32 << 20) // 4096
         assert report["swap"]["pages_out"] > 0
         assert report["swap"]["pages_in"] > 0
         assert report["retired_frames"] == 2

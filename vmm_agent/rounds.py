@@ -67,16 +67,22 @@ class HighPriorityLoop:
                 if not self.region.pending & HIGH_PRIORITY_MASK:
                     continue
             self.wake.clear()
-            await self.round()
+            # A round serves a bounded number of batches per type; when work is still
+            # pending after it, the next round starts at once instead of at the next poll.
+            # A round that found nothing to do waits, so a bit that stays set cannot spin.
+            while await self.round() and self.region.pending & HIGH_PRIORITY_MASK:
+                pass
 
-    async def round(self) -> None:
-        """One round: batches until the daemon says the round is over."""
+    async def round(self) -> int:
+        """One round: batches until the daemon says the round is over; returns how many."""
         self.rounds += 1
+        batches = 0
         while True:
             req: Request = await self.link.request(GetRequest(Priority.HIGH))
             if not req.has_work:
-                return
+                return batches
             self.process(req)
+            batches += 1
 
     def process(self, req: Request) -> None:
         """Filter, invalidate, write statuses and complete one batch (no await inside)."""

@@ -28,7 +28,7 @@ from shared.errors import ErrorCode, VMMemError
 from shared.messages import FaultReply
 
 from ..p2m import NO_SLOT
-from ..swapfile import SwapChecksumError
+from ..swapfile import SwapChecksumError, SwapWriteError
 from .base import Pages, PlatformService
 
 if TYPE_CHECKING:
@@ -114,11 +114,27 @@ class SwapService(PlatformService):
         try:
             # Gather and write off the event loop: the guest keeps running meanwhile.
             await loop.run_in_executor(None, lambda: swap.write_pages(slots, mem[frames]))
-        except OSError as exc:
-            self._write_failed(vm, bpns, slots, epochs, exc)
+        except SwapWriteError as exc:
+            # What reached the disk is swapped out as usual; the rest stays resident.
+            ok = exc.written
+            self._write_failed(vm, bpns[~ok], slots[~ok], epochs[~ok], exc)
+            self._written(vm, bpns[ok], frames[ok], slots[ok], epochs[ok])
             return
         server.metrics.swap_io_seconds.labels("out").observe(time.perf_counter() - t0)
         self.backoff = 0.0
+        self._written(vm, bpns, frames, slots, epochs)
+
+    def _written(
+        self,
+        vm: VM,
+        bpns: Pages,
+        frames: npt.NDArray[np.int64],
+        slots: npt.NDArray[np.int64],
+        epochs: npt.NDArray[np.uint32],
+    ) -> None:
+        """Pages whose write succeeded: swapped out, unless a fault cancelled them meanwhile."""
+        server, swap = self.server, self.server.swap
+        assert swap is not None
         if not vm.alive:
             swap.release(slots)
             return
