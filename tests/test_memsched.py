@@ -1,0 +1,90 @@
+"""memsched, first part: free states, swap targets by shares, bounded waits in the low state."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.constants import FreeState
+from shared.errors import ErrorCode
+from vmm_agent.rpc import PeerError
+
+from .test_services_swap import FakeAgent, metric, reclaim, running_platform
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_free_states_follow_the_thresholds(short_tmp: Path, mem_dir: Path) -> None:
+    """HIGH above soft %, SOFT above hard %, HARD above low %, LOW below, under the limit."""
+    async with running_platform(short_tmp, mem_dir, host_mib=16) as server:
+        agent = await FakeAgent.connect(server, "vm1", guest_pages=2048)
+        await agent.write_pages(np.arange(2000))
+        ms, used = server.memsched, server.machine.allocator.used
+        expected = [(0.05, FreeState.HIGH), (0.03, FreeState.SOFT), (0.015, FreeState.HARD),
+                    (0.005, FreeState.LOW)]  # fmt: skip
+        for free_fraction, state in expected:
+            # Thresholds are percentages of the limit: free = fraction x limit.
+            ms.set_host_limit(round(used / (1 - free_fraction)))
+            assert ms.compute_state() == state, (free_fraction, ms.counts())
+        ms.set_host_limit(used)  # nothing left at all
+        assert ms.compute_state() == FreeState.LOW and server.machine.available() == 0
+
+
+async def test_swap_targets_split_by_shares(short_tmp: Path, mem_dir: Path) -> None:
+    """Two VMs with the same resident pages: the one with 3x the shares gives 1/3 as much."""
+    async with running_platform(short_tmp, mem_dir, host_mib=32) as server:
+        a = await FakeAgent.connect(server, "a", guest_pages=1024)
+        b = await FakeAgent.connect(server, "b", guest_pages=1024, shares=3000)
+        await a.write_pages(np.arange(1024))
+        await b.write_pages(np.arange(1024))
+        server.memsched.set_host_limit(server.machine.allocator.used - 400)
+        server.memsched.tick(time.monotonic())
+        targets = server.memsched.swap_targets
+        ta, tb = targets[a.vm_id], targets[b.vm_id]
+        assert ta > 0 and tb > 0
+        assert 2.5 < ta / tb < 3.5, (ta, tb)
+        # Together they cover the excess over the limit plus the free-memory target.
+        assert ta + tb >= 400
+
+
+async def test_low_state_fault_waits_for_reclaim_then_is_served(
+    short_tmp: Path, mem_dir: Path
+) -> None:
+    """In LOW, a first touch waits (counted) until reclaim frees frames, then gets one."""
+    async with running_platform(short_tmp, mem_dir, host_mib=16, low_wait_seconds=5.0) as server:
+        agent = await FakeAgent.connect(server, "vm1", guest_pages=2048)
+        await agent.write_pages(np.arange(1000))
+        server.memsched.set_host_limit(server.machine.allocator.used)
+        server.memsched.tick(time.monotonic())
+        assert server.memsched.state == FreeState.LOW
+        waiting = asyncio.ensure_future(agent.fault(1500, write=True))
+        await asyncio.sleep(0.2)
+        assert not waiting.done(), "the fault did not wait in the low state"
+        await reclaim(server, [agent], max_ticks=20)
+        reply = await asyncio.wait_for(waiting, 5)
+        assert reply.mpns[0] >= 0
+        assert metric(server, "vmmem_low_memory_waits_total", outcome="served") == 1
+        server.memsched.set_host_limit(server.machine.host_pages)  # room to swap back in
+        await agent.verify(np.arange(1000))
+
+
+async def test_low_state_fault_fails_clearly_after_the_bound(
+    short_tmp: Path, mem_dir: Path
+) -> None:
+    """With no reclaim possible, a waiting first touch gets OUT_OF_MEMORY after the bound."""
+    async with running_platform(short_tmp, mem_dir, host_mib=16, low_wait_seconds=0.3) as server:
+        agent = await FakeAgent.connect(server, "vm1", guest_pages=2048)
+        await agent.write_pages(np.arange(1000))
+        server.memsched.set_host_limit(server.machine.allocator.used)
+        t0 = time.monotonic()
+        with pytest.raises(PeerError) as info:
+            await agent.fault(1500, write=True)  # the agent never answers a round: no reclaim
+        assert info.value.code == ErrorCode.OUT_OF_MEMORY
+        assert 0.25 < time.monotonic() - t0 < 3
+        assert metric(server, "vmmem_low_memory_waits_total", outcome="failed") == 1
+        await agent.verify(np.arange(1000))  # nothing else changed
+        assert (await agent.barrier())["vms"][0]["name"] == "vm1"
