@@ -44,6 +44,7 @@ from .metrics import PlatformMetrics, StateCollector
 from .registration import Registry
 from .rounds import RoundEngine, RoundState
 from .services import build_services
+from .services.swap import SwapService
 from .swapfile import SwapFile
 from .vm import VM
 
@@ -253,7 +254,10 @@ class PlatformServer:
                 return reply
             raise NeedsAsync
         if state == _SWAPPED:
-            raise NeedsAsync
+            reply = self.services_swap().try_swap_in_now(vm, msg.bpn, msg.around)
+            if reply is None:
+                raise NeedsAsync
+            return reply
         return self.faults.try_resolve(vm, msg.bpn, msg.write, msg.around)
 
     async def _fault_async(self, vm: VM, request_id: int, msg: Fault, t0: float) -> None:
@@ -395,11 +399,9 @@ class PlatformServer:
 
     # ---- hooks ------------------------------------------------------------------------------
 
-    def services_swap(self) -> Any:
-        from .services.swap import SwapService
-
-        svc = self.services.get(SwapService.service)
-        if svc is None:
+    def services_swap(self) -> SwapService:
+        svc = self.services.get(ServiceType.SWAP)
+        if not isinstance(svc, SwapService):
             raise VMMemError("page is swapped but no swap service is configured")
         return svc
 

@@ -21,6 +21,9 @@ import xxhash
 from shared.constants import PAGE_SIZE
 from shared.errors import VMMemError
 
+#: preadv flag: fail with EAGAIN instead of waiting for the disk (Linux >= 4.14).
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+
 
 class SwapWriteError(OSError):
     """A batched write failed part way; ``written[i]`` says whether page i made it to disk."""
@@ -129,20 +132,32 @@ class SwapFile:
         sums = np.fromiter((xxhash.xxh3_64_intdigest(p.data) for p in data), np.uint64, len(data))
         self.checksum[slots] = sums
 
-    def read_pages(self, slots: npt.NDArray[np.int64]) -> npt.NDArray[np.uint8]:
-        """Read and verify the pages in ``slots`` (blocking; run in a thread).
+    def read_pages(
+        self, slots: npt.NDArray[np.int64], nowait: bool = False
+    ) -> npt.NDArray[np.uint8] | None:
+        """Read and verify the pages in ``slots``.
 
         Consecutive slots are read with one ``preadv`` per run, straight into the result.
+        With ``nowait`` the reads use RWF_NOWAIT: pages in the page cache are read at once
+        (a few µs, fine on the event loop), and None says some would need the disk — then
+        the caller reads them in a thread instead.
         """
         out = np.empty((len(slots), PAGE_SIZE), dtype=np.uint8)
         order = np.argsort(slots, kind="stable")
         sorted_slots = slots[order]
         staged = out if np.array_equal(order, np.arange(len(slots))) else np.empty_like(out)
+        flags = _RWF_NOWAIT if nowait else 0
         for start, length in runs(sorted_slots):
             buf = staged[start : start + length]
-            got = os.preadv(self.fd, [buf.data.cast("B")], int(sorted_slots[start]) * PAGE_SIZE)
+            offset = int(sorted_slots[start]) * PAGE_SIZE
+            try:
+                got = os.preadv(self.fd, [buf.data.cast("B")], offset, flags)
+            except BlockingIOError:
+                return None
             if got != length * PAGE_SIZE:
-                raise OSError(5, f"short read of swap slots from {int(sorted_slots[start])}")
+                if nowait:  # partly cached: let the thread read it all
+                    return None
+                raise OSError(errno_mod.EIO, f"short read of swap slots from {offset // PAGE_SIZE}")
         if staged is not out:
             out[order] = staged
         for i, slot in enumerate(slots.tolist()):

@@ -280,3 +280,27 @@ def test_fail_next_write(swap: SwapFile, code: int) -> None:
     assert not swap.checksum[slots].any()
     swap.write_pages(slots, data)  # one-shot: the next write succeeds
     assert np.array_equal(swap.read_pages(slots), data)
+
+
+def test_nowait_read_serves_cached_pages_and_never_waits(swap: SwapFile) -> None:
+    """read_pages(nowait=True) returns cached pages intact, and None where the disk is needed."""
+    slots = swap.allocate(8)
+    data = pages(8, seed=9)
+    swap.write_pages(slots, data)
+    cached = swap.read_pages(slots, nowait=True)  # just written: in the page cache
+    assert cached is not None and np.array_equal(cached, data)
+    os.fsync(swap.fd)
+    os.posix_fadvise(swap.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    probe = bytearray(PAGE_SIZE)
+    try:
+        os.preadv(swap.fd, [probe], int(slots[0]) * PAGE_SIZE, os.RWF_NOWAIT)
+        evicted = False
+    except BlockingIOError:
+        evicted = True
+    got = swap.read_pages(slots, nowait=True)
+    if evicted:  # ext4 and xfs drop clean pages on DONTNEED; tmpfs keeps them
+        assert got is None
+    else:
+        assert got is not None and np.array_equal(got, data)
+    blocking = swap.read_pages(slots)
+    assert blocking is not None and np.array_equal(blocking, data)

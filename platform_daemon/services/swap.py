@@ -230,6 +230,30 @@ class SwapService(PlatformService):
         free = [b for b in swapped.tolist() if (vm.vm_id, b) not in self.swapping_in]
         return np.array([bpn, *free], dtype=np.int64)
 
+    def try_swap_in_now(self, vm: VM, bpn: int, around: int) -> FaultReply | None:
+        """Swap in from the page cache without leaving the event loop, or None.
+
+        Why: a 4 KiB read that hits the page cache costs ~2 µs, a hop to the thread pool and
+        back ~200 µs. RWF_NOWAIT tells the two apart without ever waiting for the disk on the
+        loop; reads that would wait, and every error, take the thread path.
+        """
+        swap = self.server.swap
+        if swap is None or (vm.vm_id, bpn) in self.swapping_in:
+            return None
+        if self.server.machine.available() < 1:
+            return None
+        pages = self._readahead(vm, bpn, around)
+        slots = vm.p2m.swap_slot[pages].copy()
+        t0 = time.perf_counter()
+        try:
+            data = swap.read_pages(slots, nowait=True)
+        except (SwapChecksumError, OSError):
+            return None  # the thread path reads again and reports the error precisely
+        if data is None:
+            return None
+        self.server.metrics.swap_io_seconds.labels("in_cached").observe(time.perf_counter() - t0)
+        return self._install(vm, pages, slots, data)
+
     async def _swap_in(self, vm: VM, pages: Pages) -> FaultReply:
         server, swap = self.server, self.server.swap
         assert swap is not None
@@ -253,6 +277,7 @@ class SwapService(PlatformService):
         except OSError as exc:
             server.metrics.swap_errors.labels("read_error").inc()
             raise VMMemError(f"swap read failed: {exc}", ErrorCode.INTERNAL) from None
+        assert data is not None  # only nowait reads return None
         server.metrics.swap_io_seconds.labels("in").observe(time.perf_counter() - t0)
         await server.wait_for_frames(1)
         if not vm.alive:
@@ -262,8 +287,17 @@ class SwapService(PlatformService):
         still = (vm.p2m.state[pages] == PageState.SWAPPED) & (vm.p2m.swap_slot[pages] == slots)
         if not still[0]:
             raise VMMemError("page changed during swap-in", ErrorCode.INTERNAL)
-        take = np.flatnonzero(still)[: max(1, server.machine.available())]
-        pages, slots, data = pages[take], slots[take], data[take]
+        take = np.flatnonzero(still)
+        return self._install(vm, pages[take], slots[take], data[take])
+
+    def _install(
+        self, vm: VM, pages: Pages, slots: npt.NDArray[np.int64], data: npt.NDArray[np.uint8]
+    ) -> FaultReply:
+        """Map pages read back from swap (the faulting one first) and free their slots."""
+        server, swap = self.server, self.server.swap
+        assert swap is not None
+        take = max(1, server.machine.available())
+        pages, slots, data = pages[:take], slots[:take], data[:take]
         frames = server.machine.allocator.allocate(len(pages), vm.home_node)
         server.machine.frames[frames] = data
         server.faults.map_private(vm, pages, frames)
