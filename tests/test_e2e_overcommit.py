@@ -130,3 +130,51 @@ def test_vmmem_ctl_status_retire_and_host_limit(short_tmp: Path, mem_dir: Path) 
         assert st["host"]["retired"] == 1 and st["host"]["limit_pages"] == 4096
         result = asyncio.run(ctl(d.control_socket("a"), "verify"))
         assert result["mismatches"] == 0 and result["pages_verified"] == 2048
+
+
+@pytest.mark.timeout(120)
+def test_agent_killed_while_swapping_frees_frames_and_slots(short_tmp: Path, mem_dir: Path) -> None:
+    """SIGKILL an agent while its pages are being swapped: its frames and swap slots all come
+    back, and the other VM keeps running with every page verified."""
+    with daemons(short_tmp, mem_dir) as d:
+        d.start_platform(
+            "--host-memory", "64MiB", "--swap-file", str(short_tmp / "swap"), "--swap-size", "64MiB"
+        )
+        d.start_agent("survivor", memory="16MiB")
+        victim = d.start_agent("victim", memory="16MiB")
+        fill = {"duration": 8, "working_set": 1.0, "write_ratio": 0.7, "distribution": "uniform"}
+        for name in ("survivor", "victim"):
+            asyncio.run(ctl(d.control_socket(name), "run_phase", phase=fill))
+        asyncio.run(ctl(d.socket, "set_host_limit", size="20MiB"))
+        deadline = time.monotonic() + 20
+        while True:  # wait until the victim really has pages in swap
+            st = asyncio.run(ctl(d.socket, "status"))
+            vm = next(v for v in st["vms"] if v["name"] == "victim")
+            if vm["pages"]["swapped"] > 200 and vm["pages"]["exposed"] > 0:
+                break
+            assert time.monotonic() < deadline, vm
+            time.sleep(0.05)
+        victim.kill()
+        victim.wait(5)
+        deadline = time.monotonic() + 15
+        while True:
+            st = asyncio.run(ctl(d.socket, "status"))
+            survivor = st["vms"][0] if len(st["vms"]) == 1 else None
+            if survivor is not None:
+                swapped = survivor["pages"]["swapped"]
+                # Slots in use belong to the survivor alone (in-flight writes have landed).
+                if st["swap"]["used"] == swapped:
+                    break
+            assert time.monotonic() < deadline, st
+            time.sleep(0.1)
+        asyncio.run(ctl(d.socket, "set_host_limit", size="64MiB"))
+        result = asyncio.run(ctl(d.control_socket("survivor"), "verify"))
+        assert result["mismatches"] == 0 and result["unreachable"] == 0
+        assert result["pages_verified"] > 0
+        d.agents["survivor"].terminate()
+        assert d.agents["survivor"].wait(10) == 0
+        deadline = time.monotonic() + 10
+        while (st := asyncio.run(ctl(d.socket, "status")))["vms"] or st["swap"]["used"]:
+            assert time.monotonic() < deadline, st
+            time.sleep(0.1)
+        assert st["host"]["used"] == 2  # the two shared zero frames: everything else is back
