@@ -9,6 +9,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from shared.config import PlatformConfig, load_settings
+from shared.errors import VMMemError
 from shared.logs import configure_logging
 from shared.loops import run
 
@@ -65,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"vmmem-platform: cannot start: {exc}", file=sys.stderr)
         return 1
-    run(server.serve())
+    try:
+        run(server.serve())
+    except (VMMemError, OSError) as exc:
+        print(f"vmmem-platform: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -66,6 +66,15 @@ class PlatformConnection(asyncio.Protocol):
         self.send_error(exc, request_id)
         self.close()
 
+    def pause_writing(self) -> None:
+        """The peer does not read its replies: stop reading its requests until it does."""
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
     def close(self) -> None:
         if not self.closed and self.transport is not None:
             self.closed = True

@@ -153,7 +153,7 @@ class StateCollector(Collector):
             "Guest pages of each VM by platform state",
             labels=["vm", "state"],
         )
-        for vm in server.vms.values():
+        for vm in list(server.vms.values()):
             for state, n in vm.p2m.counts().items():
                 vms.add_metric([vm.name, state], n)
         yield vms

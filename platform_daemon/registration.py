@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from shared.constants import PAGE_SIZE
 from shared.errors import ErrorCode, VMMemError
 from shared.layout import ControlRegion, region_size
 from shared.messages import Register, Registered
@@ -42,6 +43,12 @@ class Registry:
             )
         if any(vm.name == info.name for vm in server.vms.values()):
             raise VMMemError(f"a VM named {info.name!r} is already running", ErrorCode.BAD_REQUEST)
+        if info.guest_pages * PAGE_SIZE > cfg.max_guest_memory:
+            raise VMMemError(
+                f"guest of {info.guest_pages} pages exceeds --max-guest-memory "
+                f"({cfg.max_guest_memory // PAGE_SIZE} pages)",
+                ErrorCode.BAD_REQUEST,
+            )
         if info.home_node >= server.machine.nodes:
             raise VMMemError(
                 f"home node {info.home_node} does not exist (nodes: {server.machine.nodes})",
@@ -72,6 +79,7 @@ class Registry:
             slot_capacity=cfg.slot_capacity,
             home_node=home,
             numa_nodes=server.machine.nodes,
+            max_outstanding_faults=cfg.max_outstanding_faults,
             generation=generation,
         )
 

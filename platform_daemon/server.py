@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import time
 import weakref
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,6 +56,16 @@ _ZERO, _IN_FLIGHT, _SWAPPED = int(PageState.ZERO), int(PageState.IN_FLIGHT), int
 _REASONS = [r.name.lower() for r in FaultReason]
 
 
+def _socket_is_live(path: Path) -> bool:
+    """True when something accepts connections on the Unix socket at ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 class PlatformServer:
     """One platform daemon: machine memory, VMs, services and the Unix socket."""
 
@@ -85,10 +97,13 @@ class PlatformServer:
         self.ctl = CtlOps(self)
         self.tasks: set[asyncio.Task[Any]] = set()
         self.frames_freed = asyncio.Event()
+        # Waiting faults wake when any frame is freed (swap-out landed, VM gone, ...).
+        self.machine.freed_listeners.append(self.frames_freed.set)
         self.should_exit = False
         self._stop: asyncio.Event | None = None
         self._server: asyncio.AbstractServer | None = None
         self._http: Any = None
+        self._owns_socket = False
         self.metrics_port: int | None = None
         self.started = time.time()
 
@@ -96,8 +111,8 @@ class PlatformServer:
 
     async def serve(self) -> None:
         """Run until SIGTERM/SIGINT (or ``request_stop``), then shut down cleanly."""
-        await self.startup()
         try:
+            await self.startup()
             await self.main_loop()
         finally:
             await self.shutdown()
@@ -109,15 +124,18 @@ class PlatformServer:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop)
         path = self.config.socket
-        if path.exists():
-            path.unlink()
-        self._server = await loop.create_unix_server(lambda: PlatformConnection(self), str(path))
-        os.chmod(path, 0o600)
-        if self.config.metrics_port >= 0:
+        if self.config.metrics_port >= 0:  # first: a taken port must not cost the socket
             self._http, _ = start_http_server(
                 self.config.metrics_port, addr="127.0.0.1", registry=self.metrics_registry
             )
             self.metrics_port = self._http.server_port
+        if path.exists():
+            if _socket_is_live(path):
+                raise VMMemError(f"another daemon is serving {path}", ErrorCode.BAD_REQUEST)
+            path.unlink()  # left behind by a daemon that died
+        self._server = await loop.create_unix_server(lambda: PlatformConnection(self), str(path))
+        self._owns_socket = True
+        os.chmod(path, 0o600)
         log.info(
             "platform_started",
             socket=str(path),
@@ -157,7 +175,8 @@ class PlatformServer:
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
-        self.config.socket.unlink(missing_ok=True)
+        if self._owns_socket:
+            self.config.socket.unlink(missing_ok=True)
         self.machine.close()
         if self.swap is not None:
             self.swap.close()
@@ -212,11 +231,15 @@ class PlatformServer:
                 )
         except RemoteProtocolError as exc:
             conn.fail(exc, request_id)
+        except VMMemError as exc:
+            # Our own limits (e.g. no memory right now): a clear error, the VM stays.
+            log.warning("request_failed", vm=vm.name, error=str(exc), code=exc.code.name)
+            conn.send_error(exc, request_id)
 
     async def _ctl(self, conn: PlatformConnection, request_id: int, msg: CtlRequest) -> None:
         try:
             result = await self.ctl.handle(msg.op, msg.args)
-        except VMMemError as exc:
+        except (VMMemError, ValueError, OverflowError, TypeError) as exc:
             conn.send(CtlReply(ok=False, error=str(exc)), request_id)
         else:
             conn.send(CtlReply(ok=True, result=result), request_id)
@@ -231,7 +254,9 @@ class PlatformServer:
         t0 = time.perf_counter()
         vm.stats.faults += 1
         state = int(vm.p2m.state[msg.bpn])
-        if state != _ZERO or self.memsched.state != FreeState.LOW:
+        # In LOW, a first touch that needs a frame (a write) waits for reclaim; a read maps
+        # the shared zero frame and needs none.
+        if not (state == _ZERO and msg.write and self.memsched.state == FreeState.LOW):
             try:
                 reply = self._resolve_now(vm, msg, state)
             except NeedsAsync:
@@ -293,7 +318,7 @@ class PlatformServer:
                     return outcome
                 awaited: FaultReply = await outcome
                 return awaited
-            low = self.free_state() == FreeState.LOW and state == PageState.ZERO
+            low = self.free_state() == FreeState.LOW and state == PageState.ZERO and msg.write
             if not low or time.monotonic() >= deadline:
                 try:
                     reply = self.faults.try_resolve(vm, msg.bpn, msg.write, msg.around)
@@ -319,11 +344,12 @@ class PlatformServer:
     async def wait_for_frames(self, n: int) -> None:
         """Wait, bounded by ``low_wait_seconds``, until ``n`` frames can be allocated."""
         deadline = time.monotonic() + self.config.low_wait_seconds
+        if self.machine.available() < n:
+            self.memsched.tick(time.monotonic())  # once: the main loop ticks after that
         while self.machine.available() < n:
             if time.monotonic() >= deadline:
                 self.metrics.low_waits.labels("failed").inc()
                 raise VMMemError("no free frame for swap-in", ErrorCode.OUT_OF_MEMORY)
-            self.memsched.tick(time.monotonic())
             self.frames_freed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.frames_freed.wait(), timeout=0.05)

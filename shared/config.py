@@ -40,6 +40,8 @@ class PlatformConfig(_Base):
     slot_count: int = Field(default=DEFAULT_SLOT_COUNT, ge=1, le=256)
     slot_capacity: int = Field(default=DEFAULT_SLOT_CAPACITY, ge=1, le=1 << 16)
     max_outstanding_faults: int = Field(default=256, ge=1)
+    #: Largest guest a VM may register: its p2m costs ~23 bytes per page of daemon memory.
+    max_guest_memory: Size = 64 << 30
     max_fault_around: int = Field(default=16, ge=0, le=MAX_FAULT_AROUND)
     swap_file: Path | None = None
     swap_size: Size = 0

@@ -264,6 +264,8 @@ class Registered(JsonMessage):
     home_node: int
     numa_nodes: int
     generation: int
+    #: Faults the agent may have outstanding at once; more is a protocol violation.
+    max_outstanding_faults: int = 256
 
 
 class Error(JsonMessage):

@@ -39,6 +39,8 @@ from .rpc import RpcClient
 from .runner import WorkloadRunner
 
 log = structlog.get_logger("vmmem.vmm")
+#: Faults this agent keeps on the wire at most (fewer if the daemon says so).
+MAX_OUTSTANDING_FAULTS = 64
 
 
 class Agent:
@@ -102,7 +104,8 @@ class Agent:
         if self.region.vm_id != reg.vm_id or self.region.generation != reg.generation:
             raise VMMemError("control region does not belong to this VM", ErrorCode.PROTOCOL)
         self.rounds = HighPriorityLoop(self.link, self.region, self.exposure, cfg.poll_interval)
-        self.faults = FaultPath(self.link, self.exposure, 64, around=16)
+        outstanding = min(MAX_OUTSTANDING_FAULTS, reg.max_outstanding_faults)
+        self.faults = FaultPath(self.link, self.exposure, outstanding, around=16)
         self.faults.on_fault_done.append(self.metrics.observe_fault)
         self.faults.on_fault_done.append(lambda _reason, _seconds: self.rounds.poll())
         self.rounds.on_batch.append(self._observe_batch)

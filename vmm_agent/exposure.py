@@ -14,6 +14,8 @@ import numpy.typing as npt
 
 from shared.constants import NO_FRAME
 
+NOT_RELEASED = 0xFF
+
 
 class ExposureTable:
     """BPN → (frame, writable) plus accessed and pinned state."""
@@ -24,6 +26,8 @@ class ExposureTable:
         self.writable = np.zeros(guest_pages, dtype=bool)
         self.accessed = np.zeros(guest_pages, dtype=bool)
         self.pinned = np.zeros(guest_pages, dtype=np.uint16)
+        #: The service that last took each page from the guest (NOT_RELEASED: none since reset).
+        self.released_by = np.full(guest_pages, NOT_RELEASED, dtype=np.uint8)
 
     def install(
         self, bpns: npt.NDArray[Any], frames: npt.NDArray[Any], writable: npt.NDArray[Any]

@@ -104,7 +104,7 @@ class GuestCollector(Collector):
             "Faults the guest took, by platform reason",
             labels=["vm", "reason"],
         )
-        for reason, n in agent.faults.by_reason.items():
+        for reason, n in list(agent.faults.by_reason.items()):
             faults.add_metric([vm, reason], n)
         yield faults
         exposed = GaugeMetricFamily(

@@ -69,22 +69,22 @@ class HighPriorityLoop:
             self.wake.clear()
             # A round serves a bounded number of batches per type; when work is still
             # pending after it, the next round starts at once instead of at the next poll.
-            # A round that found nothing to do waits, so a bit that stays set cannot spin.
+            # A round in which nothing was released waits (everything refused, or nothing
+            # offered), so a bit that stays set cannot make the two processes spin.
             while await self.round() and self.region.pending & HIGH_PRIORITY_MASK:
-                pass
+                await asyncio.sleep(0)  # let the vCPUs run between rounds
 
     async def round(self) -> int:
-        """One round: batches until the daemon says the round is over; returns how many."""
+        """One round: batches until the daemon says the round is over; returns pages released."""
         self.rounds += 1
-        batches = 0
+        released = 0
         while True:
             req: Request = await self.link.request(GetRequest(Priority.HIGH))
             if not req.has_work:
-                return batches
-            self.process(req)
-            batches += 1
+                return released
+            released += self.process(req)
 
-    def process(self, req: Request) -> None:
+    def process(self, req: Request) -> int:
         """Filter, invalidate, write statuses and complete one batch (no await inside)."""
         t0 = time.perf_counter()
         slot = self.region.slot(req.slot)
@@ -115,3 +115,4 @@ class HighPriorityLoop:
                 self.pages[(name, st.name.lower())] += int(counts[st])
         for callback in self.on_batch:
             callback(name, elapsed, counts)
+        return len(accepted)

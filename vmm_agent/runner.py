@@ -11,10 +11,11 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
+from shared.constants import ServiceType
 from shared.workload import Phase
 
 from .access import AccessStream
-from .exposure import ExposureTable
+from .exposure import NOT_RELEASED, ExposureTable
 from .fault_path import FaultPath
 from .guest import GuestMemory
 from .rpc import PeerError
@@ -22,6 +23,10 @@ from .vcpu import VCpu
 
 log = structlog.get_logger("vmmem.vmm.runner")
 VERIFY_CHUNK = 256
+#: How long halt() lets vCPUs finish their current access before cancelling them.
+HALT_SECONDS = 10.0
+#: Services whose filters do not skip pinned pages (see vmm_agent/services).
+PIN_EXEMPT = np.array([ServiceType.PAGE_RETIRE, ServiceType.P2M_UPDATE], dtype=np.uint8)
 #: The faulting page plus the 16 neighbours a fault-around may map.
 FAULT_AROUND_SPAN = 17
 
@@ -88,10 +93,12 @@ class WorkloadRunner:
     async def halt(self) -> None:
         """Stop the running phase and wait for its vCPUs."""
         self.stop.set()
-        for task in self.tasks:
-            if not task.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait_for(asyncio.shield(task), 10.0)
+        if self.tasks:
+            _, late = await asyncio.wait(self.tasks, timeout=HALT_SECONDS)
+            for task in late:  # stuck (e.g. a fault that never returns): do not wait forever
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
         for task in self.tasks:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 log.error("vcpu_crashed", error=repr(task.exception()))
@@ -111,11 +118,15 @@ class WorkloadRunner:
                     await self.faults.ensure(bpn, write=False)
             pages = pages[self.exposure.frame[pages] >= 0]
             frames = self.exposure.frame[pages].copy()
+            self.exposure.released_by[pages] = NOT_RELEASED
             self.exposure.pinned[pages] += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), phase.pin_seconds)
-            # A pinned page must still be exposed on the same frame: nothing released it.
-            self.pin_violations += int(np.count_nonzero(self.exposure.frame[pages] != frames))
+            # A pinned page must still be exposed on the same frame, unless a service that
+            # may take pinned pages took it (a failing frame, a stale shared mapping).
+            moved = self.exposure.frame[pages] != frames
+            allowed = np.isin(self.exposure.released_by[pages], PIN_EXEMPT)
+            self.pin_violations += int(np.count_nonzero(moved & ~allowed))
             self.exposure.pinned[pages] -= 1
             self.pin_cycles += 1
 

@@ -9,6 +9,7 @@ no release batch can slip in between "exposed" and "touched".
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import numpy as np
@@ -112,6 +113,10 @@ class VCpu:
                 since_yield += 1
                 if since_yield >= OPS_PER_YIELD:
                     since_yield = 0
-                    await asyncio.sleep(think)
+                    if think:  # think time, but a stop ends it at once
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), think)
+                    else:
+                        await asyncio.sleep(0)
                     if stop.is_set() or time.monotonic() >= deadline:
                         return

@@ -79,6 +79,12 @@ class P2MUpdateService(PlatformService):
             entry.bpns = rest
         else:
             q.popleft()
+        # A page still in another outstanding batch (of an older stale mapping) waits for
+        # that batch to complete; its bookkeeping is per page, one batch at a time.
+        busy = np.array([(vm.vm_id, b) in self.old_of for b in picked.tolist()], dtype=bool)
+        if busy.any():
+            q.append(StaleEntry(picked[busy], entry.old_mpn, entry.since))
+            picked = picked[~busy]
         for b in picked.tolist():
             self.since[(vm.vm_id, b)] = entry.since
             self.old_of[(vm.vm_id, b)] = entry.old_mpn
@@ -104,7 +110,9 @@ class P2MUpdateService(PlatformService):
         now = self.clock()
         for b in bpns.tolist():
             since = self.since.pop((vm.vm_id, b), now)
-            old = self.old_of.pop((vm.vm_id, b))
+            old = self.old_of.pop((vm.vm_id, b), None)
+            if old is None:  # not ours (never selected by this service): nothing to release
+                continue
             self.server.metrics.p2m_stale_seconds.observe(now - since)
             self._unref(old, 1)
 

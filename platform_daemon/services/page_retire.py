@@ -70,14 +70,25 @@ class PageRetireService(PlatformService):
 
     def complete(self, vm: VM, accepted: Pages, status: npt.NDArray[np.uint8]) -> None:
         # The copy is a few KiB per page: done here, so no fault can ever find it half done.
-        self.move(vm, accepted)
+        moved = self.move(vm, accepted)
         status[:] = PageStatus.OK
+        if moved < len(accepted):
+            # No frame to move to: the rest stays resident (content intact, still queued)
+            # and is moved by a later round, when memory allows.
+            rest = accepted[moved:]
+            vm.p2m.state[rest] = PageState.RESIDENT
+            vm.p2m.op[rest] = 0xFF
+            status[moved:] = PageStatus.NO_SPACE
 
-    def move(self, vm: VM, bpns: Pages) -> None:
-        """Copy ``bpns`` to healthy frames on their nodes; retire the old frames."""
-        if len(bpns) == 0:
-            return
+    def move(self, vm: VM, bpns: Pages) -> int:
+        """Copy ``bpns`` to healthy frames (same node when it has room); retire the old ones.
+
+        Moves as many as there are frames for, in order, and returns how many.
+        """
         machine = self.server.machine
+        bpns = bpns[: machine.available()]
+        if len(bpns) == 0:
+            return 0
         old = vm.p2m.frame[bpns].copy()
         nodes = machine.allocator.node_of(old)
         new = np.empty_like(old)
@@ -92,6 +103,7 @@ class PageRetireService(PlatformService):
         queued = self.queue.get(vm.vm_id, set())
         queued.difference_update(bpns.tolist())
         vm.stats.retired_moves += len(bpns)
+        return len(bpns)
 
     def on_fault(self, vm: VM, bpn: int, write: bool) -> FaultReply:
         """Complete the move (it is synchronous, so it already is), then map the new frame."""

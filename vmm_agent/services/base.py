@@ -35,6 +35,7 @@ class AgentService:
         self.filter(idx, status)
         accepted: npt.NDArray[np.int64] = idx[status == PageStatus.OK]
         self.exposure.invalidate(accepted)
+        self.exposure.released_by[accepted] = self.service
         return accepted
 
 
