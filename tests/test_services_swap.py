@@ -661,3 +661,41 @@ async def test_corrupt_swap_slot_is_detected_by_checksum(short_tmp: Path, mem_di
             await agent.fault(victim, write=True)
         assert not agent.link.closed.done()
         await agent.close()
+
+
+@pytest.mark.timeout(60)
+async def test_resident_pages_are_swapped_without_asking_the_vmm(
+    short_tmp: Path, mem_dir: Path
+) -> None:
+    """Pages left resident by a failed write (no VMM maps them) are swapped out by the
+    platform itself on a later round, and read back intact."""
+    async with running_platform(short_tmp, mem_dir, host_mib=16) as server:
+        agent = await FakeAgent.connect(server, "vm1", guest_pages=1024)
+        written = np.arange(0, 512, dtype=np.int64)
+        await agent.write_pages(written)
+        await agent.link.ctl("failpoint", name="swap_write_error", value=5)
+        server.memsched.set_host_limit(server.machine.allocator.used - 40)
+        server.memsched.tick(time.monotonic())
+        accepted = (await agent.round())[0][2]
+        await wait_until(lambda: swap_in_flight(server) == 0, "the failing write")
+        vm = server.vms[agent.vm_id]
+        assert (vm.p2m.state[accepted] == PageState.RESIDENT).all()
+        swap_svc: Any = server.services[ServiceType.SWAP]
+        await wait_until(lambda: time.monotonic() >= swap_svc.paused_until, "the back-off")
+        # Reclaim enough that the clock hand comes round to the resident pages again.
+        server.memsched.set_host_limit(server.machine.allocator.used - 400)
+        offered: list[int] = []
+        for _ in range(20):
+            server.memsched.tick(time.monotonic())
+            if not server.memsched.reclaiming:
+                break
+            for _, batch, _ in await agent.round():
+                offered.extend(batch.tolist())
+            await wait_until(lambda: swap_in_flight(server) == 0, "swap writes to land")
+        swapped = accepted[vm.p2m.state[accepted] == PageState.SWAPPED]
+        assert len(swapped) > 0, "no resident page was swapped"
+        assert not set(swapped.tolist()) & set(offered), "resident pages went through the VMM"
+        server.memsched.set_host_limit(server.machine.host_pages)
+        server.memsched.tick(time.monotonic())
+        await agent.verify(written)
+        await agent.close()

@@ -72,8 +72,16 @@ class SwapService(PlatformService):
         span = min(n, max(want, 1) * self.scan_factor)
         window = (np.arange(start, start + span, dtype=np.int64)) % n
         p2m = vm.p2m
-        ok = (p2m.state[window] == PageState.EXPOSED) & (p2m.flags[window] == 0)
-        picked = window[ok][:want]
+        private = p2m.flags[window] == 0
+        state = p2m.state[window]
+        # Resident pages (a failed write, a retire move) have a frame the VMM does not map:
+        # the platform swaps them itself, without a batch.
+        unmapped = window[(state == PageState.RESIDENT) & private][:want]
+        if len(unmapped):
+            self.mark_in_flight(vm, unmapped)
+            self.complete(vm, unmapped, self.ok_status(len(unmapped)))
+            want -= len(unmapped)
+        picked = window[(state == PageState.EXPOSED) & private][:want]
         # Continue after the last page taken, or after the window if it was exhausted.
         self.hand[vm.vm_id] = (
             int((picked[-1] + 1) % n) if len(picked) == want and want else int((start + span) % n)
