@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         server = PlatformServer(config)
-    except OSError as exc:
+    except (VMMemError, OSError) as exc:
         print(f"vmmem-platform: cannot start: {exc}", file=sys.stderr)
         return 1
     try:

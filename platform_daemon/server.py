@@ -70,6 +70,11 @@ class PlatformServer:
     """One platform daemon: machine memory, VMs, services and the Unix socket."""
 
     def __init__(self, config: PlatformConfig, registry: CollectorRegistry | None = None) -> None:
+        # Before any file is created: the swap file is opened with O_TRUNC and removed at
+        # exit, so a second daemon on a live one's socket (same configuration) would wipe the
+        # live daemon's swapped pages. startup() checks again when it binds the socket.
+        if config.socket.exists() and _socket_is_live(config.socket):
+            raise VMMemError(f"another daemon is serving {config.socket}", ErrorCode.BAD_REQUEST)
         self.config = config
         self.metrics_registry = registry or CollectorRegistry()
         self.metrics = PlatformMetrics(self.metrics_registry)
