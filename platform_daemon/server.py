@@ -79,12 +79,17 @@ class PlatformServer:
         self.metrics_registry = registry or CollectorRegistry()
         self.metrics = PlatformMetrics(self.metrics_registry)
         self.metrics_registry.register(StateCollector(weakref.ref(self)))
-        self.machine = MachineMemory(
-            MachineMemory.default_path(config.mem_dir), config.host_pages, config.numa_nodes
-        )
         self.swap: SwapFile | None = None
         if config.swap_file is not None and config.swap_size > 0:
             self.swap = SwapFile(config.swap_file, config.swap_size)
+        try:
+            self.machine = MachineMemory(
+                MachineMemory.default_path(config.mem_dir), config.host_pages, config.numa_nodes
+            )
+        except BaseException:
+            if self.swap is not None:
+                self.swap.close()
+            raise
         self.vms: dict[int, VM] = {}
         self.rounds: dict[int, RoundState] = {}
         self.connections: set[PlatformConnection] = set()

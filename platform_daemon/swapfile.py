@@ -9,6 +9,7 @@ The I/O methods are plain blocking functions: the services call them in a thread
 from __future__ import annotations
 
 import errno as errno_mod
+import fcntl
 import os
 import time
 from pathlib import Path
@@ -55,9 +56,16 @@ class SwapFile:
         self.slots = size // PAGE_SIZE
         if self.slots < 1:
             raise VMMemError(f"swap size {size} is smaller than one page")
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        # Locked before it is emptied: another daemon's live swap file is never truncated.
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise VMMemError(f"swap file {path} is in use by another daemon") from None
         # Sparse: blocks are allocated as slots are written, so a small filesystem fills up
         # for real (ENOSPC) instead of failing at startup.
+        os.ftruncate(self.fd, 0)
         os.ftruncate(self.fd, self.slots * PAGE_SIZE)
         self.checksum = np.zeros(self.slots, dtype=np.uint64)
         self.in_use = np.zeros(self.slots, dtype=bool)

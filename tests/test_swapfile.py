@@ -304,3 +304,15 @@ def test_nowait_read_serves_cached_pages_and_never_waits(swap: SwapFile) -> None
         assert got is not None and np.array_equal(got, data)
     blocking = swap.read_pages(slots)
     assert blocking is not None and np.array_equal(blocking, data)
+
+
+def test_a_swap_file_in_use_is_neither_truncated_nor_shared(swap: SwapFile) -> None:
+    """A second SwapFile on a path another one holds fails clearly and leaves its data alone."""
+    slots = swap.allocate(2)
+    data = pages(2, seed=4)
+    swap.write_pages(slots, data)
+    with pytest.raises(VMMemError, match="in use by another daemon"):
+        SwapFile(swap.path, 16 * PAGE_SIZE)
+    assert swap.path.exists()
+    back = swap.read_pages(slots)
+    assert back is not None and np.array_equal(back, data)
