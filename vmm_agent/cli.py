@@ -6,9 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from shared.config import AgentConfig, load_settings
+from shared.config import AgentConfig, settings_from_cli
 from shared.errors import VMMemError
 from shared.logs import configure_logging
 from shared.loops import run
@@ -48,12 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
-    config_file = args.pop("config")
-    try:
-        config = load_settings(AgentConfig, args, config_file)
-    except (ValidationError, ValueError, OSError) as exc:
-        print(f"vmmem-vmm: invalid configuration:\n{exc}", file=sys.stderr)
+    config = settings_from_cli(AgentConfig, vars(build_parser().parse_args(argv)), "vmmem-vmm")
+    if config is None:
         return 2
     configure_logging(config.log_format, config.log_level)
     from .agent import Agent

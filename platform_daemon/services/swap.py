@@ -27,7 +27,7 @@ from shared.constants import FaultReason, PageState, PageStatus, ServiceType
 from shared.errors import ErrorCode, VMMemError
 from shared.messages import FaultReply
 
-from ..p2m import NO_SLOT
+from ..p2m import NO_SLOT, P2M
 from ..swapfile import SwapChecksumError, SwapWriteError
 from .base import Pages, PlatformService
 
@@ -147,11 +147,7 @@ class SwapService(PlatformService):
             swap.release(slots)
             return
         p2m = vm.p2m
-        ours = (
-            (p2m.state[bpns] == PageState.IN_FLIGHT)
-            & (p2m.op[bpns] == ServiceType.SWAP)
-            & (p2m.epoch[bpns] == epochs)
-        )
+        ours = self._still_ours(p2m, bpns, epochs)
         done = bpns[ours]
         self.in_flight[vm.vm_id] -= len(done)
         swap.release(slots[~ours])  # cancelled while the write was in flight: discard it
@@ -181,14 +177,20 @@ class SwapService(PlatformService):
         if not vm.alive:
             return
         p2m = vm.p2m
-        ours = (
+        ours = self._still_ours(p2m, bpns, epochs)
+        p2m.state[bpns[ours]] = PageState.RESIDENT
+        p2m.op[bpns[ours]] = 0xFF
+        self.in_flight[vm.vm_id] -= int(ours.sum())
+
+    @staticmethod
+    def _still_ours(p2m: P2M, bpns: Pages, epochs: npt.NDArray[np.uint32]) -> npt.NDArray[np.bool_]:
+        """Pages still in the swap-out that started at ``epochs`` (not cancelled since)."""
+        mask: npt.NDArray[np.bool_] = (
             (p2m.state[bpns] == PageState.IN_FLIGHT)
             & (p2m.op[bpns] == ServiceType.SWAP)
             & (p2m.epoch[bpns] == epochs)
         )
-        p2m.state[bpns[ours]] = PageState.RESIDENT
-        p2m.op[bpns[ours]] = 0xFF
-        self.in_flight[vm.vm_id] -= int(ours.sum())
+        return mask
 
     def on_fault(self, vm: VM, bpn: int, write: bool) -> FaultReply:
         """Cancel the swap-out: same frame back at once, the write is discarded."""
