@@ -74,11 +74,13 @@ class FrameAllocator:
             np.arange(nodes, dtype=np.int16), [b - a for a, b in self.node_bounds]
         )
         self.retired = 0
+        # Host-wide free count kept beside the per-node ones: read on every fault.
+        self._free = host_pages
 
     @property
     def free(self) -> int:
         """Free frames on the host."""
-        return sum(n.free for n in self._nodes)
+        return self._free
 
     @property
     def used(self) -> int:
@@ -119,8 +121,11 @@ class FrameAllocator:
             # Frames retired while free are skipped here (lazy removal).
             chunk = chunk[self.frame_state[chunk] == _FREE]
             ns.free -= len(chunk)
+            self._free -= len(chunk)
             out.append(chunk)
             got += len(chunk)
+        if len(out) == 1:
+            return out[0]
         return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
 
     def release(self, frames: npt.NDArray[Any]) -> None:
@@ -133,6 +138,7 @@ class FrameAllocator:
             bad = frames[self.frame_state[frames] != _USED][:4]
             raise VMMemError(f"release of frames not in use: {bad.tolist()}")
         self.frame_state[frames] = _FREE
+        self._free += len(frames)
         nodes = self._node_of_block[frames]
         for node in np.unique(nodes):
             self._nodes[int(node)].push(frames[nodes == node])
@@ -157,6 +163,7 @@ class FrameAllocator:
         self.retired += 1
         if was_free:
             self._nodes[int(self._node_of_block[mpn])].free -= 1
+            self._free -= 1
         return bool(was_free)
 
     def retire_used(self, mpns: npt.NDArray[Any]) -> None:

@@ -35,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Prometheus port on 127.0.0.1 (default 9470; 0 picks a free port; -1 disables)",
     )
     a("--mem-dir", help="directory for the shared memory files (default /dev/shm)")
+    a(
+        "--prefault",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="back all machine memory with RAM at startup (default on)",
+    )
     a("--swap-file", help="path of the swap file (created, removed at exit)")
     a("--swap-size", help="size of the swap file, e.g. 1GiB (default: no swap)")
     a("--slot-capacity", type=int, help="pages per PageList batch (default 512)")

@@ -84,7 +84,10 @@ class PlatformServer:
             self.swap = SwapFile(config.swap_file, config.swap_size)
         try:
             self.machine = MachineMemory(
-                MachineMemory.default_path(config.mem_dir), config.host_pages, config.numa_nodes
+                MachineMemory.default_path(config.mem_dir),
+                config.host_pages,
+                config.numa_nodes,
+                prefault=config.prefault,
             )
         except BaseException:
             if self.swap is not None:

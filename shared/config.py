@@ -38,6 +38,8 @@ class PlatformConfig(_Base):
     numa_nodes: int = Field(default=2, ge=1, le=64)
     metrics_port: int = Field(default=9470, ge=-1, le=65535)
     mem_dir: Path = Path("/dev/shm")
+    #: Back all of machine memory with RAM at startup, as a host's memory is.
+    prefault: bool = True
     slot_count: int = Field(default=DEFAULT_SLOT_COUNT, ge=1, le=256)
     slot_capacity: int = Field(default=DEFAULT_SLOT_CAPACITY, ge=1, le=1 << 16)
     max_outstanding_faults: int = Field(default=256, ge=1)
