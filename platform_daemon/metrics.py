@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -171,6 +172,15 @@ class StateCollector(Collector):
                 "vmmem_p2m_stale_frames",
                 "Old frames still kept alive by stale VMM mappings",
                 value=p2m_update.stale_frames(),  # type: ignore[attr-defined]
+            )
+            now = time.monotonic()
+            yield GaugeMetricFamily(
+                "vmmem_p2m_oldest_stale_seconds",
+                "Age of the oldest stale mapping still waiting for its VMM",
+                value=max(
+                    (p2m_update.oldest_age(vm, now) for vm in list(server.vms.values())),  # type: ignore[attr-defined]
+                    default=0.0,
+                ),
             )
         swap = server.swap
         if swap is not None:

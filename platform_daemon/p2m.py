@@ -6,10 +6,7 @@ filters and updates batches of BPNs with vectorised operations on these arrays.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
-import numpy.typing as npt
 
 from shared.constants import NO_FRAME, PageState
 
@@ -34,16 +31,7 @@ class P2M:
         # whether the page it worked on was cancelled (and maybe restarted) in the meantime.
         self.epoch = np.zeros(guest_pages, dtype=np.uint32)
 
-    def in_range(self, bpns: npt.NDArray[Any]) -> bool:
-        """True when every BPN is a page of this VM."""
-        return bool(len(bpns) == 0 or (bpns.min() >= 0 and bpns.max() < self.guest_pages))
-
     def counts(self) -> dict[str, int]:
         """Pages by state (a scan: for scrapes and status, not hot paths)."""
         counts = np.bincount(self.state, minlength=len(PageState))
         return {s.name.lower(): int(counts[s]) for s in PageState}
-
-    def resident_frames(self) -> npt.NDArray[np.int64]:
-        """Every frame this VM holds (for release at disconnect)."""
-        held: npt.NDArray[np.int64] = self.frame[self.frame != NO_FRAME]
-        return held

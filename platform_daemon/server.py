@@ -37,6 +37,7 @@ from shared.messages import (
     Register,
 )
 
+from .allocator import FrameState
 from .connection import PlatformConnection
 from .ctl_ops import CtlOps
 from .faults import FaultResolver, NeedsAsync
@@ -317,21 +318,21 @@ class PlatformServer:
         while True:
             if not vm.alive:
                 raise VMMemError("VM is gone")
-            state = vm.p2m.state[msg.bpn]
-            if state == PageState.SWAPPED:
+            state = int(vm.p2m.state[msg.bpn])
+            if state == _SWAPPED:
                 swapped_in: FaultReply | None = await self.services_swap().swap_in(
                     vm, msg.bpn, msg.around
                 )
                 if swapped_in is not None:
                     return swapped_in
                 continue  # another fault read it: look at the page again
-            if state == PageState.IN_FLIGHT:
+            if state == _IN_FLIGHT:
                 outcome = self.services[vm.p2m.op[msg.bpn]].on_fault(vm, msg.bpn, msg.write)
                 if isinstance(outcome, FaultReply):
                     return outcome
                 awaited: FaultReply = await outcome
                 return awaited
-            low = self.free_state() == FreeState.LOW and state == PageState.ZERO and msg.write
+            low = self.free_state() == FreeState.LOW and state == _ZERO and msg.write
             if not low or time.monotonic() >= deadline:
                 try:
                     reply = self.faults.try_resolve(vm, msg.bpn, msg.write, msg.around)
@@ -350,9 +351,13 @@ class PlatformServer:
                 waited = True
                 vm.stats.low_waits += 1
                 self.memsched.tick(time.monotonic())
-            self.frames_freed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.frames_freed.wait(), timeout=0.05)
+            await self._frames_freed_or_timeout()
+
+    async def _frames_freed_or_timeout(self) -> None:
+        """Sleep until a frame is freed, or 50 ms (a limit change frees none)."""
+        self.frames_freed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.frames_freed.wait(), timeout=0.05)
 
     async def wait_for_frames(self, n: int) -> None:
         """Wait, bounded by ``low_wait_seconds``, until ``n`` frames can be allocated."""
@@ -363,9 +368,7 @@ class PlatformServer:
             if time.monotonic() >= deadline:
                 self.metrics.low_waits.labels("failed").inc()
                 raise VMMemError("no free frame for swap-in", ErrorCode.OUT_OF_MEMORY)
-            self.frames_freed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.frames_freed.wait(), timeout=0.05)
+            await self._frames_freed_or_timeout()
 
     def retire_frame(self, mpn: int) -> dict[str, Any]:
         """Mark ``mpn`` failing: take it out of use, moving whatever page it holds."""
@@ -375,9 +378,9 @@ class PlatformServer:
                 f"MPN {mpn} out of range 0..{machine.host_pages - 1}", ErrorCode.BAD_REQUEST
             )
         state = int(machine.allocator.frame_state[mpn])
-        if state == 2 or machine.failing[mpn]:
+        if state == FrameState.RETIRED or machine.failing[mpn]:
             return {"mpn": mpn, "was": "retired"}
-        if state == 0:
+        if state == FrameState.FREE:
             machine.allocator.retire(mpn)
             self.metrics.retired.labels("free").inc()
             log.info("frame_retired", mpn=mpn, was="free")

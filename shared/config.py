@@ -55,8 +55,6 @@ class PlatformConfig(_Base):
     free_low_pct: float = Field(default=1.0, ge=0, le=100)
     #: How long a first-touch fault in the low state waits for reclaim before it fails.
     low_wait_seconds: float = Field(default=5.0, gt=0)
-    #: Longest a stale mapping may pin an old frame before p2mUpdate is re-kicked.
-    p2m_stale_bound_seconds: float = Field(default=0.5, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> PlatformConfig:

@@ -94,7 +94,6 @@ class Agent:
             ),
             timeout=10,
         )
-        self.registered = reg
         self.machine: MappedFile = open_mapped(
             Path(reg.machine_memory_path), reg.host_pages * PAGE_SIZE
         )

@@ -53,7 +53,6 @@ class WorkloadRunner:
         self.started = 0.0
         self.stop = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
-        self.phases_run = 0
         self.pin_cycles = 0
         self.pin_violations = 0
 
@@ -81,7 +80,6 @@ class WorkloadRunner:
             self.tasks.append(asyncio.create_task(cpu.run(phase, stream, self.stop, self.touched)))
         if phase.pinned_pages:
             self.tasks.append(asyncio.create_task(self._pinner(phase)))
-        self.phases_run += 1
         log.info(
             "phase_started",
             phase=phase.name,

@@ -5,9 +5,10 @@ that shared it at a fresh zero frame, but VMMs may still map the old one read-on
 BPNs are queued here; the VMM's filter keeps only pages it maps shared at the old MPN and
 drops them; when no VMM maps the old frame any more, it is retired.
 
-Bound on stale mappings: p2mUpdate is high priority and kicked at once; memsched re-kicks a
-VM whose oldest entry is older than ``p2m_stale_bound_seconds``. The age of every drained
-entry is observed in ``vmmem_p2m_stale_mapping_seconds``.
+Bound on stale mappings: p2mUpdate is high priority and kicked at once, and memsched re-kicks
+every VM with pending work on each tick (100 ms). The age of every drained entry is observed
+in ``vmmem_p2m_stale_mapping_seconds``; the oldest waiting one is the gauge
+``vmmem_p2m_oldest_stale_seconds``.
 """
 
 from __future__ import annotations

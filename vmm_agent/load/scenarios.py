@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from shared.workload import ContentMix, Phase
 
@@ -14,7 +14,6 @@ class Scenario:
     name: str
     phases: list[Phase]
     host_limit: str | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def basic(
