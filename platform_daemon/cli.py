@@ -49,6 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
     a("--free-soft-pct", type=float, help="below this %% free: soft state (default 4)")
     a("--free-hard-pct", type=float, help="below this %% free: hard state, swapping (default 2)")
     a("--free-low-pct", type=float, help="below this %% free: low state, faults wait (default 1)")
+    a("--sample-pages", type=int, help="working-set sample size per VM and period (default 100)")
+    a("--sample-period", type=float, help="seconds per working-set sampling period (default 30)")
+    a("--sample-seed", type=int, help="seed of the sample draws (default: random)")
+    a(
+        "--share-scan-period",
+        type=float,
+        help="page sharing scans each VM's memory once per this many seconds (default 30)",
+    )
+    a(
+        "--lowprio-aging-seconds",
+        type=float,
+        help="a low-priority type waiting this long moves up one class (default 1)",
+    )
     a("--log-format", choices=["auto", "json", "console"], help="log format (default auto)")
     a("--log-level", choices=["debug", "info", "warning", "error"])
     return p

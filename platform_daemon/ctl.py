@@ -8,8 +8,9 @@ import os
 import sys
 from typing import Any
 
-from shared.loops import run
 from shared.sizes import format_size
+
+from .ctl_client import CtlClient, CtlError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--mpn", type=int, required=True, help="machine page number to retire")
     hl = sub.add_parser("set-host-limit", help="change the memory VMs may use, e.g. 128MiB")
     hl.add_argument("size", help="a size such as 128MiB or 1GiB")
+    lp = sub.add_parser(
+        "set-lowprio", help="change working-set sampling or the page-sharing scan at run time"
+    )
+    lp.add_argument("--sample-period", type=float, help="seconds per sampling period")
+    lp.add_argument("--sample-pages", type=int, help="pages sampled per VM and period")
+    lp.add_argument("--share-scan-period", type=float, help="seconds to scan each VM's memory once")
     return p
 
 
@@ -47,6 +54,12 @@ def render_status(st: dict[str, Any]) -> str:
     if st.get("swap"):
         sw = st["swap"]
         lines.append(f"swap: {sw['path']}  {sw['used']:,}/{sw['slots']:,} slots used")
+    sh = st.get("sharing")
+    if sh:
+        lines.append(
+            f"sharing: {sh['shared_pages']:,} pages merged into {sh['merged_frames']:,} frames"
+            f" (+ zero frames), {sh['frames_saved']:,} frames saved"
+        )
     if not st["vms"]:
         lines.append("no VMs registered")
     for vm in st["vms"]:
@@ -55,36 +68,61 @@ def render_status(st: dict[str, Any]) -> str:
             f"vm {vm['name']} (id {vm['vm_id']}, {vm['guest_pages']:,} pages, "
             f"home node {vm['home_node']}, pid {vm['pid']}): {pages}"
         )
+        lines.append("  " + _vm_lowprio_line(vm))
     return "\n".join(lines)
 
 
-async def _main(args: argparse.Namespace) -> int:
-    from vmm_agent.rpc import PeerError, RpcClient
+def _vm_lowprio_line(vm: dict[str, Any]) -> str:
+    """Working-set estimate and page sharing of one VM, on one line."""
+    sampling, sharing = vm.get("sampling", {}), vm.get("sharing", {})
+    fraction = sampling.get("estimate_fraction")
+    wss = (
+        "working set: not measured yet"
+        if fraction is None
+        else f"working set ~{fraction:.0%} ({sampling['estimate_pages']:,} pages)"
+    )
+    return (
+        f"{wss}; shared {sharing.get('shared_pages', 0):,}, "
+        f"COW breaks {sharing.get('cow_breaks', 0):,}, "
+        f"scanned {sharing.get('scanned_pages', 0):,}"
+    )
 
-    client = await RpcClient.connect(args.socket)
-    try:
-        if args.command == "status":
-            st = await client.ctl("status")
-            print(json.dumps(st, indent=2) if args.json else render_status(st))
-        elif args.command == "retire":
-            print(json.dumps(await client.ctl("retire", mpn=args.mpn)))
-        else:
-            print(json.dumps(await client.ctl("set_host_limit", size=args.size)))
-    except PeerError as exc:
-        print(f"vmmem-ctl: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        client.close()
-    return 0
+
+def _command(client: CtlClient, args: argparse.Namespace) -> None:
+    if args.command == "status":
+        st = client.call("status")
+        print(json.dumps(st, indent=2) if args.json else render_status(st))
+    elif args.command == "retire":
+        print(json.dumps(client.call("retire", mpn=args.mpn)))
+    elif args.command == "set-lowprio":
+        settings = {
+            "sample_period": args.sample_period,
+            "sample_pages": args.sample_pages,
+            "share_scan_period": args.share_scan_period,
+        }
+        chosen = {k: v for k, v in settings.items() if v is not None}
+        print(json.dumps(client.call("set_lowprio", **chosen)))
+    else:
+        print(json.dumps(client.call("set_host_limit", size=args.size)))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return run(_main(args))
-    except (ConnectionRefusedError, FileNotFoundError) as exc:
+        client = CtlClient(args.socket)
+    except OSError as exc:
         print(f"vmmem-ctl: cannot reach the platform at {args.socket}: {exc}", file=sys.stderr)
         return 2
+    with client:
+        try:
+            _command(client, args)
+        except CtlError as exc:
+            print(f"vmmem-ctl: {exc}", file=sys.stderr)
+            return 1
+        except OSError as exc:
+            print(f"vmmem-ctl: {exc}", file=sys.stderr)
+            return 2
+    return 0
 
 
 if __name__ == "__main__":

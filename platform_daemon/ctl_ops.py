@@ -6,14 +6,21 @@ import time
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shared.constants import PAGE_SIZE
+from shared.constants import PAGE_SIZE, ServiceType
 from shared.errors import ErrorCode, VMMemError
 from shared.sizes import parse_size
 
+from .services.page_sharing import PageSharingService
+from .services.sampling import SamplingService
+from .shared_frames import frames_saved, merged_pages
+
 if TYPE_CHECKING:
     from .server import PlatformServer
+
+log = structlog.get_logger("vmmem.platform.ctl")
 
 
 class _Args(BaseModel):
@@ -29,6 +36,14 @@ class RetireArgs(_Args):
 
 class HostLimitArgs(_Args):
     size: str | int
+
+
+class LowPrioArgs(_Args):
+    """Run-time settings of the low-priority services (each optional)."""
+
+    sample_period: float | None = Field(default=None, gt=0, le=86400)
+    sample_pages: int | None = Field(default=None, ge=1, le=1 << 20)
+    share_scan_period: float | None = Field(default=None, gt=0, le=86400)
 
 
 class FailpointArgs(_Args):
@@ -85,6 +100,16 @@ class CtlOps:
                 "slots": swap.slots,
                 "used": swap.used,
             },
+            "sharing": {
+                "merged_frames": s.shared.frames,
+                "shared_pages": sum(merged_pages(vm.p2m) for vm in s.vms.values()),
+                "frames_saved": frames_saved([vm.p2m for vm in s.vms.values()], s.shared),
+            },
+            "lowprio": {
+                "sample_period_seconds": self._sampling.period,
+                "sample_pages": self._sampling.sample_pages,
+                "share_scan_period_seconds": self._sharing.scan_period,
+            },
             "vms": [self._vm(vm) for vm in s.vms.values()],
         }
 
@@ -102,7 +127,62 @@ class CtlOps:
             "pending": vm.region.pending,
             "swap_target_pages": self.server.memsched.swap_targets.get(vm.vm_id, 0),
             "stats": vars(vm.stats).copy(),
+            "sampling": self._sampling.status(vm),
+            "sharing": {
+                "shared_pages": merged_pages(vm.p2m),
+                "cow_breaks": vm.stats.cow_breaks,
+                "scanned_pages": vm.stats.sharing_scanned,
+                "merges": vm.stats.pages_merged,
+                "aborted": vm.stats.sharing_aborted,
+            },
+            "lowprio": self._lowprio(vm),
         }
+
+    def _lowprio(self, vm: Any) -> dict[str, Any]:
+        state = self.server.rounds.get(vm.vm_id)
+        if state is None:
+            return {}
+        low = state.low
+        return {
+            "rounds": {end.value: n for end, n in low.rounds.items()},
+            "types": {
+                service.name.lower(): {
+                    "served_pages": st.served_pages,
+                    "deferred_pages": st.deferred,
+                    "cost_per_page_seconds": low.cost(service).per_unit,
+                    "cost_per_batch_seconds": low.cost(service).per_batch,
+                }
+                for service, st in low.types.items()
+            },
+        }
+
+    @property
+    def _sampling(self) -> SamplingService:
+        svc = self.server.services[ServiceType.SAMPLING]
+        assert isinstance(svc, SamplingService)
+        return svc
+
+    @property
+    def _sharing(self) -> PageSharingService:
+        svc = self.server.services[ServiceType.PAGE_SHARING]
+        assert isinstance(svc, PageSharingService)
+        return svc
+
+    def op_set_lowprio(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Change the sampling period and size, or the sharing scan period, at run time."""
+        parsed = LowPrioArgs.model_validate(args)
+        self._sampling.configure(parsed.sample_period, parsed.sample_pages)
+        self._sharing.configure(parsed.share_scan_period)
+        log.info("lowprio_configured", **parsed.model_dump(exclude_none=True))
+        return {
+            "sample_period": self._sampling.period,
+            "sample_pages": self._sampling.sample_pages,
+            "share_scan_period": self._sharing.scan_period,
+        }
+
+    def op_sampling(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Each VM's finished sampling periods: sample id, times, counts and the estimate."""
+        return {vm.name: self._sampling.history(vm) for vm in self.server.vms.values()}
 
     def op_list_vms(self, args: dict[str, Any]) -> dict[str, Any]:
         return {

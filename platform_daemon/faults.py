@@ -31,7 +31,8 @@ from shared.constants import NO_FRAME, FaultReason, PageState
 from shared.messages import FAULT_FLAG_WRITABLE, FaultReply
 
 from .machine import MachineMemory
-from .p2m import FLAG_SHARED
+from .p2m import FLAG_MERGED, FLAG_SHARED
+from .shared_frames import SharedFrames
 from .vm import VM
 
 #: Page states as plain ints, for comparisons with NumPy values (see the module docstring).
@@ -40,7 +41,7 @@ _EXPOSED = int(PageState.EXPOSED)
 _SELECTED = int(PageState.SELECTED)
 _RESIDENT = int(PageState.RESIDENT)
 _MAPPABLE = (_EXPOSED, _SELECTED, _RESIDENT)
-_NOT_SHARED = 0xFF & ~FLAG_SHARED
+_PRIVATE = 0xFF & ~(FLAG_SHARED | FLAG_MERGED)
 _NO_PAGES = np.empty(0, dtype=np.int64)
 _NO_PAGES.flags.writeable = False
 
@@ -52,8 +53,9 @@ class NeedsAsync(Exception):
 class FaultResolver:
     """Answers faults from the p2m and machine memory."""
 
-    def __init__(self, machine: MachineMemory, max_around: int) -> None:
+    def __init__(self, machine: MachineMemory, shared: SharedFrames, max_around: int) -> None:
         self.machine = machine
+        self.shared = shared
         self.max_around = max_around
 
     def map_private(self, vm: VM, bpns: npt.NDArray[Any], frames: npt.NDArray[Any]) -> None:
@@ -61,7 +63,7 @@ class FaultResolver:
         p2m = vm.p2m
         p2m.frame[bpns] = frames
         p2m.state[bpns] = _EXPOSED
-        p2m.flags[bpns] = p2m.flags[bpns] & _NOT_SHARED
+        p2m.flags[bpns] = p2m.flags[bpns] & _PRIVATE
         self.machine.set_owner(frames, vm.vm_id, bpns)
 
     def reply(self, vm: VM, reason: FaultReason, bpns: npt.NDArray[Any]) -> FaultReply:
@@ -102,15 +104,32 @@ class FaultResolver:
         return self.reply(vm, FaultReason.FIRST_TOUCH, fresh)
 
     def copy_on_write(self, vm: VM, bpn: int) -> FaultReply:
-        """Give a shared page its own writable copy."""
+        """Give a shared page its own writable copy.
+
+        The last sharer of a merged frame takes the frame itself (no copy, as Linux reuses a
+        page whose only mapping faults on write). Otherwise the page gets a copy and its old
+        frame loses a sharer (and is freed with its last one).
+        """
+        p2m, shared = vm.p2m, self.shared
+        old = int(p2m.frame[bpn])
+        one = np.array([bpn], dtype=np.int64)
+        merged = bool(p2m.flags[bpn] & FLAG_MERGED)
+        if shared.refs[old] == 1:
+            vm.stats.cow_breaks += merged
+            shared.make_private(old, vm.vm_id, bpn)
+            p2m.flags[bpn] = p2m.flags[bpn] & _PRIVATE
+            p2m.state[bpn] = _EXPOSED
+            return self.reply(vm, FaultReason.COW, one)
         if self.machine.available() < 1:
             raise NeedsAsync
-        old = int(vm.p2m.frame[bpn])
         new = self.machine.allocator.allocate(1, vm.home_node)
         self.machine.frames[new[0]] = self.machine.frames[old]
-        self.map_private(vm, np.array([bpn], dtype=np.int64), new)
+        self.map_private(vm, one, new)
+        if shared.refs[old] > 0:
+            shared.unref(np.array([old]))
+        vm.stats.cow_breaks += merged
         vm.stats.pages_mapped += 1
-        return self.reply(vm, FaultReason.COW, np.array([bpn], dtype=np.int64))
+        return self.reply(vm, FaultReason.COW, one)
 
     def _around(self, vm: VM, bpn: int, around: int) -> npt.NDArray[np.int64]:
         """Neighbours after ``bpn`` that a fault-around may map: untouched or resident."""

@@ -128,6 +128,57 @@ class PlatformMetrics:
             ["outcome"],
             registry=registry,
         )
+        self.lowprio_rounds = Counter(
+            "vmmem_platform_lowprio_rounds",
+            "Low-priority rounds, by how they ended (done, bound, preempted, no_slot)",
+            ["end"],
+            registry=registry,
+        )
+        self.lowprio_pages = Counter(
+            "vmmem_lowprio_work_pages",
+            "Units of low-priority work done (pages handed out or hashed), by service",
+            ["service"],
+            registry=registry,
+        )
+        self.lowprio_work_seconds = Counter(
+            "vmmem_lowprio_work_seconds",
+            "Time spent on low-priority work (daemon and VMM), by service",
+            ["service"],
+            registry=registry,
+        )
+        self.lowprio_deferred = Counter(
+            "vmmem_lowprio_deferred_pages",
+            "Units of low-priority work a round's time bound left for a later round",
+            ["service"],
+            registry=registry,
+        )
+        self.sampled_pages = Counter(
+            "vmmem_sampling_pages",
+            "Pages handed to monitors as working-set samples",
+            registry=registry,
+        )
+        self.sampling_periods = Counter(
+            "vmmem_sampling_periods",
+            "Working-set sampling periods ended, measured or missed (monitor never armed them)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.sharing_scanned = Counter(
+            "vmmem_sharing_scanned_pages",
+            "Pages hashed by the page-sharing scan",
+            registry=registry,
+        )
+        self.sharing_merges = Counter(
+            "vmmem_sharing_merged_pages",
+            "Pages the sharing merge looked at, by outcome (zero, shared, new, unchanged)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.sharing_aborted = Counter(
+            "vmmem_sharing_aborted_pages",
+            "Merges cancelled by a guest write to the page while it was in flight",
+            registry=registry,
+        )
 
 
 class StateCollector(Collector):

@@ -15,6 +15,9 @@ NO_SLOT = -1
 
 #: p2m flag: the frame is shared read-only (a write must copy it first).
 FLAG_SHARED = 1
+#: p2m flag: page sharing merged this page into its shared frame (with FLAG_SHARED). Tells
+#: merged pages from untouched ones that a read mapped to the zero frame.
+FLAG_MERGED = 2
 
 
 class P2M:

@@ -1,10 +1,19 @@
 """Rounds of request handling on the platform: snapshot, per-batch selection, completion.
 
-A high-priority round starts with the first GetRequest the agent sends while no round is
-open. The pending word is snapshotted then and only those types are served; work that
-becomes pending during the round waits for the next one, so a type that keeps re-arming
-itself cannot starve the others. Within a round, types are served in turns, one batch each,
-and each type gets at most ``max_batches`` batches, so every round ends.
+Both priorities share these rules. A round starts with the agent's first GetRequest (flag
+NEW_ROUND, or any GetRequest while no round of that priority is open). The pending word is
+snapshotted then and only those types are served; work that becomes pending during the
+round waits for the next one, so a type that keeps re-arming itself cannot starve the
+others. Pages are selected per batch, when the GetRequest arrives.
+
+- **High priority** (release services): types take turns, one batch each, at most
+  ``max_batches`` per type, so every round ends.
+- **Low priority** (best effort): each GetRequest carries the time left in the agent's
+  bound; the scheduler (``lowprio.py``) picks the type by class with aging and the batch
+  size from the type's measured cost, so the batch fits. A low-priority round yields at
+  once when high-priority work is pending. A scan that found nothing to hand out (page
+  sharing hashed pages, none matched) goes on within the same GetRequest while time is
+  left, so the agent pays no round trip for it.
 """
 
 from __future__ import annotations
@@ -17,14 +26,25 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from shared.constants import HIGH_PRIORITY_SERVICES, PageState, PageStatus, Priority, ServiceType
+from shared.constants import (
+    HIGH_PRIORITY_SERVICES,
+    PageState,
+    PageStatus,
+    Priority,
+    ServiceType,
+)
 from shared.errors import ErrorCode, RemoteProtocolError
 from shared.layout import SlotState
 from shared.messages import NO_SLOT, CompleteRequest, GetRequest, Request
 
+from .lowprio import LowPriorityScheduler, RoundEnd, VMSchedule
+from .services.base import LowPriorityService
+
 if TYPE_CHECKING:
     from .services.base import PlatformService
     from .vm import VM
+
+_ROUND_OVER = Request(0, NO_SLOT, 0, 0)
 
 
 @dataclass
@@ -36,11 +56,14 @@ class IssuedBatch:
     bpns: npt.NDArray[np.int64]
     mpns: npt.NDArray[np.int64]
     select_seconds: float
+    priority: Priority = Priority.HIGH
+    units: int = 0
+    issued_at: float = 0.0
 
 
 @dataclass
 class RoundState:
-    """Per-VM bookkeeping of the current round and issued slots."""
+    """Per-VM bookkeeping of the current rounds and issued slots."""
 
     open: bool = False
     snapshot: list[ServiceType] = field(default_factory=list)
@@ -49,6 +72,15 @@ class RoundState:
     issued: dict[int, IssuedBatch] = field(default_factory=dict)
     next_seq: int = 1
     rounds: int = 0
+    low: VMSchedule = field(default_factory=VMSchedule)
+
+
+@dataclass
+class LowRoundClosed:
+    """What ``on_low_round_closed`` reports: why, and the pages deferred per type."""
+
+    end: RoundEnd
+    deferred: dict[ServiceType, int]
 
 
 class RoundEngine:
@@ -59,15 +91,23 @@ class RoundEngine:
         services: dict[ServiceType, PlatformService],
         max_batches: int = 8,
         clock: Callable[[], float] = time.perf_counter,
+        scheduler: LowPriorityScheduler | None = None,
     ) -> None:
         self.services = services
         self.max_batches = max_batches
         self.clock = clock
+        self.scheduler = scheduler or LowPriorityScheduler()
+        self.low_services = {
+            s: svc for s, svc in services.items() if isinstance(svc, LowPriorityService)
+        }
         # Called as (service, seconds, status) after each completed batch.
         self.on_batch_done: Callable[[ServiceType, float, npt.NDArray[np.uint8]], None] = (
             lambda service, seconds, status: None
         )
         self.on_round_open: Callable[[Priority], None] = lambda priority: None
+        self.on_low_round_closed: Callable[[VM, LowRoundClosed], None] = lambda vm, closed: None
+        # Called as (service, pages of work, seconds) for each low-priority batch or scan.
+        self.on_low_work: Callable[[ServiceType, int, float], None] = lambda s, n, t: None
 
     def refresh_pending(self, vm: VM) -> int:
         """Recompute the pending word from the services' queues; returns the new word."""
@@ -80,9 +120,9 @@ class RoundEngine:
 
     def get_request(self, vm: VM, state: RoundState, msg: GetRequest) -> Request:
         """Open a round if needed and hand out the next batch, or end the round."""
-        if msg.priority != Priority.HIGH:
-            return Request(0, NO_SLOT, 0, 0)  # low-priority services: not in this version
-        if not state.open:
+        if msg.priority == Priority.LOW:
+            return self._get_low(vm, state, msg, self.clock())
+        if not state.open or msg.new_round:
             word = self.refresh_pending(vm)
             state.open, state.turn, state.rounds = True, 0, state.rounds + 1
             self.on_round_open(msg.priority)
@@ -109,7 +149,80 @@ class RoundEngine:
             return self._issue(vm, state, stype, slot_index, bpns, mpns, self.clock() - t0)
         state.open = False
         self.refresh_pending(vm)
-        return Request(0, NO_SLOT, 0, 0)
+        return _ROUND_OVER
+
+    # ---- low priority ---------------------------------------------------------------------
+
+    def _get_low(self, vm: VM, state: RoundState, msg: GetRequest, received: float) -> Request:
+        sched, low = self.scheduler, state.low
+        if msg.new_round or not low.open:
+            if low.open:  # the agent left the last round early (it yielded to high priority)
+                self._close_low(vm, state, RoundEnd.PREEMPTED)
+            word = self.refresh_pending(vm)
+            now = self.clock()
+            for svc in self.low_services.values():
+                svc.on_round_open(vm, now)
+            sched.open_round(low, now, [s for s in self.low_services if word & s.bit])
+            self.on_round_open(Priority.LOW)
+        if self._high_pending(vm):  # high priority pre-empts low, whatever the snapshot says
+            return self._close_low(vm, state, RoundEnd.PREEMPTED)
+        deadline = received + msg.budget_us / 1e6
+        while True:
+            now = self.clock()
+            work = self._low_work(vm, low, now)
+            choice = sched.choose(low, now, deadline - now, work)
+            if isinstance(choice, RoundEnd):
+                return self._close_low(vm, state, choice, work)
+            slot_index = self._free_slot(vm, state)
+            if slot_index is None:
+                return self._close_low(vm, state, RoundEnd.NO_SLOT, work)
+            svc = self.low_services[choice.service]
+            capacity = vm.region.slot_capacity
+            sel = svc.select_work(vm, capacity, choice.units, now)
+            seconds = self.clock() - now
+            if len(sel.bpns) == 0:
+                # Work without a batch (a scan that found nothing): costed, and the round
+                # goes on here; a type that did nothing at all leaves the snapshot.
+                sched.record(low, choice.service, sel.work, seconds, None)
+                self.on_low_work(choice.service, sel.work, seconds)
+                if sel.work == 0:
+                    low.snapshot.remove(choice.service)
+                continue
+            sched.served(low, choice.service, len(sel.bpns), now)
+            return self._issue(
+                vm,
+                state,
+                choice.service,
+                slot_index,
+                sel.bpns,
+                sel.mpns,
+                seconds,
+                Priority.LOW,
+                sel.work,
+            )
+
+    def _high_pending(self, vm: VM) -> bool:
+        return any(
+            self.services[s].has_work(vm) for s in HIGH_PRIORITY_SERVICES if s in self.services
+        )
+
+    def _low_work(self, vm: VM, low: VMSchedule, now: float) -> dict[ServiceType, int]:
+        return {s: self.low_services[s].pending_work(vm, now) for s in low.snapshot}
+
+    def _close_low(
+        self,
+        vm: VM,
+        state: RoundState,
+        end: RoundEnd,
+        work: dict[ServiceType, int] | None = None,
+    ) -> Request:
+        if work is None:
+            work = self._low_work(vm, state.low, self.clock())
+        deferred = self.scheduler.close_round(state.low, end, work)
+        self.on_low_round_closed(vm, LowRoundClosed(end, deferred))
+        return _ROUND_OVER
+
+    # ---- both -----------------------------------------------------------------------------
 
     def _free_slot(self, vm: VM, state: RoundState) -> int | None:
         for i in range(vm.region.slot_count):
@@ -126,12 +239,17 @@ class RoundEngine:
         bpns: npt.NDArray[np.int64],
         mpns: npt.NDArray[np.int64],
         seconds: float,
+        priority: Priority = Priority.HIGH,
+        units: int = 0,
     ) -> Request:
         seq = state.next_seq
         state.next_seq += 1
-        vm.p2m.state[bpns] = PageState.SELECTED
+        if self.services[stype].takes_pages:
+            vm.p2m.state[bpns] = PageState.SELECTED
         vm.region.slot(slot_index).fill(stype, seq, bpns, mpns)
-        state.issued[slot_index] = IssuedBatch(stype, seq, bpns, mpns, seconds)
+        state.issued[slot_index] = IssuedBatch(
+            stype, seq, bpns, mpns, seconds, priority, units, self.clock()
+        )
         return Request(int(stype), slot_index, len(bpns), seq)
 
     def complete(self, vm: VM, state: RoundState, msg: CompleteRequest) -> None:
@@ -154,13 +272,31 @@ class RoundEngine:
             )
         del state.issued[msg.slot]
         status = status_view.copy()
+        svc = self.services[batch.service]
+        if svc.takes_pages:
+            self._hand_over(vm, svc, batch, status)
+        else:
+            svc.complete(vm, batch.bpns, status)
+        status_view[:] = status
+        slot.write_header(batch.service, SlotState.FREE, msg.count, msg.seq)
+        end = self.clock()
+        self.on_batch_done(batch.service, batch.select_seconds + end - t0, status)
+        if batch.priority == Priority.LOW:
+            processing = batch.select_seconds + (end - t0) + msg.elapsed_us / 1e6
+            round_trip = max(0.0, (t0 - batch.issued_at) - msg.elapsed_us / 1e6)
+            self.scheduler.record(state.low, batch.service, batch.units, processing, round_trip)
+            self.on_low_work(batch.service, batch.units, processing)
+
+    def _hand_over(
+        self, vm: VM, svc: PlatformService, batch: IssuedBatch, status: npt.NDArray[np.uint8]
+    ) -> None:
+        """Accepted pages go in flight to the service; refused ones are exposed again."""
         # A page that faulted while SELECTED is exposed again: the VMM kept it.
         still_selected = vm.p2m.state[batch.bpns] == PageState.SELECTED
         status[(status == PageStatus.OK) & ~still_selected] = PageStatus.NOT_EXPOSED
         ok = status == PageStatus.OK
         accepted, refused = batch.bpns[ok], batch.bpns[~ok]
         vm.p2m.state[batch.bpns[~ok & still_selected]] = PageState.EXPOSED
-        svc = self.services[batch.service]
         if len(refused):
             # Pages that faulted while selected are reported too (NOT_EXPOSED): they are
             # exposed again like the refused ones, and a service may hold bookkeeping for
@@ -171,6 +307,3 @@ class RoundEngine:
             svc.mark_in_flight(vm, accepted)
             svc.complete(vm, accepted, outcome)
             status[ok] = outcome
-        status_view[:] = status
-        slot.write_header(batch.service, SlotState.FREE, msg.count, msg.seq)
-        self.on_batch_done(batch.service, batch.select_seconds + self.clock() - t0, status)

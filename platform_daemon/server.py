@@ -22,7 +22,15 @@ import structlog
 from prometheus_client import CollectorRegistry, start_http_server
 
 from shared.config import PlatformConfig
-from shared.constants import NO_FRAME, FaultReason, FreeState, PageState, PageStatus, ServiceType
+from shared.constants import (
+    HIGH_PRIORITY_MASK,
+    NO_FRAME,
+    FaultReason,
+    FreeState,
+    PageState,
+    PageStatus,
+    ServiceType,
+)
 from shared.errors import ErrorCode, RemoteProtocolError, VMMemError
 from shared.messages import (
     CompleteRequest,
@@ -37,19 +45,24 @@ from shared.messages import (
     Register,
 )
 
-from .allocator import FrameState
 from .connection import PlatformConnection
+from .context import ServiceContext
 from .ctl_ops import CtlOps
 from .faults import FaultResolver, NeedsAsync
+from .lowprio import LowPriorityScheduler
 from .machine import MachineMemory
 from .memsched import MemSched
 from .metrics import PlatformMetrics, StateCollector
+from .p2m import FLAG_SHARED
 from .registration import Registry
-from .rounds import RoundEngine, RoundState
+from .retire import FrameRetirement
+from .rounds import LowRoundClosed, RoundEngine, RoundState
 from .services import build_services
 from .services.swap import SwapService
+from .shared_frames import SharedFrames
 from .swapfile import SwapFile
 from .vm import VM
+from .waits import FrameWaits
 
 log = structlog.get_logger("vmmem.platform")
 # Plain ints: comparing a NumPy value with an IntEnum member costs microseconds (see faults.py).
@@ -97,22 +110,53 @@ class PlatformServer:
         self.vms: dict[int, VM] = {}
         self.rounds: dict[int, RoundState] = {}
         self.connections: set[PlatformConnection] = set()
-        self.faults = FaultResolver(self.machine, config.max_fault_around)
+        self.shared = SharedFrames(self.machine)
+        self.faults = FaultResolver(self.machine, self.shared, config.max_fault_around)
         self.registry = Registry(self)
-        self.services = build_services(self)
-        self.engine = RoundEngine(self.services)
+        self.memsched = MemSched(self)
+        self.waits = FrameWaits(
+            self.machine,
+            config.low_wait_seconds,
+            lambda: self.memsched.tick(time.monotonic()),
+            self.metrics.low_waits,
+        )
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.context = ServiceContext(
+            machine=self.machine,
+            mapper=self.faults,
+            shared=self.shared,
+            metrics=self.metrics,
+            config=config,
+            clock=time.monotonic,
+            spawn=self.spawn,
+            waits=self.waits,
+            swap=self.swap,
+            targets=self.memsched,
+        )
+        self.services = build_services(self.context)
+        self.engine = RoundEngine(
+            self.services,
+            clock=time.monotonic,
+            scheduler=LowPriorityScheduler(aging_seconds=config.lowprio_aging_seconds),
+        )
         self.engine.on_batch_done = self._record_batch
         self.engine.on_round_open = lambda p: self.metrics.rounds.labels(p.name.lower()).inc()
-        self.memsched = MemSched(self)
+        self.engine.on_low_round_closed = self._record_low_round
+        self.engine.on_low_work = self._record_low_work
+        self.retirement = FrameRetirement(
+            self.machine,
+            self.shared,
+            self.vms,
+            self.services[ServiceType.PAGE_RETIRE],  # type: ignore[arg-type]
+            self.services[ServiceType.P2M_UPDATE],  # type: ignore[arg-type]
+            self.kick,
+            self.metrics,
+        )
         # Metric children bound once per reason: labels() on every fault costs microseconds.
         self._fault_metrics = [
             (self.metrics.faults.labels(r), self.metrics.fault_seconds.labels(r)) for r in _REASONS
         ]
         self.ctl = CtlOps(self)
-        self.tasks: set[asyncio.Task[Any]] = set()
-        self.frames_freed = asyncio.Event()
-        # Waiting faults wake when any frame is freed (swap-out landed, VM gone, ...).
-        self.machine.freed_listeners.append(self.frames_freed.set)
         self.should_exit = False
         self._stop: asyncio.Event | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -351,85 +395,11 @@ class PlatformServer:
                 waited = True
                 vm.stats.low_waits += 1
                 self.memsched.tick(time.monotonic())
-            await self._frames_freed_or_timeout()
-
-    async def _frames_freed_or_timeout(self) -> None:
-        """Sleep until a frame is freed, or 50 ms (a limit change frees none)."""
-        self.frames_freed.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.frames_freed.wait(), timeout=0.05)
-
-    async def wait_for_frames(self, n: int) -> None:
-        """Wait, bounded by ``low_wait_seconds``, until ``n`` frames can be allocated."""
-        deadline = time.monotonic() + self.config.low_wait_seconds
-        if self.machine.available() < n:
-            self.memsched.tick(time.monotonic())  # once: the main loop ticks after that
-        while self.machine.available() < n:
-            if time.monotonic() >= deadline:
-                self.metrics.low_waits.labels("failed").inc()
-                raise VMMemError("no free frame for swap-in", ErrorCode.OUT_OF_MEMORY)
-            await self._frames_freed_or_timeout()
+            await self.waits.freed_or_timeout()
 
     def retire_frame(self, mpn: int) -> dict[str, Any]:
         """Mark ``mpn`` failing: take it out of use, moving whatever page it holds."""
-        machine = self.machine
-        if not 0 <= mpn < machine.host_pages:
-            raise VMMemError(
-                f"MPN {mpn} out of range 0..{machine.host_pages - 1}", ErrorCode.BAD_REQUEST
-            )
-        state = int(machine.allocator.frame_state[mpn])
-        if state == FrameState.RETIRED or machine.failing[mpn]:
-            return {"mpn": mpn, "was": "retired"}
-        if state == FrameState.FREE:
-            machine.allocator.retire(mpn)
-            self.metrics.retired.labels("free").inc()
-            log.info("frame_retired", mpn=mpn, was="free")
-            return {"mpn": mpn, "was": "free"}
-        machine.failing[mpn] = True
-        owner = int(machine.owner_vm[mpn])
-        if machine.is_zero_frame(mpn):
-            result = self._retire_zero_frame(mpn)
-        else:
-            vm = self.vms.get(owner)
-            if vm is None:  # in transit (e.g. a swap-in buffer): retired when it is freed
-                return {"mpn": mpn, "was": "in_transit"}
-            bpn = int(machine.owner_bpn[mpn])
-            retire = self.services[ServiceType.PAGE_RETIRE]
-            retire.enqueue(vm, bpn)  # type: ignore[attr-defined]
-            if vm.p2m.state[bpn] == PageState.RESIDENT:
-                retire.move(vm, np.array([bpn]))  # type: ignore[attr-defined]
-            self.kick(vm)
-            result = {
-                "mpn": mpn,
-                "was": "used",
-                "vm": vm.name,
-                "bpn": bpn,
-                "page_state": PageState(vm.p2m.state[bpn]).name.lower(),
-            }
-        self.metrics.retired.labels("used").inc()
-        log.info("frame_retired", **result)
-        return result
-
-    def _retire_zero_frame(self, old: int) -> dict[str, Any]:
-        """Point every sharer at a fresh zero frame; p2mUpdate drops the old mappings."""
-        machine = self.machine
-        node = machine.zero_frame.index(old)
-        new = int(machine.allocate_zeroed(1, node)[0])
-        machine.zero_frame[node] = new
-        machine.zero_frames = frozenset(machine.zero_frame)
-        machine.owner_vm[new] = machine.owner_vm[old]
-        p2m_update = self.services[ServiceType.P2M_UPDATE]
-        p2m_update.refs[old] = 1  # type: ignore[attr-defined]  # held until the end of this loop
-        pages = 0
-        for vm in self.vms.values():
-            sharers = np.flatnonzero(vm.p2m.frame == old)
-            vm.p2m.frame[sharers] = new
-            exposed = sharers[vm.p2m.state[sharers] != PageState.ZERO]
-            p2m_update.enqueue(vm, exposed, old)  # type: ignore[attr-defined]
-            pages += len(exposed)
-            self.kick(vm)
-        p2m_update._unref(old, 1)  # type: ignore[attr-defined]
-        return {"mpn": old, "was": "zero_frame", "node": node, "stale_pages": pages}
+        return self.retirement.retire(mpn)
 
     def _send_fault_reply(self, vm: VM, request_id: int, reply: FaultReply, t0: float) -> None:
         counter, histogram = self._fault_metrics[reply.reason]
@@ -461,13 +431,15 @@ class PlatformServer:
         private = (p2m.frame != NO_FRAME) & (p2m.flags == 0)
         frames = p2m.frame[private]
         self.machine.release_or_retire(frames)
+        shared = p2m.frame[(p2m.flags & FLAG_SHARED) != 0]
+        self.shared.unref(shared[self.shared.refs[shared] > 0])  # zero frames are not counted
         self.memsched.on_vm_gone(vm)
         if self.swap is not None:
             self.swap.release(p2m.swap_slot[p2m.swap_slot >= 0])
         p2m.frame[:] = NO_FRAME
         p2m.swap_slot[:] = -1
         self.rounds.pop(vm.vm_id, None)
-        self.frames_freed.set()
+        self.waits.freed.set()
         self.metrics.disconnects.inc()
         log.info("vm_released", vm=vm.name, frames=len(frames))
 
@@ -477,10 +449,24 @@ class PlatformServer:
             self.registry.unregister(conn.vm)
 
     def kick(self, vm: VM) -> None:
-        """Action-driven half of the high-priority loop: tell the agent work is pending."""
+        """Action-driven half of the high-priority loop: tell the agent work is pending.
+
+        Low-priority bits are refreshed too, but only high-priority work is worth a message:
+        the agent's 10 Hz low-priority rounds read the word themselves.
+        """
         word = self.engine.refresh_pending(vm)
-        if word:
+        if word & HIGH_PRIORITY_MASK:
             vm.connection.send(Kick(word))
+
+    def _record_low_round(self, vm: VM, closed: LowRoundClosed) -> None:
+        self.metrics.lowprio_rounds.labels(closed.end.value).inc()
+        for service, pages in closed.deferred.items():
+            self.metrics.lowprio_deferred.labels(service.name.lower()).inc(pages)
+
+    def _record_low_work(self, service: ServiceType, pages: int, seconds: float) -> None:
+        name = service.name.lower()
+        self.metrics.lowprio_pages.labels(name).inc(pages)
+        self.metrics.lowprio_work_seconds.labels(name).inc(seconds)
 
     def _record_batch(self, service: Any, seconds: float, status: np.ndarray) -> None:
         name = service.name.lower()

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from shared.layout import ControlRegion
-from shared.messages import Register
+from shared.messages import Message, Register
 from shared.shm import MappedFile
 
 from .p2m import P2M
 
-if TYPE_CHECKING:
-    from .connection import PlatformConnection
+
+class PeerLink(Protocol):
+    """How the daemon reaches a VM's agent (a PlatformConnection in the server)."""
+
+    def send(self, message: Message, request_id: int = 0) -> None: ...
 
 
 @dataclass
@@ -29,6 +32,10 @@ class VMStats:
     retired_moves: int = 0
     p2m_updates: int = 0
     low_waits: int = 0
+    cow_breaks: int = 0
+    pages_merged: int = 0
+    sharing_scanned: int = 0
+    sharing_aborted: int = 0
 
 
 @dataclass(eq=False)
@@ -42,7 +49,7 @@ class VM:
     p2m: P2M
     region: ControlRegion
     region_file: MappedFile
-    connection: PlatformConnection
+    connection: PeerLink
     stats: VMStats = field(default_factory=VMStats)
     outstanding_faults: int = 0
     alive: bool = True

@@ -55,6 +55,14 @@ class PlatformConfig(_Base):
     free_low_pct: float = Field(default=1.0, ge=0, le=100)
     #: How long a first-touch fault in the low state waits for reclaim before it fails.
     low_wait_seconds: float = Field(default=5.0, gt=0)
+    #: Working-set sampling: pages sampled per VM each period, and the period (ESX: 100, 30 s).
+    sample_pages: int = Field(default=100, ge=1, le=1 << 20)
+    sample_period: float = Field(default=30.0, gt=0, le=86400)
+    sample_seed: int | None = None
+    #: Page sharing scans all of a VM's memory once per this many seconds.
+    share_scan_period: float = Field(default=30.0, gt=0, le=86400)
+    #: Low-priority aging: a type waiting this long moves up one priority class.
+    lowprio_aging_seconds: float = Field(default=1.0, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> PlatformConfig:

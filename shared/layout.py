@@ -1,21 +1,26 @@
 """Per-VM control region and its PageList slots, laid out byte by byte in shared memory.
 
 The daemon creates one control region file per VM (mode 0600) and both processes map it.
-All integers are little-endian. Region header, 64 bytes::
+All integers are little-endian. Region header, 128 bytes: the first 64 are written by the
+daemon, the last 64 by the agent (one writer per word)::
 
-    offset size field
-    0      4    magic               0x524D4D56 (b"VMMR")
-    4      2    version             1
-    6      2    slot_count          K
-    8      4    slot_capacity       C, pages per slot
-    12     4    vm_id
-    16     8    generation          bumped by the daemon at each registration of this id
-    24     4    pending             pending word: bit (1 << ServiceType) set while work waits
-    28     4    free_state          host FreeState, for the agent's information
-    32     8    swap_target_pages   memsched target: pages this VM should have swapped
-    40     8    balloon_target_pages
-    48     8    guest_pages
-    56     8    reserved (0)
+    offset size field               writer
+    0      4    magic               daemon  0x524D4D56 (b"VMMR")
+    4      2    version             daemon  2
+    6      2    slot_count          daemon  K
+    8      4    slot_capacity       daemon  C, pages per slot
+    12     4    vm_id               daemon
+    16     8    generation          daemon  bumped at each registration
+    24     4    pending             daemon  bit (1 << ServiceType) set while work waits
+    28     4    free_state          daemon  host FreeState, for the agent's information
+    32     8    swap_target_pages   daemon  memsched target: pages this VM should have swapped
+    40     8    balloon_target_pages daemon
+    48     8    guest_pages         daemon
+    56     8    sample_id           daemon  working-set sample the SAMPLING batches belong to
+    64     8    report_sample_id    agent   the sample its counters below are about
+    72     4    report_armed        agent   pages of that sample the monitor watches
+    76     4    report_touched      agent   of those, pages the guest touched since armed
+    80     48   reserved (0)
 
 Then K slots, each ``slot_size(C)`` bytes, 8-byte aligned. Slot layout::
 
@@ -46,9 +51,9 @@ from .constants import PageStatus, ServiceType
 from .errors import LayoutError
 
 REGION_MAGIC = 0x524D4D56
-REGION_VERSION = 1
-REGION_HEADER = struct.Struct("<IHHIIQIIQQQ8x")
-REGION_HEADER_SIZE = REGION_HEADER.size  # 64
+REGION_VERSION = 2
+REGION_HEADER = struct.Struct("<IHHIIQIIQQQQ64x")
+REGION_HEADER_SIZE = REGION_HEADER.size  # 128
 SLOT_HEADER = struct.Struct("<BBxxIQ")
 SLOT_HEADER_SIZE = SLOT_HEADER.size  # 16
 MAX_SLOT_CAPACITY = 1 << 16
@@ -163,7 +168,8 @@ class ControlRegion:
         self.vm_id: int = fields[4]
         self.generation: int = fields[5]
         self._pending = np.frombuffer(buf, "<u4", 1, _PENDING_OFFSET)
-        self._words = np.frombuffer(buf, "<u8", 3, 32)
+        self._words = np.frombuffer(buf, "<u8", 5, 32)  # targets, guest_pages, sample_id, report id
+        self._report = np.frombuffer(buf, "<u4", 2, 72)  # report_armed, report_touched
         step = slot_size(capacity)
         self.slots = [
             PageListSlot(buf, REGION_HEADER_SIZE + i * step, capacity, i) for i in range(slot_count)
@@ -191,6 +197,7 @@ class ControlRegion:
             0,
             0,
             guest_pages,
+            0,
         )
         return ControlRegion(buf)
 
@@ -230,6 +237,25 @@ class ControlRegion:
     @property
     def guest_pages(self) -> int:
         return int(self._words[2])
+
+    @property
+    def sample_id(self) -> int:
+        """Daemon: the working-set sample that SAMPLING batches currently hand out."""
+        return int(self._words[3])
+
+    @sample_id.setter
+    def sample_id(self, value: int) -> None:
+        self._words[3] = value
+
+    def read_sample_report(self) -> tuple[int, int, int]:
+        """(sample id, pages armed, pages touched) as the agent last wrote them."""
+        return int(self._words[4]), int(self._report[0]), int(self._report[1])
+
+    def write_sample_report(self, sample_id: int, armed: int, touched: int) -> None:
+        """Agent: its watch counters for ``sample_id`` (each word has a single writer)."""
+        self._report[0] = min(armed, 0xFFFFFFFF)
+        self._report[1] = min(touched, 0xFFFFFFFF)
+        self._words[4] = sample_id
 
     def slot(self, index: int) -> PageListSlot:
         """The slot at ``index``; out of range raises LayoutError."""

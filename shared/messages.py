@@ -40,7 +40,7 @@ class MessageType(IntEnum):
 #: Slot index in a Request that means "no work for you this round".
 NO_SLOT = 0xFFFF
 
-_GET_REQUEST = struct.Struct("<B3xI")
+_GET_REQUEST = struct.Struct("<BB2xI")
 _REQUEST = struct.Struct("<BxHIQ")
 _COMPLETE = struct.Struct("<H2xIQI")
 _FAULT = struct.Struct("<QBxH")
@@ -49,6 +49,10 @@ _KICK = struct.Struct("<I")
 
 #: Flag bit in FaultReply.flags: the page may be written through this mapping.
 FAULT_FLAG_WRITABLE = 1
+#: Flag bit in GetRequest.flags: this request opens a new round (the daemon closes any round
+#: of the same priority still open, e.g. one the agent left early to yield to high priority).
+GET_FLAG_NEW_ROUND = 1
+_GET_FLAGS = GET_FLAG_NEW_ROUND
 
 
 def _unpack(st: struct.Struct, body: bytes, name: str) -> tuple[Any, ...]:
@@ -68,19 +72,33 @@ def _enum(enum: type[IntEnum], value: int, name: str) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class GetRequest:
-    """Agent asks for the next batch of the round; ``budget_us`` is the time left (low only)."""
+    """Agent asks for the next batch of the round.
+
+    ``budget_us`` is the time left in the round's time bound when the request was sent (low
+    priority; the daemon sizes the batch to fit it). ``flags`` bit 0 (GET_FLAG_NEW_ROUND)
+    marks the first request of a round.
+    """
 
     TYPE: ClassVar[MessageType] = MessageType.GET_REQUEST
     priority: Priority
     budget_us: int = 0
+    flags: int = 0
+
+    @property
+    def new_round(self) -> bool:
+        return bool(self.flags & GET_FLAG_NEW_ROUND)
 
     def encode_body(self) -> bytes:
-        return _GET_REQUEST.pack(self.priority, self.budget_us)
+        return _GET_REQUEST.pack(self.priority, self.flags, self.budget_us)
 
     @classmethod
     def decode_body(cls, body: bytes) -> GetRequest:
-        prio, budget = _unpack(_GET_REQUEST, body, "GetRequest")
-        return cls(_enum(Priority, prio, "priority"), budget)
+        prio, flags, budget = _unpack(_GET_REQUEST, body, "GetRequest")
+        if flags & ~_GET_FLAGS:
+            raise RemoteProtocolError(
+                f"GetRequest: unknown flags 0x{flags:02x}", ErrorCode.BAD_BODY
+            )
+        return cls(_enum(Priority, prio, "priority"), budget, flags)
 
 
 @dataclass(frozen=True, slots=True)

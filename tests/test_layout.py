@@ -52,8 +52,8 @@ def slot_base(index: int, capacity: int = C) -> int:
 
 
 def test_header_sizes() -> None:
-    """The region header is 64 bytes and a slot header 16."""
-    assert REGION_HEADER_SIZE == 64
+    """The region header is 128 bytes (64 for the daemon, 64 for the agent); a slot's 16."""
+    assert REGION_HEADER_SIZE == 128
     assert SLOT_HEADER_SIZE == 16
 
 
@@ -74,8 +74,8 @@ def test_slot_size(capacity: int, size: int) -> None:
 
 
 def test_region_size() -> None:
-    """A region is the 64-byte header followed by K slots."""
-    assert region_size(K, C) == 64 + K * slot_size(C)
+    """A region is the 128-byte header followed by K slots."""
+    assert region_size(K, C) == 128 + K * slot_size(C)
 
 
 # ---- header layout ------------------------------------------------------------------------
@@ -86,7 +86,7 @@ def test_region_header_bytes() -> None:
     buf, _ = fresh(vm_id=0x01020304, generation=0x1122334455667788, guest_pages=123456)
     assert buf[0:4] == b"VMMR"
     assert u("I", buf, 0) == REGION_MAGIC
-    assert u("H", buf, 4) == REGION_VERSION == 1
+    assert u("H", buf, 4) == REGION_VERSION == 2
     assert u("H", buf, 6) == K
     assert u("I", buf, 8) == C
     assert u("I", buf, 12) == 0x01020304
@@ -96,7 +96,7 @@ def test_region_header_bytes() -> None:
     assert u("Q", buf, 32) == 0  # swap target
     assert u("Q", buf, 40) == 0  # balloon target
     assert u("Q", buf, 48) == 123456
-    assert buf[56:64] == bytes(8)
+    assert buf[56:128] == bytes(72)  # sample id, the agent's report, reserved
 
 
 def test_region_header_fields_write_through() -> None:
@@ -112,7 +112,23 @@ def test_region_header_fields_write_through() -> None:
     assert u("Q", buf, 40) == 77
     struct.pack_into("<I", buf, 24, 0xFFFF_FFFF)  # written by the other process
     assert region.pending == 0xFFFF_FFFF
-    assert buf[56:64] == bytes(8)
+    assert buf[56:128] == bytes(72)
+
+
+def test_sample_words_write_through() -> None:
+    """The daemon's sample id (offset 56) and the agent's report (64: id, 72: armed, 76:
+    touched) are read and written in place; the reserved bytes stay zero."""
+    buf, region = fresh()
+    region.sample_id = 0x0102030405060708
+    region.write_sample_report(0x0102030405060708, 100, 37)
+    assert u("Q", buf, 56) == 0x0102030405060708
+    assert u("Q", buf, 64) == 0x0102030405060708
+    assert u("I", buf, 72) == 100
+    assert u("I", buf, 76) == 37
+    assert buf[80:128] == bytes(48)
+    struct.pack_into("<QII", buf, 64, 9, 5, 4)  # written by the other process
+    assert region.read_sample_report() == (9, 5, 4)
+    assert region.sample_id == 0x0102030405060708
 
 
 def test_initialize_clears_previous_contents() -> None:
@@ -138,7 +154,7 @@ def test_initialize_leaves_bytes_past_the_region() -> None:
 
 
 def test_slot_offsets() -> None:
-    """Slot i starts at 64 + i * slot_size(C); its arrays at +16, +16+8C and +16+8C+pad8(C)."""
+    """Slot i starts at 128 + i * slot_size(C); its arrays at +16, +16+8C and +16+8C+pad8(C)."""
     buf, region = fresh()
     for i in range(K):
         slot = region.slot(i)
@@ -327,7 +343,7 @@ def _corrupt(fmt: str, offset: int, value: int) -> bytearray:
     [
         ("I", 0, 0x524D4D57, "bad magic"),
         ("I", 0, 0, "bad magic"),
-        ("H", 4, 2, "version"),
+        ("H", 4, 1, "version"),
         ("H", 4, 0, "version"),
         ("H", 6, 0, "geometry"),
         ("H", 6, MAX_SLOT_COUNT + 1, "geometry"),
@@ -346,7 +362,7 @@ def test_corrupt_header(fmt: str, offset: int, value: int, match: str) -> None:
 
 @pytest.mark.parametrize("size", [0, 1, REGION_HEADER_SIZE - 1])
 def test_buffer_smaller_than_header(size: int) -> None:
-    """A buffer smaller than the 64-byte header raises LayoutError, not struct.error."""
+    """A buffer smaller than the 128-byte header raises LayoutError, not struct.error."""
     with pytest.raises(LayoutError):
         ControlRegion(bytearray(size))
 

@@ -300,7 +300,7 @@ def test_page_that_faulted_while_selected_is_not_handed_to_the_service() -> None
     then says OK for it, completion reports NOT_EXPOSED and the service's complete() never
     gets it: it is reported to on_refused (so per-page bookkeeping can be dropped)."""
     vm, engine, state, swap, req = _issue_one([30, 31, 32])
-    faults = FaultResolver(None, max_around=0)  # type: ignore[arg-type]  # no frame needed
+    faults = FaultResolver(None, None, max_around=0)  # type: ignore[arg-type]  # no frame needed
     reply = faults.try_resolve(vm, 31, False, 0)  # type: ignore[arg-type]
     assert reply.reason == FaultReason.MAPPED
     assert reply.bpns.tolist() == [31] and reply.mpns.tolist() == [1031]

@@ -220,8 +220,14 @@ async def test_retire_shared_zero_frame_goes_through_p2m_update(
         p2m_update = server.services[ServiceType.P2M_UPDATE]
 
         result = await agent.link.ctl("retire", mpn=old)
-        assert result == {"mpn": old, "was": "zero_frame", "node": vm.home_node, "stale_pages": 32}
         new = server.machine.zero_frame[vm.home_node]
+        assert result == {
+            "mpn": old,
+            "was": "zero_frame",
+            "node": vm.home_node,
+            "new_mpn": new,
+            "stale_pages": 32,
+        }
         assert new != old
         assert (vm.p2m.frame[readers] == new).all()
         # The VMM still maps the old frame: it must stay allocated until it lets go.

@@ -9,18 +9,22 @@ from shared.constants import ServiceType
 from .base import PlatformService
 from .p2m_update import P2MUpdateService
 from .page_retire import PageRetireService
+from .page_sharing import PageSharingService
+from .sampling import SamplingService
 from .swap import SwapService
 
 if TYPE_CHECKING:
-    from ..server import PlatformServer
+    from ..context import ServiceContext
 
 SERVICE_CLASSES: tuple[type[PlatformService], ...] = (
     SwapService,
     P2MUpdateService,
     PageRetireService,
+    SamplingService,
+    PageSharingService,
 )
 
 
-def build_services(server: PlatformServer) -> dict[ServiceType, PlatformService]:
+def build_services(ctx: ServiceContext) -> dict[ServiceType, PlatformService]:
     """One instance of every service, keyed by its type."""
-    return {cls.service: cls(server) for cls in SERVICE_CLASSES}
+    return {cls.service: cls(ctx) for cls in SERVICE_CLASSES}

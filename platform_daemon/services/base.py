@@ -3,11 +3,17 @@
 A service selects the pages of one batch when the agent asks (never all up front), starts its
 work on the pages the VMM accepted when the batch completes, and resolves faults on its own
 in-flight pages, because only it knows why a page is being processed.
+
+Services see a ``ServiceContext`` (machine memory, allocator, shared frames, clock, metrics),
+never the server. High-priority services (release operations) are served in rounds driven by
+the pending word; low-priority services also say how much work waits and are scheduled by
+class and cost within a round's time bound (``platform_daemon/lowprio.py``).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -16,11 +22,15 @@ import numpy.typing as npt
 from shared.constants import PageState, PageStatus, Priority, ServiceType
 from shared.messages import FaultReply
 
+from ..p2m import NO_OP
+
 if TYPE_CHECKING:
-    from ..server import PlatformServer
+    from ..context import ServiceContext
     from ..vm import VM
 
 Pages = npt.NDArray[np.int64]
+_EMPTY = np.empty(0, dtype=np.int64)
+_EMPTY.flags.writeable = False
 
 
 class PlatformService(ABC):
@@ -28,9 +38,12 @@ class PlatformService(ABC):
 
     service: ServiceType
     priority: Priority = Priority.HIGH
+    #: Does a completed batch take the accepted pages from the VMM (SELECTED, then
+    #: IN_FLIGHT with this service as op)? Sampling's batches only inform the monitor.
+    takes_pages: bool = True
 
-    def __init__(self, server: PlatformServer) -> None:
-        self.server = server
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
 
     @abstractmethod
     def has_work(self, vm: VM) -> bool:
@@ -61,6 +74,58 @@ class PlatformService(ABC):
         p2m.op[bpns] = self.service
         p2m.epoch[bpns] += 1
 
+    def finish(self, vm: VM, bpns: Pages, state: PageState = PageState.RESIDENT) -> None:
+        """Pages leave this service: unmapped by the VMM (RESIDENT) or mapped again."""
+        vm.p2m.state[bpns] = state
+        vm.p2m.op[bpns] = NO_OP
+
     @staticmethod
     def ok_status(n: int) -> npt.NDArray[np.uint8]:
         return np.full(n, PageStatus.OK, dtype=np.uint8)
+
+
+@dataclass
+class Selection:
+    """One low-priority batch: its pages, and the units of work choosing it cost.
+
+    ``work`` counts what the scheduler's cost model is per unit of (for page sharing, pages
+    hashed; for sampling, pages handed out). It may be non-zero with no page in the batch:
+    a scan that found nothing to merge still used time.
+    """
+
+    bpns: Pages
+    mpns: npt.NDArray[np.int64]
+    work: int
+
+    @classmethod
+    def empty(cls, work: int = 0) -> Selection:
+        return cls(_EMPTY, _EMPTY, work)
+
+
+class LowPriorityService(PlatformService):
+    """A best-effort service, run inside the time bound of low-priority rounds.
+
+    ``lowprio_class`` is its place in the talk's strawman order (0 first): sampling >
+    {NUMA migration, 2M defrag, page sharing} > {validations} > 2M promotion.
+    """
+
+    priority = Priority.LOW
+    lowprio_class: int = 1
+
+    @abstractmethod
+    def pending_work(self, vm: VM, now: float) -> int:
+        """Units of work waiting for ``vm`` now (0: nothing to do this round)."""
+
+    @abstractmethod
+    def select_work(self, vm: VM, capacity: int, units: int, now: float) -> Selection:
+        """A batch of at most ``capacity`` pages costing at most ``units`` units of work."""
+
+    def has_work(self, vm: VM) -> bool:
+        return self.pending_work(vm, self.ctx.clock()) > 0
+
+    def select(self, vm: VM, capacity: int) -> tuple[Pages, npt.NDArray[np.int64]]:
+        sel = self.select_work(vm, capacity, capacity, self.ctx.clock())
+        return sel.bpns, sel.mpns
+
+    def on_round_open(self, vm: VM, now: float) -> None:
+        """Hook: a low-priority round of ``vm`` starts (accrue rate allowances, rotate)."""

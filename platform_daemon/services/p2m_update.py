@@ -1,9 +1,10 @@
 """p2mUpdate: drop mappings that changed behind the VMM's back, then free the old frame.
 
-Today the source is the shared zero frame: when it is retired, the daemon points every page
-that shared it at a fresh zero frame, but VMMs may still map the old one read-only. Those
-BPNs are queued here; the VMM's filter keeps only pages it maps shared at the old MPN and
-drops them; when no VMM maps the old frame any more, it is retired.
+The source is a shared frame that is retired (a node's zero frame, or a frame page sharing
+merged pages into): the daemon points every page that shared it at a fresh copy, but VMMs
+may still map the old one read-only. Those BPNs are queued here; the VMM's filter keeps only
+pages it maps shared at the old MPN and drops them; when no VMM maps the old frame any more,
+it is retired.
 
 Bound on stale mappings: p2mUpdate is high priority and kicked at once, and memsched re-kicks
 every VM with pending work on each tick (100 ms). The age of every drained entry is observed
@@ -13,9 +14,7 @@ in ``vmmem_p2m_stale_mapping_seconds``; the oldest waiting one is the gauge
 
 from __future__ import annotations
 
-import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,7 +26,7 @@ from shared.constants import PageState, ServiceType
 from .base import Pages, PlatformService
 
 if TYPE_CHECKING:
-    from ..server import PlatformServer
+    from ..context import ServiceContext
     from ..vm import VM
 
 
@@ -45,9 +44,8 @@ class P2MUpdateService(PlatformService):
 
     service = ServiceType.P2M_UPDATE
 
-    def __init__(self, server: PlatformServer, clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__(server)
-        self.clock = clock
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
         self.queues: dict[int, deque[StaleEntry]] = {}
         self.refs: dict[int, int] = {}  # old MPN -> pages that may still map it
         self.since: dict[tuple[int, int], float] = {}
@@ -56,9 +54,17 @@ class P2MUpdateService(PlatformService):
     def enqueue(self, vm: VM, bpns: Pages, old_mpn: int) -> None:
         if len(bpns) == 0:
             return
-        now = self.clock()
+        now = self.ctx.clock()
         self.queues.setdefault(vm.vm_id, deque()).append(StaleEntry(bpns, old_mpn, now))
         self.refs[old_mpn] = self.refs.get(old_mpn, 0) + len(bpns)
+
+    def hold(self, old_mpn: int) -> None:
+        """Keep ``old_mpn`` alive while its sharers are being queued (see ``release``)."""
+        self.refs[old_mpn] = self.refs.get(old_mpn, 0) + 1
+
+    def release(self, old_mpn: int) -> None:
+        """Drop a ``hold``; with no stale mapping left, the old frame is retired now."""
+        self._unref(old_mpn, 1)
 
     def oldest_age(self, vm: VM, now: float) -> float:
         q = self.queues.get(vm.vm_id)
@@ -108,13 +114,13 @@ class P2MUpdateService(PlatformService):
         self._drained(vm, refused)
 
     def _drained(self, vm: VM, bpns: Pages) -> None:
-        now = self.clock()
+        now = self.ctx.clock()
         for b in bpns.tolist():
             since = self.since.pop((vm.vm_id, b), now)
             old = self.old_of.pop((vm.vm_id, b), None)
             if old is None:  # not ours (never selected by this service): nothing to release
                 continue
-            self.server.metrics.p2m_stale_seconds.observe(now - since)
+            self.ctx.metrics.p2m_stale_seconds.observe(now - since)
             self._unref(old, 1)
 
     def _unref(self, old: int, n: int) -> None:
@@ -123,9 +129,9 @@ class P2MUpdateService(PlatformService):
             self.refs[old] = left
             return
         del self.refs[old]
-        self.server.machine.allocator.retire_used(np.array([old]))
-        self.server.machine.failing[old] = False
-        self.server.machine.owner_vm[old] = -1
+        self.ctx.machine.allocator.retire_used(np.array([old]))
+        self.ctx.machine.failing[old] = False
+        self.ctx.machine.owner_vm[old] = -1
 
     def on_vm_gone(self, vm: VM) -> None:
         for entry in self.queues.pop(vm.vm_id, deque()):

@@ -22,7 +22,7 @@ from shared.messages import FaultReply
 from .base import Pages, PlatformService
 
 if TYPE_CHECKING:
-    from ..server import PlatformServer
+    from ..context import ServiceContext
     from ..vm import VM
 
 _MOVABLE = (PageState.EXPOSED, PageState.SELECTED, PageState.RESIDENT, PageState.IN_FLIGHT)
@@ -33,8 +33,8 @@ class PageRetireService(PlatformService):
 
     service = ServiceType.PAGE_RETIRE
 
-    def __init__(self, server: PlatformServer) -> None:
-        super().__init__(server)
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
         self.queue: dict[int, set[int]] = {}
 
     def enqueue(self, vm: VM, bpn: int) -> None:
@@ -43,7 +43,7 @@ class PageRetireService(PlatformService):
     def _prune(self, vm: VM) -> list[int]:
         """Queued pages still on a failing frame; drop the rest (swapped, moved, gone)."""
         queued = self.queue.get(vm.vm_id, set())
-        failing = self.server.machine.failing
+        failing = self.ctx.machine.failing
         keep = [
             b
             for b in queued
@@ -85,7 +85,7 @@ class PageRetireService(PlatformService):
 
         Moves as many as there are frames for, in order, and returns how many.
         """
-        machine = self.server.machine
+        machine = self.ctx.machine
         bpns = bpns[: machine.available()]
         if len(bpns) == 0:
             return 0
@@ -96,7 +96,7 @@ class PageRetireService(PlatformService):
             sel = nodes == node
             new[sel] = machine.allocator.allocate(int(sel.sum()), int(node))
         machine.frames[new] = machine.frames[old]
-        self.server.faults.map_private(vm, bpns, new)
+        self.ctx.mapper.map_private(vm, bpns, new)
         vm.p2m.state[bpns] = PageState.RESIDENT
         vm.p2m.op[bpns] = 0xFF
         machine.release_or_retire(old)  # failing: retired, never handed out again
@@ -107,10 +107,10 @@ class PageRetireService(PlatformService):
 
     def on_fault(self, vm: VM, bpn: int, write: bool) -> FaultReply:
         """Complete the move (it is synchronous, so it already is), then map the new frame."""
-        if vm.p2m.frame[bpn] >= 0 and self.server.machine.failing[vm.p2m.frame[bpn]]:
+        if vm.p2m.frame[bpn] >= 0 and self.ctx.machine.failing[vm.p2m.frame[bpn]]:
             self.move(vm, np.array([bpn]))
         vm.p2m.state[bpn] = PageState.EXPOSED
-        return self.server.faults.reply(vm, FaultReason.COMPLETE, np.array([bpn]))
+        return self.ctx.mapper.reply(vm, FaultReason.COMPLETE, np.array([bpn]))
 
     def on_vm_gone(self, vm: VM) -> None:
         self.queue.pop(vm.vm_id, None)

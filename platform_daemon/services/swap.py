@@ -32,7 +32,7 @@ from ..swapfile import SwapChecksumError, SwapWriteError
 from .base import Pages, PlatformService
 
 if TYPE_CHECKING:
-    from ..server import PlatformServer
+    from ..context import ServiceContext
     from ..vm import VM
 
 log = structlog.get_logger("vmmem.platform.swap")
@@ -41,14 +41,14 @@ _NO_SPACE_ERRNOS = {errno_mod.ENOSPC, errno_mod.EFBIG, errno_mod.EDQUOT}
 
 
 class SwapService(PlatformService):
-    """High-priority release service backed by ``server.swap``."""
+    """High-priority release service backed by the swap file (``ctx.swap``)."""
 
     service = ServiceType.SWAP
     #: A batch looks at no more than this many p2m entries per page it may take.
     scan_factor = 8
 
-    def __init__(self, server: PlatformServer) -> None:
-        super().__init__(server)
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
         self.hand: dict[int, int] = {}
         self.in_flight: dict[int, int] = {}
         self.swapping_in: dict[tuple[int, int], asyncio.Future[None]] = {}
@@ -58,15 +58,15 @@ class SwapService(PlatformService):
         self.paused_until = 0.0
 
     def has_work(self, vm: VM) -> bool:
-        swap = self.server.swap
-        if swap is None or swap.free == 0 or time.monotonic() < self.paused_until:
+        swap = self.ctx.swap
+        if swap is None or swap.free == 0 or self.ctx.clock() < self.paused_until:
             return False
-        return self.server.memsched.swap_deficit(vm, self.in_flight.get(vm.vm_id, 0)) > 0
+        return self.ctx.targets.swap_deficit(vm, self.in_flight.get(vm.vm_id, 0)) > 0
 
     def select(self, vm: VM, capacity: int) -> tuple[Pages, npt.NDArray[np.int64]]:
-        deficit = self.server.memsched.swap_deficit(vm, self.in_flight.get(vm.vm_id, 0))
-        assert self.server.swap is not None
-        want = min(capacity, deficit, self.server.swap.free)
+        deficit = self.ctx.targets.swap_deficit(vm, self.in_flight.get(vm.vm_id, 0))
+        assert self.ctx.swap is not None
+        want = min(capacity, deficit, self.ctx.swap.free)
         n = vm.guest_pages
         start = self.hand.get(vm.vm_id, 0)
         span = min(n, max(want, 1) * self.scan_factor)
@@ -89,7 +89,7 @@ class SwapService(PlatformService):
         return picked, p2m.frame[picked].copy()
 
     def complete(self, vm: VM, accepted: Pages, status: npt.NDArray[np.uint8]) -> None:
-        swap = self.server.swap
+        swap = self.ctx.swap
         assert swap is not None
         slots = swap.allocate(len(accepted))
         if len(slots) < len(accepted):
@@ -97,14 +97,14 @@ class SwapService(PlatformService):
             rest = accepted[len(slots) :]
             vm.p2m.state[rest] = PageState.RESIDENT
             status[len(slots) :] = PageStatus.NO_SPACE
-            self.server.metrics.swap_errors.labels("no_space").inc(len(rest))
+            self.ctx.metrics.swap_errors.labels("no_space").inc(len(rest))
             accepted = accepted[: len(slots)]
         if len(accepted) == 0:
             return
         self.in_flight[vm.vm_id] = self.in_flight.get(vm.vm_id, 0) + len(accepted)
         frames = vm.p2m.frame[accepted].copy()
         epochs = vm.p2m.epoch[accepted].copy()
-        self.server.spawn(self._write(vm, accepted, frames, slots, epochs))
+        self.ctx.spawn(self._write(vm, accepted, frames, slots, epochs))
 
     async def _write(
         self,
@@ -114,10 +114,10 @@ class SwapService(PlatformService):
         slots: npt.NDArray[np.int64],
         epochs: npt.NDArray[np.uint32],
     ) -> None:
-        server, swap = self.server, self.server.swap
+        ctx, swap = self.ctx, self.ctx.swap
         assert swap is not None
         loop = asyncio.get_running_loop()
-        mem = server.machine.frames
+        mem = ctx.machine.frames
         t0 = time.perf_counter()
         try:
             # Gather and write off the event loop: the guest keeps running meanwhile.
@@ -128,7 +128,7 @@ class SwapService(PlatformService):
             self._write_failed(vm, bpns[~ok], slots[~ok], epochs[~ok], exc)
             self._written(vm, bpns[ok], frames[ok], slots[ok], epochs[ok])
             return
-        server.metrics.swap_io_seconds.labels("out").observe(time.perf_counter() - t0)
+        ctx.metrics.swap_io_seconds.labels("out").observe(time.perf_counter() - t0)
         self.backoff = 0.0
         self._written(vm, bpns, frames, slots, epochs)
 
@@ -141,7 +141,7 @@ class SwapService(PlatformService):
         epochs: npt.NDArray[np.uint32],
     ) -> None:
         """Pages whose write succeeded: swapped out, unless a fault cancelled them meanwhile."""
-        server, swap = self.server, self.server.swap
+        ctx, swap = self.ctx, self.ctx.swap
         assert swap is not None
         if not vm.alive:
             swap.release(slots)
@@ -155,9 +155,9 @@ class SwapService(PlatformService):
         p2m.swap_slot[done] = slots[ours]
         p2m.frame[done] = -1
         p2m.op[done] = 0xFF
-        server.machine.release_or_retire(frames[ours])
+        ctx.machine.release_or_retire(frames[ours])
         vm.stats.swapped_out += len(done)
-        server.metrics.swap_pages.labels("out").inc(len(done))
+        ctx.metrics.swap_pages.labels("out").inc(len(done))
 
     def _write_failed(
         self,
@@ -169,11 +169,11 @@ class SwapService(PlatformService):
     ) -> None:
         """The write failed: pages keep their frames (unexposed), slots go back."""
         reason = "no_space" if exc.errno in _NO_SPACE_ERRNOS else "io_error"
-        self.server.swap.release(slots)  # type: ignore[union-attr]
+        self.ctx.swap.release(slots)  # type: ignore[union-attr]
         log.warning("swap_write_failed", vm=vm.name, pages=len(bpns), reason=reason, error=str(exc))
-        self.server.metrics.swap_errors.labels(reason).inc(len(bpns))
+        self.ctx.metrics.swap_errors.labels(reason).inc(len(bpns))
         self.backoff = min(MAX_BACKOFF, max(MIN_BACKOFF, 2 * self.backoff))
-        self.paused_until = time.monotonic() + self.backoff
+        self.paused_until = self.ctx.clock() + self.backoff
         if not vm.alive:
             return
         p2m = vm.p2m
@@ -200,8 +200,8 @@ class SwapService(PlatformService):
         p2m.epoch[bpn] += 1
         self.in_flight[vm.vm_id] -= 1
         vm.stats.swap_cancelled += 1
-        self.server.metrics.swap_cancelled.inc()
-        return self.server.faults.reply(vm, FaultReason.CANCEL, np.array([bpn]))
+        self.ctx.metrics.swap_cancelled.inc()
+        return self.ctx.mapper.reply(vm, FaultReason.CANCEL, np.array([bpn]))
 
     async def swap_in(self, vm: VM, bpn: int, around: int = 0) -> FaultReply | None:
         """Read a swapped page back, with its swapped neighbours when the guest walks memory.
@@ -232,7 +232,7 @@ class SwapService(PlatformService):
 
     def _readahead(self, vm: VM, bpn: int, around: int) -> Pages:
         """The faulting page, then swapped neighbours after it that nobody is reading yet."""
-        n = min(around, self.server.config.max_fault_around, vm.guest_pages - bpn - 1)
+        n = min(around, self.ctx.config.max_fault_around, vm.guest_pages - bpn - 1)
         if n <= 0:
             return np.array([bpn], dtype=np.int64)
         window = np.arange(bpn + 1, bpn + 1 + n, dtype=np.int64)
@@ -247,10 +247,10 @@ class SwapService(PlatformService):
         back ~200 µs. RWF_NOWAIT tells the two apart without ever waiting for the disk on the
         loop; reads that would wait, and every error, take the thread path.
         """
-        swap = self.server.swap
+        swap = self.ctx.swap
         if swap is None or (vm.vm_id, bpn) in self.swapping_in:
             return None
-        if self.server.machine.available() < 1:
+        if self.ctx.machine.available() < 1:
             return None
         pages = self._readahead(vm, bpn, around)
         slots = vm.p2m.swap_slot[pages].copy()
@@ -261,11 +261,11 @@ class SwapService(PlatformService):
             return None  # the thread path reads again and reports the error precisely
         if data is None:
             return None
-        self.server.metrics.swap_io_seconds.labels("in_cached").observe(time.perf_counter() - t0)
+        self.ctx.metrics.swap_io_seconds.labels("in_cached").observe(time.perf_counter() - t0)
         return self._install(vm, pages, slots, data)
 
     async def _swap_in(self, vm: VM, pages: Pages) -> FaultReply:
-        server, swap = self.server, self.server.swap
+        ctx, swap = self.ctx, self.ctx.swap
         assert swap is not None
         slots = vm.p2m.swap_slot[pages].copy()
         t0 = time.perf_counter()
@@ -282,14 +282,14 @@ class SwapService(PlatformService):
                 data = await loop.run_in_executor(None, swap.read_pages, slots)
         except SwapChecksumError as exc:
             log.error("swap_checksum_mismatch", vm=vm.name, bpns=pages[:4].tolist(), error=str(exc))
-            server.metrics.swap_errors.labels("checksum").inc()
+            ctx.metrics.swap_errors.labels("checksum").inc()
             raise VMMemError(str(exc), ErrorCode.INTERNAL) from None
         except OSError as exc:
-            server.metrics.swap_errors.labels("read_error").inc()
+            ctx.metrics.swap_errors.labels("read_error").inc()
             raise VMMemError(f"swap read failed: {exc}", ErrorCode.INTERNAL) from None
         assert data is not None  # only nowait reads return None
-        server.metrics.swap_io_seconds.labels("in").observe(time.perf_counter() - t0)
-        await server.wait_for_frames(1)
+        ctx.metrics.swap_io_seconds.labels("in").observe(time.perf_counter() - t0)
+        await ctx.waits.wait_for(1)
         if not vm.alive:
             raise VMMemError("VM is gone", ErrorCode.INTERNAL)
         # Only what is still swapped in the same slot (nothing else changes a swapped page
@@ -304,18 +304,18 @@ class SwapService(PlatformService):
         self, vm: VM, pages: Pages, slots: npt.NDArray[np.int64], data: npt.NDArray[np.uint8]
     ) -> FaultReply:
         """Map pages read back from swap (the faulting one first) and free their slots."""
-        server, swap = self.server, self.server.swap
+        ctx, swap = self.ctx, self.ctx.swap
         assert swap is not None
-        take = max(1, server.machine.available())
+        take = max(1, ctx.machine.available())
         pages, slots, data = pages[:take], slots[:take], data[:take]
-        frames = server.machine.allocator.allocate(len(pages), vm.home_node)
-        server.machine.frames[frames] = data
-        server.faults.map_private(vm, pages, frames)
+        frames = ctx.machine.allocator.allocate(len(pages), vm.home_node)
+        ctx.machine.frames[frames] = data
+        ctx.mapper.map_private(vm, pages, frames)
         vm.p2m.swap_slot[pages] = NO_SLOT
         swap.release(slots)
         vm.stats.swapped_in += len(pages)
-        server.metrics.swap_pages.labels("in").inc(len(pages))
-        return server.faults.reply(vm, FaultReason.SWAP_IN, pages)
+        ctx.metrics.swap_pages.labels("in").inc(len(pages))
+        return ctx.mapper.reply(vm, FaultReason.SWAP_IN, pages)
 
     def on_vm_gone(self, vm: VM) -> None:
         self.hand.pop(vm.vm_id, None)

@@ -1,0 +1,206 @@
+"""The low-priority scheduler: which service goes next, and how much of it fits the time left.
+
+The talk's platform "prioritizes the queue of requests based on the time bound" and "selects
+type and page-set, avoiding starvation". For each GetRequest of a low-priority round this
+module picks, among the types pending when the round opened (the snapshot):
+
+- by **class**, in the strawman order: sampling (0) > {NUMA migration, 2M defrag, page
+  sharing} (1) > {validations} (2) > 2M promotion (3);
+- with **aging**: a type that has waited ``aging_seconds`` since it was last served moves up
+  one class per period waited, so a busy higher class can never starve a lower one; among
+  equal classes the one waiting longest goes first;
+- sized by its **cost**: each (VM, type) keeps moving averages of its cost per unit of work
+  (a page handed out, a page hashed) and of the fixed cost of one batch (the round trip), so
+  the batch is the largest that fits the time left. A type whose smallest batch does not fit
+  is passed over for one that does; when none fits the round is over.
+
+Pure code: no I/O, no clock of its own (every method takes ``now``), no knowledge of slots or
+sockets; ``rounds.py`` drives it and unit tests run it on a virtual clock.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+from shared.constants import ServiceType
+
+#: Strawman classes (0 first): sampling > {migration, defrag, sharing} > {validations} > promotion.
+STRAWMAN_CLASSES: dict[ServiceType, int] = {
+    ServiceType.SAMPLING: 0,
+    ServiceType.NUMA_MIGRATION: 1,
+    ServiceType.DEFRAG_2M: 1,
+    ServiceType.PAGE_SHARING: 1,
+    ServiceType.VALIDATION: 2,
+    ServiceType.PROMOTION_2M: 3,
+}
+#: First guesses, before a type has been measured: a cross-CPU round trip and a page's work.
+DEFAULT_PER_BATCH = 150e-6
+DEFAULT_PER_UNIT = 2e-6
+
+
+class RoundEnd(Enum):
+    """Why a low-priority round ended."""
+
+    DONE = "done"  # no pending type had work left
+    BOUND = "bound"  # the time left fits no batch of any pending type
+    PREEMPTED = "preempted"  # high-priority work became pending
+    NO_SLOT = "no_slot"  # every PageList slot is out (the agent holds batches)
+
+
+@dataclass
+class CostModel:
+    """Moving averages of a batch's cost: ``per_batch + units * per_unit`` seconds."""
+
+    per_unit: float = DEFAULT_PER_UNIT
+    per_batch: float = DEFAULT_PER_BATCH
+    alpha: float = 0.25
+    samples: int = 0
+
+    def estimate(self, units: int) -> float:
+        return self.per_batch + units * self.per_unit
+
+    def units_within(self, seconds: float) -> int:
+        """The most units whose batch fits in ``seconds`` (0 when not even one does)."""
+        spare = seconds - self.per_batch
+        if spare < self.per_unit:
+            return 0
+        return int(spare / self.per_unit)
+
+    def record(self, units: int, processing: float, overhead: float | None) -> None:
+        """A batch of ``units`` cost ``processing`` seconds of work, plus ``overhead`` seconds
+        of round trip (None when there was none: a scan that found nothing to hand out)."""
+        a = self.alpha if self.samples else 1.0  # the first measurement replaces the guess
+        if units > 0:
+            self.per_unit += a * (max(processing, 0.0) / units - self.per_unit)
+        if overhead is not None:
+            self.per_batch += a * (max(overhead, 0.0) - self.per_batch)
+        self.samples += 1
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The next batch: its type and the units of work it may cost."""
+
+    service: ServiceType
+    units: int
+
+
+@dataclass
+class _TypeState:
+    waiting_since: float | None = None  # pending and not served since this time
+    served_pages: int = 0
+    deferred: int = 0
+
+
+@dataclass
+class VMSchedule:
+    """One VM's low-priority state: the open round's snapshot, costs and waits per type."""
+
+    snapshot: list[ServiceType] = field(default_factory=list)
+    open: bool = False
+    costs: dict[ServiceType, CostModel] = field(default_factory=dict)
+    types: dict[ServiceType, _TypeState] = field(default_factory=dict)
+    rounds: dict[RoundEnd, int] = field(default_factory=dict)
+
+    def cost(self, service: ServiceType) -> CostModel:
+        model = self.costs.get(service)
+        if model is None:
+            model = self.costs[service] = CostModel()
+        return model
+
+    def type_state(self, service: ServiceType) -> _TypeState:
+        st = self.types.get(service)
+        if st is None:
+            st = self.types[service] = _TypeState()
+        return st
+
+
+class LowPriorityScheduler:
+    """Chooses low-priority batches by class, aging and cost, within a round's time left."""
+
+    def __init__(
+        self, classes: Mapping[ServiceType, int] | None = None, aging_seconds: float = 1.0
+    ) -> None:
+        if aging_seconds <= 0:
+            raise ValueError("aging_seconds must be positive")
+        self.classes = dict(STRAWMAN_CLASSES if classes is None else classes)
+        self.aging_seconds = aging_seconds
+
+    def open_round(self, vm: VMSchedule, now: float, pending: Iterable[ServiceType]) -> None:
+        """Snapshot the pending types; types that became pending start their wait now."""
+        vm.snapshot = [s for s in pending if s in self.classes]
+        vm.open = True
+        for service in vm.snapshot:
+            st = vm.type_state(service)
+            if st.waiting_since is None:
+                st.waiting_since = now
+
+    def effective_class(self, vm: VMSchedule, service: ServiceType, now: float) -> float:
+        """The type's class, lifted one step per ``aging_seconds`` it has waited."""
+        since = vm.type_state(service).waiting_since
+        waited = 0.0 if since is None else max(0.0, now - since)
+        return self.classes[service] - math.floor(waited / self.aging_seconds)
+
+    def order(
+        self, vm: VMSchedule, now: float, work: Mapping[ServiceType, int]
+    ) -> list[ServiceType]:
+        """Snapshot types with work, best first: lowest effective class, then longest wait."""
+        ready = [s for s in vm.snapshot if work.get(s, 0) > 0]
+
+        def key(s: ServiceType) -> tuple[float, float, int]:
+            since = vm.type_state(s).waiting_since
+            return (self.effective_class(vm, s, now), now if since is None else since, int(s))
+
+        return sorted(ready, key=key)
+
+    def choose(
+        self, vm: VMSchedule, now: float, time_left: float, work: Mapping[ServiceType, int]
+    ) -> Choice | RoundEnd:
+        """The next batch, or why the round is over. ``work``: units waiting per type."""
+        ordered = self.order(vm, now, work)
+        if not ordered:
+            return RoundEnd.DONE
+        for service in ordered:
+            units = min(work[service], vm.cost(service).units_within(time_left))
+            if units >= 1:
+                return Choice(service, units)
+        return RoundEnd.BOUND
+
+    def served(self, vm: VMSchedule, service: ServiceType, pages: int, now: float) -> None:
+        """A batch of ``service`` was handed out: its wait starts again."""
+        st = vm.type_state(service)
+        st.served_pages += pages
+        st.waiting_since = now
+
+    def record(
+        self,
+        vm: VMSchedule,
+        service: ServiceType,
+        units: int,
+        processing: float,
+        overhead: float | None,
+    ) -> None:
+        """Feed one measured batch (or empty scan) into the type's cost model."""
+        vm.cost(service).record(units, processing, overhead)
+
+    def close_round(
+        self, vm: VMSchedule, end: RoundEnd, work: Mapping[ServiceType, int]
+    ) -> dict[ServiceType, int]:
+        """End the round; work left when the bound ended it is counted as deferred."""
+        deferred: dict[ServiceType, int] = {}
+        if end is RoundEnd.BOUND:
+            for service in vm.snapshot:
+                left = work.get(service, 0)
+                if left > 0:
+                    vm.type_state(service).deferred += left
+                    deferred[service] = left
+        for service in vm.snapshot:
+            if work.get(service, 0) <= 0:
+                vm.type_state(service).waiting_since = None  # nothing waits any more
+        vm.rounds[end] = vm.rounds.get(end, 0) + 1
+        vm.snapshot = []
+        vm.open = False
+        return deferred

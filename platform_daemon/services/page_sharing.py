@@ -1,0 +1,293 @@
+"""Content-based page sharing (as ESX and Linux's KSM): identical pages share one frame.
+
+**Scanning.** A clock hand per VM walks its pages at a rate that covers the whole guest once
+per ``share_scan_period`` (an allowance that accrues with time but never more than a short
+burst, so a VM whose rounds stalled is not flooded afterwards). Each low-priority batch of
+this type hashes (xxh3-64) the private pages under the hand, where they are, while the guest
+runs on. Only likely duplicates are taken from the VMM:
+
+- a zero page, or a page whose hash is in the table of merged frames;
+- a page whose hash was the same at its previous scan (stable content: KSM's volatility
+  check) and equals that of another such page seen earlier (the "unstable" table).
+
+Unique pages are never invalidated, so the guest pays no fault for them.
+
+**Merging** (asynchronously, after the VMM released the pages, in chunks that yield to the
+event loop): each page is hashed again (its frame is stable now) and compared byte for byte
+with the frame it would share; a zero page merges into the node's zero frame, a page matching
+a merged frame maps it (one more reference) and frees its own frame, and a page that had an
+unstable partner becomes a new merged frame itself, which the partner joins when the hand
+reaches it. A page that changed or collided stays private. Merged pages are RESIDENT: the
+next touch maps the shared frame read-only (REMAP), a write copies it (COW).
+
+**Faults while in flight:** a write cancels that page's merge and gets its own frame back at
+once; a read completes that page's merge first, then maps the result.
+
+**Singletons:** a merged frame left with one sharer (the others wrote to their copies) goes
+back to being that page's private frame when the hand passes it, so swap can take it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+import xxhash
+
+from shared.constants import PAGE_SIZE, FaultReason, PageState, ServiceType
+from shared.messages import FaultReply
+
+from ..p2m import FLAG_MERGED, FLAG_SHARED, NO_OP
+from .base import LowPriorityService, Pages, Selection
+
+if TYPE_CHECKING:
+    from ..context import ServiceContext
+    from ..vm import VM
+
+ZERO_BYTES = bytes(PAGE_SIZE)
+ZERO_HASH = xxhash.xxh3_64_intdigest(ZERO_BYTES)
+#: Seconds of scanning allowance a VM may bank (two 10 Hz ticks): no flood after a stall.
+BURST_SECONDS = 0.2
+#: A scan looks at no more than this many p2m entries per page it may hash.
+SCAN_FACTOR = 8
+#: Pages merged per step of an asynchronous merge before it yields to the event loop.
+MERGE_CHUNK = 64
+#: Entries of the unstable table (hash -> a page seen with it) before it is flushed.
+UNSTABLE_LIMIT = 1 << 20
+_EXPOSED, _RESIDENT = int(PageState.EXPOSED), int(PageState.RESIDENT)
+_IN_FLIGHT = int(PageState.IN_FLIGHT)
+_SHARING = int(ServiceType.PAGE_SHARING)
+
+
+@dataclass
+class _VMScan:
+    vm: VM
+    hint: npt.NDArray[np.uint64]  # each page's hash at its last scan
+    hinted: npt.NDArray[np.bool_]
+    hand: int = 0
+    tokens: float = 0.0
+    last: float | None = None
+
+
+class PageSharingService(LowPriorityService):
+    """Finds duplicate pages by scanning, merges them, and breaks merges on write faults."""
+
+    service = ServiceType.PAGE_SHARING
+    lowprio_class = 1
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        self.scan_period = ctx.config.share_scan_period
+        self.scans: dict[int, _VMScan] = {}
+        self.unstable: dict[int, int] = {}
+        self.mm = ctx.machine.file.mm
+        self.view = memoryview(self.mm)
+
+    def configure(self, scan_period: float | None = None) -> None:
+        if scan_period is not None:
+            self.scan_period = scan_period
+
+    # ---- scanning -------------------------------------------------------------------------
+
+    def _scan_state(self, vm: VM) -> _VMScan:
+        st = self.scans.get(vm.vm_id)
+        if st is None:
+            n = vm.guest_pages
+            st = _VMScan(vm, np.zeros(n, dtype=np.uint64), np.zeros(n, dtype=bool))
+            self.scans[vm.vm_id] = st
+        return st
+
+    def _accrue(self, vm: VM, st: _VMScan, now: float) -> None:
+        rate = vm.guest_pages / self.scan_period
+        if st.last is not None:
+            burst = max(1.0, rate * BURST_SECONDS)
+            st.tokens = min(burst, st.tokens + rate * max(0.0, now - st.last))
+        st.last = now
+
+    def pending_work(self, vm: VM, now: float) -> int:
+        st = self._scan_state(vm)
+        self._accrue(vm, st, now)
+        return int(st.tokens)
+
+    def select_work(self, vm: VM, capacity: int, units: int, now: float) -> Selection:
+        """Hash up to ``units`` private pages under the hand; hand out likely duplicates."""
+        st = self._scan_state(vm)
+        self._accrue(vm, st, now)
+        budget = min(units, int(st.tokens))
+        if budget <= 0:
+            return Selection.empty()
+        p2m, n = vm.p2m, vm.guest_pages
+        window = (st.hand + np.arange(min(n, budget * SCAN_FACTOR), dtype=np.int64)) % n
+        state, flags = p2m.state[window], p2m.flags[window]
+        self._unshare_singletons(vm, window[(flags & FLAG_MERGED) != 0])
+        eligible = window[((state == _EXPOSED) | (state == _RESIDENT)) & (flags == 0)][:budget]
+        frames = p2m.frame[eligible]
+        hashes, picked = self._classify(vm, st, eligible, frames, capacity)
+        hashed = len(hashes)
+        if hashed:
+            st.hint[eligible[:hashed]] = hashes
+            st.hinted[eligible[:hashed]] = True
+        # Continue after the last page hashed, or after the window when it ran out.
+        if hashed == len(eligible) and len(eligible) < budget:
+            st.hand = int((window[-1] + 1) % n)
+        elif hashed:
+            st.hand = int((eligible[hashed - 1] + 1) % n)
+        st.tokens -= max(hashed, 1)
+        vm.stats.sharing_scanned += hashed
+        self.ctx.metrics.sharing_scanned.inc(hashed)
+        bpns = eligible[picked]
+        resident = p2m.state[bpns] == _RESIDENT
+        if resident.any():  # no VMM maps these: merge them now, without a batch
+            self.merge(vm, bpns[resident])
+        bpns = bpns[~resident]
+        return Selection(bpns, p2m.frame[bpns].copy(), hashed)
+
+    def _classify(
+        self,
+        vm: VM,
+        st: _VMScan,
+        bpns: Pages,
+        frames: npt.NDArray[np.int64],
+        capacity: int,
+    ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]]:
+        """Hash pages in order until ``capacity`` candidates are found.
+
+        Returns the hashes of the pages looked at and the indices of the candidates.
+        """
+        view, by_hash, unstable = self.view, self.ctx.shared.by_hash, self.unstable
+        failing = self.ctx.machine.failing
+        hint, hinted = st.hint, st.hinted
+        hashes: list[int] = []
+        picked: list[int] = []
+        base = vm.vm_id << 32
+        for i, (bpn, mpn) in enumerate(zip(bpns.tolist(), frames.tolist(), strict=True)):
+            off = mpn * PAGE_SIZE
+            h = xxhash.xxh3_64_intdigest(view[off : off + PAGE_SIZE])
+            hashes.append(h)
+            if failing[mpn]:
+                continue  # page-retire moves it; never a merge source
+            if h == ZERO_HASH or h in by_hash:
+                picked.append(i)
+            elif hinted[bpn] and int(hint[bpn]) == h:
+                other = unstable.get(h)
+                if other is not None and other != base | bpn and self._still_there(other, h):
+                    picked.append(i)
+                else:
+                    if len(unstable) >= UNSTABLE_LIMIT:
+                        unstable.clear()  # KSM rebuilds its unstable tree every pass too
+                    unstable[h] = base | bpn
+            if len(picked) >= capacity:
+                break
+        return np.array(hashes, dtype=np.uint64), np.array(picked, dtype=np.int64)
+
+    def _still_there(self, key: int, content_hash: int) -> bool:
+        """Whether the unstable entry's page is still private with that content hash."""
+        st = self.scans.get(key >> 32)
+        if st is None or not st.vm.alive:
+            return False
+        bpn = key & 0xFFFFFFFF
+        p2m = st.vm.p2m
+        return bool(
+            p2m.flags[bpn] == 0
+            and p2m.state[bpn] in (_EXPOSED, _RESIDENT)
+            and st.hinted[bpn]
+            and int(st.hint[bpn]) == content_hash
+        )
+
+    def _unshare_singletons(self, vm: VM, merged: Pages) -> None:
+        """Merged frames left with one sharer become that page's private frame again."""
+        if len(merged) == 0:
+            return
+        shared, p2m = self.ctx.shared, vm.p2m
+        alone = merged[shared.refs[p2m.frame[merged]] == 1]
+        for bpn in alone.tolist():
+            shared.make_private(int(p2m.frame[bpn]), vm.vm_id, bpn)
+        p2m.flags[alone] = 0
+
+    # ---- merging --------------------------------------------------------------------------
+
+    def complete(self, vm: VM, accepted: Pages, status: npt.NDArray[np.uint8]) -> None:
+        epochs = vm.p2m.epoch[accepted].copy()
+        self.ctx.spawn(self._merge_later(vm, accepted, epochs))
+
+    async def _merge_later(self, vm: VM, bpns: Pages, epochs: npt.NDArray[np.uint32]) -> None:
+        """Merge in chunks, yielding between them so faults (and other VMs) go first."""
+        p2m = vm.p2m
+        for start in range(0, len(bpns), MERGE_CHUNK):
+            await asyncio.sleep(0)
+            if not vm.alive:
+                return
+            chunk, ep = bpns[start : start + MERGE_CHUNK], epochs[start : start + MERGE_CHUNK]
+            ours = (p2m.state[chunk] == _IN_FLIGHT) & (p2m.op[chunk] == _SHARING)
+            ours &= p2m.epoch[chunk] == ep
+            self.merge(vm, chunk[ours])
+
+    def merge(self, vm: VM, bpns: Pages) -> None:
+        """Merge pages no VMM maps (in flight or resident); all end up RESIDENT."""
+        if len(bpns) == 0:
+            return
+        machine, shared, p2m = self.ctx.machine, self.ctx.shared, vm.p2m
+        st = self._scan_state(vm)
+        zero = machine.zero_frame[vm.home_node]
+        view, mm, failing = self.view, self.mm, machine.failing
+        frames = p2m.frame[bpns]
+        targets = np.full(len(bpns), -1, dtype=np.int64)  # frame to map, -1: keep own
+        created = np.zeros(len(bpns), dtype=bool)
+        for i, (bpn, mpn) in enumerate(zip(bpns.tolist(), frames.tolist(), strict=True)):
+            if failing[mpn]:
+                continue
+            off = mpn * PAGE_SIZE
+            h = xxhash.xxh3_64_intdigest(view[off : off + PAGE_SIZE])
+            if h == ZERO_HASH and mm[off : off + PAGE_SIZE] == ZERO_BYTES:
+                targets[i] = zero
+                continue
+            other = shared.lookup(h)
+            if other is not None:
+                toff = other * PAGE_SIZE
+                if mm[off : off + PAGE_SIZE] == mm[toff : toff + PAGE_SIZE]:
+                    targets[i] = other
+                    shared.ref(other)
+            elif st.hinted[bpn] and int(st.hint[bpn]) == h:
+                shared.create(mpn, h, 1)  # the first of its content: the partner joins it
+                created[i] = True
+        joined = targets >= 0
+        p2m.frame[bpns[joined]] = targets[joined]
+        merged = bpns[joined | created]
+        p2m.flags[merged] |= FLAG_SHARED | FLAG_MERGED
+        p2m.state[bpns] = _RESIDENT
+        p2m.op[bpns] = NO_OP
+        machine.release_or_retire(frames[joined])  # the duplicates' own frames
+        vm.stats.pages_merged += len(merged)
+        metrics = self.ctx.metrics.sharing_merges
+        is_zero = targets == zero
+        for kind, count in (
+            ("zero", int(np.count_nonzero(is_zero))),
+            ("shared", int(np.count_nonzero(joined & ~is_zero))),
+            ("new", int(np.count_nonzero(created))),
+            ("unchanged", len(bpns) - int(np.count_nonzero(joined | created))),
+        ):
+            if count:
+                metrics.labels(kind).inc(count)
+
+    # ---- faults ---------------------------------------------------------------------------
+
+    def on_fault(self, vm: VM, bpn: int, write: bool) -> FaultReply:
+        """A write cancels the page's merge (own frame back at once); a read completes it."""
+        p2m, one = vm.p2m, np.array([bpn], dtype=np.int64)
+        if write:
+            vm.stats.sharing_aborted += 1
+            self.ctx.metrics.sharing_aborted.inc()
+            reason = FaultReason.CANCEL
+        else:
+            self.merge(vm, one)
+            reason = FaultReason.COMPLETE
+        p2m.state[bpn] = _EXPOSED
+        p2m.op[bpn] = NO_OP
+        p2m.epoch[bpn] += 1  # the pending merge chunk skips it
+        return self.ctx.mapper.reply(vm, reason, one)
+
+    def on_vm_gone(self, vm: VM) -> None:
+        self.scans.pop(vm.vm_id, None)
