@@ -48,6 +48,7 @@ class RoundEnd(Enum):
     BOUND = "bound"  # the time left fits no batch of any pending type
     PREEMPTED = "preempted"  # high-priority work became pending
     NO_SLOT = "no_slot"  # every PageList slot is out (the agent holds batches)
+    LEFT = "left"  # the agent started a new round without finishing this one (its bound)
 
 
 @dataclass

@@ -156,8 +156,8 @@ class RoundEngine:
     def _get_low(self, vm: VM, state: RoundState, msg: GetRequest, received: float) -> Request:
         sched, low = self.scheduler, state.low
         if msg.new_round or not low.open:
-            if low.open:  # the agent left the last round early (it yielded to high priority)
-                self._close_low(vm, state, RoundEnd.PREEMPTED)
+            if low.open:  # the agent ended the last round itself (its bound, or high priority)
+                self._close_low(vm, state, RoundEnd.LEFT, received)
             word = self.refresh_pending(vm)
             now = self.clock()
             for svc in self.low_services.values():
@@ -165,17 +165,17 @@ class RoundEngine:
             sched.open_round(low, now, [s for s in self.low_services if word & s.bit])
             self.on_round_open(Priority.LOW)
         if self._high_pending(vm):  # high priority pre-empts low, whatever the snapshot says
-            return self._close_low(vm, state, RoundEnd.PREEMPTED)
+            return self._close_low(vm, state, RoundEnd.PREEMPTED, received)
         deadline = received + msg.budget_us / 1e6
         while True:
             now = self.clock()
             work = self._low_work(vm, low, now)
             choice = sched.choose(low, now, deadline - now, work)
             if isinstance(choice, RoundEnd):
-                return self._close_low(vm, state, choice, work)
+                return self._close_low(vm, state, choice, received, work)
             slot_index = self._free_slot(vm, state)
             if slot_index is None:
-                return self._close_low(vm, state, RoundEnd.NO_SLOT, work)
+                return self._close_low(vm, state, RoundEnd.NO_SLOT, received, work)
             svc = self.low_services[choice.service]
             capacity = vm.region.slot_capacity
             sel = svc.select_work(vm, capacity, choice.units, now)
@@ -214,13 +214,17 @@ class RoundEngine:
         vm: VM,
         state: RoundState,
         end: RoundEnd,
+        received: float,
         work: dict[ServiceType, int] | None = None,
     ) -> Request:
+        """End the low round; the answer's ``count`` is the daemon's own time on this
+        GetRequest in µs, so the agent can tell a round trip from the scans done in it."""
+        now = self.clock()
         if work is None:
-            work = self._low_work(vm, state.low, self.clock())
+            work = self._low_work(vm, state.low, now)
         deferred = self.scheduler.close_round(state.low, end, work)
         self.on_low_round_closed(vm, LowRoundClosed(end, deferred))
-        return _ROUND_OVER
+        return Request(0, NO_SLOT, min(0xFFFFFFFF, int((now - received) * 1e6)), 0)
 
     # ---- both -----------------------------------------------------------------------------
 

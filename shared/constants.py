@@ -38,6 +38,9 @@ class ServiceType(IntEnum):
 #: Release services handled by the high-priority loop, in the order a round serves them.
 HIGH_PRIORITY_SERVICES = (ServiceType.PAGE_RETIRE, ServiceType.P2M_UPDATE, ServiceType.SWAP)
 HIGH_PRIORITY_MASK = sum(s.bit for s in HIGH_PRIORITY_SERVICES)
+#: Best-effort services handled by the 10 Hz low-priority rounds under a time bound.
+LOW_PRIORITY_SERVICES = tuple(s for s in ServiceType if s not in HIGH_PRIORITY_SERVICES)
+LOW_PRIORITY_MASK = sum(s.bit for s in LOW_PRIORITY_SERVICES)
 
 
 class Priority(IntEnum):

@@ -1,7 +1,7 @@
 """The real agent's side on its own, no daemon: release filters, batch processing, guest memory.
 
 A ControlRegion over a bytearray stands in for the shared control region, and a fake link
-records what ``HighPriorityLoop.process`` sends. Each test fills a slot as the daemon would
+records what ``BatchProcessor.process`` sends. Each test fills a slot as the daemon would
 (``PageListSlot.fill``) and hands the matching ``Request`` to ``process``.
 """
 
@@ -17,10 +17,12 @@ from shared.constants import NO_FRAME, PAGE_SIZE, PageStatus, ServiceType
 from shared.errors import ErrorCode, RemoteProtocolError
 from shared.layout import ControlRegion, SlotState, region_size
 from shared.messages import CompleteRequest, Message, Request
+from vmm_agent.batches import BatchProcessor
 from vmm_agent.exposure import NOT_RELEASED, ExposureTable
 from vmm_agent.guest import CORPUS_PAGES, ZERO_HASH, Content, GuestMemory
-from vmm_agent.rounds import HighPriorityLoop
+from vmm_agent.sampler import Sampler
 from vmm_agent.services import FILTERS
+from vmm_agent.touches import TouchLog
 
 GUEST_PAGES = 64
 SLOT_COUNT = 2
@@ -29,7 +31,7 @@ FRAME_BASE = 1000  # page b is exposed on frame FRAME_BASE + b
 
 
 class FakeLink:
-    """What HighPriorityLoop.process uses of the RpcClient: ``send``, recorded."""
+    """What BatchProcessor.process uses of the RpcClient: ``send``, recorded."""
 
     def __init__(self) -> None:
         self.sent: list[Message] = []
@@ -39,7 +41,7 @@ class FakeLink:
 
 
 class Agent:
-    """A HighPriorityLoop over a bytearray control region and its exposure table."""
+    """A BatchProcessor over a bytearray control region and its exposure table."""
 
     def __init__(self) -> None:
         buf = bytearray(region_size(SLOT_COUNT, CAPACITY))
@@ -53,11 +55,13 @@ class Agent:
         )
         self.exposure = ExposureTable(GUEST_PAGES)
         self.link = FakeLink()
-        self.loop = HighPriorityLoop(
+        self.touches = TouchLog(GUEST_PAGES)
+        self.sampler = Sampler(self.exposure, self.region, self.touches)
+        self.loop = BatchProcessor(
             self.link,  # type: ignore[arg-type]
             self.region,
             self.exposure,
-            poll_interval=0.1,
+            self.sampler,
         )
         self.seq = 0
 

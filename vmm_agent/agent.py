@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 import weakref
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +31,20 @@ from shared.messages import Kick, Message, Register, Registered
 from shared.shm import MappedFile, frames_view, open_mapped
 from shared.workload import Phase
 
+from .batches import BatchProcessor
 from .control import ControlConnection
 from .exposure import ExposureTable
 from .fault_path import FaultPath
 from .guest import GuestMemory
+from .guest_time import GuestGate, GuestProgress
+from .lowprio import LowPriorityLoop, RoundRecord
 from .metrics import AgentMetrics, GuestCollector
+from .monitor import MonitorQueue
 from .rounds import HighPriorityLoop
 from .rpc import RpcClient
 from .runner import WorkloadRunner
+from .sampler import Sampler
+from .touches import TouchLog
 
 log = structlog.get_logger("vmmem.vmm")
 #: Faults this agent keeps on the wire at most (fewer if the daemon says so).
@@ -102,14 +110,40 @@ class Agent:
         self.region = ControlRegion(self.region_file.mm)
         if self.region.vm_id != reg.vm_id or self.region.generation != reg.generation:
             raise VMMemError("control region does not belong to this VM", ErrorCode.PROTOCOL)
-        self.rounds = HighPriorityLoop(self.link, self.region, self.exposure, cfg.poll_interval)
+        self.touches = TouchLog(cfg.guest_pages)
+        self.sampler = Sampler(self.exposure, self.region, self.touches)
+        self.batches = BatchProcessor(self.link, self.region, self.exposure, self.sampler)
+        self.batches.on_batch.append(self._observe_batch)
+        self.rounds = HighPriorityLoop(self.link, self.region, self.batches, cfg.poll_interval)
         outstanding = min(MAX_OUTSTANDING_FAULTS, reg.max_outstanding_faults)
         self.faults = FaultPath(self.link, self.exposure, outstanding, around=16)
         self.faults.on_fault_done.append(self.metrics.observe_fault)
         self.faults.on_fault_done.append(lambda _reason, _seconds: self.rounds.poll())
-        self.rounds.on_batch.append(self._observe_batch)
+        self.faults.on_watched_touch = self.sampler.touch
+        self.gate = GuestGate()
+        self.guest_progress = GuestProgress(time.monotonic)
+        self.monitor = MonitorQueue([self.sampler], time.monotonic)
+        self.lowprio = LowPriorityLoop(
+            self.link,
+            self.region,
+            self.batches,
+            self.monitor,
+            self.rounds,
+            self.gate,
+            self.guest_progress,
+            cfg.latency_sensitivity,
+        )
+        self.lowprio.on_round.append(self._observe_low_round)
         self.runner = WorkloadRunner(
-            cfg.vcpus, cfg.seed, self.frames, self.exposure, self.faults, self.guest
+            cfg.vcpus,
+            cfg.seed,
+            self.frames,
+            self.exposure,
+            self.faults,
+            self.guest,
+            self.gate,
+            self.guest_progress,
+            self.touches,
         )
         ctl_path = cfg.control_socket_path
         ctl_path.unlink(missing_ok=True)
@@ -117,7 +151,8 @@ class Agent:
             lambda: ControlConnection(self.handle_ctl, self.tasks), str(ctl_path)
         )
         os.chmod(ctl_path, 0o600)
-        self._spawn(self._rounds_forever())
+        self._spawn(self._rounds_forever(self.rounds.run()))
+        self._spawn(self._rounds_forever(self.lowprio.run()))
         log.info(
             "vmm_started",
             vm=cfg.name,
@@ -133,9 +168,9 @@ class Agent:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _rounds_forever(self) -> None:
+    async def _rounds_forever(self, loop: Coroutine[Any, Any, None]) -> None:
         try:
-            await self.rounds.run()
+            await loop
         except VMMemError as exc:
             log.error("rounds_failed", error=str(exc))
             self.exit_code = 1
@@ -150,6 +185,9 @@ class Agent:
                 self.metrics.batch_pages.labels(self.config.name, service, st.name.lower()).inc(
                     int(counts[st])
                 )
+
+    def _observe_low_round(self, record: RoundRecord) -> None:
+        self.metrics.observe_low_round(record)
 
     def _on_message(self, msg: Message) -> None:
         if isinstance(msg, Kick):
@@ -210,6 +248,15 @@ class Agent:
             return await self.runner.verify()
         if op == "results":
             return self.results()
+        if op == "lowprio":
+            return self.lowprio.summary()
+        if op == "set_latency_sensitivity":
+            value = args.get("value")
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise VMMemError("value must be an integer >= 0", ErrorCode.BAD_REQUEST)
+            self.lowprio.latency_sensitivity = value
+            log.info("latency_sensitivity_set", vm=self.config.name, value=value)
+            return {"latency_sensitivity": value, "bound_seconds": self.lowprio.bound}
         raise VMMemError(f"unknown op {op!r}", ErrorCode.BAD_REQUEST)
 
     def progress(self) -> dict[str, Any]:
@@ -239,9 +286,16 @@ class Agent:
             "fault_latency_seconds": self.faults.latency_quantiles(),
             "verification": self.guest.summary(),
             "rounds": self.rounds.rounds,
-            "batches": dict(self.rounds.batches),
-            "batch_pages": {f"{s}/{st}": n for (s, st), n in self.rounds.pages.items()},
-            "released_while_pinned": dict(self.rounds.released_while_pinned),
+            "batches": dict(self.batches.batches),
+            "batch_pages": {f"{s}/{st}": n for (s, st), n in self.batches.pages.items()},
+            "released_while_pinned": dict(self.batches.released_while_pinned),
+            "soft_faults": self.faults.soft_faults,
+            "content": self.guest.content_profile(),
+            "sampling": {
+                **self.sampler.status(),
+                "truth": {str(k): v for k, v in self.sampler.truth.items()},
+            },
+            "lowprio": {k: v for k, v in self.lowprio.summary().items() if k != "rounds"},
             "pin_cycles": r.pin_cycles,
             "pin_violations": r.pin_violations,
             "mismatch_log": self.guest.mismatch_log[:10],

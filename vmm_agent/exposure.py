@@ -3,6 +3,12 @@
 NumPy arrays indexed by BPN: frame (-1 when not exposed), writable, an accessed bit the
 vCPUs set on every touch (the swap filter's second chance), and a pin count for pages "in
 translation" that no release may take.
+
+A page can also be *hidden*: the monitor keeps its mapping (``hidden_frame``) but does not
+let the guest use it, so the next guest touch traps in the monitor's fault path, which puts
+the mapping back without asking the platform. Working-set sampling hides the pages it
+watches this way (``watched``). For the platform a hidden page is still exposed: release
+batches treat the hidden mapping as the monitor's mapping.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ NOT_RELEASED = 0xFF
 
 
 class ExposureTable:
-    """BPN → (frame, writable) plus accessed and pinned state."""
+    """BPN → (frame, writable) plus accessed, pinned, hidden and watched state."""
 
     def __init__(self, guest_pages: int) -> None:
         self.guest_pages = guest_pages
@@ -28,19 +34,60 @@ class ExposureTable:
         self.pinned = np.zeros(guest_pages, dtype=np.uint16)
         #: The service that last took each page from the guest (NOT_RELEASED: none since reset).
         self.released_by = np.full(guest_pages, NOT_RELEASED, dtype=np.uint8)
+        self.hidden_frame = np.full(guest_pages, NO_FRAME, dtype=np.int64)
+        self.hidden_writable = np.zeros(guest_pages, dtype=bool)
+        #: Pages of the current working-set sample not touched since they were armed.
+        self.watched = np.zeros(guest_pages, dtype=bool)
 
     def install(
         self, bpns: npt.NDArray[Any], frames: npt.NDArray[Any], writable: npt.NDArray[Any]
     ) -> None:
-        """Expose pages as the platform mapped them."""
+        """Expose pages as the platform mapped them (watched ones stay hidden)."""
         idx = bpns.astype(np.int64)
+        watched = self.watched[idx]
+        if watched.any():
+            self.hidden_frame[idx[watched]] = frames[watched]
+            self.hidden_writable[idx[watched]] = writable[watched]
+            idx, frames, writable = idx[~watched], frames[~watched], writable[~watched]
         self.frame[idx] = frames
         self.writable[idx] = writable
+        self.hidden_frame[idx] = NO_FRAME
 
     def invalidate(self, bpns: npt.NDArray[Any]) -> None:
-        """Stop exposing pages (they are handed to the platform)."""
+        """Stop exposing pages (they are handed to the platform), hidden mappings included."""
         self.frame[bpns] = NO_FRAME
         self.writable[bpns] = False
+        self.hidden_frame[bpns] = NO_FRAME
+        self.hidden_writable[bpns] = False
+
+    def hide(self, bpns: npt.NDArray[np.int64]) -> None:
+        """Keep the mappings of ``bpns`` in the monitor only: the next touch traps."""
+        mapped = bpns[self.frame[bpns] >= 0]
+        self.hidden_frame[mapped] = self.frame[mapped]
+        self.hidden_writable[mapped] = self.writable[mapped]
+        self.frame[mapped] = NO_FRAME
+        self.writable[mapped] = False
+
+    def unhide(self, bpn: int) -> bool:
+        """Give the guest back a hidden mapping; False when the page had none."""
+        frame = int(self.hidden_frame[bpn])
+        if frame < 0:
+            return False
+        self.frame[bpn] = frame
+        self.writable[bpn] = self.hidden_writable[bpn]
+        self.hidden_frame[bpn] = NO_FRAME
+        return True
+
+    def mapped_frame(self, idx: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """The monitor's mapping of each page, hidden or not (NO_FRAME: not mapped)."""
+        frame: npt.NDArray[np.int64] = np.where(
+            self.frame[idx] >= 0, self.frame[idx], self.hidden_frame[idx]
+        )
+        return frame
+
+    def mapped_writable(self, idx: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+        writable: npt.NDArray[np.bool_] = self.writable[idx] | self.hidden_writable[idx]
+        return writable
 
     def exposed_count(self) -> int:
         return int(np.count_nonzero(self.frame != NO_FRAME))

@@ -43,6 +43,10 @@ class FaultPath:
         self.samples = 0
         self.faults = 0
         self.pages_mapped = 0
+        #: Touches the monitor resolved itself: hidden mappings given back, no message.
+        self.soft_faults = 0
+        #: Called with the BPN of the first touch of a watched (sampled) page.
+        self.on_watched_touch: Callable[[int], None] = lambda bpn: None
         # Callbacks (reason, seconds) after each fault: metrics, allocation-driven poll.
         self.on_fault_done: list[Callable[[str, float], None]] = []
         link.on_reply = self._on_reply
@@ -68,7 +72,16 @@ class FaultPath:
         The first vCPU to need a page sends the fault itself (no extra task); the others
         wait for it and look again, because its fault may not be enough for them (a read
         fault maps a page read-only, this vCPU may want to write) or may have failed.
+
+        Every guest touch of a page it cannot use passes here first, so this is where a
+        watched (sampled) page's first touch is counted and a hidden mapping is given back
+        without a message.
         """
+        exposure = self.exposure
+        if exposure.watched[bpn]:
+            self.on_watched_touch(bpn)
+        if exposure.hidden_frame[bpn] >= 0 and exposure.unhide(bpn):
+            self.soft_faults += 1
         while not self.is_ready(bpn, write):
             fut = self.pending.get(bpn)
             if fut is not None:

@@ -47,6 +47,8 @@ class GuestMemory:
         self.expected = np.full(guest_pages, ZERO_HASH, dtype=np.uint64)
         self.version = np.zeros(guest_pages, dtype=np.uint32)
         self.kind = np.zeros(guest_pages, dtype=np.uint8)
+        #: Corpus page each DUPLICATE page holds (-1 for other kinds).
+        self.corpus_index = np.full(guest_pages, -1, dtype=np.int8)
         self.corpus = corpus()
         self.corpus_hash = [xxhash.xxh3_64_intdigest(p) for p in self.corpus]
         base = np.random.default_rng(vm_key).integers(0, 2**63, size=PAGE_SIZE // 8)
@@ -66,12 +68,15 @@ class GuestMemory:
         version = int(self.version[bpn]) + 1
         self.version[bpn] = version
         self.kind[bpn] = kind
+        self.corpus_index[bpn] = -1
         if kind == Content.ZERO:
             frames[frame] = 0
             self.expected[bpn] = ZERO_HASH
         elif kind == Content.DUPLICATE:
-            frames[frame] = self.corpus[pick % CORPUS_PAGES]
-            self.expected[bpn] = self.corpus_hash[pick % CORPUS_PAGES]
+            index = pick % CORPUS_PAGES
+            frames[frame] = self.corpus[index]
+            self.expected[bpn] = self.corpus_hash[index]
+            self.corpus_index[bpn] = index
         else:
             page = self.unique_page(bpn, version)
             frames[frame] = page.view(np.uint8)
@@ -92,6 +97,23 @@ class GuestMemory:
     def written_pages(self) -> npt.NDArray[np.int64]:
         """BPNs the guest ever wrote."""
         return np.flatnonzero(self.version).astype(np.int64)
+
+    def content_profile(self) -> dict[str, Any]:
+        """What the written pages hold: zero pages, and pages of each corpus page.
+
+        Unique pages differ from every other page (their bytes depend on VM, BPN and
+        version), so these counts are all the load generator needs to know how many pages
+        page sharing could merge, across VMs.
+        """
+        written = self.version > 0
+        per_corpus = np.bincount(
+            self.corpus_index[written & (self.corpus_index >= 0)], minlength=CORPUS_PAGES
+        )
+        return {
+            "zero": int(np.count_nonzero(written & (self.kind == Content.ZERO))),
+            "corpus": per_corpus.tolist(),
+            "unique": int(np.count_nonzero(written & (self.kind == Content.UNIQUE))),
+        }
 
     def summary(self) -> dict[str, Any]:
         return {"pages_verified": self.verified, "mismatches": self.mismatches}

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from .agent import Agent
+    from .lowprio import RoundRecord
 
 LATENCY_BUCKETS = (
     2.5e-5,
@@ -30,6 +32,12 @@ LATENCY_BUCKETS = (
     1.0,
     5.0,
 )
+
+
+#: Low-priority round times: from a fraction of a 0.5 ms bound to well past an 8 ms one.
+ROUND_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 0.1, 0.5)
+#: Overrun as a fraction of the bound.
+OVERRUN_BUCKETS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 class AgentMetrics:
@@ -59,6 +67,62 @@ class AgentMetrics:
             ["vm", "service", "status"],
             registry=registry,
         )
+
+        self.lowprio_rounds = Counter(
+            "vmmem_vmm_lowprio_rounds",
+            "Low-priority rounds by outcome (done, bound, preempted)",
+            ["vm", "outcome"],
+            registry=registry,
+        )
+        self.lowprio_used = Histogram(
+            "vmmem_vmm_lowprio_round_seconds",
+            "Time one low-priority round kept the guest exited",
+            ["vm"],
+            buckets=ROUND_BUCKETS,
+            registry=registry,
+        )
+        self.lowprio_overrun = Histogram(
+            "vmmem_vmm_lowprio_overrun_ratio",
+            "Time a low-priority round ran past its bound, as a fraction of the bound",
+            ["vm"],
+            buckets=OVERRUN_BUCKETS,
+            registry=registry,
+        )
+        self.lowprio_gap = Histogram(
+            "vmmem_vmm_lowprio_progress_gap_seconds",
+            "At a round's start, time since the guest last made progress",
+            ["vm"],
+            buckets=ROUND_BUCKETS,
+            registry=registry,
+        )
+        self.lowprio_time = Counter(
+            "vmmem_vmm_lowprio_time_seconds",
+            "Time spent in low-priority rounds (its rate is the share of the guest's time)",
+            ["vm"],
+            registry=registry,
+        )
+        self.lowprio_bound = Gauge(
+            "vmmem_vmm_lowprio_bound_seconds",
+            "The last tick's bound: latency sensitivity's budget times guest progress",
+            ["vm"],
+            registry=registry,
+        )
+        self.lowprio_last_start = Gauge(
+            "vmmem_vmm_lowprio_last_round_start_timestamp_seconds",
+            "When the last low-priority round started (Unix time)",
+            ["vm"],
+            registry=registry,
+        )
+
+    def observe_low_round(self, record: RoundRecord) -> None:
+        vm = self.vm
+        self.lowprio_rounds.labels(vm, record.outcome).inc()
+        self.lowprio_used.labels(vm).observe(record.used)
+        self.lowprio_overrun.labels(vm).observe(record.overrun / record.bound)
+        self.lowprio_gap.labels(vm).observe(record.gap)
+        self.lowprio_time.labels(vm).inc(record.used)
+        self.lowprio_bound.labels(vm).set(record.bound)
+        self.lowprio_last_start.labels(vm).set(time.time() - (time.monotonic() - record.started))
 
     def observe_fault(self, reason: str, seconds: float) -> None:
         child = self._fault_children.get(reason)
@@ -117,3 +181,34 @@ class GuestCollector(Collector):
         )
         touched.add_metric([vm], runner.touched_count())
         yield touched
+        soft = CounterMetricFamily(
+            "vmmem_guest_soft_faults",
+            "Touches the monitor resolved itself (a sampled page's hidden mapping given back)",
+            labels=["vm"],
+        )
+        soft.add_metric([vm], agent.faults.soft_faults)
+        yield soft
+        sampler = agent.sampler
+        sample = GaugeMetricFamily(
+            "vmmem_vmm_sample_pages",
+            "The current working-set sample: pages armed, and touched since armed",
+            labels=["vm", "kind"],
+        )
+        sample.add_metric([vm, "armed"], sampler.armed)
+        sample.add_metric([vm, "touched"], sampler.touched)
+        yield sample
+        work = CounterMetricFamily(
+            "vmmem_vmm_monitor_work_pages",
+            "Units of monitor-side low-priority work done, by task",
+            labels=["vm", "task"],
+        )
+        cost = GaugeMetricFamily(
+            "vmmem_vmm_monitor_cost_per_page_seconds",
+            "Moving average of a monitor task's cost per unit of work",
+            labels=["vm", "task"],
+        )
+        for name, c in agent.monitor.costs.items():
+            work.add_metric([vm, name], c.units)
+            cost.add_metric([vm, name], c.per_unit)
+        yield work
+        yield cost

@@ -18,7 +18,9 @@ from .access import AccessStream
 from .exposure import NOT_RELEASED, ExposureTable
 from .fault_path import FaultPath
 from .guest import GuestMemory
+from .guest_time import GuestGate, GuestProgress
 from .rpc import PeerError
+from .touches import TouchLog
 from .vcpu import VCpu
 
 log = structlog.get_logger("vmmem.vmm.runner")
@@ -42,13 +44,16 @@ class WorkloadRunner:
         exposure: ExposureTable,
         faults: FaultPath,
         guest: GuestMemory,
+        gate: GuestGate,
+        progress: GuestProgress,
+        touches: TouchLog,
     ) -> None:
         self.seed = seed
         self.exposure = exposure
         self.faults = faults
         self.guest = guest
-        self.cpus = [VCpu(i, frames, exposure, faults, guest) for i in range(vcpus)]
-        self.touched = np.zeros(exposure.guest_pages, dtype=bool)
+        self.cpus = [VCpu(i, frames, exposure, faults, guest, gate, progress) for i in range(vcpus)]
+        self.touches = touches
         self.phase: Phase | None = None
         self.started = 0.0
         self.stop = asyncio.Event()
@@ -63,7 +68,7 @@ class WorkloadRunner:
         return sum(c.writes for c in self.cpus)
 
     def touched_count(self) -> int:
-        return int(np.count_nonzero(self.touched))
+        return self.touches.distinct()
 
     @property
     def running(self) -> bool:
@@ -77,7 +82,7 @@ class WorkloadRunner:
         n = min(phase.vcpus or len(self.cpus), len(self.cpus))
         for cpu in self.cpus[:n]:
             stream = AccessStream(phase, self.exposure.guest_pages, cpu.index, n, self.seed)
-            self.tasks.append(asyncio.create_task(cpu.run(phase, stream, self.stop, self.touched)))
+            self.tasks.append(asyncio.create_task(cpu.run(phase, stream, self.stop, self.touches)))
         if phase.pinned_pages:
             self.tasks.append(asyncio.create_task(self._pinner(phase)))
         log.info(

@@ -115,9 +115,12 @@ class SamplingService(LowPriorityService):
         self._next_id = 1
 
     def configure(self, period: float | None = None, pages: int | None = None) -> None:
-        """Change the period or sample size; takes effect with each VM's next sample."""
+        """Change the period (the current periods end by the new one) or the sample size
+        (from each VM's next sample)."""
         if period is not None:
             self.period = period
+            for st in self.vms.values():
+                st.period_end = min(st.period_end, st.started + period)
         if pages is not None:
             self.sample_pages = pages
 

@@ -7,13 +7,25 @@ from __future__ import annotations
 
 from shared.constants import ServiceType
 
+from ..exposure import ExposureTable
+from ..sampler import Sampler
 from .base import AgentService
 from .p2m_update import P2MUpdateFilter
 from .page_retire import PageRetireFilter
+from .page_sharing import PageSharingFilter
+from .sampling import SamplingFilter
 from .swap import SwapFilter
 
 FILTERS: dict[ServiceType, type[AgentService]] = {
     ServiceType.SWAP: SwapFilter,
     ServiceType.P2M_UPDATE: P2MUpdateFilter,
     ServiceType.PAGE_RETIRE: PageRetireFilter,
+    ServiceType.PAGE_SHARING: PageSharingFilter,
 }
+
+
+def build_services(exposure: ExposureTable, sampler: Sampler) -> dict[ServiceType, AgentService]:
+    """One instance per service type; sampling also needs the monitor's sampler."""
+    services = {stype: cls(exposure) for stype, cls in FILTERS.items()}
+    services[ServiceType.SAMPLING] = SamplingFilter(exposure, sampler)
+    return services

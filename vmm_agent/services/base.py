@@ -28,7 +28,7 @@ class AgentService:
     ) -> npt.NDArray[np.int64]:
         """Decide every page of the batch; return the accepted BPNs (no longer exposed)."""
         idx = bpns.astype(np.int64)
-        frame = self.exposure.frame[idx]
+        frame = self.exposure.mapped_frame(idx)  # a page hidden by sampling is still mapped
         status[:] = PageStatus.OK
         status[frame != mpns] = PageStatus.STALE_FRAME
         status[frame < 0] = PageStatus.NOT_EXPOSED

@@ -14,4 +14,4 @@ class P2MUpdateFilter(AgentService):
     service = ServiceType.P2M_UPDATE
 
     def filter(self, bpns: npt.NDArray[np.int64], status: npt.NDArray[np.uint8]) -> None:
-        refuse(status, self.exposure.writable[bpns], PageStatus.NOT_SHARED)
+        refuse(status, self.exposure.mapped_writable(bpns), PageStatus.NOT_SHARED)

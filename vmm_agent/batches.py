@@ -1,0 +1,72 @@
+"""Processing one PageList batch on the agent: checks, the service's decision, completion.
+
+Both loops (high and low priority) hand their batches here. Processing is synchronous from
+reading the slot to sending CompleteRequest, so no vCPU can touch a page between the
+service's verdict and the daemon learning of it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import numpy as np
+
+from shared.constants import PageStatus, ServiceType
+from shared.errors import ErrorCode, RemoteProtocolError
+from shared.layout import ControlRegion, SlotState
+from shared.messages import CompleteRequest, Request
+
+from .exposure import ExposureTable
+from .rpc import RpcClient
+from .sampler import Sampler
+from .services import build_services
+
+
+class BatchProcessor:
+    """Decides every page of a batch with its service's filter and completes the batch."""
+
+    def __init__(
+        self, link: RpcClient, region: ControlRegion, exposure: ExposureTable, sampler: Sampler
+    ) -> None:
+        self.link = link
+        self.region = region
+        self.exposure = exposure
+        self.services = build_services(exposure, sampler)
+        self.batches: Counter[str] = Counter()
+        self.pages: Counter[tuple[str, str]] = Counter()
+        self.released_while_pinned: Counter[str] = Counter()
+        self.on_batch: list[Callable[[str, float, np.ndarray], None]] = []
+
+    def process(self, req: Request) -> int:
+        """Filter, invalidate, write statuses and complete one batch; returns pages released."""
+        t0 = time.perf_counter()
+        slot = self.region.slot(req.slot)
+        stype, state, count, seq = slot.read_header()
+        if (
+            state != SlotState.ISSUED
+            or count != req.count
+            or seq != req.seq
+            or stype != req.service
+        ):
+            raise RemoteProtocolError(
+                f"slot {req.slot} does not match Request {req}", ErrorCode.SLOT_NOT_ISSUED
+            )
+        bpns, status, mpns = slot.batch(count)
+        service = ServiceType(stype)
+        accepted = self.services[service].process(bpns, mpns, status)
+        name = service.name.lower()
+        pinned = int(np.count_nonzero(self.exposure.pinned[accepted]))
+        if pinned:
+            self.released_while_pinned[name] += pinned
+        elapsed = time.perf_counter() - t0
+        self.link.send(CompleteRequest(req.slot, count, seq, int(elapsed * 1e6)))
+        self.batches[name] += 1
+        counts = np.bincount(status, minlength=len(PageStatus))
+        for st in PageStatus:
+            if counts[st]:
+                self.pages[(name, st.name.lower())] += int(counts[st])
+        for callback in self.on_batch:
+            callback(name, elapsed, counts)
+        return len(accepted)

@@ -1,0 +1,205 @@
+"""The agent's low-priority loop: the talk's 10 Hz callback, under a time bound::
+
+    bound = TimeBound(budget_from(latency_sensitivity), started=now)
+    while (req := await platform.get_request(LOW, bound)).has_work:
+        services[req.type].process(req, bound)
+        await platform.complete_request(req, bound)
+
+Every tick (100 ms, never caught up after a late one) the monitor exits the guest (the gate
+stops every vCPU at its next yield) and spends at most the bound on low-priority work. The
+bound comes from the VM's latency sensitivity (``shared/timebound.py``), scaled by the
+fraction of the last tick the guest made progress, so a stalled guest gets no flood of
+background work.
+
+Two queues share the bound, interleaved: a turn of the monitor's own queue (sampling's
+arming; given at most half of what is left while the platform still has work), then one
+platform batch, and so on. Each GetRequest carries the time left; the daemon sizes the batch
+to fit it, so the round ends past the bound by at most the misestimate of one batch; the
+agent also stops asking when what is left is less than its measured round trip.
+
+High priority pre-empts low: the round ends as soon as a high-priority bit is set or a
+high-priority round runs, and the high-priority loop is woken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import structlog
+
+from shared.constants import LOW_PRIORITY_MASK, Priority
+from shared.layout import ControlRegion
+from shared.messages import GET_FLAG_NEW_ROUND, GetRequest, Request
+from shared.timebound import TICK_SECONDS, TimeBound, bound_for
+
+from .batches import BatchProcessor
+from .guest_time import GuestGate, GuestProgress, ProgressMeter
+from .monitor import MonitorQueue
+from .rounds import HighPriorityLoop
+from .rpc import RpcClient
+
+log = structlog.get_logger("vmm_agent.lowprio")
+#: Below this fraction of progress in the last tick, the guest is stalled: no round.
+MIN_PROGRESS = 0.1
+#: Rounds remembered for the load generator's report.
+RECORDS_KEPT = 4096
+#: GetRequest round trips whose minimum is the agent's estimate of an empty one.
+RTT_WINDOW = 32
+
+
+@dataclass
+class RoundRecord:
+    """One low-priority round as the monitor saw it."""
+
+    started: float  # monotonic
+    bound: float
+    used: float
+    gap: float  # time since guest progress stopped, at the round's start
+    outcome: str  # done, bound, preempted
+    batches: int
+    pages: int
+
+    @property
+    def overrun(self) -> float:
+        return max(0.0, self.used - self.bound)
+
+
+class LowPriorityLoop:
+    """Runs one bounded low-priority round per tick."""
+
+    def __init__(
+        self,
+        link: RpcClient,
+        region: ControlRegion,
+        batches: BatchProcessor,
+        monitor: MonitorQueue,
+        high: HighPriorityLoop,
+        gate: GuestGate,
+        progress: GuestProgress,
+        latency_sensitivity: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.link = link
+        self.region = region
+        self.batches = batches
+        self.monitor = monitor
+        self.high = high
+        self.gate = gate
+        self.progress = progress
+        self.meter = ProgressMeter(progress)
+        self.clock = clock
+        self.latency_sensitivity = latency_sensitivity
+        self.records: deque[RoundRecord] = deque(maxlen=RECORDS_KEPT)
+        self.outcomes: Counter[str] = Counter()
+        self.time_used = 0.0
+        # Recent round trips of GetRequests answered "round over", less the daemon's own time
+        # on them (it says so in the answer): the smallest is what an empty exchange costs.
+        self._rtts: deque[float] = deque(maxlen=RTT_WINDOW)
+        self.last_bound = bound_for(latency_sensitivity)
+        self.on_round: list[Callable[[RoundRecord], None]] = []
+
+    @property
+    def bound(self) -> float:
+        """The full bound of one tick for this VM's latency sensitivity."""
+        return bound_for(self.latency_sensitivity)
+
+    async def run(self) -> None:
+        next_tick = self.clock() + TICK_SECONDS
+        while True:
+            await asyncio.sleep(max(0.0, next_tick - self.clock()))
+            now = self.clock()
+            # A late tick is not caught up: the next one is a full period away.
+            next_tick = max(next_tick + TICK_SECONDS, now + TICK_SECONDS / 2)
+            await self.tick(now)
+
+    async def tick(self, now: float) -> RoundRecord | None:
+        """Decide whether this tick runs a round, and run it."""
+        budget = self.bound * self.meter.fraction(now)
+        self.last_bound = budget
+        if budget < self.bound * MIN_PROGRESS:
+            self.outcomes["stalled"] += 1
+            return None
+        if not (self.region.pending & LOW_PRIORITY_MASK or self.monitor.has_work()):
+            self.outcomes["idle"] += 1  # nothing queued on either side: no message at all
+            return None
+        if self.high.pending():
+            self.outcomes["preempted"] += 1
+            self.high.kick()
+            return None
+        return await self.round(TimeBound(budget, now, self.clock))
+
+    async def round(self, bound: TimeBound) -> RoundRecord:
+        """One round: monitor turns and platform batches, interleaved, within ``bound``."""
+        gap = self.progress.gap(bound.started)
+        self.gate.close()
+        batches = pages = 0
+        flags = GET_FLAG_NEW_ROUND
+        platform_done, monitor_turn = False, True
+        try:
+            while True:
+                if self.high.pending():
+                    outcome = "preempted"
+                    self.high.kick()
+                    break
+                left = bound.left()
+                if left <= 0:
+                    outcome = "bound"
+                    break
+                if monitor_turn and self.monitor.has_work():
+                    self.monitor.run(left if platform_done else left / 2)
+                elif not platform_done:
+                    if left < self.rtt():
+                        outcome = "bound"  # not even an empty round trip fits
+                        break
+                    req = await self._get_request(bound, flags)
+                    flags = 0
+                    if req.has_work:
+                        batches += 1
+                        pages += req.count
+                        self.batches.process(req)
+                    else:
+                        platform_done = True
+                if platform_done and not self.monitor.has_work():
+                    outcome = "done"
+                    break
+                monitor_turn = not monitor_turn
+        finally:
+            self.gate.open()
+        record = RoundRecord(
+            bound.started, bound.budget, bound.used(), gap, outcome, batches, pages
+        )
+        self._record(record)
+        return record
+
+    def rtt(self) -> float:
+        """The shortest recent empty round trip (0 before the first)."""
+        return min(self._rtts, default=0.0)
+
+    async def _get_request(self, bound: TimeBound, flags: int) -> Request:
+        t0 = self.clock()
+        req: Request = await self.link.request(GetRequest(Priority.LOW, bound.left_us(), flags))
+        if not req.has_work:
+            self._rtts.append(max(0.0, self.clock() - t0 - req.count / 1e6))
+        return req
+
+    def _record(self, record: RoundRecord) -> None:
+        self.records.append(record)
+        self.outcomes[record.outcome] += 1
+        self.time_used += record.used
+        for callback in self.on_round:
+            callback(record)
+
+    def summary(self) -> dict[str, object]:
+        """Rounds, outcomes and the recent rounds for the load generator's report."""
+        return {
+            "latency_sensitivity": self.latency_sensitivity,
+            "bound_seconds": self.bound,
+            "time_used_seconds": self.time_used,
+            "outcomes": dict(self.outcomes),
+            "rtt_seconds": self.rtt(),
+            "rounds": [{**asdict(r), "overrun": r.overrun} for r in self.records],
+        }

@@ -1,0 +1,71 @@
+"""The monitor-side queue: low-priority work the monitor does itself, inside the time bound.
+
+The talk splits a low-priority round's time bound between two queues and interleaves them:
+the platform's (batches chosen by the daemon) and the monitor's own. The monitor's tasks
+here are in priority order (sampling's arming first, as in the strawman; page checking
+later). Each task's cost per unit of work is a moving average measured here, so a turn does
+only as much as fits in the time it is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class MonitorTask(Protocol):
+    """One kind of monitor-side work."""
+
+    name: str
+
+    def has_work(self) -> bool: ...
+
+    def run(self, units: int) -> int:
+        """Do up to ``units`` units of work; return how many were done."""
+        ...
+
+
+@dataclass
+class TaskCost:
+    """Moving average of one task's cost per unit, and what it has done."""
+
+    per_unit: float = 2e-6
+    alpha: float = 0.25
+    units: int = 0
+    seconds: float = 0.0
+
+    def record(self, units: int, seconds: float) -> None:
+        if units > 0:
+            self.per_unit += self.alpha * (seconds / units - self.per_unit)
+        self.units += units
+        self.seconds += seconds
+
+
+class MonitorQueue:
+    """Runs monitor tasks in priority order for at most the time it is given."""
+
+    def __init__(self, tasks: Sequence[MonitorTask], clock: Callable[[], float]) -> None:
+        self.tasks = list(tasks)
+        self.clock = clock
+        self.costs = {t.name: TaskCost() for t in self.tasks}
+
+    def has_work(self) -> bool:
+        return any(t.has_work() for t in self.tasks)
+
+    def run(self, seconds: float) -> float:
+        """Work for up to ``seconds``; returns the time used."""
+        start = self.clock()
+        for task in self.tasks:
+            cost = self.costs[task.name]
+            while task.has_work():
+                left = seconds - (self.clock() - start)
+                units = int(left / cost.per_unit) if cost.per_unit > 0 else 1
+                if units < 1:
+                    return self.clock() - start
+                t0 = self.clock()
+                done = task.run(units)
+                cost.record(done, self.clock() - t0)
+                if done == 0:
+                    break
+        return self.clock() - start
