@@ -168,6 +168,11 @@ class PlatformMetrics:
             "Pages hashed by the page-sharing scan",
             registry=registry,
         )
+        self.sharing_scan_seconds = Counter(
+            "vmmem_sharing_scan_seconds",
+            "Time the page-sharing scanner spent hashing and classifying pages",
+            registry=registry,
+        )
         self.sharing_merges = Counter(
             "vmmem_sharing_merged_pages",
             "Pages the sharing merge looked at, by outcome (zero, shared, new, unchanged)",

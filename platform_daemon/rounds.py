@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -35,7 +35,13 @@ from shared.constants import (
 )
 from shared.errors import ErrorCode, RemoteProtocolError
 from shared.layout import SlotState
-from shared.messages import NO_SLOT, CompleteRequest, GetRequest, Request
+from shared.messages import (
+    NO_SLOT,
+    REQUEST_FLAG_LAST,
+    CompleteRequest,
+    GetRequest,
+    Request,
+)
 
 from .lowprio import LowPriorityScheduler, RoundEnd, VMSchedule
 from .services.base import LowPriorityService
@@ -189,7 +195,7 @@ class RoundEngine:
                     low.snapshot.remove(choice.service)
                 continue
             sched.served(low, choice.service, len(sel.bpns), now)
-            return self._issue(
+            req = self._issue(
                 vm,
                 state,
                 choice.service,
@@ -200,6 +206,16 @@ class RoundEngine:
                 Priority.LOW,
                 sel.work,
             )
+            # When nothing could follow this batch in the time left, say so: the agent then
+            # does not spend a round trip to hear that the round is over.
+            after = self.clock()
+            left = deadline - after - low.cost(choice.service).estimate(sel.work)
+            work = self._low_work(vm, low, after)
+            end = sched.choose(low, after, left, work)
+            if isinstance(end, RoundEnd):
+                self._close_low(vm, state, end, received, work)
+                return replace(req, flags=REQUEST_FLAG_LAST)
+            return req
 
     def _high_pending(self, vm: VM) -> bool:
         return any(
@@ -287,8 +303,10 @@ class RoundEngine:
         self.on_batch_done(batch.service, batch.select_seconds + end - t0, status)
         if batch.priority == Priority.LOW:
             processing = batch.select_seconds + (end - t0) + msg.elapsed_us / 1e6
+            # What a batch adds to the agent's round beyond the work: the Request's way to the
+            # agent (its CompleteRequest has no answer to wait for). Half the round trip.
             round_trip = max(0.0, (t0 - batch.issued_at) - msg.elapsed_us / 1e6)
-            self.scheduler.record(state.low, batch.service, batch.units, processing, round_trip)
+            self.scheduler.record(state.low, batch.service, batch.units, processing, round_trip / 2)
             self.on_low_work(batch.service, batch.units, processing)
 
     def _hand_over(

@@ -58,6 +58,7 @@ from .registration import Registry
 from .retire import FrameRetirement
 from .rounds import LowRoundClosed, RoundEngine, RoundState
 from .services import build_services
+from .services.base import LowPriorityService
 from .services.swap import SwapService
 from .shared_frames import SharedFrames
 from .swapfile import SwapFile
@@ -121,6 +122,8 @@ class PlatformServer:
             self.metrics.low_waits,
         )
         self.tasks: set[asyncio.Task[Any]] = set()
+        #: Services' own never-ending work (the page-sharing scanner), cancelled at shutdown.
+        self.background: set[asyncio.Task[Any]] = set()
         self.context = ServiceContext(
             machine=self.machine,
             mapper=self.faults,
@@ -194,6 +197,9 @@ class PlatformServer:
         self._server = await loop.create_unix_server(lambda: PlatformConnection(self), str(path))
         self._owns_socket = True
         os.chmod(path, 0o600)
+        for svc in self.services.values():
+            if isinstance(svc, LowPriorityService) and (work := svc.background()) is not None:
+                self.background.add(loop.create_task(work))
         log.info(
             "platform_started",
             socket=str(path),
@@ -220,6 +226,8 @@ class PlatformServer:
     async def shutdown(self) -> None:
         """Stop accepting, drain in-flight work for a bounded time, release everything."""
         log.info("platform_stopping", vms=len(self.vms))
+        for task in self.background:
+            task.cancel()
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):

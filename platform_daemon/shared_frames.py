@@ -38,10 +38,29 @@ class SharedFrames:
         self.hash_of: dict[int, int] = {}
         #: Merged frames currently in use (refs > 0).
         self.frames = 0
+        self._keys: npt.NDArray[np.uint64] | None = None  # sorted by_hash keys, when current
 
     def lookup(self, content_hash: int) -> int | None:
         """The merged frame holding content with this hash, if any (compare before use)."""
         return self.by_hash.get(content_hash)
+
+    def hash_keys(self) -> npt.NDArray[np.uint64]:
+        """The content hashes of merged frames, sorted (cached until the table changes), so a
+        scan tests a whole batch of hashes against the table at once."""
+        if self._keys is None:
+            self._keys = np.sort(
+                np.fromiter(self.by_hash, dtype=np.uint64, count=len(self.by_hash))
+            )
+        return self._keys
+
+    def in_table(self, hashes: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
+        """Which of ``hashes`` are the content hash of a merged frame."""
+        keys = self.hash_keys()
+        if len(keys) == 0:
+            return np.zeros(len(hashes), dtype=bool)
+        at = np.minimum(np.searchsorted(keys, hashes), len(keys) - 1)
+        found: npt.NDArray[np.bool_] = keys[at] == hashes
+        return found
 
     def is_merged(self, mpn: int) -> bool:
         return bool(self.refs[mpn] > 0)
@@ -61,6 +80,7 @@ class SharedFrames:
         if content_hash not in self.by_hash:
             self.by_hash[content_hash] = mpn
             self.hash_of[mpn] = content_hash
+            self._keys = None
 
     def ref(self, mpn: int, n: int = 1) -> None:
         self.refs[mpn] += n
@@ -101,6 +121,7 @@ class SharedFrames:
         content_hash = self.hash_of.pop(mpn, None)
         if content_hash is not None and self.by_hash.get(content_hash) == mpn:
             del self.by_hash[content_hash]
+            self._keys = None
 
 
 def merged_pages(p2m: P2M) -> int:

@@ -41,7 +41,7 @@ class MessageType(IntEnum):
 NO_SLOT = 0xFFFF
 
 _GET_REQUEST = struct.Struct("<BB2xI")
-_REQUEST = struct.Struct("<BxHIQ")
+_REQUEST = struct.Struct("<BBHIQ")
 _COMPLETE = struct.Struct("<H2xIQI")
 _FAULT = struct.Struct("<QBxH")
 _FAULT_REPLY_HEAD = struct.Struct("<BxH")
@@ -53,6 +53,10 @@ FAULT_FLAG_WRITABLE = 1
 #: of the same priority still open, e.g. one the agent left early to yield to high priority).
 GET_FLAG_NEW_ROUND = 1
 _GET_FLAGS = GET_FLAG_NEW_ROUND
+#: Flag bit in Request.flags: the last batch of this round (the daemon has closed it), so the
+#: agent completes it and asks for nothing more: one round trip fewer per round.
+REQUEST_FLAG_LAST = 1
+_REQUEST_FLAGS = REQUEST_FLAG_LAST
 
 
 def _unpack(st: struct.Struct, body: bytes, name: str) -> tuple[Any, ...]:
@@ -103,28 +107,41 @@ class GetRequest:
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """Daemon hands a filled PageList slot to the agent, or ``slot == NO_SLOT``: round over."""
+    """Daemon hands a filled PageList slot to the agent, or ``slot == NO_SLOT``: round over.
+
+    With NO_SLOT, ``count`` is the daemon's own time on this GetRequest in µs (so the agent
+    can tell the round trip from the daemon's work). ``flags`` bit 0 (REQUEST_FLAG_LAST): this
+    batch ends the round.
+    """
 
     TYPE: ClassVar[MessageType] = MessageType.REQUEST
     service: int
     slot: int
     count: int
     seq: int
+    flags: int = 0
 
     @property
     def has_work(self) -> bool:
         """False when the daemon has nothing more for this round."""
         return self.slot != NO_SLOT
 
+    @property
+    def last(self) -> bool:
+        """This batch is the round's last: nothing more is asked after completing it."""
+        return bool(self.flags & REQUEST_FLAG_LAST)
+
     def encode_body(self) -> bytes:
-        return _REQUEST.pack(self.service, self.slot, self.count, self.seq)
+        return _REQUEST.pack(self.service, self.flags, self.slot, self.count, self.seq)
 
     @classmethod
     def decode_body(cls, body: bytes) -> Request:
-        service, slot, count, seq = _unpack(_REQUEST, body, "Request")
+        service, flags, slot, count, seq = _unpack(_REQUEST, body, "Request")
         if slot != NO_SLOT:
             _enum(ServiceType, service, "Request.service")
-        return cls(service, slot, count, seq)
+        if flags & ~_REQUEST_FLAGS:
+            raise RemoteProtocolError(f"Request: unknown flags 0x{flags:02x}", ErrorCode.BAD_BODY)
+        return cls(service, slot, count, seq, flags)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ high-priority round runs, and the high-priority loop is woken.
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -47,7 +48,7 @@ log = structlog.get_logger("vmm_agent.lowprio")
 MIN_PROGRESS = 0.1
 #: Rounds remembered for the load generator's report.
 RECORDS_KEPT = 4096
-#: GetRequest round trips whose minimum is the agent's estimate of an empty one.
+#: Empty GetRequest round trips whose median is the agent's estimate of one.
 RTT_WINDOW = 32
 
 
@@ -97,7 +98,7 @@ class LowPriorityLoop:
         self.outcomes: Counter[str] = Counter()
         self.time_used = 0.0
         # Recent round trips of GetRequests answered "round over", less the daemon's own time
-        # on them (it says so in the answer): the smallest is what an empty exchange costs.
+        # on them (it says so in the answer): what an empty exchange costs.
         self._rtts: deque[float] = deque(maxlen=RTT_WINDOW)
         self.last_bound = bound_for(latency_sensitivity)
         self.on_round: list[Callable[[RoundRecord], None]] = []
@@ -152,8 +153,11 @@ class LowPriorityLoop:
                 if monitor_turn and self.monitor.has_work():
                     self.monitor.run(left if platform_done else left / 2)
                 elif not platform_done:
-                    if left < self.rtt():
-                        outcome = "bound"  # not even an empty round trip fits
+                    # The first request of a round always goes (it keeps the estimate below
+                    # fresh, and a bound smaller than a round trip must not starve the VM);
+                    # later ones only when an empty round trip still fits.
+                    if flags != GET_FLAG_NEW_ROUND and left < self.rtt():
+                        outcome = "bound"
                         break
                     req = await self._get_request(bound, flags)
                     flags = 0
@@ -161,8 +165,7 @@ class LowPriorityLoop:
                         batches += 1
                         pages += req.count
                         self.batches.process(req)
-                    else:
-                        platform_done = True
+                    platform_done = not req.has_work or req.last
                 if platform_done and not self.monitor.has_work():
                     outcome = "done"
                     break
@@ -176,8 +179,8 @@ class LowPriorityLoop:
         return record
 
     def rtt(self) -> float:
-        """The shortest recent empty round trip (0 before the first)."""
-        return min(self._rtts, default=0.0)
+        """The median recent empty round trip (0 before the first)."""
+        return float(statistics.median(self._rtts)) if self._rtts else 0.0
 
     async def _get_request(self, bound: TimeBound, flags: int) -> Request:
         t0 = self.clock()

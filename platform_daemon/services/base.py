@@ -13,6 +13,7 @@ class and cost within a round's time bound (``platform_daemon/lowprio.py``).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -129,3 +130,10 @@ class LowPriorityService(PlatformService):
 
     def on_round_open(self, vm: VM, now: float) -> None:
         """Hook: a low-priority round of ``vm`` starts (accrue rate allowances, rotate)."""
+
+    def background(self) -> Coroutine[Any, Any, None] | None:
+        """Work the service runs on its own, all the time (page sharing's scanner), or None.
+
+        The daemon runs it as a task from startup and cancels it at shutdown.
+        """
+        return None

@@ -1,16 +1,19 @@
 """Content-based page sharing (as ESX and Linux's KSM): identical pages share one frame.
 
-**Scanning.** A clock hand per VM walks its pages at a rate that covers the whole guest once
-per ``share_scan_period`` (an allowance that accrues with time but never more than a short
-burst, so a VM whose rounds stalled is not flooded afterwards). Each low-priority batch of
-this type hashes (xxh3-64) the private pages under the hand, where they are, while the guest
-runs on. Only likely duplicates are taken from the VMM:
+**Scanning** is the platform's own background work, like Linux's ksmd: a scanner task walks a
+clock hand over each VM's pages at a rate that covers the whole guest once per
+``share_scan_period`` (an allowance that accrues with time, never more than a short burst),
+and hashes (xxh3-64) the private pages where they are, while the guest runs on, in chunks
+that yield to the event loop. Only likely duplicates become candidates:
 
 - a zero page, or a page whose hash is in the table of merged frames;
 - a page whose hash was the same at its previous scan (stable content: KSM's volatility
   check) and equals that of another such page seen earlier (the "unstable" table).
 
-Unique pages are never invalidated, so the guest pays no fault for them.
+Unique pages are never invalidated, so the guest pays no fault for them. Candidates wait in
+a bounded queue per VM; the VM's low-priority rounds hand them to the VMM in PAGE_SHARING
+batches sized to the time bound (that exchange, and the VMM's invalidations, are what the
+guest's time pays for). A candidate no VMM maps is merged by the scanner at once.
 
 **Merging** (asynchronously, after the VMM released the pages, in chunks that yield to the
 event loop): each page is hashed again (its frame is stable now) and compared byte for byte
@@ -30,8 +33,10 @@ back to being that page's private frame when the hand passes it, so swap can tak
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -53,6 +58,12 @@ ZERO_HASH = xxhash.xxh3_64_intdigest(ZERO_BYTES)
 BURST_SECONDS = 0.2
 #: A scan looks at no more than this many p2m entries per page it may hash.
 SCAN_FACTOR = 8
+#: Pages hashed per step of the scanner before it yields to the event loop (~0.15 ms).
+SCAN_CHUNK = 128
+#: Seconds the scanner sleeps when no VM has scanning allowance.
+SCAN_IDLE_SECONDS = 0.02
+#: Candidates queued per VM, at most, before its scan pauses for the rounds to catch up.
+MAX_CANDIDATES = 4096
 #: Pages merged per step of an asynchronous merge before it yields to the event loop.
 MERGE_CHUNK = 64
 #: Entries of the unstable table (hash -> a page seen with it) before it is flushed.
@@ -67,9 +78,12 @@ class _VMScan:
     vm: VM
     hint: npt.NDArray[np.uint64]  # each page's hash at its last scan
     hinted: npt.NDArray[np.bool_]
+    # The page is the unstable table's entry for its (unchanged) hint: nothing to look up.
+    registered: npt.NDArray[np.bool_]
     hand: int = 0
     tokens: float = 0.0
     last: float | None = None
+    candidates: list[int] = field(default_factory=list)  # BPNs to hand to the VMM
 
 
 class PageSharingService(LowPriorityService):
@@ -96,7 +110,9 @@ class PageSharingService(LowPriorityService):
         st = self.scans.get(vm.vm_id)
         if st is None:
             n = vm.guest_pages
-            st = _VMScan(vm, np.zeros(n, dtype=np.uint64), np.zeros(n, dtype=bool))
+            st = _VMScan(
+                vm, np.zeros(n, dtype=np.uint64), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+            )
             self.scans[vm.vm_id] = st
         return st
 
@@ -107,25 +123,37 @@ class PageSharingService(LowPriorityService):
             st.tokens = min(burst, st.tokens + rate * max(0.0, now - st.last))
         st.last = now
 
-    def pending_work(self, vm: VM, now: float) -> int:
-        st = self._scan_state(vm)
-        self._accrue(vm, st, now)
-        return int(st.tokens)
+    async def scanner(self) -> None:
+        """The background scan: each VM's allowance in chunks, yielding between them."""
+        while True:
+            now = self.ctx.clock()
+            hashed = 0
+            for st in list(self.scans.values()):
+                if st.vm.alive:
+                    self._accrue(st.vm, st, now)
+                    if st.tokens >= 1 and len(st.candidates) < MAX_CANDIDATES:
+                        hashed += self.scan(st.vm, min(SCAN_CHUNK, int(st.tokens)))
+                        await asyncio.sleep(0)
+            if hashed == 0:
+                await asyncio.sleep(SCAN_IDLE_SECONDS)
 
-    def select_work(self, vm: VM, capacity: int, units: int, now: float) -> Selection:
-        """Hash up to ``units`` private pages under the hand; hand out likely duplicates."""
+    def background(self) -> Coroutine[Any, Any, None]:
+        return self.scanner()
+
+    def scan(self, vm: VM, budget: int) -> int:
+        """Hash up to ``budget`` private pages under the hand; queue likely duplicates.
+
+        Returns the pages hashed.
+        """
         st = self._scan_state(vm)
-        self._accrue(vm, st, now)
-        budget = min(units, int(st.tokens))
-        if budget <= 0:
-            return Selection.empty()
         p2m, n = vm.p2m, vm.guest_pages
         window = (st.hand + np.arange(min(n, budget * SCAN_FACTOR), dtype=np.int64)) % n
         state, flags = p2m.state[window], p2m.flags[window]
         self._unshare_singletons(vm, window[(flags & FLAG_MERGED) != 0])
         eligible = window[((state == _EXPOSED) | (state == _RESIDENT)) & (flags == 0)][:budget]
         frames = p2m.frame[eligible]
-        hashes, picked = self._classify(vm, st, eligible, frames, capacity)
+        t0 = time.perf_counter()
+        hashes, picked = self._classify(vm, st, eligible, frames, MAX_CANDIDATES)
         hashed = len(hashes)
         if hashed:
             st.hint[eligible[:hashed]] = hashes
@@ -138,12 +166,32 @@ class PageSharingService(LowPriorityService):
         st.tokens -= max(hashed, 1)
         vm.stats.sharing_scanned += hashed
         self.ctx.metrics.sharing_scanned.inc(hashed)
+        self.ctx.metrics.sharing_scan_seconds.inc(time.perf_counter() - t0)
         bpns = eligible[picked]
         resident = p2m.state[bpns] == _RESIDENT
         if resident.any():  # no VMM maps these: merge them now, without a batch
             self.merge(vm, bpns[resident])
-        bpns = bpns[~resident]
-        return Selection(bpns, p2m.frame[bpns].copy(), hashed)
+        st.candidates.extend(bpns[~resident].tolist())
+        return hashed
+
+    def pending_work(self, vm: VM, now: float) -> int:
+        st = self.scans.get(vm.vm_id)
+        if st is None:
+            self._scan_state(vm)  # the scanner starts on this VM
+            return 0
+        return len(st.candidates)
+
+    def select_work(self, vm: VM, capacity: int, units: int, now: float) -> Selection:
+        """Hand out up to ``units`` queued candidates that are still mapped and private."""
+        st = self._scan_state(vm)
+        take = min(capacity, units, len(st.candidates))
+        if take <= 0:
+            return Selection.empty()
+        bpns = np.array(st.candidates[:take], dtype=np.int64)
+        del st.candidates[:take]
+        p2m = vm.p2m
+        bpns = bpns[(p2m.state[bpns] == _EXPOSED) & (p2m.flags[bpns] == 0)]
+        return Selection(np.unique(bpns), p2m.frame[np.unique(bpns)].copy(), take)
 
     def _classify(
         self,
@@ -153,35 +201,55 @@ class PageSharingService(LowPriorityService):
         frames: npt.NDArray[np.int64],
         capacity: int,
     ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]]:
-        """Hash pages in order until ``capacity`` candidates are found.
+        """Hash the pages and pick likely duplicates, at most ``capacity`` of them.
 
-        Returns the hashes of the pages looked at and the indices of the candidates.
+        Returns the hashes of the pages looked at (those up to the last candidate when
+        ``capacity`` cut the scan short) and the indices of the candidates.
         """
-        view, by_hash, unstable = self.view, self.ctx.shared.by_hash, self.unstable
-        failing = self.ctx.machine.failing
-        hint, hinted = st.hint, st.hinted
-        hashes: list[int] = []
-        picked: list[int] = []
-        base = vm.vm_id << 32
-        for i, (bpn, mpn) in enumerate(zip(bpns.tolist(), frames.tolist(), strict=True)):
-            off = mpn * PAGE_SIZE
-            h = xxhash.xxh3_64_intdigest(view[off : off + PAGE_SIZE])
-            hashes.append(h)
-            if failing[mpn]:
-                continue  # page-retire moves it; never a merge source
-            if h == ZERO_HASH or h in by_hash:
-                picked.append(i)
-            elif hinted[bpn] and int(hint[bpn]) == h:
-                other = unstable.get(h)
-                if other is not None and other != base | bpn and self._still_there(other, h):
-                    picked.append(i)
-                else:
-                    if len(unstable) >= UNSTABLE_LIMIT:
-                        unstable.clear()  # KSM rebuilds its unstable tree every pass too
-                    unstable[h] = base | bpn
-            if len(picked) >= capacity:
-                break
-        return np.array(hashes, dtype=np.uint64), np.array(picked, dtype=np.int64)
+        view = self.view
+        # One tight loop of hashes; everything else on whole arrays, or on Python lists:
+        # indexing NumPy arrays one element at a time costs more than the hash itself.
+        hashed = [
+            xxhash.xxh3_64_intdigest(view[o : o + PAGE_SIZE]) for o in (frames * PAGE_SIZE).tolist()
+        ]
+        hashes = np.array(hashed, dtype=np.uint64)
+        usable = ~self.ctx.machine.failing[frames]  # a failing frame is page-retire's
+        zero = usable & (hashes == np.uint64(ZERO_HASH))
+        known = usable & ~zero & self.ctx.shared.in_table(hashes)
+        # Same content as at its last scan (KSM's volatility check): may pair with another.
+        steady = usable & ~zero & ~known & st.hinted[bpns] & (st.hint[bpns] == hashes)
+        registered = st.registered[bpns] & steady  # a page whose content changed lost it
+        st.registered[bpns] = registered
+        found = np.flatnonzero(zero | known).tolist()
+        unstable, base = self.unstable, vm.vm_id << 32
+        for i in np.flatnonzero(steady & ~registered).tolist():
+            h, bpn = hashed[i], int(bpns[i])
+            other = unstable.get(h)
+            if other is not None and self._still_there(other, h):
+                found.append(i)
+                continue
+            if other is not None:
+                self._unregister(other)  # its page changed or left: this one takes over
+            elif len(unstable) >= UNSTABLE_LIMIT:
+                self._flush_unstable()
+            unstable[h] = base | bpn
+            st.registered[bpn] = True
+        picked = np.array(sorted(found), dtype=np.int64)
+        if len(picked) > capacity:  # the rest is hashed again when the hand comes back
+            picked = picked[:capacity]
+            hashes = hashes[: picked[-1] + 1]
+        return hashes, picked
+
+    def _unregister(self, key: int) -> None:
+        st = self.scans.get(key >> 32)
+        if st is not None:
+            st.registered[key & 0xFFFFFFFF] = False
+
+    def _flush_unstable(self) -> None:
+        """KSM rebuilds its unstable tree every pass; here it is dropped when it is full."""
+        self.unstable.clear()
+        for st in self.scans.values():
+            st.registered[:] = False
 
     def _still_there(self, key: int, content_hash: int) -> bool:
         """Whether the unstable entry's page is still private with that content hash."""

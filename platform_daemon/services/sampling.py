@@ -45,8 +45,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("vmmem.platform.sampling")
 #: Gains of the moving averages (fraction of a new sample taken in).
-SLOW_GAIN = 0.25
-FAST_GAIN = 0.7
+SLOW_GAIN = 0.4
+FAST_GAIN = 0.75
 #: Periods remembered per VM for reports (estimate against truth).
 HISTORY = 512
 

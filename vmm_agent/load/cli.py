@@ -15,6 +15,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,9 @@ from shared.loops import run
 from shared.sizes import parse_size
 
 from ..rpc import PeerError, RpcClient
+from .lowprio_report import PhaseWindow, latency_report, sampling_report, sharing_report
 from .report import build_report, render_table
-from .scenarios import SCENARIOS, Scenario, basic, overcommit
+from .scenarios import SCENARIOS, Scenario, basic, latency, overcommit, sampling, sharing
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="retire N random in-use frames during the run (page-retire)",
     )
+    a(
+        "--sample-pages",
+        type=int,
+        help="sharing, sampling: pages per working-set sample during the run (default: as set)",
+    )
     a("--expect-vms", type=int, default=1, help="wait until this many VMs are registered")
     a("--json", type=Path, help="write the report as JSON to this file")
     a("--no-progress", action="store_true", help="no live progress line")
@@ -74,6 +81,12 @@ def make_scenario(args: argparse.Namespace) -> Scenario:
     if args.scenario == "overcommit":
         pinned = 32 if args.pinned_pages is None else args.pinned_pages
         return overcommit(args.duration, args.host_limit, pinned)
+    if args.scenario == "sharing":
+        return sharing(args.duration, args.sample_pages)
+    if args.scenario == "latency":
+        return latency(args.duration)
+    if args.scenario == "sampling":
+        return sampling(args.duration, args.sample_pages)
     return basic(
         args.duration, args.working_set, args.distribution, args.write_ratio, args.pinned_pages or 0
     )
@@ -126,14 +139,24 @@ class Progress:
             print(file=sys.stderr)
 
 
+@dataclass
+class Run:
+    """What running the phases produced: injected failures, phase windows, snapshots."""
+
+    injected: list[dict[str, Any]] = field(default_factory=list)
+    windows: list[PhaseWindow] = field(default_factory=list)
+    snapshots: list[dict[str, Any]] = field(default_factory=list)
+
+
 async def run_phases(
     scenario: Scenario,
     agents: dict[str, RpcClient],
     daemon: RpcClient,
     inject: int,
     progress: Progress,
-) -> list[dict[str, Any]]:
-    injected: list[dict[str, Any]] = []
+) -> Run:
+    run_ = Run()
+    injected = run_.injected
     total = sum(p.duration for p in scenario.phases)
     inject_at = sorted(random.Random(7).uniform(0.1, 0.9) * total for _ in range(inject))
     t_start = time.monotonic()
@@ -141,6 +164,7 @@ async def run_phases(
         await asyncio.gather(
             *(a.ctl("run_phase", phase=phase.model_dump()) for a in agents.values())
         )
+        started = time.monotonic()
         end = time.monotonic() + phase.duration
         while (left := end - time.monotonic()) > 0:
             while inject_at and time.monotonic() - t_start >= inject_at[0]:
@@ -153,8 +177,74 @@ async def run_phases(
                 await asyncio.gather(*(a.ctl("progress") for a in agents.values())),
             )
         await asyncio.gather(*(a.ctl("halt") for a in agents.values()))
+        run_.windows.append(PhaseWindow(phase.name, started, time.monotonic()))
+        run_.snapshots.append(await snapshot(phase.name, agents, daemon))
     progress.done()
-    return injected
+    return run_
+
+
+async def snapshot(phase: str, agents: dict[str, RpcClient], daemon: RpcClient) -> dict[str, Any]:
+    """The agents' results and the daemon's status at the end of a phase."""
+    names = list(agents)
+    results = await asyncio.gather(*(agents[n].ctl("results") for n in names))
+    return {
+        "phase": phase,
+        "results": dict(zip(names, results, strict=True)),
+        "status": await daemon.ctl("status"),
+    }
+
+
+async def configure(
+    scenario: Scenario, agents: dict[str, RpcClient], daemon: RpcClient
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """Apply the scenario's daemon and agent settings; return what to restore afterwards."""
+    before: dict[str, Any] = {}
+    sensitivities: dict[str, int] = {}
+    if scenario.lowprio:
+        st = (await daemon.ctl("status"))["lowprio"]
+        before = {
+            "sample_period": st["sample_period_seconds"],
+            "sample_pages": st["sample_pages"],
+            "share_scan_period": st["share_scan_period_seconds"],
+        }
+        await daemon.ctl("set_lowprio", **scenario.lowprio)
+    if scenario.latency:
+        for i, (name, agent) in enumerate(agents.items()):
+            sensitivities[name] = (await agent.ctl("lowprio"))["latency_sensitivity"]
+            value = scenario.latency[i % len(scenario.latency)]
+            await agent.ctl("set_latency_sensitivity", value=value)
+    return before, sensitivities
+
+
+async def restore(
+    before: dict[str, Any],
+    sensitivities: dict[str, int],
+    agents: dict[str, RpcClient],
+    daemon: RpcClient,
+) -> None:
+    if before:
+        await daemon.ctl("set_lowprio", **before)
+    for name, value in sensitivities.items():
+        await agents[name].ctl("set_latency_sensitivity", value=value)
+
+
+async def lowprio_sections(
+    scenario: Scenario, run_: Run, agents: dict[str, RpcClient], daemon: RpcClient
+) -> dict[str, Any]:
+    """The scenario's own report section, from the run and the agents' and daemon's data."""
+    if scenario.name == "sharing":
+        return {"sharing": sharing_report(run_.snapshots)}
+    if scenario.name == "latency":
+        names = list(agents)
+        summaries = await asyncio.gather(*(agents[n].ctl("lowprio") for n in names))
+        window = run_.windows[-1]
+        return {"lowprio": latency_report(dict(zip(names, summaries, strict=True)), window)}
+    if scenario.name == "sampling":
+        history = await daemon.ctl("sampling")
+        last = run_.snapshots[-1]["results"]
+        truths = {name: res["sampling"]["truth"] for name, res in last.items()}
+        return {"sampling": sampling_report(history, truths, run_.windows)}
+    return {}
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -167,10 +257,13 @@ async def main_async(args: argparse.Namespace) -> int:
             agents[vm["name"]] = await RpcClient.connect(vm["control_socket"])
         if scenario.host_limit:
             await daemon.ctl("set_host_limit", size=scenario.host_limit)
+        settings = await configure(scenario, agents, daemon)
         t0 = time.monotonic()
-        injected = await run_phases(
+        run_ = await run_phases(
             scenario, agents, daemon, args.inject_failures, Progress(not args.no_progress)
         )
+        extra = await lowprio_sections(scenario, run_, agents, daemon)
+        await restore(*settings, agents, daemon)
         names = list(agents)
         verify = await asyncio.gather(*(agents[n].ctl("verify", timeout=600) for n in names))
         results = await asyncio.gather(*(agents[n].ctl("results") for n in names))
@@ -183,7 +276,8 @@ async def main_async(args: argparse.Namespace) -> int:
             dict(zip(names, results, strict=True)),
             dict(zip(names, verify, strict=True)),
             status,
-            injected,
+            run_.injected,
+            extra,
         )
     finally:
         for client in [daemon, *agents.values()]:

@@ -13,6 +13,7 @@ def build_report(
     verify: dict[str, dict[str, Any]],
     status: dict[str, Any],
     injected: list[dict[str, Any]],
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Combine the agents' results, their verification passes and the daemon's status."""
     vms: dict[str, Any] = {}
@@ -37,6 +38,9 @@ def build_report(
                 "cancelled": stats.get("swap_cancelled", 0),
             },
             "retired_moves": stats.get("retired_moves", 0),
+            "sharing": daemon_vms.get(name, {}).get("sharing", {}),
+            "working_set": daemon_vms.get(name, {}).get("sampling", {}),
+            "lowprio": res.get("lowprio", {}),
             "batches": res["batches"],
             "batch_pages": res["batch_pages"],
             "released_while_pinned": res["released_while_pinned"],
@@ -67,6 +71,7 @@ def build_report(
         "retired_frames": host.get("retired", 0),
         "injected_failures": injected,
         "host": host,
+        **(extra or {}),
         "vms": vms,
         "ok": total["mismatches"] == 0
         and total["unreachable"] == 0
@@ -105,9 +110,39 @@ def render_table(report: dict[str, Any]) -> str:
         f"swap: {s['pages_out']:,} out, {s['pages_in']:,} in, {s['cancelled']:,} "
         f"cancelled; retired frames: {report['retired_frames']}"
     )
+    lines.extend(_lowprio_lines(report))
     verdict = "OK: every page verified" if report["ok"] else "FAILED: data loss or violation"
     lines.append(
         f"verification: {t['pages_verified']:,} pages, {t['mismatches']} mismatches, "
         f"{t['unreachable']} unreachable — {verdict}"
     )
     return "\n".join(lines)
+
+
+def _lowprio_lines(report: dict[str, Any]) -> list[str]:
+    """The low-priority scenarios' own figures, when the report has them."""
+    lines = []
+    if "sharing" in report:
+        sh = report["sharing"]
+        lines.append(
+            f"sharing: {sh['shared_pages']:,} of {sh['shareable_pages']:,} shareable pages "
+            f"shared ({sh['found_fraction']:.1%}), {sh['frames_saved']:,} frames saved "
+            f"(of {sh['saveable_frames']:,} saveable), {sh['cow_breaks']:,} COW breaks"
+        )
+    if "lowprio" in report:
+        lp = report["lowprio"]
+        for name, v in sorted(lp["vms"].items()):
+            lines.append(
+                f"lowprio {name}: sensitivity {v['latency_sensitivity']}, bound "
+                f"{v['bound_seconds'] * 1e3:.2f} ms, used {v['time_used_per_second'] * 1e3:.2f}"
+                f" ms/s of {v['bound_per_second'] * 1e3:.1f}, overrun p99 "
+                f"{v['overrun_p99_fraction']:.1%} of the bound"
+            )
+        lines.append(f"lowprio overrun p99: {lp['overrun_p99_fraction']:.1%} of the bound")
+    if "sampling" in report:
+        sa = report["sampling"]
+        lines.append(
+            f"sampling: max |estimate - truth| {sa['max_abs_error']:.1%} of guest memory "
+            f"after 3 periods ({sa['max_abs_error_all']:.1%} over all periods)"
+        )
+    return lines

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shared.workload import ContentMix, Phase
 
 
 @dataclass(frozen=True)
 class Scenario:
-    """Phases run on every VM at once, plus host settings the scenario needs."""
+    """Phases run on every VM at once, plus host settings the scenario needs.
+
+    ``lowprio`` are daemon settings for the run (``set_lowprio``: sampling period and size,
+    sharing scan period), restored afterwards; ``latency`` gives each VM a latency
+    sensitivity, in turn (the first VM gets the first value, and so on, cycling).
+    """
 
     name: str
     phases: list[Phase]
     host_limit: str | None = None
+    lowprio: dict[str, float] = field(default_factory=dict)
+    latency: tuple[int, ...] = ()
 
 
 def basic(
@@ -79,4 +86,95 @@ def overcommit(duration: float, host_limit: str | None, pinned_pages: int = 32) 
     return Scenario("overcommit", phases, host_limit=host_limit)
 
 
-SCENARIOS = ("basic", "overcommit")
+#: Content of the sharing scenario's guests: mostly zero pages and pages of the corpus.
+SHAREABLE_MIX = ContentMix(zero=0.3, duplicate=0.5, unique=0.2)
+
+
+def sharing(duration: float, sample_pages: int | None = None) -> Scenario:
+    """Write mostly zero and duplicate content, let the scanner merge it while the guests
+    only read, then write into the shared pages (copy-on-write breaks)."""
+    d = duration
+    phases = [
+        Phase(
+            name="fill",
+            duration=0.2 * d,
+            working_set=1.0,
+            distribution="sequential",
+            write_ratio=1.0,
+            content=SHAREABLE_MIX,
+        ),
+        Phase(
+            name="merge",
+            duration=0.5 * d,
+            working_set=0.5,
+            distribution="uniform",
+            write_ratio=0.0,
+            think_us=20.0,
+        ),
+        Phase(
+            name="cow",
+            duration=0.3 * d,
+            working_set=0.5,
+            distribution="uniform",
+            write_ratio=0.5,
+            content=ContentMix(zero=0.0, duplicate=0.0, unique=1.0),
+            think_us=20.0,
+        ),
+    ]
+    # Scan each guest about three times during the merge phase.
+    settings = {"share_scan_period": max(0.5, round(0.5 * d / 3, 2))}
+    if sample_pages:
+        settings["sample_pages"] = sample_pages
+    return Scenario("sharing", phases, lowprio=settings)
+
+
+def latency(duration: float) -> Scenario:
+    """VMs of different latency sensitivities, with plenty of low-priority work queued:
+    each one's round time against its own bound."""
+    d = duration
+    phases = [
+        Phase(
+            name="fill",
+            duration=0.25 * d,
+            working_set=1.0,
+            distribution="sequential",
+            write_ratio=1.0,
+            content=SHAREABLE_MIX,
+        ),
+        Phase(
+            name="run",
+            duration=0.75 * d,
+            working_set=0.6,
+            distribution="zipf",
+            write_ratio=0.2,
+            content=SHAREABLE_MIX,
+            think_us=10.0,
+        ),
+    ]
+    # A fast scan keeps page sharing busy enough to fill every bound.
+    return Scenario("latency", phases, lowprio={"share_scan_period": 0.5}, latency=(0, 1, 2, 3, 4))
+
+
+def sampling(duration: float, sample_pages: int | None = None) -> Scenario:
+    """Phases whose working sets differ, each several sampling periods long: the sampled
+    estimate against the true working set of every period."""
+    d = duration
+    sizes = (0.2, 0.7, 0.35, 0.9)
+    phases = [
+        Phase(
+            name=f"ws{int(ws * 100)}",
+            duration=d / len(sizes),
+            working_set=ws,
+            distribution="uniform",
+            write_ratio=0.1,
+        )
+        for ws in sizes
+    ]
+    # Six periods per phase: three to converge, three to measure.
+    settings: dict[str, float] = {"sample_period": round(d / len(sizes) / 6, 3)}
+    if sample_pages:
+        settings["sample_pages"] = sample_pages
+    return Scenario("sampling", phases, lowprio=settings)
+
+
+SCENARIOS = ("basic", "overcommit", "sharing", "latency", "sampling")
