@@ -68,7 +68,7 @@ class CostModel:
         spare = seconds - self.per_batch
         if spare < self.per_unit:
             return 0
-        return int(spare / self.per_unit)
+        return int(spare / self.per_unit + 1e-9)  # 89.99999 units is 90: float noise
 
     def record(self, units: int, processing: float, overhead: float | None) -> None:
         """A batch of ``units`` cost ``processing`` seconds of work, plus ``overhead`` seconds

@@ -240,7 +240,7 @@ class RoundEngine:
             work = self._low_work(vm, state.low, now)
         deferred = self.scheduler.close_round(state.low, end, work)
         self.on_low_round_closed(vm, LowRoundClosed(end, deferred))
-        return Request(0, NO_SLOT, min(0xFFFFFFFF, int((now - received) * 1e6)), 0)
+        return Request(0, NO_SLOT, min(0xFFFFFFFF, round((now - received) * 1e6)), 0)
 
     # ---- both -----------------------------------------------------------------------------
 

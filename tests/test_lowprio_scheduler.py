@@ -1,0 +1,397 @@
+"""The low-priority scheduler and the engine's low-priority rounds, on a virtual clock.
+
+``LowPriorityScheduler`` is pure: every method takes ``now``. The engine's low-priority path
+(``RoundEngine._get_low``) takes its clock as an argument, so here time is a counter the
+test advances, and the services are scripted ``LowPriorityService`` subclasses whose work
+and cost the test controls. No socket, no server, no sleeping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from platform_daemon.lowprio import (
+    STRAWMAN_CLASSES,
+    Choice,
+    CostModel,
+    LowPriorityScheduler,
+    RoundEnd,
+    VMSchedule,
+)
+from platform_daemon.p2m import P2M
+from platform_daemon.rounds import LowRoundClosed, RoundEngine, RoundState
+from platform_daemon.services.base import LowPriorityService, PlatformService, Selection
+from shared.constants import PageState, PageStatus, Priority, ServiceType
+from shared.layout import ControlRegion, SlotState, region_size
+from shared.messages import GET_FLAG_NEW_ROUND, CompleteRequest, GetRequest, Request
+
+S = ServiceType
+GUEST_PAGES = 4096
+CAPACITY = 64
+
+
+class Clock:
+    """Virtual time: it moves only when the test (or a scripted service) says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+# ---- the scheduler alone ---------------------------------------------------------------------
+
+
+def sched_with_costs(
+    per_unit: float = 1e-6, per_batch: float = 1e-4
+) -> tuple[LowPriorityScheduler, VMSchedule]:
+    sched, vm = LowPriorityScheduler(aging_seconds=1.0), VMSchedule()
+    for service in STRAWMAN_CLASSES:
+        vm.costs[service] = CostModel(per_unit=per_unit, per_batch=per_batch, samples=1)
+    return sched, vm
+
+
+@pytest.mark.timeout(10)
+def test_strawman_order_sampling_first_promotion_last() -> None:
+    """With every type pending and nothing waited for, the order is the talk's strawman:
+    sampling > {migration, defrag, sharing} > validation > 2M promotion."""
+    sched, vm = sched_with_costs()
+    now = 0.0
+    sched.open_round(vm, now, list(STRAWMAN_CLASSES))
+    order = sched.order(vm, now, {s: 10 for s in STRAWMAN_CLASSES})
+    assert order[0] == S.SAMPLING
+    assert set(order[1:4]) == {S.NUMA_MIGRATION, S.DEFRAG_2M, S.PAGE_SHARING}
+    assert order[4:] == [S.VALIDATION, S.PROMOTION_2M]
+
+
+@pytest.mark.timeout(10)
+def test_batch_is_sized_to_fit_the_time_left() -> None:
+    """The batch is the largest whose estimated cost (per batch + units x per unit) fits the
+    time left; when not even one unit fits, the round is over because of the bound."""
+    sched, vm = sched_with_costs(per_unit=10e-6, per_batch=100e-6)
+    sched.open_round(vm, 0.0, [S.PAGE_SHARING])
+    work = {S.PAGE_SHARING: 10_000}
+    choice = sched.choose(vm, 0.0, 1e-3, work)  # 1 ms: (1000 - 100) / 10 = 90 units
+    assert choice == Choice(S.PAGE_SHARING, 90)
+    assert vm.cost(S.PAGE_SHARING).estimate(90) <= 1e-3
+    assert vm.cost(S.PAGE_SHARING).estimate(91) > 1e-3
+    # Less work than fits: all of it.
+    assert sched.choose(vm, 0.0, 1e-3, {S.PAGE_SHARING: 7}) == Choice(S.PAGE_SHARING, 7)
+    # Not even one unit after the fixed cost.
+    assert sched.choose(vm, 0.0, 105e-6, work) is RoundEnd.BOUND
+    assert sched.choose(vm, 0.0, 1e-3, {S.PAGE_SHARING: 0}) is RoundEnd.DONE
+
+
+@pytest.mark.timeout(10)
+def test_a_type_that_does_not_fit_gives_way_to_one_that_does() -> None:
+    """When the best type's smallest batch does not fit but a cheaper type's does, the cheaper
+    one goes (the bound is filled, nothing is wasted); the skipped one keeps waiting."""
+    sched, vm = sched_with_costs()
+    vm.costs[S.SAMPLING] = CostModel(per_unit=1e-3, per_batch=1e-4, samples=1)  # expensive
+    sched.open_round(vm, 0.0, [S.SAMPLING, S.PAGE_SHARING])
+    choice = sched.choose(vm, 0.0, 5e-4, {S.SAMPLING: 5, S.PAGE_SHARING: 5})
+    assert choice == Choice(S.PAGE_SHARING, 5)
+
+
+@pytest.mark.timeout(10)
+def test_aging_lifts_a_waiting_type_so_nothing_starves() -> None:
+    """2M promotion (class 3) waits while page sharing (class 1) always has work; after it has
+    waited ``aging_seconds`` per class step it is chosen, and once served it waits anew."""
+    sched, vm = sched_with_costs()
+    pending = [S.PAGE_SHARING, S.PROMOTION_2M]
+    work = {S.PAGE_SHARING: 100, S.PROMOTION_2M: 100}
+    now, served = 0.0, []
+    for _ in range(60):  # 60 rounds, 0.1 s apart
+        sched.open_round(vm, now, pending)
+        choice = sched.choose(vm, now, 1.0, work)
+        assert isinstance(choice, Choice)
+        served.append((now, choice.service))
+        sched.served(vm, choice.service, choice.units, now)
+        sched.close_round(vm, RoundEnd.BOUND, work)
+        now += 0.1
+    promoted = [t for t, s in served if s == S.PROMOTION_2M]
+    assert promoted, "promotion starved"
+    # Two class steps behind sharing: it needs a little over 2 s of waiting.
+    assert 2.0 <= promoted[0] <= 2.2
+    # After being served it waits again: not served two rounds in a row forever.
+    assert len(promoted) < len(served) / 2
+    gaps = np.diff(promoted)
+    assert (gaps >= 2.0 - 1e-9).all()
+
+
+@pytest.mark.timeout(10)
+def test_cost_model_moving_average() -> None:
+    """The first measurement replaces the guess; later ones move the average by alpha; a scan
+    without a batch (no round trip) leaves the per-batch cost alone."""
+    cost = CostModel()
+    cost.record(100, 100 * 4e-6, 200e-6)
+    assert cost.per_unit == pytest.approx(4e-6) and cost.per_batch == pytest.approx(200e-6)
+    cost.record(100, 100 * 8e-6, None)
+    assert cost.per_unit == pytest.approx(4e-6 + 0.25 * 4e-6)
+    assert cost.per_batch == pytest.approx(200e-6)
+    cost.record(0, 0.0, 400e-6)
+    assert cost.per_batch == pytest.approx(250e-6)
+
+
+@pytest.mark.timeout(10)
+def test_work_left_when_the_bound_ends_the_round_is_deferred() -> None:
+    """Closing a round because of the bound counts each type's remaining work as deferred;
+    a round that ended with no work left defers nothing and ends the types' wait."""
+    sched, vm = sched_with_costs()
+    sched.open_round(vm, 0.0, [S.SAMPLING, S.PAGE_SHARING])
+    deferred = sched.close_round(vm, RoundEnd.BOUND, {S.SAMPLING: 0, S.PAGE_SHARING: 300})
+    assert deferred == {S.PAGE_SHARING: 300}
+    assert vm.types[S.PAGE_SHARING].deferred == 300
+    assert vm.types[S.SAMPLING].waiting_since is None
+    assert vm.types[S.PAGE_SHARING].waiting_since == 0.0
+    sched.open_round(vm, 1.0, [S.PAGE_SHARING])
+    assert sched.close_round(vm, RoundEnd.DONE, {S.PAGE_SHARING: 0}) == {}
+    assert vm.rounds == {RoundEnd.BOUND: 1, RoundEnd.DONE: 1}
+
+
+# ---- the engine's low-priority rounds ------------------------------------------------------
+
+
+@dataclass
+class FakeVM:
+    region: ControlRegion
+    p2m: P2M
+    guest_pages: int = GUEST_PAGES
+    vm_id: int = 1
+
+
+def make_vm() -> FakeVM:
+    buf = bytearray(region_size(4, CAPACITY))
+    region = ControlRegion.initialize(
+        buf, vm_id=1, generation=1, slot_count=4, capacity=CAPACITY, guest_pages=GUEST_PAGES
+    )
+    p2m = P2M(GUEST_PAGES)
+    p2m.state[:] = PageState.EXPOSED
+    p2m.frame[:] = 5000 + np.arange(GUEST_PAGES)
+    return FakeVM(region, p2m)
+
+
+class ScriptedLow(LowPriorityService):
+    """A low-priority service with ``work`` units waiting; each unit costs ``unit_seconds`` of
+    the engine's (virtual) clock when selected; ``scan_only`` selects without a batch."""
+
+    def __init__(self, service: ServiceType, clock: Clock, work: int, unit_seconds: float):
+        self.ctx = type("Ctx", (), {"clock": clock})()  # only the clock is used
+        self.service = service
+        self.lowprio_class = STRAWMAN_CLASSES[service]
+        self.clock = clock
+        self.work = work
+        self.unit_seconds = unit_seconds
+        self.scan_only = False
+        self.next_bpn = 0
+        self.selected: list[int] = []
+        self.completed: list[list[int]] = []
+
+    def pending_work(self, vm: Any, now: float) -> int:
+        return self.work
+
+    def select_work(self, vm: Any, capacity: int, units: int, now: float) -> Selection:
+        n = min(capacity, units, self.work)
+        self.clock.advance(n * self.unit_seconds)
+        self.work -= n
+        self.selected.append(n)
+        if self.scan_only:
+            return Selection.empty(n)
+        bpns = np.arange(self.next_bpn, self.next_bpn + n, dtype=np.int64)
+        self.next_bpn += n
+        return Selection(bpns, vm.p2m.frame[bpns].copy(), n)
+
+    def complete(self, vm: Any, accepted: Any, status: npt.NDArray[np.uint8]) -> None:
+        self.completed.append(accepted.tolist())
+        vm.p2m.state[accepted] = PageState.RESIDENT
+
+
+class ScriptedHigh(PlatformService):
+    service = S.SWAP
+
+    def __init__(self) -> None:
+        self.busy = False
+
+    def has_work(self, vm: Any) -> bool:
+        return self.busy
+
+    def select(self, vm: Any, capacity: int) -> Any:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+
+    def complete(self, vm: Any, accepted: Any, status: Any) -> None:  # pragma: no cover
+        raise AssertionError("not used")
+
+
+@dataclass
+class Harness:
+    clock: Clock
+    vm: FakeVM
+    engine: RoundEngine
+    state: RoundState
+    services: dict[ServiceType, PlatformService]
+    closed: list[LowRoundClosed] = field(default_factory=list)
+
+    def get(self, budget_us: int, new_round: bool = False) -> Request:
+        msg = GetRequest(Priority.LOW, budget_us, GET_FLAG_NEW_ROUND if new_round else 0)
+        return self.engine.get_request(self.vm, self.state, msg)  # type: ignore[arg-type]
+
+    def complete(self, req: Request, agent_seconds: float = 0.0) -> None:
+        slot = self.vm.region.slot(req.slot)
+        assert slot.read_header()[1] == SlotState.ISSUED
+        _, status, _ = slot.batch(req.count)
+        status[:] = PageStatus.OK
+        self.clock.advance(agent_seconds)
+        msg = CompleteRequest(req.slot, req.count, req.seq, int(agent_seconds * 1e6))
+        self.engine.complete(self.vm, self.state, msg)  # type: ignore[arg-type]
+
+
+def harness(*specs: tuple[ServiceType, int, float]) -> Harness:
+    clock = Clock()
+    services: dict[ServiceType, PlatformService] = {
+        s: ScriptedLow(s, clock, work, unit) for s, work, unit in specs
+    }
+    services[S.SWAP] = ScriptedHigh()
+    engine = RoundEngine(services, clock=clock, scheduler=LowPriorityScheduler())
+    h = Harness(clock, make_vm(), engine, RoundState(), services)
+    engine.on_low_round_closed = lambda vm, closed: h.closed.append(closed)
+    for service in services:
+        if service != S.SWAP:
+            h.state.low.costs[service] = CostModel(per_unit=10e-6, per_batch=100e-6, samples=1)
+    engine.refresh_pending(h.vm)  # type: ignore[arg-type]
+    return h
+
+
+@pytest.mark.timeout(10)
+def test_low_round_serves_by_class_within_the_budget() -> None:
+    """Each GetRequest(LOW) gets a batch sized to the time it carries, sampling first; the
+    daemon never hands out a batch whose estimate exceeds the time left."""
+    h = harness((S.SAMPLING, 20, 10e-6), (S.PAGE_SHARING, 1000, 10e-6))
+    first = h.get(2000, new_round=True)  # 2 ms
+    assert first.service == S.SAMPLING and first.count == 20
+    h.complete(first)
+    req = h.get(1500)
+    assert req.service == S.PAGE_SHARING
+    assert h.state.low.cost(S.PAGE_SHARING).estimate(req.count) <= 1.5e-3
+    assert req.count == min(CAPACITY, (1500 - 100) // 10)
+
+
+@pytest.mark.timeout(10)
+def test_type_pending_after_the_snapshot_waits_for_the_next_round() -> None:
+    """The pending word is snapshotted when a low round opens: sampling work that appears
+    during the round is not served in it, but first in the next one."""
+    h = harness((S.SAMPLING, 0, 10e-6), (S.PAGE_SHARING, 1000, 10e-6))
+    sharing, sampling = h.services[S.PAGE_SHARING], h.services[S.SAMPLING]
+    assert isinstance(sampling, ScriptedLow) and isinstance(sharing, ScriptedLow)
+    req = h.get(50_000, new_round=True)
+    assert req.service == S.PAGE_SHARING
+    sampling.work = 30  # a new sample is due, mid-round
+    h.complete(req)
+    req = h.get(40_000)
+    assert req.service == S.PAGE_SHARING, "work pending after the snapshot was served"
+    h.complete(req)
+    req = h.get(30_000, new_round=True)
+    assert req.service == S.SAMPLING
+
+
+@pytest.mark.timeout(10)
+def test_high_priority_pending_preempts_a_low_round() -> None:
+    """A low GetRequest while a high-priority type has work ends the low round at once
+    (PREEMPTED), whatever the budget; the next round, once high is quiet, goes on."""
+    h = harness((S.PAGE_SHARING, 1000, 10e-6))
+    high = h.services[S.SWAP]
+    assert isinstance(high, ScriptedHigh)
+    req = h.get(50_000, new_round=True)
+    assert req.has_work
+    h.complete(req)
+    high.busy = True
+    req = h.get(40_000)
+    assert not req.has_work
+    assert h.closed[-1].end is RoundEnd.PREEMPTED
+    assert not h.get(40_000, new_round=True).has_work  # still pending: still pre-empted
+    high.busy = False
+    assert h.get(40_000, new_round=True).has_work
+
+
+@pytest.mark.timeout(10)
+def test_last_batch_is_flagged_and_closes_the_round() -> None:
+    """When nothing could follow a batch in the time left (or no work is left), the Request
+    says LAST and the daemon has closed the round: no further GetRequest is needed."""
+    h = harness((S.PAGE_SHARING, 10, 10e-6))
+    req = h.get(50_000, new_round=True)
+    assert req.has_work and req.count == 10 and req.last
+    assert h.closed[-1].end is RoundEnd.DONE
+    h.complete(req)
+    h2 = harness((S.PAGE_SHARING, 10_000, 10e-6))
+    req = h2.get(1000, new_round=True)  # (1000 - 100) / 10 = 90 → 64 (capacity), then bound
+    assert req.last and h2.closed[-1].end is RoundEnd.BOUND
+    assert h2.closed[-1].deferred == {S.PAGE_SHARING: 10_000 - req.count}
+
+
+@pytest.mark.timeout(10)
+def test_scan_without_a_batch_continues_within_the_same_request() -> None:
+    """A selection that did work but handed out no page (a scan that found nothing) is costed
+    and the engine goes on within the same GetRequest until the budget is used: the agent
+    pays no round trip for it, and the daemon never passes the budget it was given."""
+    h = harness((S.PAGE_SHARING, 100_000, 10e-6))
+    sharing = h.services[S.PAGE_SHARING]
+    assert isinstance(sharing, ScriptedLow)
+    sharing.scan_only = True
+    start = h.clock.now
+    req = h.get(2000, new_round=True)
+    assert not req.has_work
+    assert len(sharing.selected) > 1  # several scans in one request
+    assert h.clock.now - start <= 2e-3 + 1e-12
+    assert h.closed[-1].end is RoundEnd.BOUND
+    # The daemon's own time is in the answer (µs), for the agent's round-trip estimate.
+    assert req.count == round((h.clock.now - start) * 1e6)
+
+
+@pytest.mark.timeout(10)
+def test_new_round_closes_a_round_the_agent_left() -> None:
+    """A GetRequest flagged NEW_ROUND while the daemon's low round is still open (the agent
+    ended it itself) closes that one as LEFT and opens a fresh snapshot."""
+    h = harness((S.PAGE_SHARING, 100_000, 10e-6))
+    req = h.get(5000, new_round=True)
+    assert req.has_work and not req.last
+    h.complete(req)
+    h.get(5000, new_round=True)
+    assert RoundEnd.LEFT in [c.end for c in h.closed]
+
+
+@pytest.mark.timeout(10)
+def test_completed_low_batch_feeds_the_cost_model() -> None:
+    """Completing a low batch records its work per unit and half its round trip as the
+    per-batch cost of that type for this VM."""
+    h = harness((S.PAGE_SHARING, 64, 20e-6))
+    h.state.low.costs[S.PAGE_SHARING] = CostModel(per_unit=1e-6, per_batch=1e-6, samples=0)
+    req = h.get(50_000, new_round=True)
+    h.clock.advance(300e-6)  # Request on its way, the agent waking up
+    h.complete(req, agent_seconds=64e-6)
+    cost = h.state.low.cost(S.PAGE_SHARING)
+    assert cost.per_unit == pytest.approx((64 * 20e-6 + 64e-6) / 64)
+    assert cost.per_batch == pytest.approx(150e-6)
+
+
+@pytest.mark.timeout(10)
+def test_sampling_batches_do_not_take_pages_from_the_vmm() -> None:
+    """A service with takes_pages False (sampling) hands out pages without marking them
+    SELECTED, and its completion leaves the p2m as it was."""
+    h = harness((S.SAMPLING, 8, 1e-6))
+    sampling = h.services[S.SAMPLING]
+    assert isinstance(sampling, ScriptedLow)
+    sampling.takes_pages = False
+    sampling.complete = lambda vm, accepted, status: None  # type: ignore[method-assign]
+    req = h.get(50_000, new_round=True)
+    assert req.count == 8
+    assert (h.vm.p2m.state[:8] == PageState.EXPOSED).all()
+    h.complete(req)
+    assert (h.vm.p2m.state[:8] == PageState.EXPOSED).all()
