@@ -17,7 +17,9 @@ from shared.constants import MAX_FAULT_AROUND, FaultReason, Priority, ServiceTyp
 from shared.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from shared.messages import (
     FAULT_FLAG_WRITABLE,
+    GET_FLAG_NEW_ROUND,
     NO_SLOT,
+    REQUEST_FLAG_LAST,
     CompleteRequest,
     CtlReply,
     CtlRequest,
@@ -222,9 +224,14 @@ _JSON_KEYS = [
 ]
 
 MESSAGES: st.SearchStrategy[Message] = st.one_of(
-    st.builds(GetRequest, st.sampled_from(Priority), U32),
+    st.builds(GetRequest, st.sampled_from(Priority), U32, st.sampled_from([0, GET_FLAG_NEW_ROUND])),
     st.builds(
-        Request, st.sampled_from(ServiceType).map(int), U16.filter(lambda s: s != NO_SLOT), U32, U64
+        Request,
+        st.sampled_from(ServiceType).map(int),
+        U16.filter(lambda s: s != NO_SLOT),
+        U32,
+        U64,
+        st.sampled_from([0, REQUEST_FLAG_LAST]),
     ),
     st.builds(Request, U8, st.just(NO_SLOT), U32, U64),
     st.builds(CompleteRequest, U16, U32, U64, U32),
@@ -324,7 +331,12 @@ def test_header_layout_byte_by_byte() -> None:
     ("msg", "body"),
     [
         (GetRequest(Priority.LOW, 0x01020304), bytes.fromhex("01000000 04030201")),
+        (GetRequest(Priority.LOW, 5, GET_FLAG_NEW_ROUND), bytes.fromhex("01010000 05000000")),
         (Request(2, 0x0304, 0x05060708, 9), bytes.fromhex("0200 0403 08070605 0900000000000000")),
+        (
+            Request(6, 1, 2, 3, REQUEST_FLAG_LAST),
+            bytes.fromhex("0601 0100 02000000 0300000000000000"),
+        ),
         (
             CompleteRequest(0x0102, 3, 4, 5),
             bytes.fromhex("0201 0000 03000000 0400000000000000 05000000"),
@@ -472,6 +484,30 @@ def test_get_request_bad_priority() -> None:
     expect_error(header(MessageType.GET_REQUEST, len(body)) + body, ErrorCode.BAD_BODY)
 
 
+@pytest.mark.parametrize("flags", [2, 0x80, 0xFF])
+def test_get_request_unknown_flags(flags: int) -> None:
+    """A GetRequest flag bit other than NEW_ROUND raises BAD_BODY (room for later versions)."""
+    body = struct.pack("<BB2xI", 1, flags, 0)
+    expect_error(header(MessageType.GET_REQUEST, len(body)) + body, ErrorCode.BAD_BODY)
+
+
+@pytest.mark.parametrize("flags", [2, 0x80])
+def test_request_unknown_flags(flags: int) -> None:
+    """A Request flag bit other than LAST raises BAD_BODY."""
+    body = struct.pack("<BBHIQ", 0, flags, 0xFFFF, 0, 0)
+    expect_error(header(MessageType.REQUEST, len(body)) + body, ErrorCode.BAD_BODY)
+
+
+def test_flags_decode() -> None:
+    """NEW_ROUND and LAST survive a round trip through the codec and read as properties."""
+    tx, rx = Codec(), Codec()
+    rx.receive_data(tx.send(GetRequest(Priority.LOW, 7, GET_FLAG_NEW_ROUND), 1))
+    rx.receive_data(tx.send(Request(3, 0, 1, 2, REQUEST_FLAG_LAST), 2))
+    get, req = (e.message for e in rx.events())
+    assert isinstance(get, GetRequest) and get.new_round and get.budget_us == 7
+    assert isinstance(req, Request) and req.last and req.has_work
+
+
 @pytest.mark.parametrize(("write", "around"), [(2, 0), (255, 0), (0, MAX_FAULT_AROUND + 1)])
 def test_fault_bad_fields(write: int, around: int) -> None:
     """A Fault with write not 0/1, or around above MAX_FAULT_AROUND, raises BAD_BODY."""
@@ -608,6 +644,8 @@ def test_send_body_too_large() -> None:
     [
         GetRequest(Priority.LOW, budget_us=1 << 32),
         GetRequest(Priority.LOW, budget_us=-1),
+        GetRequest(Priority.LOW, flags=256),
+        Request(service=0, slot=0, count=0, seq=0, flags=256),
         Request(service=256, slot=0, count=0, seq=0),
         CompleteRequest(slot=1 << 16, count=0, seq=0),
         Fault(bpn=1 << 64, write=False),

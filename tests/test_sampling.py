@@ -1,0 +1,167 @@
+"""Working-set sampling, the platform's half: samples, periods and the estimate.
+
+The sampling service sees a narrow context (here: a config, fresh metrics and a virtual
+clock) and a VM whose control region is a bytearray; the monitor's report is written into
+that region as the agent would (``write_sample_report``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from platform_daemon.metrics import PlatformMetrics
+from platform_daemon.p2m import P2M
+from platform_daemon.services.sampling import (
+    FAST_GAIN,
+    SLOW_GAIN,
+    SamplingService,
+    WorkingSetEstimate,
+)
+from shared.config import PlatformConfig
+from shared.constants import PageState, PageStatus
+from shared.layout import ControlRegion, region_size
+
+GUEST_PAGES = 20_000
+
+
+@dataclass
+class FakeVM:
+    region: ControlRegion
+    p2m: P2M
+    vm_id: int = 1
+    guest_pages: int = GUEST_PAGES
+
+
+def make_vm(guest_pages: int = GUEST_PAGES, vm_id: int = 1) -> FakeVM:
+    region = ControlRegion.initialize(
+        bytearray(region_size(2, 512)),
+        vm_id=vm_id,
+        generation=1,
+        slot_count=2,
+        capacity=512,
+        guest_pages=guest_pages,
+    )
+    return FakeVM(region, P2M(guest_pages), vm_id, guest_pages)
+
+
+def make_service(pages: int = 100, period: float = 30.0) -> tuple[SamplingService, list[float]]:
+    now = [0.0]
+    config = PlatformConfig(sample_pages=pages, sample_period=period, sample_seed=7)
+    ctx: Any = SimpleNamespace(
+        config=config, metrics=PlatformMetrics(CollectorRegistry()), clock=lambda: now[0]
+    )
+    return SamplingService(ctx), now
+
+
+def hand_out(svc: SamplingService, vm: FakeVM, now: float) -> np.ndarray:
+    """Everything the current sample still has to hand out, as the engine would ask."""
+    out = []
+    while (n := svc.pending_work(vm, now)) > 0:  # type: ignore[arg-type]
+        sel = svc.select_work(vm, 512, n, now)  # type: ignore[arg-type]
+        out.append(sel.bpns)
+        status = np.full(len(sel.bpns), PageStatus.OK, dtype=np.uint8)
+        svc.complete(vm, sel.bpns, status)  # type: ignore[arg-type]
+    return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
+
+
+@pytest.mark.timeout(10)
+def test_estimate_is_the_max_of_slow_fast_and_current() -> None:
+    """ESX'02's smoothing: the first sample sets both averages; after that the fast one moves
+    more; the estimate is the largest of slow, fast and fast-with-the-period-in-progress, so
+    it rises at once and falls slowly."""
+    est = WorkingSetEstimate()
+    assert est.value() is None
+    est.update(0.8)
+    assert est.slow == est.fast == pytest.approx(0.8)
+    est.update(0.2)
+    assert est.fast == pytest.approx(0.8 + FAST_GAIN * (0.2 - 0.8))
+    assert est.slow == pytest.approx(0.8 + SLOW_GAIN * (0.2 - 0.8))
+    assert est.value() == pytest.approx(est.slow)  # falls slowly: the slow average leads
+    # Touches in the period in progress lift it at once.
+    assert est.value(partial=0.95) == pytest.approx(est.fast + FAST_GAIN * (0.95 - est.fast))
+    assert est.value(partial=0.0) == pytest.approx(est.slow)
+
+
+@pytest.mark.timeout(10)
+def test_sample_is_handed_out_with_its_id_first() -> None:
+    """A new VM gets a sample at once: ``sample_pages`` distinct pages in range, the region's
+    sample id set before the first batch, then nothing more until the period ends."""
+    svc, _ = make_service(pages=1000)
+    vm = make_vm()
+    assert svc.pending_work(vm, 0.0) == 1000  # type: ignore[arg-type]
+    pages = hand_out(svc, vm, 0.0)
+    assert len(pages) == 1000 == len(np.unique(pages))
+    assert pages.min() >= 0 and pages.max() < GUEST_PAGES
+    assert vm.region.sample_id == svc.vms[1].sample_id != 0
+    assert svc.pending_work(vm, 29.9) == 0  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(10)
+def test_period_end_harvests_the_monitor_report() -> None:
+    """At the end of a period the platform reads the monitor's (sample id, armed, touched),
+    folds touched / armed into the estimate, records the period and draws the next sample."""
+    svc, _ = make_service(pages=100, period=10.0)
+    vm = make_vm()
+    hand_out(svc, vm, 0.0)
+    first = vm.region.sample_id
+    vm.region.write_sample_report(first, 100, 40)  # the agent's words
+    assert svc.estimate_fraction(vm) == pytest.approx(0.4)  # type: ignore[arg-type]
+    assert svc.pending_work(vm, 10.0) == 100  # type: ignore[arg-type]
+    hand_out(svc, vm, 10.0)
+    assert vm.region.sample_id != first
+    (record,) = svc.history(vm)  # type: ignore[arg-type]
+    assert record["sample_id"] == first and record["touched"] == 40
+    assert record["started"] == 0.0 and record["ended"] == 10.0
+    assert record["estimate"] == pytest.approx(0.4)
+    assert svc.status(vm)["estimate_pages"] == round(0.4 * GUEST_PAGES)  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(10)
+def test_a_period_the_monitor_never_armed_is_missed_not_zero() -> None:
+    """When the report is about another sample (the monitor never got this one: its rounds
+    did not run), the period is counted as missed and leaves the estimate alone."""
+    svc, _ = make_service(pages=100, period=10.0)
+    vm = make_vm()
+    hand_out(svc, vm, 0.0)
+    vm.region.write_sample_report(vm.region.sample_id, 100, 50)
+    svc.pending_work(vm, 10.0)  # type: ignore[arg-type]
+    before = svc.vms[1].estimate.samples
+    svc.pending_work(vm, 20.0)  # type: ignore[arg-type]  # nothing handed out, nothing armed
+    assert svc.vms[1].estimate.samples == before
+    assert svc.history(vm)[-1]["estimate"] is None  # type: ignore[arg-type]
+    registry = svc.ctx.metrics.registry
+    assert registry.get_sample_value("vmmem_sampling_periods_total", {"outcome": "missed"}) == 1
+
+
+@pytest.mark.timeout(10)
+def test_a_shorter_period_takes_effect_for_the_current_sample() -> None:
+    """``configure(period=...)`` ends the current period by the new length, not the old one."""
+    svc, _ = make_service(pages=10, period=30.0)
+    vm = make_vm()
+    hand_out(svc, vm, 0.0)
+    svc.configure(period=1.0)
+    assert svc.pending_work(vm, 1.0) == 10  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(10)
+def test_samples_are_uniform_over_all_pages_whatever_their_state() -> None:
+    """Unbiased: the sample is drawn over every guest page, swapped, untouched or exposed
+    alike, so pages reclaimed from the guest stay in the estimate's denominator."""
+    svc, _ = make_service(pages=200, period=1.0)
+    vm = make_vm(guest_pages=1000)
+    vm.p2m.state[:300] = PageState.SWAPPED
+    vm.p2m.state[300:600] = PageState.ZERO
+    vm.p2m.state[600:] = PageState.EXPOSED
+    counts = np.zeros(1000)
+    for i in range(100):
+        counts[hand_out(svc, vm, float(i))] += 1
+    # 100 samples of 200 out of 1000: each page expected 20 times.
+    shares = [counts[:300].sum(), counts[300:600].sum(), counts[600:].sum()]
+    assert shares == pytest.approx([6000, 6000, 8000], rel=0.05)
+    assert counts.min() > 0
