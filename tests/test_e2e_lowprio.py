@@ -1,0 +1,145 @@
+"""Low-priority services end to end: real daemons, the load generator's scenarios, every page
+verified.
+
+The scenarios set the daemon's sampling period and sharing scan period for their run (and
+restore them), so short runs still see several periods and full scans.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .procs import BIN, ctl, daemons, load_json, run_load
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.mark.timeout(180)
+def test_sharing_scenario_merges_what_is_shareable_and_loses_nothing(
+    short_tmp: Path, mem_dir: Path
+) -> None:
+    """Three VMs write mostly zero and corpus pages; while they only read, page sharing merges
+    nearly everything the guest model says is shareable, saving frames; then writes into
+    shared pages break merges (COW), and every page verifies."""
+    with daemons(short_tmp, mem_dir) as d:
+        d.start_platform("--host-memory", "128MiB")
+        for name in ("a", "b", "c"):
+            d.start_agent(name, memory="16MiB")
+        out = short_tmp / "r.json"
+        res = run_load(
+            "--socket",
+            str(d.socket),
+            "--scenario",
+            "sharing",
+            "--expect-vms",
+            "3",
+            "--duration",
+            "12",
+            "--json",
+            str(out),
+            "--no-progress",
+        )
+        assert res.returncode == 0, res.stdout + res.stderr
+        report = load_json(out)
+        assert report["verification"]["mismatches"] == 0
+        assert report["verification"]["unreachable"] == 0
+        sharing = report["sharing"]
+        assert sharing["shareable_pages"] > 0.7 * 3 * 4096  # the guests wrote mostly shareable
+        assert sharing["shared_pages"] >= 0.9 * sharing["shareable_pages"], sharing
+        assert sharing["shared_pages"] <= sharing["shareable_pages"]
+        assert sharing["frames_saved"] >= 0.9 * sharing["saveable_frames"], sharing
+        assert sharing["cow_breaks"] > 0
+        # Writes broke merges: fewer pages shared at the end than after the merge phase.
+        assert sharing["after_cow"]["shared_pages"] < sharing["shared_pages"]
+        assert "sharing:" in res.stdout
+        # The operator sees it too.
+        status = subprocess.run(
+            [str(BIN / "vmmem-ctl"), "--socket", str(d.socket), "status"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert "frames saved" in status.stdout and "COW breaks" in status.stdout
+        # The run's settings were restored afterwards.
+        st = asyncio.run(ctl(d.socket, "status"))
+        assert st["lowprio"]["share_scan_period_seconds"] == 30.0
+
+
+@pytest.mark.timeout(180)
+def test_sampling_scenario_estimate_follows_the_true_working_set(
+    short_tmp: Path, mem_dir: Path
+) -> None:
+    """Phases of 20 %, 70 %, 35 % and 90 % working sets, six sampling periods each, 1000-page
+    samples: after three periods of a phase the estimate is within 10 % of guest memory of
+    the true fraction of pages touched in each period."""
+    with daemons(short_tmp, mem_dir) as d:
+        d.start_platform("--host-memory", "64MiB", "--sample-seed", "3")
+        d.start_agent("a", memory="16MiB")
+        out = short_tmp / "r.json"
+        res = run_load(
+            "--socket",
+            str(d.socket),
+            "--scenario",
+            "sampling",
+            "--sample-pages",
+            "1000",
+            "--duration",
+            "16",
+            "--json",
+            str(out),
+            "--no-progress",
+        )
+        assert res.returncode == 0, res.stdout + res.stderr
+        report = load_json(out)
+        assert report["verification"]["mismatches"] == 0
+        sampling = report["sampling"]
+        for name, per_vm in sampling["phases"].items():
+            row = per_vm["a"]
+            assert row["periods"] >= 4, (name, row)
+            # The truth is what the phase asked for, to within a page or two.
+            wanted = int(name.removeprefix("ws")) / 100
+            assert row["truth"][-1] == pytest.approx(wanted, abs=0.01)
+        assert sampling["max_abs_error"] <= 0.10, sampling
+        assert "sampling:" in res.stdout
+
+
+@pytest.mark.timeout(180)
+def test_latency_scenario_gives_each_vm_its_own_bound(short_tmp: Path, mem_dir: Path) -> None:
+    """Two VMs of latency sensitivity 0 and 1 get bounds of 8 and 4 ms; both run low-priority
+    rounds; the report gives time used per second against each bound and the overrun p99."""
+    with daemons(short_tmp, mem_dir) as d:
+        d.start_platform("--host-memory", "64MiB")
+        d.start_agent("a", memory="16MiB")
+        d.start_agent("b", memory="16MiB")
+        out = short_tmp / "r.json"
+        res = run_load(
+            "--socket",
+            str(d.socket),
+            "--scenario",
+            "latency",
+            "--expect-vms",
+            "2",
+            "--duration",
+            "6",
+            "--json",
+            str(out),
+            "--no-progress",
+        )
+        assert res.returncode == 0, res.stdout + res.stderr
+        report = load_json(out)
+        assert report["verification"]["mismatches"] == 0
+        lowprio = report["lowprio"]
+        bounds = {v["latency_sensitivity"]: v["bound_seconds"] for v in lowprio["vms"].values()}
+        assert bounds == {0: 0.008, 1: 0.004}
+        for vm in lowprio["vms"].values():
+            assert vm["rounds"] > 0
+            assert vm["time_used_per_second"] > 0
+        assert lowprio["overrun_p99_fraction"] >= 0
+        # The agents' sensitivities were restored after the run.
+        for name in ("a", "b"):
+            summary = asyncio.run(ctl(d.control_socket(name), "lowprio"))
+            assert summary["latency_sensitivity"] == 0
