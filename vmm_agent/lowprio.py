@@ -61,6 +61,7 @@ class RoundRecord:
     used: float
     gap: float  # time since guest progress stopped, at the round's start
     outcome: str  # done, bound, preempted
+    cpu: float  # the monitor's CPU time in the round (its own work, no waiting)
     batches: int
     pages: int
 
@@ -136,6 +137,7 @@ class LowPriorityLoop:
     async def round(self, bound: TimeBound) -> RoundRecord:
         """One round: monitor turns and platform batches, interleaved, within ``bound``."""
         gap = self.progress.gap(bound.started)
+        cpu0 = time.thread_time()
         self.gate.close()
         batches = pages = 0
         flags = GET_FLAG_NEW_ROUND
@@ -173,7 +175,14 @@ class LowPriorityLoop:
         finally:
             self.gate.open()
         record = RoundRecord(
-            bound.started, bound.budget, bound.used(), gap, outcome, batches, pages
+            bound.started,
+            bound.budget,
+            bound.used(),
+            gap,
+            outcome,
+            time.thread_time() - cpu0,
+            batches,
+            pages,
         )
         self._record(record)
         return record

@@ -1,0 +1,585 @@
+"""Low-priority rounds, page sharing and working-set sampling, against this machine's limits.
+
+Every figure is a ratio against something measured in the same run (DESIGN.md, "Performance
+rules"), or a fraction of a known truth:
+
+(a) **Machine limits.** xxh3-64 over the very frames the scan hashes (one call per page on
+    a memoryview slice, the fastest a Python loop can hash pages); a raw Unix-socket
+    ping-pong between two processes (blocking ``send``/``recv``, no event loop), back to back
+    and after 100 ms of idleness. The second is what a low-priority round pays: rounds start
+    every 100 ms, after both processes slept, and this VM takes long to wake an idle vCPU.
+(b) **Sharing scan rate**, in process (a ``PlatformServer`` without socket, one 256 MiB VM,
+    every page exposed with unique content, the worst case): pages hashed per second by the
+    scanner (``PageSharingService.scan``), first pass (no hints yet), second pass (every page
+    enters the unstable table) and steady state (third pass), against raw xxh3 over the same
+    frames, interleaved. CPU time per page beside the ratio.
+(c) **Sharing found, identical guests**, in process: four guests with the same content
+    (zero pages, corpus pages, and pages unique to the guest image but identical across the
+    four); the scanner runs one, two and three full scans' worth of allowance (the default
+    scan period equals the default sampling period, so three scans are three sampling
+    periods' worth), candidates merged as the daemon would; pages shared / shareable pages.
+(d) **One low-priority round, 2 GiB guest against 256 MiB**, in process: a round with a new
+    working-set sample (drawn and handed out) and a page-sharing batch of 512 candidates
+    (GetRequest, the agent's filter, CompleteRequest), daemon and agent sides; the merge
+    that follows is asynchronous and timed apart. One 128-page scan step is timed too.
+    Sizes interleaved (ABAB) so machine noise hits both alike.
+(e) **Overrun of the time bound at 1, 4 and 8 VMs**, real daemons (16 MiB guests, page
+    sharing kept busy with a 2 s scan period): rounds during a steady phase, in two machine
+    states: *quiet* (guests think between accesses: the two CPUs are far from saturated) and
+    *busy* (guests never think: 1 + N processes want the two CPUs). Overrun p99 as a fraction
+    of the bound, beside the monitor's CPU time per round (its own work, which excludes
+    waiting for the daemon, the other CPU and the scheduler) and the idle ping-pong of (a).
+(f) **Sampling accuracy after three periods**, real daemons: one 64 MiB guest with a steady
+    working set (uniform over half its memory; zipf over all of it), 0.4 s periods, 100- and
+    1000-page samples: |estimate - true fraction touched in the period| for every period
+    after the third, as a fraction of guest memory.
+
+Usage: ``python benchmarks/lowprio.py [--json out.json] [--quick]`` (``--quick``: fewer
+repetitions and shorter phases, ~1 min; the full run ~3 min). Every subprocess is stopped and
+every file removed in ``finally`` blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xxhash
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # ``tests/procs.py`` is not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from platform_daemon.server import PlatformServer  # noqa: E402
+from platform_daemon.services.page_sharing import PageSharingService  # noqa: E402
+from platform_daemon.services.sampling import SamplingService  # noqa: E402
+from platform_daemon.shared_frames import frames_saved, merged_pages  # noqa: E402
+from shared.config import PlatformConfig  # noqa: E402
+from shared.constants import PAGE_SIZE, Priority, ServiceType  # noqa: E402
+from shared.logs import configure_logging  # noqa: E402
+from shared.messages import (  # noqa: E402
+    GET_FLAG_NEW_ROUND,
+    CompleteRequest,
+    GetRequest,
+    Message,
+    Register,
+)
+from tests.procs import Daemons  # noqa: E402
+from vmm_agent.exposure import ExposureTable  # noqa: E402
+from vmm_agent.rpc import RpcClient  # noqa: E402
+from vmm_agent.sampler import Sampler  # noqa: E402
+from vmm_agent.services import build_services  # noqa: E402
+from vmm_agent.touches import TouchLog  # noqa: E402
+
+MiB = 1 << 20
+BATCH = 512
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def quantile(xs: Sequence[float], q: float) -> float:
+    return float(np.quantile(xs, q)) if len(xs) else float("nan")
+
+
+# ---- (a) machine limits ----------------------------------------------------------------------
+
+
+def raw_pingpong(gaps: Sequence[float], n: int) -> dict[str, dict[str, float]]:
+    """Round trips of 30-byte frames between two processes, blocking sockets, after each gap."""
+    a, b = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # the echo
+        a.close()
+        while data := b.recv(64):
+            b.sendall(data)
+        os._exit(0)
+    b.close()
+    out: dict[str, dict[str, float]] = {}
+    try:
+        for gap in gaps:
+            times = []
+            for _ in range(n if gap == 0 else max(20, n // 20)):
+                if gap:
+                    time.sleep(gap)
+                t0 = time.perf_counter()
+                a.sendall(b"x" * 30)
+                a.recv(64)
+                times.append(time.perf_counter() - t0)
+            out[f"gap_{gap * 1000:g}ms"] = {
+                "p50_us": median(times) * 1e6,
+                "p99_us": quantile(times, 0.99) * 1e6,
+                "n": len(times),
+            }
+    finally:
+        a.close()
+        os.waitpid(pid, 0)
+    return out
+
+
+def raw_hash_rate(view: memoryview, frames: Sequence[int]) -> float:
+    """Pages per second through xxh3-64 over the given frames, as fast as Python hashes."""
+    h = xxhash.xxh3_64_intdigest
+    t0 = time.perf_counter()
+    for f in frames:
+        h(view[f * PAGE_SIZE : (f + 1) * PAGE_SIZE])
+    return len(frames) / (time.perf_counter() - t0)
+
+
+# ---- in-process daemons ---------------------------------------------------------------------
+
+
+class _StubConnection:
+    """What registration needs of a connection; sends nothing."""
+
+    def __init__(self) -> None:
+        self.vm: Any = None
+
+    def send(self, message: Message, request_id: int = 0) -> None:
+        pass
+
+
+@contextmanager
+def in_process_server(host_bytes: int) -> Any:
+    """A daemon without socket or metrics server; its files in a fresh /dev/shm directory."""
+    tmp = Path(tempfile.mkdtemp(prefix="vmb-low-", dir="/dev/shm"))
+    cfg = PlatformConfig(
+        socket=tmp / "unused.sock",
+        host_memory=host_bytes,
+        numa_nodes=1,
+        metrics_port=-1,
+        mem_dir=tmp,
+        prefault=False,
+        log_level="warning",
+    )
+    server = PlatformServer(cfg)
+    try:
+        yield server
+    finally:
+        for vm in list(server.vms.values()):
+            server.registry.unregister(vm)
+        server.machine.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def add_vm(server: PlatformServer, name: str, pages: int) -> Any:
+    """Register a VM and expose every page on its own frame (content is the caller's)."""
+    conn = _StubConnection()
+    server.registry.register(conn, Register(name=name, guest_pages=pages, vcpus=1))  # type: ignore[arg-type]
+    vm = conn.vm
+    frames = server.machine.allocator.allocate(pages, vm.home_node)
+    server.faults.map_private(vm, np.arange(pages, dtype=np.int64), frames)
+    return vm
+
+
+def sharing_service(server: PlatformServer) -> PageSharingService:
+    svc = server.services[ServiceType.PAGE_SHARING]
+    assert isinstance(svc, PageSharingService)
+    return svc
+
+
+def merge_candidates(server: PlatformServer, vm: Any) -> int:
+    """Hand out every queued candidate and merge it, as a round and the merge task would."""
+    svc = sharing_service(server)
+    merged = 0
+    while svc.pending_work(vm, 0.0):
+        sel = svc.select_work(vm, BATCH, BATCH, 0.0)
+        if len(sel.bpns):
+            svc.mark_in_flight(vm, sel.bpns)
+            svc.merge(vm, sel.bpns)
+            merged += len(sel.bpns)
+    return merged
+
+
+# ---- (b) scan rate ------------------------------------------------------------------------
+
+
+def scan_rate(guest_bytes: int, repeats: int) -> dict[str, Any]:
+    pages = guest_bytes // PAGE_SIZE
+    with in_process_server(guest_bytes + 64 * MiB) as server:
+        vm = add_vm(server, "scan", pages)
+        rng = np.random.default_rng(5)
+        for start in range(0, pages, 4096):  # unique content: every page is hashed, none merges
+            chunk = vm.p2m.frame[start : start + 4096]
+            server.machine.frames[chunk] = rng.integers(0, 256, (len(chunk), PAGE_SIZE), np.uint8)
+        svc = sharing_service(server)
+        view = memoryview(server.machine.file.mm)
+        frames = vm.p2m.frame.tolist()
+        passes: dict[str, list[float]] = {"first": [], "second": [], "steady": []}
+        raw: list[float] = []
+        cpu: dict[str, list[float]] = {k: [] for k in passes}
+        for _ in range(repeats):
+            svc.scans.pop(vm.vm_id, None)
+            svc.unstable.clear()
+            for name in passes:
+                raw.append(raw_hash_rate(view, frames))
+                t0, c0 = time.perf_counter(), time.process_time()
+                hashed = 0
+                while hashed < pages:
+                    hashed += svc.scan(vm, 128)
+                passes[name].append(hashed / (time.perf_counter() - t0))
+                cpu[name].append((time.process_time() - c0) / hashed * 1e6)
+        raw_rate = median(raw)
+        return {
+            "guest_pages": pages,
+            "raw_xxh3_pages_per_s": raw_rate,
+            **{f"{name}_pages_per_s": median(rates) for name, rates in passes.items()},
+            **{f"{name}_ratio": median(rates) / raw_rate for name, rates in passes.items()},
+            **{f"{name}_cpu_us_per_page": median(c) for name, c in cpu.items()},
+            "raw_cpu_us_per_page": 1e6 / raw_rate,
+        }
+
+
+# ---- (c) identical guests ---------------------------------------------------------------------
+
+
+def identical_guests(guests: int, guest_bytes: int, periods: int) -> dict[str, Any]:
+    pages = guest_bytes // PAGE_SIZE
+    with in_process_server(guests * guest_bytes + 64 * MiB) as server:
+        rng = np.random.default_rng(11)
+        corpus = rng.integers(0, 256, (8, PAGE_SIZE), np.uint8)
+        image = np.zeros((pages, PAGE_SIZE), np.uint8)  # the guest image all four booted
+        kind = rng.random(pages)
+        image[(kind >= 0.2) & (kind < 0.5)] = corpus[rng.integers(0, 8, pages)][
+            (kind >= 0.2) & (kind < 0.5)
+        ]
+        unique = kind >= 0.5
+        image[unique] = rng.integers(0, 256, (int(unique.sum()), PAGE_SIZE), np.uint8)
+        vms = [add_vm(server, f"g{i}", pages) for i in range(guests)]
+        for vm in vms:
+            server.machine.frames[vm.p2m.frame] = image
+        svc = sharing_service(server)
+        shareable = guests * pages  # every page's content occurs in all four guests
+        found: list[dict[str, Any]] = []
+        for period in range(1, periods + 1):
+            hashed = {vm.vm_id: 0 for vm in vms}
+            while any(h < pages for h in hashed.values()):
+                for vm in vms:  # round robin, as the scanner task does
+                    if hashed[vm.vm_id] < pages:
+                        hashed[vm.vm_id] += svc.scan(vm, 128)
+                        merge_candidates(server, vm)
+            shared = sum(merged_pages(vm.p2m) for vm in vms)
+            found.append(
+                {
+                    "scans": period,
+                    "shared_pages": shared,
+                    "found_fraction": shared / shareable,
+                    "frames_saved": frames_saved([vm.p2m for vm in vms], server.shared),
+                }
+            )
+        # Nothing lost: every page still holds the image.
+        for vm in vms:
+            assert np.array_equal(server.machine.frames[vm.p2m.frame], image)
+        return {
+            "guests": guests,
+            "guest_pages": pages,
+            "shareable_pages": shareable,
+            "after": found,
+        }
+
+
+# ---- (d) one round, by guest size ---------------------------------------------------------
+
+
+class _LowRound:
+    """A daemon with one fully exposed VM and the agent's side of its batches."""
+
+    def __init__(self, guest_bytes: int) -> None:
+        self.pages = guest_bytes // PAGE_SIZE
+        self._ctx = in_process_server(guest_bytes + 64 * MiB)
+        self.server = self._ctx.__enter__()
+        self.vm = add_vm(self.server, "round", self.pages)
+        rng = np.random.default_rng(3)
+        corpus = rng.integers(0, 256, (8, PAGE_SIZE), np.uint8)
+        # Duplicates in the first 64 Ki pages (the rest stays zero): candidates for every round.
+        head = self.vm.p2m.frame[: min(self.pages, 1 << 16)]
+        self.server.machine.frames[head] = corpus[np.arange(len(head)) % 8]
+        self.exposure = ExposureTable(self.pages)
+        self.exposure.install(
+            np.arange(self.pages, dtype=np.int64),
+            self.vm.p2m.frame.copy(),
+            np.ones(self.pages, bool),
+        )
+        self.agent = build_services(
+            self.exposure, Sampler(self.exposure, self.vm.region, TouchLog(self.pages))
+        )
+        self.state = self.server.rounds[self.vm.vm_id]
+        self.times: dict[str, list[float]] = {"round_us": [], "scan_step_us": [], "merge_us": []}
+
+    async def round(self) -> None:
+        server, vm, svc = self.server, self.vm, sharing_service(self.server)
+        sampling = server.services[ServiceType.SAMPLING]
+        assert isinstance(sampling, SamplingService)
+        while svc.pending_work(vm, 0.0) < BATCH:  # background work, timed on its own
+            t0 = time.perf_counter()
+            svc.scan(vm, 128)
+            self.times["scan_step_us"].append((time.perf_counter() - t0) * 1e6)
+        sampling.vms.setdefault(vm.vm_id, sampling._state(vm)).period_end = 0.0  # sample due
+        server.engine.refresh_pending(vm)
+        t0 = time.perf_counter()
+        flags = GET_FLAG_NEW_ROUND
+        batches = 0
+        while True:
+            req = server.engine.get_request(vm, self.state, GetRequest(Priority.LOW, 8000, flags))
+            flags = 0
+            if not req.has_work:
+                break
+            slot = vm.region.slot(req.slot)
+            bpns, status, mpns = slot.batch(req.count)
+            self.agent[ServiceType(req.service)].process(bpns, mpns, status)
+            server.engine.complete(vm, self.state, CompleteRequest(req.slot, req.count, req.seq))
+            batches += 1
+            if req.last:
+                break
+        self.times["round_us"].append((time.perf_counter() - t0) * 1e6)
+        assert batches >= 2, batches  # the sample and a sharing batch
+        t1 = time.perf_counter()
+        if server.tasks:
+            await asyncio.wait(set(server.tasks))
+        self.times["merge_us"].append((time.perf_counter() - t1) * 1e6)
+        # The merged pages are resident now: expose them again so later rounds find work.
+        back = np.flatnonzero(vm.p2m.state == 5)
+        vm.p2m.state[back] = 1
+        self.exposure.install(back, vm.p2m.frame[back], np.zeros(len(back), bool))
+
+    def close(self) -> None:
+        self._ctx.__exit__(None, None, None)
+
+
+async def round_costs(sizes: dict[str, int], reps: int, warmup: int = 5) -> dict[str, Any]:
+    benches = {label: _LowRound(size) for label, size in sizes.items()}
+    try:
+        for _ in range(warmup + reps):
+            for bench in benches.values():
+                await bench.round()
+        return {
+            label: {
+                "guest_pages": b.pages,
+                **{k: median(v[warmup:]) for k, v in b.times.items()},
+                "round_p90_us": quantile(b.times["round_us"][warmup:], 0.9),
+            }
+            for label, b in benches.items()
+        }
+    finally:
+        for bench in benches.values():
+            bench.close()
+
+
+# ---- (e), (f): real daemons ---------------------------------------------------------------
+
+
+async def _ctl(path: Path, op: str, **args: Any) -> dict[str, Any]:
+    client = await RpcClient.connect(str(path))
+    try:
+        return await client.ctl(op, timeout=120, **args)
+    finally:
+        client.close()
+
+
+@contextmanager
+def real_daemons(host: str) -> Any:
+    tmp = Path(tempfile.mkdtemp(prefix="vmb", dir="/tmp"))
+    mem = Path(tempfile.mkdtemp(prefix="vmb-low-", dir="/dev/shm"))
+    d = Daemons(tmp, mem, tmp / "p.sock")
+    try:
+        d.start_platform("--host-memory", host)
+        yield d
+    finally:
+        d.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(mem, ignore_errors=True)
+
+
+FILL = {
+    "name": "fill",
+    "working_set": 1.0,
+    "distribution": "sequential",
+    "write_ratio": 1.0,
+    "content": {"zero": 0.2, "duplicate": 0.5, "unique": 0.3},
+}
+
+
+async def _phase(d: Daemons, names: list[str], phase: dict[str, Any]) -> tuple[float, float]:
+    await asyncio.gather(*(_ctl(d.control_socket(n), "run_phase", phase=phase) for n in names))
+    start = time.monotonic()
+    await asyncio.sleep(phase["duration"])
+    await asyncio.gather(*(_ctl(d.control_socket(n), "halt") for n in names))
+    return start, time.monotonic()
+
+
+async def _overrun_run(vms: int, think_us: float, seconds: float) -> dict[str, Any]:
+    with real_daemons("256MiB") as d:
+        names = [f"v{i}" for i in range(vms)]
+        for name in names:
+            d.start_agent(name, memory="16MiB")
+        await _ctl(d.socket, "set_lowprio", share_scan_period=2.0)
+        await _phase(d, names, {**FILL, "duration": 1.5})
+        run = {
+            "name": "run",
+            "duration": seconds,
+            "working_set": 0.5,
+            "distribution": "uniform",
+            "write_ratio": 0.1,
+            "content": {"zero": 0.2, "duplicate": 0.5, "unique": 0.3},
+            "think_us": think_us,
+        }
+        start, end = await _phase(d, names, run)
+        rounds: list[dict[str, Any]] = []
+        for name in names:
+            summary = await _ctl(d.control_socket(name), "lowprio")
+            rounds += [r for r in summary["rounds"] if start <= r["started"] <= end]
+        worked = [r for r in rounds if r["batches"]]
+        ratio = [r["overrun"] / r["bound"] for r in rounds]
+        cpu_over = [max(0.0, r["cpu"] - r["bound"]) / r["bound"] for r in rounds]
+        return {
+            "vms": vms,
+            "think_us": think_us,
+            "rounds": len(rounds),
+            "rounds_with_batches": len(worked),
+            "bound_ms": median([r["bound"] for r in rounds]) * 1e3,
+            "used_p50_ms": median([r["used"] for r in rounds]) * 1e3,
+            "used_p99_ms": quantile([r["used"] for r in rounds], 0.99) * 1e3,
+            "overrun_p50_fraction": quantile(ratio, 0.5),
+            "overrun_p99_fraction": quantile(ratio, 0.99),
+            "cpu_p50_ms": median([r["cpu"] for r in rounds]) * 1e3,
+            "cpu_p99_ms": quantile([r["cpu"] for r in rounds], 0.99) * 1e3,
+            "cpu_overrun_p99_fraction": quantile(cpu_over, 0.99),
+            "gap_p99_ms": quantile([r["gap"] for r in rounds], 0.99) * 1e3,
+        }
+
+
+async def _sampling_run(sample_pages: int, distribution: str, periods: int) -> dict[str, Any]:
+    period = 0.4
+    with real_daemons("128MiB") as d:
+        d.start_agent("s", memory="64MiB")
+        await _ctl(d.socket, "set_lowprio", sample_period=period, sample_pages=sample_pages)
+        working_set = 0.5 if distribution == "uniform" else 1.0
+        phase = {
+            "name": "steady",
+            "duration": periods * period,
+            "working_set": working_set,
+            "distribution": distribution,
+            "write_ratio": 0.1,
+        }
+        start, end = await _phase(d, ["s"], phase)
+        history = (await _ctl(d.socket, "sampling"))["s"]
+        truth = (await _ctl(d.control_socket("s"), "results"))["sampling"]["truth"]
+        rows = [
+            (p["estimate"], truth[str(p["sample_id"])])
+            for p in history
+            if start <= p["started"]
+            and p["ended"] <= end
+            and p["estimate"] is not None
+            and str(p["sample_id"]) in truth
+        ]
+        errors = [abs(e - t) for e, t in rows[3:]]
+        return {
+            "sample_pages": sample_pages,
+            "distribution": distribution,
+            "periods_measured": len(errors),
+            "truth_median": median([t for _, t in rows[3:]]),
+            "error_median": median(errors),
+            "error_p90": quantile(errors, 0.9),
+            "error_max": max(errors) if errors else float("nan"),
+        }
+
+
+# ---- main -----------------------------------------------------------------------------------
+
+
+def _fmt(x: float, digits: int = 2) -> str:
+    return f"{x:,.{digits}f}"
+
+
+def print_table(res: dict[str, Any]) -> None:
+    m = res["machine"]["pingpong"]
+    print(
+        "machine: ping-pong back to back p50/p99 "
+        f"{_fmt(m['gap_0ms']['p50_us'], 0)}/{_fmt(m['gap_0ms']['p99_us'], 0)} us, "
+        f"after 100 ms idle {_fmt(m['gap_100ms']['p50_us'], 0)}/"
+        f"{_fmt(m['gap_100ms']['p99_us'], 0)} us"
+    )
+    s = res["scan"]
+    print(
+        f"scan: raw xxh3 {_fmt(s['raw_xxh3_pages_per_s'] / 1e6)} M pages/s; scanner first "
+        f"{_fmt(s['first_ratio'])}x, second {_fmt(s['second_ratio'])}x, steady "
+        f"{_fmt(s['steady_ratio'])}x; CPU/page steady {_fmt(s['steady_cpu_us_per_page'])} us "
+        f"(raw {_fmt(s['raw_cpu_us_per_page'])} us)"
+    )
+    for row in res["identical"]["after"]:
+        print(
+            f"identical guests: after {row['scans']} scan(s) {row['found_fraction']:.1%} of "
+            f"shareable pages shared, {row['frames_saved']:,} frames saved"
+        )
+    rc = res["rounds"]
+    small, big = rc["256MiB"], rc["2GiB"]
+    print(
+        f"one round: 256 MiB {_fmt(small['round_us'], 0)} us, 2 GiB {_fmt(big['round_us'], 0)}"
+        f" us, ratio {_fmt(big['round_us'] / small['round_us'])}; scan step "
+        f"{_fmt(big['scan_step_us'] / small['scan_step_us'])}x"
+    )
+    for row in res["overrun"]:
+        print(
+            f"overrun, {row['vms']} VMs, think {row['think_us']:g} us: p99 "
+            f"{row['overrun_p99_fraction']:.1%} of a {_fmt(row['bound_ms'])} ms bound (p50 "
+            f"{row['overrun_p50_fraction']:.1%}); round p50 {_fmt(row['used_p50_ms'])} ms; "
+            f"monitor CPU p50/p99 {_fmt(row['cpu_p50_ms'], 3)}/{_fmt(row['cpu_p99_ms'], 3)} "
+            f"ms, CPU over the bound p99 {row['cpu_overrun_p99_fraction']:.1%}"
+        )
+    for row in res["sampling"]:
+        print(
+            f"sampling {row['sample_pages']} pages, {row['distribution']}: error after 3 "
+            f"periods median {row['error_median']:.1%}, p90 {row['error_p90']:.1%}, max "
+            f"{row['error_max']:.1%} of guest memory ({row['periods_measured']} periods, "
+            f"truth ~{row['truth_median']:.0%})"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", type=Path, help="write every figure as JSON")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions, shorter phases")
+    args = p.parse_args(argv)
+    configure_logging("json", "warning")
+    quick = args.quick
+    res: dict[str, Any] = {"quick": quick, "load_before": os.getloadavg()}
+    res["machine"] = {"pingpong": raw_pingpong([0, 0.1], 400 if quick else 2000)}
+    res["scan"] = scan_rate(256 * MiB, 2 if quick else 5)
+    res["identical"] = identical_guests(4, 64 * MiB, 3)
+    res["rounds"] = asyncio.run(
+        round_costs({"256MiB": 256 * MiB, "2GiB": 2048 * MiB}, 20 if quick else 60)
+    )
+    seconds = 4.0 if quick else 8.0
+    res["overrun"] = [
+        asyncio.run(_overrun_run(vms, think, seconds))
+        for think in (200.0, 0.0)
+        for vms in (1, 4, 8)
+    ]
+    res["sampling"] = [
+        asyncio.run(_sampling_run(n, dist, 10 if quick else 20))
+        for n in (100, 1000)
+        for dist in ("uniform", "zipf")
+    ]
+    res["load_after"] = os.getloadavg()
+    print_table(res)
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
