@@ -52,6 +52,7 @@ class ExposureTable:
         self.frame[idx] = frames
         self.writable[idx] = writable
         self.hidden_frame[idx] = NO_FRAME
+        self.hidden_writable[idx] = False
 
     def invalidate(self, bpns: npt.NDArray[Any]) -> None:
         """Stop exposing pages (they are handed to the platform), hidden mappings included."""
@@ -76,6 +77,7 @@ class ExposureTable:
         self.frame[bpn] = frame
         self.writable[bpn] = self.hidden_writable[bpn]
         self.hidden_frame[bpn] = NO_FRAME
+        self.hidden_writable[bpn] = False
         return True
 
     def mapped_frame(self, idx: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:

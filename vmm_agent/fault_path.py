@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from shared.constants import FaultReason
+from shared.constants import NO_FRAME, FaultReason
 from shared.messages import FAULT_FLAG_WRITABLE, Fault, FaultReply, Message
 
 from .exposure import ExposureTable
@@ -54,11 +54,16 @@ class FaultPath:
     def _on_reply(self, request_id: int, msg: Message) -> None:
         if not isinstance(msg, FaultReply):
             return
-        if len(msg.bpns) == 1:  # the common case, without fancy indexing
+        exposure = self.exposure
+        if len(msg.bpns) == 1 and not exposure.watched[int(msg.bpns[0])]:
+            # The common case, without fancy indexing. A hidden mapping left from before
+            # (the sample hid the old frame while this fault was on the wire) is dropped: the
+            # reply is the page's mapping now.
             bpn = int(msg.bpns[0])
-            self.exposure.frame[bpn] = int(msg.mpns[0])
-            self.exposure.writable[bpn] = bool(msg.flags[0] & FAULT_FLAG_WRITABLE)
-        else:
+            exposure.frame[bpn] = int(msg.mpns[0])
+            exposure.writable[bpn] = bool(msg.flags[0] & FAULT_FLAG_WRITABLE)
+            exposure.hidden_frame[bpn] = NO_FRAME
+        else:  # several pages, or a page armed by the sample while its fault was out
             writable = (msg.flags & FAULT_FLAG_WRITABLE) != 0
             self.exposure.install(msg.bpns, msg.mpns, writable)
         self.pages_mapped += len(msg.bpns)
@@ -78,11 +83,15 @@ class FaultPath:
         without a message.
         """
         exposure = self.exposure
-        if exposure.watched[bpn]:
-            self.on_watched_touch(bpn)
-        if exposure.hidden_frame[bpn] >= 0 and exposure.unhide(bpn):
-            self.soft_faults += 1
-        while not self.is_ready(bpn, write):
+        while True:
+            # Checked on every pass: the sample may arm the page while a fault is out, and
+            # then the reply is installed hidden, for this touch to count and unhide it.
+            if exposure.watched[bpn]:
+                self.on_watched_touch(bpn)
+            if exposure.hidden_frame[bpn] >= 0 and exposure.unhide(bpn):
+                self.soft_faults += 1
+            if self.is_ready(bpn, write):
+                return
             fut = self.pending.get(bpn)
             if fut is not None:
                 await asyncio.wait((fut,))

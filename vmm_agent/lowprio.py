@@ -153,7 +153,10 @@ class LowPriorityLoop:
                     outcome = "bound"
                     break
                 if monitor_turn and self.monitor.has_work():
-                    self.monitor.run(left if platform_done else left / 2)
+                    done = self.monitor.run(left if platform_done else left / 2)
+                    if done == 0 and platform_done:
+                        outcome = "bound"  # not one unit of monitor work fits any more
+                        break
                 elif not platform_done:
                     # The first request of a round always goes (it keeps the estimate below
                     # fresh, and a bound smaller than a round trip must not starve the VM);

@@ -53,19 +53,21 @@ class MonitorQueue:
     def has_work(self) -> bool:
         return any(t.has_work() for t in self.tasks)
 
-    def run(self, seconds: float) -> float:
-        """Work for up to ``seconds``; returns the time used."""
+    def run(self, seconds: float) -> int:
+        """Work for up to ``seconds``; returns the units of work done (0: none fitted)."""
         start = self.clock()
+        total = 0
         for task in self.tasks:
             cost = self.costs[task.name]
             while task.has_work():
                 left = seconds - (self.clock() - start)
                 units = int(left / cost.per_unit) if cost.per_unit > 0 else 1
                 if units < 1:
-                    return self.clock() - start
+                    return total
                 t0 = self.clock()
                 done = task.run(units)
                 cost.record(done, self.clock() - t0)
+                total += done
                 if done == 0:
                     break
-        return self.clock() - start
+        return total
