@@ -34,6 +34,10 @@ class SharedFrames:
     def __init__(self, machine: MachineMemory) -> None:
         self.machine = machine
         self.refs = np.zeros(machine.host_pages, dtype=np.int32)
+        #: The merged frame has had two sharers or more (a new one waits for its partner).
+        self.joined = np.zeros(machine.host_pages, dtype=bool)
+        #: For a new merged frame: the scan pass of its first sharer's VM when it was made.
+        self.born = np.zeros(machine.host_pages, dtype=np.int64)
         self.by_hash: dict[int, int] = {}
         self.hash_of: dict[int, int] = {}
         #: Merged frames currently in use (refs > 0).
@@ -72,6 +76,7 @@ class SharedFrames:
     def create(self, mpn: int, content_hash: int, sharers: int) -> None:
         """Turn the used frame ``mpn`` into a merged frame mapped by ``sharers`` pages."""
         self.refs[mpn] = sharers
+        self.joined[mpn] = sharers >= 2
         self.frames += 1
         self.machine.owner_vm[mpn] = SHARED_OWNER
         self.machine.owner_bpn[mpn] = -1
@@ -84,6 +89,7 @@ class SharedFrames:
 
     def ref(self, mpn: int, n: int = 1) -> None:
         self.refs[mpn] += n
+        self.joined[mpn] = True
 
     def unref(self, mpns: npt.NDArray[Any]) -> None:
         """One sharer of each listed frame (repeats allowed) is gone; free emptied frames."""
@@ -110,6 +116,7 @@ class SharedFrames:
     def move(self, old: int, new: int) -> None:
         """Content and sharers of ``old`` now live in ``new`` (retiring a failing frame)."""
         self.refs[new], self.refs[old] = self.refs[old], 0
+        self.joined[new], self.joined[old] = self.joined[old], False
         self.machine.owner_vm[new] = SHARED_OWNER
         content_hash = self.hash_of.pop(old, None)
         if content_hash is not None:
@@ -118,6 +125,7 @@ class SharedFrames:
 
     def _forget(self, mpn: int) -> None:
         self.frames -= 1
+        self.joined[mpn] = False
         content_hash = self.hash_of.pop(mpn, None)
         if content_hash is not None and self.by_hash.get(content_hash) == mpn:
             del self.by_hash[content_hash]

@@ -504,16 +504,6 @@ def test_three_identical_pages_of_one_vm_share_one_frame(h: Harness) -> None:
     assert vm.p2m.flags[31] == 0 and h.read(vm, 31) == content(4).tobytes()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "page_sharing.py PageSharingService.scan: _unshare_singletons runs over the whole "
-        "window before _classify, so the merged frame a pair's first page just created (one "
-        "sharer, waiting for its partner) is made private again before the partner, which "
-        "is registered in the unstable table and only joins through the merged-frame table, "
-        "is classified; a pair within one VM flips between private and singleton forever"
-    ),
-)
 @pytest.mark.timeout(30)
 def test_a_pair_of_identical_pages_in_one_vm_shares_one_frame(h: Harness) -> None:
     """Two identical pages of one VM (and no third) end up sharing one frame, like a pair
@@ -525,6 +515,29 @@ def test_a_pair_of_identical_pages_in_one_vm_shares_one_frame(h: Harness) -> Non
     assert vm.p2m.frame[0] == vm.p2m.frame[1]
     assert h.shared.refs[int(vm.p2m.frame[0])] == 2
     assert merged_pages(vm.p2m) == 2
+
+
+@pytest.mark.timeout(30)
+def test_new_merged_frame_whose_partner_never_joins_goes_private_again(h: Harness) -> None:
+    """A pair is found, but the partner is written before it joins: the first page is left a
+    merged frame of one. It waits a whole pass of the hand for company (its partner joins
+    when its own round comes), then the hand makes it private again, bytes intact, so swap
+    may take it."""
+    vm = h.add_vm()
+    x = content(21)
+    h.back(vm, {0: x, 1: x} | {b: content(700 + b) for b in range(2, 8)})
+    h.scan_all(vm)  # first hints
+    h.scan_all(vm)  # 1 pairs with 0: both queued
+    h.write(vm, 0, content(22))  # the partner changes before the round
+    h.release_candidates(vm)
+    alone = int(vm.p2m.frame[1])
+    assert h.shared.refs[alone] == 1 and vm.p2m.flags[1] == FLAG_SHARED | FLAG_MERGED
+    h.scan_all(vm)  # one pass later it still waits
+    assert vm.p2m.flags[1] == FLAG_SHARED | FLAG_MERGED
+    h.scan_all(vm)
+    h.scan_all(vm)
+    assert vm.p2m.flags[1] == 0 and h.shared.refs[alone] == 0 and h.shared.frames == 0
+    assert vm.p2m.frame[1] == alone and h.read(vm, 1) == x.tobytes()
 
 
 @pytest.mark.timeout(30)
@@ -579,16 +592,6 @@ def test_page_whose_content_changes_every_pass_is_never_a_candidate(h: Harness) 
     assert h.read(vm, 0) == x.tobytes() and h.read(vm, 2) == u.tobytes()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "page_sharing.py PageSharingService._classify: the unstable-table entry of a page "
-        "whose content changed stays in the table (only st.registered is cleared); when the "
-        "content changes back, the page finds its own stale entry, _still_there() accepts it, "
-        "and the unique page becomes a candidate paired with itself (and is then merged into "
-        "a one-sharer frame, unshared, and picked again every other pass)"
-    ),
-)
 @pytest.mark.timeout(30)
 def test_unique_page_whose_content_comes_back_is_not_paired_with_itself(h: Harness) -> None:
     """A unique page whose content changes and then changes back (A, B, A) is still unique:
@@ -621,9 +624,9 @@ def test_page_changed_between_scan_and_merge_stays_private(h: Harness) -> None:
     m = merged_frame(h, vm, [40, 41, 42], y)
     own = dict(zip([0, 1, 2, 3], h.back(vm, {0: ZERO, 1: x, 2: x, 3: y}).tolist(), strict=True))
     h.scan_all(vm)  # 0 (zero) and 3 (matches m) are candidates
-    h.scan_all(vm)  # 2 pairs with 1 in the unstable table
+    h.scan_all(vm)  # 2 pairs with 1 in the unstable table, and 1 is queued to join it
     sel = h.svc.select_work(vm, SLOT_CAPACITY, SLOT_CAPACITY, h.clock())
-    assert sel.bpns.tolist() == [0, 2, 3]
+    assert sel.bpns.tolist() == [0, 1, 2, 3]
     new = {b: content(900 + b) for b in (0, 2, 3)}
     for b, data in new.items():
         h.write(vm, b, data)  # the guest still maps the pages: it writes them
@@ -635,11 +638,15 @@ def test_page_changed_between_scan_and_merge_stays_private(h: Harness) -> None:
         assert vm.p2m.state[b] == PageState.RESIDENT
         assert h.read(vm, b) == data.tobytes()
     assert h.frame_state(list(own.values())) == [FrameState.USED] * 4
-    assert h.shared.refs[m] == 3 and h.shared.frames == 1
+    assert h.shared.refs[m] == 3
     assert h.frame_bytes(m) == y.tobytes()
     assert h.frame_bytes(h.machine.zero_frame[0]) == bytes(PAGE_SIZE)
     assert h.merges("unchanged") == 3
-    assert merged_pages(vm.p2m) == 3
+    # Page 1, unchanged, became a new merged frame of its own, waiting for its partner; its
+    # bytes are still x, and it owns the same frame.
+    assert vm.p2m.frame[1] == own[1] and h.read(vm, 1) == x.tobytes()
+    assert h.shared.refs[own[1]] == 1 and h.shared.frames == 2
+    assert merged_pages(vm.p2m) == 4
     # The next touch maps the page's own frame writable again.
     reply = h.resolver.try_resolve(vm, 2, write=True, around=0)
     assert reply.reason == FaultReason.REMAP

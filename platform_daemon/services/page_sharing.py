@@ -81,6 +81,7 @@ class _VMScan:
     # The page is the unstable table's entry for its (unchanged) hint: nothing to look up.
     registered: npt.NDArray[np.bool_]
     hand: int = 0
+    passes: int = 0  # times the hand went round
     tokens: float = 0.0
     last: float | None = None
     candidates: list[int] = field(default_factory=list)  # BPNs to hand to the VMM
@@ -159,10 +160,13 @@ class PageSharingService(LowPriorityService):
             st.hint[eligible[:hashed]] = hashes
             st.hinted[eligible[:hashed]] = True
         # Continue after the last page hashed, or after the window when it ran out.
+        old_hand = st.hand
         if hashed == len(eligible) and len(eligible) < budget:
             st.hand = int((window[-1] + 1) % n)
         elif hashed:
             st.hand = int((eligible[hashed - 1] + 1) % n)
+        if st.hand <= old_hand and (hashed or len(window)):
+            st.passes += 1
         st.tokens -= max(hashed, 1)
         vm.stats.sharing_scanned += hashed
         self.ctx.metrics.sharing_scanned.inc(hashed)
@@ -224,21 +228,32 @@ class PageSharingService(LowPriorityService):
         unstable, base = self.unstable, vm.vm_id << 32
         for i in np.flatnonzero(steady & ~registered).tolist():
             h, bpn = hashed[i], int(bpns[i])
+            key = base | bpn
             other = unstable.get(h)
+            if other == key:  # its own entry, left from before its content changed and back
+                st.registered[bpn] = True
+                continue
             if other is not None and self._still_there(other, h):
                 found.append(i)
+                self._queue_partner(other)  # both merge soon: this one first, then it joins
                 continue
             if other is not None:
                 self._unregister(other)  # its page changed or left: this one takes over
             elif len(unstable) >= UNSTABLE_LIMIT:
                 self._flush_unstable()
-            unstable[h] = base | bpn
+            unstable[h] = key
             st.registered[bpn] = True
         picked = np.array(sorted(found), dtype=np.int64)
         if len(picked) > capacity:  # the rest is hashed again when the hand comes back
             picked = picked[:capacity]
             hashes = hashes[: picked[-1] + 1]
         return hashes, picked
+
+    def _queue_partner(self, key: int) -> None:
+        """Make the unstable entry's page a candidate of its own VM, to join the new frame."""
+        st = self.scans.get(key >> 32)
+        if st is not None and len(st.candidates) < MAX_CANDIDATES:
+            st.candidates.append(key & 0xFFFFFFFF)
 
     def _unregister(self, key: int) -> None:
         st = self.scans.get(key >> 32)
@@ -270,7 +285,12 @@ class PageSharingService(LowPriorityService):
         if len(merged) == 0:
             return
         shared, p2m = self.ctx.shared, vm.p2m
-        alone = merged[shared.refs[p2m.frame[merged]] == 1]
+        frames = p2m.frame[merged]
+        # A frame that had company, or a new one whose partner did not join within a whole
+        # pass: a new frame gets that long, since its partner joins when its round comes.
+        st = self._scan_state(vm)
+        waited = st.passes - shared.born[frames] >= 2
+        alone = merged[(shared.refs[frames] == 1) & (shared.joined[frames] | waited)]
         for bpn in alone.tolist():
             shared.make_private(int(p2m.frame[bpn]), vm.vm_id, bpn)
         p2m.flags[alone] = 0
@@ -320,6 +340,7 @@ class PageSharingService(LowPriorityService):
                     shared.ref(other)
             elif st.hinted[bpn] and int(st.hint[bpn]) == h:
                 shared.create(mpn, h, 1)  # the first of its content: the partner joins it
+                shared.born[mpn] = st.passes
                 created[i] = True
         joined = targets >= 0
         p2m.frame[bpns[joined]] = targets[joined]
