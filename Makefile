@@ -30,6 +30,7 @@ test: lint typecheck pytest
 bench: $(STAMP)
 	$(BIN)/python benchmarks/fault_rtt.py
 	$(BIN)/python benchmarks/swap.py
+	$(BIN)/python benchmarks/lowprio.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
