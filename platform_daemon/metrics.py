@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from shared.constants import ServiceType
@@ -192,7 +192,7 @@ class StateCollector(Collector):
     def __init__(self, server_ref: Callable[[], PlatformServer | None]) -> None:
         self._server_ref = server_ref
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         server = self._server_ref()
         if server is None:
             return
@@ -238,6 +238,7 @@ class StateCollector(Collector):
                     default=0.0,
                 ),
             )
+        yield from _lowprio_families(server)
         swap = server.swap
         if swap is not None:
             yield GaugeMetricFamily(
@@ -246,3 +247,56 @@ class StateCollector(Collector):
             yield GaugeMetricFamily(
                 "vmmem_swap_size_pages", "Swap slots in the swap file", value=swap.slots
             )
+
+
+def _lowprio_families(server: PlatformServer) -> Iterator[Metric]:
+    """Per-VM working-set estimates, page sharing and low-priority cost models; host sharing."""
+    from .services.sampling import SamplingService
+    from .shared_frames import frames_saved, merged_pages
+
+    vms = list(server.vms.values())
+    sampling = server.services.get(ServiceType.SAMPLING)
+    wss = GaugeMetricFamily(
+        "vmmem_wss_estimate_pages",
+        "Working-set estimate from sampling (max of slow, fast and current), in pages",
+        labels=["vm"],
+    )
+    shared = GaugeMetricFamily(
+        "vmmem_vm_shared_pages", "Pages of the VM that page sharing merged", labels=["vm"]
+    )
+    cow = CounterMetricFamily(
+        "vmmem_vm_cow_breaks", "Writes that broke a merge (copy-on-write)", labels=["vm"]
+    )
+    scanned = CounterMetricFamily(
+        "vmmem_vm_sharing_scanned_pages",
+        "Pages of the VM hashed by the sharing scan",
+        labels=["vm"],
+    )
+    cost = GaugeMetricFamily(
+        "vmmem_lowprio_cost_per_page_seconds",
+        "Moving average of a low-priority type's cost per unit of work, per VM",
+        labels=["vm", "service"],
+    )
+    for vm in vms:
+        if isinstance(sampling, SamplingService):
+            fraction = sampling.estimate_fraction(vm)
+            if fraction is not None:
+                wss.add_metric([vm.name], fraction * vm.guest_pages)
+        shared.add_metric([vm.name], merged_pages(vm.p2m))
+        cow.add_metric([vm.name], vm.stats.cow_breaks)
+        scanned.add_metric([vm.name], vm.stats.sharing_scanned)
+        state = server.rounds.get(vm.vm_id)
+        if state is not None:
+            for service, model in list(state.low.costs.items()):
+                cost.add_metric([vm.name, service.name.lower()], model.per_unit)
+    yield from (wss, shared, cow, scanned, cost)
+    yield GaugeMetricFamily(
+        "vmmem_sharing_merged_frames",
+        "Frames page sharing merged pages into",
+        value=server.shared.frames,
+    )
+    yield GaugeMetricFamily(
+        "vmmem_sharing_frames_saved",
+        "Frames page sharing saves host-wide (merged pages minus merged frames)",
+        value=frames_saved([vm.p2m for vm in vms], server.shared),
+    )

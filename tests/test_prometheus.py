@@ -200,6 +200,13 @@ def test_exporters_pass_promtool_check_metrics(short_tmp: Path, mem_dir: Path) -
         "vmmem_platform_fault_service_seconds_bucket",
         "vmmem_platform_fault_service_seconds_count",
         "vmmem_registered_vms",
+        "vmmem_vm_shared_pages",
+        "vmmem_vm_cow_breaks_total",
+        "vmmem_sharing_frames_saved",
+        "vmmem_sharing_merged_frames",
+        "vmmem_wss_estimate_pages",
+        "vmmem_platform_lowprio_rounds_total",
+        "vmmem_lowprio_cost_per_page_seconds",
     ):
         assert name in plat, f"platform exporter lacks {name}"
     assert sum(v for _, v in plat["vmmem_host_memory_pages"]) == HOST_PAGES
@@ -214,6 +221,12 @@ def test_exporters_pass_promtool_check_metrics(short_tmp: Path, mem_dir: Path) -
         "vmmem_guest_verify_mismatches_total",
         "vmmem_guest_faults_total",
         "vmmem_guest_accesses_total",
+        "vmmem_vmm_lowprio_rounds_total",
+        "vmmem_vmm_lowprio_round_seconds_bucket",
+        "vmmem_vmm_lowprio_overrun_ratio_bucket",
+        "vmmem_vmm_lowprio_progress_gap_seconds_bucket",
+        "vmmem_vmm_lowprio_bound_seconds",
+        "vmmem_vmm_sample_pages",
     ):
         assert name in agent, f"agent exporter lacks {name}"
     [(labels, verified)] = agent["vmmem_guest_pages_verified_total"]

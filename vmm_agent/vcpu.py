@@ -112,6 +112,7 @@ class VCpu:
                         continue
                     last_fault = bpn
                     since_yield = 0
+                    self.progress.last_progress = time.monotonic()
                     if gate.closed:  # the monitor exited the guest while we waited
                         await gate.wait_open()
                     if stop.is_set():
