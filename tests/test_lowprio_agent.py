@@ -44,7 +44,7 @@ from vmm_agent.batches import BatchProcessor
 from vmm_agent.exposure import ExposureTable
 from vmm_agent.fault_path import FaultPath
 from vmm_agent.guest_time import GuestGate, GuestProgress, ProgressMeter
-from vmm_agent.lowprio import MIN_PROGRESS, LowPriorityLoop, RoundRecord
+from vmm_agent.lowprio import MIN_PROGRESS, RTT_WINDOW, LowPriorityLoop, RoundRecord
 from vmm_agent.monitor import MonitorQueue, MonitorTask, TaskCost
 from vmm_agent.rounds import HighPriorityLoop
 from vmm_agent.sampler import Sampler
@@ -772,16 +772,35 @@ class LowLink:
 
 
 class RecordingBatches:
-    """A BatchProcessor stand-in: records the requests it is handed."""
+    """A BatchProcessor stand-in: records the requests it is handed. The hooks run with
+    each request, then the clock advances by ``cost`` (the batch's processing time)."""
 
-    def __init__(self, log: list[str]) -> None:
+    def __init__(self, log: list[str], clock: FakeClock) -> None:
         self.log = log
+        self.clock = clock
+        self.cost = 0.0
         self.processed: list[Request] = []
+        self.hooks: list[Callable[[Request], None]] = []
 
     def process(self, req: Request) -> int:
         self.processed.append(req)
         self.log.append("batch")
+        for hook in self.hooks:
+            hook(req)
+        self.clock.advance(self.cost)
         return req.count
+
+
+class CountingGate(GuestGate):
+    """A GuestGate that counts how often it was closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closes = 0
+
+    def close(self) -> None:
+        self.closes += 1
+        super().close()
 
 
 class RecordingMonitor(MonitorQueue):
@@ -792,11 +811,11 @@ class RecordingMonitor(MonitorQueue):
         self.fake_clock = clock
         self.turns: list[tuple[float, float, float]] = []
 
-    def run(self, seconds: float) -> float:
+    def run(self, seconds: float) -> int:
         start = self.fake_clock.now
-        used = super().run(seconds)
+        done = super().run(seconds)
         self.turns.append((start, seconds, self.fake_clock.now - start))
-        return used
+        return done
 
 
 class Rig:
@@ -819,7 +838,7 @@ class Rig:
         self.touches = TouchLog(GUEST_PAGES)
         self.sampler = Sampler(self.exposure, self.region, self.touches)
         self.link = LowLink(self.clock, script, self.log)
-        self.recorder = RecordingBatches(self.log)
+        self.recorder = RecordingBatches(self.log, self.clock)
         real = BatchProcessor(
             self.link,  # type: ignore[arg-type]
             self.region,
@@ -835,7 +854,7 @@ class Rig:
             self.batches,
             poll_interval=0.05,
         )
-        self.gate = GuestGate()
+        self.gate = CountingGate()
         self.progress = GuestProgress(self.clock)
         self.loop = LowPriorityLoop(
             self.link,  # type: ignore[arg-type]
@@ -862,7 +881,8 @@ class Rig:
         return await self.loop.tick(self.clock.now)
 
     def sent_at(self) -> list[float]:
-        """When each GetRequest was sent, relative to the last round's start."""
+        """When each GetRequest was sent, relative to the last round's start (the first
+        request of a round goes before it starts: negative)."""
         started = self.loop.records[-1].started
         return [t - started for _, t in self.link.gets]
 
@@ -904,14 +924,21 @@ async def test_tick_with_no_low_priority_work_sends_nothing() -> None:
 
 @pytest.mark.timeout(10)
 async def test_monitor_work_alone_starts_a_round() -> None:
-    """Monitor work with no low bit set is enough for a round: the monitor gets its turn
-    (and the platform is asked once whether it has anything)."""
-    rig = Rig()
+    """Monitor work with no low bit set is enough for a round: the guest is exited and the
+    monitor gets its turn, and with no low bit the platform is not asked at all."""
+    rig = Rig([(work(), 1 * MS)])
     task = rig.add_task(FakeTask("arm", rig.clock, 10 * US, 20))
+    task.on_run.append(lambda: rig.log.append(f"closed={rig.gate.closed}"))
+    assert rig.region.pending & LOW_PRIORITY_MASK == 0
     record = await rig.tick()
     assert record is not None and record.outcome == "done"
     assert task.work == 0
-    assert len(rig.link.gets) == 1
+    assert rig.link.gets == [], "a GetRequest went out with no low-priority bit set"
+    assert rig.recorder.processed == []
+    assert "closed=True" in rig.log and "closed=False" not in rig.log
+    assert rig.gate.closes == 1 and not rig.gate.closed
+    assert (record.batches, record.pages) == (0, 0)
+    assert record.used == pytest.approx(20 * 10 * US)
 
 
 @pytest.mark.timeout(10)
@@ -935,7 +962,7 @@ async def test_stalled_guest_gets_no_round() -> None:
 async def test_half_stalled_guest_gets_half_the_bound() -> None:
     """A guest stalled for half of the last tick gets half the bound: the round's bound and
     the first GetRequest's ``budget_us`` are half of the full bound."""
-    rig = Rig([(end(), 0.1 * MS)])
+    rig = Rig([(work(flags=REQUEST_FLAG_LAST), 0.1 * MS)])
     rig.region.pending = low_bit()
     rig.progress.vcpu_started()
     rig.progress.wait_begins()
@@ -943,12 +970,14 @@ async def test_half_stalled_guest_gets_half_the_bound() -> None:
     rig.progress.wait_ends()
     rig.clock.advance(0.05)
     record = await rig.tick()
-    assert record is not None
+    assert record is not None and record.outcome == "done"
     full = bound_for(0)
     assert rig.loop.bound == full
     assert record.bound == pytest.approx(full / 2)
     assert rig.loop.last_bound == pytest.approx(full / 2)
+    assert len(rig.link.gets) == 1
     msg, _ = rig.link.gets[0]
+    assert msg.flags == GET_FLAG_NEW_ROUND
     assert abs(msg.budget_us - full / 2 * 1e6) <= 1
 
 
@@ -1004,77 +1033,99 @@ async def test_high_priority_arriving_mid_round_ends_it_before_the_next_get_requ
     [
         [1.5 * MS] * 20,
         [0.3 * MS, 2.5 * MS, 0.1 * MS, 3 * MS, 1 * MS, 4 * MS] + [1 * MS] * 10,
-        [9 * MS] + [1 * MS] * 10,
+        [9 * MS] + [1.1 * MS] * 10,
+        [0.5 * MS] + [1 * MS] * 7 + [4 * MS] + [1 * MS] * 5,
     ],
-    ids=["even", "uneven", "first_overruns"],
+    ids=["even", "uneven", "first_slow", "last_overruns"],
 )
 async def test_no_get_request_after_the_bound_and_overrun_at_most_one_batch(
     costs: list[float],
 ) -> None:
     """With every exchange advancing the clock, the loop sends GetRequests only while time
     is left, ends "bound", and overruns by at most the last batch's cost. The first
-    GetRequest carries GET_FLAG_NEW_ROUND and the whole bound; each one's ``budget_us`` is
-    the time left when it is sent; later ones carry no flag."""
+    GetRequest (GET_FLAG_NEW_ROUND, the whole bound) goes before the bound starts, so its
+    round trip is not counted, however long (``first_slow``); the bound starts when its
+    answer arrives. Each later one carries no flag and the time left when it is sent."""
     rig = Rig([(work(seq=i), c) for i, c in enumerate(costs, start=1)])
     rig.region.pending = low_bit()
     bound = rig.loop.bound
+    t0 = rig.clock.now
     record = await rig.tick()
     assert record is not None and record.outcome == "bound"
+    assert record.started == pytest.approx(t0 + costs[0]), "the bound did not start at the answer"
     sent = rig.sent_at()
     n = len(sent)
-    assert n == len(rig.recorder.processed) < len(costs)
-    assert all(t < bound for t in sent), f"GetRequest sent with no time left: {sent}"
-    assert sum(costs[: n - 1]) < bound <= sum(costs[:n]) + EPS
-    assert record.used == pytest.approx(sum(costs[:n]))
+    assert 2 <= n == len(rig.recorder.processed) < len(costs)
+    assert sent[0] == pytest.approx(-costs[0]), "the first GetRequest was not sent before the bound"
+    later = sent[1:]
+    assert all(0 <= t < bound for t in later), f"GetRequest sent with no time left: {later}"
+    assert sum(costs[1 : n - 1]) < bound <= sum(costs[1:n]) + EPS
+    assert record.used == pytest.approx(sum(costs[1:n]))
     assert 0 <= record.overrun <= costs[n - 1] + EPS
     msgs = [m for m, _ in rig.link.gets]
     assert msgs[0].flags == GET_FLAG_NEW_ROUND and msgs[0].budget_us == round(bound * 1e6)
     assert all(m.flags == 0 for m in msgs[1:])
-    for m, t in zip(msgs, sent, strict=True):
+    for m, t in zip(msgs[1:], later, strict=True):
         assert abs(m.budget_us - (bound - t) * 1e6) <= 1
 
 
 @pytest.mark.timeout(10)
-async def test_no_get_request_when_the_time_left_is_exactly_zero() -> None:
-    """Batches that use the bound exactly (left == 0): no further GetRequest."""
+@pytest.mark.parametrize("last", [False, True], ids=["more_work", "last_batch"])
+async def test_no_get_request_when_the_time_left_is_exactly_zero(last: bool) -> None:
+    """Batches after the first that use the bound exactly (left == 0): no further
+    GetRequest, even though no round trip has been measured yet (``rtt()`` is 0). The
+    bound is checked before "done": a round whose last batch (REQUEST_FLAG_LAST) used up
+    the bound ends "bound" too."""
     half = bound_for(0) / 2  # 0.004 + 0.004 == 0.008 exactly in binary
-    rig = Rig([(work(seq=1), half), (work(seq=2), half), (work(seq=3), half)])
+    flags = [0, 0, REQUEST_FLAG_LAST if last else 0, 0]
+    rig = Rig([(work(seq=i, flags=f), half) for i, f in enumerate(flags, start=1)])
     rig.region.pending = low_bit()
     record = await rig.tick()
     assert record is not None
+    assert rig.loop.rtt() == 0.0
+    assert record.started == half  # the first exchange is before the bound
     assert record.used == rig.loop.bound and record.overrun == 0.0
-    assert len(rig.link.gets) == 2
+    assert len(rig.link.gets) == 3
+    assert [r.seq for r in rig.recorder.processed] == [1, 2, 3]
     assert record.outcome == "bound"
 
 
 @pytest.mark.timeout(10)
 async def test_no_get_request_after_a_monitor_turn_used_the_bound() -> None:
     """A monitor turn that overruns (its cost estimate was far too low) uses up the bound
-    before the platform was asked: the round ends "bound" without any GetRequest."""
-    rig = Rig([(work(), 1 * MS)])
+    before the platform was asked again: the round ends "bound" after the first batch
+    without a further GetRequest, though the platform still has work."""
+    rig = Rig([(work(seq=1), 1 * MS), (work(seq=2), 1 * MS)])
+    rig.region.pending = low_bit()
     rig.add_task(FakeTask("slow", rig.clock, 50 * US, 10_000))  # estimate: 2 µs per unit
     record = await rig.tick()
     assert record is not None and record.outcome == "bound"
-    assert rig.link.gets == []
+    assert len(rig.link.gets) == 1
+    assert [r.seq for r in rig.recorder.processed] == [1]
+    assert len(rig.monitor.turns) == 1
     assert record.used > rig.loop.bound
 
 
 @pytest.mark.timeout(10)
 async def test_later_get_requests_need_an_empty_round_trip_to_fit() -> None:
-    """The agent learns an empty round trip from "round over" answers (less the daemon's
-    own time they carry) and asks again only while that much is left; the first request of
-    a round always goes."""
-    rig = Rig([(end(daemon_us=400), 1 * MS)])  # round trip 1 ms, 0.4 ms of it the daemon's
+    """The agent learns an empty round trip from "round over" answers within a round (less
+    the daemon's own time they carry) and asks again within a round only while that much is
+    left. The first request of a round always goes, before the bound starts, so a bound
+    smaller than a round trip still gets one batch (and no second request)."""
+    # Round trip 1 ms, 0.4 ms of it the daemon's, learned in a round's second exchange.
+    rig = Rig([(work(seq=30), 0.1 * MS), (end(daemon_us=400), 1 * MS)])
     rig.region.pending = low_bit()
-    first = await rig.tick()
-    assert first is not None and first.outcome == "done"
+    learning = await rig.tick()
+    assert learning is not None and learning.outcome == "done"
     assert rig.loop.rtt() == pytest.approx(0.6 * MS)
-    # 2.5 ms per batch: sent at 0, 2.5, 5; at 7.5 only 0.5 ms is left (< 0.6 ms).
+    # 2.5 ms per batch: the first before the bound, then sent at 0, 2.5, 5; at 7.5 only
+    # 0.5 ms is left (< 0.6 ms).
     rig.link.script = [(work(seq=i), 2.5 * MS) for i in range(1, 10)]
     rig.link.gets.clear()
     second = await rig.tick()
     assert second is not None and second.outcome == "bound"
-    assert len(rig.link.gets) == 3
+    assert len(rig.link.gets) == 4
+    assert rig.sent_at()[1:] == pytest.approx([0.0, 2.5 * MS, 5 * MS])
     assert second.used == pytest.approx(7.5 * MS) and second.overrun == 0.0
 
     # A bound smaller than a round trip (0.5 ms < 0.6 ms) still gets its first request.
@@ -1085,6 +1136,116 @@ async def test_later_get_requests_need_an_empty_round_trip_to_fit() -> None:
     assert third is not None and third.outcome == "bound"
     assert len(rig.link.gets) == 1
     assert rig.link.gets[0][0].budget_us == 500
+    assert rig.recorder.processed[-1].seq == 20
+    assert third.used == 0.0
+
+
+@pytest.mark.timeout(10)
+async def test_first_exchange_is_made_with_the_gate_open_and_not_counted_in_used() -> None:
+    """The first GetRequest (GET_FLAG_NEW_ROUND, the whole bound) is on the wire while the
+    guest runs: the gate is open during it and closed only once its answer is in. Its round
+    trip, here far longer than the bound, is not part of the round: the bound starts at the
+    answer, the first batch is processed within it, and ``used`` is that processing only."""
+    rig = Rig([(work(seq=1, count=5, flags=REQUEST_FLAG_LAST), 50 * MS)])
+    rig.recorder.cost = 1 * MS
+    gate_at: list[tuple[str, bool]] = []
+    rig.link.hooks.append(lambda n: gate_at.append((f"get {n}", rig.gate.closed)))
+    rig.recorder.hooks.append(lambda r: gate_at.append((f"batch {r.seq}", rig.gate.closed)))
+    rig.region.pending = low_bit()
+    bound = rig.loop.bound
+    record = await rig.tick()
+    assert record is not None
+    assert gate_at == [("get 1", False), ("batch 1", True)]
+    assert rig.gate.closes == 1 and not rig.gate.closed
+    msg, sent = rig.link.gets[0]
+    assert (msg.flags, msg.budget_us, sent) == (GET_FLAG_NEW_ROUND, round(bound * 1e6), 0.0)
+    assert record.started == pytest.approx(50 * MS)
+    assert record.used == pytest.approx(1 * MS), "the first exchange was counted in the bound"
+    assert record.outcome == "done" and record.overrun == 0.0
+    assert (record.batches, record.pages) == (1, 5)
+    assert [r.seq for r in rig.recorder.processed] == [1]
+    assert rig.loop.time_used == pytest.approx(1 * MS)
+
+
+@pytest.mark.timeout(10)
+async def test_empty_first_answer_with_no_monitor_work_is_an_empty_tick() -> None:
+    """A low bit in the pending word but "round over" as the first answer, and no monitor
+    work: the tick is "empty": ``round`` returns None, no record, no ``on_round`` call, the
+    gate never closed, no time used. That round trip is not learned: the guest ran during it,
+    on the same event loop. The same answer with monitor work queued still runs a round, the
+    monitor's."""
+    rig = Rig([(end(daemon_us=50), 0.3 * MS)])
+    seen: list[RoundRecord] = []
+    rig.loop.on_round.append(seen.append)
+    rig.region.pending = low_bit()
+    assert await rig.tick() is None
+    assert rig.loop.outcomes == {"empty": 1}
+    assert len(rig.link.gets) == 1 and rig.link.gets[0][0].flags == GET_FLAG_NEW_ROUND
+    assert rig.loop.rtt() == 0.0
+
+    rig.link.script = [(end(), 0.1 * MS)]
+    assert await rig.loop.round(rig.loop.bound) is None
+    assert rig.loop.outcomes == {"empty": 2}
+    assert len(rig.link.gets) == 2
+    assert list(rig.loop.records) == [] and seen == []
+    assert rig.gate.closes == 0 and not rig.gate.closed
+    assert rig.loop.time_used == 0.0 and rig.recorder.processed == []
+
+    task = rig.add_task(FakeTask("arm", rig.clock, 10 * US, 5))
+    rig.link.script = [(end(), 0.1 * MS)]
+    record = await rig.tick()
+    assert record is not None and record.outcome == "done"
+    assert task.work == 0 and (record.batches, record.pages) == (0, 0)
+    assert len(rig.link.gets) == 3 and rig.gate.closes == 1
+    assert rig.loop.outcomes == {"empty": 2, "done": 1}
+
+
+@pytest.mark.timeout(10)
+async def test_rtt_is_the_longest_recent_empty_round_trip() -> None:
+    """``rtt()`` is the longest of the last RTT_WINDOW empty round trips (0 before any), and
+    a later GetRequest is refused when less than that is left, even where the median would
+    fit; with at least that much left it goes. An old long round trip ages out."""
+    rig = Rig()
+    rig.region.pending = low_bit()
+    assert rig.loop.rtt() == 0.0
+
+    async def learn(cost: float) -> None:
+        """A round whose second exchange is an empty one costing ``cost``."""
+        rig.link.script = [(work(seq=99), 0.1 * MS), (end(), cost)]
+        record = await rig.tick()
+        assert record is not None and record.outcome == "done"
+
+    for cost in (0.2 * MS, 1.5 * MS, 0.3 * MS):
+        await learn(cost)
+    assert rig.loop.rtt() == pytest.approx(1.5 * MS)  # the median is 0.3 ms
+
+    # After the first batch, a 7 ms one: 1 ms left, enough for the median, not the longest.
+    rig.link.script = [(work(seq=1), 0.1 * MS), (work(seq=2), 7 * MS), (work(seq=3), 0.1 * MS)]
+    rig.link.gets.clear()
+    record = await rig.tick()
+    assert record is not None and record.outcome == "bound"
+    assert len(rig.link.gets) == 2, "a GetRequest went with less left than the longest trip"
+    assert record.used == pytest.approx(7 * MS)
+
+    # A 6 ms one: 2 ms left, more than the longest: the next exchange goes.
+    last = work(seq=6, flags=REQUEST_FLAG_LAST)
+    rig.link.script = [(work(seq=4), 0.1 * MS), (work(seq=5), 6 * MS), (last, 0.1 * MS)]
+    rig.link.gets.clear()
+    record = await rig.tick()
+    assert record is not None and record.outcome == "done"
+    assert len(rig.link.gets) == 3
+    assert rig.loop.rtt() == pytest.approx(1.5 * MS)
+
+    # Window: 0.2, 1.5, 0.3; RTT_WINDOW - 2 more push out the 0.2 ms one, one more the 1.5.
+    for _ in range(RTT_WINDOW - 2):
+        await learn(0.1 * MS)
+    assert rig.loop.rtt() == pytest.approx(1.5 * MS)
+    await learn(0.1 * MS)
+    assert rig.loop.rtt() == pytest.approx(0.3 * MS)
+    # An empty first answer (the guest ran meanwhile) teaches nothing.
+    rig.link.script = [(end(), 5 * MS)]
+    assert await rig.tick() is None
+    assert rig.loop.rtt() == pytest.approx(0.3 * MS)
 
 
 @pytest.mark.timeout(10)
@@ -1111,22 +1272,30 @@ async def test_request_flagged_last_ends_the_platform_side_without_another_get()
 
 @pytest.mark.timeout(10)
 async def test_round_interleaves_monitor_turns_and_platform_batches() -> None:
-    """Monitor work and platform batches share the round in turns (monitor, batch, monitor,
-    batch, ...); while the platform still has work a monitor turn is given exactly half of
-    the time left and uses no more; once the platform is done the monitor gets all of it."""
+    """Monitor work and platform batches share the round in turns: the first batch (asked
+    for before the round) is processed at once, then monitor, batch, monitor, batch, ...;
+    while the platform still has work a monitor turn is given exactly half of the time left
+    and uses no more; once the platform is done the monitor gets all of it."""
     clock = FakeClock()
-    rig = Rig([(work(seq=1), 0.5 * MS), (end(), 0.5 * MS)], clock=clock)
+    script = [(work(seq=1), 0.5 * MS), (work(seq=2), 0.5 * MS), (end(), 0.5 * MS)]
+    rig = Rig(script, clock=clock)
     task = rig.add_task(FakeTask("monitor", clock, 10 * US, 600, rig.log), per_unit=10 * US)
     rig.region.pending = low_bit()
     bound = rig.loop.bound
     record = await rig.tick()
     assert record is not None and record.outcome == "done"
     assert task.work == 0
+    assert (record.batches, record.pages) == (2, 8)
     log = rig.log
     turns_in_order = [e for i, e in enumerate(log) if i == 0 or log[i - 1] != e]
-    assert turns_in_order == ["monitor", "get", "batch", "monitor", "get", "monitor"]
+    assert turns_in_order == [
+        *["get", "batch", "monitor"],
+        *["get", "batch", "monitor"],
+        *["get", "monitor"],
+    ]
     turns = rig.monitor.turns
     assert len(turns) == 3
+    assert turns[0][0] == record.started, "the first batch was not processed at once"
     for start, given, used in turns[:2]:  # the platform still has work
         left = bound - (start - record.started)
         assert given == pytest.approx(left / 2)
@@ -1166,36 +1335,51 @@ async def test_sampling_batches_are_armed_by_monitor_turns_of_the_same_round() -
 
 @pytest.mark.timeout(10)
 async def test_gate_is_closed_during_the_round_and_open_after_it() -> None:
-    """The guest is exited for the whole round: the gate is closed at every GetRequest and
-    monitor turn, a vCPU reaching it waits, and it opens when the round ends."""
+    """The first GetRequest goes while the guest still runs (gate open: a vCPU passes it);
+    the guest is exited from that answer to the end of the round: the gate is closed while
+    the first batch is processed and at every later GetRequest and monitor turn, a vCPU
+    reaching it waits, and it opens (once closed, once opened) when the round ends."""
     clock = FakeClock()
     rig = Rig([(work(seq=1), 1 * MS), (work(seq=2), 1 * MS), (end(), 0.1 * MS)], clock=clock)
     task = rig.add_task(FakeTask("arm", clock, 10 * US, 50))
-    seen: list[bool] = []
-    task.on_run.append(lambda: seen.append(rig.gate.closed))
-    passed: list[tuple[float, bool]] = []
+    seen: list[tuple[str, bool]] = []
+    task.on_run.append(lambda: seen.append(("monitor", rig.gate.closed)))
+    rig.recorder.hooks.append(lambda req: seen.append((f"batch {req.seq}", rig.gate.closed)))
+    passed: list[tuple[str, float, bool]] = []
 
-    async def vcpu() -> None:
+    async def vcpu(name: str) -> None:
         await rig.gate.wait_open()
-        passed.append((clock.now, rig.gate.closed))
+        passed.append((name, clock.now, rig.gate.closed))
 
     vcpus: list[asyncio.Task[None]] = []
 
     def at_request(n: int) -> None:
-        seen.append(rig.gate.closed)
-        if n == 1:
-            vcpus.append(asyncio.create_task(vcpu()))
+        seen.append((f"get {n}", rig.gate.closed))
+        vcpus.append(asyncio.create_task(vcpu(f"vcpu {n}")))
 
     rig.link.hooks.append(at_request)
     rig.region.pending = low_bit()
+    sent = clock.now
     record = await rig.tick()
-    assert record is not None
-    assert seen and all(seen), "the gate was open during the round"
-    assert not rig.gate.closed
-    assert passed == [], "a vCPU passed the gate during the round"
-    await vcpus[0]
-    assert len(passed) == 1
-    assert passed[0][0] == pytest.approx(record.started + record.used) and not passed[0][1]
+    assert record is not None and record.outcome == "done"
+    assert seen[:2] == [("get 1", False), ("batch 1", True)], seen
+    assert [e for e, _ in seen].count("monitor") >= 1
+    assert all(closed for _, closed in seen[1:]), f"the gate was open during the round: {seen}"
+    assert len(seen) > 4
+    assert not rig.gate.closed and rig.gate.closes == 1
+    # The vCPU that reached the gate during the first exchange ran on; those that reached it
+    # during the round passed only when it opened again.
+    assert [(name, closed) for name, _, closed in passed] == [("vcpu 1", False)], passed
+    assert passed[0][1] == pytest.approx(sent)
+    await asyncio.gather(*vcpus)
+    assert len(vcpus) == 3
+    assert [(name, closed) for name, _, closed in passed] == [
+        ("vcpu 1", False),
+        ("vcpu 2", False),
+        ("vcpu 3", False),
+    ]
+    end_of_round = record.started + record.used
+    assert [t for _, t, _ in passed[1:]] == pytest.approx([end_of_round, end_of_round])
 
 
 @pytest.mark.timeout(10)
@@ -1211,9 +1395,12 @@ async def test_gate_opens_after_an_exception_from_the_link() -> None:
 
 @pytest.mark.timeout(10)
 async def test_round_records_outcomes_time_used_and_summary() -> None:
-    """Each round leaves a RoundRecord (start, bound, used, gap, outcome, batches, pages)
-    for ``on_round`` callbacks and ``records``; ``outcomes`` counts every tick's outcome,
-    ``time_used`` sums the rounds, and ``summary()`` reports all of it with overruns."""
+    """Each round leaves a RoundRecord (start, bound, used, gap, outcome, cpu, batches,
+    pages) for ``on_round`` callbacks and ``records``: it starts when the first answer
+    arrives (not at the tick), ``used`` leaves out the first exchange, ``gap`` is measured at
+    that start, and the first batch counts in ``batches``/``pages``. An "empty" tick leaves
+    no record. ``outcomes`` counts every tick's outcome, ``time_used`` sums the rounds, and
+    ``summary()`` reports all of it with overruns."""
     rig = Rig(latency_sensitivity=1)
     seen: list[RoundRecord] = []
     rig.loop.on_round.append(seen.append)
@@ -1227,27 +1414,33 @@ async def test_round_records_outcomes_time_used_and_summary() -> None:
     rig.link.script = [(work(seq=1, count=3), 1 * MS), (end(daemon_us=100), 0.3 * MS)]
     done = await rig.tick()
     assert done is not None
+    rig.link.script = [(end(), 0.1 * MS)]
+    assert await rig.tick() is None  # empty: the platform had nothing after all
     rig.progress.last_progress = rig.clock.now + 0.01  # thinking: no gap
     rig.link.script = [(work(seq=i, count=2), 1.5 * MS) for i in range(2, 10)]
     bounded = await rig.tick()
     assert bounded is not None
 
     assert (done.bound, done.outcome, done.batches, done.pages) == (bound, "done", 1, 3)
-    assert done.started == pytest.approx(0.1)
-    assert done.used == pytest.approx(1.3 * MS) and done.gap == pytest.approx(0.1)
+    assert done.started == pytest.approx(0.101), "the round did not start at the first answer"
+    assert done.used == pytest.approx(0.3 * MS) and done.gap == pytest.approx(0.101)
+    assert done.cpu >= 0.0 and bounded.cpu >= 0.0
+    # The first exchange (1.5 ms) is outside; then 0, 1.5, 3 ms (1 ms left >= 0.2 ms).
+    assert bounded.started == pytest.approx(0.1 + 1.3 * MS + 0.1 * MS + 1.5 * MS)
     assert bounded.outcome == "bound" and bounded.gap == 0.0
-    assert (bounded.batches, bounded.pages) == (3, 6)
+    assert (bounded.batches, bounded.pages) == (4, 8)
+    assert bounded.used == pytest.approx(4.5 * MS)
     assert bounded.overrun == pytest.approx(0.5 * MS)
     assert done.overrun == 0.0
     assert list(rig.loop.records) == seen == [done, bounded]
-    assert rig.loop.outcomes == {"idle": 1, "done": 1, "bound": 1}
+    assert rig.loop.outcomes == {"idle": 1, "done": 1, "empty": 1, "bound": 1}
     assert rig.loop.time_used == pytest.approx(done.used + bounded.used)
 
     summary = rig.loop.summary()
     assert summary["latency_sensitivity"] == 1
     assert summary["bound_seconds"] == bound
     assert summary["time_used_seconds"] == rig.loop.time_used
-    assert summary["outcomes"] == {"idle": 1, "done": 1, "bound": 1}
+    assert summary["outcomes"] == {"idle": 1, "done": 1, "empty": 1, "bound": 1}
     assert summary["rtt_seconds"] == pytest.approx(0.2 * MS)
     rounds = summary["rounds"]
     assert isinstance(rounds, list) and len(rounds) == 2
@@ -1257,8 +1450,9 @@ async def test_round_records_outcomes_time_used_and_summary() -> None:
         "used": bounded.used,
         "gap": 0.0,
         "outcome": "bound",
-        "batches": 3,
-        "pages": 6,
+        "cpu": bounded.cpu,
+        "batches": 4,
+        "pages": 8,
         "overrun": bounded.overrun,
     }
     assert {k: rounds[1][k] for k in expected} == expected
@@ -1278,8 +1472,8 @@ async def test_round_ends_when_neither_queue_can_do_anything() -> None:
     record = await rig.tick()
     assert record is not None
     units_done = 100 - task.work
-    # Turns: 4 units (4 ms of the 8), the platform says "round over", 3 units (to ~7.1 ms);
-    # then less than one unit's time is left.
+    # The platform's first answer (before the round) is "round over": the monitor gets the
+    # whole bound, 7 units (to ~7 ms); then less than one unit's time is left.
     assert units_done == 7
     assert record.used < 7.5 * MS, (
         f"the round kept the guest exited for {record.used * 1e3:.2f} ms doing nothing after "

@@ -5,17 +5,17 @@
         services[req.type].process(req, bound)
         await platform.complete_request(req, bound)
 
-Every tick (100 ms, never caught up after a late one) the monitor exits the guest (the gate
-stops every vCPU at its next yield) and spends at most the bound on low-priority work. The
-bound comes from the VM's latency sensitivity (``shared/timebound.py``), scaled by the
-fraction of the last tick the guest made progress, so a stalled guest gets no flood of
-background work.
+Every tick (100 ms, never caught up after a late one) the monitor asks the platform for its
+first batch while the guest still runs, then exits the guest (the gate stops every vCPU at
+its next yield) and spends at most the bound on low-priority work. The bound comes from
+the VM's latency sensitivity (``shared/timebound.py``), scaled by the fraction of the last
+tick the guest made progress, so a stalled guest gets no flood of background work.
 
 Two queues share the bound, interleaved: a turn of the monitor's own queue (sampling's
 arming; given at most half of what is left while the platform still has work), then one
 platform batch, and so on. Each GetRequest carries the time left; the daemon sizes the batch
 to fit it, so the round ends past the bound by at most the misestimate of one batch; the
-agent also stops asking when what is left is less than its measured round trip.
+agent starts a further exchange only when even its longest recent round trip still fits.
 
 High priority pre-empts low: the round ends as soon as a high-priority bit is set or a
 high-priority round runs, and the high-priority loop is woken.
@@ -24,7 +24,6 @@ high-priority round runs, and the high-priority loop is woken.
 from __future__ import annotations
 
 import asyncio
-import statistics
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -48,7 +47,7 @@ log = structlog.get_logger("vmm_agent.lowprio")
 MIN_PROGRESS = 0.1
 #: Rounds remembered for the load generator's report.
 RECORDS_KEPT = 4096
-#: Empty GetRequest round trips whose median is the agent's estimate of one.
+#: Empty GetRequest round trips kept for the agent's estimate of one.
 RTT_WINDOW = 32
 
 
@@ -132,17 +131,36 @@ class LowPriorityLoop:
             self.outcomes["preempted"] += 1
             self.high.kick()
             return None
-        return await self.round(TimeBound(budget, now, self.clock))
+        return await self.round(budget)
 
-    async def round(self, bound: TimeBound) -> RoundRecord:
-        """One round: monitor turns and platform batches, interleaved, within ``bound``."""
+    async def round(self, budget: float) -> RoundRecord | None:
+        """One round: monitor turns and platform batches, interleaved, within ``budget``.
+
+        The first GetRequest goes out while the guest still runs, and the guest exits when its
+        answer arrives: that round trip (on these machines mostly the time to wake two idle
+        processes) overlaps guest execution instead of counting against the bound. Returns
+        None when neither queue had anything (the guest never exited).
+        """
+        first: Request | None = None
+        if self.region.pending & LOW_PRIORITY_MASK:
+            # Not learned from: the vCPUs run meanwhile, on this event loop, and their work
+            # would count as round trip.
+            first = await self._get_request(int(budget * 1e6), GET_FLAG_NEW_ROUND, learn=False)
+        if (first is None or not first.has_work) and not self.monitor.has_work():
+            self.outcomes["empty"] += 1
+            return None
+        bound = TimeBound(budget, self.clock(), self.clock)
         gap = self.progress.gap(bound.started)
         cpu0 = time.thread_time()
         self.gate.close()
         batches = pages = 0
-        flags = GET_FLAG_NEW_ROUND
-        platform_done, monitor_turn = False, True
+        platform_done, monitor_turn = first is None or not first.has_work, True
         try:
+            if first is not None and first.has_work:
+                batches, pages = 1, first.count
+                self.batches.process(first)
+                platform_done = first.last
+                monitor_turn = True
             while True:
                 if self.high.pending():
                     outcome = "preempted"
@@ -152,28 +170,24 @@ class LowPriorityLoop:
                 if left <= 0:
                     outcome = "bound"
                     break
+                if platform_done and not self.monitor.has_work():
+                    outcome = "done"
+                    break
                 if monitor_turn and self.monitor.has_work():
                     done = self.monitor.run(left if platform_done else left / 2)
                     if done == 0 and platform_done:
                         outcome = "bound"  # not one unit of monitor work fits any more
                         break
                 elif not platform_done:
-                    # The first request of a round always goes (it keeps the estimate below
-                    # fresh, and a bound smaller than a round trip must not starve the VM);
-                    # later ones only when an empty round trip still fits.
-                    if flags != GET_FLAG_NEW_ROUND and left < self.rtt():
+                    if left < self.rtt():  # the next exchange would not fit
                         outcome = "bound"
                         break
-                    req = await self._get_request(bound, flags)
-                    flags = 0
+                    req = await self._get_request(bound.left_us(), 0, learn=True)
                     if req.has_work:
                         batches += 1
                         pages += req.count
                         self.batches.process(req)
                     platform_done = not req.has_work or req.last
-                if platform_done and not self.monitor.has_work():
-                    outcome = "done"
-                    break
                 monitor_turn = not monitor_turn
         finally:
             self.gate.open()
@@ -191,13 +205,14 @@ class LowPriorityLoop:
         return record
 
     def rtt(self) -> float:
-        """The median recent empty round trip (0 before the first)."""
-        return float(statistics.median(self._rtts)) if self._rtts else 0.0
+        """The longest recent empty round trip (0 before the first): a second exchange is
+        only started when even that fits, since the wake-up tail is long here."""
+        return max(self._rtts, default=0.0)
 
-    async def _get_request(self, bound: TimeBound, flags: int) -> Request:
+    async def _get_request(self, budget_us: int, flags: int, learn: bool) -> Request:
         t0 = self.clock()
-        req: Request = await self.link.request(GetRequest(Priority.LOW, bound.left_us(), flags))
-        if not req.has_work:
+        req: Request = await self.link.request(GetRequest(Priority.LOW, budget_us, flags))
+        if learn and not req.has_work:
             self._rtts.append(max(0.0, self.clock() - t0 - req.count / 1e6))
         return req
 
