@@ -150,7 +150,8 @@ class CtlOps:
                     "served_pages": st.served_pages,
                     "deferred_pages": st.deferred,
                     "cost_per_page_seconds": low.cost(service).per_unit,
-                    "cost_per_batch_seconds": low.cost(service).per_batch,
+                    "cost_fixed_seconds": low.cost(service).fixed,
+                    "cost_exchange_seconds": low.cost(service).exchange,
                 }
                 for service, st in low.types.items()
             },

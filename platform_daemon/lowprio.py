@@ -9,10 +9,11 @@ module picks, among the types pending when the round opened (the snapshot):
 - with **aging**: a type that has waited ``aging_seconds`` since it was last served moves up
   one class per period waited, so a busy higher class can never starve a lower one; among
   equal classes the one waiting longest goes first;
-- sized by its **cost**: each (VM, type) keeps moving averages of its cost per unit of work
-  (a page handed out, a page hashed) and of the fixed cost of one batch (the round trip), so
-  the batch is the largest that fits the time left. A type whose smallest batch does not fit
-  is passed over for one that does; when none fits the round is over.
+- sized by its **cost**: each (VM, type) keeps a fitted cost of a batch's work (a fixed part
+  and a part per unit: a page handed out) and a moving average of the exchange that brings
+  a batch after a round's first, so the batch is the largest that fits the time left. A type
+  whose smallest batch does not fit is passed over for one that does; when none fits the
+  round is over.
 
 Pure code: no I/O, no clock of its own (every method takes ``now``), no knowledge of slots or
 sockets; ``rounds.py`` drives it and unit tests run it on a virtual clock.
@@ -36,9 +37,11 @@ STRAWMAN_CLASSES: dict[ServiceType, int] = {
     ServiceType.VALIDATION: 2,
     ServiceType.PROMOTION_2M: 3,
 }
-#: First guesses, before a type has been measured: a cross-CPU round trip and a page's work.
-DEFAULT_PER_BATCH = 150e-6
+#: First guesses, before a type has been measured: a batch's fixed work, a page's work, and a
+#: Request's way to the agent (half a cross-CPU round trip).
+DEFAULT_FIXED = 100e-6
 DEFAULT_PER_UNIT = 2e-6
+DEFAULT_EXCHANGE = 100e-6
 
 
 class RoundEnd(Enum):
@@ -53,32 +56,53 @@ class RoundEnd(Enum):
 
 @dataclass
 class CostModel:
-    """Moving averages of a batch's cost: ``per_batch + units * per_unit`` seconds."""
+    """What a batch of ``n`` units costs the guest: ``fixed + n * per_unit`` of work, plus one
+    ``exchange`` when it is not the round's first batch.
+
+    The work is the daemon's selection and completion and the agent's processing. ``fixed``
+    and ``per_unit`` are a least-squares line through recent batches (exponential
+    forgetting), so small batches do not make the per-unit cost look large. ``exchange`` is a
+    moving average of half the time from a Request to its CompleteRequest (the Request's way
+    to the agent), measured on batches after a round's first only: the first is asked for
+    while the guest still runs, so its way there costs the guest nothing.
+    """
 
     per_unit: float = DEFAULT_PER_UNIT
-    per_batch: float = DEFAULT_PER_BATCH
+    fixed: float = DEFAULT_FIXED
+    exchange: float = DEFAULT_EXCHANGE
+    forget: float = 0.8
     alpha: float = 0.25
     samples: int = 0
+    _sums: list[float] = field(default_factory=lambda: [0.0] * 5, repr=False)
 
-    def estimate(self, units: int) -> float:
-        return self.per_batch + units * self.per_unit
+    def estimate(self, units: int, first: bool = False) -> float:
+        return self.fixed + units * self.per_unit + (0.0 if first else self.exchange)
 
-    def units_within(self, seconds: float) -> int:
+    def units_within(self, seconds: float, first: bool = False) -> int:
         """The most units whose batch fits in ``seconds`` (0 when not even one does)."""
-        spare = seconds - self.per_batch
+        spare = seconds - self.estimate(0, first)
         if spare < self.per_unit:
             return 0
         return int(spare / self.per_unit + 1e-9)  # 89.99999 units is 90: float noise
 
-    def record(self, units: int, processing: float, overhead: float | None) -> None:
-        """A batch of ``units`` cost ``processing`` seconds of work, plus ``overhead`` seconds
-        of round trip (None when there was none: a scan that found nothing to hand out)."""
-        a = self.alpha if self.samples else 1.0  # the first measurement replaces the guess
-        if units > 0:
-            self.per_unit += a * (max(processing, 0.0) / units - self.per_unit)
-        if overhead is not None:
-            self.per_batch += a * (max(overhead, 0.0) - self.per_batch)
-        self.samples += 1
+    def record(self, units: int, processing: float, exchange: float | None) -> None:
+        """A batch of ``units`` took ``processing`` seconds of work, and ``exchange`` seconds
+        to reach the agent (None: a round's first batch, asked for ahead)."""
+        w, sn, snn, sy, sny = (x * self.forget for x in self._sums)
+        n, y = float(units), max(processing, 0.0)
+        w, sn, snn, sy, sny = w + 1, sn + n, snn + n * n, sy + y, sny + n * y
+        self._sums = [w, sn, snn, sy, sny]
+        spread = w * snn - sn * sn
+        if spread > 1e-9 * max(1.0, w * snn):  # batches of different sizes: fit the line
+            slope = (w * sny - sn * sy) / spread
+            self.per_unit = max(slope, 1e-9)
+            self.fixed = max(0.0, (sy - self.per_unit * sn) / w)
+        elif sn > 0:  # one size so far: all of it per unit, beyond the fixed part
+            self.per_unit = max(1e-9, (sy - self.fixed * w) / sn)
+        if exchange is not None:
+            a = self.alpha if self.samples else 1.0  # the first measurement replaces the guess
+            self.exchange += a * (max(exchange, 0.0) - self.exchange)
+            self.samples += 1
 
 
 @dataclass(frozen=True)
@@ -158,14 +182,20 @@ class LowPriorityScheduler:
         return sorted(ready, key=key)
 
     def choose(
-        self, vm: VMSchedule, now: float, time_left: float, work: Mapping[ServiceType, int]
+        self,
+        vm: VMSchedule,
+        now: float,
+        time_left: float,
+        work: Mapping[ServiceType, int],
+        first: bool = False,
     ) -> Choice | RoundEnd:
-        """The next batch, or why the round is over. ``work``: units waiting per type."""
+        """The next batch, or why the round is over. ``work``: units waiting per type;
+        ``first``: the round's first batch (asked for ahead: no exchange to pay)."""
         ordered = self.order(vm, now, work)
         if not ordered:
             return RoundEnd.DONE
         for service in ordered:
-            units = min(work[service], vm.cost(service).units_within(time_left))
+            units = min(work[service], vm.cost(service).units_within(time_left, first))
             if units >= 1:
                 return Choice(service, units)
         return RoundEnd.BOUND
@@ -182,10 +212,10 @@ class LowPriorityScheduler:
         service: ServiceType,
         units: int,
         processing: float,
-        overhead: float | None,
+        exchange: float | None,
     ) -> None:
-        """Feed one measured batch (or empty scan) into the type's cost model."""
-        vm.cost(service).record(units, processing, overhead)
+        """Feed one measured batch into the type's cost model."""
+        vm.cost(service).record(units, processing, exchange)
 
     def close_round(
         self, vm: VMSchedule, end: RoundEnd, work: Mapping[ServiceType, int]

@@ -65,6 +65,7 @@ class IssuedBatch:
     priority: Priority = Priority.HIGH
     units: int = 0
     issued_at: float = 0.0
+    first: bool = False  # a low round's first batch, asked for while the guest ran
 
 
 @dataclass
@@ -173,10 +174,11 @@ class RoundEngine:
         if self._high_pending(vm):  # high priority pre-empts low, whatever the snapshot says
             return self._close_low(vm, state, RoundEnd.PREEMPTED, received)
         deadline = received + msg.budget_us / 1e6
+        first = msg.new_round
         while True:
             now = self.clock()
             work = self._low_work(vm, low, now)
-            choice = sched.choose(low, now, deadline - now, work)
+            choice = sched.choose(low, now, deadline - now, work, first)
             if isinstance(choice, RoundEnd):
                 return self._close_low(vm, state, choice, received, work)
             slot_index = self._free_slot(vm, state)
@@ -205,11 +207,12 @@ class RoundEngine:
                 seconds,
                 Priority.LOW,
                 sel.work,
+                first,
             )
             # When nothing could follow this batch in the time left, say so: the agent then
             # does not spend a round trip to hear that the round is over.
             after = self.clock()
-            left = deadline - after - low.cost(choice.service).estimate(sel.work)
+            left = deadline - after - low.cost(choice.service).estimate(sel.work, first)
             work = self._low_work(vm, low, after)
             end = sched.choose(low, after, left, work)
             if isinstance(end, RoundEnd):
@@ -261,6 +264,7 @@ class RoundEngine:
         seconds: float,
         priority: Priority = Priority.HIGH,
         units: int = 0,
+        first: bool = False,
     ) -> Request:
         seq = state.next_seq
         state.next_seq += 1
@@ -268,7 +272,7 @@ class RoundEngine:
             vm.p2m.state[bpns] = PageState.SELECTED
         vm.region.slot(slot_index).fill(stype, seq, bpns, mpns)
         state.issued[slot_index] = IssuedBatch(
-            stype, seq, bpns, mpns, seconds, priority, units, self.clock()
+            stype, seq, bpns, mpns, seconds, priority, units, self.clock(), first
         )
         return Request(int(stype), slot_index, len(bpns), seq)
 
@@ -303,10 +307,12 @@ class RoundEngine:
         self.on_batch_done(batch.service, batch.select_seconds + end - t0, status)
         if batch.priority == Priority.LOW:
             processing = batch.select_seconds + (end - t0) + msg.elapsed_us / 1e6
-            # What a batch adds to the agent's round beyond the work: the Request's way to the
-            # agent (its CompleteRequest has no answer to wait for). Half the round trip.
+            # What a later batch adds to the agent's round beyond the work: the Request's way
+            # to the agent (its CompleteRequest has no answer to wait for), half the round
+            # trip. A first batch's way overlapped the guest's own time: not measured.
             round_trip = max(0.0, (t0 - batch.issued_at) - msg.elapsed_us / 1e6)
-            self.scheduler.record(state.low, batch.service, batch.units, processing, round_trip / 2)
+            exchange = None if batch.first else round_trip / 2
+            self.scheduler.record(state.low, batch.service, batch.units, processing, exchange)
             self.on_low_work(batch.service, batch.units, processing)
 
     def _hand_over(

@@ -51,12 +51,16 @@ class Clock:
 # ---- the scheduler alone ---------------------------------------------------------------------
 
 
+def cost(per_unit: float, fixed: float, exchange: float = 0.0) -> CostModel:
+    return CostModel(per_unit=per_unit, fixed=fixed, exchange=exchange, samples=1)
+
+
 def sched_with_costs(
-    per_unit: float = 1e-6, per_batch: float = 1e-4
+    per_unit: float = 1e-6, fixed: float = 1e-4
 ) -> tuple[LowPriorityScheduler, VMSchedule]:
     sched, vm = LowPriorityScheduler(aging_seconds=1.0), VMSchedule()
     for service in STRAWMAN_CLASSES:
-        vm.costs[service] = CostModel(per_unit=per_unit, per_batch=per_batch, samples=1)
+        vm.costs[service] = cost(per_unit, fixed)
     return sched, vm
 
 
@@ -75,9 +79,9 @@ def test_strawman_order_sampling_first_promotion_last() -> None:
 
 @pytest.mark.timeout(10)
 def test_batch_is_sized_to_fit_the_time_left() -> None:
-    """The batch is the largest whose estimated cost (per batch + units x per unit) fits the
+    """The batch is the largest whose estimated cost (fixed + units x per unit) fits the
     time left; when not even one unit fits, the round is over because of the bound."""
-    sched, vm = sched_with_costs(per_unit=10e-6, per_batch=100e-6)
+    sched, vm = sched_with_costs(per_unit=10e-6, fixed=100e-6)
     sched.open_round(vm, 0.0, [S.PAGE_SHARING])
     work = {S.PAGE_SHARING: 10_000}
     choice = sched.choose(vm, 0.0, 1e-3, work)  # 1 ms: (1000 - 100) / 10 = 90 units
@@ -96,7 +100,7 @@ def test_a_type_that_does_not_fit_gives_way_to_one_that_does() -> None:
     """When the best type's smallest batch does not fit but a cheaper type's does, the cheaper
     one goes (the bound is filled, nothing is wasted); the skipped one keeps waiting."""
     sched, vm = sched_with_costs()
-    vm.costs[S.SAMPLING] = CostModel(per_unit=1e-3, per_batch=1e-4, samples=1)  # expensive
+    vm.costs[S.SAMPLING] = cost(per_unit=1e-3, fixed=1e-4)  # expensive
     sched.open_round(vm, 0.0, [S.SAMPLING, S.PAGE_SHARING])
     choice = sched.choose(vm, 0.0, 5e-4, {S.SAMPLING: 5, S.PAGE_SHARING: 5})
     assert choice == Choice(S.PAGE_SHARING, 5)
@@ -129,17 +133,37 @@ def test_aging_lifts_a_waiting_type_so_nothing_starves() -> None:
 
 
 @pytest.mark.timeout(10)
-def test_cost_model_moving_average() -> None:
-    """The first measurement replaces the guess; later ones move the average by alpha; a scan
-    without a batch (no round trip) leaves the per-batch cost alone."""
-    cost = CostModel()
-    cost.record(100, 100 * 4e-6, 200e-6)
-    assert cost.per_unit == pytest.approx(4e-6) and cost.per_batch == pytest.approx(200e-6)
-    cost.record(100, 100 * 8e-6, None)
-    assert cost.per_unit == pytest.approx(4e-6 + 0.25 * 4e-6)
-    assert cost.per_batch == pytest.approx(200e-6)
-    cost.record(0, 0.0, 400e-6)
-    assert cost.per_batch == pytest.approx(250e-6)
+def test_cost_model_fits_fixed_and_per_unit_work() -> None:
+    """Batches of different sizes give a line through their work: a fixed part and a part per
+    unit, so small batches do not inflate the per-unit cost; recent batches weigh more."""
+    model = CostModel()
+    for n in (10, 100, 500, 50, 300):
+        model.record(n, 80e-6 + n * 3e-6, None)
+    assert model.per_unit == pytest.approx(3e-6)
+    assert model.fixed == pytest.approx(80e-6)
+    assert model.estimate(200, first=True) == pytest.approx(80e-6 + 600e-6)
+    # The work got dearer: the line follows it.
+    for n in (10, 100, 500, 50, 300) * 6:
+        model.record(n, 80e-6 + n * 6e-6, None)
+    assert model.per_unit == pytest.approx(6e-6, rel=0.01)
+
+
+@pytest.mark.timeout(10)
+def test_cost_model_exchange_counts_only_after_the_first_batch() -> None:
+    """The exchange (a Request's way to the agent) is a moving average of what later batches
+    measured; a round's first batch, asked for ahead, neither measures it nor pays it."""
+    model = CostModel(per_unit=1e-6, fixed=0.0)
+    model.record(10, 10e-6, 400e-6)  # the first measurement replaces the guess
+    assert model.exchange == pytest.approx(400e-6)
+    model.record(10, 10e-6, None)  # a first batch: the exchange is not touched
+    assert model.exchange == pytest.approx(400e-6)
+    model.record(10, 10e-6, 800e-6)
+    assert model.exchange == pytest.approx(400e-6 + 0.25 * 400e-6)
+    assert model.estimate(10, first=True) == pytest.approx(model.fixed + 10 * model.per_unit)
+    later = model.estimate(10, first=False)
+    assert later == pytest.approx(model.fixed + 10 * model.per_unit + model.exchange)
+    # Room in a first batch is room for more than in a later one.
+    assert model.units_within(1e-3, first=True) > model.units_within(1e-3, first=False)
 
 
 @pytest.mark.timeout(10)
@@ -265,7 +289,7 @@ def harness(*specs: tuple[ServiceType, int, float]) -> Harness:
     engine.on_low_round_closed = lambda vm, closed: h.closed.append(closed)
     for service in services:
         if service != S.SWAP:
-            h.state.low.costs[service] = CostModel(per_unit=10e-6, per_batch=100e-6, samples=1)
+            h.state.low.costs[service] = cost(per_unit=10e-6, fixed=50e-6, exchange=50e-6)
     engine.refresh_pending(h.vm)  # type: ignore[arg-type]
     return h
 
@@ -369,16 +393,24 @@ def test_new_round_closes_a_round_the_agent_left() -> None:
 
 @pytest.mark.timeout(10)
 def test_completed_low_batch_feeds_the_cost_model() -> None:
-    """Completing a low batch records its work per unit and half its round trip as the
-    per-batch cost of that type for this VM."""
-    h = harness((S.PAGE_SHARING, 64, 20e-6))
-    h.state.low.costs[S.PAGE_SHARING] = CostModel(per_unit=1e-6, per_batch=1e-6, samples=0)
-    req = h.get(50_000, new_round=True)
+    """Completing a low batch records its work (the daemon's select and completion plus the
+    agent's elapsed time) and, for a batch after the round's first, half its round trip as
+    the exchange; the first batch was asked for while the guest ran: no exchange measured."""
+    h = harness((S.PAGE_SHARING, 128, 20e-6))
+    h.state.low.costs[S.PAGE_SHARING] = CostModel(per_unit=1e-6, fixed=0.0, exchange=1e-6)
+    work = 64 * 20e-6 + 64e-6  # selecting 64 pages, then the agent's 64 µs
+    first = h.get(50_000, new_round=True)
+    assert first.count == 64 and not first.last
+    h.clock.advance(5e-3)  # the guest ran meanwhile: not an exchange
+    h.complete(first, agent_seconds=64e-6)
+    model = h.state.low.cost(S.PAGE_SHARING)
+    assert model.exchange == pytest.approx(1e-6) and model.samples == 0
+    assert model.estimate(64, first=True) == pytest.approx(work)
+    second = h.get(40_000)
     h.clock.advance(300e-6)  # Request on its way, the agent waking up
-    h.complete(req, agent_seconds=64e-6)
-    cost = h.state.low.cost(S.PAGE_SHARING)
-    assert cost.per_unit == pytest.approx((64 * 20e-6 + 64e-6) / 64)
-    assert cost.per_batch == pytest.approx(150e-6)
+    h.complete(second, agent_seconds=64e-6)
+    assert model.exchange == pytest.approx(150e-6) and model.samples == 1
+    assert model.estimate(64, first=True) == pytest.approx(work)
 
 
 @pytest.mark.timeout(10)
