@@ -248,8 +248,13 @@ class ControlRegion:
         self._words[3] = value
 
     def read_sample_report(self) -> tuple[int, int, int]:
-        """(sample id, pages armed, pages touched) as the agent last wrote them."""
-        return int(self._words[4]), int(self._report[0]), int(self._report[1])
+        """(sample id, pages armed, pages touched) as the agent last wrote them.
+
+        The agent writes the counters, then the id; reading them in the opposite order means
+        counters read with an id were written for that id (or a later write of it).
+        """
+        armed, touched = int(self._report[0]), int(self._report[1])
+        return int(self._words[4]), armed, touched
 
     def write_sample_report(self, sample_id: int, armed: int, touched: int) -> None:
         """Agent: its watch counters for ``sample_id`` (each word has a single writer)."""

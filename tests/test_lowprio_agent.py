@@ -271,8 +271,9 @@ def test_sampler_touch_counts_a_page_and_stops_watching_it() -> None:
 def test_new_sample_ends_the_old_one_and_records_its_truth() -> None:
     """A batch with a new ``region.sample_id`` ends the old sample: its pages are no longer
     watched, their hidden mappings are given back, queued pages are dropped, counters and the
-    report restart for the new sample, and ``truth[old]`` is the fraction of guest pages
-    stamped with the old sample's period in the TouchLog (the first sample records none)."""
+    report restart for the new sample, and ``truth[old]`` is the fraction of guest pages the
+    guest first touched in the old sample's period (TouchLog.touch, as the vCPUs do it; the
+    first sample records none)."""
     rig = SamplerRig()
     ex, touches, sampler = rig.exposure, rig.touches, rig.sampler
     expose(ex, range(8))
@@ -281,9 +282,11 @@ def test_new_sample_ends_the_old_one_and_records_its_truth() -> None:
     period = touches.current
     assert sampler.run(6) == 6  # 6 and 7 stay queued
     sampler.touch(3)
-    # The guest touched pages 0, 3 and 40 during sample 1; page 50 in an earlier period.
-    touches.stamp[[0, 3, 40]] = period
-    touches.stamp[50] = period - 1
+    # The guest touched pages 0, 3 and 40 during sample 1 (3 twice); page 50 in an earlier
+    # period.
+    for bpn in (0, 3, 40, 3):
+        touches.touch(bpn, period)
+    touches.touch(50, period - 1)
 
     rig.receive(2, [10, 11])
     assert sampler.truth == {1: 3 / GUEST_PAGES}
@@ -296,9 +299,26 @@ def test_new_sample_ends_the_old_one_and_records_its_truth() -> None:
     assert sampler.pages.tolist() == [10, 11]
     assert sampler.status()["queued"] == 2
 
-    touches.stamp[[10, 12]] = touches.current
+    for bpn in (10, 12, 0):  # page 0 again: its first touch in this period
+        touches.touch(bpn, touches.current)
     rig.receive(3, [20])
-    assert sampler.truth == {1: 3 / GUEST_PAGES, 2: 2 / GUEST_PAGES}
+    assert sampler.truth == {1: 3 / GUEST_PAGES, 2: 3 / GUEST_PAGES}
+
+
+@pytest.mark.timeout(10)
+def test_page_pinned_before_it_is_armed_is_counted_not_hidden() -> None:
+    """Arming happens later than the batch (a monitor turn): a page pinned in between is in
+    use, so it counts as touched and keeps its mapping (a pinned page is never hidden)."""
+    rig = SamplerRig()
+    ex, sampler = rig.exposure, rig.sampler
+    expose(ex, range(4))
+    rig.receive(1, range(4))
+    ex.pinned[2] += 1
+    assert sampler.run(4) == 4
+    assert ex.frame[2] == FRAME_BASE + 2 and ex.hidden_frame[2] == NO_FRAME
+    assert not ex.watched[2] and ex.watched[[0, 1, 3]].all()
+    assert (ex.frame[[0, 1, 3]] == NO_FRAME).all()
+    assert rig.report() == (1, 4, 1)
 
 
 # ---- 3. the monitor queue ---------------------------------------------------------------------

@@ -80,6 +80,14 @@ class ExposureTable:
         self.hidden_writable[bpn] = False
         return True
 
+    def unhide_all(self, bpns: npt.NDArray[np.int64]) -> None:
+        """``unhide`` for every page of ``bpns`` that has a hidden mapping, at once."""
+        hidden = bpns[self.hidden_frame[bpns] >= 0]
+        self.frame[hidden] = self.hidden_frame[hidden]
+        self.writable[hidden] = self.hidden_writable[hidden]
+        self.hidden_frame[hidden] = NO_FRAME
+        self.hidden_writable[hidden] = False
+
     def mapped_frame(self, idx: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
         """The monitor's mapping of each page, hidden or not (NO_FRAME: not mapped)."""
         frame: npt.NDArray[np.int64] = np.where(

@@ -63,6 +63,7 @@ class FaultPath:
             exposure.frame[bpn] = int(msg.mpns[0])
             exposure.writable[bpn] = bool(msg.flags[0] & FAULT_FLAG_WRITABLE)
             exposure.hidden_frame[bpn] = NO_FRAME
+            exposure.hidden_writable[bpn] = False
         else:  # several pages, or a page armed by the sample while its fault was out
             writable = (msg.flags & FAULT_FLAG_WRITABLE) != 0
             self.exposure.install(msg.bpns, msg.mpns, writable)

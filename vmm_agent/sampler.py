@@ -74,8 +74,7 @@ class Sampler:
                 self.truth.popitem(last=False)
         old = self.pages
         self.exposure.watched[old] = False
-        for bpn in old[self.exposure.hidden_frame[old] >= 0].tolist():
-            self.exposure.unhide(bpn)
+        self.exposure.unhide_all(old)
         self.sample_id = sample_id
         self.armed = self.touched = 0
         self.pages = self._queue = _EMPTY
@@ -86,13 +85,20 @@ class Sampler:
         return len(self._queue) > 0
 
     def run(self, units: int) -> int:
-        """Arm up to ``units`` queued pages; returns how many were armed."""
+        """Arm up to ``units`` queued pages; returns how many were armed.
+
+        A page pinned since its batch arrived is in use: counted as touched, not hidden (a
+        pinned page must stay mapped).
+        """
         take, self._queue = self._queue[:units], self._queue[units:]
         if len(take) == 0:
             return 0
-        self.exposure.watched[take] = True
-        self.exposure.hide(take)
+        pinned = self.exposure.pinned[take] > 0
+        arm = take[~pinned]
+        self.exposure.watched[arm] = True
+        self.exposure.hide(arm)
         self.armed += len(take)
+        self.touched += int(np.count_nonzero(pinned))
         self._report()
         return len(take)
 

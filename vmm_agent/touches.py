@@ -1,9 +1,11 @@
 """Which guest pages were touched, and in which sampling period (the truth for sampling).
 
-Every guest access stamps its page with the current period (one int32 store, the same cost
-as the boolean it replaces). The monitor advances the period when a new working-set sample
-arrives; the pages stamped with a period are exactly the pages the guest touched while it
-was current, which the load generator compares with the sampled estimate.
+Every guest access stamps its page with the current period; the first touch of a page in a
+period is also counted then (a compare and, once per page and period, a store and a count),
+so ending a period costs nothing however big the guest. The monitor advances the period
+when a new working-set sample arrives; the pages first touched in a period are exactly the
+pages the guest touched while it was current, which the load generator compares with the
+sampled estimate.
 """
 
 from __future__ import annotations
@@ -18,10 +20,18 @@ class TouchLog:
         self.stamp = np.zeros(guest_pages, dtype=np.int32)
         #: The stamp accesses write now (periods start at 1).
         self.current = 1
+        #: Pages touched for the first time in each period, by period (kept by the vCPUs).
+        self.firsts: dict[int, int] = {}
+
+    def touch(self, bpn: int, period: int) -> None:
+        """What a vCPU does on an access (inlined in its loop): stamp and count once."""
+        if self.stamp[bpn] != period:
+            self.stamp[bpn] = period
+            self.firsts[period] = self.firsts.get(period, 0) + 1
 
     def advance(self) -> int:
         """Start a new period; returns the number of distinct pages touched in the last one."""
-        finished = int(np.count_nonzero(self.stamp == self.current))
+        finished = self.firsts.pop(self.current, 0)
         self.current += 1
         return finished
 

@@ -95,7 +95,7 @@ class VCpu:
     ) -> None:
         deadline = time.monotonic() + phase.duration
         exposure, guest, frames, gate = self.exposure, self.guest, self.frames, self.gate
-        stamp = touches.stamp
+        stamp, firsts = touches.stamp, touches.firsts
         think = phase.think_us * OPS_PER_YIELD / 1e6
         last_fault = -2
         since_yield = 0
@@ -115,13 +115,16 @@ class VCpu:
                     self.progress.last_progress = time.monotonic()
                     if gate.closed:  # the monitor exited the guest while we waited
                         await gate.wait_open()
+                    period = touches.current  # a new sample may have started meanwhile
                     if stop.is_set():
                         return
                 frame = int(exposure.frame[bpn])
                 if frame < 0 or (write and not exposure.writable[bpn]):
                     continue  # released again while we waited; the next pass retries
                 exposure.accessed[bpn] = True
-                stamp[bpn] = period
+                if stamp[bpn] != period:  # TouchLog.touch, inlined: this loop is the guest
+                    stamp[bpn] = period
+                    firsts[period] = firsts.get(period, 0) + 1
                 if write:
                     guest.write(frames, frame, bpn, kind, pick)
                     self.writes += 1
