@@ -266,11 +266,13 @@ def identical_guests(guests: int, guest_bytes: int, periods: int) -> dict[str, A
         shareable = guests * pages  # every page's content occurs in all four guests
         found: list[dict[str, Any]] = []
         for period in range(1, periods + 1):
-            hashed = {vm.vm_id: 0 for vm in vms}
-            while any(h < pages for h in hashed.values()):
+            # One full scan each: the hand goes round once (merged pages are not hashed
+            # again, so the allowance of a scan period is one pass, not guest_pages hashes).
+            target = {vm.vm_id: svc._scan_state(vm).passes + 1 for vm in vms}
+            while any(svc.scans[vm.vm_id].passes < target[vm.vm_id] for vm in vms):
                 for vm in vms:  # round robin, as the scanner task does
-                    if hashed[vm.vm_id] < pages:
-                        hashed[vm.vm_id] += svc.scan(vm, 128)
+                    if svc.scans[vm.vm_id].passes < target[vm.vm_id]:
+                        svc.scan(vm, 128)
                         merge_candidates(server, vm)
             shared = sum(merged_pages(vm.p2m) for vm in vms)
             found.append(
@@ -426,7 +428,8 @@ async def _overrun_run(vms: int, think_us: float, seconds: float) -> dict[str, A
         names = [f"v{i}" for i in range(vms)]
         for name in names:
             d.start_agent(name, memory="16MiB")
-        await _ctl(d.socket, "set_lowprio", share_scan_period=2.0)
+        # Work for every round: a sample every 0.5 s, sharing scanning each guest every 2 s.
+        await _ctl(d.socket, "set_lowprio", share_scan_period=2.0, sample_period=0.5)
         await _phase(d, names, {**FILL, "duration": 1.5})
         run = {
             "name": "run",

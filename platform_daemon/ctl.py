@@ -58,7 +58,9 @@ def render_status(st: dict[str, Any]) -> str:
     if sh:
         lines.append(
             f"sharing: {sh['shared_pages']:,} pages merged into {sh['merged_frames']:,} frames"
-            f" (+ zero frames), {sh['frames_saved']:,} frames saved"
+            f" (+ zero frames), {sh['frames_saved']:,} frames saved, "
+            f"{sh['cow_breaks']:,} COW breaks, scanning {sh['scan_rate_pages_per_second']:,.0f}"
+            " pages/s"
         )
     if not st["vms"]:
         lines.append("no VMs registered")
@@ -82,9 +84,11 @@ def _vm_lowprio_line(vm: dict[str, Any]) -> str:
         else f"working set ~{fraction:.0%} ({sampling['estimate_pages']:,} pages)"
     )
     return (
-        f"{wss}; shared {sharing.get('shared_pages', 0):,}, "
+        f"{wss}; shared {sharing.get('shared_pages', 0):,} "
+        f"(saving {sharing.get('frames_saved', 0):,} frames), "
         f"COW breaks {sharing.get('cow_breaks', 0):,}, "
-        f"scanned {sharing.get('scanned_pages', 0):,}"
+        f"scanned {sharing.get('scanned_pages', 0):,} "
+        f"({sharing.get('scan_rate_pages_per_second', 0):,.0f}/s)"
     )
 
 

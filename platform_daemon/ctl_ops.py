@@ -15,7 +15,7 @@ from shared.sizes import parse_size
 
 from .services.page_sharing import PageSharingService
 from .services.sampling import SamplingService
-from .shared_frames import frames_saved, merged_pages
+from .shared_frames import frames_saved_by, merged_pages
 
 if TYPE_CHECKING:
     from .server import PlatformServer
@@ -100,11 +100,7 @@ class CtlOps:
                 "slots": swap.slots,
                 "used": swap.used,
             },
-            "sharing": {
-                "merged_frames": s.shared.frames,
-                "shared_pages": sum(merged_pages(vm.p2m) for vm in s.vms.values()),
-                "frames_saved": frames_saved([vm.p2m for vm in s.vms.values()], s.shared),
-            },
+            "sharing": self._host_sharing(),
             "lowprio": {
                 "sample_period_seconds": self._sampling.period,
                 "sample_pages": self._sampling.sample_pages,
@@ -130,12 +126,25 @@ class CtlOps:
             "sampling": self._sampling.status(vm),
             "sharing": {
                 "shared_pages": merged_pages(vm.p2m),
+                "frames_saved": frames_saved_by(vm.p2m, vm.vm_id, self.server.shared),
                 "cow_breaks": vm.stats.cow_breaks,
                 "scanned_pages": vm.stats.sharing_scanned,
+                "scan_rate_pages_per_second": round(self._sharing.scan_rate(vm), 1),
                 "merges": vm.stats.pages_merged,
                 "aborted": vm.stats.sharing_aborted,
             },
             "lowprio": self._lowprio(vm),
+        }
+
+    def _host_sharing(self) -> dict[str, Any]:
+        vms = list(self.server.vms.values())
+        shared = [merged_pages(vm.p2m) for vm in vms]
+        return {
+            "merged_frames": self.server.shared.frames,
+            "shared_pages": sum(shared),
+            "frames_saved": sum(shared) - self.server.shared.frames,
+            "cow_breaks": sum(vm.stats.cow_breaks for vm in vms),
+            "scan_rate_pages_per_second": round(sum(self._sharing.scan_rate(vm) for vm in vms), 1),
         }
 
     def _lowprio(self, vm: Any) -> dict[str, Any]:
@@ -151,10 +160,10 @@ class CtlOps:
                     "deferred_pages": st.deferred,
                     "cost_per_page_seconds": low.cost(service).per_unit,
                     "cost_fixed_seconds": low.cost(service).fixed,
-                    "cost_exchange_seconds": low.cost(service).exchange,
                 }
                 for service, st in low.types.items()
             },
+            "exchange_seconds": low.exchange,
         }
 
     @property

@@ -10,10 +10,10 @@ module picks, among the types pending when the round opened (the snapshot):
   one class per period waited, so a busy higher class can never starve a lower one; among
   equal classes the one waiting longest goes first;
 - sized by its **cost**: each (VM, type) keeps a fitted cost of a batch's work (a fixed part
-  and a part per unit: a page handed out) and a moving average of the exchange that brings
-  a batch after a round's first, so the batch is the largest that fits the time left. A type
-  whose smallest batch does not fit is passed over for one that does; when none fits the
-  round is over.
+  and a part per unit: a page handed out), and each VM a moving average of a message's way
+  between the processes, so the batch is the largest that fits the time left. A type whose
+  smallest batch does not fit is passed over for one that does; when none fits the round is
+  over.
 
 Pure code: no I/O, no clock of its own (every method takes ``now``), no knowledge of slots or
 sockets; ``rounds.py`` drives it and unit tests run it on a virtual clock.
@@ -38,10 +38,19 @@ STRAWMAN_CLASSES: dict[ServiceType, int] = {
     ServiceType.PROMOTION_2M: 3,
 }
 #: First guesses, before a type has been measured: a batch's fixed work, a page's work, and a
-#: Request's way to the agent (half a cross-CPU round trip).
+#: message's way between the processes (half a cross-CPU round trip).
 DEFAULT_FIXED = 100e-6
 DEFAULT_PER_UNIT = 2e-6
 DEFAULT_EXCHANGE = 100e-6
+#: Weight of a new measurement in the exchange's moving average.
+EXCHANGE_GAIN = 0.25
+#: After this many batches, a batch's work counts for at most OUTLIER_FACTOR times the
+#: estimate.
+OUTLIER_AFTER = 3
+OUTLIER_FACTOR = 4.0
+#: A type that fits no batch is still given one unit once it has waited this many aging
+#: periods: its cost estimate may be stale (one slow batch), and only a batch measures it.
+PROBE_AGING_PERIODS = 4
 
 
 class RoundEnd(Enum):
@@ -56,53 +65,52 @@ class RoundEnd(Enum):
 
 @dataclass
 class CostModel:
-    """What a batch of ``n`` units costs the guest: ``fixed + n * per_unit`` of work, plus one
-    ``exchange`` when it is not the round's first batch.
+    """What a batch of ``n`` units of one type costs in work: ``fixed + n * per_unit``.
 
     The work is the daemon's selection and completion and the agent's processing. ``fixed``
     and ``per_unit`` are a least-squares line through recent batches (exponential
-    forgetting), so small batches do not make the per-unit cost look large. ``exchange`` is a
-    moving average of half the time from a Request to its CompleteRequest (the Request's way
-    to the agent), measured on batches after a round's first only: the first is asked for
-    while the guest still runs, so its way there costs the guest nothing.
+    forgetting), so small batches do not make the per-unit cost look large. Until batches of
+    different sizes have been seen, or when noise tilts the line the wrong way, all of the
+    cost is taken as per unit: an estimate that only errs on the safe side for larger batches.
     """
 
     per_unit: float = DEFAULT_PER_UNIT
     fixed: float = DEFAULT_FIXED
-    exchange: float = DEFAULT_EXCHANGE
     forget: float = 0.8
-    alpha: float = 0.25
     samples: int = 0
     _sums: list[float] = field(default_factory=lambda: [0.0] * 5, repr=False)
 
-    def estimate(self, units: int, first: bool = False) -> float:
-        return self.fixed + units * self.per_unit + (0.0 if first else self.exchange)
+    def estimate(self, units: int) -> float:
+        return self.fixed + units * self.per_unit
 
-    def units_within(self, seconds: float, first: bool = False) -> int:
+    def units_within(self, seconds: float) -> int:
         """The most units whose batch fits in ``seconds`` (0 when not even one does)."""
-        spare = seconds - self.estimate(0, first)
+        spare = seconds - self.fixed
         if spare < self.per_unit:
             return 0
         return int(spare / self.per_unit + 1e-9)  # 89.99999 units is 90: float noise
 
-    def record(self, units: int, processing: float, exchange: float | None) -> None:
-        """A batch of ``units`` took ``processing`` seconds of work, and ``exchange`` seconds
-        to reach the agent (None: a round's first batch, asked for ahead)."""
+    def record(self, units: int, processing: float) -> None:
+        """A batch of ``units`` (at least one) took ``processing`` seconds of work."""
+        if units <= 0:
+            return
+        y = max(processing, 0.0)
+        if self.samples >= OUTLIER_AFTER:
+            # One batch held up (a pause, a preemption) moves the line only so far: a
+            # real change of cost still gets through over a few batches.
+            y = min(y, OUTLIER_FACTOR * self.estimate(units))
+        self.samples += 1
         w, sn, snn, sy, sny = (x * self.forget for x in self._sums)
-        n, y = float(units), max(processing, 0.0)
+        n = float(units)
         w, sn, snn, sy, sny = w + 1, sn + n, snn + n * n, sy + y, sny + n * y
         self._sums = [w, sn, snn, sy, sny]
         spread = w * snn - sn * sn
-        if spread > 1e-9 * max(1.0, w * snn):  # batches of different sizes: fit the line
-            slope = (w * sny - sn * sy) / spread
-            self.per_unit = max(slope, 1e-9)
-            self.fixed = max(0.0, (sy - self.per_unit * sn) / w)
-        elif sn > 0:  # one size so far: all of it per unit, beyond the fixed part
-            self.per_unit = max(1e-9, (sy - self.fixed * w) / sn)
-        if exchange is not None:
-            a = self.alpha if self.samples else 1.0  # the first measurement replaces the guess
-            self.exchange += a * (max(exchange, 0.0) - self.exchange)
-            self.samples += 1
+        slope = (w * sny - sn * sy) / spread if spread > 1e-9 * w * snn else 0.0
+        intercept = (sy - slope * sn) / w
+        if slope > 0 and intercept >= 0:  # batches of different sizes: the line
+            self.per_unit, self.fixed = slope, intercept
+        else:  # one size so far, or noise: all of it per unit
+            self.per_unit, self.fixed = max(sy / sn, 1e-9), 0.0
 
 
 @dataclass(frozen=True)
@@ -122,11 +130,18 @@ class _TypeState:
 
 @dataclass
 class VMSchedule:
-    """One VM's low-priority state: the open round's snapshot, costs and waits per type."""
+    """One VM's low-priority state: the open round's snapshot, costs and waits per type.
+
+    ``exchange`` is a moving average of a message's way between the agent and the daemon
+    (half a Request-to-CompleteRequest time, less the agent's work), measured on batches after
+    a round's first only: the first is asked for while the guest still runs.
+    """
 
     snapshot: list[ServiceType] = field(default_factory=list)
     open: bool = False
     costs: dict[ServiceType, CostModel] = field(default_factory=dict)
+    exchange: float = DEFAULT_EXCHANGE
+    exchange_samples: int = 0
     types: dict[ServiceType, _TypeState] = field(default_factory=dict)
     rounds: dict[RoundEnd, int] = field(default_factory=dict)
 
@@ -182,22 +197,22 @@ class LowPriorityScheduler:
         return sorted(ready, key=key)
 
     def choose(
-        self,
-        vm: VMSchedule,
-        now: float,
-        time_left: float,
-        work: Mapping[ServiceType, int],
-        first: bool = False,
+        self, vm: VMSchedule, now: float, time_left: float, work: Mapping[ServiceType, int]
     ) -> Choice | RoundEnd:
         """The next batch, or why the round is over. ``work``: units waiting per type;
-        ``first``: the round's first batch (asked for ahead: no exchange to pay)."""
+        ``time_left``: the time the batch's work may take (its messages' ways deducted)."""
         ordered = self.order(vm, now, work)
         if not ordered:
             return RoundEnd.DONE
         for service in ordered:
-            units = min(work[service], vm.cost(service).units_within(time_left, first))
+            units = min(work[service], vm.cost(service).units_within(time_left))
             if units >= 1:
                 return Choice(service, units)
+        if time_left > 0:
+            for service in ordered:
+                since = vm.type_state(service).waiting_since
+                if since is not None and now - since >= PROBE_AGING_PERIODS * self.aging_seconds:
+                    return Choice(service, 1)  # a probe: re-measure a cost that may be stale
         return RoundEnd.BOUND
 
     def served(self, vm: VMSchedule, service: ServiceType, pages: int, now: float) -> None:
@@ -214,15 +229,21 @@ class LowPriorityScheduler:
         processing: float,
         exchange: float | None,
     ) -> None:
-        """Feed one measured batch into the type's cost model."""
-        vm.cost(service).record(units, processing, exchange)
+        """Feed one measured batch into the type's cost model, and its way (None for a
+        round's first batch) into the VM's exchange."""
+        vm.cost(service).record(units, processing)
+        if exchange is not None:
+            a = EXCHANGE_GAIN if vm.exchange_samples else 1.0  # the first replaces the guess
+            vm.exchange += a * (max(exchange, 0.0) - vm.exchange)
+            vm.exchange_samples += 1
 
     def close_round(
         self, vm: VMSchedule, end: RoundEnd, work: Mapping[ServiceType, int]
     ) -> dict[ServiceType, int]:
-        """End the round; work left when the bound ended it is counted as deferred."""
+        """End the round; work left when the bound ended it (the daemon's sizing, or the
+        agent leaving at its own end of the bound) is counted as deferred."""
         deferred: dict[ServiceType, int] = {}
-        if end is RoundEnd.BOUND:
+        if end in (RoundEnd.BOUND, RoundEnd.LEFT):
             for service in vm.snapshot:
                 left = work.get(service, 0)
                 if left > 0:

@@ -130,13 +130,13 @@ class PlatformMetrics:
         )
         self.lowprio_rounds = Counter(
             "vmmem_platform_lowprio_rounds",
-            "Low-priority rounds, by how they ended (done, bound, preempted, no_slot)",
+            "Low-priority rounds, by how they ended (done, bound, preempted, no_slot, left)",
             ["end"],
             registry=registry,
         )
         self.lowprio_pages = Counter(
             "vmmem_lowprio_work_pages",
-            "Units of low-priority work done (pages handed out or hashed), by service",
+            "Pages handed out in low-priority batches, by service",
             ["service"],
             registry=registry,
         )
@@ -250,12 +250,18 @@ class StateCollector(Collector):
 
 
 def _lowprio_families(server: PlatformServer) -> Iterator[Metric]:
-    """Per-VM working-set estimates, page sharing and low-priority cost models; host sharing."""
+    """Per-VM working-set estimates, page sharing and low-priority cost models; host sharing.
+
+    A scan of each VM's p2m flags per scrape, like the page-state gauges above: scrape time,
+    never a round's.
+    """
+    from .services.page_sharing import PageSharingService
     from .services.sampling import SamplingService
-    from .shared_frames import frames_saved, merged_pages
+    from .shared_frames import frames_saved_by, merged_pages
 
     vms = list(server.vms.values())
     sampling = server.services.get(ServiceType.SAMPLING)
+    sharing = server.services.get(ServiceType.PAGE_SHARING)
     wss = GaugeMetricFamily(
         "vmmem_wss_estimate_pages",
         "Working-set estimate from sampling (max of slow, fast and current), in pages",
@@ -263,6 +269,16 @@ def _lowprio_families(server: PlatformServer) -> Iterator[Metric]:
     )
     shared = GaugeMetricFamily(
         "vmmem_vm_shared_pages", "Pages of the VM that page sharing merged", labels=["vm"]
+    )
+    saved = GaugeMetricFamily(
+        "vmmem_vm_sharing_saved_pages",
+        "Frames the VM saves by sharing: its merged pages less the merged frames that were its",
+        labels=["vm"],
+    )
+    rate = GaugeMetricFamily(
+        "vmmem_vm_sharing_scan_rate_pages",
+        "Pages of the VM the sharing scan hashed per second lately",
+        labels=["vm"],
     )
     cow = CounterMetricFamily(
         "vmmem_vm_cow_breaks", "Writes that broke a merge (copy-on-write)", labels=["vm"]
@@ -274,29 +290,35 @@ def _lowprio_families(server: PlatformServer) -> Iterator[Metric]:
     )
     cost = GaugeMetricFamily(
         "vmmem_lowprio_cost_per_page_seconds",
-        "Moving average of a low-priority type's cost per unit of work, per VM",
+        "Fitted work per page handed out, per VM and low-priority type",
         labels=["vm", "service"],
     )
+    total_merged = 0
     for vm in vms:
         if isinstance(sampling, SamplingService):
             fraction = sampling.estimate_fraction(vm)
             if fraction is not None:
                 wss.add_metric([vm.name], fraction * vm.guest_pages)
-        shared.add_metric([vm.name], merged_pages(vm.p2m))
+        merged = merged_pages(vm.p2m)
+        total_merged += merged
+        shared.add_metric([vm.name], merged)
+        saved.add_metric([vm.name], frames_saved_by(vm.p2m, vm.vm_id, server.shared))
+        if isinstance(sharing, PageSharingService):
+            rate.add_metric([vm.name], sharing.scan_rate(vm))
         cow.add_metric([vm.name], vm.stats.cow_breaks)
         scanned.add_metric([vm.name], vm.stats.sharing_scanned)
         state = server.rounds.get(vm.vm_id)
         if state is not None:
             for service, model in list(state.low.costs.items()):
                 cost.add_metric([vm.name, service.name.lower()], model.per_unit)
-    yield from (wss, shared, cow, scanned, cost)
+    yield from (wss, shared, saved, rate, cow, scanned, cost)
     yield GaugeMetricFamily(
-        "vmmem_sharing_merged_frames",
-        "Frames page sharing merged pages into",
+        "vmmem_sharing_stable_pages",
+        "Frames page sharing merged pages into (KSM's pages_shared)",
         value=server.shared.frames,
     )
     yield GaugeMetricFamily(
-        "vmmem_sharing_frames_saved",
-        "Frames page sharing saves host-wide (merged pages minus merged frames)",
-        value=frames_saved([vm.p2m for vm in vms], server.shared),
+        "vmmem_sharing_saved_pages",
+        "Frames page sharing saves host-wide (merged pages less the frames they share)",
+        value=total_merged - server.shared.frames,
     )

@@ -10,10 +10,8 @@ others. Pages are selected per batch, when the GetRequest arrives.
   ``max_batches`` per type, so every round ends.
 - **Low priority** (best effort): each GetRequest carries the time left in the agent's
   bound; the scheduler (``lowprio.py``) picks the type by class with aging and the batch
-  size from the type's measured cost, so the batch fits. A low-priority round yields at
-  once when high-priority work is pending. A scan that found nothing to hand out (page
-  sharing hashed pages, none matched) goes on within the same GetRequest while time is
-  left, so the agent pays no round trip for it.
+  size from the type's measured cost, so the batch fits. A low-priority round yields to
+  high priority (see ``_high_pending``).
 """
 
 from __future__ import annotations
@@ -27,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.constants import (
+    HIGH_PRIORITY_MASK,
     HIGH_PRIORITY_SERVICES,
     PageState,
     PageStatus,
@@ -80,6 +79,9 @@ class RoundState:
     next_seq: int = 1
     rounds: int = 0
     low: VMSchedule = field(default_factory=VMSchedule)
+    #: High-priority bits still set when the last high round closed: work a round was
+    #: offered and could not finish (every page refused, a target out of reach).
+    high_attended: int = 0
 
 
 @dataclass
@@ -155,7 +157,7 @@ class RoundEngine:
             state.turn += 1
             return self._issue(vm, state, stype, slot_index, bpns, mpns, self.clock() - t0)
         state.open = False
-        self.refresh_pending(vm)
+        state.high_attended = self.refresh_pending(vm) & HIGH_PRIORITY_MASK
         return _ROUND_OVER
 
     # ---- low priority ---------------------------------------------------------------------
@@ -166,33 +168,33 @@ class RoundEngine:
             if low.open:  # the agent ended the last round itself (its bound, or high priority)
                 self._close_low(vm, state, RoundEnd.LEFT, received)
             word = self.refresh_pending(vm)
-            now = self.clock()
-            for svc in self.low_services.values():
-                svc.on_round_open(vm, now)
-            sched.open_round(low, now, [s for s in self.low_services if word & s.bit])
+            sched.open_round(low, self.clock(), [s for s in self.low_services if word & s.bit])
             self.on_round_open(Priority.LOW)
-        if self._high_pending(vm):  # high priority pre-empts low, whatever the snapshot says
+        if self._high_pending(vm, state):
             return self._close_low(vm, state, RoundEnd.PREEMPTED, received)
-        deadline = received + msg.budget_us / 1e6
+        # A round's first request is asked for while the guest runs, and the bound starts
+        # when its batch reaches the agent: the whole budget is for the batch's work. A later
+        # request came on the guest's time, and its batch goes back on it: two ways less.
         first = msg.new_round
+        budget = msg.budget_us / 1e6
+        if not first:
+            budget -= 2 * low.exchange
         while True:
             now = self.clock()
             work = self._low_work(vm, low, now)
-            choice = sched.choose(low, now, deadline - now, work, first)
+            time_left = budget if first else budget - (now - received)
+            choice = sched.choose(low, now, time_left, work)
             if isinstance(choice, RoundEnd):
                 return self._close_low(vm, state, choice, received, work)
             slot_index = self._free_slot(vm, state)
             if slot_index is None:
                 return self._close_low(vm, state, RoundEnd.NO_SLOT, received, work)
             svc = self.low_services[choice.service]
-            capacity = vm.region.slot_capacity
-            sel = svc.select_work(vm, capacity, choice.units, now)
+            sel = svc.select_work(vm, vm.region.slot_capacity, choice.units, now)
             seconds = self.clock() - now
             if len(sel.bpns) == 0:
-                # Work without a batch (a scan that found nothing): costed, and the round
-                # goes on here; a type that did nothing at all leaves the snapshot.
-                sched.record(low, choice.service, sel.work, seconds, None)
-                self.on_low_work(choice.service, sel.work, seconds)
+                # Every candidate popped was stale (the guest changed or released the page
+                # meanwhile); a type that did nothing at all leaves the snapshot.
                 if sel.work == 0:
                     low.snapshot.remove(choice.service)
                 continue
@@ -209,10 +211,13 @@ class RoundEngine:
                 sel.work,
                 first,
             )
-            # When nothing could follow this batch in the time left, say so: the agent then
-            # does not spend a round trip to hear that the round is over.
+            # When nothing could follow this batch in the time left (a later batch needs its
+            # two ways too), say so: the agent then does not spend a round trip to hear that
+            # the round is over.
             after = self.clock()
-            left = deadline - after - low.cost(choice.service).estimate(sel.work, first)
+            left = time_left - low.cost(choice.service).estimate(sel.work) - 2 * low.exchange
+            if not first:
+                left -= after - now
             work = self._low_work(vm, low, after)
             end = sched.choose(low, after, left, work)
             if isinstance(end, RoundEnd):
@@ -220,10 +225,18 @@ class RoundEngine:
                 return replace(req, flags=REQUEST_FLAG_LAST)
             return req
 
-    def _high_pending(self, vm: VM) -> bool:
-        return any(
-            self.services[s].has_work(vm) for s in HIGH_PRIORITY_SERVICES if s in self.services
-        )
+    def _high_pending(self, vm: VM, state: RoundState) -> bool:
+        """High priority pre-empts low: while a high round runs, and while high-priority work
+        is pending that no high round has been offered since it appeared. Work a high round
+        left pending (it could not make progress) does not stop low-priority work: neither
+        class can starve the other."""
+        if state.open:
+            return True
+        word = 0
+        for s in HIGH_PRIORITY_SERVICES:
+            if s in self.services and self.services[s].has_work(vm):
+                word |= s.bit
+        return bool(word & ~state.high_attended)
 
     def _low_work(self, vm: VM, low: VMSchedule, now: float) -> dict[ServiceType, int]:
         return {s: self.low_services[s].pending_work(vm, now) for s in low.snapshot}

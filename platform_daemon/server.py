@@ -441,6 +441,7 @@ class PlatformServer:
         self.machine.release_or_retire(frames)
         shared = p2m.frame[(p2m.flags & FLAG_SHARED) != 0]
         self.shared.unref(shared[self.shared.refs[shared] > 0])  # zero frames are not counted
+        self.shared.origin[self.shared.origin == vm.vm_id] = -1  # its frames live on, unowned
         self.memsched.on_vm_gone(vm)
         if self.swap is not None:
             self.swap.release(p2m.swap_slot[p2m.swap_slot >= 0])

@@ -38,6 +38,8 @@ class SharedFrames:
         self.joined = np.zeros(machine.host_pages, dtype=bool)
         #: For a new merged frame: the scan pass of its first sharer's VM when it was made.
         self.born = np.zeros(machine.host_pages, dtype=np.int64)
+        #: The VM whose page a merged frame was (its frame became the shared one).
+        self.origin = np.full(machine.host_pages, -1, dtype=np.int32)
         self.by_hash: dict[int, int] = {}
         self.hash_of: dict[int, int] = {}
         #: Merged frames currently in use (refs > 0).
@@ -75,6 +77,7 @@ class SharedFrames:
 
     def create(self, mpn: int, content_hash: int, sharers: int) -> None:
         """Turn the used frame ``mpn`` into a merged frame mapped by ``sharers`` pages."""
+        self.origin[mpn] = self.machine.owner_vm[mpn]
         self.refs[mpn] = sharers
         self.joined[mpn] = sharers >= 2
         self.frames += 1
@@ -117,6 +120,8 @@ class SharedFrames:
         """Content and sharers of ``old`` now live in ``new`` (retiring a failing frame)."""
         self.refs[new], self.refs[old] = self.refs[old], 0
         self.joined[new], self.joined[old] = self.joined[old], False
+        self.born[new] = self.born[old]
+        self.origin[new] = self.origin[old]
         self.machine.owner_vm[new] = SHARED_OWNER
         content_hash = self.hash_of.pop(old, None)
         if content_hash is not None:
@@ -144,3 +149,13 @@ def frames_saved(p2ms: list[P2M], shared: SharedFrames) -> int:
     one. Summed: all merged pages minus the merged frames in use.
     """
     return sum(merged_pages(p) for p in p2ms) - shared.frames
+
+
+def frames_saved_by(p2m: P2M, vm_id: int, shared: SharedFrames) -> int:
+    """Frames one VM saves: its merged pages, less the merged frames that were its own pages.
+
+    Summed over the VMs this is ``frames_saved``: each merged frame is counted once, against
+    the VM whose page it was.
+    """
+    own = np.count_nonzero((shared.origin == vm_id) & (shared.refs > 0))
+    return merged_pages(p2m) - int(own)

@@ -20,7 +20,8 @@ daemon, the last 64 by the agent (one writer per word)::
     64     8    report_sample_id    agent   the sample its counters below are about
     72     4    report_armed        agent   pages of that sample the monitor watches
     76     4    report_touched      agent   of those, pages the guest touched since armed
-    80     48   reserved (0)
+    80     8    guest_progress_us   agent   guest time so far (not stalled on the platform), µs
+    88     40   reserved (0)
 
 Then K slots, each ``slot_size(C)`` bytes, 8-byte aligned. Slot layout::
 
@@ -170,6 +171,7 @@ class ControlRegion:
         self._pending = np.frombuffer(buf, "<u4", 1, _PENDING_OFFSET)
         self._words = np.frombuffer(buf, "<u8", 5, 32)  # targets, guest_pages, sample_id, report id
         self._report = np.frombuffer(buf, "<u4", 2, 72)  # report_armed, report_touched
+        self._progress = np.frombuffer(buf, "<u8", 1, 80)
         step = slot_size(capacity)
         self.slots = [
             PageListSlot(buf, REGION_HEADER_SIZE + i * step, capacity, i) for i in range(slot_count)
@@ -255,6 +257,15 @@ class ControlRegion:
         """
         armed, touched = int(self._report[0]), int(self._report[1])
         return int(self._words[4]), armed, touched
+
+    @property
+    def guest_progress(self) -> float:
+        """Agent: seconds the guest has made progress so far (the clock of sampling periods)."""
+        return int(self._progress[0]) / 1e6
+
+    @guest_progress.setter
+    def guest_progress(self, seconds: float) -> None:
+        self._progress[0] = max(0, int(seconds * 1e6))
 
     def write_sample_report(self, sample_id: int, armed: int, touched: int) -> None:
         """Agent: its watch counters for ``sample_id`` (each word has a single writer)."""

@@ -137,9 +137,66 @@ def test_latency_scenario_gives_each_vm_its_own_bound(short_tmp: Path, mem_dir: 
         assert bounds == {0: 0.008, 1: 0.004}
         for vm in lowprio["vms"].values():
             assert vm["rounds"] > 0
-            assert vm["time_used_per_second"] > 0
-        assert lowprio["overrun_p99_fraction"] >= 0
+            # Rounds ran, and took the guest out for no more than the bound allows a second
+            # (overruns are machine tails: measured by benchmarks/lowprio.py, not asserted).
+            assert 0 < vm["time_used_per_second"] <= vm["bound_per_second"], vm
         # The agents' sensitivities were restored after the run.
         for name in ("a", "b"):
             summary = asyncio.run(ctl(d.control_socket(name), "lowprio"))
             assert summary["latency_sensitivity"] == 0
+
+
+@pytest.mark.timeout(180)
+def test_sampling_estimate_is_not_biased_by_swapping(short_tmp: Path, mem_dir: Path) -> None:
+    """The same phases on a host limited below the guest's larger working sets: pages are
+    swapped out and back in during the run, and the estimate still follows the true working
+    set (a sampled page that was swapped out is still watched, and its next touch counted)."""
+    with daemons(short_tmp, mem_dir) as d:
+        d.start_platform(
+            "--host-memory",
+            "64MiB",
+            "--sample-seed",
+            "5",
+            "--swap-file",
+            str(short_tmp / "swap"),
+            "--swap-size",
+            "64MiB",
+        )
+        d.start_agent("a", memory="32MiB")
+        out = short_tmp / "r.json"
+        res = run_load(
+            "--socket",
+            str(d.socket),
+            "--scenario",
+            "sampling",
+            "--sample-pages",
+            "1000",
+            "--host-limit",
+            "20MiB",
+            "--sample-period",
+            "0.2",
+            "--duration",
+            "20",
+            "--json",
+            str(out),
+            "--no-progress",
+        )
+        assert res.returncode == 0, res.stdout + res.stderr
+        report = load_json(out)
+        assert report["verification"]["mismatches"] == 0
+        assert report["swap"]["pages_out"] > 1000 and report["swap"]["pages_in"] > 1000
+        sampling = report["sampling"]
+        # Periods run on guest time, which a guest waiting on the platform (first touches of
+        # a new working set, swap-ins) gets little of: such phases see fewer periods, the 70
+        # and 90 % ones maybe none in 5 s. The 35 % phase comes back to pages the 70 % one
+        # pushed out to swap (the host holds 60 % of the guest): it is measured.
+        phases = {name: per_vm["a"] for name, per_vm in sampling["phases"].items()}
+        assert phases["ws20"]["periods"] >= 1 and phases["ws35"]["periods"] >= 1, phases
+        phases = {name: p for name, p in phases.items() if p["periods"]}
+        # The last period of each phase: the bias this guards against (counting only
+        # resident pages) would miss every touch of a swapped page, tens of % of guest
+        # memory in the swapping phases; the estimate may still be catching up on a change
+        # of phase, hence the margin.
+        for name, p in phases.items():
+            error = abs(p["estimate"][-1] - p["truth"][-1])
+            assert error <= 0.15, (name, p)

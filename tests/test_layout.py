@@ -126,6 +126,9 @@ def test_sample_words_write_through() -> None:
     assert u("I", buf, 72) == 100
     assert u("I", buf, 76) == 37
     assert buf[80:128] == bytes(48)
+    region.guest_progress = 12.5
+    assert u("Q", buf, 80) == 12_500_000 and region.guest_progress == 12.5
+    assert buf[88:128] == bytes(40)
     struct.pack_into("<QII", buf, 64, 9, 5, 4)  # written by the other process
     assert region.read_sample_report() == (9, 5, 4)
     assert region.sample_id == 0x0102030405060708

@@ -39,12 +39,12 @@ from shared.messages import (
     Message,
     Request,
 )
-from shared.timebound import bound_for
+from shared.timebound import TICK_SECONDS, bound_for
 from vmm_agent.batches import BatchProcessor
 from vmm_agent.exposure import ExposureTable
 from vmm_agent.fault_path import FaultPath
 from vmm_agent.guest_time import GuestGate, GuestProgress, ProgressMeter
-from vmm_agent.lowprio import MIN_PROGRESS, RTT_WINDOW, LowPriorityLoop, RoundRecord
+from vmm_agent.lowprio import MAX_CREDIT, RTT_WINDOW, LowPriorityLoop, RoundRecord
 from vmm_agent.monitor import MonitorQueue, MonitorTask, TaskCost
 from vmm_agent.rounds import HighPriorityLoop
 from vmm_agent.sampler import Sampler
@@ -898,6 +898,8 @@ class Rig:
         return task
 
     async def tick(self) -> RoundRecord | None:
+        """The next 10 Hz tick: 100 ms of (virtual) time since the last one."""
+        self.clock.advance(TICK_SECONDS)
         return await self.loop.tick(self.clock.now)
 
     def sent_at(self) -> list[float]:
@@ -961,44 +963,179 @@ async def test_monitor_work_alone_starts_a_round() -> None:
     assert record.used == pytest.approx(20 * 10 * US)
 
 
-@pytest.mark.timeout(10)
-async def test_stalled_guest_gets_no_round() -> None:
-    """A guest stalled for (nearly) the whole last tick (progress below MIN_PROGRESS) gets
-    no round, even with work on both sides: "stalled", no message."""
-    rig = Rig([(work(), 1 * MS)])
-    rig.region.pending = low_bit()
-    rig.progress.vcpu_started()
+def stall(rig: Rig) -> None:
+    """From now on every running vCPU of the guest waits on the platform (one vCPU, blocked
+    on a fault): the guest makes no progress until ``resume``."""
+    if rig.progress.running == 0:
+        rig.progress.vcpu_started()
     rig.progress.wait_begins()
-    rig.clock.advance(0.1 * (1 - MIN_PROGRESS / 2))
+
+
+def resume(rig: Rig) -> None:
+    """The fault is answered: the guest progresses again."""
     rig.progress.wait_ends()
-    rig.clock.advance(0.1 * MIN_PROGRESS / 2)
-    assert await rig.tick() is None
-    assert rig.loop.outcomes == {"stalled": 1}
-    assert rig.link.gets == [] and not rig.gate.closed
-    assert rig.loop.last_bound < rig.loop.bound * MIN_PROGRESS
+
+
+async def half_progress_tick(rig: Rig) -> RoundRecord | None:
+    """A tick 100 ms after the last, the guest stalled for the first half of them (the
+    round's exchanges must cost no time for the half to be exact)."""
+    stall(rig)
+    rig.clock.advance(TICK_SECONDS / 2)
+    resume(rig)
+    rig.clock.advance(TICK_SECONDS / 2)
+    return await rig.loop.tick(rig.clock.now)
 
 
 @pytest.mark.timeout(10)
-async def test_half_stalled_guest_gets_half_the_bound() -> None:
-    """A guest stalled for half of the last tick gets half the bound: the round's bound and
-    the first GetRequest's ``budget_us`` are half of the full bound."""
-    rig = Rig([(work(flags=REQUEST_FLAG_LAST), 0.1 * MS)])
+async def test_stalled_guest_gets_no_round_and_no_progress() -> None:
+    """A guest stalled for the whole of each tick (every running vCPU blocked on a fault)
+    earns no credit: even with work on both sides the ticks are "stalled", send no message
+    and never close the gate, and the guest progress reported in the control region does not
+    advance. Once the guest progresses for a tick, that tick runs a round and the region
+    counts the tick's progress; a stall after it again runs nothing and adds nothing."""
+    rig = Rig([(work(flags=REQUEST_FLAG_LAST), 1 * MS)])
+    rig.add_task(FakeTask("arm", rig.clock, 10 * US, 5))
     rig.region.pending = low_bit()
-    rig.progress.vcpu_started()
-    rig.progress.wait_begins()
-    rig.clock.advance(0.05)
-    rig.progress.wait_ends()
-    rig.clock.advance(0.05)
+    stall(rig)
+    for _ in range(5):
+        assert await rig.tick() is None
+    assert rig.loop.outcomes == {"stalled": 5}
+    assert rig.link.gets == [] and rig.gate.closes == 0 and not rig.gate.closed
+    assert rig.region.guest_progress == 0.0
+    assert rig.loop.credit == 0.0
+
+    resume(rig)
+    resumed_at = rig.clock.now
     record = await rig.tick()
     assert record is not None and record.outcome == "done"
+    assert len(rig.link.gets) == 1 and rig.gate.closes == 1
+    assert rig.region.guest_progress == pytest.approx(TICK_SECONDS, abs=2 * US)
+
+    # After the round: the guest progressed until now, less the round (the guest was exited).
+    stall(rig)
+    progressed = rig.clock.now - resumed_at - record.used
+    rig.link.script = [(work(seq=2), 1 * MS)]
+    rig.add_task(FakeTask("arm2", rig.clock, 10 * US, 5))
+    for _ in range(3):
+        assert await rig.tick() is None
+        assert rig.region.guest_progress == pytest.approx(progressed, abs=2 * US)
+    assert rig.loop.outcomes == {"stalled": 8, "done": 1}
+    assert len(rig.link.gets) == 1 and rig.gate.closes == 1 and not rig.gate.closed
+
+
+@pytest.mark.timeout(10)
+async def test_an_empty_tick_keeps_its_credit() -> None:
+    """A tick whose first answer is "round over", with no monitor work, never exits the guest:
+    its credit is not spent, so the next tick with work runs even if the guest made no
+    progress in between."""
+    rig = Rig([(end(), 1 * MS), (work(flags=REQUEST_FLAG_LAST), 1 * MS)])
+    rig.region.pending = low_bit()
+    assert await rig.tick() is None
+    assert rig.loop.outcomes == {"empty": 1}
+    stall(rig)
+    record = await rig.tick()
+    assert record is not None and record.outcome == "done"
+
+
+@pytest.mark.timeout(10)
+async def test_half_stalled_guest_gets_a_full_round_every_other_tick() -> None:
+    """A guest stalled for half of every tick earns half a round's credit per tick: it gets
+    a round every other tick, each with the FULL bound (the round's bound, ``last_bound``
+    and the first GetRequest's ``budget_us``), and "stalled" ticks in between that send
+    nothing. The control region's guest progress grows by half a tick (50 ms) per tick."""
+    rig = Rig()
+    rig.region.pending = low_bit()
     full = bound_for(0)
     assert rig.loop.bound == full
-    assert record.bound == pytest.approx(full / 2)
-    assert rig.loop.last_bound == pytest.approx(full / 2)
-    assert len(rig.link.gets) == 1
-    msg, _ = rig.link.gets[0]
-    assert msg.flags == GET_FLAG_NEW_ROUND
-    assert abs(msg.budget_us - full / 2 * 1e6) <= 1
+    results: list[bool] = []
+    for i in range(8):
+        rig.link.script = [(work(seq=i + 1, flags=REQUEST_FLAG_LAST), 0.0)]
+        gets = len(rig.link.gets)
+        record = await half_progress_tick(rig)
+        results.append(record is not None)
+        if record is None:
+            assert len(rig.link.gets) == gets, "a stalled tick sent a GetRequest"
+        else:
+            assert record.outcome == "done"
+            assert record.bound == full
+            assert rig.loop.last_bound == full
+            msg, _ = rig.link.gets[-1]
+            assert len(rig.link.gets) == gets + 1
+            assert msg.flags == GET_FLAG_NEW_ROUND
+            assert msg.budget_us == round(full * 1e6)
+        assert rig.region.guest_progress == pytest.approx((i + 1) * TICK_SECONDS / 2, abs=2 * US)
+    assert results == [False, True] * 4
+    assert rig.loop.outcomes == {"stalled": 4, "done": 4}
+    assert rig.gate.closes == 4 and not rig.gate.closed
+
+
+@pytest.mark.timeout(10)
+async def test_credit_is_capped_so_no_burst_of_rounds_follows() -> None:
+    """Credit banked by progress without rounds is capped at MAX_CREDIT (two rounds):
+    rounds never come faster than one per tick, and after a long spell without rounds a
+    guest that then stalls gets at most the two banked rounds, not one for every tick it
+    progressed. Both ways of banking are capped: a tick arriving late after a long stretch
+    of progress, and a long run of "idle" ticks (credit, but nothing to do). A long stall of
+    the guest banks nothing: when it progresses again, it gets one round per tick."""
+    rig = Rig()
+    rig.add_task(FakeTask("arm", rig.clock, 10 * US, 1_000_000))  # work on every tick
+
+    # A late tick, 2 s after the last, the guest progressing all along: one round.
+    rig.clock.advance(2.0)
+    assert await rig.loop.tick(rig.clock.now) is not None
+    assert rig.loop.credit <= MAX_CREDIT
+    stall(rig)
+    ran = [await rig.tick() is not None for _ in range(10)]
+    assert ran == [True] + [False] * 9, "more rounds than the capped credit holds"
+    assert len(rig.loop.records) == 2 and rig.gate.closes == 2
+
+    # A long stall banks nothing: progress resumes with one round per tick, no burst.
+    resume(rig)
+    for i in range(5):
+        closes = rig.gate.closes
+        assert await rig.tick() is not None
+        assert rig.gate.closes == closes + 1, f"tick {i}: not exactly one round"
+        assert rig.loop.credit <= MAX_CREDIT
+
+    # A long idle spell (nothing queued anywhere) with the guest progressing: capped too.
+    rig.monitor.tasks.clear()
+    for _ in range(20):
+        assert await rig.tick() is None
+        assert rig.loop.credit <= MAX_CREDIT
+    assert rig.loop.outcomes["idle"] == 20
+    stall(rig)
+    rig.region.pending = low_bit()
+    rig.link.script = [(work(seq=i, flags=REQUEST_FLAG_LAST), 1 * MS) for i in range(20)]
+    records = len(rig.loop.records)
+    ran = [await rig.tick() is not None for _ in range(10)]
+    assert ran == [True, True] + [False] * 8, "more rounds than the capped credit holds"
+    assert len(rig.loop.records) == records + 2
+    assert len(rig.link.gets) == 2
+    assert rig.loop.outcomes["stalled"] == 8 + 9
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("outcome", ["idle", "preempted"])
+async def test_idle_and_preempted_ticks_do_not_consume_credit(outcome: str) -> None:
+    """An "idle" tick (nothing to do) or a "preempted" one (high-priority work) runs no
+    round and spends no credit: the guest's progress in that tick still buys the next tick
+    with work its round, though the guest made no progress since."""
+    rig = Rig([(work(flags=REQUEST_FLAG_LAST), 1 * MS)])
+    if outcome == "preempted":
+        rig.region.pending = low_bit() | ServiceType.PAGE_RETIRE.bit
+    assert await rig.tick() is None  # the guest progressed the whole tick
+    assert rig.loop.outcomes == {outcome: 1}
+    assert rig.link.gets == [] and rig.gate.closes == 0
+    credit = rig.loop.credit
+    assert credit == pytest.approx(TICK_SECONDS)
+    stall(rig)
+    rig.region.pending = low_bit()
+    record = await rig.tick()
+    assert record is not None and record.outcome == "done", "the credit was spent"
+    assert rig.loop.outcomes == {outcome: 1, "done": 1}
+    assert len(rig.link.gets) == 1 and rig.gate.closes == 1
+    assert await rig.tick() is None  # now it is spent, and the guest is still stalled
+    assert rig.loop.outcomes == {outcome: 1, "done": 1, "stalled": 1}
 
 
 @pytest.mark.timeout(10)
@@ -1017,6 +1154,21 @@ async def test_high_priority_pending_runs_no_round_and_kicks_the_high_loop(how: 
     assert rig.link.gets == []
     assert rig.high.wake.is_set()
     assert not rig.gate.closed
+
+
+@pytest.mark.timeout(10)
+async def test_high_work_the_high_loop_could_not_finish_does_not_stop_low_rounds() -> None:
+    """A high bit still set when the high loop's last round ended (work it was offered and
+    could not finish) does not hold low-priority work back; a high bit that appears after
+    that round pre-empts again."""
+    rig = Rig([(work(flags=REQUEST_FLAG_LAST), 1 * MS)])
+    rig.region.pending = low_bit() | ServiceType.SWAP.bit
+    rig.high.attended = ServiceType.SWAP.bit  # the last high round ended with swap pending
+    record = await rig.tick()
+    assert record is not None and record.outcome == "done"
+    rig.region.pending |= ServiceType.PAGE_RETIRE.bit
+    assert await rig.tick() is None
+    assert rig.loop.outcomes["preempted"] == 1
 
 
 @pytest.mark.timeout(10)
@@ -1069,9 +1221,10 @@ async def test_no_get_request_after_the_bound_and_overrun_at_most_one_batch(
     rig = Rig([(work(seq=i), c) for i, c in enumerate(costs, start=1)])
     rig.region.pending = low_bit()
     bound = rig.loop.bound
-    t0 = rig.clock.now
+    t0 = rig.clock.now + TICK_SECONDS  # the tick's time
     record = await rig.tick()
     assert record is not None and record.outcome == "bound"
+    assert rig.link.gets[0][1] == pytest.approx(t0), "the first GetRequest was not sent at the tick"
     assert record.started == pytest.approx(t0 + costs[0]), "the bound did not start at the answer"
     sent = rig.sent_at()
     n = len(sent)
@@ -1098,10 +1251,13 @@ async def test_no_get_request_when_the_time_left_is_exactly_zero(last: bool) -> 
     the bound ends "bound" too."""
     half = bound_for(0) / 2  # 0.004 + 0.004 == 0.008 exactly in binary
     flags = [0, 0, REQUEST_FLAG_LAST if last else 0, 0]
-    rig = Rig([(work(seq=i, flags=f), half) for i, f in enumerate(flags, start=1)])
+    steps = [(work(seq=i, flags=f), half) for i, f in enumerate(flags, start=1)]
+    # The tick comes at t = 0 exactly, so the clock's sums are the exact ones above.
+    rig = Rig(steps, clock=FakeClock(start=-TICK_SECONDS))
     rig.region.pending = low_bit()
     record = await rig.tick()
     assert record is not None
+    assert rig.link.gets[0][1] == 0.0
     assert rig.loop.rtt() == 0.0
     assert record.started == half  # the first exchange is before the bound
     assert record.used == rig.loop.bound and record.overrun == 0.0
@@ -1173,13 +1329,14 @@ async def test_first_exchange_is_made_with_the_gate_open_and_not_counted_in_used
     rig.recorder.hooks.append(lambda r: gate_at.append((f"batch {r.seq}", rig.gate.closed)))
     rig.region.pending = low_bit()
     bound = rig.loop.bound
+    tick_at = rig.clock.now + TICK_SECONDS
     record = await rig.tick()
     assert record is not None
     assert gate_at == [("get 1", False), ("batch 1", True)]
     assert rig.gate.closes == 1 and not rig.gate.closed
     msg, sent = rig.link.gets[0]
-    assert (msg.flags, msg.budget_us, sent) == (GET_FLAG_NEW_ROUND, round(bound * 1e6), 0.0)
-    assert record.started == pytest.approx(50 * MS)
+    assert (msg.flags, msg.budget_us, sent) == (GET_FLAG_NEW_ROUND, round(bound * 1e6), tick_at)
+    assert record.started == pytest.approx(tick_at + 50 * MS)
     assert record.used == pytest.approx(1 * MS), "the first exchange was counted in the bound"
     assert record.outcome == "done" and record.overrun == 0.0
     assert (record.batches, record.pages) == (1, 5)
@@ -1379,7 +1536,7 @@ async def test_gate_is_closed_during_the_round_and_open_after_it() -> None:
 
     rig.link.hooks.append(at_request)
     rig.region.pending = low_bit()
-    sent = clock.now
+    sent = clock.now + TICK_SECONDS  # the tick's time: the first GetRequest goes at once
     record = await rig.tick()
     assert record is not None and record.outcome == "done"
     assert seen[:2] == [("get 1", False), ("batch 1", True)], seen
@@ -1427,26 +1584,27 @@ async def test_round_records_outcomes_time_used_and_summary() -> None:
     bound = rig.loop.bound
     assert bound == bound_for(1) == 0.004
 
-    assert await rig.tick() is None  # idle
+    assert await rig.tick() is None  # idle, at t = 0.1
     rig.region.pending = low_bit()
     rig.progress.vcpu_started()  # last progress at t = 0
-    rig.clock.advance(0.1)
     rig.link.script = [(work(seq=1, count=3), 1 * MS), (end(daemon_us=100), 0.3 * MS)]
     done = await rig.tick()
     assert done is not None
     rig.link.script = [(end(), 0.1 * MS)]
     assert await rig.tick() is None  # empty: the platform had nothing after all
-    rig.progress.last_progress = rig.clock.now + 0.01  # thinking: no gap
+    # Thinking: progress is due after the next tick's first answer, so no gap.
+    rig.progress.last_progress = rig.clock.now + TICK_SECONDS + 0.01
     rig.link.script = [(work(seq=i, count=2), 1.5 * MS) for i in range(2, 10)]
     bounded = await rig.tick()
     assert bounded is not None
 
     assert (done.bound, done.outcome, done.batches, done.pages) == (bound, "done", 1, 3)
-    assert done.started == pytest.approx(0.101), "the round did not start at the first answer"
-    assert done.used == pytest.approx(0.3 * MS) and done.gap == pytest.approx(0.101)
+    # Ticks at 0.1 (idle), 0.2 (done), 0.2013 + 0.1 (empty), 0.3014 + 0.1 (bounded).
+    assert done.started == pytest.approx(0.201), "the round did not start at the first answer"
+    assert done.used == pytest.approx(0.3 * MS) and done.gap == pytest.approx(0.201)
     assert done.cpu >= 0.0 and bounded.cpu >= 0.0
     # The first exchange (1.5 ms) is outside; then 0, 1.5, 3 ms (1 ms left >= 0.2 ms).
-    assert bounded.started == pytest.approx(0.1 + 1.3 * MS + 0.1 * MS + 1.5 * MS)
+    assert bounded.started == pytest.approx(0.4 + 1.3 * MS + 0.1 * MS + 1.5 * MS)
     assert bounded.outcome == "bound" and bounded.gap == 0.0
     assert (bounded.batches, bounded.pages) == (4, 8)
     assert bounded.used == pytest.approx(4.5 * MS)

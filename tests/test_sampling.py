@@ -59,8 +59,17 @@ def make_service(pages: int = 100, period: float = 30.0) -> tuple[SamplingServic
     return SamplingService(ctx), now
 
 
+def at(vm: FakeVM, progress: float) -> float:
+    """The agent reports ``progress`` seconds of guest time; the daemon's clock reads the
+    same (sampling periods run on guest time, the records on the daemon's clock)."""
+    vm.region.guest_progress = progress
+    return progress
+
+
 def hand_out(svc: SamplingService, vm: FakeVM, now: float) -> np.ndarray:
-    """Everything the current sample still has to hand out, as the engine would ask."""
+    """Everything the current sample still has to hand out, as the engine would ask, with
+    the guest's progress at ``now``."""
+    at(vm, now)
     out = []
     while (n := svc.pending_work(vm, now)) > 0:  # type: ignore[arg-type]
         sel = svc.select_work(vm, 512, n, now)  # type: ignore[arg-type]
@@ -94,12 +103,12 @@ def test_sample_is_handed_out_with_its_id_first() -> None:
     sample id set before the first batch, then nothing more until the period ends."""
     svc, _ = make_service(pages=1000)
     vm = make_vm()
-    assert svc.pending_work(vm, 0.0) == 1000  # type: ignore[arg-type]
+    assert svc.pending_work(vm, at(vm, 0.0)) == 1000  # type: ignore[arg-type]
     pages = hand_out(svc, vm, 0.0)
     assert len(pages) == 1000 == len(np.unique(pages))
     assert pages.min() >= 0 and pages.max() < GUEST_PAGES
     assert vm.region.sample_id == svc.vms[1].sample_id != 0
-    assert svc.pending_work(vm, 29.9) == 0  # type: ignore[arg-type]
+    assert svc.pending_work(vm, at(vm, 29.9)) == 0  # type: ignore[arg-type]
 
 
 @pytest.mark.timeout(10)
@@ -112,7 +121,7 @@ def test_period_end_harvests_the_monitor_report() -> None:
     first = vm.region.sample_id
     vm.region.write_sample_report(first, 100, 40)  # the agent's words
     assert svc.estimate_fraction(vm) == pytest.approx(0.4)  # type: ignore[arg-type]
-    assert svc.pending_work(vm, 10.0) == 100  # type: ignore[arg-type]
+    assert svc.pending_work(vm, at(vm, 10.0)) == 100  # type: ignore[arg-type]
     hand_out(svc, vm, 10.0)
     assert vm.region.sample_id != first
     (record,) = svc.history(vm)  # type: ignore[arg-type]
@@ -123,6 +132,35 @@ def test_period_end_harvests_the_monitor_report() -> None:
 
 
 @pytest.mark.timeout(10)
+def test_the_fraction_is_over_the_pages_the_monitor_armed() -> None:
+    """When the monitor armed only part of the sample before the period ended (its rounds did
+    not get through it), the fraction is touched over armed, not over the sample's size."""
+    svc, _ = make_service(pages=200, period=10.0)
+    vm = make_vm()
+    hand_out(svc, vm, 0.0)
+    vm.region.write_sample_report(vm.region.sample_id, 50, 25)
+    svc.pending_work(vm, at(vm, 10.0))  # type: ignore[arg-type]
+    assert svc.history(vm)[-1]["estimate"] == pytest.approx(0.5)  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(10)
+def test_the_sample_id_is_set_before_the_first_batch_of_a_sample() -> None:
+    """The region's sample id names the new sample as soon as its first batch is handed out
+    (the monitor reads it with that batch), not once the whole sample is out."""
+    svc, _ = make_service(pages=1000, period=10.0)
+    vm = make_vm()
+    svc.pending_work(vm, at(vm, 0.0))  # type: ignore[arg-type]
+    svc.select_work(vm, 512, 512, 0.0)  # type: ignore[arg-type]
+    assert vm.region.sample_id == svc.vms[1].sample_id != 0
+    first = vm.region.sample_id
+    svc.select_work(vm, 512, 512, 0.0)  # type: ignore[arg-type]
+    svc.pending_work(vm, at(vm, 10.0))  # type: ignore[arg-type]
+    assert vm.region.sample_id == first  # the next id appears with the next sample's batch
+    svc.select_work(vm, 512, 512, 10.0)  # type: ignore[arg-type]
+    assert vm.region.sample_id == svc.vms[1].sample_id != first
+
+
+@pytest.mark.timeout(10)
 def test_a_period_the_monitor_never_armed_is_missed_not_zero() -> None:
     """When the report is about another sample (the monitor never got this one: its rounds
     did not run), the period is counted as missed and leaves the estimate alone."""
@@ -130,9 +168,9 @@ def test_a_period_the_monitor_never_armed_is_missed_not_zero() -> None:
     vm = make_vm()
     hand_out(svc, vm, 0.0)
     vm.region.write_sample_report(vm.region.sample_id, 100, 50)
-    svc.pending_work(vm, 10.0)  # type: ignore[arg-type]
+    svc.pending_work(vm, at(vm, 10.0))  # type: ignore[arg-type]
     before = svc.vms[1].estimate.samples
-    svc.pending_work(vm, 20.0)  # type: ignore[arg-type]  # nothing handed out, nothing armed
+    svc.pending_work(vm, at(vm, 20.0))  # type: ignore[arg-type]  # nothing handed out, nothing armed
     assert svc.vms[1].estimate.samples == before
     assert svc.history(vm)[-1]["estimate"] is None  # type: ignore[arg-type]
     registry = svc.ctx.metrics.registry
@@ -146,7 +184,24 @@ def test_a_shorter_period_takes_effect_for_the_current_sample() -> None:
     vm = make_vm()
     hand_out(svc, vm, 0.0)
     svc.configure(period=1.0)
-    assert svc.pending_work(vm, 1.0) == 10  # type: ignore[arg-type]
+    assert svc.pending_work(vm, at(vm, 1.0)) == 10  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(10)
+def test_periods_run_on_guest_time() -> None:
+    """A sampling period ends after ``period`` seconds of the guest's progress (what the
+    agent reports), however long that takes on the daemon's clock: a stalled guest's sample
+    stays out until it has had its time."""
+    svc, _ = make_service(pages=10, period=1.0)
+    vm = make_vm()
+    hand_out(svc, vm, 0.0)
+    first = vm.region.sample_id
+    vm.region.guest_progress = 0.5
+    assert svc.pending_work(vm, 100.0) == 0  # type: ignore[arg-type]  # 100 s, 0.5 s of guest
+    vm.region.guest_progress = 1.0
+    assert svc.pending_work(vm, 101.0) == 10  # type: ignore[arg-type]
+    (record,) = svc.history(vm)  # type: ignore[arg-type]
+    assert record["sample_id"] == first and record["ended"] == 101.0
 
 
 @pytest.mark.timeout(10)

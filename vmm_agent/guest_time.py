@@ -6,11 +6,11 @@ when the round's task runs, none of them is running), so the round's time is tim
 guest does not run, and its time bound bounds the guest's latency.
 
 ``GuestProgress``: how much of the time the guest made progress. The guest stalls when every
-running vCPU waits on the platform (a fault: swap-in, memory wait). Low-priority work
-follows guest progress: a tick's budget is the bound scaled by the fraction of the last tick
-the guest progressed, so a stalled guest gets no flood of background work. An idle guest (no
-phase running) is not stalled: its idle loop is progress, and idle VMs are where page
-sharing and sampling matter most.
+running vCPU waits on the platform (a fault: swap-in, memory wait), and does not progress
+while the monitor keeps it exited (a low-priority round). Low-priority rounds follow guest
+progress (a round per 100 ms of it), so a stalled guest gets no flood of background work. An
+idle guest (no phase running) is not stalled: its idle loop is progress, and idle VMs are
+where page sharing and sampling matter most.
 """
 
 from __future__ import annotations
@@ -76,8 +76,13 @@ class GuestProgress:
         self.blocked -= 1
         self._update(self.clock())
 
+    def exited(self, seconds: float) -> None:
+        """The monitor kept the guest exited this long (a round): no progress either."""
+        self._stalled_total += seconds
+
     def stalled_total(self, now: float) -> float:
-        """Seconds the guest has been stalled so far, the stall in progress included."""
+        """Seconds the guest has not progressed so far (stalled on the platform, or exited),
+        the stall in progress included."""
         ongoing = 0.0 if self._stalled_since is None else now - self._stalled_since
         return self._stalled_total + ongoing
 

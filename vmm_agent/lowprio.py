@@ -5,11 +5,17 @@
         services[req.type].process(req, bound)
         await platform.complete_request(req, bound)
 
-Every tick (100 ms, never caught up after a late one) the monitor asks the platform for its
-first batch while the guest still runs, then exits the guest (the gate stops every vCPU at
-its next yield) and spends at most the bound on low-priority work. The bound comes from
-the VM's latency sensitivity (``shared/timebound.py``), scaled by the fraction of the last
-tick the guest made progress, so a stalled guest gets no flood of background work.
+Rounds follow guest progress, as the talk's callback runs on guest time: every 100 ms the
+agent adds the time the guest made progress since the last tick (not every running vCPU
+blocked on the platform) to a credit, capped at two ticks, and runs a round only when the
+credit holds a whole tick. A guest progressing half the time gets a round every other tick;
+a stalled one gets none, and no flood afterwards. The agent also reports its total guest
+progress in the control region: the clock of the platform's sampling periods.
+
+A round asks the platform for its first batch while the guest still runs, then exits the
+guest (the gate stops every vCPU at its next yield) and spends at most the bound on
+low-priority work. The bound comes from the VM's latency sensitivity
+(``shared/timebound.py``).
 
 Two queues share the bound, interleaved: a turn of the monitor's own queue (sampling's
 arming; given at most half of what is left while the platform still has work), then one
@@ -43,12 +49,16 @@ from .rounds import HighPriorityLoop
 from .rpc import RpcClient
 
 log = structlog.get_logger("vmm_agent.lowprio")
-#: Below this fraction of progress in the last tick, the guest is stalled: no round.
-MIN_PROGRESS = 0.1
+#: Guest progress a round needs (a tick's worth, less timer jitter), and the most the credit
+#: keeps (no burst of rounds after a stall).
+ROUND_CREDIT = 0.9 * TICK_SECONDS
+MAX_CREDIT = 2 * TICK_SECONDS
 #: Rounds remembered for the load generator's report.
 RECORDS_KEPT = 4096
-#: Empty GetRequest round trips kept for the agent's estimate of one.
+#: Empty GetRequest round trips kept for the agent's estimate of one: the last this many,
+#: and none older than RTT_MAX_AGE seconds (a long one must not block exchanges for good).
 RTT_WINDOW = 32
+RTT_MAX_AGE = 10.0
 
 
 @dataclass
@@ -99,8 +109,11 @@ class LowPriorityLoop:
         self.time_used = 0.0
         # Recent round trips of GetRequests answered "round over", less the daemon's own time
         # on them (it says so in the answer): what an empty exchange costs.
-        self._rtts: deque[float] = deque(maxlen=RTT_WINDOW)
+        self._rtts: deque[tuple[float, float]] = deque(maxlen=RTT_WINDOW)  # (when, seconds)
         self.last_bound = bound_for(latency_sensitivity)
+        self.credit = 0.0  # guest progress not yet spent on a round
+        self.progress_total = 0.0  # guest progress so far, seconds
+        self._last_tick = clock()
         self.on_round: list[Callable[[RoundRecord], None]] = []
 
     @property
@@ -118,12 +131,16 @@ class LowPriorityLoop:
             await self.tick(now)
 
     async def tick(self, now: float) -> RoundRecord | None:
-        """Decide whether this tick runs a round, and run it."""
-        budget = self.bound * self.meter.fraction(now)
-        self.last_bound = budget
-        if budget < self.bound * MIN_PROGRESS:
+        """Account the guest's progress; run a round when it has earned one."""
+        progressed = self.meter.fraction(now) * max(0.0, now - self._last_tick)
+        self._last_tick = now
+        self.progress_total += progressed
+        self.region.guest_progress = self.progress_total
+        self.credit = min(MAX_CREDIT, self.credit + progressed)
+        if self.credit < ROUND_CREDIT:
             self.outcomes["stalled"] += 1
             return None
+        budget = self.last_bound = self.bound
         if not (self.region.pending & LOW_PRIORITY_MASK or self.monitor.has_work()):
             self.outcomes["idle"] += 1  # nothing queued on either side: no message at all
             return None
@@ -131,7 +148,11 @@ class LowPriorityLoop:
             self.outcomes["preempted"] += 1
             self.high.kick()
             return None
-        return await self.round(budget)
+        self.credit = max(0.0, self.credit - TICK_SECONDS)
+        record = await self.round(budget)
+        if record is None:  # the guest never exited: the credit is not spent
+            self.credit = min(MAX_CREDIT, self.credit + TICK_SECONDS)
+        return record
 
     async def round(self, budget: float) -> RoundRecord | None:
         """One round: monitor turns and platform batches, interleaved, within ``budget``.
@@ -151,6 +172,7 @@ class LowPriorityLoop:
             return None
         bound = TimeBound(budget, self.clock(), self.clock)
         gap = self.progress.gap(bound.started)
+        stalled_before = self.progress.stalled_total(bound.started)
         cpu0 = time.thread_time()
         self.gate.close()
         batches = pages = 0
@@ -191,6 +213,10 @@ class LowPriorityLoop:
                 monitor_turn = not monitor_turn
         finally:
             self.gate.open()
+            if self.progress.running:  # a guest with no vCPU running is idle, not held up
+                # The round held the guest up, except while it was stalled anyway.
+                stalled = self.progress.stalled_total(self.clock()) - stalled_before
+                self.progress.exited(max(0.0, bound.used() - stalled))
         record = RoundRecord(
             bound.started,
             bound.budget,
@@ -207,13 +233,17 @@ class LowPriorityLoop:
     def rtt(self) -> float:
         """The longest recent empty round trip (0 before the first): a second exchange is
         only started when even that fits, since the wake-up tail is long here."""
-        return max(self._rtts, default=0.0)
+        old = self.clock() - RTT_MAX_AGE
+        while self._rtts and self._rtts[0][0] < old:
+            self._rtts.popleft()
+        return max((rtt for _, rtt in self._rtts), default=0.0)
 
     async def _get_request(self, budget_us: int, flags: int, learn: bool) -> Request:
         t0 = self.clock()
         req: Request = await self.link.request(GetRequest(Priority.LOW, budget_us, flags))
         if learn and not req.has_work:
-            self._rtts.append(max(0.0, self.clock() - t0 - req.count / 1e6))
+            now = self.clock()
+            self._rtts.append((now, max(0.0, now - t0 - req.count / 1e6)))
         return req
 
     def _record(self, record: RoundRecord) -> None:

@@ -43,6 +43,9 @@ class HighPriorityLoop:
         self.rounds = 0
         #: True while a round runs: low-priority rounds yield to it.
         self.busy = False
+        #: High bits still set when the last round ended: work it was offered and could not
+        #: finish, which does not hold low-priority work back.
+        self.attended = 0
 
     def kick(self) -> None:
         """Action-driven wake-up (a Kick message, or pages just allocated)."""
@@ -54,8 +57,8 @@ class HighPriorityLoop:
             self.wake.set()
 
     def pending(self) -> bool:
-        """High-priority work is waiting or being served."""
-        return self.busy or bool(self.region.pending & HIGH_PRIORITY_MASK)
+        """A round runs, or high-priority work waits that no round has been offered yet."""
+        return self.busy or bool(self.region.pending & HIGH_PRIORITY_MASK & ~self.attended)
 
     async def run(self) -> None:
         while True:
@@ -82,6 +85,8 @@ class HighPriorityLoop:
                 req: Request = await self.link.request(GetRequest(Priority.HIGH, 0, flags))
                 flags = 0
                 if not req.has_work:
+                    # The daemon rewrote the pending word as the round closed.
+                    self.attended = self.region.pending & HIGH_PRIORITY_MASK
                     return released
                 released += self.batches.process(req)
         finally:

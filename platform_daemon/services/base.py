@@ -87,11 +87,11 @@ class PlatformService(ABC):
 
 @dataclass
 class Selection:
-    """One low-priority batch: its pages, and the units of work choosing it cost.
+    """One low-priority batch: its pages, and the units of work choosing it took.
 
-    ``work`` counts what the scheduler's cost model is per unit of (for page sharing, pages
-    hashed; for sampling, pages handed out). It may be non-zero with no page in the batch:
-    a scan that found nothing to merge still used time.
+    ``work`` counts what the scheduler's cost model is per unit of: pages taken from the
+    service's queue (candidates for page sharing, sample pages for sampling). It may be
+    non-zero with no page in the batch: candidates found stale were dropped.
     """
 
     bpns: Pages
@@ -104,14 +104,10 @@ class Selection:
 
 
 class LowPriorityService(PlatformService):
-    """A best-effort service, run inside the time bound of low-priority rounds.
-
-    ``lowprio_class`` is its place in the talk's strawman order (0 first): sampling >
-    {NUMA migration, 2M defrag, page sharing} > {validations} > 2M promotion.
-    """
+    """A best-effort service, run inside the time bound of low-priority rounds; its place in
+    the order is its type's class in ``lowprio.STRAWMAN_CLASSES``."""
 
     priority = Priority.LOW
-    lowprio_class: int = 1
 
     @abstractmethod
     def pending_work(self, vm: VM, now: float) -> int:
@@ -127,9 +123,6 @@ class LowPriorityService(PlatformService):
     def select(self, vm: VM, capacity: int) -> tuple[Pages, npt.NDArray[np.int64]]:
         sel = self.select_work(vm, capacity, capacity, self.ctx.clock())
         return sel.bpns, sel.mpns
-
-    def on_round_open(self, vm: VM, now: float) -> None:
-        """Hook: a low-priority round of ``vm`` starts (accrue rate allowances, rotate)."""
 
     def background(self) -> Coroutine[Any, Any, None] | None:
         """Work the service runs on its own, all the time (page sharing's scanner), or None.

@@ -64,6 +64,8 @@ SCAN_CHUNK = 128
 SCAN_IDLE_SECONDS = 0.02
 #: Candidates queued per VM, at most, before its scan pauses for the rounds to catch up.
 MAX_CANDIDATES = 4096
+#: The scan rate shown in status is measured over at least this many seconds.
+RATE_SECONDS = 1.0
 #: Pages merged per step of an asynchronous merge before it yields to the event loop.
 MERGE_CHUNK = 64
 #: Entries of the unstable table (hash -> a page seen with it) before it is flushed.
@@ -82,6 +84,8 @@ class _VMScan:
     registered: npt.NDArray[np.bool_]
     hand: int = 0
     passes: int = 0  # times the hand went round
+    scan_rate: float = 0.0  # pages hashed per second, over the last RATE_SECONDS or more
+    _rate_mark: tuple[float, int] | None = None
     tokens: float = 0.0
     last: float | None = None
     candidates: list[int] = field(default_factory=list)  # BPNs to hand to the VMM
@@ -91,7 +95,6 @@ class PageSharingService(LowPriorityService):
     """Finds duplicate pages by scanning, merges them, and breaks merges on write faults."""
 
     service = ServiceType.PAGE_SHARING
-    lowprio_class = 1
 
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
@@ -131,12 +134,27 @@ class PageSharingService(LowPriorityService):
             hashed = 0
             for st in list(self.scans.values()):
                 if st.vm.alive:
+                    self._measure_rate(st, now)
                     self._accrue(st.vm, st, now)
                     if st.tokens >= 1 and len(st.candidates) < MAX_CANDIDATES:
                         hashed += self.scan(st.vm, min(SCAN_CHUNK, int(st.tokens)))
                         await asyncio.sleep(0)
             if hashed == 0:
                 await asyncio.sleep(SCAN_IDLE_SECONDS)
+
+    @staticmethod
+    def _measure_rate(st: _VMScan, now: float) -> None:
+        scanned = st.vm.stats.sharing_scanned
+        if st._rate_mark is None:
+            st._rate_mark = (now, scanned)
+        elif now - st._rate_mark[0] >= RATE_SECONDS:
+            st.scan_rate = (scanned - st._rate_mark[1]) / (now - st._rate_mark[0])
+            st._rate_mark = (now, scanned)
+
+    def scan_rate(self, vm: VM) -> float:
+        """Pages of ``vm`` hashed per second lately (0 before the first second)."""
+        st = self.scans.get(vm.vm_id)
+        return 0.0 if st is None else st.scan_rate
 
     def background(self) -> Coroutine[Any, Any, None]:
         return self.scanner()
@@ -154,7 +172,8 @@ class PageSharingService(LowPriorityService):
         eligible = window[((state == _EXPOSED) | (state == _RESIDENT)) & (flags == 0)][:budget]
         frames = p2m.frame[eligible]
         t0 = time.perf_counter()
-        hashes, picked = self._classify(vm, st, eligible, frames, MAX_CANDIDATES)
+        room = MAX_CANDIDATES - len(st.candidates)
+        hashes, picked = self._classify(vm, st, eligible, frames, room)
         hashed = len(hashes)
         if hashed:
             st.hint[eligible[:hashed]] = hashes
@@ -194,8 +213,8 @@ class PageSharingService(LowPriorityService):
         bpns = np.array(st.candidates[:take], dtype=np.int64)
         del st.candidates[:take]
         p2m = vm.p2m
-        bpns = bpns[(p2m.state[bpns] == _EXPOSED) & (p2m.flags[bpns] == 0)]
-        return Selection(np.unique(bpns), p2m.frame[np.unique(bpns)].copy(), take)
+        bpns = np.unique(bpns[(p2m.state[bpns] == _EXPOSED) & (p2m.flags[bpns] == 0)])
+        return Selection(bpns, p2m.frame[bpns].copy(), take)
 
     def _classify(
         self,

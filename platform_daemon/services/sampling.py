@@ -2,10 +2,14 @@
 
 Each sampling period the platform draws ``n`` pages of the VM uniformly at random (100 every
 30 s by default, both settable) and hands them to the monitor in SAMPLING batches, the
-first class of the low-priority order. The monitor does the rest on its side: it
-invalidates the sampled pages in its own tables (its monitor-side queue), counts the first
-guest touch of each on its fault path, and reports (pages watched, pages touched) in the
-control region. At the end of the period the platform reads the report: ``f = t / n``.
+first class of the low-priority order. As in ESX, the period is measured in the VM's own
+time: the guest progress the agent reports in the control region, which stops while the
+guest is stalled on the platform, so a stalled guest's samples do not go by unmeasured.
+The monitor does the rest on its side: it invalidates the sampled pages in its own tables
+(its monitor-side queue), counts the first guest touch of each on its fault path, and
+reports (pages watched, pages touched) in the control region. At the end of the period the
+platform reads the report: ``f = t / a``, the pages touched over the pages armed (``a`` is
+``n`` unless the monitor's rounds did not get through the whole sample in time).
 
 The estimate is the paper's: the maximum of a slow and a fast exponentially-weighted moving
 average of ``f`` and of a version of the fast one that already includes the touches of the
@@ -78,7 +82,7 @@ class WorkingSetEstimate:
 
 @dataclass
 class PeriodRecord:
-    """One finished sampling period of one VM."""
+    """One finished sampling period of one VM (``started``, ``ended``: the daemon's clock)."""
 
     sample_id: int
     started: float
@@ -93,8 +97,9 @@ class _VMSampling:
     sample_id: int = 0
     pages: Pages = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     handed: int = 0
-    started: float = 0.0
-    period_end: float = -1.0
+    started: float = 0.0  # the daemon's clock
+    progress_start: float = 0.0  # the VM's guest progress (seconds)
+    period_end: float = -1.0  # in guest progress
     estimate: WorkingSetEstimate = field(default_factory=WorkingSetEstimate)
     history: deque[PeriodRecord] = field(default_factory=lambda: deque(maxlen=HISTORY))
 
@@ -103,7 +108,6 @@ class SamplingService(LowPriorityService):
     """Draws each VM's samples and turns the monitor's counts into an estimate."""
 
     service = ServiceType.SAMPLING
-    lowprio_class = 0
     takes_pages = False
 
     def __init__(self, ctx: ServiceContext) -> None:
@@ -120,7 +124,7 @@ class SamplingService(LowPriorityService):
         if period is not None:
             self.period = period
             for st in self.vms.values():
-                st.period_end = min(st.period_end, st.started + period)
+                st.period_end = min(st.period_end, st.progress_start + period)
         if pages is not None:
             self.sample_pages = pages
 
@@ -132,11 +136,12 @@ class SamplingService(LowPriorityService):
 
     def pending_work(self, vm: VM, now: float) -> int:
         st = self._state(vm)
-        if now >= st.period_end:
-            self._new_period(vm, st, now)
+        progress = vm.region.guest_progress
+        if progress >= st.period_end:
+            self._new_period(vm, st, now, progress)
         return len(st.pages) - st.handed
 
-    def _new_period(self, vm: VM, st: _VMSampling, now: float) -> None:
+    def _new_period(self, vm: VM, st: _VMSampling, now: float, progress: float) -> None:
         """Harvest the finished sample (if the monitor got it) and draw the next one."""
         if st.sample_id:
             report_id, armed, touched = vm.region.read_sample_report()
@@ -154,8 +159,8 @@ class SamplingService(LowPriorityService):
         st.handed = 0
         st.sample_id = self._next_id
         self._next_id += 1
-        st.started = now
-        st.period_end = now + self.period
+        st.started, st.progress_start = now, progress
+        st.period_end = progress + self.period
 
     def select_work(self, vm: VM, capacity: int, units: int, now: float) -> Selection:
         st = self._state(vm)

@@ -58,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="pages each guest keeps pinned in translation (overcommit default 32)",
     )
-    a("--host-limit", help="overcommit: memory the host may use during the run, e.g. 128MiB")
+    a(
+        "--host-limit",
+        help="overcommit, sampling: memory the host may use during the run, e.g. 128MiB",
+    )
     a(
         "--inject-failures",
         type=int,
@@ -70,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--sample-pages",
         type=int,
         help="sharing, sampling: pages per working-set sample during the run (default: as set)",
+    )
+    a(
+        "--sample-period",
+        type=float,
+        help="sampling: seconds of guest time per sampling period (default: a tenth of a phase)",
     )
     a("--expect-vms", type=int, default=1, help="wait until this many VMs are registered")
     a("--json", type=Path, help="write the report as JSON to this file")
@@ -86,7 +94,7 @@ def make_scenario(args: argparse.Namespace) -> Scenario:
     if args.scenario == "latency":
         return latency(args.duration)
     if args.scenario == "sampling":
-        return sampling(args.duration, args.sample_pages)
+        return sampling(args.duration, args.sample_pages, args.host_limit, args.sample_period)
     return basic(
         args.duration, args.working_set, args.distribution, args.write_ratio, args.pinned_pages or 0
     )
