@@ -21,7 +21,7 @@ rules"), or a fraction of a known truth:
 (d) **One low-priority round, 2 GiB guest against 256 MiB**, in process: a round with a new
     working-set sample (drawn and handed out) and a page-sharing batch of 512 candidates
     (GetRequest, the agent's filter, CompleteRequest), daemon and agent sides; the merge
-    that follows is asynchronous and timed apart. One 128-page scan step is timed too.
+    that follows is asynchronous and timed apart. One scan step (256 pages) is timed too.
     Sizes interleaved (ABAB) so machine noise hits both alike.
 (e) **Overrun of the time bound at 1, 4 and 8 VMs**, real daemons (16 MiB guests, page
     sharing kept busy with a 2 s scan period): rounds during a steady phase, in two machine
@@ -30,9 +30,9 @@ rules"), or a fraction of a known truth:
     of the bound, beside the monitor's CPU time per round (its own work, which excludes
     waiting for the daemon, the other CPU and the scheduler) and the idle ping-pong of (a).
 (f) **Sampling accuracy after three periods**, real daemons: one 64 MiB guest with a steady
-    working set (uniform over half its memory; zipf over all of it), 0.4 s periods, 100- and
-    1000-page samples: |estimate - true fraction touched in the period| for every period
-    after the third, as a fraction of guest memory.
+    working set (uniform over half its memory; zipf over all of it), 0.4 s periods (of guest
+    time), 100- and 1000-page samples: |estimate - true fraction touched in the period| for
+    every period after the third, as a fraction of guest memory.
 
 Usage: ``python benchmarks/lowprio.py [--json out.json] [--quick]`` (``--quick``: fewer
 repetitions and shorter phases, ~1 min; the full run ~3 min). Every subprocess is stopped and
@@ -64,7 +64,7 @@ if str(ROOT) not in sys.path:  # ``tests/procs.py`` is not an installed package
     sys.path.insert(0, str(ROOT))
 
 from platform_daemon.server import PlatformServer  # noqa: E402
-from platform_daemon.services.page_sharing import PageSharingService  # noqa: E402
+from platform_daemon.services.page_sharing import SCAN_CHUNK, PageSharingService  # noqa: E402
 from platform_daemon.services.sampling import SamplingService  # noqa: E402
 from platform_daemon.shared_frames import frames_saved, merged_pages  # noqa: E402
 from shared.config import PlatformConfig  # noqa: E402
@@ -230,7 +230,7 @@ def scan_rate(guest_bytes: int, repeats: int) -> dict[str, Any]:
                 t0, c0 = time.perf_counter(), time.process_time()
                 hashed = 0
                 while hashed < pages:
-                    hashed += svc.scan(vm, 128)
+                    hashed += svc.scan(vm, SCAN_CHUNK)
                 passes[name].append(hashed / (time.perf_counter() - t0))
                 cpu[name].append((time.process_time() - c0) / hashed * 1e6)
         raw_rate = median(raw)
@@ -272,7 +272,7 @@ def identical_guests(guests: int, guest_bytes: int, periods: int) -> dict[str, A
             while any(svc.scans[vm.vm_id].passes < target[vm.vm_id] for vm in vms):
                 for vm in vms:  # round robin, as the scanner task does
                     if svc.scans[vm.vm_id].passes < target[vm.vm_id]:
-                        svc.scan(vm, 128)
+                        svc.scan(vm, SCAN_CHUNK)
                         merge_candidates(server, vm)
             shared = sum(merged_pages(vm.p2m) for vm in vms)
             found.append(
@@ -328,7 +328,7 @@ class _LowRound:
         assert isinstance(sampling, SamplingService)
         while svc.pending_work(vm, 0.0) < BATCH:  # background work, timed on its own
             t0 = time.perf_counter()
-            svc.scan(vm, 128)
+            svc.scan(vm, SCAN_CHUNK)
             self.times["scan_step_us"].append((time.perf_counter() - t0) * 1e6)
         sampling.vms.setdefault(vm.vm_id, sampling._state(vm)).period_end = 0.0  # sample due
         server.engine.refresh_pending(vm)
@@ -471,9 +471,9 @@ async def _sampling_run(sample_pages: int, distribution: str, periods: int) -> d
         d.start_agent("s", memory="64MiB")
         await _ctl(d.socket, "set_lowprio", sample_period=period, sample_pages=sample_pages)
         working_set = 0.5 if distribution == "uniform" else 1.0
-        phase = {
+        phase = {  # periods run on guest time: twice as long in wall time is enough here
             "name": "steady",
-            "duration": periods * period,
+            "duration": 2 * (periods + 3) * period,
             "working_set": working_set,
             "distribution": distribution,
             "write_ratio": 0.1,
@@ -489,12 +489,13 @@ async def _sampling_run(sample_pages: int, distribution: str, periods: int) -> d
             and p["estimate"] is not None
             and str(p["sample_id"]) in truth
         ]
-        errors = [abs(e - t) for e, t in rows[3:]]
+        settled = rows[3 : 3 + periods]
+        errors = [abs(e - t) for e, t in settled]
         return {
             "sample_pages": sample_pages,
             "distribution": distribution,
             "periods_measured": len(errors),
-            "truth_median": median([t for _, t in rows[3:]]),
+            "truth_median": median([t for _, t in settled]),
             "error_median": median(errors),
             "error_p90": quantile(errors, 0.9),
             "error_max": max(errors) if errors else float("nan"),
@@ -573,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         for vms in (1, 4, 8)
     ]
     res["sampling"] = [
-        asyncio.run(_sampling_run(n, dist, 10 if quick else 20))
+        asyncio.run(_sampling_run(n, dist, 8 if quick else 15))
         for n in (100, 1000)
         for dist in ("uniform", "zipf")
     ]
