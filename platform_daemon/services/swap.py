@@ -56,6 +56,10 @@ class SwapService(PlatformService):
         # a full or failing disk every round; the pages involved stay resident meanwhile.
         self.backoff = 0.0
         self.paused_until = 0.0
+        #: The last write failed for lack of space (and none has succeeded since).
+        self.no_space = False
+        #: Slots taken by writes not finished yet (no page names them): the invariant check.
+        self.writing = 0
 
     def has_work(self, vm: VM) -> bool:
         swap = self.ctx.swap
@@ -104,6 +108,7 @@ class SwapService(PlatformService):
         self.in_flight[vm.vm_id] = self.in_flight.get(vm.vm_id, 0) + len(accepted)
         frames = vm.p2m.frame[accepted].copy()
         epochs = vm.p2m.epoch[accepted].copy()
+        self.writing += len(slots)
         self.ctx.spawn(self._write(vm, accepted, frames, slots, epochs))
 
     async def _write(
@@ -128,8 +133,11 @@ class SwapService(PlatformService):
             self._write_failed(vm, bpns[~ok], slots[~ok], epochs[~ok], exc)
             self._written(vm, bpns[ok], frames[ok], slots[ok], epochs[ok])
             return
+        finally:
+            self.writing -= len(slots)  # with the slots' fate decided, in the same step
         ctx.metrics.swap_io_seconds.labels("out").observe(time.perf_counter() - t0)
         self.backoff = 0.0
+        self.no_space = False
         self._written(vm, bpns, frames, slots, epochs)
 
     def _written(
@@ -169,6 +177,7 @@ class SwapService(PlatformService):
     ) -> None:
         """The write failed: pages keep their frames (unexposed), slots go back."""
         reason = "no_space" if exc.errno in _NO_SPACE_ERRNOS else "io_error"
+        self.no_space = reason == "no_space"
         self.ctx.swap.release(slots)  # type: ignore[union-attr]
         log.warning("swap_write_failed", vm=vm.name, pages=len(bpns), reason=reason, error=str(exc))
         self.ctx.metrics.swap_errors.labels(reason).inc(len(bpns))
