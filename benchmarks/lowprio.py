@@ -471,9 +471,11 @@ async def _sampling_run(sample_pages: int, distribution: str, periods: int) -> d
         d.start_agent("s", memory="64MiB")
         await _ctl(d.socket, "set_lowprio", sample_period=period, sample_pages=sample_pages)
         working_set = 0.5 if distribution == "uniform" else 1.0
-        phase = {  # periods run on guest time: twice as long in wall time is enough here
+        # Periods run on guest time. The first one lasts while the guest first touches its
+        # memory (seconds on a busy machine); after that twice the wall time is ample.
+        phase = {
             "name": "steady",
-            "duration": 2 * (periods + 3) * period,
+            "duration": 8.0 + 2 * (periods + 3) * period,
             "working_set": working_set,
             "distribution": distribution,
             "write_ratio": 0.1,
