@@ -35,6 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--sample-period", type=float, help="seconds per sampling period")
     lp.add_argument("--sample-pages", type=int, help="pages sampled per VM and period")
     lp.add_argument("--share-scan-period", type=float, help="seconds to scan each VM's memory once")
+    ck = sub.add_parser(
+        "check",
+        help="verify the daemon's invariants (frames, sharing, swap slots, what each VM maps); "
+        "exits 1 on any violation",
+    )
+    ck.add_argument(
+        "--no-exposures", action="store_true", help="do not ask the agents what they map"
+    )
+    ck.add_argument("--json", action="store_true", help="print the raw result as JSON")
     return p
 
 
@@ -53,7 +62,8 @@ def render_status(st: dict[str, Any]) -> str:
         )
     if st.get("swap"):
         sw = st["swap"]
-        lines.append(f"swap: {sw['path']}  {sw['used']:,}/{sw['slots']:,} slots used")
+        full = f"  FULL ({sw['full']}): not counted on for reclaim" if sw.get("full") else ""
+        lines.append(f"swap: {sw['path']}  {sw['used']:,}/{sw['slots']:,} slots used{full}")
     sh = st.get("sharing")
     if sh:
         lines.append(
@@ -92,7 +102,26 @@ def _vm_lowprio_line(vm: dict[str, Any]) -> str:
     )
 
 
-def _command(client: CtlClient, args: argparse.Namespace) -> None:
+def render_check(result: dict[str, Any]) -> str:
+    """One line per violation, by name, then what was checked."""
+    lines = [f"VIOLATION {v['name']} ({v['count']}): {v['detail']}" for v in result["violations"]]
+    agents = result["agents_checked"]
+    lines.append(
+        ("OK" if result["ok"] else f"FAILED: {len(result['violations'])} invariant(s) violated")
+        + f" in {result['seconds'] * 1000:.0f} ms; agents checked: "
+        + (", ".join(agents) if agents else "none")
+    )
+    for name, why in result["agents_skipped"].items():
+        lines.append(f"  agent {name} not checked: {why}")
+    return "\n".join(lines)
+
+
+def _command(client: CtlClient, args: argparse.Namespace) -> int:
+    """Run one subcommand; its exit code."""
+    if args.command == "check":
+        result = client.call("check", exposures=not args.no_exposures)
+        print(json.dumps(result, indent=2) if args.json else render_check(result))
+        return 0 if result["ok"] else 1
     if args.command == "status":
         st = client.call("status")
         print(json.dumps(st, indent=2) if args.json else render_status(st))
@@ -108,6 +137,7 @@ def _command(client: CtlClient, args: argparse.Namespace) -> None:
         print(json.dumps(client.call("set_lowprio", **chosen)))
     else:
         print(json.dumps(client.call("set_host_limit", size=args.size)))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,14 +149,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with client:
         try:
-            _command(client, args)
+            return _command(client, args)
         except CtlError as exc:
             print(f"vmmem-ctl: {exc}", file=sys.stderr)
             return 1
         except OSError as exc:
             print(f"vmmem-ctl: {exc}", file=sys.stderr)
             return 2
-    return 0
 
 
 if __name__ == "__main__":

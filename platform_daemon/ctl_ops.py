@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import time
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -13,14 +15,22 @@ from shared.constants import PAGE_SIZE, ServiceType
 from shared.errors import ErrorCode, VMMemError
 from shared.sizes import parse_size
 
+from . import invariants
+from .agent_probe import read_exposures
 from .services.page_sharing import PageSharingService
 from .services.sampling import SamplingService
 from .shared_frames import frames_saved_by, merged_pages
 
 if TYPE_CHECKING:
+    from .connection import PlatformConnection
     from .server import PlatformServer
+    from .vm import VM
 
 log = structlog.get_logger("vmmem.platform.ctl")
+#: Looks at an agent's exposures before a mismatch counts: the first may have caught a fault
+#: reply or a batch on the wire; a VMM that really maps a frame it does not own still does.
+EXPOSURE_ATTEMPTS = 3
+EXPOSURE_RETRY_SECONDS = 0.05
 
 
 class _Args(BaseModel):
@@ -55,21 +65,43 @@ class FailpointArgs(_Args):
     value: float = 0
 
 
+class CheckArgs(_Args):
+    #: Also ask every agent what it maps and compare with the p2m (off: the daemon's state only).
+    exposures: bool = True
+
+
 class CtlOps:
     """Each ``op_*`` method answers one CtlRequest op with a JSON-able dict."""
 
     def __init__(self, server: PlatformServer) -> None:
         self.server = server
 
-    async def handle(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+    async def handle(
+        self, op: str, args: dict[str, Any], conn: PlatformConnection | None = None
+    ) -> dict[str, Any]:
+        """Answer ``op``; ``conn`` is the connection it came on (for ``goodbye``)."""
+        if op == "goodbye":
+            return self.goodbye(conn)
         fn = getattr(self, f"op_{op.replace('-', '_')}", None)
         if fn is None:
             raise VMMemError(f"unknown op {op!r}", ErrorCode.BAD_REQUEST)
         try:
-            result: dict[str, Any] = fn(args)
+            result = fn(args)
+            if inspect.isawaitable(result):
+                result = await result
         except ValidationError as exc:
             raise VMMemError(f"{op}: {exc.errors()[0]['msg']}", ErrorCode.BAD_REQUEST) from None
-        return result
+        return dict(result)
+
+    def goodbye(self, conn: PlatformConnection | None) -> dict[str, Any]:
+        """A VM's agent is about to close its connection on purpose: its release is logged
+        as ``closed``, where a connection that just ends means the agent died."""
+        if conn is None or conn.vm is None:
+            raise VMMemError(
+                "goodbye is for a registered VM's own connection", ErrorCode.BAD_REQUEST
+            )
+        conn.goodbye = True
+        return {"vm": conn.vm.name}
 
     def op_status(self, args: dict[str, Any]) -> dict[str, Any]:
         """VMs with their pages by state; host frames free/used/retired."""
@@ -86,6 +118,7 @@ class CtlOps:
                 "used": alloc.used,
                 "retired": alloc.retired,
                 "limit_pages": s.machine.limit_pages,
+                "min_limit_pages": s.memsched.minimum_limit(),
                 "available": s.machine.available(),
                 "free_state": s.free_state().name.lower(),
                 "nodes": [
@@ -99,6 +132,8 @@ class CtlOps:
                 "path": str(swap.path),
                 "slots": swap.slots,
                 "used": swap.used,
+                "free": swap.free,
+                "full": s.memsched.swap_full(),
             },
             "sharing": self._host_sharing(),
             "lowprio": {
@@ -228,9 +263,85 @@ class CtlOps:
         except ValueError as exc:
             raise VMMemError(str(exc), ErrorCode.BAD_REQUEST) from None
         s = self.server
-        s.memsched.set_host_limit(pages)
+        previous = s.machine.limit_pages
+        try:
+            s.memsched.set_host_limit(pages)
+        except VMMemError as exc:
+            log.warning("host_limit_rejected", requested_pages=pages, error=str(exc))
+            raise
         s.memsched.tick(time.monotonic())
-        return {"limit_pages": s.machine.limit_pages, "free_state": s.free_state().name.lower()}
+        state = s.free_state().name.lower()
+        log.info("host_limit_set", limit_pages=pages, previous_pages=previous, free_state=state)
+        return {"limit_pages": s.machine.limit_pages, "free_state": state}
+
+    async def op_check(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Check the invariants (``invariants.py``), each agent's exposures included; the
+        result lists every violation by name (``ok`` is false when there is any)."""
+        parsed = CheckArgs.model_validate(args)
+        s = self.server
+        t0 = time.perf_counter()
+        violations = invariants.check(invariants.HostState.of(s))
+        checked: list[str] = []
+        skipped: dict[str, str] = {}
+        if parsed.exposures:
+            # Recovered VMs whose agents are not back yet have nobody to ask.
+            vms = [vm for vm in s.vms.values() if not getattr(vm, "detached", False)]
+            found = await asyncio.gather(*(self._check_agent(vm) for vm in vms))
+            for vm, (agent_violations, why) in zip(vms, found, strict=True):
+                if why is None:
+                    checked.append(vm.name)
+                    violations += agent_violations
+                else:
+                    skipped[vm.name] = why
+        seconds = time.perf_counter() - t0
+        for v in violations:
+            log.error("invariant_violated", name=v.name, count=v.count, detail=v.detail)
+        log.info(
+            "invariants_checked",
+            violations=len(violations),
+            agents=len(checked),
+            skipped=len(skipped),
+            seconds=round(seconds, 4),
+        )
+        return {
+            "ok": not violations,
+            "violations": [v.to_dict() for v in violations],
+            "agents_checked": checked,
+            "agents_skipped": skipped,
+            "seconds": round(seconds, 4),
+        }
+
+    async def _check_agent(self, vm: VM) -> tuple[list[invariants.Violation], str | None]:
+        """One agent's exposures against its p2m: the violations, or why it was skipped.
+
+        A mapping counts only if it breaks the rules at every one of EXPOSURE_ATTEMPTS looks
+        (same page, same frame), each against the p2m both before and after the question: a
+        fault reply or a batch crossing one question does not cross all of them, while a VMM
+        that really maps a frame it does not own still does.
+        """
+        path = vm.info.control_socket
+        if not path:
+            return [], "registered without a control socket"
+        persistent: set[tuple[int, int]] | None = None
+        for attempt in range(EXPOSURE_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(EXPOSURE_RETRY_SECONDS)
+            earlier = invariants.P2MView.of(vm.p2m)
+            try:
+                exposures = await read_exposures(path, vm.guest_pages)
+            except (VMMemError, OSError) as exc:
+                return [], f"agent unreachable: {exc}"
+            if not vm.alive:
+                return [], "left during the check"
+            state = invariants.HostState.of(self.server)
+            bad = invariants.foreign_mappings(state, vm.vm_id, exposures, earlier)
+            found = set(zip(bad.tolist(), exposures.frame[bad].tolist(), strict=True))
+            persistent = found if persistent is None else persistent & found
+            if not persistent:
+                return [], None
+        assert persistent is not None
+        bpns = np.array(sorted(b for b, _ in persistent), dtype=np.int64)
+        return [invariants.exposure_violation(state, vm.vm_id, exposures, bpns, vm.name)], None
 
     def op_failpoint(self, args: dict[str, Any]) -> dict[str, Any]:
         """Arm a failure-injection point (see FailpointArgs)."""
@@ -242,4 +353,6 @@ class CtlOps:
             swap.fail_next_write = int(parsed.value) or 5
         else:
             swap.write_delay = max(0.0, parsed.value)
+        # Failure injection changes what the daemon does: an operator reading the log sees it.
+        log.warning("failpoint_armed", name=parsed.name, value=parsed.value)
         return {"armed": parsed.name, "value": parsed.value}

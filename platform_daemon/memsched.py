@@ -8,6 +8,16 @@ stops: once swapping has started it goes on until free memory is back above ``hi
 From HARD down, the pages to reclaim are split across VMs in proportion to their resident
 pages divided by their shares, so a VM with more shares per page gives less. In LOW, faults
 that need a new frame wait (bounded, counted) for reclaim instead of failing.
+
+Swap is not counted on while it is full (no free slot, or the last write found no space on
+the device): VMs are not asked to release pages that could go nowhere. After a write failed
+for lack of space, the swap service pauses (its backoff); when the pause is over, targets are
+set again, so one swap-out tries the device again, and the full state ends when a write
+succeeds.
+
+The host limit (``vmmem-ctl set-host-limit``) is at most the host's memory, and at least
+``minimum_limit()``: the frames the daemon holds itself, which no reclaim can give back,
+plus one so that a fault can still be served.
 """
 
 from __future__ import annotations
@@ -17,7 +27,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import structlog
 
-from shared.constants import FreeState, PageState
+from shared.constants import PAGE_SIZE, FreeState, PageState, ServiceType
+from shared.errors import ErrorCode, VMMemError
+from shared.sizes import format_size
 
 if TYPE_CHECKING:
     from .server import PlatformServer
@@ -36,14 +48,51 @@ class MemSched:
         self.state = FreeState.HIGH
         self.reclaiming = False
         self.swap_targets: dict[int, int] = {}
+        self._swap_was_full = False
 
     @property
     def limit_pages(self) -> int:
         return self.server.machine.limit_pages
 
+    def held_by_daemon(self) -> dict[str, int]:
+        """Frames in use that no reclaim can give back, by kind: the zero frames (the host's
+        own), merged frames (swap takes private pages only; they go with their last sharer),
+        and old frames kept alive for mappings p2mUpdate has not dropped yet."""
+        p2m_update = self.server.services.get(ServiceType.P2M_UPDATE)
+        return {
+            "zero_frames": len(self.server.machine.zero_frame),
+            "merged_frames": self.server.shared.frames,
+            "stale_frames": p2m_update.stale_frames() if p2m_update is not None else 0,  # type: ignore[attr-defined]
+        }
+
+    def minimum_limit(self) -> int:
+        """The lowest host limit accepted, in frames: what the daemon holds itself, plus one
+        frame so that a fault can still be served (below that, nothing could ever be)."""
+        return sum(self.held_by_daemon().values()) + 1
+
     def set_host_limit(self, pages: int) -> None:
-        """Memory the VMs may use, in frames (at most the machine's own)."""
-        self.server.machine.limit_pages = max(1, min(pages, self.server.machine.host_pages))
+        """Memory the VMs may use, in frames: from ``minimum_limit()`` to the host's memory.
+
+        Anything else raises VMMemError(BAD_REQUEST) and changes nothing: a limit above the
+        host's memory is refused, not capped, and 0 is not taken for 1.
+        """
+        host = self.server.machine.host_pages
+        if pages > host:
+            raise VMMemError(
+                f"host limit {_pages(pages)} is more than the host's memory ({_pages(host)})",
+                ErrorCode.BAD_REQUEST,
+            )
+        floor = self.minimum_limit()
+        if pages < floor:
+            held = ", ".join(
+                f"{n} {kind.replace('_', ' ')}" for kind, n in self.held_by_daemon().items()
+            )
+            raise VMMemError(
+                f"host limit {_pages(pages)} is below what the daemon itself needs: "
+                f"{_pages(floor)} ({held}, and one frame for a fault)",
+                ErrorCode.BAD_REQUEST,
+            )
+        self.server.machine.limit_pages = pages
 
     def available(self) -> int:
         return self.server.machine.available()
@@ -73,12 +122,50 @@ class MemSched:
             self.reclaiming = True
         elif self.available() >= self.threshold(self.server.config.free_high_pct):
             self.reclaiming = False
-        if self.reclaiming and self.server.swap is not None:
+        self._note_swap_full()
+        if self.reclaiming and self.swap_usable(now):
             self._set_swap_targets()
         else:
             self.swap_targets.clear()
+            for vm in self.server.vms.values():
+                vm.region.swap_target_pages = 0
         for vm in list(self.server.vms.values()):
             self.server.kick(vm)
+
+    def swap_full(self) -> str | None:
+        """Why the swap device is full (no free slot, or no space left on the device after
+        the last write), or None when it is not (or there is no swap)."""
+        swap = self.server.swap
+        if swap is None:
+            return None
+        if swap.free == 0:
+            return "no free slot"
+        swap_svc = self.server.services.get(ServiceType.SWAP)
+        if getattr(swap_svc, "no_space", False):
+            return "no space left on the device"
+        return None
+
+    def swap_usable(self, now: float) -> bool:
+        """May reclaim count on swap now? Not while it is full; a device that ran out of
+        space is tried again once the swap service's pause after that failure is over."""
+        if self.server.swap is None or self.server.swap.free == 0:
+            return False
+        swap_svc = self.server.services.get(ServiceType.SWAP)
+        if getattr(swap_svc, "no_space", False):
+            return now >= float(getattr(swap_svc, "paused_until", 0.0))
+        return True
+
+    def _note_swap_full(self) -> None:
+        """Log when the swap device fills up or has room again (state changes only)."""
+        why = self.swap_full()
+        if (why is not None) != self._swap_was_full:
+            swap = self.server.swap
+            free = swap.free if swap is not None else 0
+            if why is not None:
+                log.warning("swap_full", reason=why, free_slots=free)
+            else:
+                log.info("swap_available", free_slots=free)
+        self._swap_was_full = why is not None
 
     def _set_swap_targets(self) -> None:
         vms = list(self.server.vms.values())
@@ -120,3 +207,7 @@ class MemSched:
 
     def counts(self) -> dict[str, int]:
         return {"limit_pages": self.limit_pages, "available_pages": self.available()}
+
+
+def _pages(n: int) -> str:
+    return f"{n} pages ({format_size(n * PAGE_SIZE)})"

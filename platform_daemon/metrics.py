@@ -247,6 +247,12 @@ class StateCollector(Collector):
             yield GaugeMetricFamily(
                 "vmmem_swap_size_pages", "Swap slots in the swap file", value=swap.slots
             )
+            yield GaugeMetricFamily(
+                "vmmem_swap_full",
+                "1 while the swap device is full (no free slot, or no space left on the "
+                "device after the last write): memsched does not count on swap meanwhile",
+                value=int(server.memsched.swap_full() is not None),
+            )
 
 
 def _lowprio_families(server: PlatformServer) -> Iterator[Metric]:

@@ -53,7 +53,9 @@ class Daemons:
         with open(path, "wb") as log:  # the child keeps its own descriptor
             return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
-    def start_platform(self, *args: str, metrics_port: int = -1) -> subprocess.Popen[bytes]:
+    def start_platform(
+        self, *args: str, metrics_port: int = -1, log: str = "platform"
+    ) -> subprocess.Popen[bytes]:
         cmd = [
             str(BIN / "vmmem-platform"),
             "--socket",
@@ -66,7 +68,7 @@ class Daemons:
             "json",
             *args,
         ]
-        self.platform = self._spawn("platform", cmd)
+        self.platform = self._spawn(log, cmd)
         wait_for_path(self.socket, self.platform)
         return self.platform
 
@@ -114,6 +116,23 @@ class Daemons:
                 p.kill()
                 p.wait()
 
+    def check_invariants(self) -> None:
+        """``vmmem-ctl check``, as an operator runs it: every invariant holds (exit 0).
+
+        Called at the end of every test that uses ``daemons()``; a daemon the test already
+        stopped has nothing to check.
+        """
+        if self.platform is None or self.platform.poll() is not None:
+            return
+        res = subprocess.run(
+            [str(BIN / "vmmem-ctl"), "--socket", str(self.socket), "check"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert res.returncode == 0, f"vmmem-ctl check failed:\n{res.stdout}{res.stderr}"
+
     def dump_logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in self.logs if p.exists())
 
@@ -123,6 +142,7 @@ def daemons(tmp: Path, mem_dir: Path) -> Iterator[Daemons]:
     d = Daemons(tmp, mem_dir, tmp / "p.sock")
     try:
         yield d
+        d.check_invariants()  # every end-to-end test ends with the invariants checked
     except BaseException:
         print(d.dump_logs())
         raise
