@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from enum import StrEnum
 from typing import TYPE_CHECKING, cast
 
 import structlog
@@ -18,6 +19,16 @@ if TYPE_CHECKING:
 log = structlog.get_logger("vmmem.platform.connection")
 
 
+class ReleaseReason(StrEnum):
+    """Why a VM was released (the ``reason`` of the ``vm_released`` event)."""
+
+    CLOSED = "closed"  # the agent said goodbye, then closed its connection
+    KILLED = "killed"  # the connection reset or ended without a goodbye (the agent died)
+    PROTOCOL_ERROR = "protocol_error"  # the daemon disconnected it for breaking the protocol
+    SHUTDOWN = "shutdown"  # the daemon is stopping
+    NOT_RESUMED = "not_resumed"  # recovered after a crash, its agent never came back
+
+
 class PlatformConnection(asyncio.Protocol):
     """One agent or control client connected to the daemon's Unix socket."""
 
@@ -27,6 +38,9 @@ class PlatformConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.vm: VM | None = None
         self.closed = False
+        #: The agent announced a clean exit (ctl op ``goodbye``) before closing.
+        self.goodbye = False
+        self.protocol_failed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing it.
@@ -63,6 +77,7 @@ class PlatformConnection(asyncio.Protocol):
             error=str(exc),
         )
         self.server.metrics.protocol_errors.labels(ErrorCode(exc.code).name.lower()).inc()
+        self.protocol_failed = True
         self.send_error(exc, request_id)
         self.close()
 
@@ -79,6 +94,14 @@ class PlatformConnection(asyncio.Protocol):
         if not self.closed and self.transport is not None:
             self.closed = True
             self.transport.close()
+
+    def release_reason(self) -> ReleaseReason:
+        """Why this connection's VM goes: checked in this order, the first that applies."""
+        if self.server.should_exit:
+            return ReleaseReason.SHUTDOWN
+        if self.protocol_failed:
+            return ReleaseReason.PROTOCOL_ERROR
+        return ReleaseReason.CLOSED if self.goodbye else ReleaseReason.KILLED
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
