@@ -95,5 +95,6 @@ class Registry:
         vm.alive = False
         self.server.vms.pop(vm.vm_id, None)
         self.server.on_vm_gone(vm)
-        vm.region_file.close()
         vm.region_file.unlink()
+        vm.region.release()  # its views pin the mapping: unmap and close its descriptor now
+        vm.region_file.close(strict=True)

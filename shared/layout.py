@@ -275,6 +275,18 @@ class ControlRegion:
 
     def slot(self, index: int) -> PageListSlot:
         """The slot at ``index``; out of range raises LayoutError."""
-        if not 0 <= index < self.slot_count:
+        if not 0 <= index < len(self.slots):
             raise LayoutError(f"slot index {index} out of 0..{self.slot_count - 1}")
         return self.slots[index]
+
+    def release(self) -> None:
+        """Drop every NumPy view of the buffer, so that its mapping can be closed now.
+
+        Why: each view holds a buffer export on the mmap, and ``mmap.close()`` refuses while
+        one lives. Left to the garbage collector, a closed VM's mapping and the descriptor of
+        its deleted file stay until the next full collection. After this, the region reads
+        and writes nothing (a use raises AttributeError or LayoutError, never touches memory).
+        """
+        self.slots = []
+        for name in ("_pending", "_words", "_report", "_progress"):
+            self.__dict__.pop(name, None)

@@ -7,7 +7,6 @@ may read guest memory.
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
 from dataclasses import dataclass
@@ -17,6 +16,11 @@ import numpy as np
 import numpy.typing as npt
 
 from .constants import PAGE_SIZE
+from .errors import VMMemError
+
+
+class MappingInUseError(VMMemError):
+    """A mapping could not be closed: a view of it is still alive somewhere."""
 
 
 @dataclass
@@ -26,10 +30,25 @@ class MappedFile:
     path: Path
     mm: mmap.mmap
 
-    def close(self) -> None:
-        # NumPy views may still reference the mapping; the OS unmaps it when they go away.
-        with contextlib.suppress(BufferError):
+    def close(self, *, strict: bool = False) -> bool:
+        """Unmap now, and release the descriptor the mapping keeps; True when done.
+
+        While a NumPy view or memoryview of the mapping lives, it cannot be unmapped. With
+        ``strict`` that raises MappingInUseError naming the file: a mapping that must go now
+        (a closed VM's control region) would otherwise stay, with the descriptor of its
+        deleted file, until the garbage collector frees the view. Without ``strict`` (a
+        mapping that lives as long as its process) it returns False and the mapping goes
+        with the last view.
+        """
+        try:
             self.mm.close()
+        except BufferError:
+            if strict:
+                raise MappingInUseError(
+                    f"{self.path}: cannot unmap, a view of the mapping is still in use"
+                ) from None
+            return False
+        return True
 
     def unlink(self) -> None:
         self.path.unlink(missing_ok=True)
