@@ -45,13 +45,18 @@ class _FakeTable:
 
 
 @contextlib.asynccontextmanager
-async def control_socket(path: Path, agent_ref: list[FakeAgent]) -> AsyncIterator[None]:
-    """Serve ``exposures`` for the fake agent at ``path`` (registered before the agent)."""
+async def control_socket(
+    path: Path, agent_ref: list[FakeAgent], answers: list[int] | None = None
+) -> AsyncIterator[None]:
+    """Serve ``exposures`` for the fake agent at ``path`` (registered before the agent);
+    each answer is counted in ``answers``."""
     tasks: set[asyncio.Task[Any]] = set()
 
     async def handle(op: str, args: dict[str, Any]) -> dict[str, Any]:
         if op != "exposures":
             raise VMMemError(f"unknown op {op!r}")
+        if answers is not None:
+            answers.append(len(answers))
         return exposures_chunk(_FakeTable(agent_ref[0]), set(), args)
 
     server = await asyncio.get_running_loop().create_unix_server(
@@ -123,4 +128,48 @@ async def test_vmmem_ctl_check_exits_1_and_names_the_violation(
         assert any(line.startswith("VIOLATION free_frame_owned (1): frames ") for line in lines)
         assert any(line.startswith("FAILED: 1 invariant(s) violated") for line in lines)
         owner[free] = -1
+        await agent.close()
+
+
+async def test_a_mismatch_that_does_not_last_is_not_a_violation(
+    short_tmp: Path, mem_dir: Path
+) -> None:
+    """The first answer maps a page the p2m does not give it (as a reply crossing the
+    question could make it); the next answers do not: no violation, and the agent was asked
+    again. One that lasts is reported after the same number of looks."""
+    path = short_tmp / "a.ctl"
+    ref: list[FakeAgent] = []
+    answers: list[int] = []
+    async with (
+        running_platform(short_tmp, mem_dir, host_mib=16) as server,
+        control_socket(path, ref, answers),
+    ):
+        agent = await FakeAgent.connect(server, "a", guest_pages=64, control_socket=str(path))
+        ref.append(agent)
+        await agent.write_pages(np.arange(8))
+        stray = int(np.flatnonzero(server.machine.allocator.frame_state == FrameState.FREE)[0])
+        agent.frame[40] = stray
+        real = agent.frame.copy()
+        real[40] = -1
+        # After the first answer the table is right again.
+        original = _FakeTable.mapped_frame
+
+        def once(self: _FakeTable, idx: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+            frames = original(self, idx)
+            agent.frame[:] = real
+            return frames
+
+        _FakeTable.mapped_frame = once  # type: ignore[method-assign]
+        try:
+            result = await server.ctl.handle("check", {})
+        finally:
+            _FakeTable.mapped_frame = original  # type: ignore[method-assign]
+        assert result["ok"], result["violations"]
+        assert len(answers) == 2, "the mismatch was not looked at again"
+        answers.clear()
+        agent.frame[40] = stray
+        result = await server.ctl.handle("check", {})
+        assert [v["name"] for v in result["violations"]] == ["vm_exposes_foreign_frame"]
+        assert len(answers) == 3
+        agent.frame[40] = -1
         await agent.close()

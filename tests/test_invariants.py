@@ -260,6 +260,21 @@ def test_agent_mapping_what_the_p2m_does_not_give_it(host: Host, case: str, viol
         assert "vm vm1" in found[0].detail
 
 
+def test_a_mapping_the_p2m_had_when_the_agent_was_asked_is_allowed(host: Host) -> None:
+    """A batch or a fault reply may cross the question: a mapping that fits the p2m as it
+    was just before the agent was asked (``earlier``) is allowed; one that fits neither the
+    p2m then nor now is not."""
+    earlier = invariants.P2MView.of(host.vms[1])
+    ex = host.exposures(1)
+    host.vms[1].state[0] = PageState.IN_FLIGHT  # released after the agent answered
+    host.vms[1].op[0] = ServiceType.SWAP
+    assert check_exposures(host.state(), 1, ex, earlier=earlier) == []
+    assert [v.name for v in check_exposures(host.state(), 1, ex)] == ["vm_exposes_foreign_frame"]
+    ex.frame[1] = host.vms[2].frame[1]  # never this page's frame
+    (v,) = check_exposures(host.state(), 1, ex, earlier=earlier)
+    assert v.count == 1 and "bpn 1 " in v.detail
+
+
 class _Table:
     """An exposure table reduced to what ``exposures_chunk`` reads."""
 
