@@ -1,4 +1,8 @@
-"""The thin adapter from an asyncio transport to the sans-I/O codec, one per peer."""
+"""The thin adapter from an asyncio transport to the sans-I/O codec, one per peer.
+
+It screens each frame by type before its body is read (docs/protocol.md section 2, the order
+of checks).
+"""
 
 from __future__ import annotations
 
@@ -8,15 +12,28 @@ from typing import TYPE_CHECKING, cast
 
 import structlog
 
-from shared.codec import Codec
+from shared.codec import Codec, error_request_id
 from shared.errors import ErrorCode, RemoteProtocolError, VMMemError
-from shared.messages import Error, Message
+from shared.messages import MESSAGE_CLASSES, Error, Message, MessageType
 
 if TYPE_CHECKING:
     from .server import PlatformServer
     from .vm import VM
 
 log = structlog.get_logger("vmmem.platform.connection")
+
+#: Types only the daemon sends: refused whatever the connection's state.
+_DAEMON_SENDS = frozenset(
+    {
+        MessageType.REGISTERED,
+        MessageType.REQUEST,
+        MessageType.FAULT_REPLY,
+        MessageType.KICK,
+        MessageType.CTL_REPLY,
+    }
+)
+#: Types that only a registered VM may send.
+_VM_SENDS = frozenset({MessageType.GET_REQUEST, MessageType.COMPLETE_REQUEST, MessageType.FAULT})
 
 
 class ReleaseReason(StrEnum):
@@ -34,7 +51,7 @@ class PlatformConnection(asyncio.Protocol):
 
     def __init__(self, server: PlatformServer) -> None:
         self.server = server
-        self.codec = Codec()
+        self.codec = Codec(screen=self._screen)
         self.transport: asyncio.Transport | None = None
         self.vm: VM | None = None
         self.closed = False
@@ -55,7 +72,21 @@ class PlatformConnection(asyncio.Protocol):
             while not self.closed and (env := self.codec.next_event()) is not None:
                 self.server.dispatch(self, env.request_id, env.message)
         except RemoteProtocolError as exc:
-            self.fail(exc)
+            self.fail(exc, error_request_id(exc))
+
+    def _screen(self, kind: MessageType) -> None:
+        """Refuse a frame by its type, before its body is read or validated."""
+        name = MESSAGE_CLASSES[kind].__name__
+        if kind in _DAEMON_SENDS:
+            raise RemoteProtocolError(
+                f"{name} is sent by the daemon, never to it", ErrorCode.PROTOCOL
+            )
+        if self.vm is None and kind in _VM_SENDS:
+            raise RemoteProtocolError(f"{name} before Register", ErrorCode.NOT_REGISTERED)
+        if self.vm is not None and kind == MessageType.REGISTER:
+            raise RemoteProtocolError(
+                "this connection already registered a VM", ErrorCode.ALREADY_REGISTERED
+            )
 
     def send(self, message: Message, request_id: int = 0) -> None:
         """Queue one frame to the peer (dropped silently once the peer is gone)."""

@@ -34,7 +34,11 @@ EXPOSURE_RETRY_SECONDS = 0.05
 
 
 class _Args(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Arguments of one op, validated strictly: an integer argument takes an integer, never
+    ``"5"``, ``5.0`` or ``true`` (``retire {"mpn": true}`` once retired frame 1); a number of
+    seconds takes an integer or a float, never a string or a boolean."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class RetireArgs(_Args):
@@ -70,6 +74,21 @@ class CheckArgs(_Args):
     exposures: bool = True
 
 
+def _first_error(exc: ValidationError) -> str:
+    """``mpn: Input should be a valid integer``: the first bad argument and what is wrong.
+
+    A union argument (``size``: a string or an integer) fails once per member, each error
+    located at (argument, member): they are joined under the argument's name.
+    """
+    errors = exc.errors()
+    loc = errors[0].get("loc", ())
+    if not loc:
+        return str(errors[0]["msg"])
+    name = loc[0]
+    msgs = dict.fromkeys(str(e["msg"]) for e in errors if e.get("loc", ())[:1] == (name,))
+    return f"{name}: {'; '.join(msgs)}"
+
+
 class CtlOps:
     """Each ``op_*`` method answers one CtlRequest op with a JSON-able dict."""
 
@@ -90,7 +109,7 @@ class CtlOps:
             if inspect.isawaitable(result):
                 result = await result
         except ValidationError as exc:
-            raise VMMemError(f"{op}: {exc.errors()[0]['msg']}", ErrorCode.BAD_REQUEST) from None
+            raise VMMemError(f"{op}: {_first_error(exc)}", ErrorCode.BAD_REQUEST) from None
         return dict(result)
 
     def goodbye(self, conn: PlatformConnection | None) -> dict[str, Any]:

@@ -84,6 +84,16 @@ class RoundState:
     high_attended: int = 0
 
 
+def _mismatch(msg: CompleteRequest, batch: IssuedBatch | None) -> str:
+    """What is wrong with a CompleteRequest that does not match its slot's batch."""
+    head = f"CompleteRequest{{slot {msg.slot}, count {msg.count}, seq {msg.seq}}}"
+    if batch is None:
+        return f"{head}: no batch is issued in slot {msg.slot}"
+    if batch.seq != msg.seq:
+        return f"{head}: the batch issued in slot {msg.slot} has seq {batch.seq}"
+    return f"{head}: the batch issued in slot {msg.slot} has count {len(batch.bpns)}"
+
+
 @dataclass
 class LowRoundClosed:
     """What ``on_low_round_closed`` reports: why, and the pages deferred per type."""
@@ -293,10 +303,7 @@ class RoundEngine:
         """Read the VMM's verdicts, hand accepted pages to the service, free the slot."""
         batch = state.issued.get(msg.slot)
         if batch is None or batch.seq != msg.seq or len(batch.bpns) != msg.count:
-            raise RemoteProtocolError(
-                f"CompleteRequest for slot {msg.slot} seq {msg.seq} that was not issued",
-                ErrorCode.SLOT_NOT_ISSUED,
-            )
+            raise RemoteProtocolError(_mismatch(msg, batch), ErrorCode.SLOT_NOT_ISSUED)
         t0 = self.clock()
         slot = vm.region.slot(msg.slot)
         try:

@@ -10,6 +10,11 @@ Frame header, little-endian, 18 bytes::
     6      4    length      body length in bytes, 0..max_frame
     10     8    request_id  matches replies to requests; 0 for unsolicited messages
 
+The order of checks (docs/protocol.md section 2): the header (magic, version, type, length),
+then the receiver's ``screen`` of the type (a type it never accepts, or not in its present
+state), and only then the body. An error found after the magic and version passed is a
+``FrameError`` carrying the frame's request id, so the Error sent back can carry it too.
+
 Invariant: whatever bytes are fed, ``next_event`` returns a message, returns None (needs more
 bytes), or raises ``RemoteProtocolError``. After an error the codec stays broken.
 """
@@ -17,6 +22,7 @@ bytes), or raises ``RemoteProtocolError``. After an error the codec stays broken
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
@@ -28,6 +34,22 @@ HEADER = struct.Struct("<HBBHIQ")
 HEADER_SIZE = HEADER.size
 #: Largest body accepted by default: far above any legal message, small enough to bound memory.
 DEFAULT_MAX_FRAME = 1 << 20
+#: Called with each frame's type once its header passed, before its body is read; raises
+#: RemoteProtocolError to refuse the frame by type.
+Screen = Callable[[MessageType], None]
+
+
+class FrameError(RemoteProtocolError):
+    """A frame broke a rule after its header parsed: carries the frame's request id."""
+
+    def __init__(self, message: str, code: ErrorCode, request_id: int) -> None:
+        super().__init__(message, code)
+        self.request_id = request_id
+
+
+def error_request_id(exc: RemoteProtocolError) -> int:
+    """The request id an Error about ``exc`` carries: the frame's, or 0 if unknown."""
+    return exc.request_id if isinstance(exc, FrameError) else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,8 +63,9 @@ class Envelope:
 class Codec:
     """One direction-agnostic connection core; no I/O, no clock."""
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, screen: Screen | None = None) -> None:
         self.max_frame = max_frame
+        self.screen = screen
         self._buf = bytearray()
         self._error: RemoteProtocolError | None = None
 
@@ -76,10 +99,21 @@ class Codec:
         if len(self._buf) < HEADER_SIZE:
             return None
         magic, version, mtype, _flags, length, request_id = HEADER.unpack_from(self._buf)
+        # Request id 0 for these two: with a wrong magic nothing in the header can be trusted,
+        # and another version may lay its header out differently.
         if magic != MAGIC:
             raise RemoteProtocolError(f"bad magic 0x{magic:04x}", ErrorCode.BAD_MAGIC)
         if version != VERSION:
             raise RemoteProtocolError(f"unsupported version {version}", ErrorCode.BAD_VERSION)
+        try:
+            return self._frame(mtype, length, request_id)
+        except FrameError:
+            raise
+        except RemoteProtocolError as exc:
+            raise FrameError(str(exc), exc.code, request_id) from None
+
+    def _frame(self, mtype: int, length: int, request_id: int) -> Envelope | None:
+        """The rest of a frame whose magic and version are right."""
         try:
             kind = MessageType(mtype)
         except ValueError:
@@ -93,6 +127,8 @@ class Codec:
             )
         if length == 0:
             raise RemoteProtocolError(f"{kind.name} with empty body", ErrorCode.BAD_LENGTH)
+        if self.screen is not None:
+            self.screen(kind)
         end = HEADER_SIZE + length
         if len(self._buf) < end:
             return None

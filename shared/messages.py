@@ -251,7 +251,12 @@ class Kick:
 
 
 class JsonMessage(BaseModel):
-    """Base of control messages: a JSON object validated by pydantic."""
+    """Base of control messages: a JSON object validated by pydantic.
+
+    Bodies from the wire are validated strictly: an integer field takes a JSON integer only,
+    never ``"16"``, ``16.0`` or ``true`` (lax validation once turned ``{"mpn": true}`` into
+    frame 1). Objects built in code are validated as usual.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     TYPE: ClassVar[MessageType]
@@ -262,7 +267,7 @@ class JsonMessage(BaseModel):
     @classmethod
     def decode_body(cls, body: bytes) -> Any:
         try:
-            return cls.model_validate_json(body)
+            return cls.model_validate_json(body, strict=True)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first.get("loc", ()))
