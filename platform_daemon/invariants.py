@@ -26,7 +26,7 @@ agent with the ctl op ``exposures``; see ``shared/exposures.py``).
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -103,7 +103,6 @@ class HostState:
     held_frames: Collection[int] = ()
     swap: SwapFile | None = None
     swap_writing: int | None = 0
-    vm_names: Mapping[int, str] = field(default_factory=dict)
 
     @classmethod
     def of(cls, server: PlatformServer) -> HostState:
@@ -122,7 +121,6 @@ class HostState:
             held_frames=list(getattr(p2m_update, "refs", {})),
             swap=server.swap,
             swap_writing=getattr(swap_svc, "writing", None),
-            vm_names={vm_id: vm.name for vm_id, vm in server.vms.items()},
         )
 
 
@@ -333,49 +331,84 @@ def _swap_slots(state: HostState, pages: _Pages) -> list[Violation]:
     return [Violation("swap_slots", len(problems), "; ".join(problems))]
 
 
-def check_exposures(
-    state: HostState, vm_id: int, exposures: Exposures, name: str = ""
-) -> list[Violation]:
-    """What one agent maps against its p2m: every mapping is the page's current frame, in
-    a state the VMM may map it in (exposed, or selected for a batch not yet answered), and
-    writable only when private; or an old frame p2mUpdate still holds, read-only.
+@dataclass(frozen=True)
+class P2MView:
+    """A copy of what ``check_exposures`` reads of one p2m, taken before asking the agent."""
 
-    Pages with a fault on the wire are skipped (the reply may be on either side of it).
+    frame: npt.NDArray[np.int64]
+    state: npt.NDArray[np.uint8]
+    flags: npt.NDArray[np.uint8]
+
+    @classmethod
+    def of(cls, p2m: P2M) -> P2MView:
+        return cls(p2m.frame.copy(), p2m.state.copy(), p2m.flags.copy())
+
+
+def _may_map(
+    view: P2M | P2MView, frame: npt.NDArray[np.int64], writable: npt.NDArray[np.bool_]
+) -> npt.NDArray[np.bool_]:
+    """Per BPN: the VMM may map ``frame`` so under ``view`` (the page's frame while it is
+    exposed or selected for a batch not answered yet; writable only when private)."""
+    st, private = view.state, (view.flags & FLAG_SHARED) == 0
+    ok: npt.NDArray[np.bool_] = (
+        (view.frame == frame) & ((st == _EXPOSED) | (st == _SELECTED)) & (~writable | private)
+    )
+    return ok
+
+
+def foreign_mappings(
+    state: HostState, vm_id: int, exposures: Exposures, earlier: P2MView | None = None
+) -> npt.NDArray[np.int64]:
+    """BPNs whose mapping in the agent's table the p2m does not allow.
+
+    Allowed: the page's frame as the p2m has it now, or as ``earlier`` had it (a copy taken
+    before the agent was asked: a fault reply or a batch may have crossed the question), or
+    an old frame p2mUpdate still holds, read-only. Pages with a fault on the wire are skipped.
     """
     p2m = state.vms[vm_id]
-    label = name or str(vm_id)
-    if len(exposures.frame) != p2m.guest_pages:
-        return [
-            Violation(
-                "vm_exposes_foreign_frame",
-                1,
-                f"vm {label}: agent reports {len(exposures.frame)} pages, the p2m has "
-                f"{p2m.guest_pages}",
-            )
-        ]
     f, w = exposures.frame, exposures.writable
-    mapped = f != NO_FRAME
-    private = (p2m.flags & FLAG_SHARED) == 0
-    st = p2m.state
-    current = (p2m.frame == f) & ((st == _EXPOSED) | (st == _SELECTED)) & (~w | private)
-    held = np.isin(f, np.asarray(list(state.held_frames), dtype=np.int64)) & ~w
-    bad = mapped & ~(current | held)
-    faulting = exposures.faulting[
-        (exposures.faulting >= 0) & (exposures.faulting < p2m.guest_pages)
-    ]
-    bad[faulting] = False
-    idx = np.flatnonzero(bad)
-    if not len(idx):
-        return []
+    ok = _may_map(p2m, f, w)
+    if earlier is not None:
+        ok |= _may_map(earlier, f, w)
+    ok |= np.isin(f, np.asarray(list(state.held_frames), dtype=np.int64)) & ~w
+    bad = (f != NO_FRAME) & ~ok
+    faulting = exposures.faulting
+    bad[faulting[(faulting >= 0) & (faulting < p2m.guest_pages)]] = False
+    return np.flatnonzero(bad).astype(np.int64)
+
+
+def exposure_violation(
+    state: HostState, vm_id: int, exposures: Exposures, bpns: npt.NDArray[np.int64], name: str
+) -> Violation:
+    """The violation for ``bpns`` of ``foreign_mappings``, a few of them spelled out."""
+    p2m, f, w = state.vms[vm_id], exposures.frame, exposures.writable
     cases = [
         f"bpn {b} frame {f[b]}{' rw' if w[b] else ''} (p2m: frame {p2m.frame[b]}, "
-        f"{PageState(int(st[b])).name.lower() if st[b] <= _LAST_STATE else int(st[b])})"
-        for b in idx[:_EXAMPLES].tolist()
+        f"{_state_name(int(p2m.state[b]))})"
+        for b in bpns[:_EXAMPLES].tolist()
     ]
-    return [
-        Violation(
-            "vm_exposes_foreign_frame",
-            len(idx),
-            f"vm {label}: " + "; ".join(cases) + ("; ..." if len(idx) > _EXAMPLES else ""),
+    more = "; ..." if len(bpns) > _EXAMPLES else ""
+    return Violation("vm_exposes_foreign_frame", len(bpns), f"vm {name}: {'; '.join(cases)}{more}")
+
+
+def _state_name(state: int) -> str:
+    return PageState(state).name.lower() if state <= _LAST_STATE else str(state)
+
+
+def check_exposures(
+    state: HostState,
+    vm_id: int,
+    exposures: Exposures,
+    name: str = "",
+    earlier: P2MView | None = None,
+) -> list[Violation]:
+    """What one agent maps against its p2m (see ``foreign_mappings``), as violations."""
+    label = name or str(vm_id)
+    guest_pages = state.vms[vm_id].guest_pages
+    if len(exposures.frame) != guest_pages:
+        detail = (
+            f"vm {label}: agent reports {len(exposures.frame)} pages, the p2m has {guest_pages}"
         )
-    ]
+        return [Violation("vm_exposes_foreign_frame", 1, detail)]
+    bpns = foreign_mappings(state, vm_id, exposures, earlier)
+    return [exposure_violation(state, vm_id, exposures, bpns, label)] if len(bpns) else []
