@@ -62,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="a low-priority type waiting this long moves up one class (default 1)",
     )
+    a(
+        "--allow-uid",
+        type=int,
+        action="append",
+        metavar="UID",
+        help="also admit this user's processes on the socket (repeatable; default: only the "
+        "daemon's own user). The socket is then mode 0666 and the peer's uid (SO_PEERCRED) "
+        "decides",
+    )
     a("--log-format", choices=["auto", "json", "console"], help="log format (default auto)")
     a("--log-level", choices=["debug", "info", "warning", "error"])
     return p

@@ -1,7 +1,7 @@
 """The thin adapter from an asyncio transport to the sans-I/O codec, one per peer.
 
-It screens each frame by type before its body is read (docs/protocol.md section 2, the order
-of checks).
+It also admits the peer (its uid, from SO_PEERCRED, must be allowed) and screens each frame
+by type before its body is read (docs/protocol.md section 2, the order of checks).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import structlog
 from shared.codec import Codec, error_request_id
 from shared.errors import ErrorCode, RemoteProtocolError, VMMemError
 from shared.messages import MESSAGE_CLASSES, Error, Message, MessageType
+from shared.sockets import PeerCredentials, peer_credentials, refuse_peer
 
 if TYPE_CHECKING:
     from .server import PlatformServer
@@ -54,6 +55,7 @@ class PlatformConnection(asyncio.Protocol):
         self.codec = Codec(screen=self._screen)
         self.transport: asyncio.Transport | None = None
         self.vm: VM | None = None
+        self.peer: PeerCredentials | None = None
         self.closed = False
         #: The agent announced a clean exit (ctl op ``goodbye``) before closing.
         self.goodbye = False
@@ -62,6 +64,12 @@ class PlatformConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        self.peer = peer_credentials(transport)
+        allowed = self.server.config.allowed_uids
+        if self.peer is None or self.peer.uid not in allowed:
+            self.closed = True
+            refuse_peer(transport, self.peer, allowed, log, socket=str(self.server.config.socket))
+            return
         self.server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -104,6 +112,8 @@ class PlatformConnection(asyncio.Protocol):
         log.warning(
             "protocol_error",
             vm=self.vm.name if self.vm else None,
+            peer_pid=self.peer.pid if self.peer else None,
+            peer_uid=self.peer.uid if self.peer else None,
             code=ErrorCode(exc.code).name,
             error=str(exc),
         )

@@ -44,6 +44,7 @@ from shared.messages import (
     Message,
     Register,
 )
+from shared.sockets import check_socket_path, listen_private
 
 from .connection import PlatformConnection
 from .context import ServiceContext
@@ -190,13 +191,15 @@ class PlatformServer:
                 self.config.metrics_port, addr="127.0.0.1", registry=self.metrics_registry
             )
             self.metrics_port = self._http.server_port
+        check_socket_path(path)  # another user's path is refused, never removed
         if path.exists():
             if _socket_is_live(path):
                 raise VMMemError(f"another daemon is serving {path}", ErrorCode.BAD_REQUEST)
             path.unlink()  # left behind by a daemon that died
-        self._server = await loop.create_unix_server(lambda: PlatformConnection(self), str(path))
+        # 0600 from the moment it exists; 0666 when --allow-uid admits others (SO_PEERCRED).
+        sock = listen_private(path, 0o666 if self.config.allow_uid else 0o600)
         self._owns_socket = True
-        os.chmod(path, 0o600)
+        self._server = await loop.create_unix_server(lambda: PlatformConnection(self), sock=sock)
         for svc in self.services.values():
             if isinstance(svc, LowPriorityService) and (work := svc.background()) is not None:
                 self.background.add(loop.create_task(work))

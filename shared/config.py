@@ -63,6 +63,8 @@ class PlatformConfig(_Base):
     share_scan_period: float = Field(default=30.0, gt=0, le=86400)
     #: Low-priority aging: a type waiting this long moves up one priority class.
     lowprio_aging_seconds: float = Field(default=1.0, gt=0)
+    #: Users (besides the daemon's own) whose processes may connect to the socket.
+    allow_uid: list[Annotated[int, Field(ge=0, lt=1 << 32)]] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check(self) -> PlatformConfig:
@@ -82,6 +84,11 @@ class PlatformConfig(_Base):
     @property
     def host_pages(self) -> int:
         return self.host_memory // PAGE_SIZE
+
+    @property
+    def allowed_uids(self) -> frozenset[int]:
+        """The uids admitted on the socket: the daemon's own, and ``--allow-uid``."""
+        return frozenset({os.getuid(), *self.allow_uid})
 
 
 class AgentConfig(_Base):

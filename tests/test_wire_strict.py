@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,15 +18,17 @@ from typing import Any
 
 import numpy as np
 import pytest
+import structlog
 
 from platform_daemon.server import PlatformServer
 from shared.codec import DEFAULT_MAX_FRAME, HEADER, MAGIC, VERSION, Codec, Envelope
-from shared.constants import FaultReason, PageState, ServiceType
+from shared.constants import FaultReason, PageState, Priority, ServiceType
 from shared.errors import ErrorCode, RemoteProtocolError
 from shared.messages import (
     CompleteRequest,
     CtlReply,
     Error,
+    GetRequest,
     MessageType,
     Register,
     Registered,
@@ -299,6 +302,25 @@ async def test_checks_run_in_the_documented_order_and_errors_carry_the_request_i
         assert isinstance(env.message, Error)
         assert (ErrorCode(env.message.code), env.request_id) == (code, request_id), env.message
         await wait_until(lambda: not server.vms, "the VM to be released")
+
+
+@pytest.mark.timeout(30)
+async def test_a_protocol_error_from_an_unregistered_peer_names_the_peer(
+    short_tmp: Path, mem_dir: Path
+) -> None:
+    """The daemon's protocol_error log line for a peer that never registered names it by the
+    pid and uid the kernel reports for the socket (SO_PEERCRED)."""
+    async with running_platform(short_tmp, mem_dir) as server:
+        with structlog.testing.capture_logs() as logs:
+            link = await RpcClient.connect(str(server.config.socket))
+            with pytest.raises(PeerError):
+                await link.request(GetRequest(Priority.HIGH), REPLY_TIMEOUT)
+            link.close()
+        errors = [e for e in logs if e["event"] == "protocol_error"]
+        assert len(errors) == 1, logs
+        assert errors[0]["peer_pid"] == os.getpid()
+        assert errors[0]["peer_uid"] == os.getuid()
+        assert errors[0]["code"] == "NOT_REGISTERED"
 
 
 # ---- error messages that say what is wrong ---------------------------------------------------

@@ -29,6 +29,7 @@ from shared.errors import ErrorCode, VMMemError
 from shared.layout import ControlRegion
 from shared.messages import Kick, Message, Register, Registered
 from shared.shm import MappedFile, frames_view, open_mapped
+from shared.sockets import allowed_peers_only, check_socket_path, listen_private
 from shared.workload import Phase
 
 from .batches import BatchProcessor
@@ -146,11 +147,14 @@ class Agent:
             self.touches,
         )
         ctl_path = cfg.control_socket_path
+        check_socket_path(ctl_path)  # another user's path is refused, never removed
         ctl_path.unlink(missing_ok=True)
         self._control = await loop.create_unix_server(
-            lambda: ControlConnection(self.handle_ctl, self.tasks), str(ctl_path)
+            allowed_peers_only(
+                lambda: ControlConnection(self.handle_ctl, self.tasks), log, socket=str(ctl_path)
+            ),
+            sock=listen_private(ctl_path),  # 0600 from the moment it exists
         )
-        os.chmod(ctl_path, 0o600)
         self._spawn(self._rounds_forever(self.rounds.run()))
         self._spawn(self._rounds_forever(self.lowprio.run()))
         log.info(
