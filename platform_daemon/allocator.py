@@ -56,7 +56,12 @@ class _NodeStack:
 class FrameAllocator:
     """Hands out and takes back frames of ``host_pages``, split into ``nodes`` NUMA nodes."""
 
-    def __init__(self, host_pages: int, nodes: int) -> None:
+    def __init__(
+        self, host_pages: int, nodes: int, frame_state: npt.NDArray[np.uint8] | None = None
+    ) -> None:
+        """``frame_state``: an array to keep the state in (a mapped state file, so a daemon
+        started after a crash finds it); its FREE/USED/RETIRED values are adopted as they are.
+        """
         if nodes < 1 or host_pages < nodes:
             raise ValueError(f"cannot split {host_pages} frames into {nodes} nodes")
         self.host_pages = host_pages
@@ -68,14 +73,22 @@ class FrameAllocator:
         self.node_bounds: list[tuple[int, int]] = [
             (int(bounds[i]), int(bounds[i + 1])) for i in range(nodes)
         ]
-        self.frame_state = np.zeros(host_pages, dtype=np.uint8)
+        if frame_state is None:
+            frame_state = np.zeros(host_pages, dtype=np.uint8)
+        elif len(frame_state) != host_pages:
+            raise ValueError(f"frame state of {len(frame_state)} frames for {host_pages}")
+        self.frame_state = frame_state
         self._nodes = [_NodeStack(a, b) for a, b in self.node_bounds]
         self._node_of_block = np.repeat(
             np.arange(nodes, dtype=np.int16), [b - a for a, b in self.node_bounds]
         )
-        self.retired = 0
+        for ns in self._nodes:  # only the frames FREE now go on the stacks, lowest on top
+            free = np.flatnonzero(frame_state[ns.first : ns.last] == _FREE) + ns.first
+            ns.stack = free[::-1].astype(np.int64)
+            ns.top = ns.free = len(free)
+        self.retired = int(np.count_nonzero(frame_state == _RETIRED))
         # Host-wide free count kept beside the per-node ones: read on every fault.
-        self._free = host_pages
+        self._free = sum(ns.free for ns in self._nodes)
 
     @property
     def free(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -63,6 +64,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="a low-priority type waiting this long moves up one class (default 1)",
     )
     a(
+        "--fresh",
+        action="store_const",
+        const=True,
+        help="discard the state a crashed daemon left on this socket (its VMs' memory) "
+        "instead of taking it over, which is the default",
+    )
+    a(
+        "--reattach-seconds",
+        type=float,
+        help="after taking over from a crashed daemon, how long its VMs wait for their "
+        "agents to come back before they are released (default 60)",
+    )
+    a(
+        "--allow-beyond-ram",
+        action="store_const",
+        const=True,
+        help="allow --host-memory beyond this machine's RAM (the host kernel would swap it)",
+    )
+    a(
         "--allow-uid",
         type=int,
         action="append",
@@ -76,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     config = settings_from_cli(
         PlatformConfig, vars(build_parser().parse_args(argv)), "vmmem-platform"
@@ -85,11 +109,22 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(config.log_format, config.log_level)
     from .server import PlatformServer
 
+    # Until the event loop handles SIGTERM, it interrupts startup (prefaulting gigabytes
+    # takes a while) like Ctrl-C does, so that what startup created is removed.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         server = PlatformServer(config)
     except (VMMemError, OSError) as exc:
         print(f"vmmem-platform: cannot start: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(
+            "vmmem-platform: interrupted while starting (the files it created are removed)",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     try:
         run(server.serve())
     except (VMMemError, OSError) as exc:

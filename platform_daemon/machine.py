@@ -12,7 +12,8 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.constants import NO_FRAME, PAGE_SIZE
-from shared.shm import MappedFile, create_mapped, frames_view
+from shared.errors import VMMemError
+from shared.shm import MappedFile, frames_view, open_mapped
 
 from .allocator import FrameAllocator, Frames
 
@@ -38,27 +39,91 @@ def populate(mapped: MappedFile) -> None:
         view[::PAGE_SIZE] = 0
 
 
-class MachineMemory:
-    """``host_pages`` frames of real bytes in one shared file, split into NUMA nodes."""
+def create_reserved(path: Path, size: int) -> MappedFile:
+    """Create machine memory at ``path`` with all of its space reserved now.
 
-    def __init__(self, path: Path, host_pages: int, nodes: int, prefault: bool = True) -> None:
+    Why reserve: a file on tmpfs that outgrows the free space does not fail a write, it kills
+    the process that touches the missing page with SIGBUS, possibly much later. Reserving up
+    front turns that into a clear error at startup.
+    """
+    free = _free_bytes(path.parent)
+    if size > free:
+        raise VMMemError(
+            f"machine memory of {size} bytes does not fit in {path.parent} "
+            f"({free} bytes free): lower --host-memory or choose another --mem-dir"
+        )
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            raise VMMemError(
+                f"cannot reserve {size} bytes of machine memory in {path.parent}: {exc.strerror}"
+            ) from None
+        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    return MappedFile(path, mm)
+
+
+def _free_bytes(directory: Path) -> int:
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def check_fits_ram(size: int, allowed: bool) -> None:
+    """Machine memory beyond the machine's RAM only on request: it would be swapped by the
+    host kernel, and every figure measured on it would be the host's swap, not VMMem's."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if size > ram and not allowed:
+        raise VMMemError(
+            f"--host-memory of {size} bytes is more than this machine's RAM ({ram} bytes); "
+            "pass --allow-beyond-ram to run anyway"
+        )
+
+
+class MachineMemory:
+    """``host_pages`` frames of real bytes in one shared file, split into NUMA nodes.
+
+    A fresh daemon creates the file (space reserved) and its zero frames. A daemon taking
+    over after a crash passes ``existing=True``, the recovered allocator state in
+    ``frame_state`` and the zero frames it had: the guests' bytes are where they were.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        host_pages: int,
+        nodes: int,
+        prefault: bool = True,
+        *,
+        frame_state: npt.NDArray[np.uint8] | None = None,
+        failing: npt.NDArray[np.bool_] | None = None,
+        existing: bool = False,
+        zero_frames: list[int] | None = None,
+    ) -> None:
         self.path = path
         self.host_pages = host_pages
-        self.file: MappedFile = create_mapped(path, host_pages * PAGE_SIZE)
+        size = host_pages * PAGE_SIZE
+        self.file: MappedFile = open_mapped(path, size) if existing else create_reserved(path, size)
         self.frames = frames_view(self.file)
         if prefault:
             populate(self.file)
-        self.allocator = FrameAllocator(host_pages, nodes)
+        self.allocator = FrameAllocator(host_pages, nodes, frame_state)
         #: Frames the VMs may use (``vmmem-ctl set-host-limit``); at most ``host_pages``.
         self.limit_pages = host_pages
         # Reverse map for retire and moves: which VM and BPN a used frame backs (-1: none).
         self.owner_vm = np.full(host_pages, -1, dtype=np.int32)
         self.owner_bpn = np.full(host_pages, NO_FRAME, dtype=np.int64)
         # Frames marked failing while in use: retired instead of freed when their page leaves.
-        self.failing = np.zeros(host_pages, dtype=bool)
+        self.failing = np.zeros(host_pages, dtype=bool) if failing is None else failing
         self.freed_listeners: list[Callable[[], None]] = []
         # One shared read-only zero frame per node: reads of untouched pages cost no memory.
-        self.zero_frame = [int(self.allocate_zeroed(1, n)[0]) for n in range(nodes)]
+        if zero_frames is None:
+            zero_frames = [int(self.allocate_zeroed(1, n)[0]) for n in range(nodes)]
+        self.zero_frame = zero_frames
         self.owner_vm[self.zero_frame] = HOST_OWNER
         self.zero_frames = frozenset(self.zero_frame)
 
@@ -108,7 +173,3 @@ class MachineMemory:
         self.file.close()
         if unlink:
             self.file.unlink()
-
-    @staticmethod
-    def default_path(mem_dir: Path) -> Path:
-        return mem_dir / f"vmmem-{os.getpid()}-machine"

@@ -73,6 +73,16 @@ class PlatformMetrics:
             "VMs gone, with all their memory released",
             registry=registry,
         )
+        self.recovered_vms = Counter(
+            "vmmem_platform_recovered_vms",
+            "VMs taken over from a crashed daemon's state files at startup",
+            registry=registry,
+        )
+        self.resumed_vms = Counter(
+            "vmmem_platform_resumed_vms",
+            "VMs taken over after a crash whose agents came back and carried on",
+            registry=registry,
+        )
         self.batch_seconds = Histogram(
             "vmmem_platform_batch_seconds",
             "Platform time per batch: selection at GetRequest plus completion",

@@ -6,7 +6,10 @@ filters and updates batches of BPNs with vectorised operations on these arrays.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 from shared.constants import NO_FRAME, PageState
 
@@ -21,18 +24,64 @@ FLAG_MERGED = 2
 
 
 class P2M:
-    """Mapping state of every page of one VM."""
+    """Mapping state of every page of one VM.
 
-    def __init__(self, guest_pages: int) -> None:
+    The arrays live in process memory, or in ``buffer`` (a p2m file mapped by
+    ``persist.P2MFile``, so that a daemon started after a crash finds them).
+    """
+
+    #: (name, dtype) of each array, in buffer order: widest first, so all stay aligned.
+    FIELDS: tuple[tuple[str, type], ...] = (
+        ("frame", np.int64),
+        ("swap_slot", np.int64),
+        ("epoch", np.uint32),
+        ("state", np.uint8),
+        ("op", np.uint8),
+        ("flags", np.uint8),
+    )
+
+    def __init__(self, guest_pages: int, buffer: Any = None, offset: int = 0) -> None:
         self.guest_pages = guest_pages
-        self.frame = np.full(guest_pages, NO_FRAME, dtype=np.int64)
-        self.state = np.zeros(guest_pages, dtype=np.uint8)
-        self.op = np.full(guest_pages, NO_OP, dtype=np.uint8)
-        self.swap_slot = np.full(guest_pages, NO_SLOT, dtype=np.int64)
-        self.flags = np.zeros(guest_pages, dtype=np.uint8)
+        self.frame: npt.NDArray[np.int64]
+        self.state: npt.NDArray[np.uint8]
+        self.op: npt.NDArray[np.uint8]
+        self.swap_slot: npt.NDArray[np.int64]
+        self.flags: npt.NDArray[np.uint8]
         # Incremented each time a page's in-flight op starts, so an async completion can tell
         # whether the page it worked on was cancelled (and maybe restarted) in the meantime.
-        self.epoch = np.zeros(guest_pages, dtype=np.uint32)
+        self.epoch: npt.NDArray[np.uint32]
+        if buffer is None:
+            for name, dtype in self.FIELDS:
+                setattr(self, name, np.zeros(guest_pages, dtype=dtype))
+            self.reset()
+        else:  # a file's contents are adopted as they are (recovery reads them)
+            for name, dtype in self.FIELDS:
+                setattr(self, name, np.frombuffer(buffer, dtype, guest_pages, offset))
+                offset += guest_pages * np.dtype(dtype).itemsize
+
+    @classmethod
+    def buffer_size(cls, guest_pages: int) -> int:
+        return sum(guest_pages * np.dtype(dtype).itemsize for _, dtype in cls.FIELDS)
+
+    def reset(self) -> None:
+        """Every page untouched."""
+        self.frame[:] = NO_FRAME
+        self.state[:] = 0
+        self.op[:] = NO_OP
+        self.swap_slot[:] = NO_SLOT
+        self.flags[:] = 0
+        self.epoch[:] = 0
+
+    def detach(self) -> None:
+        """Let go of the buffer: every array becomes a read-only view of "nothing mapped".
+
+        Why: the buffer's mapping can only be closed once no array refers to it; a task
+        still holding the VM after it left reads an empty p2m, and a write raises at once.
+        """
+        n = self.guest_pages
+        for name, dtype in self.FIELDS:
+            fill = NO_FRAME if name in ("frame", "swap_slot") else (NO_OP if name == "op" else 0)
+            setattr(self, name, np.broadcast_to(np.array(fill, dtype=dtype), (n,)))
 
     def counts(self) -> dict[str, int]:
         """Pages by state (a scan: for scrapes and status, not hot paths)."""

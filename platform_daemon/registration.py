@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -15,7 +12,8 @@ from shared.layout import ControlRegion, region_size
 from shared.messages import Register, Registered
 from shared.shm import create_mapped
 
-from .p2m import P2M
+from .connection import ReleaseReason
+from .persist import P2MFile, P2MHeader
 from .vm import VM
 
 if TYPE_CHECKING:
@@ -24,15 +22,21 @@ if TYPE_CHECKING:
 
 
 class Registry:
-    """Creates and tears down VMs; owns the VM id and generation counters."""
+    """Creates, resumes and tears down VMs; VM ids and generations come from the state file,
+    so they stay unique across a daemon crash and restart."""
 
     def __init__(self, server: PlatformServer) -> None:
         self.server = server
-        self._ids = itertools.count(1)
-        self._generations = itertools.count(1)
 
-    def region_path(self, vm_id: int) -> Path:
-        return self.server.config.mem_dir / f"vmmem-{os.getpid()}-vm{vm_id}"
+    def _next(self, counter: str) -> int:
+        header = self.server.state.header
+        value = int(getattr(header, counter))
+        setattr(header, counter, value + 1)
+        self.server.state.write_header()
+        return value
+
+    def next_generation(self) -> int:
+        return self._next("next_vm_generation")
 
     def register(self, conn: PlatformConnection, info: Register) -> Registered:
         """Create the VM's p2m and control region; raise a clear error if it cannot be."""
@@ -41,6 +45,8 @@ class Registry:
             raise VMMemError(
                 "this connection already registered a VM", ErrorCode.ALREADY_REGISTERED
             )
+        if info.resume_vm_id:
+            return self.reattach(conn, info)
         if any(vm.name == info.name for vm in server.vms.values()):
             raise VMMemError(f"a VM named {info.name!r} is already running", ErrorCode.BAD_REQUEST)
         if info.guest_pages * PAGE_SIZE > cfg.max_guest_memory:
@@ -55,9 +61,18 @@ class Registry:
                 ErrorCode.BAD_REQUEST,
             )
         home = info.home_node if info.home_node >= 0 else self._pick_home_node()
-        vm_id, generation = next(self._ids), next(self._generations)
-        path = self.region_path(vm_id)
-        mapped = create_mapped(path, region_size(cfg.slot_count, cfg.slot_capacity))
+        vm_id, generation = self._next("next_vm_id"), self.next_generation()
+        paths = server.paths
+        store = P2MFile.create(
+            paths.p2m(vm_id), P2MHeader(vm_id, generation, info.guest_pages, home, info)
+        )
+        try:
+            mapped = create_mapped(
+                paths.region(vm_id), region_size(cfg.slot_count, cfg.slot_capacity)
+            )
+        except BaseException:
+            store.close(unlink=True)
+            raise
         region = ControlRegion.initialize(
             mapped.mm,
             vm_id=vm_id,
@@ -66,35 +81,66 @@ class Registry:
             capacity=cfg.slot_capacity,
             guest_pages=info.guest_pages,
         )
-        vm = VM(vm_id, generation, info, home, P2M(info.guest_pages), region, mapped, conn)
+        vm = VM(vm_id, generation, info, home, store.p2m, region, mapped, conn, store=store)
         server.vms[vm_id] = vm
         conn.vm = vm
         server.on_vm_registered(vm)
+        return self.registered(vm)
+
+    def registered(self, vm: VM) -> Registered:
+        server, cfg = self.server, self.server.config
         return Registered(
-            vm_id=vm_id,
+            vm_id=vm.vm_id,
             machine_memory_path=str(server.machine.path),
             host_pages=server.machine.host_pages,
-            control_region_path=str(path),
+            control_region_path=str(vm.region_path),
             slot_count=cfg.slot_count,
             slot_capacity=cfg.slot_capacity,
-            home_node=home,
+            home_node=vm.home_node,
             numa_nodes=server.machine.nodes,
             max_outstanding_faults=cfg.max_outstanding_faults,
-            generation=generation,
+            generation=vm.generation,
         )
+
+    def reattach(self, conn: PlatformConnection, info: Register) -> Registered:
+        """The agent of a VM recovered after a daemon crash is back: it carries on.
+
+        It must name the VM exactly as it was (id, name, size, pid and the generation it
+        was given), so no other process can take a recovered VM's memory over.
+        """
+        vm = self.server.vms.get(info.resume_vm_id)
+        if (
+            vm is None
+            or vm.name != info.name
+            or vm.guest_pages != info.guest_pages
+            or vm.info.pid != info.pid
+            or vm.resume_generation != info.resume_generation
+        ):
+            raise VMMemError(
+                f"no VM {info.name!r} (id {info.resume_vm_id}, generation "
+                f"{info.resume_generation}) to resume: this daemon did not take it over",
+                ErrorCode.BAD_REQUEST,
+            )
+        if not vm.detached:
+            raise VMMemError(f"VM {vm.name!r} has resumed already", ErrorCode.BAD_REQUEST)
+        vm.connection = conn
+        conn.vm = vm
+        return self.registered(vm)
 
     def _pick_home_node(self) -> int:
         """The node with the most free frames, so VMs spread over the host."""
         alloc = self.server.machine.allocator
         return int(np.argmax([alloc.free_on(n) for n in range(alloc.nodes)]))
 
-    def unregister(self, vm: VM) -> None:
+    def unregister(self, vm: VM, reason: ReleaseReason = ReleaseReason.CLOSED) -> None:
         """Release every frame, swap slot and file the VM held. Other VMs are untouched."""
         if not vm.alive:
             return
         vm.alive = False
         self.server.vms.pop(vm.vm_id, None)
-        self.server.on_vm_gone(vm)
+        self.server.on_vm_gone(vm, reason)
         vm.region_file.unlink()
         vm.region.release()  # its views pin the mapping: unmap and close its descriptor now
         vm.region_file.close(strict=True)
+        if vm.store is not None:
+            vm.store.close(unlink=True)

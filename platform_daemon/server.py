@@ -32,6 +32,7 @@ from shared.constants import (
     ServiceType,
 )
 from shared.errors import ErrorCode, RemoteProtocolError, VMMemError
+from shared.layout import ControlRegion, region_size
 from shared.messages import (
     CompleteRequest,
     CtlReply,
@@ -44,17 +45,21 @@ from shared.messages import (
     Message,
     Register,
 )
+from shared.shm import create_mapped, open_mapped
 from shared.sockets import check_socket_path, listen_private
 
-from .connection import PlatformConnection
+from .connection import PlatformConnection, ReleaseReason
 from .context import ServiceContext
 from .ctl_ops import CtlOps
 from .faults import FaultResolver, NeedsAsync
+from .invariants import HostState, check
 from .lowprio import LowPriorityScheduler
-from .machine import MachineMemory
+from .machine import MachineMemory, check_fits_ram
 from .memsched import MemSched
 from .metrics import PlatformMetrics, StateCollector
 from .p2m import FLAG_SHARED
+from .persist import P2MFile, StateError, StatePaths
+from .recovery import Reconciled, open_p2ms, open_state, reconcile
 from .registration import Registry
 from .retire import FrameRetirement
 from .rounds import LowRoundClosed, RoundEngine, RoundState
@@ -63,7 +68,7 @@ from .services.base import LowPriorityService
 from .services.swap import SwapService
 from .shared_frames import SharedFrames
 from .swapfile import SwapFile
-from .vm import VM
+from .vm import DETACHED, VM
 from .waits import FrameWaits
 
 log = structlog.get_logger("vmmem.platform")
@@ -95,24 +100,54 @@ class PlatformServer:
         self.metrics_registry = registry or CollectorRegistry()
         self.metrics = PlatformMetrics(self.metrics_registry)
         self.metrics_registry.register(StateCollector(weakref.ref(self)))
+        self.paths = StatePaths.for_socket(config.mem_dir, config.socket)
+        self.state, self.recovered = open_state(config, self.paths)
+        files: list[P2MFile] = []
         self.swap: SwapFile | None = None
-        if config.swap_file is not None and config.swap_size > 0:
-            self.swap = SwapFile(config.swap_file, config.swap_size)
         try:
+            reconciled = None
+            if self.recovered:
+                files = open_p2ms(self.paths)
+                reconciled = reconcile(self.state, files)
+            else:
+                check_fits_ram(config.host_memory, config.allow_beyond_ram)
+            if config.swap_file is not None and config.swap_size > 0:
+                self.swap = SwapFile(
+                    config.swap_file,
+                    config.swap_size,
+                    checksum=self.state.swap_checksum,
+                    existing=self.recovered,
+                )
             self.machine = MachineMemory(
-                MachineMemory.default_path(config.mem_dir),
+                self.paths.machine,
                 config.host_pages,
                 config.numa_nodes,
                 prefault=config.prefault,
+                frame_state=self.state.frame_state,
+                failing=self.state.failing,
+                existing=self.recovered,
+                zero_frames=self.state.header.zero_frames if self.recovered else None,
             )
+            if not self.recovered:
+                self.state.header.zero_frames = list(self.machine.zero_frame)
+                self.state.write_header()
         except BaseException:
+            # Nothing of a fresh start is left behind (a signal during prefault included); a
+            # crashed daemon's files stay as they were, for the next attempt.
+            for f in files:
+                f.close(unlink=False)
             if self.swap is not None:
-                self.swap.close()
+                self.swap.close(unlink=not self.recovered)
+            if not self.recovered:
+                self.paths.machine.unlink(missing_ok=True)
+            self.state.close(unlink=not self.recovered)
             raise
         self.vms: dict[int, VM] = {}
         self.rounds: dict[int, RoundState] = {}
         self.connections: set[PlatformConnection] = set()
-        self.shared = SharedFrames(self.machine)
+        self.shared = SharedFrames(
+            self.machine, origin=self.state.shared_origin, joined=self.state.shared_joined
+        )
         self.faults = FaultResolver(self.machine, self.shared, config.max_fault_around)
         self.registry = Registry(self)
         self.memsched = MemSched(self)
@@ -168,6 +203,93 @@ class PlatformServer:
         self._owns_socket = False
         self.metrics_port: int | None = None
         self.started = time.time()
+        if reconciled is not None:
+            try:
+                self.machine.limit_pages = min(
+                    self.state.header.limit_pages, self.machine.host_pages
+                )
+                self._take_over(reconciled)
+            except BaseException:
+                self._close_files(unlink=False)  # refused: the files stay for another try
+                raise
+
+    def _take_over(self, reconciled: Reconciled) -> None:
+        """Adopt what ``reconcile`` made of a crashed daemon's state: owners of private
+        frames, merged frames, swap slots, and every VM, detached until its agent is back."""
+        t0 = time.perf_counter()
+        for f in reconciled.files:
+            p2m = f.p2m
+            private = np.flatnonzero((p2m.frame >= 0) & ((p2m.flags & FLAG_SHARED) == 0))
+            self.machine.set_owner(p2m.frame[private], f.header.vm_id, private)
+        self.shared.adopt(reconciled.refs)
+        if self.swap is not None:
+            self.swap.adopt(reconciled.swap_slots_in_use)
+        cfg = self.config
+        size = region_size(cfg.slot_count, cfg.slot_capacity)
+        for f in reconciled.files:
+            h = f.header
+            old_generation, h.generation = h.generation, self.registry.next_generation()
+            f.write_header()
+            path = self.paths.region(h.vm_id)
+            # Opened in place, never truncated: the agent still maps this very file.
+            mapped = open_mapped(path) if path.exists() else create_mapped(path, size)
+            if len(mapped.mm) < size:
+                mapped.close()
+                raise StateError(f"{path}: too small for this daemon's slot geometry")
+            region = ControlRegion.initialize(
+                mapped.mm,
+                vm_id=h.vm_id,
+                generation=h.generation,
+                slot_count=cfg.slot_count,
+                capacity=cfg.slot_capacity,
+                guest_pages=h.guest_pages,
+            )
+            vm = VM(
+                h.vm_id,
+                h.generation,
+                h.info,
+                h.home_node,
+                f.p2m,
+                region,
+                mapped,
+                DETACHED,
+                store=f,
+                resume_generation=old_generation,
+            )
+            # Counters start again with this daemon, but memsched reads swapped-out minus
+            # swapped-in as "pages in swap now": that must hold from the start.
+            vm.stats.swapped_out = int(np.count_nonzero(f.p2m.state == PageState.SWAPPED))
+            self.vms[vm.vm_id] = vm
+            self.on_vm_registered(vm)
+        violations = check(HostState.of(self))
+        if violations:
+            raise StateError(
+                "the state left by the crashed daemon breaks invariants: "
+                + "; ".join(f"{v.name} ({v.count}: {v.detail})" for v in violations)
+                + ". Start with --fresh to discard it (its VMs' memory is lost)"
+            )
+        self.metrics.recovered_vms.inc(len(reconciled.files))
+        log.info(
+            "platform_recovered",
+            generation=self.state.header.generation,
+            previous_pid=self.state.previous_pid,
+            seconds=round(time.perf_counter() - t0, 3),
+            **reconciled.summary(),
+        )
+
+    def _save_host_limit(self) -> None:
+        """The host limit survives a crash too (a header write, only when it changed)."""
+        if self.machine.limit_pages != self.state.header.limit_pages:
+            self.state.header.limit_pages = self.machine.limit_pages
+            self.state.write_header()
+
+    async def _release_unresumed(self) -> None:
+        """VMs taken over whose agents did not come back in time are released."""
+        await asyncio.sleep(self.config.reattach_seconds)
+        for vm in list(self.vms.values()):
+            if vm.detached:
+                log.warning("vm_not_resumed", vm=vm.name, waited=self.config.reattach_seconds)
+                self.registry.unregister(vm, ReleaseReason.NOT_RESUMED)
 
     # ---- life cycle -------------------------------------------------------------------------
 
@@ -203,6 +325,12 @@ class PlatformServer:
         for svc in self.services.values():
             if isinstance(svc, LowPriorityService) and (work := svc.background()) is not None:
                 self.background.add(loop.create_task(work))
+        if self.recovered:
+            self.background.add(loop.create_task(self._release_unresumed()))
+            # Frames marked failing before the crash: their pages move off them again.
+            for mpn in np.flatnonzero(self.machine.failing).tolist():
+                self.machine.failing[mpn] = False
+                self.retire_frame(mpn)
         log.info(
             "platform_started",
             socket=str(path),
@@ -223,6 +351,7 @@ class PlatformServer:
         assert self._stop is not None
         while not self.should_exit:
             self.memsched.tick(time.monotonic())
+            self._save_host_limit()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=self.memsched.period)
 
@@ -240,16 +369,27 @@ class PlatformServer:
             for task in pending:
                 task.cancel()
         for vm in list(self.vms.values()):
-            self.registry.unregister(vm)
+            self.registry.unregister(vm, ReleaseReason.SHUTDOWN)
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
         if self._owns_socket:
             self.config.socket.unlink(missing_ok=True)
-        self.machine.close()
-        if self.swap is not None:
-            self.swap.close()
+        self._close_files(unlink=True)
         log.info("platform_stopped")
+
+    def _close_files(self, unlink: bool) -> None:
+        """Unmap and close every state file; ``unlink`` also removes them (a clean stop)."""
+        for vm in self.vms.values():
+            vm.region_file.close()
+            if vm.store is not None:
+                vm.store.close(unlink)
+            if unlink:
+                vm.region_file.unlink()
+        self.machine.close(unlink)
+        if self.swap is not None:
+            self.swap.close(unlink)
+        self.state.close(unlink)
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         """A task the server tracks, so shutdown can drain it."""
@@ -271,6 +411,11 @@ class PlatformServer:
             except VMMemError as exc:
                 conn.fail(exc, request_id)
             else:
+                if msg.resume_vm_id and conn.vm is not None:
+                    self.metrics.resumed_vms.inc()
+                    log.info("vm_resumed", vm=msg.name, vm_id=conn.vm.vm_id)
+                    self.kick(conn.vm)  # work may have waited for it
+                    return
                 self.metrics.registrations.inc()
                 log.info(
                     "vm_registered",
@@ -307,7 +452,7 @@ class PlatformServer:
 
     async def _ctl(self, conn: PlatformConnection, request_id: int, msg: CtlRequest) -> None:
         try:
-            result = await self.ctl.handle(msg.op, msg.args)
+            result = await self.ctl.handle(msg.op, msg.args, conn)
         except (VMMemError, ValueError, OverflowError, TypeError) as exc:
             conn.send(CtlReply(ok=False, error=str(exc)), request_id)
         else:
@@ -358,7 +503,8 @@ class PlatformServer:
         try:
             reply = await self._resolve_waiting(vm, msg)
         except VMMemError as exc:
-            log.warning("fault_failed", vm=vm.name, bpn=msg.bpn, error=str(exc))
+            if vm.alive:  # a VM that left: its waiting faults are counted in vm_released
+                log.warning("fault_failed", vm=vm.name, bpn=msg.bpn, error=str(exc))
             vm.connection.send(Error(code=int(exc.code), message=str(exc)), request_id)
         else:
             if vm.alive:
@@ -410,7 +556,11 @@ class PlatformServer:
 
     def retire_frame(self, mpn: int) -> dict[str, Any]:
         """Mark ``mpn`` failing: take it out of use, moving whatever page it holds."""
-        return self.retirement.retire(mpn)
+        result = self.retirement.retire(mpn)
+        if self.machine.zero_frame != self.state.header.zero_frames:  # a zero frame moved
+            self.state.header.zero_frames = list(self.machine.zero_frame)
+            self.state.write_header()
+        return result
 
     def _send_fault_reply(self, vm: VM, request_id: int, reply: FaultReply, t0: float) -> None:
         counter, histogram = self._fault_metrics[reply.reason]
@@ -434,7 +584,7 @@ class PlatformServer:
     def on_vm_registered(self, vm: VM) -> None:
         self.rounds[vm.vm_id] = RoundState()
 
-    def on_vm_gone(self, vm: VM) -> None:
+    def on_vm_gone(self, vm: VM, reason: ReleaseReason = ReleaseReason.CLOSED) -> None:
         """Release everything the VM held: frames, swap slots, queues."""
         for svc in self.services.values():
             svc.on_vm_gone(vm)
@@ -453,12 +603,18 @@ class PlatformServer:
         self.rounds.pop(vm.vm_id, None)
         self.waits.freed.set()
         self.metrics.disconnects.inc()
-        log.info("vm_released", vm=vm.name, frames=len(frames))
+        log.info(
+            "vm_released",
+            vm=vm.name,
+            reason=reason.value,
+            frames=len(frames),
+            waiting_faults=vm.outstanding_faults,
+        )
 
     def connection_lost(self, conn: PlatformConnection) -> None:
         self.connections.discard(conn)
         if conn.vm is not None:
-            self.registry.unregister(conn.vm)
+            self.registry.unregister(conn.vm, conn.release_reason())
 
     def kick(self, vm: VM) -> None:
         """Action-driven half of the high-priority loop: tell the agent work is pending.

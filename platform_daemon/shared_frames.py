@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import xxhash
 
 from .machine import MachineMemory
 from .p2m import FLAG_MERGED, P2M
@@ -31,20 +32,53 @@ SHARED_OWNER = -3
 class SharedFrames:
     """Reference counts and the content-hash table of merged frames."""
 
-    def __init__(self, machine: MachineMemory) -> None:
+    def __init__(
+        self,
+        machine: MachineMemory,
+        *,
+        origin: npt.NDArray[np.int32] | None = None,
+        joined: npt.NDArray[np.bool_] | None = None,
+    ) -> None:
+        """``origin``/``joined``: arrays to keep those in (a mapped state file, so that a
+        daemon started after a crash still knows them; ``adopt`` rebuilds the rest)."""
         self.machine = machine
-        self.refs = np.zeros(machine.host_pages, dtype=np.int32)
+        n = machine.host_pages
+        self.refs = np.zeros(n, dtype=np.int32)
         #: The merged frame has had two sharers or more (a new one waits for its partner).
-        self.joined = np.zeros(machine.host_pages, dtype=bool)
+        self.joined = np.zeros(n, dtype=bool) if joined is None else joined
         #: For a new merged frame: the scan pass of its first sharer's VM when it was made.
-        self.born = np.zeros(machine.host_pages, dtype=np.int64)
+        self.born = np.zeros(n, dtype=np.int64)
         #: The VM whose page a merged frame was (its frame became the shared one).
-        self.origin = np.full(machine.host_pages, -1, dtype=np.int32)
+        self.origin = np.full(n, -1, dtype=np.int32) if origin is None else origin
         self.by_hash: dict[int, int] = {}
         self.hash_of: dict[int, int] = {}
         #: Merged frames currently in use (refs > 0).
         self.frames = 0
         self._keys: npt.NDArray[np.uint64] | None = None  # sorted by_hash keys, when current
+
+    def adopt(self, refs: npt.NDArray[np.int32]) -> None:
+        """After a crash: the merged frames and their sharers, counted from the p2ms.
+
+        Their content hashes are computed again (one xxh3 per merged frame), so the next
+        page with the same content still merges in with one lookup.
+        """
+        merged = np.flatnonzero(refs > 0)
+        self.refs[:] = refs
+        self.frames = len(merged)
+        self.joined[refs == 0] = False
+        self.joined[refs >= 2] = True
+        self.origin[refs == 0] = -1
+        self.machine.owner_vm[merged] = SHARED_OWNER
+        self.machine.owner_bpn[merged] = -1
+        self.by_hash.clear()
+        self.hash_of.clear()
+        frames = self.machine.frames
+        for mpn in merged.tolist():
+            h = xxhash.xxh3_64_intdigest(frames[mpn].data)
+            if h not in self.by_hash:
+                self.by_hash[h] = mpn
+                self.hash_of[mpn] = h
+        self._keys = None
 
     def lookup(self, content_hash: int) -> int | None:
         """The merged frame holding content with this hash, if any (compare before use)."""

@@ -51,23 +51,44 @@ def runs(sorted_slots: npt.NDArray[np.int64]) -> list[tuple[int, int]]:
 class SwapFile:
     """A real file of ``size`` bytes cut into 4 KiB slots."""
 
-    def __init__(self, path: Path, size: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        size: int,
+        *,
+        checksum: npt.NDArray[np.uint64] | None = None,
+        existing: bool = False,
+    ) -> None:
+        """``checksum``: an array to keep the slots' checksums in (a mapped state file).
+        ``existing``: take over a swap file a crashed daemon left, contents kept; the slots
+        in use are then given by ``adopt``."""
         self.path = path
         self.slots = size // PAGE_SIZE
         if self.slots < 1:
             raise VMMemError(f"swap size {size} is smaller than one page")
         # Locked before it is emptied: another daemon's live swap file is never truncated.
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.fd = os.open(path, os.O_RDWR | (0 if existing else os.O_CREAT), 0o600)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
             raise VMMemError(f"swap file {path} is in use by another daemon") from None
-        # Sparse: blocks are allocated as slots are written, so a small filesystem fills up
-        # for real (ENOSPC) instead of failing at startup.
-        os.ftruncate(self.fd, 0)
-        os.ftruncate(self.fd, self.slots * PAGE_SIZE)
-        self.checksum = np.zeros(self.slots, dtype=np.uint64)
+        if existing:
+            actual = os.fstat(self.fd).st_size
+            if actual != self.slots * PAGE_SIZE:
+                os.close(self.fd)
+                raise VMMemError(f"swap file {path} has {actual} bytes, expected {size}")
+        else:
+            # Sparse: blocks are allocated as slots are written, so a small filesystem fills
+            # up for real (ENOSPC) instead of failing at startup.
+            os.ftruncate(self.fd, 0)
+            os.ftruncate(self.fd, self.slots * PAGE_SIZE)
+        if checksum is None:
+            checksum = np.zeros(self.slots, dtype=np.uint64)
+        elif len(checksum) != self.slots:
+            os.close(self.fd)
+            raise VMMemError(f"{len(checksum)} swap checksums for {self.slots} slots")
+        self.checksum = checksum
         self.in_use = np.zeros(self.slots, dtype=bool)
         self._stack = np.arange(self.slots - 1, -1, -1, dtype=np.int64)
         self._top = self.slots
@@ -75,6 +96,15 @@ class SwapFile:
         self.fail_next_write: int | None = None
         #: Test hook: seconds every write sleeps first (keeps swap-outs in flight longer).
         self.write_delay = 0.0
+
+    def adopt(self, in_use: npt.NDArray[np.int64]) -> None:
+        """After a crash: exactly ``in_use`` hold pages; every other slot is free."""
+        self.in_use[:] = False
+        self.in_use[in_use] = True
+        free = np.flatnonzero(~self.in_use)
+        self.checksum[free] = 0
+        self._stack[: len(free)] = free[::-1]
+        self._top = len(free)
 
     @property
     def used(self) -> int:
@@ -173,6 +203,7 @@ class SwapFile:
                 raise SwapChecksumError(f"swap slot {slot}: checksum mismatch on read")
         return out
 
-    def close(self) -> None:
+    def close(self, unlink: bool = True) -> None:
         os.close(self.fd)
-        self.path.unlink(missing_ok=True)
+        if unlink:
+            self.path.unlink(missing_ok=True)

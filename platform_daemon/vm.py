@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from shared.layout import ControlRegion
 from shared.messages import Message, Register
@@ -12,11 +12,28 @@ from shared.shm import MappedFile
 
 from .p2m import P2M
 
+if TYPE_CHECKING:
+    from .persist import P2MFile
+
 
 class PeerLink(Protocol):
     """How the daemon reaches a VM's agent (a PlatformConnection in the server)."""
 
     def send(self, message: Message, request_id: int = 0) -> None: ...
+
+
+class Detached:
+    """The link of a VM recovered after a crash whose agent has not come back yet.
+
+    Nothing can reach the agent: what would be sent (a Kick) is dropped; the pending word
+    in the control region still tells the agent about the work once it is back.
+    """
+
+    def send(self, message: Message, request_id: int = 0) -> None:
+        pass
+
+
+DETACHED = Detached()
 
 
 @dataclass
@@ -50,9 +67,19 @@ class VM:
     region: ControlRegion
     region_file: MappedFile
     connection: PeerLink
+    #: The p2m's file (None for VMs built in tests without one).
+    store: P2MFile | None = None
+    #: For a VM recovered after a crash: the generation its agent knew, which it must name
+    #: to resume.
+    resume_generation: int = 0
     stats: VMStats = field(default_factory=VMStats)
     outstanding_faults: int = 0
     alive: bool = True
+
+    @property
+    def detached(self) -> bool:
+        """Recovered after a daemon crash, its agent not back yet."""
+        return self.connection is DETACHED
 
     @property
     def name(self) -> str:

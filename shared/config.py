@@ -63,6 +63,12 @@ class PlatformConfig(_Base):
     share_scan_period: float = Field(default=30.0, gt=0, le=86400)
     #: Low-priority aging: a type waiting this long moves up one priority class.
     lowprio_aging_seconds: float = Field(default=1.0, gt=0)
+    #: Discard the state a crashed daemon left on this socket instead of taking it over.
+    fresh: bool = False
+    #: After taking over from a crashed daemon: how long its VMs wait for their agents.
+    reattach_seconds: float = Field(default=60.0, gt=0)
+    #: Allow more machine memory than the machine has RAM (the host kernel would swap it).
+    allow_beyond_ram: bool = False
     #: Users (besides the daemon's own) whose processes may connect to the socket.
     allow_uid: list[Annotated[int, Field(ge=0, lt=1 << 32)]] = Field(default_factory=list)
 
@@ -106,6 +112,9 @@ class AgentConfig(_Base):
     seed: int = 0
     #: Seconds between polls of the pending word (the talk's "polled" half).
     poll_interval: float = Field(default=0.05, gt=0)
+    #: How long the guest waits, stalled, for a platform daemon to take over after the one
+    #: it had died; then the agent exits.
+    reconnect_seconds: float = Field(default=30.0, gt=0)
 
     @property
     def guest_pages(self) -> int:

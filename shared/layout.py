@@ -203,6 +203,11 @@ class ControlRegion:
         )
         return ControlRegion(buf)
 
+    def read_generation(self) -> int:
+        """The generation in the header now (a daemon that took over writes a new one)."""
+        generation: int = REGION_HEADER.unpack_from(self._buf, 0)[5]
+        return generation
+
     @property
     def pending(self) -> int:
         """The pending word: one bit per service type with work waiting."""

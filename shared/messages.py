@@ -289,6 +289,10 @@ class Register(JsonMessage):
     control_socket: str = ""
     metrics_port: int = Field(default=0, ge=0, le=65535)
     pid: int = 0
+    #: Non-zero: the agent of this VM comes back after a daemon crash (the id and generation
+    #: its earlier Registered gave); the daemon that took over carries the VM on.
+    resume_vm_id: int = Field(default=0, ge=0)
+    resume_generation: int = Field(default=0, ge=0)
 
 
 class Registered(JsonMessage):

@@ -68,7 +68,8 @@ def test_sigterm_stops_both_and_removes_files(short_tmp: Path, mem_dir: Path) ->
         )
         time.sleep(0.5)
         files_running = sorted(os.listdir(mem_dir))
-        assert len(files_running) == 2, files_running  # machine memory + one control region
+        # Machine memory and the state file, then the VM's p2m and control region.
+        assert len(files_running) == 4, files_running
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(10) == 0
         platform.send_signal(signal.SIGTERM)
@@ -110,7 +111,8 @@ def test_killed_agent_returns_all_frames_while_other_vm_runs(
         # Everything still in use belongs to the survivor (its private frames).
         survivor = asyncio.run(ctl(d.control_socket("survivor"), "progress"))
         assert survivor["running"], "the surviving VM stopped"
-        assert len(os.listdir(mem_dir)) == 2  # machine memory + the survivor's region
+        # Machine memory, the state file, and the survivor's p2m and control region.
+        assert len(os.listdir(mem_dir)) == 4
         time.sleep(1.0)
         result = asyncio.run(ctl(d.control_socket("survivor"), "verify"))
         assert result["mismatches"] == 0 and result["unreachable"] == 0

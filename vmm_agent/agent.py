@@ -14,7 +14,7 @@ import os
 import signal
 import time
 import weakref
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from shared.config import AgentConfig
 from shared.constants import HIGH_PRIORITY_MASK, PAGE_SIZE
 from shared.errors import ErrorCode, VMMemError
+from shared.exposures import exposures_chunk
 from shared.layout import ControlRegion
 from shared.messages import Kick, Message, Register, Registered
 from shared.shm import MappedFile, frames_view, open_mapped
@@ -38,11 +39,13 @@ from .exposure import ExposureTable
 from .fault_path import FaultPath
 from .guest import GuestMemory
 from .guest_time import GuestGate, GuestProgress
+from .link import PlatformLink
 from .lowprio import LowPriorityLoop, RoundRecord
 from .metrics import AgentMetrics, GuestCollector
 from .monitor import MonitorQueue
+from .resume import PlatformWatch
 from .rounds import HighPriorityLoop
-from .rpc import RpcClient
+from .rpc import ConnectionClosed, RpcClient
 from .runner import WorkloadRunner
 from .sampler import Sampler
 from .touches import TouchLog
@@ -65,6 +68,8 @@ class Agent:
         self.should_exit = False
         self.tasks: set[asyncio.Task[Any]] = set()
         self.exit_code = 0
+        #: Why the agent stopped on its own (printed by the CLI), if it did.
+        self.exit_message = ""
         self.metrics_port: int | None = None
 
     async def serve(self) -> int:
@@ -88,21 +93,15 @@ class Agent:
                 cfg.metrics_port, addr="127.0.0.1", registry=self.metrics_registry
             )
             self.metrics_port = self._http.server_port
-        self.link = await RpcClient.connect(str(cfg.socket), on_message=self._on_message)
-        reg: Registered = await self.link.request(
-            Register(
-                name=cfg.name,
-                guest_pages=cfg.guest_pages,
-                vcpus=cfg.vcpus,
-                latency_sensitivity=cfg.latency_sensitivity,
-                home_node=cfg.home_node,
-                shares=cfg.shares,
-                control_socket=str(cfg.control_socket_path),
-                metrics_port=self.metrics_port or 0,
-                pid=os.getpid(),
-            ),
-            timeout=10,
-        )
+        self.link = PlatformLink()
+        client = await RpcClient.connect(str(cfg.socket), on_message=self._on_message)
+        try:
+            reg: Registered = await client.request(self.register_message(), timeout=10)
+        except BaseException:
+            client.close()
+            raise
+        self.link.attach(client)
+        self.registered = reg
         self.machine: MappedFile = open_mapped(
             Path(reg.machine_memory_path), reg.host_pages * PAGE_SIZE
         )
@@ -155,8 +154,10 @@ class Agent:
             ),
             sock=listen_private(ctl_path),  # 0600 from the moment it exists
         )
-        self._spawn(self._rounds_forever(self.rounds.run()))
-        self._spawn(self._rounds_forever(self.lowprio.run()))
+        self.watch = PlatformWatch(self)
+        self._spawn(self.watch.run())
+        self._spawn(self._rounds_forever(self.rounds.run))
+        self._spawn(self._rounds_forever(self.lowprio.run))
         log.info(
             "vmm_started",
             vm=cfg.name,
@@ -172,13 +173,35 @@ class Agent:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _rounds_forever(self, loop: Coroutine[Any, Any, None]) -> None:
-        try:
-            await loop
-        except VMMemError as exc:
-            log.error("rounds_failed", error=str(exc))
-            self.exit_code = 1
-            self.request_stop()
+    def register_message(self, resume: bool = False) -> Register:
+        """Who this VM is; when ``resume``, also the VM the daemon that took over knows."""
+        cfg = self.config
+        return Register(
+            name=cfg.name,
+            guest_pages=cfg.guest_pages,
+            vcpus=cfg.vcpus,
+            latency_sensitivity=cfg.latency_sensitivity,
+            home_node=cfg.home_node,
+            shares=cfg.shares,
+            control_socket=str(cfg.control_socket_path),
+            metrics_port=self.metrics_port or 0,
+            pid=os.getpid(),
+            resume_vm_id=self.registered.vm_id if resume else 0,
+            resume_generation=self.registered.generation if resume else 0,
+        )
+
+    async def _rounds_forever(self, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run a round loop; when the daemon goes away, start it again once one is back."""
+        while True:
+            try:
+                await run()
+            except ConnectionClosed:
+                await self.link.wait_up()  # PlatformWatch resumes the link, or stops the agent
+            except VMMemError as exc:
+                log.error("rounds_failed", error=str(exc))
+                self.exit_code = 1
+                self.request_stop()
+                return
 
     def _observe_batch(self, service: str, seconds: float, counts: np.ndarray) -> None:
         from shared.constants import PageStatus
@@ -205,14 +228,8 @@ class Agent:
         self._stop.set()
 
     async def main_loop(self) -> None:
-        closed = asyncio.ensure_future(asyncio.shield(self.link.closed))
-        stop = asyncio.ensure_future(self._stop.wait())
-        await asyncio.wait({closed, stop}, return_when=asyncio.FIRST_COMPLETED)
-        if closed.done() and not self.should_exit:
-            log.error("platform_gone", vm=self.config.name)
-            self.exit_code = 1
-        stop.cancel()
-        closed.cancel()
+        """Until asked to stop, or PlatformWatch gives up on the daemon."""
+        await self._stop.wait()
 
     async def shutdown(self) -> None:
         log.info("vmm_stopping", vm=self.config.name)
@@ -221,6 +238,9 @@ class Agent:
         self._control.close()
         for task in list(self.tasks):
             task.cancel()
+        # A goodbye first, so the daemon logs this VM as closed, not killed.
+        with contextlib.suppress(VMMemError, OSError, TimeoutError):
+            await self.link.ctl("goodbye", timeout=1.0)
         self.link.close()
         self.config.control_socket_path.unlink(missing_ok=True)
         if self._http is not None:
@@ -254,6 +274,8 @@ class Agent:
             return self.results()
         if op == "lowprio":
             return self.lowprio.summary()
+        if op == "exposures":  # for the daemon's invariant check (vmmem-ctl check)
+            return exposures_chunk(self.exposure, self.faults.pending, args)
         if op == "set_latency_sensitivity":
             value = args.get("value")
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

@@ -19,7 +19,7 @@ from shared.layout import ControlRegion, SlotState
 from shared.messages import CompleteRequest, Request
 
 from .exposure import ExposureTable
-from .rpc import RpcClient
+from .link import Link
 from .sampler import Sampler
 from .services import build_services
 
@@ -28,7 +28,7 @@ class BatchProcessor:
     """Decides every page of a batch with its service's filter and completes the batch."""
 
     def __init__(
-        self, link: RpcClient, region: ControlRegion, exposure: ExposureTable, sampler: Sampler
+        self, link: Link, region: ControlRegion, exposure: ExposureTable, sampler: Sampler
     ) -> None:
         self.link = link
         self.region = region

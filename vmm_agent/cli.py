@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--home-node", type=int, help="NUMA home node (default -1: the daemon picks)")
     a("--shares", type=int, help="memory shares for memsched (default 1000)")
     a("--seed", type=int, help="seed of the guest's random choices (default 0)")
+    a(
+        "--reconnect-seconds",
+        type=float,
+        help="if the platform daemon dies: how long the guest waits, stalled, for a daemon "
+        "to take it over before the agent exits (default 30)",
+    )
     a("--log-format", choices=["auto", "json", "console"], help="log format (default auto)")
     a("--log-level", choices=["debug", "info", "warning", "error"])
     return p
@@ -55,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
 
     agent = Agent(config)
     try:
-        return run(agent.serve())
+        code = run(agent.serve())
+        if agent.exit_message:
+            print(f"vmmem-vmm: {agent.exit_message}", file=sys.stderr)
+        return code
     except (ConnectionRefusedError, FileNotFoundError) as exc:
         print(f"vmmem-vmm: cannot reach the platform at {config.socket}: {exc}", file=sys.stderr)
         return 1

@@ -21,7 +21,8 @@ from shared.constants import NO_FRAME, FaultReason
 from shared.messages import FAULT_FLAG_WRITABLE, Fault, FaultReply, Message
 
 from .exposure import ExposureTable
-from .rpc import RpcClient
+from .link import Link, PlatformLink
+from .rpc import ConnectionClosed
 
 LATENCY_SAMPLES = 1 << 16
 _REASONS = [r.name.lower() for r in FaultReason]
@@ -31,7 +32,7 @@ class FaultPath:
     """Sends faults, dedups them per BPN, installs replies, records latency."""
 
     def __init__(
-        self, link: RpcClient, exposure: ExposureTable, max_outstanding: int, around: int
+        self, link: Link, exposure: ExposureTable, max_outstanding: int, around: int
     ) -> None:
         self.link = link
         self.exposure = exposure
@@ -109,7 +110,15 @@ class FaultPath:
         async with self.slots:
             t0 = time.perf_counter()
             around = self.around if sequential else 0
-            reply: FaultReply = await self.link.request(Fault(bpn, write, around))
+            try:
+                reply: FaultReply = await self.link.request(Fault(bpn, write, around))
+            except ConnectionClosed:
+                # The daemon is gone. Its successor answers the fault anew: wait for it
+                # (the agent resumes, or exits when none comes); the caller looks again.
+                if isinstance(self.link, PlatformLink):
+                    await self.link.wait_up()
+                    return
+                raise
             seconds = time.perf_counter() - t0
         self.faults += 1
         self.latencies[self.samples % LATENCY_SAMPLES] = seconds
@@ -118,6 +127,21 @@ class FaultPath:
         self.by_reason[reason] += 1
         for callback in self.on_fault_done:
             callback(reason, seconds)
+
+    def forget_pending(self) -> int:
+        """Drop the mappings of pages whose fault was on the wire when the daemon died.
+
+        Why: the lost reply may have changed the page's mapping (a copy-on-write gave it a
+        new frame, and the old shared one may be freed by the daemon that took over); the
+        fault is asked again and its answer is the page's mapping now.
+        """
+        exposure = self.exposure
+        for bpn in self.pending:
+            exposure.frame[bpn] = NO_FRAME
+            exposure.writable[bpn] = False
+            exposure.hidden_frame[bpn] = NO_FRAME
+            exposure.hidden_writable[bpn] = False
+        return len(self.pending)
 
     def latency_quantiles(self) -> dict[str, float]:
         n = min(self.samples, LATENCY_SAMPLES)

@@ -20,21 +20,32 @@ from collections.abc import Callable
 
 
 class GuestGate:
-    """Open while the guest runs; closed while the monitor keeps it exited."""
+    """Open while the guest runs; closed while the monitor keeps it exited.
+
+    Several holders may keep it closed at once (a low-priority round, a lost platform
+    daemon); it opens when the last one lets go.
+    """
 
     def __init__(self) -> None:
         self._open = asyncio.Event()
         self._open.set()
+        self._holders: set[str] = set()
 
     @property
     def closed(self) -> bool:
         return not self._open.is_set()
 
-    def close(self) -> None:
+    def close(self, holder: str = "round") -> None:
+        self._holders.add(holder)
         self._open.clear()
 
-    def open(self) -> None:
-        self._open.set()
+    def open(self, holder: str = "round") -> None:
+        self._holders.discard(holder)
+        if not self._holders:
+            self._open.set()
+
+    def held_by(self, holder: str) -> bool:
+        return holder in self._holders
 
     async def wait_open(self) -> None:
         await self._open.wait()

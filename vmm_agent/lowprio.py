@@ -44,9 +44,9 @@ from shared.timebound import TICK_SECONDS, TimeBound, bound_for
 
 from .batches import BatchProcessor
 from .guest_time import GuestGate, GuestProgress, ProgressMeter
+from .link import Link
 from .monitor import MonitorQueue
 from .rounds import HighPriorityLoop
-from .rpc import RpcClient
 
 log = structlog.get_logger("vmm_agent.lowprio")
 #: Guest progress a round needs (a tick's worth, less timer jitter), and the most the credit
@@ -84,7 +84,7 @@ class LowPriorityLoop:
 
     def __init__(
         self,
-        link: RpcClient,
+        link: Link,
         region: ControlRegion,
         batches: BatchProcessor,
         monitor: MonitorQueue,

@@ -61,6 +61,16 @@ class AgentMetrics:
             registry=registry,
         )
         self._fault_children: dict[str, Any] = {}
+        self.platform_resumes = Counter(
+            "vmmem_vmm_platform_resumes",
+            "Times this VM carried on with a platform daemon that took over after a crash",
+            registry=registry,
+        )
+        self.platform_downtime = Counter(
+            "vmmem_vmm_platform_downtime_seconds",
+            "Time this VM's guest was stalled waiting for a platform daemon to take over",
+            registry=registry,
+        )
         self.batch_pages = Counter(
             "vmmem_vmm_batch_pages",
             "Pages the VMM accepted or refused, by reason",

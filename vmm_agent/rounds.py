@@ -20,7 +20,7 @@ from shared.layout import ControlRegion
 from shared.messages import GET_FLAG_NEW_ROUND, GetRequest, Request
 
 from .batches import BatchProcessor
-from .rpc import RpcClient
+from .link import Link
 
 log = structlog.get_logger("vmm_agent.rounds")
 
@@ -30,7 +30,7 @@ class HighPriorityLoop:
 
     def __init__(
         self,
-        link: RpcClient,
+        link: Link,
         region: ControlRegion,
         batches: BatchProcessor,
         poll_interval: float,
