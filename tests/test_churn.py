@@ -82,13 +82,17 @@ async def register_and_leave(d: Daemons, index: int) -> None:
 
 
 def settled(pid: int, mem_dir: Path, want_fds: int | None = None) -> Usage:
-    """Poll until every VM is released (no control region left) and, if given, the descriptor
-    count is back to ``want_fds``; return the last reading either way."""
+    """Poll until every VM is released (no control region left) and the descriptor count is
+    back to ``want_fds`` or, without it, has not moved for 5 readings (the last connection's
+    socket closes just after its region goes); return the last reading either way."""
     deadline = time.monotonic() + TIMEOUT
+    counts: list[int] = []
     while True:
         now = usage(pid, mem_dir)
+        counts.append(now.fds)
         regions = [p for p in mem_dir.iterdir() if "-vm" in p.name]
-        if not regions and (want_fds is None or now.fds == want_fds):
+        steady = len(counts) >= 5 and len(set(counts[-5:])) == 1
+        if not regions and (now.fds == want_fds if want_fds is not None else steady):
             return now
         if time.monotonic() > deadline:
             return now
