@@ -88,6 +88,8 @@ def ctl_request(path: Path, op: str, **args: Any) -> Callable[[], dict[str, Any]
                 codec.receive_data(data)
             assert isinstance(env.message, Error | CtlReply), env
             reply = {"type": type(env.message).__name__, **env.message.model_dump()}
+            if isinstance(env.message, CtlReply):  # served: the connection stays open
+                return {"connected": True, "reply": reply, "closed": False}
             try:
                 closed = s.recv(65536) == b""
             except TimeoutError:
