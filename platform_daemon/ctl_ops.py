@@ -41,6 +41,10 @@ class _Args(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+class NoArgs(_Args):
+    """Ops that take no argument refuse any, rather than ignore a misspelled one."""
+
+
 class RetireArgs(_Args):
     mpn: int | None = Field(default=None, ge=0)
     #: Pick a random frame that backs a guest page (failure injection by the load generator).
@@ -124,6 +128,7 @@ class CtlOps:
 
     def op_status(self, args: dict[str, Any]) -> dict[str, Any]:
         """VMs with their pages by state; host frames free/used/retired."""
+        NoArgs.model_validate(args)
         s = self.server
         alloc = s.machine.allocator
         swap = s.swap
@@ -246,9 +251,11 @@ class CtlOps:
 
     def op_sampling(self, args: dict[str, Any]) -> dict[str, Any]:
         """Each VM's finished sampling periods: sample id, times, counts and the estimate."""
+        NoArgs.model_validate(args)
         return {vm.name: self._sampling.history(vm) for vm in self.server.vms.values()}
 
     def op_list_vms(self, args: dict[str, Any]) -> dict[str, Any]:
+        NoArgs.model_validate(args)
         return {
             "vms": [
                 {

@@ -177,6 +177,8 @@ CTL_BAD_ARGS: list[tuple[str, dict[str, Any], str]] = [
     ("set_lowprio", {"sample_period": True}, "sample_period"),
     ("set_lowprio", {"share_scan_period": "5"}, "share_scan_period"),
     ("failpoint", {"name": "swap_write_error", "value": True}, "value"),
+    ("status", {"verbose": True}, "verbose"),
+    ("list_vms", {"all": 1}, "all"),
 ]
 
 
@@ -204,7 +206,7 @@ async def test_ctl_arguments_take_no_strings_or_booleans_for_numbers(
     """Each integer (and number) argument of a daemon ctl op refuses a string, a boolean or a
     float where an integer is due: ok false, an error naming the argument, nothing changed.
     (Today ``retire {"mpn": true}`` retired frame 1.) Proper types still work, and an int
-    where a number of seconds is due is fine."""
+    where a number of seconds is due is fine. An op that takes no argument refuses one."""
     async with running_platform(short_tmp, mem_dir) as server:
         link = await RpcClient.connect(str(server.config.socket))
         before = _settings(server)
