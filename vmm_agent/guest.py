@@ -9,6 +9,7 @@ compares. A mismatch is data loss: counted, and logged with BPN and frame.
 from __future__ import annotations
 
 import struct
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -56,6 +57,9 @@ class GuestMemory:
         self.mismatches = 0
         self.verified = 0
         self.mismatch_log: list[dict[str, int]] = []
+        #: Guest accesses not done because the page could not be brought in (its fault
+        #: failed), by error code: a read not done was not checked (it neither matched nor not).
+        self.accesses_failed: Counter[str] = Counter()
 
     def unique_page(self, bpn: int, version: int) -> npt.NDArray[np.uint64]:
         key = xxhash.xxh3_64_intdigest(_KEY.pack(self.vm_key, bpn, version))
@@ -116,4 +120,8 @@ class GuestMemory:
         }
 
     def summary(self) -> dict[str, Any]:
-        return {"pages_verified": self.verified, "mismatches": self.mismatches}
+        return {
+            "pages_verified": self.verified,
+            "mismatches": self.mismatches,
+            "accesses_failed": dict(self.accesses_failed),
+        }

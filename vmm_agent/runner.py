@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -121,58 +122,88 @@ class WorkloadRunner:
                     await self.faults.ensure(bpn, write=False)
             pages = pages[self.exposure.frame[pages] >= 0]
             frames = self.exposure.frame[pages].copy()
+            readonly = ~self.exposure.writable[pages]
+            versions = self.guest.version[pages].copy()
             self.exposure.released_by[pages] = NOT_RELEASED
             self.exposure.pinned[pages] += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), phase.pin_seconds)
             # A pinned page must still be exposed on the same frame, unless a service that
-            # may take pinned pages took it (a failing frame, a stale shared mapping).
+            # may take pinned pages took it (a failing frame, a stale shared mapping), or
+            # the guest itself wrote it while it was mapped read-only (copy-on-write of the
+            # zero frame or a merged frame: no service took it; common when the host is out
+            # of memory and the page was never written).
             moved = self.exposure.frame[pages] != frames
-            allowed = np.isin(self.exposure.released_by[pages], PIN_EXEMPT)
-            self.pin_violations += int(np.count_nonzero(moved & ~allowed))
+            released_by = self.exposure.released_by[pages]
+            allowed = np.isin(released_by, PIN_EXEMPT)
+            cow = readonly & (self.guest.version[pages] != versions) & (released_by == NOT_RELEASED)
+            self.pin_violations += int(np.count_nonzero(moved & ~allowed & ~cow))
             self.exposure.pinned[pages] -= 1
             self.pin_cycles += 1
 
-    async def _fault_in(self, chunk: npt.NDArray[np.int64]) -> None:
+    async def _fault_in(self, chunk: npt.NDArray[np.int64]) -> dict[int, str]:
         """Expose a sorted chunk of pages with few messages: first every 17th missing page
-        with fault-around (one reply maps it and the next 16), then whatever is left."""
-        for stride in (FAULT_AROUND_SPAN, 1):
-            missing = chunk[self.exposure.frame[chunk] < 0][::stride]
+        with fault-around (one reply maps it and the next 16), then whatever is left, then
+        once more what failed. Returns the error code of each page whose last fault failed."""
+        failed: dict[int, str] = {}
+        for stride in (FAULT_AROUND_SPAN, 1, 1):
+            missing = chunk[self.exposure.frame[chunk] < 0][::stride].tolist()
             results = await asyncio.gather(
-                *(self.faults.ensure(b, False, sequential=stride > 1) for b in missing.tolist()),
+                *(self.faults.ensure(b, False, sequential=stride > 1) for b in missing),
                 return_exceptions=True,
             )
-            for res in results:
-                if isinstance(res, BaseException) and not isinstance(res, PeerError):
+            for bpn, res in zip(missing, results, strict=True):
+                if isinstance(res, PeerError):
+                    failed[bpn] = res.code.name.lower()
+                elif isinstance(res, BaseException):
                     raise res
+                else:
+                    failed.pop(bpn, None)
+        return failed
+
+    async def _check(
+        self, frames: npt.NDArray[np.uint8], bpn: int, error: str | None
+    ) -> str | None:
+        """Check one page; None, or why it could not be read (its fault's error code)."""
+        for _ in range(3):  # it may be released again between the fault and the check
+            frame = int(self.exposure.frame[bpn])
+            if frame >= 0:
+                self.guest.check(frames, frame, bpn)
+                return None
+            if error is not None:
+                return error  # its faults just failed, concurrently: once more alone is slow
+            try:
+                await self.faults.ensure(bpn, False)
+            except PeerError as exc:
+                error = exc.code.name.lower()
+        return error or "released"
 
     async def verify(self) -> dict[str, Any]:
-        """Read back every page the guest ever wrote, faulting in whatever is not exposed."""
+        """Read back every page the guest ever wrote, faulting in whatever is not exposed.
+
+        A page that cannot be brought in is unreachable, counted by the error code of its
+        fault: out_of_memory (no frame for it: the host is out of memory and swap) is not
+        the same as a page that cannot be read back (internal: e.g. a swap checksum)."""
         await self.halt()
         t0 = time.monotonic()
         before_v, before_m = self.guest.verified, self.guest.mismatches
         pages = self.guest.written_pages()
         frames = self.cpus[0].frames if self.cpus else None
         assert frames is not None
-        unreachable = 0
+        unreachable: Counter[str] = Counter()
         for start in range(0, len(pages), VERIFY_CHUNK):
             chunk = pages[start : start + VERIFY_CHUNK]
-            await self._fault_in(chunk)
+            failed = await self._fault_in(chunk)
             for bpn in chunk.tolist():
-                for _ in range(3):  # it may be released again between the fault and the check
-                    frame = int(self.exposure.frame[bpn])
-                    if frame >= 0:
-                        self.guest.check(frames, frame, bpn)
-                        break
-                    with contextlib.suppress(PeerError):
-                        await self.faults.ensure(bpn, False)
-                else:
-                    unreachable += 1
+                reason = await self._check(frames, bpn, failed.get(bpn))
+                if reason is not None:
+                    unreachable[reason] += 1
             await asyncio.sleep(0)
         result = {
             "pages_verified": self.guest.verified - before_v,
             "mismatches": self.guest.mismatches - before_m,
-            "unreachable": unreachable,
+            "unreachable": sum(unreachable.values()),
+            "unreachable_by_error": dict(unreachable),
             "seconds": round(time.monotonic() - t0, 3),
         }
         log.info("verify_done", **result)

@@ -77,6 +77,7 @@ class VCpu:
             await self.faults.ensure(bpn, write, sequential=sequential)
         except PeerError as exc:
             self.fault_errors += 1
+            self.guest.accesses_failed[exc.code.name.lower()] += 1
             if _worth_logging(self.fault_errors):
                 log.warning(
                     "fault_failed",
@@ -108,6 +109,10 @@ class VCpu:
             ):
                 if exposure.frame[bpn] < 0 or (write and not exposure.writable[bpn]):
                     if not await self._fault(bpn, write, bpn == last_fault + 1):
+                        # Nothing else in a chunk of failing faults looks at the stop: a
+                        # halt would wait for the whole chunk (seconds when out of memory).
+                        if stop.is_set() or time.monotonic() >= deadline:
+                            return
                         await asyncio.sleep(0.05)
                         continue
                     last_fault = bpn
