@@ -167,8 +167,8 @@ def reconcile(state: StateFile, files: list[P2MFile]) -> Reconciled:
     host_pages, slots = state.header.host_pages, state.header.swap_slots
     is_zero = np.zeros(host_pages, dtype=bool)
     is_zero[state.header.zero_frames] = True
-    mapped_by = np.zeros(host_pages, dtype=np.int64)
-    flagged_shared = np.zeros(host_pages, dtype=np.int64)
+    frames_of: list[npt.NDArray[np.int64]] = []
+    shared_of: list[npt.NDArray[np.int64]] = []
     swapped: list[npt.NDArray[np.int64]] = []
     out = Reconciled(files, np.zeros(host_pages, dtype=np.int32), np.empty(0, dtype=np.int64))
     for f in files:
@@ -190,10 +190,11 @@ def reconcile(state: StateFile, files: list[P2MFile]) -> Reconciled:
         p2m.flags[~has_frame] = 0  # swapped and untouched pages are private
         swapped.append(p2m.swap_slot[~has_frame & has_slot].copy())
         frames = p2m.frame[has_frame]
-        mapped_by += np.bincount(frames, minlength=host_pages)
-        shared_mask = (p2m.flags[has_frame] & FLAG_SHARED) != 0
-        flagged_shared += np.bincount(frames[shared_mask], minlength=host_pages)
-    shared = is_zero | (mapped_by >= 2) | (flagged_shared >= 1)
+        frames_of.append(frames)
+        shared_of.append(frames[(p2m.flags[has_frame] & FLAG_SHARED) != 0])
+    # One count over all VMs' pages: the cost is the pages plus one pass over the frames.
+    mapped_by = _count(frames_of, host_pages)
+    shared = is_zero | (mapped_by >= 2) | (_count(shared_of, host_pages) >= 1)
     for f in files:
         _settle_flags(f, shared, is_zero)
     out.refs = np.where(shared & ~is_zero, mapped_by, 0).astype(np.int32)
@@ -206,6 +207,12 @@ def reconcile(state: StateFile, files: list[P2MFile]) -> Reconciled:
         counts += np.bincount(f.p2m.state, minlength=len(PageState))
     out.pages_by_state = {s.name.lower(): int(counts[s]) for s in PageState}
     return out
+
+
+def _count(parts: list[npt.NDArray[np.int64]], n: int) -> npt.NDArray[np.int64]:
+    if not parts:
+        return np.zeros(n, dtype=np.int64)
+    return np.bincount(np.concatenate(parts), minlength=n)
 
 
 def _check_ranges(f: P2MFile, host_pages: int, slots: int) -> None:

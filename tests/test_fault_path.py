@@ -90,3 +90,22 @@ async def test_sequential_faults_ask_for_fault_around() -> None:
     await path.ensure(10, True, sequential=False)
     await path.ensure(11, True, sequential=True)
     assert [m.around for m in link.sent] == [0, 16]
+
+
+@pytest.mark.timeout(10)
+async def test_a_write_fault_drops_the_read_only_mapping_until_its_reply() -> None:
+    """While a write fault on a read-only (shared) page is on the wire, the old frame may
+    go to another sharer, who writes it: no reader may use the old mapping meanwhile. A
+    read of the page waits for the write fault and then sees the new mapping."""
+    link, exposure = FakeLink(), ExposureTable(64)
+    path = FaultPath(link, exposure, max_outstanding=8, around=16)  # type: ignore[arg-type]
+    exposure.frame[5], exposure.writable[5] = 50, False  # mapped read-only on frame 50
+    writer = asyncio.ensure_future(path.ensure(5, write=True))
+    await asyncio.sleep(0)  # the write fault is on the wire now
+    assert 5 in path.pending
+    assert exposure.frame[5] < 0  # the old mapping is gone
+    assert not path.is_ready(5, write=False)  # a reader faults, and waits on the writer
+    await path.ensure(5, write=False)
+    assert exposure.frame[5] == 101 and exposure.writable[5]
+    await writer
+    assert [m.write for m in link.sent] == [True]  # the reader sent nothing of its own

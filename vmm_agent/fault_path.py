@@ -100,6 +100,12 @@ class FaultPath:
                 continue
             fut = asyncio.get_running_loop().create_future()
             self.pending[bpn] = fut
+            if write and exposure.frame[bpn] >= 0:
+                # A write to a read-only (shared) page: its reply maps a copy, and the daemon
+                # may hand the old frame to its last other sharer, who writes it. Dropped now,
+                # so no vCPU reads through the old mapping meanwhile: they fault and wait for
+                # this one (the monitor's TLB shootdown).
+                self.unmap(bpn)
             try:
                 await self._fault(bpn, write, sequential)
             finally:
@@ -128,6 +134,13 @@ class FaultPath:
         for callback in self.on_fault_done:
             callback(reason, seconds)
 
+    def unmap(self, bpn: int) -> None:
+        exposure = self.exposure
+        exposure.frame[bpn] = NO_FRAME
+        exposure.writable[bpn] = False
+        exposure.hidden_frame[bpn] = NO_FRAME
+        exposure.hidden_writable[bpn] = False
+
     def forget_pending(self) -> int:
         """Drop the mappings of pages whose fault was on the wire when the daemon died.
 
@@ -135,12 +148,8 @@ class FaultPath:
         new frame, and the old shared one may be freed by the daemon that took over); the
         fault is asked again and its answer is the page's mapping now.
         """
-        exposure = self.exposure
         for bpn in self.pending:
-            exposure.frame[bpn] = NO_FRAME
-            exposure.writable[bpn] = False
-            exposure.hidden_frame[bpn] = NO_FRAME
-            exposure.hidden_writable[bpn] = False
+            self.unmap(bpn)
         return len(self.pending)
 
     def latency_quantiles(self) -> dict[str, float]:

@@ -4,7 +4,7 @@ When the connection to the daemon drops without the agent asking for it, the age
 
 1. stalls its vCPUs (the guest gate, held by "platform"): every vCPU stops at its next
    yield point, so the guest reads no page while no daemon vouches for its mapping;
-2. reconnects to the same socket with bounded exponential backoff (50 ms doubling to 1 s)
+2. reconnects to the same socket with bounded exponential backoff (50 ms doubling to 250 ms)
    for ``--reconnect-seconds``, and registers as the VM the daemon that took over knows:
    same id, name, size and pid, and the generation it was last given;
 3. checks that the new daemon serves the same machine memory and control region files (it
@@ -33,7 +33,9 @@ if TYPE_CHECKING:
     from .agent import Agent
 
 log = structlog.get_logger("vmmem.vmm.resume")
-FIRST_BACKOFF, MAX_BACKOFF = 0.05, 1.0
+#: Reconnect attempts back off from 50 ms to 250 ms: a refused connect costs microseconds,
+#: and a longer step would add up to its length to the guest's stall after a takeover.
+FIRST_BACKOFF, MAX_BACKOFF = 0.05, 0.25
 #: A daemon must answer a resuming Register within this long.
 REGISTER_TIMEOUT = 10.0
 GATE_HOLDER = "platform"

@@ -136,7 +136,10 @@ class WorkloadRunner:
             moved = self.exposure.frame[pages] != frames
             released_by = self.exposure.released_by[pages]
             allowed = np.isin(released_by, PIN_EXEMPT)
-            cow = readonly & (self.guest.version[pages] != versions) & (released_by == NOT_RELEASED)
+            written = self.guest.version[pages] != versions
+            # A write fault still on the wire dropped the read-only mapping (FaultPath.ensure).
+            writing = np.fromiter((b in self.faults.pending for b in pages.tolist()), bool)
+            cow = readonly & (written | writing) & (released_by == NOT_RELEASED)
             self.pin_violations += int(np.count_nonzero(moved & ~allowed & ~cow))
             self.exposure.pinned[pages] -= 1
             self.pin_cycles += 1
