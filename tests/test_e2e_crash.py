@@ -203,3 +203,58 @@ def test_a_resume_the_new_daemon_cannot_honour_stops_the_agent(
         assert "to resume" in out
         del d.agents["orphan"]
     assert os.listdir(mem_dir) == []
+
+
+@pytest.mark.timeout(180)
+def test_overcommit_load_survives_a_daemon_restart_with_nothing_lost(
+    short_tmp: Path, mem_dir: Path
+) -> None:
+    """The issue's test, as a user runs it: ``vmmem-load --scenario overcommit`` with swap;
+    the daemon is SIGKILLed mid-run (swap writes in flight) and started again. The load
+    finishes, every VM is verified with 0 mismatches, and a clean stop leaves nothing."""
+    from .test_load_robust import assert_verified, finish, load_running
+
+    names = {"vm0", "vm1", "vm2"}
+    with daemons(short_tmp, mem_dir) as d:
+        d.start_platform(*platform_args(short_tmp))
+        for name in sorted(names):
+            d.start_agent(name, memory="16MiB", vcpus=2)
+        out = short_tmp / "r.json"
+        with load_running(
+            "--socket",
+            str(d.socket),
+            "--scenario",
+            "overcommit",
+            "--expect-vms",
+            "3",
+            "--host-limit",
+            "24MiB",
+            "--duration",
+            "12",
+            "--daemon-wait",
+            "60",
+            "--json",
+            str(out),
+        ) as load:
+            wait_for(lambda: status(d)["swap"]["used"] > 1000, "swap-outs under way")
+            asyncio.run(ctl(d.socket, "failpoint", name="swap_write_delay", value=0.2))
+            wait_for(
+                lambda: sum(vm["pages"]["in_flight"] for vm in status(d)["vms"]) > 0,
+                "swap-outs in flight",
+            )
+            sigkill_platform(d)
+            d.start_platform(*platform_args(short_tmp), log="platform2")
+            code, stdout, stderr = finish(load, timeout=150)
+        assert "Traceback" not in stderr, stderr
+        assert code == 0, stdout + stderr
+        report = json.loads(out.read_text())
+        assert_verified(report, names)
+        assert report["verification"]["mismatches"] == 0
+        assert report["daemon"]["reachable_at_end"] is True
+        assert len(report["daemon"]["pids"]) == 2
+        assert events(short_tmp / "platform2.log", "platform_recovered")[0]["vms"] == 3
+        for name in names:
+            assert events(short_tmp / f"{name}.log", "platform_resumed")
+        d.check_invariants()
+        d.stop()
+        assert sorted(p.name for p in mem_dir.iterdir()) == []
