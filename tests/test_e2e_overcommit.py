@@ -92,14 +92,19 @@ def test_vmmem_ctl_status_retire_and_host_limit(short_tmp: Path, mem_dir: Path) 
                 d.control_socket("a"),
                 "run_phase",
                 phase={
-                    "duration": 1,
+                    "duration": 60,
                     "working_set": 1.0,
                     "write_ratio": 1.0,
                     "distribution": "sequential",
                 },
             )
         )
-        time.sleep(1.5)
+        # Until every page is written (however slow the machine), then stop the guest.
+        deadline = time.monotonic() + 30
+        while asyncio.run(ctl(d.control_socket("a"), "results"))["pages_written"] < 2048:
+            assert time.monotonic() < deadline, "the guest did not write its 8 MiB"
+            time.sleep(0.05)
+        asyncio.run(ctl(d.control_socket("a"), "halt"))
         sock = ["--socket", str(d.socket)]
         out = subprocess.run(
             [str(BIN / "vmmem-ctl"), *sock, "status"], capture_output=True, text=True, check=True
