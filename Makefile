@@ -31,6 +31,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/fault_rtt.py
 	$(BIN)/python benchmarks/swap.py
 	$(BIN)/python benchmarks/lowprio.py
+	$(BIN)/python benchmarks/recovery.py
+	$(BIN)/python benchmarks/invariants.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
