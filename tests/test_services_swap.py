@@ -553,6 +553,7 @@ async def test_swap_file_full_gives_no_space_status(short_tmp: Path, mem_dir: Pa
         assert agent.region.slot(second.slot).read_header()[1] == SlotState.FREE
         vm = server.vms[agent.vm_id]
         assert (vm.p2m.state[accepted[1]] == PageState.RESIDENT).all()
+        assert (vm.p2m.op[accepted[1]] == 0xFF).all()  # no operation holds them any more
         assert metric(server, "vmmem_swap_errors_total", reason="no_space") == 16
         assert (
             metric(server, "vmmem_platform_batch_pages_total", service="swap", outcome="no_space")

@@ -27,7 +27,7 @@ from shared.constants import FaultReason, PageState, PageStatus, ServiceType
 from shared.errors import ErrorCode, VMMemError
 from shared.messages import FaultReply
 
-from ..p2m import NO_SLOT, P2M
+from ..p2m import NO_OP, NO_SLOT, P2M
 from ..swapfile import SwapChecksumError, SwapWriteError
 from .base import Pages, PlatformService
 
@@ -100,6 +100,7 @@ class SwapService(PlatformService):
             # Swap file full: the rest stays resident (unexposed until touched); nothing lost.
             rest = accepted[len(slots) :]
             vm.p2m.state[rest] = PageState.RESIDENT
+            vm.p2m.op[rest] = NO_OP  # no operation holds them any more
             status[len(slots) :] = PageStatus.NO_SPACE
             self.ctx.metrics.swap_errors.labels("no_space").inc(len(rest))
             accepted = accepted[: len(slots)]
