@@ -221,6 +221,7 @@ def test_daemon_restarted_mid_run_the_gap_is_reported(short_tmp: Path, mem_dir: 
         daemon = report["daemon"]
         assert daemon["reachable_at_end"] is True
         assert daemon["gaps"] and all(g["to_seconds"] is not None for g in daemon["gaps"])
+        assert d.platform is not None
         assert len(daemon["pids"]) == 2 and daemon["pids"][1] == d.platform.pid, daemon
         assert "daemon: restarted during the run" in stdout, stdout
         assert set(report["vms"]) | set(report["not_verified"]) == {"a", "b"}

@@ -59,11 +59,11 @@ async def test_guest_write_to_a_page_pinned_read_only_is_not_a_violation() -> No
         0,
         frames,
         exposure,
-        faults,
+        faults,  # type: ignore[arg-type]
         guest,
         GuestGate(),
         progress,
-        TouchLog(PAGES),  # type: ignore[arg-type]
+        TouchLog(PAGES),
     )
     phase = Phase(duration=10, working_set=1.0, pinned_pages=8, pin_seconds=0.5)
     runner.phase, runner.started, runner.stop = phase, time.monotonic(), asyncio.Event()

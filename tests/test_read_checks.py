@@ -43,11 +43,12 @@ def corrupt_every_used_frame(mem_dir: Path) -> int:
     """Flip the first byte of every frame that holds anything: with one guest that wrote
     only unique bytes, those are exactly its pages (zero frames stay zero). Returns how many."""
     machine = next(p for p in mem_dir.iterdir() if p.stat().st_size == HOST_MEMORY)
-    frames = np.memmap(machine, dtype=np.uint8, mode="r+").reshape(-1, PAGE_SIZE)
+    mapped = np.memmap(machine, dtype=np.uint8, mode="r+")
+    frames = mapped.reshape(-1, PAGE_SIZE)
     used = np.flatnonzero(frames.any(axis=1))
     frames[used, 0] ^= 0xFF
-    frames.flush()
-    del frames
+    mapped.flush()
+    del frames, mapped
     return len(used)
 
 

@@ -179,7 +179,8 @@ def sampling(
     ]
     # Ten periods of wall time per phase: periods run on guest time, which a guest that
     # stalls on faults gets less of, and the first three of a phase are for converging.
-    settings: dict[str, float] = {"sample_period": sample_period or round(d / len(sizes) / 10, 3)}
+    period = sample_period or max(0.001, round(d / len(sizes) / 10, 3))  # never rounded to 0
+    settings: dict[str, float] = {"sample_period": period}
     if sample_pages:
         settings["sample_pages"] = sample_pages
     return Scenario("sampling", phases, host_limit=host_limit, lowprio=settings)
