@@ -141,17 +141,6 @@ class FaultPath:
         exposure.hidden_frame[bpn] = NO_FRAME
         exposure.hidden_writable[bpn] = False
 
-    def forget_pending(self) -> int:
-        """Drop the mappings of pages whose fault was on the wire when the daemon died.
-
-        Why: the lost reply may have changed the page's mapping (a copy-on-write gave it a
-        new frame, and the old shared one may be freed by the daemon that took over); the
-        fault is asked again and its answer is the page's mapping now.
-        """
-        for bpn in self.pending:
-            self.unmap(bpn)
-        return len(self.pending)
-
     def latency_quantiles(self) -> dict[str, float]:
         n = min(self.samples, LATENCY_SAMPLES)
         if n == 0:

@@ -9,9 +9,10 @@ When the connection to the daemon drops without the agent asking for it, the age
    same id, name, size and pid, and the generation it was last given;
 3. checks that the new daemon serves the same machine memory and control region files (it
    maps them already: a daemon with other files cannot carry this guest on);
-4. drops the mappings of pages whose fault was on the wire (the lost reply may have changed
-   them), attaches the new connection, and lets the guest run. Faults waiting for the daemon
-   are asked again, the round loops start again.
+4. attaches the new connection and lets the guest run. Faults that were on the wire are
+   asked again (their pages are unmapped: a write fault drops a read-only mapping before it
+   goes out, so a lost copy-on-write reply leaves nothing stale); the round loops start
+   again.
 
 When no daemon takes the VM back in time, or the one that answers does not know it (it
 started fresh), the agent exits with a clear message and a non-zero status.
@@ -89,7 +90,10 @@ class PlatformWatch:
             return self._give_up(str(exc))
         agent.region.generation = reg.generation
         agent.registered = reg
-        refaults = agent.faults.forget_pending()
+        # Faults on the wire when the daemon died are asked again once attached. None of
+        # their pages is mapped: a write fault drops a read-only mapping before it goes out
+        # (FaultPath.ensure), so a lost copy-on-write reply leaves no stale mapping behind.
+        refaults = len(agent.faults.pending)
         agent.link.attach(client)
         downtime = time.monotonic() - t0
         if agent.guest_progress.running:
