@@ -35,6 +35,8 @@ from .messages import Error
 
 #: Seconds a refused peer has to read its Error before the connection is closed anyway.
 REFUSED_LINGER = 1.0
+#: Bytes of sun_path, the terminating NUL included (Linux).
+_SUN_PATH_MAX = 108
 #: struct ucred {pid_t pid; uid_t uid; gid_t gid;} as SO_PEERCRED returns it.
 _UCRED = struct.Struct("3i")
 
@@ -98,21 +100,36 @@ def check_socket_path(path: Path) -> None:
 
 def listen_private(path: Path, mode: int = 0o600, backlog: int = 100) -> socket.socket:
     """A non-blocking listening Unix socket at ``path`` whose file has ``mode`` from the moment
-    it exists (pass it to ``loop.create_unix_server(sock=...)``).
+    it exists, and exists only once it accepts connections (pass it to
+    ``loop.create_unix_server(sock=...)``).
 
     Why a umask: the kernel creates the socket file at ``bind()`` with ``0777 & ~umask``, and a
     socket's mode cannot be set before it exists. The umask is process-wide, but it is only
     tightened, for one system call: a file another thread creates meanwhile can only come out
     stricter, never looser.
+
+    Why a rename: between ``bind()`` and ``listen()`` the file exists but refuses connections,
+    and a client that takes the path's appearance for readiness (a supervisor, a test) fails.
+    The socket is bound under a temporary name next to ``path`` and renamed into place once it
+    listens (bound at ``path`` itself when the temporary name would be too long).
     """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if len(os.fsencode(tmp)) >= _SUN_PATH_MAX:
+        tmp = path
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         old = os.umask(0o777 & ~mode)
         try:
-            sock.bind(str(path))
+            sock.bind(str(tmp))
         finally:
             os.umask(old)
-        sock.listen(backlog)
+        try:
+            sock.listen(backlog)
+            if tmp != path:
+                os.rename(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         sock.setblocking(False)
     except BaseException:
         sock.close()

@@ -141,14 +141,27 @@ def others_can_connect(path: Path) -> bool:
     return all(os.stat(d).st_mode & 0o001 for d in path.parents)  # and search on the way
 
 
+def accepts_connections(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
 class SocketWatch:
-    """Looks at some socket paths at every audit event of this process while armed."""
+    """Looks at some socket paths at every audit event of this process while armed: whether
+    another user could connect, and how the paths come to exist (bound there, or renamed
+    there from a socket that already listens)."""
 
     installed: SocketWatch | None = None
 
     def __init__(self) -> None:
         self.paths: list[Path] = []
         self.windows: list[tuple[str, str, str]] = []
+        self.bound_in_place: list[str] = []
+        self.renamed_unready: list[str] = []
         self.armed = False
         self._busy = False
 
@@ -160,11 +173,17 @@ class SocketWatch:
             sys.addaudithook(cls.installed._hook)
         return cls.installed
 
-    def _hook(self, event: str, _args: tuple[Any, ...]) -> None:
+    def _hook(self, event: str, args: tuple[Any, ...]) -> None:
         if not self.armed or self._busy:
             return
         self._busy = True
         try:
+            watched = [str(p) for p in self.paths]
+            if event == "socket.bind" and str(args[1]) in watched:
+                self.bound_in_place.append(str(args[1]))
+            renamed = event == "os.rename" and str(args[1]) in watched
+            if renamed and not accepts_connections(str(args[0])):
+                self.renamed_unready.append(str(args[1]))
             for p in self.paths:
                 if others_can_connect(p):
                     self.windows.append((event, str(p), oct(os.stat(p).st_mode)))
@@ -175,6 +194,7 @@ class SocketWatch:
     def watching(self, *paths: Path) -> Iterator[SocketWatch]:
         """Arm the watch on ``paths`` under ``umask 000`` (the worst an operator can set)."""
         self.paths, self.windows = list(paths), []
+        self.bound_in_place, self.renamed_unready = [], []
         old = os.umask(0)
         self.armed = True
         try:
@@ -191,7 +211,9 @@ async def test_no_moment_where_another_user_can_connect_to_a_new_socket(
     """Under umask 000, in a directory anyone may enter, neither the daemon's socket nor an
     agent's control socket is ever connectable by another user: at every step after bind()
     the socket file already has mode 0600 (the old bind-then-chmod left it 0777 until the
-    chmod)."""
+    chmod). And neither path exists before it accepts connections: each is renamed into
+    place from a socket that already listens, never bound there (a client that waits for
+    the path, as tests/procs.py does, could be refused between bind and listen)."""
     short_tmp.chmod(0o755)
     platform_sock, control_sock = short_tmp / "p.sock", short_tmp / "a.ctl"
     with SocketWatch.get().watching(platform_sock, control_sock) as watch:
@@ -213,6 +235,8 @@ async def test_no_moment_where_another_user_can_connect_to_a_new_socket(
             finally:
                 await agent.shutdown()
     assert watch.windows == []
+    assert watch.bound_in_place == []
+    assert watch.renamed_unready == []
 
 
 # ---- peer credentials ------------------------------------------------------------------------
