@@ -56,12 +56,24 @@ class PlatformLink:
         self.client = None
         self._up.clear()
 
-    async def wait_up(self) -> None:
-        # A request that failed because the connection dropped wakes before the callback
-        # above runs: without this check it would find the link "up" and retry at once,
-        # forever, without yielding.
-        if self.client is not None and self.client.closed.done():
+    def _drop_if_closing(self) -> None:
+        """Detach a connection that is going away but whose ``closed`` may not be set yet.
+
+        Why: when the daemon dies the transport sees EOF and is closing one loop iteration
+        before ``connection_lost`` resolves ``closed`` (both with the standard loop and
+        uvloop), and every running vCPU gets a step in that window. A request sent then fails
+        at once; if the link still looked up, ``wait_up`` would return at once and the fault
+        path would retry forever without yielding, so the loss would never be seen.
+        """
+        client = self.client
+        if client is None:
+            return
+        transport = client.transport
+        if client.closed.done() or transport is None or transport.is_closing():
             self.detach()
+
+    async def wait_up(self) -> None:
+        self._drop_if_closing()
         await self._up.wait()
 
     def lost(self, client: RpcClient | None = None) -> asyncio.Future[None]:
@@ -72,8 +84,7 @@ class PlatformLink:
         return client.closed
 
     def _current(self) -> RpcClient:
-        if self.client is not None and self.client.closed.done():
-            self.detach()
+        self._drop_if_closing()
         if self.client is None:
             raise ConnectionClosed("no connection to the platform daemon")
         return self.client
