@@ -71,6 +71,10 @@ class StateError(VMMemError):
         super().__init__(message, ErrorCode.BAD_REQUEST)
 
 
+class UnfinishedStateError(StateError):
+    """A file whose header was never written: its daemon died while creating it."""
+
+
 def _align(n: int) -> int:
     return (n + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
 
@@ -264,6 +268,8 @@ def _read_state_header(path: Path, buf: Any) -> StateHeader:
     body = bytes(buf[: _STATE_HEADER.size])
     (stored,) = _CHECKSUM.unpack_from(buf, _STATE_HEADER.size)
     fields = _STATE_HEADER.unpack(body)
+    if fields[0] == bytes(len(STATE_MAGIC)):
+        raise UnfinishedStateError(f"{path}: its header was never written")
     if fields[0] != STATE_MAGIC:
         raise StateError(f"{path}: not a VMMem state file")
     if fields[1] != FORMAT_VERSION:

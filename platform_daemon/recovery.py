@@ -42,7 +42,14 @@ from shared.constants import NO_FRAME, PAGE_SIZE, PageState
 
 from .allocator import FrameState
 from .p2m import FLAG_MERGED, FLAG_SHARED, NO_OP, NO_SLOT
-from .persist import P2MFile, StateError, StateFile, StatePaths, lock_file
+from .persist import (
+    P2MFile,
+    StateError,
+    StateFile,
+    StatePaths,
+    UnfinishedStateError,
+    lock_file,
+)
 
 if TYPE_CHECKING:
     from shared.config import PlatformConfig
@@ -94,16 +101,21 @@ def open_state(config: PlatformConfig, paths: StatePaths) -> tuple[StateFile, bo
     """
     swap_slots = config.swap_size // PAGE_SIZE if config.swap_file is not None else 0
     swap_path = str(config.swap_file.resolve()) if config.swap_file is not None else ""
+    reason = "--fresh" if config.fresh else "no state file: a daemon died while starting"
     if paths.state.exists() and not config.fresh:
-        state = StateFile.open(paths.state)
-        try:
-            _check_same_settings(state, config, swap_slots, swap_path)
-            if not paths.machine.exists():
-                raise StateError(f"{paths.machine} is gone: the guests' memory cannot be recovered")
-        except BaseException:
-            state.close(unlink=False)
-            raise
-        return state, True
+        state = _open_finished(paths)
+        if state is not None:
+            try:
+                _check_same_settings(state, config, swap_slots, swap_path)
+                if not paths.machine.exists():
+                    raise StateError(
+                        f"{paths.machine} is gone: the guests' memory cannot be recovered"
+                    )
+            except BaseException:
+                state.close(unlink=False)
+                raise
+            return state, True
+        reason = "state file never finished: a daemon died while starting"
     if paths.existing():
         # Held by a live daemon? Then taking the lock fails here, before anything is removed.
         fd = lock_file(paths.state, create=True)
@@ -111,11 +123,7 @@ def open_state(config: PlatformConfig, paths: StatePaths) -> tuple[StateFile, bo
             removed = paths.remove_all()
         finally:
             os.close(fd)
-        log.warning(
-            "stale_state_removed",
-            files=removed,
-            reason="--fresh" if config.fresh else "no state file: a daemon died while starting",
-        )
+        log.warning("stale_state_removed", files=removed, reason=reason)
     state = StateFile.create(
         paths.state,
         host_pages=config.host_pages,
@@ -124,6 +132,25 @@ def open_state(config: PlatformConfig, paths: StatePaths) -> tuple[StateFile, bo
         swap_path=swap_path,
     )
     return state, False
+
+
+def _open_finished(paths: StatePaths) -> StateFile | None:
+    """The state file to take over, or None when its daemon died before it served.
+
+    Why: the state file is created first, then machine memory (reserved and prefaulted:
+    seconds for gigabytes), and only then are the zero frames written to its header. A
+    daemon killed before that left a header with no zero frames (or none at all): taking
+    it over marked the last frame as a zero frame and mapped reads to frame -1. No VM can
+    have registered with such a daemon, so there is nothing to recover.
+    """
+    try:
+        state = StateFile.open(paths.state)
+    except UnfinishedStateError:
+        return None
+    if any(z < 0 for z in state.header.zero_frames):
+        state.close(unlink=False)
+        return None
+    return state
 
 
 def _check_same_settings(

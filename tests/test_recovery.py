@@ -337,6 +337,8 @@ def test_open_state_refuses_other_settings_naming_them(tmp_path: Path) -> None:
     paths = StatePaths.for_socket(tmp_path, cfg.socket)
     state, recovered = open_state(cfg, paths)
     assert not recovered
+    state.header.zero_frames = list(ZERO)  # the daemon finished starting
+    state.write_header()
     state.close(unlink=False)
     paths.machine.write_bytes(b"")  # the machine file exists
     other = _config(tmp_path, host_memory=2 * HOST_PAGES * PAGE_SIZE, numa_nodes=1)
