@@ -367,6 +367,8 @@ def _read_p2m_header(path: Path, buf: Any) -> P2MHeader:
     body = bytes(buf[: _P2M_HEADER.size])
     (stored,) = _CHECKSUM.unpack_from(buf, _P2M_HEADER.size)
     magic, version, vm_id, generation, guest_pages, home_node, n, info = _P2M_HEADER.unpack(body)
+    if magic == bytes(len(P2M_MAGIC)):
+        raise UnfinishedStateError(f"{path}: its header was never written")
     if magic != P2M_MAGIC:
         raise StateError(f"{path}: not a VMMem p2m file")
     if version != FORMAT_VERSION:

@@ -178,7 +178,16 @@ def open_p2ms(paths: StatePaths) -> list[P2MFile]:
     files: list[P2MFile] = []
     try:
         for vm_id, path in paths.p2m_files():
-            f = P2MFile.open(path)
+            try:
+                f = P2MFile.open(path)
+            except UnfinishedStateError:
+                # A registration cut before its header was written (the header comes last,
+                # after the arrays are reset): its agent never got Registered, and the
+                # arrays are not to be read (frame 0 everywhere). Refusing it would refuse
+                # the takeover of every other VM on the host.
+                path.unlink(missing_ok=True)  # its region file is created after it
+                log.warning("vm_registration_discarded", vm_id=vm_id, file=path.name)
+                continue
             files.append(f)
             if f.header.vm_id != vm_id:
                 raise StateError(f"{path}: header names VM {f.header.vm_id}")
