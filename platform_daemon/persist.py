@@ -235,11 +235,7 @@ class StateFile:
             *zero,
             h.swap_path.encode()[:_SWAP_PATH_BYTES],
         )
-        mm = self.mapped.mm
-        mm[_STATE_HEADER.size : _STATE_HEADER.size + _CHECKSUM.size] = _CHECKSUM.pack(
-            xxhash.xxh3_64_intdigest(body)
-        )
-        mm[: _STATE_HEADER.size] = body
+        _store_header(self.mapped.mm, body)
 
     def close(self, unlink: bool) -> None:
         for name in ("frame_state", "failing", "shared_origin", "shared_joined", "swap_checksum"):
@@ -248,6 +244,18 @@ class StateFile:
         if unlink:
             self.mapped.unlink()
         os.close(self._lock_fd)
+
+
+def _store_header(mm: Any, body: bytes) -> None:
+    """Body and checksum in one store (one memcpy into the mapping).
+
+    Why: stored apart, a daemon killed between the two stores (a window that includes
+    the GIL going to the swap writer's thread) left a checksum that matches neither the
+    old body nor the new one, and the next daemon refused the whole takeover. These headers
+    are rewritten while VMs run: two counters per registration, the host limit, a zero frame
+    retired, every takeover. Only a kill inside the copy itself can still tear one.
+    """
+    mm[: len(body) + _CHECKSUM.size] = body + _CHECKSUM.pack(xxhash.xxh3_64_intdigest(body))
 
 
 def lock_file(path: Path, create: bool) -> int:
@@ -347,11 +355,7 @@ class P2MFile:
             len(info),
             info,
         )
-        mm = self.mapped.mm
-        mm[_P2M_HEADER.size : _P2M_HEADER.size + _CHECKSUM.size] = _CHECKSUM.pack(
-            xxhash.xxh3_64_intdigest(body)
-        )
-        mm[: _P2M_HEADER.size] = body
+        _store_header(self.mapped.mm, body)
 
     def close(self, unlink: bool) -> None:
         """Unmap (the p2m's arrays become read-only placeholders first) and maybe remove."""
