@@ -78,6 +78,8 @@ class Reconciled:
     frames_freed: int = 0
     #: Frames that were failing and are now free: retired.
     frames_retired: int = 0
+    #: VMs the crashed daemon was releasing: their release is completed (files removed).
+    vms_released: int = 0
     pages_by_state: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> dict[str, object]:
@@ -87,6 +89,7 @@ class Reconciled:
             "swap_slots_freed": self.slots_freed,
             "frames_freed": self.frames_freed,
             "frames_retired": self.frames_retired,
+            "vms_released": self.vms_released,
             "merged_frames": int(np.count_nonzero(self.refs)),
             "pages": self.pages_by_state,
         }
@@ -209,6 +212,9 @@ def reconcile(state: StateFile, files: list[P2MFile]) -> Reconciled:
     out = Reconciled(files, np.zeros(host_pages, dtype=np.int32), np.empty(0, dtype=np.int64))
     for f in files:
         _check_ranges(f, host_pages, slots)
+    # In place: the caller's list (which it closes on a refusal) loses the VMs removed here.
+    files[:] = [f for f in files if not _finish_release(f, state.swap_checksum, out)]
+    for f in files:
         p2m = f.p2m
         has_frame = p2m.frame >= 0
         has_slot = p2m.swap_slot >= 0
@@ -260,6 +266,39 @@ def _check_ranges(f: P2MFile, host_pages: int, slots: int) -> None:
     if bad.any():
         bpns = np.flatnonzero(bad)[:4].tolist()
         raise StateError(f"{f.path}: pages {bpns} hold values out of range: the file is damaged")
+
+
+def _finish_release(f: P2MFile, checksum: npt.NDArray[np.uint64], out: Reconciled) -> bool:
+    """True (and its files removed) when the daemon died while releasing this VM.
+
+    Why: ``on_vm_gone`` frees the frames and swap slots (zeroing their checksums), clears
+    the p2m's frames, then its slots, and removes the p2m file last. Cut in between, the
+    p2m has pages that say mapped or swapped but have neither frame nor slot, or name a
+    slot whose checksum is gone: no other store order produces either (a page gets its
+    frame before its state, a slot's checksum is stored before the p2m names it). Taken
+    over, such a VM came back with pages silently zero and swapped pages that fail their
+    checksum, and an agent still alive (a clean stop killed mid-way) resumed it with its
+    mappings on frames now free for other VMs. Its release is completed instead: the
+    agent is refused and says so.
+    """
+    p2m = f.p2m
+    no_frame = p2m.frame < 0
+    has_slot = p2m.swap_slot >= 0
+    lost = no_frame & ~has_slot & (p2m.state != _ZERO)
+    unwritten = no_frame & has_slot & (checksum[np.where(has_slot, p2m.swap_slot, 0)] == 0)
+    if not (lost.any() or unwritten.any()):
+        return False
+    log.warning(
+        "vm_release_completed",
+        vm=f.header.info.name,
+        vm_id=f.header.vm_id,
+        pages_without_frame=int(np.count_nonzero(lost)),
+        slots_released=int(np.count_nonzero(unwritten)),
+    )
+    f.close(unlink=True)
+    f.path.with_suffix(".region").unlink(missing_ok=True)
+    out.vms_released += 1
+    return True
 
 
 def _settle_flags(

@@ -219,7 +219,6 @@ def test_a_state_file_from_a_startup_cut_before_the_zero_frames_is_not_taken_ove
 # ---- a VM released while the daemon died -------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="open: a VM cut mid-release comes back")
 def test_a_vm_cut_while_its_frames_were_being_cleared_does_not_come_back_empty(
     host: Host,
 ) -> None:
@@ -233,18 +232,20 @@ def test_a_vm_cut_while_its_frames_were_being_cleared_does_not_come_back_empty(
     host.map(other, 0, 10)
     p = host.vm(2)
     host.map(p, 0, 20)
-    host.swapped(p, 1, 5)
-    # The cut: frames released, slots released (checksum zeroed), frames cleared.
-    host.state.frame_state[20] = FREE
-    host.state.swap_checksum[5] = 0
+    host.map(p, 1, 21)
+    p.state[1] = PageState.RESIDENT
+    # The cut: frames released, then the p2m's frames cleared.
+    host.state.frame_state[[20, 21]] = FREE
     p.frame[:] = NO_FRAME
     out = reconcile(host.state, host.files)
     assert [f.header.vm_id for f in out.files] == [1]
+    assert out.vms_released == 1
+    assert not host.paths.p2m(2).exists() and not host.paths.region(2).exists()
     assert out.swap_slots_in_use.tolist() == []
     assert host.state.frame_state[20] == FREE
+    assert host.state.frame_state[10] == USED
 
 
-@pytest.mark.xfail(strict=True, reason="open: a VM cut mid-release comes back")
 def test_a_vm_cut_after_its_swap_slots_were_released_does_not_come_back(host: Host) -> None:
     """Cut earlier in ``on_vm_gone``: frames freed (reconcile recounts them), swap slots
     released, so their checksums are zero, but the p2m still names them. The VM came back
