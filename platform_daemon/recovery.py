@@ -285,7 +285,8 @@ def _finish_release(f: P2MFile, checksum: npt.NDArray[np.uint64], out: Reconcile
     no_frame = p2m.frame < 0
     has_slot = p2m.swap_slot >= 0
     lost = no_frame & ~has_slot & (p2m.state != _ZERO)
-    unwritten = no_frame & has_slot & (checksum[np.where(has_slot, p2m.swap_slot, 0)] == 0)
+    named = np.flatnonzero(no_frame & has_slot)  # none at all without a swap file
+    unwritten = checksum[p2m.swap_slot[named]] == 0
     if not (lost.any() or unwritten.any()):
         return False
     log.warning(

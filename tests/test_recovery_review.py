@@ -21,6 +21,7 @@ from platform_daemon.allocator import FrameState
 from platform_daemon.p2m import NO_SLOT, P2M
 from platform_daemon.persist import P2MFile, P2MHeader, StateFile, StatePaths
 from platform_daemon.recovery import open_p2ms, open_state, reconcile
+from platform_daemon.server import PlatformServer
 from shared.config import PlatformConfig
 from shared.constants import NO_FRAME, PAGE_SIZE, PageState, ServiceType
 from shared.messages import Register
@@ -331,3 +332,134 @@ async def test_a_fault_started_while_the_connection_is_closing_waits_instead_of_
         await server.wait_closed()
     await asyncio.gather(vcpu, return_exceptions=True)
     await asyncio.sleep(0)  # the peers' transports finish closing
+
+
+# ---- takeovers in process (server-side findings, not fixed here) -------------------------
+
+
+class _Conn:
+    """Stands for an agent's connection in ``Registry.register`` (nothing is sent)."""
+
+    vm: Any = None
+
+    def send(self, message: Any, request_id: int = 0) -> None:
+        pass
+
+
+def _daemon_config(short_tmp: Path, mem_dir: Path, **kw: Any) -> PlatformConfig:
+    base: dict[str, Any] = {
+        "socket": short_tmp / "p.sock",
+        "mem_dir": mem_dir,
+        "host_memory": 8 << 20,
+        "metrics_port": -1,
+        "prefault": False,
+        "log_level": "warning",
+    }
+    return PlatformConfig(**{**base, **kw})
+
+
+def _crash(server: PlatformServer) -> None:
+    """What a SIGKILL leaves: every file as it is, every lock released."""
+    server._close_files(unlink=False)
+
+
+def _first_daemon(cfg: PlatformConfig) -> tuple[PlatformServer, Register, Any]:
+    server = PlatformServer(cfg)
+    info = Register(name="g", guest_pages=64, vcpus=1, pid=4242)
+    registered = server.registry.register(_Conn(), info)  # type: ignore[arg-type]
+    return server, info, registered
+
+
+def test_a_daemon_without_swap_takes_over_its_vms(short_tmp: Path, mem_dir: Path) -> None:
+    """No swap file: no slots, an empty checksum array (the release check indexed it)."""
+    cfg = _daemon_config(short_tmp, mem_dir)
+    server, _, registered = _first_daemon(cfg)
+    vm = server.vms[registered.vm_id]
+    server.faults.try_resolve(vm, 3, True, 0)
+    _crash(server)
+    second = PlatformServer(cfg)
+    try:
+        assert second.recovered
+        assert second.vms[registered.vm_id].detached
+        assert second.vms[registered.vm_id].p2m.state[3] == PageState.EXPOSED
+    finally:
+        second._close_files(unlink=True)
+
+
+@pytest.mark.xfail(strict=True, reason="open (server.py _take_over): generation replaced")
+def test_a_vm_survives_two_takeovers_before_its_agent_is_back(
+    short_tmp: Path, mem_dir: Path
+) -> None:
+    """``_take_over`` writes the VM's new generation into its p2m header at once and keeps
+    the old one as what the agent must present. A daemon that dies again before the agent
+    resumed (a crash loop; an agent still in its 250 ms backoff) leaves the header with a
+    generation the agent was never given: the next daemon asks the agent for it, refuses
+    its resume ("did not take it over"), and the VM is lost with its memory."""
+    cfg = _daemon_config(short_tmp, mem_dir)
+    server, info, registered = _first_daemon(cfg)
+    _crash(server)
+    _crash(PlatformServer(cfg))  # taken over, and killed again before the agent came back
+    third = PlatformServer(cfg)
+    try:
+        resume = info.model_copy(
+            update={"resume_vm_id": registered.vm_id, "resume_generation": registered.generation}
+        )
+        third.registry.register(_Conn(), resume)  # type: ignore[arg-type]
+    finally:
+        third._close_files(unlink=True)
+
+
+@pytest.mark.xfail(strict=True, reason="open (server.py startup): failing flag cleared first")
+async def test_a_failing_frame_stays_failing_when_the_takeover_is_cut_while_retiring_it(
+    short_tmp: Path, mem_dir: Path
+) -> None:
+    """``startup`` clears ``failing[mpn]`` and then calls ``retire_frame(mpn)`` (which
+    refuses a frame already failing). Killed between the two stores, the mark is gone from
+    the state file: the next daemon hands the failing frame out again."""
+    cfg = _daemon_config(short_tmp, mem_dir)
+    server, _, registered = _first_daemon(cfg)
+    vm = server.vms[registered.vm_id]
+    reply = server.faults.try_resolve(vm, 3, True, 0)
+    mpn = int(reply.mpns[0])
+    server.retire_frame(mpn)  # a private page's frame: marked failing, the page queued
+    assert server.machine.failing[mpn]
+    _crash(server)
+    second = PlatformServer(cfg)
+
+    def killed(mpn: int) -> dict[str, Any]:
+        raise _Killed
+
+    second.retire_frame = killed  # type: ignore[method-assign]
+    try:
+        with pytest.raises(_Killed):
+            await second.startup()
+        assert second.state.failing[mpn], "the failing mark was lost"
+    finally:
+        await second.shutdown()
+
+
+@pytest.mark.xfail(strict=True, reason="open (server.py serve): shutdown unlinks on failure")
+async def test_a_takeover_whose_startup_fails_keeps_the_crashed_daemons_files(
+    short_tmp: Path, mem_dir: Path
+) -> None:
+    """``serve`` runs ``shutdown`` when ``startup`` fails, and shutdown releases every VM
+    and removes every file. A daemon that took over and then could not start (its metrics
+    port taken by another process, a socket path refused) destroyed the crashed daemon's
+    VMs, which a second attempt with a free port would have recovered."""
+    import socket as socket_mod
+
+    server, _, registered = _first_daemon(_daemon_config(short_tmp, mem_dir))
+    _crash(server)
+    with socket_mod.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        cfg = _daemon_config(short_tmp, mem_dir, metrics_port=busy.getsockname()[1])
+        second = PlatformServer(cfg)
+        assert second.recovered
+        with pytest.raises(OSError):
+            await second.serve()
+    paths = StatePaths.for_socket(mem_dir, cfg.socket)
+    try:
+        assert paths.state.exists() and paths.p2m(registered.vm_id).exists()
+    finally:
+        paths.remove_all()
