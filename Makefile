@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench clean
+.PHONY: demo test lint typecheck pytest bench soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/lowprio.py
 	$(BIN)/python benchmarks/recovery.py
 	$(BIN)/python benchmarks/invariants.py
+
+# Everything VMMem survives, at once, for MINUTES minutes (docs/reliability.md section 9);
+# four 32 MiB guests on a 64 MiB host limit (the CI version, tests/test_soak.py, is shorter
+# and smaller).
+MINUTES ?= 5
+SOAK_FLAGS ?= --agents 4 --memory 32
+soak: $(STAMP)
+	$(BIN)/python -m tools.soak --minutes $(MINUTES) $(SOAK_FLAGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
