@@ -206,8 +206,9 @@ class StateFile:
             header = _read_state_header(path, mapped.mm)
             expected = cls.size(header.host_pages, header.swap_slots)
             if len(mapped.mm) != expected:
+                actual = len(mapped.mm)  # read before the mapping is closed
                 mapped.close()
-                raise StateError(f"{path}: {len(mapped.mm)} bytes, its header says {expected}")
+                raise StateError(f"{path}: {actual} bytes, its header says {expected}")
             state = cls(path, mapped, lock_fd, header)
             state.previous_pid = header.pid
             header.generation += 1

@@ -19,7 +19,7 @@ import pytest
 
 from platform_daemon.allocator import FrameState
 from platform_daemon.p2m import NO_SLOT, P2M
-from platform_daemon.persist import P2MFile, P2MHeader, StateFile, StatePaths
+from platform_daemon.persist import P2MFile, P2MHeader, StateError, StateFile, StatePaths
 from platform_daemon.recovery import open_p2ms, open_state, reconcile
 from platform_daemon.server import PlatformServer
 from shared.config import PlatformConfig
@@ -184,6 +184,55 @@ def test_a_registration_cut_before_its_p2m_header_does_not_refuse_the_takeover(
         for f in files:
             f.close(unlink=False)
     assert not cut.exists()
+
+
+def test_fresh_on_a_live_daemons_files_is_refused_and_removes_nothing(host: Host) -> None:
+    """``--fresh`` (or leftovers) on a socket whose daemon is alive but not listening yet:
+    the state file's lock refuses it before anything is removed."""
+    cfg = _config(host.paths.mem_dir, fresh=True)
+    paths = StatePaths.for_socket(host.paths.mem_dir, cfg.socket)
+    live = StateFile.create(paths.state, host_pages=HOST_PAGES, nodes=2, swap_slots=0, swap_path="")
+    try:
+        paths.machine.write_bytes(b"live")
+        with pytest.raises(StateError, match="held by a running daemon"):
+            open_state(cfg, paths)
+        assert paths.state.exists() and paths.machine.exists()
+    finally:
+        live.close(unlink=True)
+        paths.machine.unlink()
+
+
+def test_state_files_that_do_not_add_up_are_refused_by_name(host: Host) -> None:
+    """A state or p2m file of the wrong size, a p2m file named after another VM, a machine
+    file that is gone: refused, naming the file, before anything is adopted."""
+    host.vm(1)
+    host.close()
+    p2m = host.paths.p2m(1)
+    p2m.rename(host.paths.p2m(7))
+    with pytest.raises(StateError, match="header names VM 1"):
+        open_p2ms(host.paths)
+    host.paths.p2m(7).rename(p2m)
+    with p2m.open("ab") as f:
+        f.write(bytes(PAGE_SIZE))
+    with pytest.raises(StateError, match="size does not match"):
+        open_p2ms(host.paths)
+    with host.paths.state.open("ab") as f:
+        f.write(bytes(PAGE_SIZE))
+    with pytest.raises(StateError, match="its header says"):
+        StateFile.open(host.paths.state)
+
+
+def test_a_state_whose_machine_memory_is_gone_is_refused(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    paths = StatePaths.for_socket(tmp_path, cfg.socket)
+    state, _ = open_state(cfg, paths)
+    state.header.zero_frames = list(ZERO)
+    state.write_header()
+    state.close(unlink=False)
+    with pytest.raises(StateError, match="is gone: the guests' memory cannot be recovered"):
+        open_state(cfg, paths)
+    assert paths.state.exists()
+    paths.remove_all()
 
 
 # ---- a daemon killed while it was starting -----------------------------------------------
