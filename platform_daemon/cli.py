@@ -63,6 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="a low-priority type waiting this long moves up one class (default 1)",
     )
+    a("--idle-tax", type=float, help="memsched's idle memory tax, 0..1 (default 0.75, ESX)")
+    a(
+        "--balloon",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="reclaim by ballooning first (default on; --no-balloon: swap only)",
+    )
+    a(
+        "--balloon-max-fraction",
+        type=float,
+        help="the most of a guest's memory its balloon may hold (default 0.65, ESX)",
+    )
+    a("--balance-period", type=float, help="seconds between memsched's balances (default 1)")
     a(
         "--fresh",
         action="store_const",

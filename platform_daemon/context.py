@@ -13,6 +13,9 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
+import numpy.typing as npt
+
 if TYPE_CHECKING:
     from shared.config import PlatformConfig
 
@@ -25,10 +28,12 @@ if TYPE_CHECKING:
     from .waits import FrameWaits
 
 
-class SwapTargets(Protocol):
-    """memsched's side of swap: how many pages a VM should still release."""
+class Targets(Protocol):
+    """memsched's side of reclaim: how many pages a VM should still release."""
 
     def swap_deficit(self, vm: VM, in_flight: int) -> int: ...
+
+    def balloon_deficit(self, vm: VM) -> int: ...
 
 
 Spawn = Callable[[Coroutine[Any, Any, Any]], "asyncio.Future[Any]"]
@@ -49,4 +54,7 @@ class ServiceContext:
     spawn: Spawn
     waits: FrameWaits
     swap: SwapFile | None
-    targets: SwapTargets
+    targets: Targets
+    #: End the in-flight operations of these pages now, as a write fault would (each page
+    #: is exposed again with its frame): for reclaim that cannot wait for them.
+    cancel: Callable[[VM, npt.NDArray[np.int64]], None] = lambda vm, bpns: None

@@ -35,6 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--sample-period", type=float, help="seconds per sampling period")
     lp.add_argument("--sample-pages", type=int, help="pages sampled per VM and period")
     lp.add_argument("--share-scan-period", type=float, help="seconds to scan each VM's memory once")
+    ms = sub.add_parser(
+        "set-memsched", help="turn ballooning on or off, change the idle tax or balloon cap"
+    )
+    ms.add_argument(
+        "--balloon", action=argparse.BooleanOptionalAction, default=None, help="ballooning"
+    )
+    ms.add_argument("--idle-tax", type=float, help="the idle memory tax, 0..1")
+    ms.add_argument("--balloon-max-fraction", type=float, help="a balloon's cap, 0..1")
+    ms.add_argument("--balance-period", type=float, help="seconds between balances")
     ck = sub.add_parser(
         "check",
         help="verify the daemon's invariants (frames, sharing, swap slots, what each VM maps); "
@@ -81,7 +90,22 @@ def render_status(st: dict[str, Any]) -> str:
             f"home node {vm['home_node']}, pid {vm['pid']}): {pages}"
         )
         lines.append("  " + _vm_lowprio_line(vm))
+        if vm.get("memsched"):
+            lines.append("  " + _vm_memsched_line(vm["memsched"]))
     return "\n".join(lines)
+
+
+def _vm_memsched_line(m: dict[str, Any]) -> str:
+    """Shares, rho, targets, balloon, swap and guest impact of one VM, on one line."""
+    rho = "-" if m["rho"] is None else f"{m['rho']:.3g}"
+    target = "-" if m["target_pages"] is None else f"{m['target_pages']:,}"
+    wss = "-" if m["wss_pages"] is None else f"{m['wss_pages']:,}"
+    return (
+        f"memsched: shares {m['shares']}, rho {rho}, target {target} pages, balloon "
+        f"{m['balloon_pages']:,}/{m['balloon_target']:,}, swapped {m['swapped_pages']:,}"
+        f" (target {m['swap_target']:,}), wss {wss}, refaults {m['refaults']:,}, stall "
+        f"{m['stall_seconds']:.1f} s" + (", BACKED OFF" if m["backed_off"] else "")
+    )
 
 
 def _vm_lowprio_line(vm: dict[str, Any]) -> str:
@@ -135,6 +159,15 @@ def _command(client: CtlClient, args: argparse.Namespace) -> int:
         }
         chosen = {k: v for k, v in settings.items() if v is not None}
         print(json.dumps(client.call("set_lowprio", **chosen)))
+    elif args.command == "set-memsched":
+        settings = {
+            "balloon": args.balloon,
+            "idle_tax": args.idle_tax,
+            "balloon_max_fraction": args.balloon_max_fraction,
+            "balance_period": args.balance_period,
+        }
+        chosen = {k: v for k, v in settings.items() if v is not None}
+        print(json.dumps(client.call("set_memsched", **chosen)))
     else:
         print(json.dumps(client.call("set_host_limit", size=args.size)))
     return 0

@@ -64,6 +64,15 @@ class LowPrioArgs(_Args):
     share_scan_period: float | None = Field(default=None, gt=0, le=86400)
 
 
+class MemschedArgs(_Args):
+    """Run-time settings of memsched's balance (each optional)."""
+
+    balloon: bool | None = None
+    idle_tax: float | None = Field(default=None, ge=0, lt=1)
+    balloon_max_fraction: float | None = Field(default=None, ge=0, le=1)
+    balance_period: float | None = Field(default=None, gt=0, le=3600)
+
+
 class FailpointArgs(_Args):
     """Failure injection for tests and experiments (not part of normal operation)."""
 
@@ -160,6 +169,14 @@ class CtlOps:
                 "full": s.memsched.swap_full(),
             },
             "sharing": self._host_sharing(),
+            "memsched": {
+                **s.memsched.settings(),
+                "reclaiming": s.memsched.reclaiming,
+                "blocking": s.memsched.blocking,
+                "thresholds": dict(
+                    zip(("high", "soft", "hard", "low"), s.memsched.thresholds(), strict=True)
+                ),
+            },
             "lowprio": {
                 "sample_period_seconds": self._sampling.period,
                 "sample_pages": self._sampling.sample_pages,
@@ -181,6 +198,7 @@ class CtlOps:
             "pages": vm.p2m.counts(),
             "pending": vm.region.pending,
             "swap_target_pages": self.server.memsched.swap_targets.get(vm.vm_id, 0),
+            "memsched": self.server.memsched.status(vm),
             "stats": vars(vm.stats).copy(),
             "sampling": self._sampling.status(vm),
             "sharing": {
@@ -248,6 +266,15 @@ class CtlOps:
             "sample_pages": self._sampling.sample_pages,
             "share_scan_period": self._sharing.scan_period,
         }
+
+    def op_set_memsched(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Turn ballooning on or off, change the idle tax, the balloon cap or the period."""
+        parsed = MemschedArgs.model_validate(args)
+        changes = parsed.model_dump(exclude_none=True)
+        memsched = self.server.memsched
+        memsched.configure(**changes)
+        log.info("memsched_configured", **changes)
+        return memsched.settings()
 
     def op_sampling(self, args: dict[str, Any]) -> dict[str, Any]:
         """Each VM's finished sampling periods: sample id, times, counts and the estimate."""

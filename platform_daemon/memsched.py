@@ -1,13 +1,21 @@
-"""memsched, first part: host free-memory states and per-VM swap targets.
+"""memsched: host free-memory states, and per-VM balloon and swap targets.
 
-States come from the free frames left under the host limit, as a percentage of it:
-``free >= soft`` is HIGH, ``hard <= free < soft`` is SOFT, ``low <= free < hard`` is HARD,
-below ``low`` is LOW. (Thresholds default to ESX's 6/4/2/1 %; ``high`` is where reclaim
-stops: once swapping has started it goes on until free memory is back above ``high``.)
+States come from the free frames left under the host limit, as a fraction of it: free at or
+above the *soft* threshold is HIGH, then SOFT, HARD and LOW below the *low* one (ESX's
+6/4/2/1 %; ``high`` is where reclaim stops). Each threshold is at least one frame and none
+is below the next, so the states work at any host limit: with no frame free the host is
+LOW, whatever the limit.
 
-From HARD down, the pages to reclaim are split across VMs in proportion to their resident
-pages divided by their shares, so a VM with more shares per page gives less. In LOW, faults
-that need a new frame wait (bounded, counted) for reclaim instead of failing.
+- SOFT: reclaim starts, by ballooning; HARD: ballooning, and swap for the rest; LOW: first
+  touches that need a frame wait, until free memory is back above the *hard* threshold
+  (not merely out of LOW: no allocation storm right at the edge). Once started, reclaim
+  goes on until free memory is back above ``high``; free memory beyond it lets balloons
+  give pages back.
+- Every balance period (and at once when the state changes) ``balance.py`` decides how
+  much each VM gives, by ESX'02's shares and idle memory tax, and by which method; memsched
+  writes the targets to each VM's control region (the balloon target for the agent's
+  balloon driver, the swap target for the swap service) and keeps the plan for status and
+  metrics.
 
 Swap is not counted on while it is full (no free slot, or the last write found no space on
 the device): VMs are not asked to release pages that could go nowhere. After a write failed
@@ -22,14 +30,18 @@ plus one so that a fault can still be served.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
 
-from shared.constants import PAGE_SIZE, FreeState, PageState, ServiceType
+from shared.constants import PAGE_SIZE, FreeState, ServiceType
 from shared.errors import ErrorCode, VMMemError
 from shared.sizes import format_size
+
+from .balance import BalanceConfig, Balancer, VMPlan, VMState
 
 if TYPE_CHECKING:
     from .server import PlatformServer
@@ -39,16 +51,31 @@ log = structlog.get_logger("vmmem.platform.memsched")
 
 
 class MemSched:
-    """Turns free memory into a host state and per-VM swap targets."""
+    """Turns free memory into a host state and per-VM balloon and swap targets."""
 
     period = 0.1  # seconds between ticks of the main loop
 
     def __init__(self, server: PlatformServer) -> None:
         self.server = server
+        cfg = server.config
         self.state = FreeState.HIGH
         self.reclaiming = False
+        #: First touches that need a frame wait (LOW, until free is back above hard).
+        self.blocking = False
+        self.balancer = Balancer(
+            BalanceConfig(
+                idle_tax=cfg.idle_tax,
+                balloon=cfg.balloon,
+                balloon_max_fraction=cfg.balloon_max_fraction,
+            )
+        )
+        self.balance_period = cfg.balance_period
+        self._next_balance = 0.0
+        self.plans: dict[int, VMPlan] = {}
         self.swap_targets: dict[int, int] = {}
+        self.balloon_targets: dict[int, int] = {}
         self._swap_was_full = False
+        self._swap_ok = True
 
     @property
     def limit_pages(self) -> int:
@@ -93,44 +120,128 @@ class MemSched:
                 ErrorCode.BAD_REQUEST,
             )
         self.server.machine.limit_pages = pages
+        self._next_balance = 0.0  # the next tick plans for the new limit at once
 
     def available(self) -> int:
         return self.server.machine.available()
 
-    def threshold(self, pct: float) -> int:
-        return int(self.limit_pages * pct / 100)
+    def thresholds(self) -> tuple[int, int, int, int]:
+        """(high, soft, hard, low) in frames: at least one frame each, in order, so that the
+        states work at any host limit (a tiny limit used to round them all to 0: HIGH with no
+        frame free, and nothing reclaimed)."""
+        cfg, limit = self.server.config, self.limit_pages
+        low = max(1, math.ceil(limit * cfg.free_low_pct / 100))
+        hard = max(low, math.ceil(limit * cfg.free_hard_pct / 100))
+        soft = max(hard, math.ceil(limit * cfg.free_soft_pct / 100))
+        high = max(soft, math.ceil(limit * cfg.free_high_pct / 100))
+        return high, soft, hard, low
 
     def compute_state(self) -> FreeState:
-        cfg, free = self.server.config, self.available()
-        if free >= self.threshold(cfg.free_soft_pct):
+        _, soft, hard, low = self.thresholds()
+        free = self.available()
+        if free >= soft:
             return FreeState.HIGH
-        if free >= self.threshold(cfg.free_hard_pct):
+        if free >= hard:
             return FreeState.SOFT
-        if free >= self.threshold(cfg.free_low_pct):
+        if free >= low:
             return FreeState.HARD
         return FreeState.LOW
 
     def tick(self, now: float) -> None:
-        """Recompute the state and, when reclaim is needed, the swap targets; kick VMs."""
+        """Recompute the state; each balance period (or on a change of state) the targets;
+        kick the VMs."""
         state = self.compute_state()
-        if state != self.state:
+        changed = state != self.state
+        if changed:
             log.info("free_state", state=state.name.lower(), free_pages=self.available())
         self.state = state
         for vm in self.server.vms.values():
             vm.region.free_state = int(state)
-        if state >= FreeState.HARD:
+        high, _, hard, _ = self.thresholds()
+        free = self.available()
+        if state >= FreeState.SOFT:
             self.reclaiming = True
-        elif self.available() >= self.threshold(self.server.config.free_high_pct):
+        elif free >= high:
             self.reclaiming = False
+        if state == FreeState.LOW:
+            self.blocking = True
+        elif free >= hard:
+            self.blocking = False
         self._note_swap_full()
-        if self.reclaiming and self.swap_usable(now):
-            self._set_swap_targets()
-        else:
-            self.swap_targets.clear()
-            for vm in self.server.vms.values():
-                vm.region.swap_target_pages = 0
+        # Plans are made once a balance period, and at once when the state or whether swap
+        # can take pages changes (a full device must stop swap-outs now, not in a period).
+        swap_ok = self.swap_usable(now)
+        if changed or swap_ok != self._swap_ok or now >= self._next_balance:
+            self._next_balance = now + self.balance_period
+            self.balance(now)
+        self._swap_ok = swap_ok
         for vm in list(self.server.vms.values()):
             self.server.kick(vm)
+
+    def balance(self, now: float) -> None:
+        """Plan every VM's targets and write them to the control regions."""
+        vms = list(self.server.vms.values())
+        alloc = self.server.machine.allocator
+        # Headroom may be negative after the host limit was lowered below what is in use:
+        # then the excess must be reclaimed too, not just the free-memory target.
+        headroom = min(alloc.free, self.limit_pages - alloc.used)
+        high = self.thresholds()[0]
+        need = high - headroom if self.reclaiming else min(0, high - headroom)
+        swap_ok = self.swap_usable(now)
+        plans = self.balancer.plan(
+            [self.view(vm) for vm in vms], need, self.state, now, swap=swap_ok
+        )
+        self.plans = plans
+        for vm in vms:
+            plan = plans[vm.vm_id]
+            swap_target = plan.swap_target if swap_ok and self.reclaiming else 0
+            self.swap_targets[vm.vm_id] = swap_target
+            vm.region.swap_target_pages = swap_target
+            self.balloon_targets[vm.vm_id] = plan.balloon_target
+            vm.region.balloon_target_pages = plan.balloon_target
+
+    def configure(self, balance_period: float | None = None, **balance: Any) -> None:
+        """Change settings at run time (``vmmem-ctl set-memsched``); the next tick plans
+        with them."""
+        if balance_period is not None:
+            self.balance_period = balance_period
+        if balance:
+            self.balancer.config = replace(self.balancer.config, **balance)
+        self._next_balance = 0.0
+
+    def settings(self) -> dict[str, object]:
+        cfg = self.balancer.config
+        return {
+            "balloon": cfg.balloon,
+            "idle_tax": cfg.idle_tax,
+            "balloon_max_fraction": cfg.balloon_max_fraction,
+            "balance_period": self.balance_period,
+        }
+
+    def view(self, vm: VM) -> VMState:
+        """What the balance reads of ``vm`` (one pass over its p2m: per balance period)."""
+        frames = vm.p2m.frame
+        zero = self.server.machine.zero_frame
+        on_zero = (
+            np.count_nonzero(np.isin(frames, zero))
+            if len(zero) > 2
+            else sum(int(np.count_nonzero(frames == z)) for z in zero)
+        )
+        sampling = self.server.services.get(ServiceType.SAMPLING)
+        active = sampling.estimate_fraction(vm) if sampling is not None else None  # type: ignore[attr-defined]
+        region = vm.region
+        return VMState(
+            vm_id=vm.vm_id,
+            shares=vm.info.shares,
+            guest_pages=vm.guest_pages,
+            allocated=int(np.count_nonzero(frames >= 0)) - int(on_zero),
+            active=active,
+            balloon=region.balloon_pages,
+            swapped=vm.stats.swapped_now,
+            refaults=region.guest_refaults,
+            stall_seconds=region.guest_stall_seconds,
+            balloon_driver=vm.info.balloon_driver,
+        )
 
     def swap_full(self) -> str | None:
         """Why the swap device is full (no free slot, or no space left on the device after
@@ -167,43 +278,45 @@ class MemSched:
                 log.info("swap_available", free_slots=free)
         self._swap_was_full = why is not None
 
-    def _set_swap_targets(self) -> None:
-        vms = list(self.server.vms.values())
-        if not vms:
-            return
-        # Headroom may be negative after the host limit was lowered below what is in use:
-        # then the excess must be reclaimed too, not just the free-memory target.
-        alloc = self.server.machine.allocator
-        headroom = min(alloc.free, self.limit_pages - alloc.used)
-        need = self.threshold(self.server.config.free_high_pct) - headroom
-        resident = np.array([self._resident(vm) for vm in vms], dtype=np.float64)
-        shares = np.array([vm.info.shares for vm in vms], dtype=np.float64)
-        weight = resident / shares
-        if need <= 0 or weight.sum() <= 0:
-            return
-        split = np.minimum(resident, np.ceil(need * weight / weight.sum()))
-        swap = self.server.swap
-        assert swap is not None
-        for vm, pages in zip(vms, split.astype(np.int64).tolist(), strict=True):
-            target = int(vm.stats.swapped_out - vm.stats.swapped_in) + pages
-            self.swap_targets[vm.vm_id] = target
-            vm.region.swap_target_pages = target
-
-    @staticmethod
-    def _resident(vm: VM) -> int:
-        st = vm.p2m.state
-        return int(np.count_nonzero((st == PageState.EXPOSED) | (st == PageState.RESIDENT)))
-
     def swap_deficit(self, vm: VM, in_flight: int) -> int:
         """Pages ``vm`` should still release to swap (0 when none)."""
         if not self.reclaiming:
             return 0
         target = self.swap_targets.get(vm.vm_id, 0)
-        swapped = vm.stats.swapped_out - vm.stats.swapped_in
-        return max(0, target - swapped - in_flight)
+        return max(0, target - vm.stats.swapped_now - in_flight)
+
+    def balloon_deficit(self, vm: VM) -> int:
+        """Pages ``vm``'s balloon should still take (its agent reports the balloon's size)."""
+        return max(0, self.balloon_targets.get(vm.vm_id, 0) - vm.region.balloon_pages)
+
+    def status(self, vm: VM) -> dict[str, object]:
+        """The VM's memsched figures for ``vmmem-ctl status`` and the gauges."""
+        plan = self.plans.get(vm.vm_id)
+        region = vm.region
+        sampling = self.server.services.get(ServiceType.SAMPLING)
+        active = sampling.estimate_fraction(vm) if sampling is not None else None  # type: ignore[attr-defined]
+        return {
+            "shares": vm.info.shares,
+            "rho": None if plan is None or math.isinf(plan.rho) else plan.rho,
+            "target_pages": None if plan is None else plan.target_pages,
+            "balloon_target": self.balloon_targets.get(vm.vm_id, 0),
+            "balloon_pages": region.balloon_pages,
+            "swap_target": self.swap_targets.get(vm.vm_id, 0),
+            "swapped_pages": vm.stats.swapped_now,
+            "wss_pages": None if active is None else round(active * vm.guest_pages),
+            "refaults": region.guest_refaults,
+            "stall_seconds": round(region.guest_stall_seconds, 3),
+            "stall_fraction": None if plan is None else round(plan.stall_fraction, 4),
+            "refaults_per_second": None if plan is None else round(plan.refault_rate, 2),
+            "backed_off": False if plan is None else plan.backed_off,
+            "reclaimed": {"balloon": vm.stats.ballooned, "swap": vm.stats.swapped_out},
+        }
 
     def on_vm_gone(self, vm: VM) -> None:
         self.swap_targets.pop(vm.vm_id, None)
+        self.balloon_targets.pop(vm.vm_id, None)
+        self.plans.pop(vm.vm_id, None)
+        self.balancer.forget(vm.vm_id)
 
     def counts(self) -> dict[str, int]:
         return {"limit_pages": self.limit_pages, "available_pages": self.available()}

@@ -73,6 +73,11 @@ class PlatformMetrics:
             "VMs gone, with all their memory released",
             registry=registry,
         )
+        self.balloon_reclaimed = Counter(
+            "vmmem_balloon_reclaimed_pages",
+            "Pages the guests' balloons gave back to the host (their frames and slots freed)",
+            registry=registry,
+        )
         self.recovered_vms = Counter(
             "vmmem_platform_recovered_vms",
             "VMs taken over from a crashed daemon's state files at startup",
@@ -224,6 +229,7 @@ class StateCollector(Collector):
             for state, n in vm.p2m.counts().items():
                 vms.add_metric([vm.name, state], n)
         yield vms
+        yield from _memsched_metrics(server)
         yield GaugeMetricFamily(
             "vmmem_registered_vms", "VMs registered with the daemon", value=len(server.vms)
         )
@@ -338,3 +344,50 @@ def _lowprio_families(server: PlatformServer) -> Iterator[Metric]:
         "Frames page sharing saves host-wide (merged pages less the frames they share)",
         value=total_merged - server.shared.frames,
     )
+
+
+def _memsched_metrics(server: PlatformServer) -> Iterator[Metric]:
+    """memsched's figures per VM, as ``vmmem-ctl status`` shows them."""
+    gauges = {
+        "rho": GaugeMetricFamily(
+            "vmmem_vm_memsched_rho",
+            "Shares per page, idle pages taxed (ESX'02's rho)",
+            labels=["vm"],
+        ),
+        "target_pages": GaugeMetricFamily(
+            "vmmem_vm_memsched_target_pages",
+            "Memory memsched aims for the VM to hold",
+            labels=["vm"],
+        ),
+        "balloon_pages": GaugeMetricFamily(
+            "vmmem_vm_balloon_pages", "Pages the VM's balloon holds", labels=["vm"]
+        ),
+        "balloon_target": GaugeMetricFamily(
+            "vmmem_vm_balloon_target_pages", "The VM's balloon target", labels=["vm"]
+        ),
+        "swapped_pages": GaugeMetricFamily(
+            "vmmem_vm_swapped_pages", "Pages of the VM in swap", labels=["vm"]
+        ),
+        "backed_off": GaugeMetricFamily(
+            "vmmem_vm_balloon_backed_off",
+            "1 while the VM's balloon backs off because of guest impact",
+            labels=["vm"],
+        ),
+    }
+    refaults = CounterMetricFamily(
+        "vmmem_vm_guest_refaults", "Page-cache refaults of the guest", labels=["vm"]
+    )
+    stall = CounterMetricFamily(
+        "vmmem_vm_guest_stall_seconds", "Time the guest was stalled", labels=["vm"]
+    )
+    for vm in list(server.vms.values()):
+        st = server.memsched.status(vm)
+        for key, gauge in gauges.items():
+            value = st[key]
+            if value is not None:
+                gauge.add_metric([vm.name], float(value))  # type: ignore[arg-type]
+        refaults.add_metric([vm.name], float(st["refaults"]))  # type: ignore[arg-type]
+        stall.add_metric([vm.name], float(st["stall_seconds"]))  # type: ignore[arg-type]
+    yield from gauges.values()
+    yield refaults
+    yield stall

@@ -94,6 +94,26 @@ def _mismatch(msg: CompleteRequest, batch: IssuedBatch | None) -> str:
     return f"{head}: the batch issued in slot {msg.slot} has count {len(batch.bpns)}"
 
 
+def _agent_pages(
+    vm: VM, msg: CompleteRequest, bpns: npt.NDArray[np.uint64], status: npt.NDArray[np.uint8]
+) -> npt.NDArray[np.int64]:
+    """The pages an agent-filled batch gives: distinct guest pages, each with status OK."""
+    if len(bpns) and int(bpns.max()) >= vm.guest_pages:
+        raise RemoteProtocolError(
+            f"slot {msg.slot}: BPN {int(bpns.max())} out of range 0..{vm.guest_pages - 1}",
+            ErrorCode.BPN_OUT_OF_RANGE,
+        )
+    pages = bpns.astype(np.int64)
+    if len(np.unique(pages)) != len(pages):
+        raise RemoteProtocolError(f"slot {msg.slot}: a page is listed twice", ErrorCode.BAD_BODY)
+    if np.any(status != PageStatus.OK):
+        raise RemoteProtocolError(
+            f"slot {msg.slot}: an agent-filled batch lists only pages it gives (status OK)",
+            ErrorCode.BAD_BODY,
+        )
+    return pages
+
+
 @dataclass
 class LowRoundClosed:
     """What ``on_low_round_closed`` reports: why, and the pages deferred per type."""
@@ -302,21 +322,31 @@ class RoundEngine:
     def complete(self, vm: VM, state: RoundState, msg: CompleteRequest) -> None:
         """Read the VMM's verdicts, hand accepted pages to the service, free the slot."""
         batch = state.issued.get(msg.slot)
-        if batch is None or batch.seq != msg.seq or len(batch.bpns) != msg.count:
+        svc = self.services[batch.service] if batch is not None else None
+        # An agent-filled batch (the balloon) comes back with the pages the agent chose: at
+        # most as many as the slot offered room for.
+        fills = svc is not None and svc.agent_fills
+        if (
+            batch is None
+            or batch.seq != msg.seq
+            or (msg.count > len(batch.bpns) if fills else msg.count != len(batch.bpns))
+        ):
             raise RemoteProtocolError(_mismatch(msg, batch), ErrorCode.SLOT_NOT_ISSUED)
+        assert svc is not None
         t0 = self.clock()
         slot = vm.region.slot(msg.slot)
         try:
             bpn_view, status_view, _ = slot.batch(msg.count)
         except Exception as exc:  # LayoutError: corrupt status bytes from the peer
             raise RemoteProtocolError(str(exc), ErrorCode.BAD_BODY) from None
-        if not np.array_equal(bpn_view, batch.bpns.astype(np.uint64)):
+        if fills:
+            batch = replace(batch, bpns=_agent_pages(vm, msg, bpn_view, status_view))
+        elif not np.array_equal(bpn_view, batch.bpns.astype(np.uint64)):
             raise RemoteProtocolError(
                 f"slot {msg.slot}: BPN list changed by the VMM", ErrorCode.BAD_BODY
             )
         del state.issued[msg.slot]
         status = status_view.copy()
-        svc = self.services[batch.service]
         if svc.takes_pages:
             self._hand_over(vm, svc, batch, status)
         else:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import structlog
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -173,6 +174,7 @@ class PlatformServer:
             waits=self.waits,
             swap=self.swap,
             targets=self.memsched,
+            cancel=self._cancel_in_flight,
         )
         self.services = build_services(self.context)
         self.engine = RoundEngine(
@@ -471,9 +473,10 @@ class PlatformServer:
         t0 = time.perf_counter()
         vm.stats.faults += 1
         state = int(vm.p2m.state[msg.bpn])
-        # In LOW, a first touch that needs a frame (a write) waits for reclaim; a read maps
-        # the shared zero frame and needs none.
-        if not (state == _ZERO and msg.write and self.memsched.state == FreeState.LOW):
+        # While memsched blocks allocations (LOW, until free memory is back above the hard
+        # threshold) a first touch that needs a frame (a write) waits for reclaim; a read
+        # maps the shared zero frame and needs none.
+        if not (state == _ZERO and msg.write and self.memsched.blocking):
             try:
                 reply = self._resolve_now(vm, msg, state)
             except NeedsAsync:
@@ -536,7 +539,7 @@ class PlatformServer:
                     return outcome
                 awaited: FaultReply = await outcome
                 return awaited
-            low = self.free_state() == FreeState.LOW and state == _ZERO and msg.write
+            low = self.memsched.blocking and state == _ZERO and msg.write
             if not low or time.monotonic() >= deadline:
                 try:
                     reply = self.faults.try_resolve(vm, msg.bpn, msg.write, msg.around)
@@ -556,6 +559,14 @@ class PlatformServer:
                 vm.stats.low_waits += 1
                 self.memsched.tick(time.monotonic())
             await self.waits.freed_or_timeout()
+
+    def _cancel_in_flight(self, vm: VM, bpns: npt.NDArray[np.int64]) -> None:
+        """End the operations in flight on ``bpns`` as a write fault would: each owning
+        service gives the page back, exposed with its frame (every ``on_fault`` of a page in
+        flight answers at once). The reply that fault would get is not sent."""
+        for bpn in bpns.tolist():
+            if vm.p2m.state[bpn] == _IN_FLIGHT:
+                self.services[vm.p2m.op[bpn]].on_fault(vm, bpn, True)
 
     def retire_frame(self, mpn: int) -> dict[str, Any]:
         """Mark ``mpn`` failing: take it out of use, moving whatever page it holds."""

@@ -45,6 +45,10 @@ class VMStats:
     fault_around_pages: int = 0
     swapped_out: int = 0
     swapped_in: int = 0
+    #: Swapped pages whose slot was freed without a swap-in (the balloon took the page).
+    swap_dropped: int = 0
+    #: Pages the balloon gave back to the host.
+    ballooned: int = 0
     swap_cancelled: int = 0
     retired_moves: int = 0
     p2m_updates: int = 0
@@ -53,6 +57,11 @@ class VMStats:
     pages_merged: int = 0
     sharing_scanned: int = 0
     sharing_aborted: int = 0
+
+    @property
+    def swapped_now(self) -> int:
+        """Pages of this VM in swap now."""
+        return self.swapped_out - self.swapped_in - self.swap_dropped
 
 
 @dataclass(eq=False)

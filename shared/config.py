@@ -63,6 +63,12 @@ class PlatformConfig(_Base):
     share_scan_period: float = Field(default=30.0, gt=0, le=86400)
     #: Low-priority aging: a type waiting this long moves up one priority class.
     lowprio_aging_seconds: float = Field(default=1.0, gt=0)
+    #: memsched (ESX'02): the idle memory tax, ballooning on or off, the balloon's cap as a
+    #: fraction of guest memory, and the balance period in seconds.
+    idle_tax: float = Field(default=0.75, ge=0, lt=1)
+    balloon: bool = True
+    balloon_max_fraction: float = Field(default=0.65, ge=0, le=1)
+    balance_period: float = Field(default=1.0, gt=0, le=3600)
     #: Discard the state a crashed daemon left on this socket instead of taking it over.
     fresh: bool = False
     #: After taking over from a crashed daemon: how long its VMs wait for their agents.
@@ -115,6 +121,12 @@ class AgentConfig(_Base):
     #: How long the guest waits, stalled, for a platform daemon to take over after the one
     #: it had died; then the agent exits.
     reconnect_seconds: float = Field(default=30.0, gt=0)
+    #: The balloon driver: pages per second it may inflate and deflate (Linux's vmw_balloon:
+    #: up to 2048 pages/s inflating under guest memory pressure, 16384 deflating), and the
+    #: most of guest memory the balloon may hold (ESX: 65 %).
+    balloon_rate: float = Field(default=2048.0, gt=0)
+    balloon_deflate_rate: float = Field(default=16384.0, gt=0)
+    balloon_max_fraction: float = Field(default=0.65, ge=0, le=1)
 
     @property
     def guest_pages(self) -> int:

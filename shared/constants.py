@@ -28,6 +28,9 @@ class ServiceType(IntEnum):
     PAGE_SHARING = 6
     VALIDATION = 7
     PROMOTION_2M = 8
+    #: The guest's balloon driver gives pages back (the agent picks them: section 8.3 of
+    #: docs/protocol.md, "agent-filled batches").
+    BALLOON = 9
 
     @property
     def bit(self) -> int:
@@ -36,7 +39,15 @@ class ServiceType(IntEnum):
 
 
 #: Release services handled by the high-priority loop, in the order a round serves them.
-HIGH_PRIORITY_SERVICES = (ServiceType.PAGE_RETIRE, ServiceType.P2M_UPDATE, ServiceType.SWAP)
+#: Release services, in the order a round offers them: retiring failing frames and dropping
+#: stale mappings first (correctness), then ballooning before swapping (the cheaper method
+#: for the guest, ESX's order).
+HIGH_PRIORITY_SERVICES = (
+    ServiceType.PAGE_RETIRE,
+    ServiceType.P2M_UPDATE,
+    ServiceType.BALLOON,
+    ServiceType.SWAP,
+)
 HIGH_PRIORITY_MASK = sum(s.bit for s in HIGH_PRIORITY_SERVICES)
 #: Best-effort services handled by the 10 Hz low-priority rounds under a time bound.
 LOW_PRIORITY_SERVICES = tuple(s for s in ServiceType if s not in HIGH_PRIORITY_SERVICES)

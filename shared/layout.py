@@ -21,7 +21,10 @@ daemon, the last 64 by the agent (one writer per word)::
     72     4    report_armed        agent   pages of that sample the monitor watches
     76     4    report_touched      agent   of those, pages the guest touched since armed
     80     8    guest_progress_us   agent   guest time so far (not stalled on the platform), µs
-    88     40   reserved (0)
+    88     8    balloon_pages       agent   pages the guest's balloon driver holds now
+    96     8    guest_refaults      agent   page-cache refaults of the guest so far
+    104    8    guest_stall_us      agent   time the guest's vCPUs were stalled so far, µs
+    112    16   reserved (0)
 
 Then K slots, each ``slot_size(C)`` bytes, 8-byte aligned. Slot layout::
 
@@ -52,7 +55,7 @@ from .constants import PageStatus, ServiceType
 from .errors import LayoutError
 
 REGION_MAGIC = 0x524D4D56
-REGION_VERSION = 2
+REGION_VERSION = 3
 REGION_HEADER = struct.Struct("<IHHIIQIIQQQQ64x")
 REGION_HEADER_SIZE = REGION_HEADER.size  # 128
 SLOT_HEADER = struct.Struct("<BBxxIQ")
@@ -172,6 +175,7 @@ class ControlRegion:
         self._words = np.frombuffer(buf, "<u8", 5, 32)  # targets, guest_pages, sample_id, report id
         self._report = np.frombuffer(buf, "<u4", 2, 72)  # report_armed, report_touched
         self._progress = np.frombuffer(buf, "<u8", 1, 80)
+        self._guest = np.frombuffer(buf, "<u8", 3, 88)  # balloon_pages, refaults, stall_us
         step = slot_size(capacity)
         self.slots = [
             PageListSlot(buf, REGION_HEADER_SIZE + i * step, capacity, i) for i in range(slot_count)
@@ -272,6 +276,27 @@ class ControlRegion:
     def guest_progress(self, seconds: float) -> None:
         self._progress[0] = max(0, int(seconds * 1e6))
 
+    @property
+    def balloon_pages(self) -> int:
+        """Pages the guest's balloon holds (agent-written)."""
+        return int(self._guest[0])
+
+    @property
+    def guest_refaults(self) -> int:
+        """Page-cache refaults of the guest so far (agent-written)."""
+        return int(self._guest[1])
+
+    @property
+    def guest_stall_seconds(self) -> float:
+        """Time the guest's vCPUs were stalled so far (agent-written)."""
+        return int(self._guest[2]) / 1e6
+
+    def write_guest_report(self, balloon_pages: int, refaults: int, stall_seconds: float) -> None:
+        """Agent side: the balloon's size and the guest's impact counters (cumulative)."""
+        self._guest[0] = balloon_pages
+        self._guest[1] = refaults
+        self._guest[2] = int(stall_seconds * 1e6)
+
     def write_sample_report(self, sample_id: int, armed: int, touched: int) -> None:
         """Agent: its watch counters for ``sample_id`` (each word has a single writer)."""
         self._report[0] = min(armed, 0xFFFFFFFF)
@@ -293,5 +318,5 @@ class ControlRegion:
         and writes nothing (a use raises AttributeError or LayoutError, never touches memory).
         """
         self.slots = []
-        for name in ("_pending", "_words", "_report", "_progress"):
+        for name in ("_pending", "_words", "_report", "_progress", "_guest"):
             self.__dict__.pop(name, None)

@@ -289,6 +289,9 @@ class Register(JsonMessage):
     control_socket: str = ""
     metrics_port: int = Field(default=0, ge=0, le=65535)
     pid: int = 0
+    #: The guest has a balloon driver (the agent serves BALLOON batches); without one,
+    #: memsched reclaims from this VM by swap only, as ESX does for a VM without its tools.
+    balloon_driver: bool = False
     #: Non-zero: the agent of this VM comes back after a daemon crash (the id and generation
     #: its earlier Registered gave); the daemon that took over carries the VM on.
     resume_vm_id: int = Field(default=0, ge=0)

@@ -86,7 +86,7 @@ def test_region_header_bytes() -> None:
     buf, _ = fresh(vm_id=0x01020304, generation=0x1122334455667788, guest_pages=123456)
     assert buf[0:4] == b"VMMR"
     assert u("I", buf, 0) == REGION_MAGIC
-    assert u("H", buf, 4) == REGION_VERSION == 2
+    assert u("H", buf, 4) == REGION_VERSION == 3
     assert u("H", buf, 6) == K
     assert u("I", buf, 8) == C
     assert u("I", buf, 12) == 0x01020304
@@ -97,6 +97,17 @@ def test_region_header_bytes() -> None:
     assert u("Q", buf, 40) == 0  # balloon target
     assert u("Q", buf, 48) == 123456
     assert buf[56:128] == bytes(72)  # sample id, the agent's report, reserved
+
+
+def test_guest_report_words() -> None:
+    """The agent's balloon size and impact counters sit at 88, 96 and 104 (u64 each)."""
+    buf, region = fresh(vm_id=1, generation=1, guest_pages=64)
+    region.write_guest_report(balloon_pages=17, refaults=5, stall_seconds=1.25)
+    assert (u("Q", buf, 88), u("Q", buf, 96), u("Q", buf, 104)) == (17, 5, 1_250_000)
+    again = ControlRegion(buf)
+    assert again.balloon_pages == 17 and again.guest_refaults == 5
+    assert again.guest_stall_seconds == 1.25
+    assert buf[112:128] == bytes(16)
 
 
 def test_region_header_fields_write_through() -> None:

@@ -120,6 +120,9 @@ class NoSwapTargets:
     def swap_deficit(self, vm: VM, in_flight: int) -> int:
         return 0
 
+    def balloon_deficit(self, vm: VM) -> int:
+        return 0
+
 
 class Harness:
     """Real machine memory, shared frames, fault resolver and page-sharing service."""

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from shared.constants import ServiceType
 
+from .balloon import BalloonService
 from .base import PlatformService
 from .p2m_update import P2MUpdateService
 from .page_retire import PageRetireService
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 
 SERVICE_CLASSES: tuple[type[PlatformService], ...] = (
     SwapService,
+    BalloonService,
     P2MUpdateService,
     PageRetireService,
     SamplingService,

@@ -42,6 +42,10 @@ class PlatformService(ABC):
     #: Does a completed batch take the accepted pages from the VMM (SELECTED, then
     #: IN_FLIGHT with this service as op)? Sampling's batches only inform the monitor.
     takes_pages: bool = True
+    #: Does the agent fill the batch (the balloon: the guest picks its pages)? Then the slot
+    #: is handed out empty with room for the pages wanted, the agent writes the BPNs it gives
+    #: and completes with their count, and ``complete`` gets those pages.
+    agent_fills: bool = False
 
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
