@@ -42,4 +42,19 @@ class Phase(BaseModel):
     #: Pages pinned "in translation" at any time (a device-I/O model), and for how long.
     pinned_pages: int = Field(default=0, ge=0)
     pin_seconds: float = Field(default=0.2, gt=0, le=60)
+    #: The guest's page cache: the most guest memory it may hold (a fraction), and the
+    #: fraction of accesses that are reads of file blocks through it, drawn by
+    #: ``distribution`` over ``cache * guest pages`` blocks. A read of a block not in memory
+    #: is a refault: a simulated disk read of ``refault_ms``. The other accesses are
+    #: anonymous, over ``[offset, offset + working_set)``. With ``cache_ratio`` 0 (the
+    #: default) every access is anonymous, as before the page cache existed.
+    cache: float = Field(default=0.0, ge=0, le=1)
+    cache_ratio: float = Field(default=0.0, ge=0, le=1)
+    refault_ms: float = Field(default=2.0, ge=0, le=1000)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _cache_reads_need_a_cache(self) -> Phase:
+        if self.cache_ratio > 0 and self.cache <= 0:
+            raise ValueError("cache_ratio > 0 needs a page cache (cache > 0)")
+        return self

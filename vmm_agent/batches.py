@@ -3,6 +3,10 @@
 Both loops (high and low priority) hand their batches here. Processing is synchronous from
 reading the slot to sending CompleteRequest, so no vCPU can touch a page between the
 service's verdict and the daemon learning of it.
+
+A BALLOON batch is filled by the agent (docs/protocol.md 8.3, "agent-filled batches"): the
+slot comes with room for ``count`` pages and no pages in it; the balloon driver writes the
+pages it gives (``k`` <= ``count``, maybe 0) and the CompleteRequest says ``k``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from shared.errors import ErrorCode, RemoteProtocolError
 from shared.layout import ControlRegion, SlotState
 from shared.messages import CompleteRequest, Request
 
+from .balloon import BalloonDriver
 from .exposure import ExposureTable
 from .link import Link
 from .sampler import Sampler
@@ -28,9 +33,16 @@ class BatchProcessor:
     """Decides every page of a batch with its service's filter and completes the batch."""
 
     def __init__(
-        self, link: Link, region: ControlRegion, exposure: ExposureTable, sampler: Sampler
+        self,
+        link: Link,
+        region: ControlRegion,
+        exposure: ExposureTable,
+        sampler: Sampler,
+        balloon: BalloonDriver | None = None,
     ) -> None:
         self.link = link
+        #: The guest's balloon driver; without one a BALLOON batch is given no page.
+        self.balloon = balloon
         self.region = region
         self.exposure = exposure
         self.services = build_services(exposure, sampler)
@@ -55,7 +67,13 @@ class BatchProcessor:
             )
         bpns, status, mpns = slot.batch(count)
         service = ServiceType(stype)
-        accepted = self.services[service].process(bpns, mpns, status)
+        if service == ServiceType.BALLOON:
+            # Agent-filled: the driver writes the pages it gives and the count sent is theirs.
+            given = self.balloon.fill(bpns, status, count) if self.balloon is not None else 0
+            accepted = bpns[:given].astype(np.int64)
+            count, status = given, status[:given]
+        else:
+            accepted = self.services[service].process(bpns, mpns, status)
         name = service.name.lower()
         pinned = int(np.count_nonzero(self.exposure.pinned[accepted]))
         if pinned:

@@ -48,6 +48,9 @@ class GuestMemory:
         self.expected = np.full(guest_pages, ZERO_HASH, dtype=np.uint64)
         self.version = np.zeros(guest_pages, dtype=np.uint32)
         self.kind = np.zeros(guest_pages, dtype=np.uint8)
+        #: Pages whose content the guest expects to read back: written, and not given away
+        #: since (a page given to the balloon is forgotten, ``forget``).
+        self.held = np.zeros(guest_pages, dtype=bool)
         #: Corpus page each DUPLICATE page holds (-1 for other kinds).
         self.corpus_index = np.full(guest_pages, -1, dtype=np.int8)
         self.corpus = corpus()
@@ -72,6 +75,7 @@ class GuestMemory:
         version = int(self.version[bpn]) + 1
         self.version[bpn] = version
         self.kind[bpn] = kind
+        self.held[bpn] = True
         self.corpus_index[bpn] = -1
         if kind == Content.ZERO:
             frames[frame] = 0
@@ -98,9 +102,17 @@ class GuestMemory:
             )
         return False
 
+    def forget(self, bpns: npt.NDArray[np.int64]) -> None:
+        """The guest gave these pages away (to the balloon): it expects nothing of them any
+        more. The platform frees what backed them; their next touch finds a zero page."""
+        self.held[bpns] = False
+        self.expected[bpns] = ZERO_HASH
+        self.kind[bpns] = Content.ZERO
+        self.corpus_index[bpns] = -1
+
     def written_pages(self) -> npt.NDArray[np.int64]:
-        """BPNs the guest ever wrote."""
-        return np.flatnonzero(self.version).astype(np.int64)
+        """BPNs whose content the guest wrote and still holds (what verification reads)."""
+        return np.flatnonzero(self.held).astype(np.int64)
 
     def content_profile(self) -> dict[str, Any]:
         """What the written pages hold: zero pages, and pages of each corpus page.
@@ -109,7 +121,7 @@ class GuestMemory:
         version), so these counts are all the load generator needs to know how many pages
         page sharing could merge, across VMs.
         """
-        written = self.version > 0
+        written = self.held
         per_corpus = np.bincount(
             self.corpus_index[written & (self.corpus_index >= 0)], minlength=CORPUS_PAGES
         )

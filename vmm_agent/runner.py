@@ -15,10 +15,11 @@ import structlog
 from shared.constants import ServiceType
 from shared.workload import Phase
 
-from .access import AccessStream
+from .access import AccessStream, cache_blocks
 from .exposure import NOT_RELEASED, ExposureTable
 from .fault_path import FaultPath
 from .guest import GuestMemory
+from .guest_os import GuestOS
 from .guest_time import GuestGate, GuestProgress
 from .rpc import PeerError
 from .touches import TouchLog
@@ -32,6 +33,8 @@ HALT_SECONDS = 10.0
 PIN_EXEMPT = np.array([ServiceType.PAGE_RETIRE, ServiceType.P2M_UPDATE], dtype=np.uint8)
 #: The faulting page plus the 16 neighbours a fault-around may map.
 FAULT_AROUND_SPAN = 17
+#: Finished phases whose throughput is kept for the report.
+PHASES_KEPT = 64
 
 
 class WorkloadRunner:
@@ -48,12 +51,16 @@ class WorkloadRunner:
         gate: GuestGate,
         progress: GuestProgress,
         touches: TouchLog,
+        guest_os: GuestOS | None = None,
     ) -> None:
         self.seed = seed
         self.exposure = exposure
         self.faults = faults
         self.guest = guest
-        self.cpus = [VCpu(i, frames, exposure, faults, guest, gate, progress) for i in range(vcpus)]
+        self.os = guest_os if guest_os is not None else GuestOS(exposure.guest_pages)
+        self.cpus = [
+            VCpu(i, frames, exposure, faults, guest, gate, progress, self.os) for i in range(vcpus)
+        ]
         self.touches = touches
         self.phase: Phase | None = None
         self.started = 0.0
@@ -61,6 +68,11 @@ class WorkloadRunner:
         self.tasks: list[asyncio.Task[None]] = []
         self.pin_cycles = 0
         self.pin_violations = 0
+        #: True while the verification pass reads the guest back (the balloon waits).
+        self.verifying = False
+        #: Throughput of the phases run so far: name, seconds, accesses, accesses/s.
+        self.phase_history: list[dict[str, Any]] = []
+        self._accesses_at_start = 0
 
     def reads(self) -> int:
         return sum(c.reads for c in self.cpus)
@@ -79,6 +91,11 @@ class WorkloadRunner:
         """Start a phase (stopping the current one first)."""
         await self.halt()
         self.phase, self.started = phase, time.monotonic()
+        self._accesses_at_start = self.reads() + self.writes()
+        if phase.cache_ratio > 0 or phase.cache > 0:
+            self.os.cache_limit = cache_blocks(phase, self.exposure.guest_pages)
+        else:
+            self.os.cache_limit = 0
         self.stop = asyncio.Event()
         n = min(phase.vcpus or len(self.cpus), len(self.cpus))
         for cpu in self.cpus[:n]:
@@ -94,8 +111,28 @@ class WorkloadRunner:
             distribution=phase.distribution,
         )
 
+    def phase_throughput(self) -> dict[str, Any] | None:
+        """The current (or last) phase's accesses per second so far."""
+        if self.phase is None:
+            return None
+        # A phase whose duration is over ran that long, however late it is halted.
+        end = min(time.monotonic(), self.started + self.phase.duration)
+        seconds = max(1e-9, end - self.started)
+        accesses = self.reads() + self.writes() - self._accesses_at_start
+        return {
+            "phase": self.phase.name,
+            "seconds": round(seconds, 3),
+            "accesses": accesses,
+            "accesses_per_second": round(accesses / seconds, 1),
+        }
+
     async def halt(self) -> None:
         """Stop the running phase and wait for its vCPUs."""
+        if self.tasks and self.phase is not None:
+            ended = self.phase_throughput()
+            if ended is not None:
+                self.phase_history.append(ended)
+                del self.phase_history[:-PHASES_KEPT]
         self.stop.set()
         if self.tasks:
             _, late = await asyncio.wait(self.tasks, timeout=HALT_SECONDS)
@@ -117,6 +154,7 @@ class WorkloadRunner:
         while not self.stop.is_set() and time.monotonic() < deadline:
             pages = np.unique(first + rng.integers(0, size, phase.pinned_pages))
             pages = pages[pages < self.exposure.guest_pages]
+            self.os.claim_many(pages)  # pages of the workload, for device I/O
             for bpn in pages.tolist():
                 with contextlib.suppress(PeerError):
                     await self.faults.ensure(bpn, write=False)
@@ -188,6 +226,13 @@ class WorkloadRunner:
         fault: out_of_memory (no frame for it: the host is out of memory and swap) is not
         the same as a page that cannot be read back (internal: e.g. a swap checksum)."""
         await self.halt()
+        self.verifying = True
+        try:
+            return await self._verify()
+        finally:
+            self.verifying = False
+
+    async def _verify(self) -> dict[str, Any]:
         t0 = time.monotonic()
         before_v, before_m = self.guest.verified, self.guest.mismatches
         pages = self.guest.written_pages()
