@@ -33,11 +33,13 @@ from shared.shm import MappedFile, frames_view, open_mapped
 from shared.sockets import allowed_peers_only, check_socket_path, listen_private
 from shared.workload import Phase
 
+from .balloon import BalloonDriver
 from .batches import BatchProcessor
 from .control import ControlConnection
 from .exposure import ExposureTable
 from .fault_path import FaultPath
 from .guest import GuestMemory
+from .guest_os import GuestOS
 from .guest_time import GuestGate, GuestProgress
 from .link import PlatformLink
 from .lowprio import LowPriorityLoop, RoundRecord
@@ -65,6 +67,7 @@ class Agent:
         self.metrics_registry.register(GuestCollector(weakref.ref(self)))
         self.exposure = ExposureTable(config.guest_pages)
         self.guest = GuestMemory(hash(config.name) & 0xFFFFFFFF ^ config.seed, config.guest_pages)
+        self.guest_os = GuestOS(config.guest_pages)
         self.should_exit = False
         self.tasks: set[asyncio.Task[Any]] = set()
         self.exit_code = 0
@@ -112,16 +115,29 @@ class Agent:
             raise VMMemError("control region does not belong to this VM", ErrorCode.PROTOCOL)
         self.touches = TouchLog(cfg.guest_pages)
         self.sampler = Sampler(self.exposure, self.region, self.touches)
-        self.batches = BatchProcessor(self.link, self.region, self.exposure, self.sampler)
-        self.batches.on_batch.append(self._observe_batch)
-        self.rounds = HighPriorityLoop(self.link, self.region, self.batches, cfg.poll_interval)
         outstanding = min(MAX_OUTSTANDING_FAULTS, reg.max_outstanding_faults)
         self.faults = FaultPath(self.link, self.exposure, outstanding, around=16)
+        self.guest_progress = GuestProgress(time.monotonic)
+        self.balloon = BalloonDriver(
+            self.guest_os,
+            self.exposure,
+            self.guest,
+            self.faults.pending,
+            self.region,
+            self.guest_progress,
+            cfg.balloon_rate,
+            cfg.balloon_deflate_rate,
+            cfg.balloon_max_fraction,
+        )
+        self.batches = BatchProcessor(
+            self.link, self.region, self.exposure, self.sampler, self.balloon
+        )
+        self.batches.on_batch.append(self._observe_batch)
+        self.rounds = HighPriorityLoop(self.link, self.region, self.batches, cfg.poll_interval)
         self.faults.on_fault_done.append(self.metrics.observe_fault)
         self.faults.on_fault_done.append(lambda _reason, _seconds: self.rounds.poll())
         self.faults.on_watched_touch = self.sampler.touch
         self.gate = GuestGate()
-        self.guest_progress = GuestProgress(time.monotonic)
         self.monitor = MonitorQueue([self.sampler], time.monotonic)
         self.lowprio = LowPriorityLoop(
             self.link,
@@ -134,6 +150,7 @@ class Agent:
             cfg.latency_sensitivity,
         )
         self.lowprio.on_round.append(self._observe_low_round)
+        self.lowprio.on_tick.append(self.balloon.tick)
         self.runner = WorkloadRunner(
             cfg.vcpus,
             cfg.seed,
@@ -144,7 +161,9 @@ class Agent:
             self.gate,
             self.guest_progress,
             self.touches,
+            self.guest_os,
         )
+        self.balloon.frozen = lambda: self.runner.verifying
         ctl_path = cfg.control_socket_path
         check_socket_path(ctl_path)  # another user's path is refused, never removed
         ctl_path.unlink(missing_ok=True)
@@ -186,6 +205,7 @@ class Agent:
             control_socket=str(cfg.control_socket_path),
             metrics_port=self.metrics_port or 0,
             pid=os.getpid(),
+            balloon_driver=cfg.balloon_max_fraction > 0,
             resume_vm_id=self.registered.vm_id if resume else 0,
             resume_generation=self.registered.generation if resume else 0,
         )
@@ -297,6 +317,9 @@ class Agent:
             "touched": r.touched_count(),
             "exposed": self.exposure.exposed_count(),
             "mismatches": self.guest.mismatches,
+            "throughput": r.phase_throughput(),
+            "balloon_pages": self.guest_os.balloon_size,
+            "refaults": self.guest_os.refaults,
         }
 
     def results(self) -> dict[str, Any]:
@@ -324,5 +347,8 @@ class Agent:
             "lowprio": {k: v for k, v in self.lowprio.summary().items() if k != "rounds"},
             "pin_cycles": r.pin_cycles,
             "pin_violations": r.pin_violations,
+            "guest_os": self.guest_os.summary(),
+            "balloon": self.balloon.summary(),
+            "phase_throughput": [*r.phase_history, *([r.phase_throughput()] if r.running else [])],
             "mismatch_log": self.guest.mismatch_log[:10],
         }

@@ -46,6 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="if the platform daemon dies: how long the guest waits, stalled, for a daemon "
         "to take it over before the agent exits (default 30)",
     )
+    a(
+        "--balloon-rate",
+        type=float,
+        help="pages per second the balloon driver may inflate (default 2048, as Linux's "
+        "vmw_balloon under guest memory pressure)",
+    )
+    a(
+        "--balloon-deflate-rate",
+        type=float,
+        help="pages per second the balloon driver may deflate (default 16384)",
+    )
+    a(
+        "--balloon-max-fraction",
+        type=float,
+        help="the most of guest memory the balloon may hold (default 0.65, as ESX)",
+    )
     a("--log-format", choices=["auto", "json", "console"], help="log format (default auto)")
     a("--log-level", choices=["debug", "info", "warning", "error"])
     return p

@@ -115,6 +115,9 @@ class LowPriorityLoop:
         self.progress_total = 0.0  # guest progress so far, seconds
         self._last_tick = clock()
         self.on_round: list[Callable[[RoundRecord], None]] = []
+        #: Called with the time at every tick, stalled or not (the guest report, the
+        #: balloon's deflation: ``balloon.py``).
+        self.on_tick: list[Callable[[float], None]] = []
 
     @property
     def bound(self) -> float:
@@ -136,6 +139,8 @@ class LowPriorityLoop:
         self._last_tick = now
         self.progress_total += progressed
         self.region.guest_progress = self.progress_total
+        for callback in self.on_tick:
+            callback(now)
         self.credit = min(MAX_CREDIT, self.credit + progressed)
         if self.credit < ROUND_CREDIT:
             self.outcomes["stalled"] += 1

@@ -222,3 +222,65 @@ class GuestCollector(Collector):
             cost.add_metric([vm, name], c.per_unit)
         yield work
         yield cost
+        yield from _guest_os_metrics(agent)
+
+
+def _guest_os_metrics(agent: Agent) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    """The guest model's memory by kind, the page cache's refaults and the balloon."""
+    vm, os, balloon = agent.config.name, agent.guest_os, agent.balloon
+    pages = GaugeMetricFamily(
+        "vmmem_guest_memory_pages",
+        "Guest pages by what the guest uses them for (free, anon, cache, balloon)",
+        labels=["vm", "kind"],
+    )
+    for kind, n in os.sizes().items():
+        pages.add_metric([vm, kind], n)
+    yield pages
+    target = GaugeMetricFamily(
+        "vmmem_guest_balloon_target_pages",
+        "The balloon size the platform asks for (control region)",
+        labels=["vm"],
+    )
+    target.add_metric([vm], balloon.target)
+    yield target
+    moved = CounterMetricFamily(
+        "vmmem_guest_balloon_pages",
+        "Pages into and out of the balloon: inflated (given to the platform), deflated "
+        "(back to the free pool), returned (taken back by an anonymous access), remapped",
+        labels=["vm", "direction"],
+    )
+    moved.add_metric([vm, "inflated"], balloon.inflated)
+    moved.add_metric([vm, "deflated"], balloon.deflated)
+    moved.add_metric([vm, "returned"], os.balloon_returns)
+    moved.add_metric([vm, "remapped"], balloon.remapped)
+    yield moved
+    touches = CounterMetricFamily(
+        "vmmem_guest_balloon_touches",
+        "Guest accesses to a page while it was in the balloon (must stay 0)",
+        labels=["vm"],
+    )
+    touches.add_metric([vm], os.balloon_touches)
+    yield touches
+    reads = CounterMetricFamily(
+        "vmmem_guest_cache_reads",
+        "Page-cache reads: hits, and refaults (the block had to be read from disk)",
+        labels=["vm", "outcome"],
+    )
+    reads.add_metric([vm, "hit"], os.cache_hits)
+    reads.add_metric([vm, "refault"], os.refaults)
+    yield reads
+    refault_time = CounterMetricFamily(
+        "vmmem_guest_refault_seconds",
+        "vCPU time spent waiting for refaults' simulated disk reads",
+        labels=["vm"],
+    )
+    refault_time.add_metric([vm], os.refault_seconds)
+    yield refault_time
+    stall = CounterMetricFamily(
+        "vmmem_guest_stall_seconds",
+        "Time the guest made no progress: every running vCPU waiting (faults, disk reads), "
+        "or exited for a low-priority round",
+        labels=["vm"],
+    )
+    stall.add_metric([vm], agent.guest_progress.stalled_total(time.monotonic()))
+    yield stall
