@@ -199,6 +199,17 @@ class PlatformMetrics:
             "Merges cancelled by a guest write to the page while it was in flight",
             registry=registry,
         )
+        self.numa_migrated = Counter(
+            "vmmem_numa_migrated_pages",
+            "Pages NUMA migration moved to their VM's home node",
+            registry=registry,
+        )
+        self.validated = Counter(
+            "vmmem_validated_pages",
+            "Pages of remap validation batches, by outcome (mapped by the VMM, or not)",
+            ["outcome"],
+            registry=registry,
+        )
 
 
 class StateCollector(Collector):
@@ -255,6 +266,7 @@ class StateCollector(Collector):
                 ),
             )
         yield from _lowprio_families(server)
+        yield from _numa_families(server)
         swap = server.swap
         if swap is not None:
             yield GaugeMetricFamily(
@@ -391,3 +403,26 @@ def _memsched_metrics(server: PlatformServer) -> Iterator[Metric]:
     yield from gauges.values()
     yield refaults
     yield stall
+
+
+def _numa_families(server: PlatformServer) -> Iterator[Metric]:
+    """Per VM: pages on and off the home node (a scan of the p2m per scrape), pages moved."""
+    from .services.numa_migration import NumaMigrationService, locality
+
+    numa = server.services.get(ServiceType.NUMA_MIGRATION)
+    local = GaugeMetricFamily(
+        "vmmem_vm_local_pages", "Pages of the VM on a private frame of its home node", labels=["vm"]
+    )
+    remote = GaugeMetricFamily(
+        "vmmem_vm_remote_pages", "Pages of the VM on a private frame of another node", labels=["vm"]
+    )
+    migrated = CounterMetricFamily(
+        "vmmem_vm_numa_migrated_pages", "Pages of the VM NUMA migration moved home", labels=["vm"]
+    )
+    for vm in list(server.vms.values()):
+        on, off = locality(vm, server.machine.allocator)
+        local.add_metric([vm.name], on)
+        remote.add_metric([vm.name], off)
+        if isinstance(numa, NumaMigrationService):
+            migrated.add_metric([vm.name], numa.stats(vm).migrated)
+    yield from (local, remote, migrated)

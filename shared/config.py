@@ -61,6 +61,9 @@ class PlatformConfig(_Base):
     sample_seed: int | None = None
     #: Page sharing scans all of a VM's memory once per this many seconds.
     share_scan_period: float = Field(default=30.0, gt=0, le=86400)
+    #: NUMA migration's bounds, pages per second per VM and for the host (0: no migration).
+    numa_migrate_rate: float = Field(default=4096.0, ge=0, le=1 << 24)
+    numa_host_migrate_rate: float = Field(default=16384.0, ge=0, le=1 << 24)
     #: Low-priority aging: a type waiting this long moves up one priority class.
     lowprio_aging_seconds: float = Field(default=1.0, gt=0)
     #: memsched (ESX'02): the idle memory tax, ballooning on or off, the balloon's cap as a

@@ -10,17 +10,20 @@ from shared.constants import ServiceType
 from ..exposure import ExposureTable
 from ..sampler import Sampler
 from .base import AgentService
+from .numa_migration import NumaMigrationFilter
 from .p2m_update import P2MUpdateFilter
 from .page_retire import PageRetireFilter
 from .page_sharing import PageSharingFilter
 from .sampling import SamplingFilter
 from .swap import SwapFilter
+from .validation import ValidationFilter
 
 FILTERS: dict[ServiceType, type[AgentService]] = {
     ServiceType.SWAP: SwapFilter,
     ServiceType.P2M_UPDATE: P2MUpdateFilter,
     ServiceType.PAGE_RETIRE: PageRetireFilter,
     ServiceType.PAGE_SHARING: PageSharingFilter,
+    ServiceType.NUMA_MIGRATION: NumaMigrationFilter,
 }
 
 
@@ -28,4 +31,6 @@ def build_services(exposure: ExposureTable, sampler: Sampler) -> dict[ServiceTyp
     """One instance per service type; sampling also needs the monitor's sampler."""
     services = {stype: cls(exposure) for stype, cls in FILTERS.items()}
     services[ServiceType.SAMPLING] = SamplingFilter(exposure, sampler)
+    # Not a release: a VALIDATION batch maps pages again (a remap's second half).
+    services[ServiceType.VALIDATION] = ValidationFilter(exposure)
     return services

@@ -1,0 +1,386 @@
+"""NUMA migration: pages a VM holds on another node than its home node move home.
+
+A page lands off its home node when its first touch (or a swap-in, or a copy-on-write) found
+the home node full: the allocator then takes a frame from another node. Once the home node
+has room again, this service moves such pages home, at low priority and at a bounded rate.
+From Linux (``mm/migrate.c``, ``kernel/sched/fair.c`` ``task_numa_work``) it takes:
+
+- **a scan in chunks, paced by a period** (``task_numa_work`` scans 256 MB of a task's
+  address space per scan period, at least a second apart): the platform's own background
+  task walks a hand over each VM's p2m in chunks of ``SCAN_CHUNK`` entries, queueing private
+  pages whose frame is on another node; after a full pass that found none, that VM is not
+  scanned again for ``RESCAN_SECONDS``. Unlike Linux no hinting fault is needed to decide
+  where a page belongs: the VM's home node says it (as ESX's NUMA scheduler does);
+- **room on the target node** (``migrate_balanced_pgdat``: a node takes migrated pages only
+  while it stays above its high watermark after them): pages move only while the home node
+  keeps ``free_high_pct`` % of its frames free (a reserve of at least one frame), counting
+  the moves already promised, so migration never pushes the home node into a low free state;
+- **a rate limit** (the kernel's ``ratelimit_pages`` per 100 ms window, now
+  ``numa_balancing_promote_rate_limit_MBps``): token buckets in pages per second, one per
+  VM and one for the host, on the injected clock, settable at run time (0 stops migration);
+- **unmap, copy, remap** (``migrate_pages``: migration entries replace the PTEs, the page is
+  copied, the entries are replaced by the new page): the VMM releases the pages in a
+  NUMA_MIGRATION batch (it skips pinned ones: Linux does not migrate pages with extra
+  references either), the platform copies the whole batch with NumPy into frames of the
+  home node in chunks that yield to the event loop, repoints the p2m and frees the old
+  frames. The second half of the remap, the VMM installing the new frames, is a VALIDATION
+  batch carrying the new MPNs (``validation.py``);
+- **a fault waits for the copy** (``migration_entry_wait``): a fault on a page whose move is
+  in flight completes that page's move (one page copied at once) and maps the new frame;
+  it never cancels it, since a write does not make the move useless. Only when the home node
+  has no room left does the page keep its old frame (reason CANCEL). Content is never lost:
+  the old frame is freed only after the new one holds the copy and the p2m names it.
+
+Only private pages move: a shared frame (a node's zero frame, a merged frame) serves pages of
+several VMs, whose home nodes differ. Pages no VMM maps (RESIDENT) are moved without a
+batch, as page retire and page sharing do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from shared.constants import FaultReason, PageState, ServiceType
+from shared.messages import FaultReply
+
+from ..p2m import FLAG_SHARED, NO_OP
+from .base import LowPriorityService, Pages, Selection
+
+if TYPE_CHECKING:
+    from ..allocator import FrameAllocator
+    from ..context import ServiceContext
+    from ..vm import VM
+
+#: A token bucket banks this many seconds of its rate at most: no flood after a quiet spell.
+BURST_SECONDS = 0.25
+#: p2m entries the scanner looks at per step before it yields (~0.2 ms of NumPy here).
+SCAN_CHUNK = 16384
+#: After a full pass over a VM that found no page to move, its next pass waits this long
+#: (Linux's ``numa_balancing_scan_period_min_ms``).
+RESCAN_SECONDS = 1.0
+#: Seconds the scanner sleeps when no VM wants scanning.
+SCAN_IDLE_SECONDS = 0.05
+#: Candidates queued per VM at most; the scan pauses until the rounds take them.
+MAX_QUEUE = 8192
+#: Pages copied per step of an asynchronous move before it yields to the event loop.
+MOVE_CHUNK = 128
+
+_EXPOSED, _RESIDENT = int(PageState.EXPOSED), int(PageState.RESIDENT)
+_IN_FLIGHT = int(PageState.IN_FLIGHT)
+_NUMA = int(ServiceType.NUMA_MIGRATION)
+
+
+class TokenBucket:
+    """Pages per second on the injected clock, banking at most ``BURST_SECONDS`` of it."""
+
+    def __init__(self, rate: float, now: float) -> None:
+        self.rate = rate
+        self.tokens = self.burst
+        self.last = now
+
+    @property
+    def burst(self) -> float:
+        return max(1.0, self.rate * BURST_SECONDS) if self.rate > 0 else 0.0
+
+    def available(self, now: float) -> int:
+        """Whole pages the rate allows now (nothing is taken)."""
+        self.tokens = min(self.burst, self.tokens + self.rate * max(0.0, now - self.last))
+        self.last = max(self.last, now)
+        return int(self.tokens + 1e-9)  # float dust is no page
+
+    def take(self, pages: int) -> None:
+        self.tokens = max(0.0, self.tokens - pages)
+
+    def give_back(self, pages: int) -> None:
+        """Pages charged but not moved (refused, gone) do not use up the rate."""
+        self.tokens = min(self.burst, self.tokens + pages)
+
+    def set_rate(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = min(self.tokens, self.burst)
+
+
+@dataclass
+class NumaStats:
+    """Per-VM figures of NUMA migration (``vmmem-ctl status``, metrics)."""
+
+    migrated: int = 0  # pages moved home
+    fault_completions: int = 0  # faults that completed a page's move
+    aborted: int = 0  # moves given up for lack of room (the page kept its frame)
+    refused: int = 0  # pages the VMM kept (pinned, not mapped any more)
+
+
+@dataclass
+class _VMNuma:
+    vm: VM
+    bucket: TokenBucket
+    queued: npt.NDArray[np.bool_]  # the page is in ``queue``
+    queue: list[int] = field(default_factory=list)
+    hand: int = 0
+    found_in_pass: int = 0
+    next_scan: float = 0.0
+    moving: int = 0  # pages selected or in flight, not moved yet: promised home frames
+    stats: NumaStats = field(default_factory=NumaStats)
+
+
+class NumaMigrationService(LowPriorityService):
+    """Moves each VM's private pages that live off its home node back home, rate-bounded."""
+
+    service = ServiceType.NUMA_MIGRATION
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        cfg, now = ctx.config, ctx.clock()
+        self.vm_rate = cfg.numa_migrate_rate
+        self.host_bucket = TokenBucket(cfg.numa_host_migrate_rate, now)
+        self.vms: dict[int, _VMNuma] = {}
+        #: Home frames promised to moves not done yet, per node.
+        self.promised = [0] * ctx.machine.nodes
+        #: Called with (vm, pages) a batch released and the copy left RESIDENT: the second
+        #: half of the remap (remap validation) re-exposes them.
+        self.on_moved: Callable[[VM, Pages], None] = lambda vm, bpns: None
+
+    # ---- settings and figures -------------------------------------------------------------
+
+    def configure(self, vm_rate: float | None = None, host_rate: float | None = None) -> None:
+        """Change the per-VM or host rate (pages/s; 0 stops migration) from now on."""
+        if vm_rate is not None:
+            self.vm_rate = vm_rate
+            for st in self.vms.values():
+                st.bucket.set_rate(vm_rate)
+        if host_rate is not None:
+            self.host_bucket.set_rate(host_rate)
+
+    @property
+    def host_rate(self) -> float:
+        return self.host_bucket.rate
+
+    def reserve(self, node: int) -> int:
+        """Free frames the node keeps for itself: its high threshold, at least one frame."""
+        first, last = self.ctx.machine.allocator.node_bounds[node]
+        return max(1, int(np.ceil(self.ctx.config.free_high_pct / 100 * (last - first))))
+
+    def room(self, node: int) -> int:
+        """Frames of ``node`` moves may still take: free, less the reserve and promises."""
+        free = self.ctx.machine.allocator.free_on(node)
+        return max(
+            0, min(free - self.reserve(node), self.ctx.machine.available()) - self.promised[node]
+        )
+
+    def stats(self, vm: VM) -> NumaStats:
+        st = self.vms.get(vm.vm_id)
+        return NumaStats() if st is None else st.stats
+
+    def queued(self, vm: VM) -> int:
+        st = self.vms.get(vm.vm_id)
+        return 0 if st is None else len(st.queue)
+
+    def _state(self, vm: VM) -> _VMNuma:
+        st = self.vms.get(vm.vm_id)
+        if st is None:
+            bucket = TokenBucket(self.vm_rate, self.ctx.clock())
+            st = _VMNuma(vm, bucket, np.zeros(vm.guest_pages, dtype=bool))
+            self.vms[vm.vm_id] = st
+        return st
+
+    # ---- scanning -------------------------------------------------------------------------
+
+    def background(self) -> Coroutine[Any, Any, None]:
+        return self.scanner()
+
+    async def scanner(self) -> None:
+        """The background scan: a chunk of each VM that wants one, yielding between them."""
+        while True:
+            looked = 0
+            for st in list(self.vms.values()):
+                if self._wants_scan(st, self.ctx.clock()):
+                    looked += self.scan(st.vm, SCAN_CHUNK, self.ctx.clock())
+                    await asyncio.sleep(0)
+            if looked == 0:
+                await asyncio.sleep(SCAN_IDLE_SECONDS)
+
+    def _wants_scan(self, st: _VMNuma, now: float) -> bool:
+        return (
+            st.vm.alive
+            and now >= st.next_scan
+            and len(st.queue) < MAX_QUEUE // 2
+            and self.vm_rate > 0
+            and self.host_rate > 0
+            and self.room(st.vm.home_node) > 0
+        )
+
+    def scan(self, vm: VM, budget: int, now: float) -> int:
+        """Look at ``budget`` p2m entries under the hand; queue private pages off the home
+        node. Returns the entries looked at."""
+        st = self._state(vm)
+        n = vm.guest_pages
+        window = (st.hand + np.arange(min(n, budget), dtype=np.int64)) % n
+        found = self._movable(vm, window)
+        found = found[~st.queued[found]][: MAX_QUEUE - len(st.queue)]
+        st.queued[found] = True
+        st.queue.extend(found.tolist())
+        st.found_in_pass += len(found)
+        st.hand = int((window[-1] + 1) % n)
+        if st.hand <= int(window[0]):  # a pass ended in this window
+            if st.found_in_pass == 0:
+                st.next_scan = now + RESCAN_SECONDS
+            st.found_in_pass = 0
+        return len(window)
+
+    def _movable(self, vm: VM, bpns: Pages) -> Pages:
+        """Of ``bpns``: private pages, mapped or resident, on a healthy frame off the home
+        node (the filter of both the scan and the selection)."""
+        p2m, machine = vm.p2m, self.ctx.machine
+        state, frame = p2m.state[bpns], p2m.frame[bpns]
+        ok = ((state == _EXPOSED) | (state == _RESIDENT)) & (frame >= 0)
+        ok &= (p2m.flags[bpns] & FLAG_SHARED) == 0
+        safe = np.where(ok, frame, 0)
+        ok &= (machine.allocator.node_of(safe) != vm.home_node) & ~machine.failing[safe]
+        movable: Pages = bpns[ok]
+        return movable
+
+    # ---- rounds ---------------------------------------------------------------------------
+
+    def pending_work(self, vm: VM, now: float) -> int:
+        """Queued pages, as many as the rates and the home node's room allow now."""
+        st = self.vms.get(vm.vm_id)
+        if st is None:
+            self._state(vm)  # the scanner starts on this VM
+            return 0
+        if not st.queue:
+            return 0
+        allowed = min(st.bucket.available(now), self.host_bucket.available(now))
+        return max(0, min(len(st.queue), allowed, self.room(vm.home_node)))
+
+    def select_work(self, vm: VM, capacity: int, units: int, now: float) -> Selection:
+        """Up to ``units`` queued pages that still need moving; those no VMM maps are moved
+        at once, the mapped ones form the batch (mpn: the frame the VMM maps now)."""
+        st = self._state(vm)
+        limit = min(capacity, units, self.pending_work(vm, now))
+        if limit <= 0:
+            return Selection.empty()
+        popped = np.array(st.queue[:limit], dtype=np.int64)
+        del st.queue[:limit]
+        st.queued[popped] = False
+        bpns = self._movable(vm, np.unique(popped))
+        resident = bpns[vm.p2m.state[bpns] == _RESIDENT]
+        batch = bpns[vm.p2m.state[bpns] == _EXPOSED]
+        self._charge(st, len(bpns))
+        self._promise(st, len(batch))
+        if len(resident):  # nobody maps these: no need to ask the VMM
+            self._promise(st, len(resident))
+            self._finish(vm, resident)
+        return Selection(batch, vm.p2m.frame[batch].copy(), len(popped))
+
+    def _charge(self, st: _VMNuma, pages: int) -> None:
+        st.bucket.take(pages)
+        self.host_bucket.take(pages)
+
+    def _promise(self, st: _VMNuma, pages: int) -> None:
+        st.moving += pages
+        self.promised[st.vm.home_node] += pages
+
+    def _unpromise(self, st: _VMNuma, pages: int) -> None:
+        pages = min(pages, st.moving)
+        st.moving -= pages
+        self.promised[st.vm.home_node] -= pages
+
+    def on_refused(self, vm: VM, refused: Pages, status: npt.NDArray[np.uint8]) -> None:
+        """Pages the VMM kept (pinned, faulted meanwhile): no frame and no rate spent."""
+        st = self._state(vm)
+        self._unpromise(st, len(refused))
+        st.bucket.give_back(len(refused))
+        self.host_bucket.give_back(len(refused))
+        st.stats.refused += len(refused)
+
+    def complete(self, vm: VM, accepted: Pages, status: npt.NDArray[np.uint8]) -> None:
+        """The VMM released ``accepted`` (now IN_FLIGHT): copy them home asynchronously."""
+        epochs = vm.p2m.epoch[accepted].copy()
+        self.ctx.spawn(self._move_later(vm, accepted, epochs))
+
+    async def _move_later(self, vm: VM, bpns: Pages, epochs: npt.NDArray[np.uint32]) -> None:
+        """Move in chunks, yielding between them so faults (and other VMs) go first."""
+        p2m = vm.p2m
+        for start in range(0, len(bpns), MOVE_CHUNK):
+            await asyncio.sleep(0)
+            if not vm.alive:
+                return
+            chunk, ep = bpns[start : start + MOVE_CHUNK], epochs[start : start + MOVE_CHUNK]
+            # A page a fault took meanwhile is done (on_fault moved it and bumped its epoch).
+            ours = (p2m.state[chunk] == _IN_FLIGHT) & (p2m.op[chunk] == _NUMA)
+            ours &= p2m.epoch[chunk] == ep
+            mine = chunk[ours]
+            self._finish(vm, mine)
+            self.on_moved(vm, mine)
+
+    def _finish(self, vm: VM, bpns: Pages) -> int:
+        """Move promised pages (they end RESIDENT, moved or not); returns how many moved."""
+        st = self._state(vm)
+        moved = self.move(vm, bpns)
+        self._unpromise(st, len(bpns))
+        rest = bpns[moved:]
+        vm.p2m.state[rest] = _RESIDENT  # no room after all: the old frame, content intact
+        vm.p2m.op[rest] = NO_OP
+        st.stats.aborted += len(rest)
+        return moved
+
+    def move(self, vm: VM, bpns: Pages) -> int:
+        """Copy the first pages of ``bpns`` that the home node has room for into home frames,
+        repoint the p2m and free the old frames; returns how many moved. The moved pages end
+        RESIDENT (no VMM maps them)."""
+        machine, p2m, home = self.ctx.machine, vm.p2m, vm.home_node
+        room = machine.allocator.free_on(home) - self.reserve(home)
+        k = max(0, min(len(bpns), room, machine.available()))
+        if k == 0:
+            return 0
+        moving = bpns[:k]
+        old = p2m.frame[moving].copy()
+        new = machine.allocator.allocate(k, home)  # k <= free_on(home): all on the home node
+        # The order keeps a crash safe: the copy is in the new frame before the p2m names it,
+        # and the old frame is freed only after nothing names it.
+        machine.frames[new] = machine.frames[old]
+        p2m.frame[moving] = new
+        machine.set_owner(new, vm.vm_id, moving)
+        p2m.state[moving] = _RESIDENT
+        p2m.op[moving] = NO_OP
+        machine.release_or_retire(old)
+        self._state(vm).stats.migrated += k
+        self.ctx.metrics.numa_migrated.inc(k)
+        return k
+
+    # ---- faults ---------------------------------------------------------------------------
+
+    def on_fault(self, vm: VM, bpn: int, write: bool) -> FaultReply:
+        """Complete the page's move now (Linux waits for the migration: here its copy is one
+        page), then map the page; without room it keeps its old frame (CANCEL)."""
+        st, one = self._state(vm), np.array([bpn], dtype=np.int64)
+        moved = self._finish(vm, one)
+        if moved:
+            st.stats.fault_completions += 1
+        p2m = vm.p2m
+        p2m.state[bpn] = _EXPOSED
+        p2m.epoch[bpn] += 1  # the pending move chunk skips it
+        reason = FaultReason.COMPLETE if moved else FaultReason.CANCEL
+        return self.ctx.mapper.reply(vm, reason, one)
+
+    def on_vm_gone(self, vm: VM) -> None:
+        st = self.vms.pop(vm.vm_id, None)
+        if st is not None:
+            self.promised[vm.home_node] -= st.moving
+
+
+def locality(vm: VM, allocator: FrameAllocator) -> tuple[int, int]:
+    """(local, remote): the VM's pages backed by a private frame on / off its home node.
+
+    A scan of the p2m: for status and scrapes, not for rounds.
+    """
+    p2m = vm.p2m
+    frames = p2m.frame[(p2m.frame >= 0) & ((p2m.flags & FLAG_SHARED) == 0)]
+    local = int(np.count_nonzero(allocator.node_of(frames) == vm.home_node))
+    return local, len(frames) - local

@@ -1,0 +1,102 @@
+"""Remap validation: the second half of a remap, the VMM installing the page's new frame.
+
+The talk splits a remap (a page moved to another frame: NUMA migration here) into two
+halves. The invalidation half is the moving service's own batch: the VMM releases the page
+and the platform copies it. The validation half, here, hands the VMM a PageList of pages
+with their *new* frames (``mpn``), so that it maps them again before the guest touches them
+and the guest pays no fault for the move. It is low priority, class 2 (after migration,
+defrag and sharing), as the strawman orders validations; a page the guest touches first
+simply faults (REMAP) and is dropped from the queue.
+
+Why this direction is safe without any lock: a page waits here RESIDENT, and while its
+batch is out it is SELECTED on the same frame, which nothing changes in between (a fault
+maps that same frame; swap and retire take only RESIDENT or EXPOSED pages). So whatever the
+VMM maps, by the batch or by a fault that crossed it, is the p2m's frame. A page the guest
+gave to its balloon meanwhile is refused by the VMM (it checks that migration was the last
+to take the page), and the balloon's completion leaves it untouched (ZERO).
+
+Swap read-ahead validation (issue 9) is not here yet: it would be a second source of pages.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from shared.constants import PageState, PageStatus, ServiceType
+
+from ..p2m import FLAG_SHARED
+from .base import LowPriorityService, Pages, Selection
+
+if TYPE_CHECKING:
+    from ..context import ServiceContext
+    from ..vm import VM
+
+#: Pages waiting per VM at most; beyond it the oldest are dropped (they fault when touched).
+MAX_QUEUE = 65536
+_RESIDENT, _SELECTED = int(PageState.RESIDENT), int(PageState.SELECTED)
+_EXPOSED = int(PageState.EXPOSED)
+
+
+class ValidationService(LowPriorityService):
+    """Re-exposes pages a remap left RESIDENT on their new frame."""
+
+    service = ServiceType.VALIDATION
+    #: The batch gives pages to the VMM: it marks them SELECTED itself and completes them
+    #: into EXPOSED (mapped) or RESIDENT (refused), not IN_FLIGHT.
+    takes_pages = False
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        self.queues: dict[int, list[int]] = {}
+        self.validated: dict[int, int] = {}  # per VM: pages the VMM mapped by a batch
+
+    def enqueue(self, vm: VM, bpns: Pages) -> None:
+        """Pages whose remap's first half is done (RESIDENT on their new frame)."""
+        if len(bpns) == 0 or not vm.alive:
+            return
+        q = self.queues.setdefault(vm.vm_id, [])
+        q.extend(bpns.tolist())
+        if len(q) > MAX_QUEUE:
+            del q[: len(q) - MAX_QUEUE]
+
+    def pending_work(self, vm: VM, now: float) -> int:
+        return len(self.queues.get(vm.vm_id, ()))
+
+    def select_work(self, vm: VM, capacity: int, units: int, now: float) -> Selection:
+        """Queued pages still RESIDENT and private, with the frame the VMM is to map."""
+        q = self.queues.get(vm.vm_id)
+        take = min(capacity, units, len(q) if q else 0)
+        if not q or take <= 0:
+            return Selection.empty()
+        popped = np.unique(np.array(q[:take], dtype=np.int64))
+        del q[:take]
+        p2m = vm.p2m
+        keep = (p2m.state[popped] == _RESIDENT) & ((p2m.flags[popped] & FLAG_SHARED) == 0)
+        bpns = popped[keep & (p2m.frame[popped] >= 0)]
+        p2m.state[bpns] = _SELECTED  # a fault meanwhile maps the same frame (MAPPED)
+        return Selection(bpns, p2m.frame[bpns].copy(), take)
+
+    def complete(self, vm: VM, accepted: Pages, status: npt.NDArray[np.uint8]) -> None:
+        """``accepted`` is the whole batch: the VMM mapped the OK pages, already mapped the
+        CANCELLED ones (a fault got there first) and kept out the rest. A page no longer
+        SELECTED faulted (it is EXPOSED on that frame) or was taken by the balloon: it is
+        left as it is."""
+        p2m = vm.p2m
+        still = p2m.state[accepted] == _SELECTED
+        ok = status == PageStatus.OK
+        mapped = ok | (status == PageStatus.CANCELLED)
+        p2m.state[accepted[still & mapped]] = _EXPOSED
+        p2m.state[accepted[still & ~mapped]] = _RESIDENT
+        done = int(np.count_nonzero(still & ok))
+        self.validated[vm.vm_id] = self.validated.get(vm.vm_id, 0) + done
+        metrics = self.ctx.metrics.validated
+        for outcome, count in (("mapped", done), ("refused", len(accepted) - done)):
+            if count:
+                metrics.labels(outcome).inc(count)
+
+    def on_vm_gone(self, vm: VM) -> None:
+        self.queues.pop(vm.vm_id, None)
+        self.validated.pop(vm.vm_id, None)

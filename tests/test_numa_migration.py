@@ -1,0 +1,626 @@
+"""NUMA migration and remap validation on their own, against a fake peer.
+
+No server and no socket: the services see a ``ServiceContext`` built from real parts
+(machine memory in a /dev/shm file split into two nodes, its allocator, the fault resolver,
+metrics on a private registry), a virtual clock, and a ``spawn`` that keeps the coroutines
+so each test decides when an asynchronous move runs. The VMM's side of a batch is played by
+the agent's own filters (``vmm_agent/services``) on an ``ExposureTable``, through the real
+``RoundEngine``: GetRequest{LOW}, the filter writes statuses (and for VALIDATION installs
+frames), CompleteRequest. Every outcome is checked on real bytes and with the daemon's
+invariant check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from prometheus_client import CollectorRegistry
+
+from platform_daemon.allocator import FrameState
+from platform_daemon.context import ServiceContext
+from platform_daemon.faults import FaultResolver
+from platform_daemon.invariants import HostState, check
+from platform_daemon.machine import MachineMemory
+from platform_daemon.metrics import PlatformMetrics
+from platform_daemon.p2m import FLAG_SHARED, NO_OP, P2M
+from platform_daemon.rounds import RoundEngine, RoundState
+from platform_daemon.services.numa_migration import (
+    BURST_SECONDS,
+    NumaMigrationService,
+    locality,
+)
+from platform_daemon.services.validation import ValidationService
+from platform_daemon.shared_frames import SharedFrames
+from platform_daemon.vm import VM
+from platform_daemon.waits import FrameWaits
+from shared.config import PlatformConfig
+from shared.constants import PAGE_SIZE, FaultReason, PageState, PageStatus, Priority, ServiceType
+from shared.layout import ControlRegion, region_size
+from shared.messages import (
+    FAULT_FLAG_WRITABLE,
+    GET_FLAG_NEW_ROUND,
+    CompleteRequest,
+    FaultReply,
+    GetRequest,
+    Message,
+    Register,
+)
+from shared.shm import MappedFile
+from vmm_agent.exposure import ExposureTable
+from vmm_agent.services.base import AgentService
+from vmm_agent.services.numa_migration import NumaMigrationFilter
+from vmm_agent.services.validation import ValidationFilter
+
+pytestmark = pytest.mark.timeout(30)
+
+MiB = 1 << 20
+HOST_MIB = 16  # 4096 frames: node 0 is MPN 0-2047, node 1 MPN 2048-4095
+NODES = 2
+GUEST_PAGES = 256
+SLOT_COUNT = 4
+SLOT_CAPACITY = 64
+_NUMA = int(ServiceType.NUMA_MIGRATION)
+
+Page = npt.NDArray[np.uint8]
+
+
+def content(seed: int) -> Page:
+    """4 KiB of deterministic, seed-specific bytes."""
+    return np.random.default_rng([0x4E55, seed]).integers(1, 256, PAGE_SIZE, dtype=np.uint8)
+
+
+@dataclass
+class FakeClock:
+    now: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Link:
+    sent: list[Message] = field(default_factory=list)
+
+    def send(self, message: Message, request_id: int = 0) -> None:
+        self.sent.append(message)
+
+
+class NoTargets:
+    def swap_deficit(self, vm: VM, in_flight: int) -> int:
+        return 0
+
+    def balloon_deficit(self, vm: VM) -> int:
+        return 0
+
+
+@dataclass
+class Guest:
+    """One VM as both sides see it: the daemon's VM and the agent's exposure table."""
+
+    vm: VM
+    exposure: ExposureTable
+    filters: dict[ServiceType, AgentService]
+    state: RoundState
+    #: What the guest last wrote into each page it backed (the truth for content checks).
+    data: dict[int, Page] = field(default_factory=dict)
+
+
+class Harness:
+    """Real machine memory, allocator and fault resolver; the two services and an engine."""
+
+    def __init__(self, mem_dir: Path, tmp: Path, vm_rate: float, host_rate: float) -> None:
+        self.config = PlatformConfig(
+            socket=tmp / "p.sock",
+            mem_dir=mem_dir,
+            host_memory=HOST_MIB * MiB,
+            numa_nodes=NODES,
+            metrics_port=-1,
+            prefault=False,
+            numa_migrate_rate=vm_rate,
+            numa_host_migrate_rate=host_rate,
+        )
+        self.machine = MachineMemory(
+            mem_dir / "machine", self.config.host_pages, NODES, prefault=False
+        )
+        self.shared = SharedFrames(self.machine)
+        self.resolver = FaultResolver(self.machine, self.shared, max_around=16)
+        self.metrics = PlatformMetrics(CollectorRegistry())
+        self.clock = FakeClock()
+        self.spawned: list[Coroutine[Any, Any, Any]] = []
+        self.ctx = ServiceContext(
+            machine=self.machine,
+            mapper=self.resolver,
+            shared=self.shared,
+            metrics=self.metrics,
+            config=self.config,
+            clock=self.clock,
+            spawn=self._spawn,
+            waits=FrameWaits(self.machine, 1.0, lambda: None, self.metrics.low_waits),
+            swap=None,
+            targets=NoTargets(),
+        )
+        self.svc = NumaMigrationService(self.ctx)
+        self.validation = ValidationService(self.ctx)
+        self.svc.on_moved = self.validation.enqueue
+        self.engine = RoundEngine(
+            {ServiceType.NUMA_MIGRATION: self.svc, ServiceType.VALIDATION: self.validation},
+            clock=self.clock,
+        )
+        self.guests: dict[int, Guest] = {}
+        self._next_id = 1
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
+        self.spawned.append(coro)
+        return cast("asyncio.Future[Any]", None)
+
+    def close(self) -> None:
+        for coro in self.spawned:
+            coro.close()
+        self.machine.close()
+
+    # ---- VMs and their pages ----------------------------------------------------------------
+
+    def add_vm(self, guest_pages: int = GUEST_PAGES, home_node: int = 0) -> Guest:
+        vm_id = self._next_id
+        self._next_id += 1
+        region = ControlRegion.initialize(
+            bytearray(region_size(SLOT_COUNT, SLOT_CAPACITY)),
+            vm_id=vm_id,
+            generation=vm_id,
+            slot_count=SLOT_COUNT,
+            capacity=SLOT_CAPACITY,
+            guest_pages=guest_pages,
+        )
+        vm = VM(
+            vm_id,
+            vm_id,
+            info=Register(name=f"vm{vm_id}", guest_pages=guest_pages, vcpus=1, home_node=home_node),
+            home_node=home_node,
+            p2m=P2M(guest_pages),
+            region=region,
+            region_file=cast(MappedFile, SimpleNamespace(path=Path("/nonexistent"))),
+            connection=Link(),
+        )
+        exposure = ExposureTable(guest_pages)
+        filters: dict[ServiceType, AgentService] = {
+            ServiceType.NUMA_MIGRATION: NumaMigrationFilter(exposure),
+            ServiceType.VALIDATION: ValidationFilter(exposure),
+        }
+        guest = Guest(vm, exposure, filters, RoundState())
+        self.guests[vm_id] = guest
+        self.svc.pending_work(vm, self.clock())  # the service starts on this VM
+        return guest
+
+    def back(self, g: Guest, bpns: list[int], node: int, seed: int = 0) -> npt.NDArray[np.int64]:
+        """Back ``bpns`` with private frames of ``node`` holding distinct bytes; the agent maps
+        them writable (EXPOSED)."""
+        idx = np.array(bpns, dtype=np.int64)
+        frames = self.machine.allocator.allocate(len(idx), node)
+        assert (self.machine.allocator.node_of(frames) == node).all()
+        for bpn, mpn in zip(bpns, frames.tolist(), strict=True):
+            g.data[bpn] = content(seed * 100_000 + g.vm.vm_id * 1000 + bpn)
+            self.machine.frames[mpn] = g.data[bpn]
+        self.resolver.map_private(g.vm, idx, frames)
+        g.exposure.install(idx, frames, np.ones(len(idx), dtype=bool))
+        return frames
+
+    def write(self, g: Guest, bpn: int, data: Page) -> None:
+        """The guest writes through its own mapping (it must map the page writable)."""
+        mpn = int(g.exposure.frame[bpn])
+        assert mpn >= 0 and g.exposure.writable[bpn]
+        self.machine.frames[mpn] = data
+        g.data[bpn] = data
+
+    def node(self, g: Guest, bpn: int) -> int:
+        return int(self.machine.allocator.node_of(g.vm.p2m.frame[[bpn]])[0])
+
+    # ---- the scan and rounds, with the agent's filters as the peer -------------------------
+
+    def scan(self, g: Guest) -> None:
+        self.svc.scan(g.vm, g.vm.guest_pages, self.clock())
+
+    def run_spawned(self) -> int:
+        ran = 0
+        while self.spawned:
+            asyncio.run(self.spawned.pop(0))
+            ran += 1
+        return ran
+
+    def low_round(self, g: Guest, run_moves: bool = True) -> list[tuple[ServiceType, list[int]]]:
+        """One low round through the real engine, the agent's filters deciding each page;
+        the spawned moves run after each batch (unless ``run_moves`` is False). Returns the
+        batches: (service, BPNs)."""
+        batches: list[tuple[ServiceType, list[int]]] = []
+        flags = GET_FLAG_NEW_ROUND
+        while True:
+            req = self.engine.get_request(g.vm, g.state, GetRequest(Priority.LOW, 1_000_000, flags))
+            flags = 0
+            if not req.has_work:
+                return batches
+            service = ServiceType(req.service)
+            bpns, status, mpns = g.vm.region.slot(req.slot).batch(req.count)
+            batches.append((service, bpns.astype(np.int64).tolist()))
+            g.filters[service].process(bpns, mpns, status)
+            self.engine.complete(g.vm, g.state, CompleteRequest(req.slot, req.count, req.seq))
+            if run_moves:
+                self.run_spawned()
+            if req.last:
+                return batches
+
+    def rounds(self, g: Guest, most: int = 20) -> list[tuple[ServiceType, list[int]]]:
+        """Low rounds until one hands out nothing (work a round's end left waits for the
+        next round, as moved pages wait for their validation)."""
+        batches: list[tuple[ServiceType, list[int]]] = []
+        for _ in range(most):
+            got = self.low_round(g)
+            if not got:
+                return batches
+            batches += got
+        raise AssertionError(f"still handing out batches after {most} rounds")
+
+    # ---- checks ---------------------------------------------------------------------------
+
+    def frame_state(self, mpns: Any) -> list[FrameState]:
+        return [FrameState(s) for s in self.machine.allocator.frame_state[np.asarray(mpns)]]
+
+    def invariants(self) -> list[str]:
+        m = self.machine
+        state = HostState(
+            allocator=m.allocator,
+            owner_vm=m.owner_vm,
+            owner_bpn=m.owner_bpn,
+            zero_frames=list(m.zero_frame),
+            refs=self.shared.refs,
+            merged_frames=self.shared.frames,
+            vms={g.vm.vm_id: g.vm.p2m for g in self.guests.values() if g.vm.alive},
+        )
+        return [v.name for v in check(state)]
+
+    def content_intact(self, g: Guest) -> None:
+        """Every page the guest wrote reads back, through the p2m and through its mapping."""
+        p2m = g.vm.p2m
+        for bpn, data in g.data.items():
+            assert bytes(self.machine.frames[int(p2m.frame[bpn])]) == data.tobytes(), bpn
+            mapped = int(g.exposure.frame[bpn])
+            if mapped >= 0:
+                assert mapped == p2m.frame[bpn], bpn
+                assert bytes(self.machine.frames[mapped]) == data.tobytes(), bpn
+
+
+@pytest.fixture
+def h(mem_dir: Path, short_tmp: Path) -> Iterator[Harness]:
+    harness = Harness(mem_dir, short_tmp, vm_rate=1e6, host_rate=1e6)
+    try:
+        yield harness
+    finally:
+        harness.close()
+
+
+def writable(reply: FaultReply) -> list[bool]:
+    return [(int(f) & FAULT_FLAG_WRITABLE) != 0 for f in reply.flags]
+
+
+# ---- batches ---------------------------------------------------------------------------------
+
+
+def test_remote_pages_move_home_and_the_vmm_installs_the_new_frames(h: Harness) -> None:
+    """The NUMA_MIGRATION batch holds the pages off the home node with the frames the VMM maps
+    now; the VMM releases them, the platform copies them into home-node frames and frees the
+    old ones; then a VALIDATION batch hands the new frames back and the VMM maps them: no
+    fault, every byte where it was, local counts as expected."""
+    g = h.add_vm()
+    remote = list(range(0, 40))
+    old = h.back(g, remote, node=1)
+    h.back(g, list(range(100, 120)), node=0)
+    assert locality(g.vm, h.machine.allocator) == (20, 40)
+    h.scan(g)
+
+    batches = h.rounds(g)
+
+    numa = [b for s, b in batches if s == ServiceType.NUMA_MIGRATION]
+    valid = [b for s, b in batches if s == ServiceType.VALIDATION]
+    assert sorted(b for batch in numa for b in batch) == remote
+    assert sorted(b for batch in valid for b in batch) == remote
+    p2m = g.vm.p2m
+    assert all(h.node(g, b) == 0 for b in remote)
+    assert (p2m.state[remote] == PageState.EXPOSED).all()
+    assert (p2m.op[remote] == NO_OP).all()
+    assert (g.exposure.frame[remote] == p2m.frame[remote]).all()
+    assert g.exposure.writable[remote].all()
+    assert h.frame_state(old) == [FrameState.FREE] * len(old)
+    assert locality(g.vm, h.machine.allocator) == (60, 0)
+    h.content_intact(g)
+    assert h.svc.stats(g.vm).migrated == 40
+    assert h.validation.validated[g.vm.vm_id] == 40
+    assert h.metrics.registry.get_sample_value("vmmem_numa_migrated_pages_total") == 40
+    assert h.invariants() == []
+    assert h.low_round(g) == []  # nothing left: no batch at all
+
+
+def test_batch_mpns_are_the_mapped_frames_and_stale_mappings_are_refused(h: Harness) -> None:
+    """The slot names the frame the VMM maps (its STALE_FRAME check passes), and a page the
+    VMM maps elsewhere or not at all is refused and stays where it is."""
+    g = h.add_vm()
+    frames = h.back(g, [1, 2, 3], node=1)
+    g.exposure.frame[2] = frames[2]  # the agent maps page 2 at page 3's frame: stale
+    g.exposure.frame[3] = -1  # and has dropped page 3
+    h.scan(g)
+    sel = h.svc.select_work(g.vm, SLOT_CAPACITY, SLOT_CAPACITY, h.clock())
+    assert sel.bpns.tolist() == [1, 2, 3] and sel.mpns.tolist() == frames.tolist()
+    status = np.zeros(3, dtype=np.uint8)
+    g.filters[ServiceType.NUMA_MIGRATION].process(sel.bpns.astype(np.uint64), sel.mpns, status)
+    assert status.tolist() == [PageStatus.OK, PageStatus.STALE_FRAME, PageStatus.NOT_EXPOSED]
+
+
+def test_the_filter_takes_only_private_pages_off_the_home_node(h: Harness) -> None:
+    """Candidates are private pages, mapped or resident, on a healthy frame of another node.
+    Never: pages on the home node, read-only zero pages, swapped or untouched pages, pages in
+    flight for another service, pages on a failing frame. Pages pinned in translation are
+    refused by the VMM (BUSY) and stay."""
+    g = h.add_vm()
+    h.back(g, [0, 1, 2, 3, 4, 5, 6], node=1)
+    h.back(g, [10, 11], node=0)
+    h.resolver.first_touch(g.vm, 20, write=False, around=0)  # zero frame, read-only
+    p2m = g.vm.p2m
+    p2m.frame[21], p2m.flags[21] = h.machine.zero_frame[1], FLAG_SHARED  # node 1's, shared
+    p2m.state[21] = PageState.EXPOSED
+    p2m.state[3], p2m.op[3] = PageState.IN_FLIGHT, ServiceType.SWAP  # another service's
+    g.exposure.frame[3] = -1
+    h.machine.failing[p2m.frame[4]] = True  # page-retire's
+    p2m.state[5] = PageState.RESIDENT  # no VMM maps it: moved without a batch
+    g.exposure.frame[5] = -1
+    g.exposure.pinned[6] = 1  # the VMM keeps it
+    h.scan(g)
+    assert sorted(h.svc.vms[g.vm.vm_id].queue) == [0, 1, 2, 5, 6]
+
+    batches = h.rounds(g)
+
+    numa = sorted(b for s, batch in batches if s == ServiceType.NUMA_MIGRATION for b in batch)
+    assert numa == [0, 1, 2, 6]  # 5 moved at once, 6 offered and refused
+    assert [h.node(g, b) for b in (0, 1, 2, 5)] == [0, 0, 0, 0]
+    assert p2m.state[5] == PageState.RESIDENT and g.exposure.frame[5] == -1  # not validated
+    assert [h.node(g, b) for b in (3, 4, 6)] == [1, 1, 1]
+    assert p2m.state[6] == PageState.EXPOSED and h.svc.stats(g.vm).refused == 1
+    assert h.node(g, 10) == 0 and p2m.frame[20] == h.machine.zero_frame[0]
+    assert p2m.frame[21] == h.machine.zero_frame[1]
+    p2m.state[3], p2m.op[3] = PageState.RESIDENT, NO_OP  # (so the check sees a whole state)
+    h.machine.failing[p2m.frame[4]] = False
+    assert h.invariants() == []
+    h.content_intact(g)
+
+
+def test_no_move_pushes_the_home_node_below_its_reserve(h: Harness) -> None:
+    """While the home node is full nothing is offered; once it has room, pages move only
+    while it keeps its reserve (free_high_pct of its frames), counting moves in flight."""
+    g = h.add_vm(guest_pages=2048)
+    filler = h.add_vm(guest_pages=2048)
+    home_free = h.machine.allocator.free_on(0)
+    h.back(filler, list(range(home_free)), node=0)  # the home node is full
+    h.back(g, list(range(600)), node=1)
+    h.scan(g)
+    assert h.svc.pending_work(g.vm, h.clock()) == 0
+    assert h.low_round(g) == []
+
+    reserve = h.svc.reserve(0)
+    assert reserve == int(np.ceil(0.06 * 2048))
+    freed = list(range(reserve + 100))
+    h.machine.release_or_retire(filler.vm.p2m.frame[freed])
+    filler.vm.p2m.frame[freed] = -1
+    filler.vm.p2m.state[freed] = PageState.ZERO
+    filler.exposure.frame[freed] = -1
+    for b in freed:
+        del filler.data[b]
+    assert h.svc.pending_work(g.vm, h.clock()) == 100
+
+    h.rounds(g)
+
+    assert h.svc.stats(g.vm).migrated == 100
+    assert h.machine.allocator.free_on(0) == reserve
+    assert locality(g.vm, h.machine.allocator) == (100, 500)
+    assert h.svc.pending_work(g.vm, h.clock()) == 0 and h.svc.promised == [0, 0]
+    assert h.invariants() == []
+    h.content_intact(g)
+
+
+# ---- faults during a move -------------------------------------------------------------------
+
+
+def _released(h: Harness, g: Guest, bpns: list[int]) -> npt.NDArray[np.int64]:
+    """Back ``bpns`` on node 1, and run the round up to the VMM releasing them: their move is
+    spawned, not run. Returns their old frames."""
+    old = h.back(g, bpns, node=1)
+    h.scan(g)
+    batches = h.low_round(g, run_moves=False)
+    assert batches == [(ServiceType.NUMA_MIGRATION, bpns)]
+    assert (g.vm.p2m.state[bpns] == PageState.IN_FLIGHT).all()
+    assert (g.vm.p2m.op[bpns] == _NUMA).all() and len(h.spawned) == 1
+    return old
+
+
+@pytest.mark.parametrize("write", [False, True])
+def test_a_fault_during_the_move_completes_that_page_first(h: Harness, write: bool) -> None:
+    """A fault (read or write) on a page whose move is in flight waits for its copy: the page
+    is moved at once and its reply maps the new home frame, writable (COMPLETE). The guest's
+    write then lands in the new frame; the move that runs later skips the page (no second
+    copy over the write, no double free) and moves the rest."""
+    g = h.add_vm()
+    pages = [5, 6, 7, 8]
+    old = _released(h, g, pages)
+    p2m = g.vm.p2m
+
+    reply = h.svc.on_fault(g.vm, 6, write)
+
+    assert reply.reason == FaultReason.COMPLETE and reply.bpns.tolist() == [6]
+    new6 = int(p2m.frame[6])
+    assert reply.mpns.tolist() == [new6] and writable(reply) == [True]
+    assert h.node(g, 6) == 0 and p2m.state[6] == PageState.EXPOSED and p2m.op[6] == NO_OP
+    assert h.frame_state([old[1]]) == [FrameState.FREE]
+    g.exposure.install(reply.bpns, reply.mpns, np.array([True]))
+    h.write(g, 6, content(999))
+    assert h.invariants() == []
+
+    assert h.run_spawned() == 1
+    assert int(p2m.frame[6]) == new6  # not moved twice
+    assert [h.node(g, b) for b in pages] == [0] * 4
+    assert h.frame_state(old) == [FrameState.FREE] * 4
+    st = h.svc.stats(g.vm)
+    assert st.migrated == 4 and st.fault_completions == 1
+    assert h.rounds(g) == [(ServiceType.VALIDATION, [5, 7, 8])]
+    assert (g.exposure.frame[pages] == p2m.frame[pages]).all()
+    h.content_intact(g)
+    assert h.invariants() == [] and h.svc.promised == [0, 0]
+
+
+def test_a_fault_during_the_move_without_room_keeps_the_old_frame(h: Harness) -> None:
+    """When the home node filled up meanwhile, the fault cannot complete the move: the page
+    keeps its old frame (CANCEL) with its content, and the pending move leaves it alone."""
+    g = h.add_vm()
+    old = _released(h, g, [3, 4])
+    filler = h.add_vm(guest_pages=2048)
+    h.back(filler, list(range(h.machine.allocator.free_on(0))), node=0)
+
+    reply = h.svc.on_fault(g.vm, 3, write=True)
+
+    assert reply.reason == FaultReason.CANCEL and reply.mpns.tolist() == [old[0]]
+    assert writable(reply) == [True] and g.vm.p2m.state[3] == PageState.EXPOSED
+    g.exposure.install(reply.bpns, reply.mpns, np.array([True]))
+    assert h.run_spawned() == 1
+    assert g.vm.p2m.frame[4] == old[1] and g.vm.p2m.state[4] == PageState.RESIDENT
+    assert h.svc.stats(g.vm).aborted == 2 and h.svc.stats(g.vm).migrated == 0
+    h.content_intact(g)
+    assert h.invariants() == [] and h.svc.promised == [0, 0]
+
+
+def test_moves_in_flight_stop_at_the_reserve_when_the_home_node_fills_meanwhile(
+    h: Harness,
+) -> None:
+    """Room was there when the pages were selected, but other allocations took most of it
+    before the copy ran: the copy moves only what keeps the reserve free; the rest keep
+    their old frames (RESIDENT, content intact) and are offered to the VMM again."""
+    g = h.add_vm()
+    old = _released(h, g, list(range(10)))
+    filler = h.add_vm(guest_pages=2048)
+    reserve = h.svc.reserve(0)
+    h.back(filler, list(range(h.machine.allocator.free_on(0) - reserve - 4)), node=0)
+
+    assert h.run_spawned() == 1
+
+    assert h.machine.allocator.free_on(0) == reserve
+    assert [h.node(g, b) for b in range(10)] == [0] * 4 + [1] * 6
+    assert (g.vm.p2m.frame[4:10] == old[4:]).all()
+    assert (g.vm.p2m.state[:10] == PageState.RESIDENT).all()
+    st = h.svc.stats(g.vm)
+    assert (st.migrated, st.aborted) == (4, 6) and h.svc.promised == [0, 0]
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_a_vm_gone_mid_move_leaves_nothing_behind(h: Harness) -> None:
+    """The VM leaves after its pages were released and before the copy ran: the pending move
+    does nothing (the VM's frames were released with it), no frame leaks and the promises of
+    home frames are dropped."""
+    g = h.add_vm()
+    other = h.add_vm()
+    h.back(other, [0, 1], node=0)
+    _released(h, g, list(range(10)))
+    h.scan(g)
+    free_before = h.machine.allocator.free
+
+    vm = g.vm  # what Registry.unregister and PlatformServer.on_vm_gone do
+    vm.alive = False
+    h.svc.on_vm_gone(vm)
+    h.validation.on_vm_gone(vm)
+    h.machine.release_or_retire(vm.p2m.frame[vm.p2m.frame >= 0])
+    vm.p2m.frame[:] = -1  # (pages keep their states: only the frames are gone)
+    del h.guests[vm.vm_id]
+
+    assert h.run_spawned() == 1
+    assert h.machine.allocator.free == free_before + 10
+    assert h.svc.promised == [0, 0] and vm.vm_id not in h.svc.vms
+    assert h.invariants() == []
+    h.content_intact(other)
+
+
+# ---- remap validation -------------------------------------------------------------------------
+
+
+def test_validation_never_maps_a_page_something_else_took_meanwhile(h: Harness) -> None:
+    """Between the move and its validation: a page the guest faulted in is already mapped
+    (CANCELLED, stays EXPOSED), a page the balloon took is not the migration's any more
+    (STALE_FRAME, left to the balloon), the rest are installed."""
+    g = h.add_vm()
+    h.back(g, [1, 2, 3], node=1)
+    h.scan(g)
+    h.low_round(g, run_moves=False)
+    h.run_spawned()  # moved: RESIDENT, queued for validation
+    p2m = g.vm.p2m
+    assert (p2m.state[[1, 2, 3]] == PageState.RESIDENT).all()
+    reply = h.resolver.try_resolve(g.vm, 1, False, 0)  # the guest touched page 1 (REMAP)
+    g.exposure.install(reply.bpns, reply.mpns, np.array([True]))
+    sel = h.validation.select_work(g.vm, SLOT_CAPACITY, SLOT_CAPACITY, h.clock())
+    assert sel.bpns.tolist() == [2, 3]  # page 1 is EXPOSED: dropped
+    g.exposure.released_by[3] = ServiceType.BALLOON  # the guest ballooned page 3
+    g.exposure.install(np.array([2]), p2m.frame[[2]], np.array([True]))  # a crossed fault
+    status = np.zeros(2, dtype=np.uint8)
+    g.filters[ServiceType.VALIDATION].process(sel.bpns.astype(np.uint64), sel.mpns, status)
+    assert status.tolist() == [PageStatus.CANCELLED, PageStatus.STALE_FRAME]
+    assert g.exposure.frame[3] == -1
+    h.validation.complete(g.vm, sel.bpns, status)
+    assert p2m.state[2] == PageState.EXPOSED and p2m.state[3] == PageState.RESIDENT
+    assert h.validation.validated.get(g.vm.vm_id, 0) == 0
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+# ---- the bandwidth bound ----------------------------------------------------------------------
+
+
+def test_rates_bound_pages_per_second_per_vm_and_for_the_host(
+    mem_dir: Path, short_tmp: Path
+) -> None:
+    """On a virtual clock, rounds every 100 ms: each VM moves at most its rate (plus one
+    burst), and all VMs together at most the host's; with the host's rate below two VMs'
+    worth, the host bucket is what binds, and it is shared fairly enough that both VMs move.
+    A rate set to 0 at run time stops migration."""
+    vm_rate, host_rate = 200.0, 300.0
+    h = Harness(mem_dir, short_tmp, vm_rate=vm_rate, host_rate=host_rate)
+    try:
+        a, b = h.add_vm(guest_pages=1024), h.add_vm(guest_pages=1024)
+        h.back(a, list(range(1000)), node=1)
+        h.back(b, list(range(1000)), node=1, seed=1)
+        for g in (a, b):
+            h.scan(g)
+        t0 = h.clock.now
+        for step in range(1, 31):  # 3 s of rounds
+            h.clock.now = t0 + 0.1 * step
+            for g in (a, b):
+                h.rounds(g)
+            seconds = h.clock.now - t0
+            moved = [h.svc.stats(g.vm).migrated for g in (a, b)]
+            for m in moved:
+                assert m <= vm_rate * (seconds + BURST_SECONDS) + 1
+            assert sum(moved) <= host_rate * (seconds + BURST_SECONDS) + 1
+        assert sum(moved) >= host_rate * 3 * 0.9  # the bound, not something else, limits it
+        assert min(moved) >= 0.3 * sum(moved)
+
+        h.svc.configure(vm_rate=0)
+        h.clock.now += 1.0
+        before = [h.svc.stats(g.vm).migrated for g in (a, b)]
+        for g in (a, b):
+            h.scan(g)
+            assert h.svc.pending_work(g.vm, h.clock()) == 0
+            h.rounds(g)
+        assert [h.svc.stats(g.vm).migrated for g in (a, b)] == before
+        for g in (a, b):
+            h.content_intact(g)
+        assert h.invariants() == []
+    finally:
+        h.close()
