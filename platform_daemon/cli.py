@@ -59,6 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="page sharing scans each VM's memory once per this many seconds (default 30)",
     )
     a(
+        "--numa-migrate-rate",
+        type=float,
+        help="NUMA migration moves at most this many pages per second per VM (default 4096; "
+        "0: no migration)",
+    )
+    a(
+        "--numa-host-migrate-rate",
+        type=float,
+        help="... and at most this many pages per second for the whole host (default 16384)",
+    )
+    a(
         "--lowprio-aging-seconds",
         type=float,
         help="a low-priority type waiting this long moves up one class (default 1)",

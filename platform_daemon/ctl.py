@@ -35,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--sample-period", type=float, help="seconds per sampling period")
     lp.add_argument("--sample-pages", type=int, help="pages sampled per VM and period")
     lp.add_argument("--share-scan-period", type=float, help="seconds to scan each VM's memory once")
+    lp.add_argument(
+        "--numa-migrate-rate", type=float, help="NUMA migration, pages/s per VM (0: off)"
+    )
+    lp.add_argument(
+        "--numa-host-migrate-rate", type=float, help="NUMA migration, pages/s for the host"
+    )
     ms = sub.add_parser(
         "set-memsched", help="turn ballooning on or off, change the idle tax or balloon cap"
     )
@@ -90,6 +96,8 @@ def render_status(st: dict[str, Any]) -> str:
             f"home node {vm['home_node']}, pid {vm['pid']}): {pages}"
         )
         lines.append("  " + _vm_lowprio_line(vm))
+        if vm.get("numa"):
+            lines.append("  " + _vm_numa_line(vm["numa"]))
         if vm.get("memsched"):
             lines.append("  " + _vm_memsched_line(vm["memsched"]))
     return "\n".join(lines)
@@ -126,6 +134,17 @@ def _vm_lowprio_line(vm: dict[str, Any]) -> str:
     )
 
 
+def _vm_numa_line(n: dict[str, Any]) -> str:
+    """Pages on and off the home node, and NUMA migration's work, on one line."""
+    fraction = n["local_fraction"]
+    share = "-" if fraction is None else f"{fraction:.1%}"
+    return (
+        f"numa: home node {n['home_node']}, local {n['local_pages']:,}, remote "
+        f"{n['remote_pages']:,} ({share} local); migrated {n['migrated_pages']:,} "
+        f"(queued {n['queued_pages']:,}), revalidated {n['validated_pages']:,}"
+    )
+
+
 def render_check(result: dict[str, Any]) -> str:
     """One line per violation, by name, then what was checked."""
     lines = [f"VIOLATION {v['name']} ({v['count']}): {v['detail']}" for v in result["violations"]]
@@ -156,6 +175,8 @@ def _command(client: CtlClient, args: argparse.Namespace) -> int:
             "sample_period": args.sample_period,
             "sample_pages": args.sample_pages,
             "share_scan_period": args.share_scan_period,
+            "numa_migrate_rate": args.numa_migrate_rate,
+            "numa_host_migrate_rate": args.numa_host_migrate_rate,
         }
         chosen = {k: v for k, v in settings.items() if v is not None}
         print(json.dumps(client.call("set_lowprio", **chosen)))

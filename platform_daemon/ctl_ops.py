@@ -17,6 +17,7 @@ from shared.sizes import parse_size
 
 from . import invariants
 from .agent_probe import read_exposures
+from .services.numa_migration import NumaMigrationService, locality
 from .services.page_sharing import PageSharingService
 from .services.sampling import SamplingService
 from .shared_frames import frames_saved_by, merged_pages
@@ -62,6 +63,8 @@ class LowPrioArgs(_Args):
     sample_period: float | None = Field(default=None, gt=0, le=86400)
     sample_pages: int | None = Field(default=None, ge=1, le=1 << 20)
     share_scan_period: float | None = Field(default=None, gt=0, le=86400)
+    numa_migrate_rate: float | None = Field(default=None, ge=0, le=1 << 24)
+    numa_host_migrate_rate: float | None = Field(default=None, ge=0, le=1 << 24)
 
 
 class MemschedArgs(_Args):
@@ -181,6 +184,8 @@ class CtlOps:
                 "sample_period_seconds": self._sampling.period,
                 "sample_pages": self._sampling.sample_pages,
                 "share_scan_period_seconds": self._sharing.scan_period,
+                "numa_migrate_rate": self._numa.vm_rate,
+                "numa_host_migrate_rate": self._numa.host_rate,
             },
             "vms": [self._vm(vm) for vm in s.vms.values()],
         }
@@ -211,6 +216,25 @@ class CtlOps:
                 "aborted": vm.stats.sharing_aborted,
             },
             "lowprio": self._lowprio(vm),
+            "numa": self._vm_numa(vm),
+        }
+
+    def _vm_numa(self, vm: Any) -> dict[str, Any]:
+        """Pages on and off the home node, and what NUMA migration did for the VM."""
+        local, remote = locality(vm, self.server.machine.allocator)
+        st = self._numa.stats(vm)
+        validation = self.server.services.get(ServiceType.VALIDATION)
+        return {
+            "home_node": vm.home_node,
+            "local_pages": local,
+            "remote_pages": remote,
+            "local_fraction": round(local / (local + remote), 4) if local + remote else None,
+            "migrated_pages": st.migrated,
+            "queued_pages": self._numa.queued(vm),
+            "fault_completions": st.fault_completions,
+            "aborted": st.aborted,
+            "refused": st.refused,
+            "validated_pages": getattr(validation, "validated", {}).get(vm.vm_id, 0),
         }
 
     def _host_sharing(self) -> dict[str, Any]:
@@ -250,21 +274,31 @@ class CtlOps:
         return svc
 
     @property
+    def _numa(self) -> NumaMigrationService:
+        svc = self.server.services[ServiceType.NUMA_MIGRATION]
+        assert isinstance(svc, NumaMigrationService)
+        return svc
+
+    @property
     def _sharing(self) -> PageSharingService:
         svc = self.server.services[ServiceType.PAGE_SHARING]
         assert isinstance(svc, PageSharingService)
         return svc
 
     def op_set_lowprio(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Change the sampling period and size, or the sharing scan period, at run time."""
+        """Change the sampling period and size, the sharing scan period or NUMA migration's
+        rates, at run time."""
         parsed = LowPrioArgs.model_validate(args)
         self._sampling.configure(parsed.sample_period, parsed.sample_pages)
         self._sharing.configure(parsed.share_scan_period)
+        self._numa.configure(parsed.numa_migrate_rate, parsed.numa_host_migrate_rate)
         log.info("lowprio_configured", **parsed.model_dump(exclude_none=True))
         return {
             "sample_period": self._sampling.period,
             "sample_pages": self._sampling.sample_pages,
             "share_scan_period": self._sharing.scan_period,
+            "numa_migrate_rate": self._numa.vm_rate,
+            "numa_host_migrate_rate": self._numa.host_rate,
         }
 
     def op_set_memsched(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -176,6 +176,8 @@ CTL_BAD_ARGS: list[tuple[str, dict[str, Any], str]] = [
     ("set_lowprio", {"sample_pages": True}, "sample_pages"),
     ("set_lowprio", {"sample_period": True}, "sample_period"),
     ("set_lowprio", {"share_scan_period": "5"}, "share_scan_period"),
+    ("set_lowprio", {"numa_migrate_rate": "100"}, "numa_migrate_rate"),
+    ("set_lowprio", {"numa_host_migrate_rate": True}, "numa_host_migrate_rate"),
     ("failpoint", {"name": "swap_write_error", "value": True}, "value"),
     ("status", {"verbose": True}, "verbose"),
     ("list_vms", {"all": 1}, "all"),
@@ -194,6 +196,8 @@ def _settings(server: PlatformServer) -> tuple[Any, ...]:
         ops._sampling.period,
         ops._sampling.sample_pages,
         ops._sharing.scan_period,
+        ops._numa.vm_rate,
+        ops._numa.host_rate,
         swap.fail_next_write,
         swap.write_delay,
     )
@@ -220,6 +224,8 @@ async def test_ctl_arguments_take_no_strings_or_booleans_for_numbers(
             "sample_period": 7.0,
             "sample_pages": 50,
             "share_scan_period": before[5],
+            "numa_migrate_rate": before[6],
+            "numa_host_migrate_rate": before[7],
         }
         link.close()
 
