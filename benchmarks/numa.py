@@ -12,7 +12,7 @@ flipped and everything moves back: each repeat moves every page once in each dir
 Against, interleaved with the moves: a raw NumPy copy of the very same frames into free
 frames of the target node (``frames[new] = frames[old]``, the copy the service does), once
 over all pages in one call and once per 512-page batch. The figure is migrated pages per
-second over raw-copy pages per second (issue 9's aim: at least 0.4×).
+second over raw-copy pages per second (issue 9's aim: at least 0.4x).
 
 Usage: ``python benchmarks/numa.py [--mib 64] [--repeats 5] [--json out.json]``. Every file
 is removed in ``finally`` blocks.
@@ -236,12 +236,12 @@ def main(argv: list[str] | None = None) -> int:
         f"(release batches and copy {us['numa']:.2f} µs/page, scan {us['scan']:.2f})\n"
         f"+ install   {res['remapped_pages_per_s'] / 1e3:8.1f} k pages/s "
         f"(VALIDATION batches {us['validation']:.2f} µs/page; "
-        f"{res['remap_ratio_to_raw_copy']:.2f}× the raw copy)\n"
+        f"{res['remap_ratio_to_raw_copy']:.2f}x the raw copy)\n"
         f"raw copy    {res['raw_copy_pages_per_s'] / 1e3:8.1f} k pages/s one call, "
         f"{res['raw_copy_512_pages_per_s'] / 1e3:.1f} k per 512-page batch "
         f"({res['raw_copy_us_per_page']:.2f} µs/page)\n"
-        f"ratio       {res['ratio_to_raw_copy']:.2f}× the raw copy "
-        f"({res['ratio_to_raw_copy_512']:.2f}× the batched one; aim ≥ 0.4×)"
+        f"ratio       {res['ratio_to_raw_copy']:.2f}x the raw copy "
+        f"({res['ratio_to_raw_copy_512']:.2f}x the batched one; aim ≥ 0.4x)"
     )
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")
