@@ -73,9 +73,11 @@ def test_sharing_scenario_merges_what_is_shareable_and_loses_nothing(
 def test_sampling_scenario_estimate_follows_the_true_working_set(
     short_tmp: Path, mem_dir: Path
 ) -> None:
-    """Phases of 20 %, 70 %, 35 % and 90 % working sets, six sampling periods each, 1000-page
-    samples: after three periods of a phase the estimate is within 10 % of guest memory of
-    the true fraction of pages touched in each period."""
+    """A fill, then phases of 70 %, 35 %, 90 % and 50 % working sets, ten sampling periods
+    of wall time each, 1000-page samples: after three periods of a phase the estimate is
+    within 10 % of guest memory of the true fraction of pages touched in each period. The
+    fill takes the first touches (a stall) out of the phases, so each gets its periods
+    however busy the host."""
     with daemons(short_tmp, mem_dir) as d:
         d.start_platform("--host-memory", "64MiB", "--sample-seed", "3")
         d.start_agent("a", memory="16MiB")
@@ -191,7 +193,7 @@ def test_sampling_estimate_is_not_biased_by_swapping(short_tmp: Path, mem_dir: P
         # and 90 % ones maybe none in 5 s. The 35 % phase comes back to pages the 70 % one
         # pushed out to swap (the host holds 60 % of the guest): it is measured.
         phases = {name: per_vm["a"] for name, per_vm in sampling["phases"].items()}
-        assert phases["ws20"]["periods"] >= 1 and phases["ws35"]["periods"] >= 1, phases
+        assert phases["ws35"]["periods"] >= 1 and phases["ws50"]["periods"] >= 1, phases
         phases = {name: p for name, p in phases.items() if p["periods"]}
         # The last period of each phase: the bias this guards against (counting only
         # resident pages) would miss every touch of a swapped page, tens of % of guest

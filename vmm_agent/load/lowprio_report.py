@@ -7,6 +7,7 @@ history) into the figures the scenario is about, computed from the guest model's
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,16 +90,20 @@ def sampling_report(
     truths: dict[str, dict[str, float]],
     phases: list[PhaseWindow],
     converge_periods: int = 3,
+    unscored: Collection[str] = ("fill",),
 ) -> dict[str, Any]:
     """The estimate against the true working set, per phase and VM (fractions of memory).
 
     A period counts for a phase when it lies wholly inside it. ``max_abs_error`` is over the
     periods after the first ``converge_periods`` of each phase (the estimate is an average:
     it needs a few periods to follow a change); ``max_abs_error_all`` is over every period.
+    Phases named in ``unscored`` (the scenario's fill) are left out.
     """
     out_phases: dict[str, Any] = {}
     worst, worst_all = 0.0, 0.0
     for phase in phases:
+        if phase.name in unscored:
+            continue
         per_vm: dict[str, Any] = {}
         for vm, periods in history.items():
             truth = truths.get(vm, {})
