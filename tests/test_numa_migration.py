@@ -430,6 +430,34 @@ def test_no_move_pushes_the_home_node_below_its_reserve(h: Harness) -> None:
     h.content_intact(g)
 
 
+def test_the_scan_backs_off_while_nothing_is_found_and_looks_again_after_a_full_node(
+    h: Harness,
+) -> None:
+    """A pass that finds nothing puts the next one 1 s later, then 2, 4, ... up to 16 s (a
+    large all-local VM costs little); once the home node was full (pages may have landed
+    elsewhere) and has room again, the VM is scanned at once and the backoff starts over."""
+    g = h.add_vm()
+    h.back(g, [0, 1], node=0)
+    st = h.svc.vms[g.vm.vm_id]
+    waits = []
+    for _ in range(7):
+        assert h.svc._wants_scan(st, h.clock())
+        h.scan(g)
+        waits.append(st.next_scan - h.clock())
+        assert not h.svc._wants_scan(st, h.clock())
+        h.clock.now = st.next_scan
+    assert waits == [1, 2, 4, 8, 16, 16, 16]
+    h.scan(g)
+    filler = h.add_vm(guest_pages=2048)
+    h.back(filler, list(range(h.machine.allocator.free_on(0))), node=0)
+    assert not h.svc._wants_scan(st, h.clock())  # full: nothing to move into
+    h.machine.release_or_retire(filler.vm.p2m.frame[:500])
+    filler.vm.p2m.frame[:500], filler.vm.p2m.state[:500] = -1, PageState.ZERO
+    assert h.svc._wants_scan(st, h.clock())  # at once, not 16 s later
+    h.scan(g)
+    assert st.next_scan - h.clock() == 1
+
+
 # ---- faults during a move -------------------------------------------------------------------
 
 

@@ -6,10 +6,12 @@ has room again, this service moves such pages home, at low priority and at a bou
 From Linux (``mm/migrate.c``, ``kernel/sched/fair.c`` ``task_numa_work``) it takes:
 
 - **a scan in chunks, paced by a period** (``task_numa_work`` scans 256 MB of a task's
-  address space per scan period, at least a second apart): the platform's own background
-  task walks a hand over each VM's p2m in chunks of ``SCAN_CHUNK`` entries, queueing private
-  pages whose frame is on another node; after a full pass that found none, that VM is not
-  scanned again for ``RESCAN_SECONDS``. Unlike Linux no hinting fault is needed to decide
+  address space per scan period, at least a second apart, the period growing while nothing
+  is found): the platform's own background task walks a hand over each VM's p2m in chunks
+  of ``SCAN_CHUNK`` entries, queueing private pages whose frame is on another node; after a
+  full pass that found none, that VM waits ``RESCAN_SECONDS`` before the next, doubling up
+  to ``MAX_RESCAN_SECONDS``, and at once again once its home node was full (the only time
+  pages land elsewhere) and has room again. Unlike Linux no hinting fault is needed to decide
   where a page belongs: the VM's home node says it (as ESX's NUMA scheduler does);
 - **room on the target node** (``migrate_balanced_pgdat``: a node takes migrated pages only
   while it stays above its high watermark after them): pages move only while the home node
@@ -62,8 +64,10 @@ BURST_SECONDS = 0.25
 #: p2m entries the scanner looks at per step before it yields (~0.2 ms of NumPy here).
 SCAN_CHUNK = 16384
 #: After a full pass over a VM that found no page to move, its next pass waits this long
-#: (Linux's ``numa_balancing_scan_period_min_ms``).
+#: (Linux's ``numa_balancing_scan_period_min_ms``), doubling after each such pass up to
+#: MAX_RESCAN_SECONDS (Linux: up to 60 s), so a large VM that is all local costs little.
 RESCAN_SECONDS = 1.0
+MAX_RESCAN_SECONDS = 16.0
 #: Seconds the scanner sleeps when no VM wants scanning.
 SCAN_IDLE_SECONDS = 0.05
 #: Candidates queued per VM at most; the scan pauses until the rounds take them.
@@ -125,6 +129,7 @@ class _VMNuma:
     hand: int = 0
     found_in_pass: int = 0
     next_scan: float = 0.0
+    rescan: float = RESCAN_SECONDS
     moving: int = 0  # pages selected or in flight, not moved yet: promised home frames
     stats: NumaStats = field(default_factory=NumaStats)
 
@@ -206,14 +211,14 @@ class NumaMigrationService(LowPriorityService):
                 await asyncio.sleep(SCAN_IDLE_SECONDS)
 
     def _wants_scan(self, st: _VMNuma, now: float) -> bool:
-        return (
-            st.vm.alive
-            and now >= st.next_scan
-            and len(st.queue) < MAX_QUEUE // 2
-            and self.vm_rate > 0
-            and self.host_rate > 0
-            and self.room(st.vm.home_node) > 0
-        )
+        if not st.vm.alive or self.vm_rate <= 0 or self.host_rate <= 0:
+            return False
+        if self.room(st.vm.home_node) == 0:
+            # Pages land off node only while the home node is full (the allocator falls
+            # back then): once it has room again, look at once, whatever the backoff.
+            st.rescan, st.next_scan = RESCAN_SECONDS, 0.0
+            return False
+        return now >= st.next_scan and len(st.queue) < MAX_QUEUE // 2
 
     def scan(self, vm: VM, budget: int, now: float) -> int:
         """Look at ``budget`` p2m entries under the hand; queue private pages off the home
@@ -229,7 +234,10 @@ class NumaMigrationService(LowPriorityService):
         st.hand = int((window[-1] + 1) % n)
         if st.hand <= int(window[0]):  # a pass ended in this window
             if st.found_in_pass == 0:
-                st.next_scan = now + RESCAN_SECONDS
+                st.next_scan = now + st.rescan
+                st.rescan = min(MAX_RESCAN_SECONDS, 2 * st.rescan)
+            else:
+                st.rescan = RESCAN_SECONDS
             st.found_in_pass = 0
         return len(window)
 
