@@ -27,10 +27,20 @@ from pydantic import ValidationError
 from shared.loops import run
 from shared.sizes import parse_size
 
+from .balloon_run import BalloonRun
 from .driver import LoadRun, Progress, StartError, connect_agents, find_agents
 from .links import AgentLink, Clock, DaemonLink
 from .report import build_report, exit_status, render_table
-from .scenarios import SCENARIOS, Scenario, basic, latency, overcommit, sampling, sharing
+from .scenarios import (
+    SCENARIOS,
+    Scenario,
+    balloon,
+    basic,
+    latency,
+    overcommit,
+    sampling,
+    sharing,
+)
 
 PROG = "vmmem-load"
 
@@ -123,7 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     a(
         "--host-limit",
         type=_size,
-        help="overcommit, sampling: memory the host may use during the run, e.g. 128MiB",
+        help="overcommit, sampling: memory the host may use during the run, e.g. 128MiB; "
+        "balloon: during each reclaim phase (default 70 %% of the frames in use then)",
+    )
+    a(
+        "--no-balloon",
+        action="store_true",
+        help="balloon: run the swap-only pass alone (default: a pass with ballooning, then "
+        "one with swap only, side by side in the report)",
     )
     a(
         "--inject-failures",
@@ -135,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     a(
         "--sample-pages",
         type=_number(int, 1, 1 << 20),
-        help="sharing, sampling: pages per working-set sample during the run (default: as set)",
+        help="sharing, sampling, balloon: pages per working-set sample during the run "
+        "(default: as set; balloon 400)",
     )
     a(
         "--sample-period",
@@ -180,6 +198,8 @@ def make_scenario(args: argparse.Namespace) -> Scenario:
         return latency(args.duration)
     if args.scenario == "sampling":
         return sampling(args.duration, args.sample_pages, args.host_limit, args.sample_period)
+    if args.scenario == "balloon":
+        return balloon(args.duration, args.no_balloon, args.sample_pages)
     return basic(
         args.duration, args.working_set, args.distribution, args.write_ratio, args.pinned_pages or 0
     )
@@ -202,7 +222,10 @@ async def main_async(args: argparse.Namespace, scenario: Scenario) -> int:
         )
         await load.setup()
         clock.restart()
-        await load.run_phases()
+        if scenario.name == "balloon":
+            await BalloonRun(load, args.host_limit).run()
+        else:
+            await load.run_phases()
         await load.lowprio_sections()
         await load.restore_lowprio()
         await load.verify()
@@ -248,7 +271,10 @@ def _scenario_or_none(args: argparse.Namespace) -> Scenario | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.no_balloon and args.scenario != "balloon":
+        parser.error("--no-balloon is for --scenario balloon")
     scenario = _scenario_or_none(args)
     if scenario is None:
         return 2

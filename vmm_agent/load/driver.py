@@ -13,10 +13,12 @@ import asyncio
 import random
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from shared.constants import PAGE_SIZE
+from shared.workload import Phase
 
 from .links import AgentLink, Clock, DaemonLink, VmState
 from .lowprio_report import PhaseWindow, latency_report, sampling_report, sharing_report
@@ -134,6 +136,8 @@ class LoadRun:
         self._limit_before: int | None = None
         self._lowprio_before: dict[str, Any] = {}
         self._sensitivities: dict[str, int] = {}
+        self._inject_at: list[float] = []
+        self._t_start = time.monotonic()
 
     def active(self) -> list[AgentLink]:
         return [a for a in self.agents.values() if a.active]
@@ -166,36 +170,71 @@ class LoadRun:
                 value = sc.latency[i % len(sc.latency)]
                 await agent.call("set_latency_sensitivity", "setup", value=value)
 
-    async def run_phases(self) -> None:
+    def schedule_injections(self) -> None:
+        """Draw when the frame failures are injected (the phases' clock starts now)."""
         total = sum(p.duration for p in self.scenario.phases)
-        inject_at = sorted(random.Random(7).uniform(0.1, 0.9) * total for _ in range(self.inject))
-        t_start = time.monotonic()
+        self._inject_at = sorted(
+            random.Random(7).uniform(0.1, 0.9) * total for _ in range(self.inject)
+        )
+        self._t_start = time.monotonic()
+
+    async def run_phases(self) -> None:
+        self.schedule_injections()
         for phase in self.scenario.phases:
-            agents = self.active()
-            if not agents:
+            if not await self.run_phase(phase):
                 break
-            body = phase.model_dump()
-            await asyncio.gather(*(a.call("run_phase", phase.name, phase=body) for a in agents))
-            started = time.monotonic()
-            end = started + phase.duration
-            while (left := end - time.monotonic()) > 0:
-                while inject_at and time.monotonic() - t_start >= inject_at[0]:
-                    inject_at.pop(0)
-                    await self._inject_failure()
-                await asyncio.sleep(min(0.5, left))
-                await self._show_progress(phase.name, end)
-            await asyncio.gather(*(a.call("halt", phase.name) for a in self.active()))
-            self.out.windows.append(PhaseWindow(phase.name, started, time.monotonic()))
-            self.out.snapshots.append(await self.snapshot(phase.name))
-            self.out.phases.append(
-                {
-                    "name": phase.name,
-                    "seconds": round(time.monotonic() - started, 3),
-                    "vms": [a.name for a in agents],
-                    "left_the_run": [a.name for a in agents if not a.active],
-                }
-            )
         self.progress.done()
+
+    async def run_phase(
+        self,
+        phase: Phase,
+        phase_of: Callable[[AgentLink], Phase] | None = None,
+        every: Callable[[], Awaitable[None]] | None = None,
+        period: float = 0.5,
+        until: Callable[[], Awaitable[bool]] | None = None,
+    ) -> bool:
+        """Run ``phase`` on every active VM (``phase_of`` may give a VM its own variant, of
+        the same name and duration) until its duration is over, or ``until`` (awaited every
+        ``period`` seconds, like ``every``) says it is done; then halt it and snapshot.
+        False if no VM is left."""
+        agents = self.active()
+        if not agents:
+            return False
+        started = time.monotonic()
+        await asyncio.gather(
+            *(
+                a.call(
+                    "run_phase", phase.name, phase=(phase_of(a) if phase_of else phase).model_dump()
+                )
+                for a in agents
+            )
+        )
+        end = started + phase.duration
+        next_progress = 0.0
+        while (left := end - time.monotonic()) > 0:
+            while self._inject_at and time.monotonic() - self._t_start >= self._inject_at[0]:
+                self._inject_at.pop(0)
+                await self._inject_failure()
+            await asyncio.sleep(min(period, left))
+            if every is not None:
+                await every()
+            if until is not None and await until():
+                break
+            if time.monotonic() >= next_progress:
+                next_progress = time.monotonic() + 0.5
+                await self._show_progress(phase.name, end)
+        await asyncio.gather(*(a.call("halt", phase.name) for a in self.active()))
+        self.out.windows.append(PhaseWindow(phase.name, started, time.monotonic()))
+        self.out.snapshots.append(await self.snapshot(phase.name))
+        self.out.phases.append(
+            {
+                "name": phase.name,
+                "seconds": round(time.monotonic() - started, 3),
+                "vms": [a.name for a in agents],
+                "left_the_run": [a.name for a in agents if not a.active],
+            }
+        )
+        return True
 
     async def _inject_failure(self) -> None:
         # Not sent again after a lost connection: it may have retired a frame already.

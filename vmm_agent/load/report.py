@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from .balloon_report import balloon_lines
+
 #: Exit status of ``vmmem-load`` for each outcome (2 is for bad flags / cannot start).
 EXIT_STATUS = {"ok": 0, "data_loss": 1, "violation": 1, "unreachable": 3, "incomplete": 3}
 #: The error code, as the agent reports it, of a fault that found no free frame.
@@ -243,6 +245,8 @@ def render_table(report: dict[str, Any]) -> str:
     )
     lines.extend(_daemon_lines(report["daemon"]))
     lines.extend(_lowprio_lines(report))
+    if "balloon" in report:
+        lines.extend(balloon_lines(report["balloon"]))
     lines.append(
         f"verification: {t['pages_verified']:,} pages, {t['mismatches']} mismatches, "
         f"{t['unreachable']} unreachable — {report['verdict']}"

@@ -21,6 +21,8 @@ class Scenario:
     host_limit: str | None = None
     lowprio: dict[str, float] = field(default_factory=dict)
     latency: tuple[int, ...] = ()
+    #: The balloon scenario's passes (``balloon``: ballooning on; ``swap``: swap only).
+    passes: tuple[str, ...] = ()
 
 
 def basic(
@@ -204,4 +206,110 @@ def sampling(
     return Scenario("sampling", phases, host_limit=host_limit, lowprio=settings)
 
 
-SCENARIOS = ("basic", "overcommit", "sharing", "latency", "sampling")
+#: The balloon scenario's VMs take these roles in turn, by name: a, c idle; b, d busy.
+BALLOON_ROLES = ("idle", "busy")
+#: Its passes: ballooning on (swap only for what the balloon cannot take), then swap only.
+BALLOON_PASSES = ("balloon", "swap")
+#: Fractions of guest memory the fill phase creates: anonymous memory, and the file read
+#: through the page cache (the rest stays in the free pool); the idle VMs' working set.
+BALLOON_ANON, BALLOON_FILE, IDLE_ANON = 0.3, 0.6, 0.05
+#: Upper bounds (seconds) of the phases that end on a condition: the fill (every VM has
+#: written its memory and read its file) and the warm-up (no VM backed off any more).
+FILL_BOUND, WARM_BOUND = 120.0, 30.0
+#: Shares of a pass's duration: the settle phase (the baseline), then reclaim.
+SETTLE_SHARE, RECLAIM_SHARE = 0.3, 0.7
+#: A refault's simulated disk read, ms: a fast SSD, about what a swap-in costs on this
+#: platform (its swap file is read from the host's page cache; a fault round trip is
+#: 0.1-0.2 ms, docs/performance.md), so that both kinds of miss cost about the same and
+#: the comparison is about which pages each method takes, not about two different disks.
+BALLOON_DISK_MS = 0.2
+
+
+@dataclass(frozen=True)
+class BalloonPass:
+    """One pass of the balloon scenario: the phases of each role (fill is everyone's)."""
+
+    name: str
+    fill: Phase
+    warm: dict[str, Phase]
+    settle: dict[str, Phase]
+    reclaim: dict[str, Phase]
+
+
+def balloon_pass(name: str, seconds: float) -> BalloonPass:
+    """The phases of one pass ``seconds`` long (settle and reclaim; fill and warm-up run
+    until their condition holds, within their bounds).
+
+    - fill: every VM writes its anonymous memory (30 %) and reads its file (60 %) through
+      the page cache, once each (no disk delay: only the cold misses of a first read);
+    - warm, settle, reclaim: the idle VMs touch little (5 % anonymous, a few file reads,
+      think time); the busy ones keep their anonymous memory hot and read their file with
+      a skew (zipf: a hot head, a cold tail); a refault costs a disk read of
+      ``BALLOON_DISK_MS``. Warm lets
+      the working-set estimates follow and the fill's refaults age out of the back-off;
+      settle is each VM's throughput baseline; reclaim runs under the lowered host limit.
+    """
+    fill = Phase(
+        name=f"{name}.fill",
+        duration=FILL_BOUND,
+        working_set=BALLOON_ANON,
+        distribution="sequential",
+        write_ratio=1.0,
+        cache=BALLOON_FILE,
+        # Both done at about the same time: reads and writes in proportion to their sizes.
+        cache_ratio=BALLOON_FILE / (BALLOON_FILE + BALLOON_ANON),
+        refault_ms=0.0,
+    )
+    shapes: dict[str, dict[str, object]] = {
+        "idle": {
+            "working_set": IDLE_ANON,
+            "distribution": "uniform",
+            "write_ratio": 0.2,
+            "cache": BALLOON_FILE,
+            "cache_ratio": 0.002,
+            "refault_ms": BALLOON_DISK_MS,
+            "think_us": 500.0,
+        },
+        "busy": {
+            "working_set": BALLOON_ANON,
+            "distribution": "zipf",
+            "write_ratio": 0.3,
+            "cache": BALLOON_FILE,
+            "cache_ratio": 0.5,
+            "refault_ms": BALLOON_DISK_MS,
+            "think_us": 50.0,
+        },
+    }
+
+    def phases(phase: str, duration: float) -> dict[str, Phase]:
+        return {
+            role: Phase.model_validate({**shape, "name": f"{name}.{phase}", "duration": duration})
+            for role, shape in shapes.items()
+        }
+
+    return BalloonPass(
+        name,
+        fill,
+        phases("warm", WARM_BOUND),
+        phases("settle", SETTLE_SHARE * seconds),
+        phases("reclaim", RECLAIM_SHARE * seconds),
+    )
+
+
+def balloon(duration: float, no_balloon: bool = False, sample_pages: int | None = None) -> Scenario:
+    """Two idle and two busy VMs, equal shares, reclaimed under a lowered host limit: once
+    with ballooning on and once with swap only (``no_balloon``: the swap pass alone), the
+    settle and reclaim phases of each pass ``duration`` / passes long. Short sampling
+    periods, so the working-set estimates (and with them the idle memory tax) follow the
+    phases."""
+    passes = ("swap",) if no_balloon else BALLOON_PASSES
+    seconds = duration / len(passes)
+    phases = []
+    for name in passes:
+        bp = balloon_pass(name, seconds)
+        phases += [bp.settle["busy"], bp.reclaim["busy"]]
+    settings: dict[str, float] = {"sample_period": 0.5, "sample_pages": sample_pages or 400}
+    return Scenario("balloon", phases, lowprio=settings, passes=passes)
+
+
+SCENARIOS = ("basic", "overcommit", "sharing", "latency", "sampling", "balloon")

@@ -1,0 +1,227 @@
+"""The balloon scenario's run: passes of fill, warm-up, settle and reclaim, ballooning on
+and off.
+
+Each pass turns ballooning on or off in the daemon (``set_memsched``), then:
+
+1. fill, on every VM, until each has written its anonymous memory and read its file;
+2. warm-up, with the VMs in their roles (idle, busy: by name, in turn), until no VM is
+   backed off any more (the fill's cold misses count as refaults, and a back-off holds for
+   a while after them): reclaim starts from the same calm state in every pass;
+3. settle: the same, a fixed time: each VM's throughput baseline;
+4. reclaim: the host limit goes down, in steps over the first part of the phase (pressure
+   that builds up, as when VMs are started; a limit dropped at once sends the host straight
+   to LOW and swaps before a balloon could move), to its target: ``--host-limit``, or 70 %
+   of the frames in use when reclaim starts. The daemon's status is sampled every quarter
+   second meanwhile (who gave what, by which method, when; balloon sizes; back-off).
+
+Afterwards the limit goes back up and the pass waits, bounded, for the balloons to be given
+back, so the next pass starts from the same place. The daemon's settings are restored
+whatever happens; the report is built from what was collected (``balloon_report.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.constants import PAGE_SIZE
+from shared.sizes import parse_size
+from shared.workload import Phase
+
+from .balloon_report import balloon_report
+from .driver import LoadRun
+from .links import AgentLink
+from .scenarios import BALLOON_ANON, BALLOON_FILE, BALLOON_ROLES, BalloonPass, balloon_pass
+
+#: The reclaim phase's host limit, when not given: this fraction of the frames in use when
+#: it starts.
+LIMIT_FRACTION = 0.7
+#: The limit comes down over this share of the reclaim phase, a step every LIMIT_STEP s,
+#: from a little above the frames in use (RAMP_HEADROOM: no reclaim yet) to its target.
+RAMP_SHARE, LIMIT_STEP, RAMP_HEADROOM = 0.6, 0.25, 1.06
+#: How often the reclaim phase samples the daemon's status; the fill and warm-up their
+#: conditions.
+SAMPLE_PERIOD, POLL_PERIOD = 0.25, 0.5
+#: The fill is done once every VM holds this share of the memory it is to write and read,
+#: and has made this many accesses per page of it: one sequential sweep over all of it and
+#: a margin, so pages a previous pass left swapped out are brought back in (each pass starts
+#: from the same place).
+FILLED, FILL_SWEEP = 0.995, 1.1
+#: The warm-up lasts at least this long (sampling periods for the estimates to follow).
+WARM_MIN = 2.0
+#: How long a pass waits for the balloons to be given back once the limit is up again.
+DEFLATE_WAIT = 15.0
+
+
+@dataclass
+class PassRecord:
+    """What one pass collected."""
+
+    name: str
+    roles: dict[str, str]
+    limit_pages: int = 0
+    start: dict[str, Any] | None = None  # daemon status when reclaim started
+    end: dict[str, Any] | None = None  # ... and when it ended
+    settle: dict[str, dict[str, Any]] = field(default_factory=dict)  # agents' results
+    reclaim: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: (seconds into reclaim, {vm: memsched status}) samples.
+    timeline: list[tuple[float, dict[str, dict[str, Any]]]] = field(default_factory=list)
+    #: Seconds the fill and the warm-up took.
+    fill_seconds: float = 0.0
+    warm_seconds: float = 0.0
+    #: Balloons still held when the pass stopped waiting for them to be given back.
+    balloons_left: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+class BalloonRun:
+    """Runs the passes of the balloon scenario on a prepared LoadRun."""
+
+    def __init__(self, load: LoadRun, host_limit: str | None) -> None:
+        self.load = load
+        self.host_limit = host_limit
+        self.passes: list[PassRecord] = []
+
+    async def run(self) -> None:
+        load, daemon = self.load, self.load.daemon
+        status = await daemon.call("status")
+        if status is None:
+            load.out.extra["balloon"] = {"unavailable": "the daemon did not answer"}
+            return
+        ballooning = status["memsched"]["balloon"]
+        limit = status["host"]["limit_pages"]
+        names = sorted(a.name for a in load.active())
+        roles = {name: BALLOON_ROLES[i % len(BALLOON_ROLES)] for i, name in enumerate(names)}
+        seconds = sum(p.duration for p in load.scenario.phases) / len(load.scenario.passes)
+        load.schedule_injections()
+        try:
+            for name in load.scenario.passes:
+                record = PassRecord(name, roles)
+                self.passes.append(record)
+                if not await self._pass(record, balloon_pass(name, seconds)):
+                    break
+        finally:
+            await daemon.call("set_memsched", balloon=ballooning)
+            await daemon.call("set_host_limit", size=limit * PAGE_SIZE)
+        load.progress.done()
+        load.out.extra["balloon"] = balloon_report(self.passes)
+
+    async def _pass(self, record: PassRecord, bp: BalloonPass) -> bool:
+        load, daemon = self.load, self.load.daemon
+        if await daemon.call("set_memsched", balloon=record.name == "balloon") is None:
+            record.notes.append("the daemon refused set_memsched")
+            return False
+
+        def role(phases: dict[str, Phase]) -> Any:
+            return lambda agent: phases[record.roles.get(agent.name, "busy")]
+
+        t0 = time.monotonic()
+        if not await load.run_phase(bp.fill, until=self._filled, period=POLL_PERIOD):
+            return False
+        record.fill_seconds = round(time.monotonic() - t0, 3)
+        if not await self._filled():
+            record.notes.append(f"the fill was not done after {bp.fill.duration:g} s")
+        t0 = time.monotonic()
+
+        async def calm() -> bool:
+            return time.monotonic() - t0 >= WARM_MIN and await self._calm()
+
+        if not await load.run_phase(bp.warm["busy"], role(bp.warm), until=calm):
+            return False
+        record.warm_seconds = round(time.monotonic() - t0, 3)
+        if not await self._calm():
+            record.notes.append(f"VMs still backed off after a {WARM_MIN:g} s warm-up")
+        if not await load.run_phase(bp.settle["busy"], role(bp.settle)):
+            return False
+        record.settle = load.out.snapshots[-1]["results"]
+        if not await self._calm():
+            record.notes.append("VMs backed off during the settle phase (before reclaim)")
+        return await self._reclaim(record, bp, role(bp.reclaim))
+
+    async def _reclaim(self, record: PassRecord, bp: BalloonPass, phase_of: Any) -> bool:
+        load, daemon = self.load, self.load.daemon
+        start = await daemon.call("status")
+        if start is None:
+            record.notes.append("the daemon did not answer when reclaim was to start")
+            return False
+        record.start = start
+        target = self._limit(start)
+        ramp_from = max(target, int(start["host"]["used"] * RAMP_HEADROOM))
+        ramp_seconds = RAMP_SHARE * bp.reclaim["busy"].duration
+        record.limit_pages = target
+        t0 = time.monotonic()
+        next_step = 0.0
+
+        async def sample() -> None:
+            nonlocal next_step
+            at = time.monotonic() - t0
+            if at >= next_step and record.limit_pages != -1:
+                next_step = at + LIMIT_STEP
+                done = min(1.0, at / ramp_seconds) if ramp_seconds > 0 else 1.0
+                limit = int(ramp_from - (ramp_from - target) * done)
+                if await daemon.call("set_host_limit", size=limit * PAGE_SIZE) is None:
+                    why = daemon.refused[-1]["error"] if daemon.refused else "no answer"
+                    record.notes.append(f"the daemon refused a host limit of {limit}: {why}")
+                    record.limit_pages = -1  # stop trying
+            st = await daemon.call("status")
+            if st is not None:
+                vms = {vm["name"]: vm["memsched"] for vm in st["vms"]}
+                record.timeline.append((round(at, 3), vms))
+
+        await sample()  # the first step at once
+        if not await load.run_phase(
+            bp.reclaim["busy"], phase_of, every=sample, period=SAMPLE_PERIOD
+        ):
+            return False
+        last = load.out.snapshots[-1]
+        record.reclaim, record.end = last["results"], last["status"]
+        await daemon.call("set_host_limit", size=start["host"]["limit_pages"] * PAGE_SIZE)
+        record.balloons_left = await self._balloons_given_back()
+        return True
+
+    async def _results(self) -> dict[str, dict[str, Any]]:
+        agents: list[AgentLink] = self.load.active()
+        got = await asyncio.gather(*(a.call("results", "balloon") for a in agents))
+        return {a.name: r for a, r in zip(agents, got, strict=True) if r is not None}
+
+    async def _filled(self) -> bool:
+        """Has every VM written its anonymous memory and read its file into the cache?"""
+        for res in (await self._results()).values():
+            pages, guest = res["guest_os"]["pages"], res["guest_pages"]
+            anon, file = int(BALLOON_ANON * guest), int(BALLOON_FILE * guest)
+            if pages["anon"] < FILLED * anon or pages["cache"] < FILLED * file:
+                return False
+            done = res["throughput"]["accesses"] if res["throughput"] else 0
+            if done < FILL_SWEEP * (anon + file):
+                return False
+        return True
+
+    async def _calm(self) -> bool:
+        """Is no VM backed off (the fill's refaults aged out)?"""
+        st = await self.load.daemon.call("status")
+        return st is not None and not any(vm["memsched"]["backed_off"] for vm in st["vms"])
+
+    def _limit(self, status: dict[str, Any]) -> int:
+        host = status["host"]
+        if self.host_limit is not None:
+            return parse_size(self.host_limit) // PAGE_SIZE
+        return max(int(host["min_limit_pages"]), int(host["used"] * LIMIT_FRACTION))
+
+    async def _balloons_given_back(self) -> dict[str, int]:
+        """Wait (bounded) until no balloon holds a page; what is still held, per VM."""
+        deadline = time.monotonic() + DEFLATE_WAIT
+        held: dict[str, int] = {}
+        while time.monotonic() < deadline:
+            st = await self.load.daemon.call("status")
+            if st is not None:
+                held = {
+                    vm["name"]: vm["memsched"]["balloon_pages"]
+                    for vm in st["vms"]
+                    if vm["memsched"]["balloon_pages"]
+                }
+                if not held:
+                    return {}
+            await asyncio.sleep(0.2)
+        return held
