@@ -52,15 +52,16 @@ from .p2m import P2M
 HEADER_SIZE = PAGE_SIZE
 STATE_MAGIC = b"VMMEMST1"
 P2M_MAGIC = b"VMMEMP2M"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAX_NODES = 64
 _SWAP_PATH_BYTES = 1024
 _REGISTER_BYTES = 2048
 # magic, version, nodes, host_pages, swap_slots, generation, next_vm_id, next_vm_generation,
 # pid, host limit, zero frames, swap file path; the xxh3 of these bytes follows.
 _STATE_HEADER = struct.Struct(f"<8sIIQQQQQQQ{MAX_NODES}q{_SWAP_PATH_BYTES}s")
-# magic, version, vm_id, generation, guest_pages, home_node, register JSON length, JSON.
-_P2M_HEADER = struct.Struct(f"<8sIxxxxQQQqI{_REGISTER_BYTES}s")
+# magic, version, vm_id, generation, guest_pages, home_node, the agent's generation and
+# process start time, register JSON length, JSON.
+_P2M_HEADER = struct.Struct(f"<8sIxxxxQQQqQQI{_REGISTER_BYTES}s")
 _CHECKSUM = struct.Struct("<Q")
 
 
@@ -305,6 +306,15 @@ class P2MHeader:
     guest_pages: int
     home_node: int
     info: Register
+    #: The generation the agent was given (it names it to resume): behind ``generation``
+    #: while a daemon that took the VM over waits for the agent, through further crashes.
+    agent_generation: int = 0
+    #: Start time of the agent's process (agent_process.start_time; 0: not known).
+    agent_started: int = 0
+
+    def __post_init__(self) -> None:
+        if self.agent_generation == 0:
+            self.agent_generation = self.generation
 
 
 class P2MFile:
@@ -353,6 +363,8 @@ class P2MFile:
             h.generation,
             h.guest_pages,
             h.home_node,
+            h.agent_generation,
+            h.agent_started,
             len(info),
             info,
         )
@@ -371,7 +383,18 @@ def _read_p2m_header(path: Path, buf: Any) -> P2MHeader:
         raise StateError(f"{path}: too short for a p2m header")
     body = bytes(buf[: _P2M_HEADER.size])
     (stored,) = _CHECKSUM.unpack_from(buf, _P2M_HEADER.size)
-    magic, version, vm_id, generation, guest_pages, home_node, n, info = _P2M_HEADER.unpack(body)
+    (
+        magic,
+        version,
+        vm_id,
+        generation,
+        guest_pages,
+        home_node,
+        agent_generation,
+        started,
+        n,
+        info,
+    ) = _P2M_HEADER.unpack(body)
     if magic == bytes(len(P2M_MAGIC)):
         raise UnfinishedStateError(f"{path}: its header was never written")
     if magic != P2M_MAGIC:
@@ -386,4 +409,4 @@ def _read_p2m_header(path: Path, buf: Any) -> P2MHeader:
         raise StateError(f"{path}: registration does not parse: {exc}") from None
     if register.guest_pages != guest_pages:
         raise StateError(f"{path}: registration and header disagree on the guest size")
-    return P2MHeader(vm_id, generation, guest_pages, home_node, register)
+    return P2MHeader(vm_id, generation, guest_pages, home_node, register, agent_generation, started)

@@ -12,6 +12,7 @@ from shared.layout import ControlRegion, region_size
 from shared.messages import Register, Registered
 from shared.shm import create_mapped
 
+from . import agent_process
 from .connection import ReleaseReason
 from .persist import P2MFile, P2MHeader
 from .vm import VM
@@ -63,9 +64,10 @@ class Registry:
         home = info.home_node if info.home_node >= 0 else self._pick_home_node()
         vm_id, generation = self._next("next_vm_id"), self.next_generation()
         paths = server.paths
-        store = P2MFile.create(
-            paths.p2m(vm_id), P2MHeader(vm_id, generation, info.guest_pages, home, info)
+        header = P2MHeader(
+            vm_id, generation, info.guest_pages, home, info, agent_started=_started(conn, info)
         )
+        store = P2MFile.create(paths.p2m(vm_id), header)
         try:
             mapped = create_mapped(
                 paths.region(vm_id), region_size(cfg.slot_count, cfg.slot_capacity)
@@ -125,6 +127,9 @@ class Registry:
             raise VMMemError(f"VM {vm.name!r} has resumed already", ErrorCode.BAD_REQUEST)
         vm.connection = conn
         conn.vm = vm
+        if vm.store is not None:  # the agent has this daemon's generation from now on
+            vm.store.header.agent_generation = vm.generation
+            vm.store.write_header()
         return self.registered(vm)
 
     def _pick_home_node(self) -> int:
@@ -144,3 +149,12 @@ class Registry:
         vm.region_file.close(strict=True)
         if vm.store is not None:
             vm.store.close(unlink=True)
+
+
+def _started(conn: PlatformConnection, info: Register) -> int:
+    """The agent process's start time, when the kernel vouches for its pid (SO_PEERCRED);
+    a pid from another pid namespace is not looked up: the daemon cannot see it."""
+    peer = getattr(conn, "peer", None)  # connections built in tests have no credentials
+    if peer is None or peer.pid != info.pid:
+        return agent_process.UNKNOWN
+    return agent_process.start_time(info.pid)

@@ -53,15 +53,16 @@ class FrameRetirement:
         self.kick = kick
         self.metrics = metrics
 
-    def retire(self, mpn: int) -> dict[str, Any]:
-        """Mark ``mpn`` failing: take it out of use, moving whatever page it holds."""
+    def retire(self, mpn: int, again: bool = False) -> dict[str, Any]:
+        """Mark ``mpn`` failing: take it out of use, moving whatever page it holds.
+        ``again``: it was marked by a crashed daemon; its page is moved off it anew."""
         machine = self.machine
         if not 0 <= mpn < machine.host_pages:
             raise VMMemError(
                 f"MPN {mpn} out of range 0..{machine.host_pages - 1}", ErrorCode.BAD_REQUEST
             )
         state = int(machine.allocator.frame_state[mpn])
-        if state == FrameState.RETIRED or machine.failing[mpn]:
+        if state == FrameState.RETIRED or (machine.failing[mpn] and not again):
             return {"mpn": mpn, "was": "retired"}
         if state == FrameState.FREE:
             machine.allocator.retire(mpn)

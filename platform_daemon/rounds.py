@@ -368,13 +368,21 @@ class RoundEngine:
     def _hand_over(
         self, vm: VM, svc: PlatformService, batch: IssuedBatch, status: npt.NDArray[np.uint8]
     ) -> None:
-        """Accepted pages go in flight to the service; refused ones are exposed again."""
+        """Accepted pages go in flight to the service; refused ones are exposed again, but
+        for those the VMM says it does not map: they are the platform's (RESIDENT)."""
         # A page that faulted while SELECTED is exposed again: the VMM kept it.
         still_selected = vm.p2m.state[batch.bpns] == PageState.SELECTED
+        # Why the VMM's NOT_EXPOSED is believed: a fault's reply reaches it before the
+        # Request of any later round (one socket, in order), so it knows every mapping the
+        # daemon gave. The daemon can think a page exposed that is not: one whose release
+        # the VMM had accepted when a crashed daemon's successor took it over. Exposed
+        # again, such a page would be offered and refused for ever, never reclaimed.
+        unmapped = (status == PageStatus.NOT_EXPOSED) & still_selected
         status[(status == PageStatus.OK) & ~still_selected] = PageStatus.NOT_EXPOSED
         ok = status == PageStatus.OK
         accepted, refused = batch.bpns[ok], batch.bpns[~ok]
-        vm.p2m.state[batch.bpns[~ok & still_selected]] = PageState.EXPOSED
+        vm.p2m.state[batch.bpns[~ok & still_selected & ~unmapped]] = PageState.EXPOSED
+        vm.p2m.state[batch.bpns[unmapped]] = PageState.RESIDENT
         if len(refused):
             # Pages that faulted while selected are reported too (NOT_EXPOSED): they are
             # exposed again like the refused ones, and a service may hold bookkeeping for

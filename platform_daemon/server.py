@@ -49,6 +49,7 @@ from shared.messages import (
 from shared.shm import create_mapped, open_mapped
 from shared.sockets import check_socket_path, listen_private
 
+from . import agent_process
 from .connection import PlatformConnection, ReleaseReason
 from .context import ServiceContext
 from .ctl_ops import CtlOps
@@ -76,6 +77,8 @@ log = structlog.get_logger("vmmem.platform")
 # Plain ints: comparing a NumPy value with an IntEnum member costs microseconds (see faults.py).
 _ZERO, _IN_FLIGHT, _SWAPPED = int(PageState.ZERO), int(PageState.IN_FLIGHT), int(PageState.SWAPPED)
 _REASONS = [r.name.lower() for r in FaultReason]
+#: How often VMs taken over are looked at until their agents resumed or exited.
+DETACHED_POLL_SECONDS = 0.2
 
 
 def _socket_is_live(path: Path) -> bool:
@@ -232,7 +235,9 @@ class PlatformServer:
         size = region_size(cfg.slot_count, cfg.slot_capacity)
         for f in reconciled.files:
             h = f.header
-            old_generation, h.generation = h.generation, self.registry.next_generation()
+            # The agent names the generation it was given, which the header keeps through
+            # any number of takeovers until the agent is back (agent_generation).
+            h.generation = self.registry.next_generation()
             f.write_header()
             path = self.paths.region(h.vm_id)
             # Opened in place, never truncated: the agent still maps this very file.
@@ -258,7 +263,7 @@ class PlatformServer:
                 mapped,
                 DETACHED,
                 store=f,
-                resume_generation=old_generation,
+                resume_generation=h.agent_generation,
             )
             # Counters start again with this daemon, but memsched reads swapped-out minus
             # swapped-in as "pages in swap now": that must hold from the start.
@@ -289,12 +294,40 @@ class PlatformServer:
             self.state.write_header()
 
     async def _release_unresumed(self) -> None:
-        """VMs taken over whose agents did not come back in time are released."""
-        await asyncio.sleep(self.config.reattach_seconds)
-        for vm in list(self.vms.values()):
-            if vm.detached:
-                log.warning("vm_not_resumed", vm=vm.name, waited=self.config.reattach_seconds)
-                self.registry.unregister(vm, ReleaseReason.NOT_RESUMED)
+        """VMs taken over whose agents will not come back are released.
+
+        An agent whose process has exited is released at once. One whose process still
+        runs is kept, even past ``--reattach-seconds``: it may be stopped (SIGSTOP, a
+        debugger) with writable mappings of its frames, and handed to another VM they would
+        be written by its vCPUs before they notice the daemon changed. It resumes when it
+        runs again, or is released when it exits. An agent whose process cannot be looked
+        up (another pid namespace) is released after the window, as before.
+        """
+        deadline = time.monotonic() + self.config.reattach_seconds
+        kept: set[int] = set()
+        while detached := [vm for vm in self.vms.values() if vm.detached]:
+            past = time.monotonic() >= deadline
+            for vm in detached:
+                started = vm.store.header.agent_started if vm.store is not None else 0
+                running = agent_process.still_running(vm.info.pid, started)
+                if running is False or (running is None and past):
+                    log.warning(
+                        "vm_not_resumed",
+                        vm=vm.name,
+                        agent="exited" if running is False else "unknown",
+                        waited=round(time.monotonic() - deadline + self.config.reattach_seconds, 3),
+                    )
+                    self.registry.unregister(vm, ReleaseReason.NOT_RESUMED)
+                elif running and past and vm.vm_id not in kept:
+                    kept.add(vm.vm_id)
+                    log.warning(
+                        "vm_kept_agent_running",
+                        vm=vm.name,
+                        pid=vm.info.pid,
+                        reason="its agent runs but has not resumed (stopped?): its memory is "
+                        "kept until it resumes or exits",
+                    )
+            await asyncio.sleep(DETACHED_POLL_SECONDS)
 
     # ---- life cycle -------------------------------------------------------------------------
 
@@ -302,9 +335,35 @@ class PlatformServer:
         """Run until SIGTERM/SIGINT (or ``request_stop``), then shut down cleanly."""
         try:
             await self.startup()
+        except BaseException:
+            await self._abandon_startup()
+            raise
+        try:
             await self.main_loop()
         finally:
             await self.shutdown()
+
+    async def _abandon_startup(self) -> None:
+        """Startup failed (a taken metrics port, a socket path refused): undo what it did.
+        A crashed daemon's state taken over stays, VMs and all, for another try; a daemon
+        that started fresh had nothing and removes its files, as a clean stop does."""
+        for task in self.background:
+            task.cancel()
+        if self._server is not None:
+            self._server.close()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        if self._owns_socket:
+            self.config.socket.unlink(missing_ok=True)
+        if self.recovered:
+            log.warning(
+                "platform_start_failed",
+                state_kept=str(self.paths.state),
+                vms=len(self.vms),
+                reason="the crashed daemon's VMs are kept for the next start",
+            )
+        self._close_files(unlink=not self.recovered)
 
     async def startup(self) -> None:
         loop = asyncio.get_running_loop()
@@ -333,9 +392,9 @@ class PlatformServer:
         if self.recovered:
             self.background.add(loop.create_task(self._release_unresumed()))
             # Frames marked failing before the crash: their pages move off them again.
+            # The mark stays set all along: a crash meanwhile must not forget it.
             for mpn in np.flatnonzero(self.machine.failing).tolist():
-                self.machine.failing[mpn] = False
-                self.retire_frame(mpn)
+                self.retire_frame(mpn, again=True)
         log.info(
             "platform_started",
             socket=str(path),
@@ -568,9 +627,10 @@ class PlatformServer:
             if vm.p2m.state[bpn] == _IN_FLIGHT:
                 self.services[vm.p2m.op[bpn]].on_fault(vm, bpn, True)
 
-    def retire_frame(self, mpn: int) -> dict[str, Any]:
-        """Mark ``mpn`` failing: take it out of use, moving whatever page it holds."""
-        result = self.retirement.retire(mpn)
+    def retire_frame(self, mpn: int, again: bool = False) -> dict[str, Any]:
+        """Mark ``mpn`` failing: take it out of use, moving whatever page it holds (``again``:
+        it is marked already, by a crashed daemon; its page is moved off it anew)."""
+        result = self.retirement.retire(mpn, again)
         if self.machine.zero_frame != self.state.header.zero_frames:  # a zero frame moved
             self.state.header.zero_frames = list(self.machine.zero_frame)
             self.state.write_header()

@@ -295,6 +295,19 @@ def test_refused_pages_go_back_to_exposed() -> None:
 
 
 @pytest.mark.timeout(10)
+def test_a_page_the_vmm_does_not_map_becomes_the_platforms() -> None:
+    """The VMM refuses a page as NOT_EXPOSED: it maps it no more (a takeover after a crash
+    that cut its release short leaves such pages EXPOSED in the p2m). The page becomes
+    RESIDENT, which the platform reclaims on its own (swap takes RESIDENT pages without
+    asking the VMM), instead of EXPOSED, which would be offered and refused for ever."""
+    vm, engine, state, swap, req = _issue_one([50, 51, 52])
+    answer(engine, vm, state, req, {51: PageStatus.NOT_EXPOSED, 52: PageStatus.BUSY})
+    assert vm.p2m.state[[51, 52]].tolist() == [PageState.RESIDENT, PageState.EXPOSED]
+    assert swap.calls[0] == Call("refused", [51, 52], [PageStatus.NOT_EXPOSED, PageStatus.BUSY])
+    assert vm.p2m.frame[51] == 1051  # the frame stays with the page: nothing lost
+
+
+@pytest.mark.timeout(10)
 def test_page_that_faulted_while_selected_is_not_handed_to_the_service() -> None:
     """A fault on a SELECTED page keeps it exposed (the VMM still maps it); even if the VMM
     then says OK for it, completion reports NOT_EXPOSED and the service's complete() never
