@@ -4,6 +4,16 @@ Each node owns a contiguous MPN range. ``frame_state`` (one byte per frame) says
 or RETIRED and catches double frees. Free frames of a node sit in a stack (a NumPy array
 with a top index), so allocating or freeing a batch of n frames costs O(n), never a scan of
 host memory. Retiring a free frame only marks it; the stack drops it lazily when it surfaces.
+
+2 MiB runs (512 aligned frames, the 2 MB regions of DESIGN.md): ``run_free`` counts the free
+frames of each run, kept up to date by every allocation and release (O(n) for n frames).
+``allocate_run`` hands out a whole free run and ``claim_free`` takes the free frames of one
+run (defrag isolates a run while it empties it, as Linux isolates a pageblock); both take
+frames that sit anywhere in the stack, so they too remove them lazily: the stack keeps a
+stale entry, skipped when it surfaces. A frame taken that way and freed again is in the
+stack twice, so a pop drops repeats, and marks what it takes USED at once. Stale entries are
+counted; when they outnumber the live ones the node's stack is rebuilt from ``frame_state``
+(a scan of the node, paid for by at least as many lazy removals).
 """
 
 from __future__ import annotations
@@ -14,9 +24,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from shared.constants import PAGES_PER_2M
 from shared.errors import OutOfMemoryError, VMMemError
 
 Frames = npt.NDArray[np.int64]
+#: Stale stack entries a node tolerates before its stack is rebuilt (beyond its live ones).
+REBUILD_SLACK = 4096
+_RUN_SHIFT = PAGES_PER_2M.bit_length() - 1  # MPN >> _RUN_SHIFT is its run
 
 
 class FrameState(IntEnum):
@@ -41,6 +55,10 @@ class _NodeStack:
         self.stack: Frames = np.arange(last - 1, first - 1, -1, dtype=np.int64)
         self.top = len(self.stack)
         self.free = len(self.stack)
+        #: Entries below ``top`` that are not free frames any more (lazily removed).
+        self.stale = 0
+        #: Where ``allocate_run`` looks next (a run index), so it scans a window, not the node.
+        self.run_hand = first // PAGES_PER_2M
 
     def push(self, frames: Frames) -> None:
         n = len(frames)
@@ -83,9 +101,11 @@ class FrameAllocator:
             np.arange(nodes, dtype=np.int16), [b - a for a, b in self.node_bounds]
         )
         for ns in self._nodes:  # only the frames FREE now go on the stacks, lowest on top
-            free = np.flatnonzero(frame_state[ns.first : ns.last] == _FREE) + ns.first
-            ns.stack = free[::-1].astype(np.int64)
-            ns.top = ns.free = len(free)
+            self._rebuild(ns)
+        #: Free frames of each 2 MiB run (a partial run at the end of memory never fills).
+        self.runs = -(-host_pages // PAGES_PER_2M)
+        runs_of_free = np.flatnonzero(frame_state == _FREE) // PAGES_PER_2M
+        self.run_free = np.bincount(runs_of_free, minlength=self.runs).astype(np.int16)
         self.retired = int(np.count_nonzero(frame_state == _RETIRED))
         # Host-wide free count kept beside the per-node ones: read on every fault.
         self._free = sum(ns.free for ns in self._nodes)
@@ -120,19 +140,29 @@ class FrameAllocator:
             got = self._pop(self._nodes[idx], need)
             parts.append(got)
             need -= len(got)
-        frames = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        self.frame_state[frames] = _USED
-        return frames
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _pop(self, ns: _NodeStack, want: int) -> Frames:
+        """Up to ``want`` free frames from the top of ``ns``, marked USED."""
         out: list[Frames] = []
         got = 0
         while got < want and ns.top > 0:
             take = min(want - got, ns.top)
             chunk = ns.stack[ns.top - take : ns.top][::-1].copy()
             ns.top -= take
-            # Frames retired while free are skipped here (lazy removal).
+            # Lazily removed entries (retired, or taken by a run) are skipped; a frame taken
+            # by a run and freed again is here twice: the first copy wins.
+            before = len(chunk)
             chunk = chunk[self.frame_state[chunk] == _FREE]
+            if ns.stale:
+                if len(chunk) > 1:
+                    _, first = np.unique(chunk, return_index=True)
+                    if len(first) != len(chunk):
+                        chunk = chunk[np.sort(first)]
+                ns.stale = max(0, ns.stale - (before - len(chunk)))
+            # Marked at once, so a later chunk of this pop skips a second copy of the frame.
+            self.frame_state[chunk] = _USED
+            self._take_from_runs(chunk)
             ns.free -= len(chunk)
             self._free -= len(chunk)
             out.append(chunk)
@@ -140,6 +170,27 @@ class FrameAllocator:
         if len(out) == 1:
             return out[0]
         return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
+
+    def _take_from_runs(self, frames: Frames) -> None:
+        if len(frames) == 1:  # the fault path's case: no ufunc.at machinery
+            self.run_free[int(frames[0]) >> _RUN_SHIFT] -= 1
+        elif len(frames):
+            np.subtract.at(self.run_free, frames >> _RUN_SHIFT, 1)
+
+    def _rebuild(self, ns: _NodeStack) -> None:
+        """The node's stack from ``frame_state``: its free frames, lowest on top."""
+        free = np.flatnonzero(self.frame_state[ns.first : ns.last] == _FREE) + ns.first
+        ns.stack = free[::-1].astype(np.int64)
+        ns.top = ns.free = len(free)
+        ns.stale = 0
+
+    def _lazily_removed(self, ns: _NodeStack, n: int) -> None:
+        """``n`` frames of ``ns`` left the free pool without leaving its stack."""
+        ns.free -= n
+        self._free -= n
+        ns.stale += n
+        if ns.stale > ns.free + REBUILD_SLACK:
+            self._rebuild(ns)
 
     def release(self, frames: npt.NDArray[Any]) -> None:
         """Give back used frames; a frame not in use raises (a double free is a bug)."""
@@ -152,6 +203,7 @@ class FrameAllocator:
             raise VMMemError(f"release of frames not in use: {bad.tolist()}")
         self.frame_state[frames] = _FREE
         self._free += len(frames)
+        np.add.at(self.run_free, frames >> _RUN_SHIFT, 1)
         nodes = self._node_of_block[frames]
         for node in np.unique(nodes):
             self._nodes[int(node)].push(frames[nodes == node])
@@ -175,8 +227,8 @@ class FrameAllocator:
         self.frame_state[mpn] = _RETIRED
         self.retired += 1
         if was_free:
-            self._nodes[int(self._node_of_block[mpn])].free -= 1
-            self._free -= 1
+            self._lazily_removed(self._nodes[int(self._node_of_block[mpn])], 1)
+            self.run_free[mpn >> _RUN_SHIFT] -= 1
         return bool(was_free)
 
     def retire_used(self, mpns: npt.NDArray[Any]) -> None:
@@ -189,6 +241,64 @@ class FrameAllocator:
             raise VMMemError("retire_used of frames not in use")
         self.frame_state[mpns] = _RETIRED
         self.retired += len(mpns)
+
+    # ---- 2 MiB runs -------------------------------------------------------------------------
+
+    def node_runs(self, node: int) -> tuple[int, int]:
+        """The whole runs of ``node``: run indices ``first .. last-1``."""
+        a, b = self.node_bounds[node]
+        return -(-a // PAGES_PER_2M), b // PAGES_PER_2M
+
+    def free_runs(self, node: int) -> int:
+        """Whole 2 MiB runs of ``node`` that are all free (a scan of one count per run)."""
+        first, last = self.node_runs(node)
+        return int(np.count_nonzero(self.run_free[first:last] == PAGES_PER_2M))
+
+    def find_run(self, node: int, window: int) -> int | None:
+        """A free run of ``node`` among ``window`` runs from the node's hand, or None.
+
+        The hand moves on past the window, so repeated calls cover the node: the cost of one
+        call is bounded by ``window``, not by the node's size.
+        """
+        first, last = self.node_runs(node)
+        n = last - first
+        if n <= 0:
+            return None
+        ns = self._nodes[node]
+        start = min(max(ns.run_hand, first), last - 1) - first
+        idx = first + (start + np.arange(min(window, n))) % n
+        full = idx[self.run_free[idx] == PAGES_PER_2M]
+        if len(full):
+            ns.run_hand = int(full[0])  # the next call looks here first
+            return int(full[0])
+        ns.run_hand = int(first + (start + min(window, n)) % n)
+        return None
+
+    def allocate_run(self, node: int, window: int = 1 << 16) -> Frames | None:
+        """A whole free 2 MiB run of ``node``, 512 aligned frames marked USED; None when the
+        ``window`` of runs looked at has none (defrag makes some)."""
+        run = self.find_run(node, window)
+        if run is None:
+            return None
+        frames = np.arange(run * PAGES_PER_2M, (run + 1) * PAGES_PER_2M, dtype=np.int64)
+        self.frame_state[frames] = _USED
+        self.run_free[run] = 0
+        self._lazily_removed(self._nodes[node], PAGES_PER_2M)
+        return frames
+
+    def claim_free(self, run: int) -> Frames:
+        """Take the free frames of ``run`` out of the free pool (marked USED, no owner): no
+        allocation lands there while defrag empties the run. ``release`` gives them back."""
+        if not 0 <= run < self.runs:
+            raise VMMemError(f"run {run} out of range 0..{self.runs - 1}")
+        lo = run * PAGES_PER_2M
+        span = self.frame_state[lo : min(lo + PAGES_PER_2M, self.host_pages)]
+        frames = np.flatnonzero(span == _FREE).astype(np.int64) + lo
+        if len(frames):
+            self.frame_state[frames] = _USED
+            self.run_free[run] -= len(frames)
+            self._lazily_removed(self._nodes[int(self._node_of_block[lo])], len(frames))
+        return frames
 
     def counts_by_node(self) -> list[dict[str, int]]:
         """Frames by state for each node (a scan: for metrics scrapes, not hot paths)."""
