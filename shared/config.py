@@ -130,6 +130,9 @@ class AgentConfig(_Base):
     balloon_rate: float = Field(default=2048.0, gt=0)
     balloon_deflate_rate: float = Field(default=16384.0, gt=0)
     balloon_max_fraction: float = Field(default=0.65, ge=0, le=1)
+    #: Page checking: pages per second the monitor re-verifies against the guest model at
+    #: low priority (0: off; vmm_agent/page_check.py).
+    page_check_rate: float = Field(default=1000.0, ge=0, le=1e9)
 
     @property
     def guest_pages(self) -> int:

@@ -45,6 +45,7 @@ from .link import PlatformLink
 from .lowprio import LowPriorityLoop, RoundRecord
 from .metrics import AgentMetrics, GuestCollector
 from .monitor import MonitorQueue
+from .page_check import PageChecker
 from .resume import PlatformWatch
 from .rounds import HighPriorityLoop
 from .rpc import ConnectionClosed, RpcClient
@@ -138,7 +139,16 @@ class Agent:
         self.faults.on_fault_done.append(lambda _reason, _seconds: self.rounds.poll())
         self.faults.on_watched_touch = self.sampler.touch
         self.gate = GuestGate()
-        self.monitor = MonitorQueue([self.sampler], time.monotonic)
+        # After sampling's arming, in the talk's order: page checking is the least urgent.
+        self.page_check = PageChecker(
+            self.frames,
+            self.exposure,
+            self.guest,
+            self.guest_os,
+            self.faults.pending,
+            cfg.page_check_rate,
+        )
+        self.monitor = MonitorQueue([self.sampler, self.page_check], time.monotonic)
         self.lowprio = LowPriorityLoop(
             self.link,
             self.region,
@@ -303,6 +313,16 @@ class Agent:
             self.lowprio.latency_sensitivity = value
             log.info("latency_sensitivity_set", vm=self.config.name, value=value)
             return {"latency_sensitivity": value, "bound_seconds": self.lowprio.bound}
+        if op == "set_page_check_rate":
+            rate = args.get("rate")
+            if not isinstance(rate, (int, float)) or isinstance(rate, bool):
+                raise VMMemError("rate must be a number >= 0", ErrorCode.BAD_REQUEST)
+            try:
+                self.page_check.set_rate(float(rate))
+            except ValueError as exc:
+                raise VMMemError(str(exc), ErrorCode.BAD_REQUEST) from None
+            log.info("page_check_rate_set", vm=self.config.name, rate=self.page_check.rate)
+            return {"page_check_rate": self.page_check.rate}
         raise VMMemError(f"unknown op {op!r}", ErrorCode.BAD_REQUEST)
 
     def progress(self) -> dict[str, Any]:
@@ -320,6 +340,8 @@ class Agent:
             "throughput": r.phase_throughput(),
             "balloon_pages": self.guest_os.balloon_size,
             "refaults": self.guest_os.refaults,
+            "pages_checked": self.page_check.checked,
+            "page_check_mismatches": self.page_check.mismatches,
         }
 
     def results(self) -> dict[str, Any]:
@@ -351,4 +373,5 @@ class Agent:
             "balloon": self.balloon.summary(),
             "phase_throughput": [*r.phase_history, *([r.phase_throughput()] if r.running else [])],
             "mismatch_log": self.guest.mismatch_log[:10],
+            "page_check": self.page_check.summary(),
         }

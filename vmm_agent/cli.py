@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="the most of guest memory the balloon may hold (default 0.65, as ESX)",
     )
+    a(
+        "--page-check-rate",
+        type=float,
+        help="pages per second the monitor re-verifies against the guest model at low "
+        "priority, within the time bound (default 1000; 0: off)",
+    )
     a("--log-format", choices=["auto", "json", "console"], help="log format (default auto)")
     a("--log-level", choices=["debug", "info", "warning", "error"])
     return p

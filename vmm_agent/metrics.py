@@ -222,6 +222,21 @@ class GuestCollector(Collector):
             cost.add_metric([vm, name], c.per_unit)
         yield work
         yield cost
+        checker = agent.page_check
+        checked = CounterMetricFamily(
+            "vmmem_vmm_pages_checked",
+            "Mapped pages the monitor re-verified against the guest model (page checking)",
+            labels=["vm"],
+        )
+        checked.add_metric([vm], checker.checked)
+        yield checked
+        bad = CounterMetricFamily(
+            "vmmem_vmm_page_check_mismatches",
+            "Page checks that found a frame not holding what the guest wrote: data loss",
+            labels=["vm"],
+        )
+        bad.add_metric([vm], checker.mismatches)
+        yield bad
         yield from _guest_os_metrics(agent)
 
 

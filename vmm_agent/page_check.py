@@ -1,0 +1,241 @@
+"""Page checking: the monitor re-verifies a rolling sample of the pages it maps.
+
+Every guest read is checked against the guest model (``guest.py``), but a page the guest
+does not read could hold anything. So at low priority, inside the round's time bound, the
+monitor walks guest memory with a cursor (a clock hand, like the swap selection's) and
+checks the pages it maps against the model: each frame is hashed with xxh3, as a guest read
+hashes it, and the batch's hashes are compared with the model's expected hashes in one NumPy
+operation. A page the guest never wrote is expected to be zero, as the model says. Every
+mapped page is checked once per sweep of the cursor, so corruption of any page is found
+within ``guest_pages / rate`` seconds of guest progress.
+
+It is a task of the monitor-side queue (``monitor.py``), after sampling's arming. Its rate
+(pages per second) is a token bucket that holds at most one tick's worth, so a round checks
+at most ``rate * TICK_SECONDS`` pages, and never more than the monitor's share of the bound
+(the queue sizes each turn from the measured cost per page). The cursor passes over guest
+memory at most once a tick: no page is checked twice in one round, however high the rate.
+
+What is skipped, and why:
+
+- pages the monitor does not map (not exposed, in flight, swapped, never touched): there is
+  no frame of the guest's to read;
+- pages with a fault on the wire: the reply may remap them, and a write fault has already
+  dropped the old mapping (copy-on-write);
+- pages in the balloon: the guest gave them away and expects nothing of them.
+
+A page hidden by working-set sampling is checked through the monitor's hidden mapping and
+stays hidden and watched: the check is the monitor's read, not a guest touch. Nothing here
+counts as a guest access: no accessed bit (the swap filter's second chance), no touch stamp,
+no sampling touch, no fault, no refault.
+
+A mismatch is data loss: counted, remembered (the first few), and logged once per batch with
+the count and the first BPNs, never once per page. A page that stays corrupt is found again,
+and counted again, at each sweep.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Collection
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+import xxhash
+
+from shared.timebound import TICK_SECONDS
+
+from .exposure import ExposureTable
+from .guest import GuestMemory
+from .guest_os import BALLOON, GuestOS
+
+log = structlog.get_logger("vmmem.vmm.page_check")
+#: Default rate, pages per second: 100 pages a tick, about 0.15 ms of an 8 ms bound here
+#: (docs/performance.md, "Page checking"); a 64 MiB guest is swept in 16 s.
+DEFAULT_RATE = 1000.0
+#: BPNs looked at per window of the cursor (slices of the exposure table: cheap), and the
+#: most one turn looks at before it gives up for now (a mostly unmapped, huge guest).
+WINDOW = 4096
+MAX_SCAN = 1 << 16
+#: BPNs named in one mismatch log event, and mismatches remembered for the results.
+LOGGED_BPNS = 8
+MISMATCHES_KEPT = 100
+#: Float dust of the buckets' arithmetic: 0.1 s at 1000 pages/s is 100 pages, not 99.
+_DUST = 1e-6
+
+
+class PageChecker:
+    """The monitor task that checks mapped pages against the guest model, at a set rate."""
+
+    name = "page_check"
+
+    def __init__(
+        self,
+        frames: npt.NDArray[np.uint8],
+        exposure: ExposureTable,
+        guest: GuestMemory,
+        guest_os: GuestOS,
+        faulting: Collection[int],
+        rate: float = DEFAULT_RATE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.frames = frames
+        self.exposure = exposure
+        self.guest = guest
+        self.os = guest_os
+        #: BPNs with a fault on the wire (the fault path's table).
+        self.faulting = faulting
+        self.clock = clock
+        self.guest_pages = exposure.guest_pages
+        self.cursor = 0
+        self.rate = 0.0
+        self.tokens = 0.0
+        #: BPNs the cursor may still pass over: one sweep a tick at most, so a small guest
+        #: at a high rate is not checked twice over in one round.
+        self.scan_left = float(self.guest_pages)
+        self._last = clock()
+        #: No page was checkable in the last full sweep: nothing to do until then.
+        self._rest_until = -math.inf
+        self._unmapped_run = 0  # BPNs looked at since the last checkable one
+        self.set_rate(rate)
+        self.checked = 0
+        self.mismatches = 0
+        self.sweeps = 0  # times the cursor came round
+        self.skipped_faulting = 0
+        self.skipped_ballooned = 0
+        self.checked_hidden = 0
+        self.mismatch_log: list[dict[str, int]] = []
+
+    # ---- the rate -------------------------------------------------------------------------
+
+    @property
+    def burst(self) -> float:
+        """The most the bucket holds: one tick's worth of the rate."""
+        return self.rate * TICK_SECONDS
+
+    def set_rate(self, rate: float) -> None:
+        """Pages per second (0: off). Raises ValueError on a negative or non-finite rate."""
+        if not math.isfinite(rate) or rate < 0:
+            raise ValueError(f"page check rate must be a finite number >= 0, got {rate}")
+        self._refill()
+        self.rate = float(rate)
+        self.tokens = min(self.tokens, self.burst)
+
+    def _refill(self) -> None:
+        now = self.clock()
+        elapsed = max(0.0, now - self._last)
+        self.tokens = min(self.burst, self.tokens + self.rate * elapsed)
+        sweep = self.guest_pages
+        self.scan_left = min(sweep, self.scan_left + sweep * elapsed / TICK_SECONDS)
+        self._last = now
+
+    # ---- the monitor task -----------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        self._refill()
+        return (
+            self.tokens + _DUST >= 1
+            and self.scan_left + _DUST >= 1
+            and self.clock() >= self._rest_until
+        )
+
+    def run(self, units: int) -> int:
+        """Check up to ``units`` pages (and what the rate allows); returns how many."""
+        self._refill()
+        wanted = min(units, int(self.tokens + _DUST))
+        if wanted < 1:
+            return 0
+        bpns = self._next_pages(wanted)
+        if len(bpns):
+            self.tokens = max(0.0, self.tokens - len(bpns))
+            self._check(bpns)
+        return len(bpns)
+
+    def _next_pages(self, wanted: int) -> npt.NDArray[np.int64]:
+        """Up to ``wanted`` checkable BPNs from the cursor on, advancing it past them."""
+        found: list[npt.NDArray[np.int64]] = []
+        count = scanned = 0
+        limit = min(MAX_SCAN, int(self.scan_left + _DUST))
+        while count < wanted and scanned < limit:
+            start = self.cursor
+            end = min(self.guest_pages, start + WINDOW, start + limit - scanned)
+            ok = np.flatnonzero(self._checkable(start, end))[: wanted - count]
+            if len(ok) == wanted - count:  # the cursor stops right after the last page taken
+                end = start + int(ok[-1]) + 1
+            found.append(ok + start)
+            count += len(ok)
+            scanned += end - start
+            self.cursor = end % self.guest_pages
+            if self.cursor == 0:
+                self.sweeps += 1
+        self.scan_left = max(0.0, self.scan_left - scanned)
+        # A whole sweep (over as many turns as it takes) without one checkable page: rest
+        # until the next tick instead of scanning the empty table round after round.
+        self._unmapped_run = 0 if count else self._unmapped_run + scanned
+        if self._unmapped_run >= self.guest_pages:
+            self._unmapped_run = 0
+            self._rest_until = self.clock() + TICK_SECONDS
+        return np.concatenate(found) if found else np.empty(0, dtype=np.int64)
+
+    def _checkable(self, start: int, end: int) -> npt.NDArray[np.bool_]:
+        """Which BPNs of ``start:end`` may be checked now (module docstring: the skips)."""
+        exposure = self.exposure
+        mapped = (exposure.frame[start:end] >= 0) | (exposure.hidden_frame[start:end] >= 0)
+        ballooned = mapped & (self.os.kind[start:end] == BALLOON)
+        self.skipped_ballooned += int(np.count_nonzero(ballooned))
+        ok: npt.NDArray[np.bool_] = mapped & ~ballooned
+        if self.faulting:  # a few dozen at most (the outstanding-fault bound)
+            busy = np.fromiter(self.faulting, dtype=np.int64, count=len(self.faulting))
+            busy = busy[(busy >= start) & (busy < end)] - start
+            self.skipped_faulting += int(np.count_nonzero(ok[busy]))
+            ok[busy] = False
+        return ok
+
+    def _check(self, bpns: npt.NDArray[np.int64]) -> None:
+        """Hash each page's frame (the part that is per page) and compare the batch at once."""
+        frames = self.frames
+        mapped = self.exposure.mapped_frame(bpns)
+        hashes = np.fromiter(
+            (xxhash.xxh3_64_intdigest(frames[f]) for f in mapped.tolist()),
+            dtype=np.uint64,
+            count=len(mapped),
+        )
+        bad = np.flatnonzero(hashes != self.guest.expected[bpns])
+        self.checked += len(bpns)
+        self.checked_hidden += int(np.count_nonzero(self.exposure.frame[bpns] < 0))
+        if len(bad):
+            self._mismatch(bpns[bad], mapped[bad], len(bpns))
+
+    def _mismatch(
+        self, bpns: npt.NDArray[np.int64], frames: npt.NDArray[np.int64], batch: int
+    ) -> None:
+        self.mismatches += len(bpns)
+        versions = self.guest.version[bpns]
+        keep = max(0, MISMATCHES_KEPT - len(self.mismatch_log))
+        for bpn, frame, version in zip(
+            bpns[:keep].tolist(), frames[:keep].tolist(), versions[:keep].tolist(), strict=True
+        ):
+            self.mismatch_log.append({"bpn": bpn, "frame": frame, "version": version})
+        log.error(
+            "page_check_mismatch",
+            count=len(bpns),
+            checked=batch,
+            bpns=bpns[:LOGGED_BPNS].tolist(),
+            frames=frames[:LOGGED_BPNS].tolist(),
+            mismatches=self.mismatches,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """Counts and settings for the agent's progress and results."""
+        return {
+            "rate": self.rate,
+            "checked": self.checked,
+            "mismatches": self.mismatches,
+            "sweeps": self.sweeps,
+            "checked_hidden": self.checked_hidden,
+            "skipped_faulting": self.skipped_faulting,
+            "skipped_ballooned": self.skipped_ballooned,
+            "mismatch_log": self.mismatch_log[:10],
+        }
