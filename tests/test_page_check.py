@@ -43,6 +43,7 @@ from vmm_agent.fault_path import FaultPath
 from vmm_agent.guest import GuestMemory
 from vmm_agent.guest_os import GuestOS
 from vmm_agent.guest_time import GuestGate, GuestProgress
+from vmm_agent.load.report import build_report, render_table
 from vmm_agent.monitor import MonitorQueue
 from vmm_agent.page_check import PageChecker
 from vmm_agent.rpc import PeerError
@@ -534,3 +535,12 @@ def test_e2e_a_frame_corrupted_in_machine_memory_is_counted_by_the_agent(
         metrics = _scrape(port)
         assert metrics["vmmem_vmm_page_check_mismatches_total"] >= 1
         assert metrics["vmmem_vmm_pages_checked_total"] >= 1024
+        # The load generator's report of these results: data loss, said so, though no guest
+        # read (and no verification pass, here) found anything.
+        status = asyncio.run(ctl(d.socket, "status"))
+        no_pass = {"pages_verified": 0, "mismatches": 0, "unreachable": 0}
+        report = build_report("check", 1.0, {"vm1": results}, {"vm1": no_pass}, status, [])
+        assert report["outcome"] == "data_loss", report["verdict"]
+        assert "page-check mismatches" in report["verdict"]
+        assert report["verification"]["page_check_mismatches"] >= 1
+        assert "page checking: " in render_table(report)

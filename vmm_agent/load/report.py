@@ -3,8 +3,9 @@
 The verdict keeps apart what an operator must not confuse:
 
 - ``data_loss``: a page read back did not hold what the guest wrote (a mismatch, during the
-  run or in the verification pass), or could not be read for a reason other than memory (a
-  swap slot that fails its checksum);
+  run or in the verification pass), page checking found a mapped frame that does not hold
+  what the guest wrote (read by the guest or not), or a page could not be read for a reason
+  other than memory (a swap slot that fails its checksum);
 - ``violation``: a service took a page while it was pinned;
 - ``unreachable``: the host is out of memory and swap. Faults failed with OUT_OF_MEMORY, so
   some accesses were not done and some pages could not be brought back to be verified, but
@@ -68,6 +69,9 @@ def _vm_entry(
             "reads_checked_during_run": res["verification"]["pages_verified"],
             # Guest accesses not done during the run because their fault failed.
             "accesses_failed": res["verification"].get("accesses_failed", {}),
+            # Page checking: mapped pages the monitor re-verified, read by the guest or not.
+            "pages_checked": res.get("page_check", {}).get("checked", 0),
+            "page_check_mismatches": res.get("page_check", {}).get("mismatches", 0),
         },
     }
 
@@ -139,6 +143,8 @@ def _totals(vms: dict[str, Any]) -> dict[str, Any]:
         "unreadable": sum(n for code, n in by_error.items() if code != OUT_OF_MEMORY),
         "unreachable_by_error": dict(by_error),
         "accesses_failed": dict(failed),
+        "pages_checked": sum(v["pages_checked"] for v in ver),
+        "page_check_mismatches": sum(v["page_check_mismatches"] for v in ver),
     }
 
 
@@ -150,9 +156,14 @@ def verdict(report: dict[str, Any]) -> dict[str, Any]:
     pins = sum(v["pin_violations"] for v in vms.values())
     pinned_swaps = sum(v["released_while_pinned"].get("swap", 0) for v in vms.values())
     parts: list[tuple[str, str]] = []
-    if mismatches or t["unreadable"]:
+    checks = t.get("page_check_mismatches", 0)  # corrupt pages the guest may never read
+    if mismatches or checks or t["unreadable"]:
         detail = _join(
-            [(mismatches, "mismatches"), (t["unreadable"], "pages could not be read back")]
+            [
+                (mismatches, "mismatches"),
+                (checks, "page-check mismatches"),
+                (t["unreadable"], "pages could not be read back"),
+            ]
         )
         parts.append(("data_loss", f"FAILED: data loss ({detail})"))
     if pins or pinned_swaps:
@@ -247,6 +258,11 @@ def render_table(report: dict[str, Any]) -> str:
     lines.extend(_lowprio_lines(report))
     if "balloon" in report:
         lines.extend(balloon_lines(report["balloon"]))
+    if t.get("pages_checked"):
+        lines.append(
+            f"page checking: {t['pages_checked']:,} pages checked, "
+            f"{t['page_check_mismatches']} mismatches"
+        )
     lines.append(
         f"verification: {t['pages_verified']:,} pages, {t['mismatches']} mismatches, "
         f"{t['unreachable']} unreachable — {report['verdict']}"
