@@ -132,7 +132,7 @@ class BalloonRun:
             return False
         record.warm_seconds = round(time.monotonic() - t0, 3)
         if not await self._calm():
-            record.notes.append(f"VMs still backed off after a {WARM_MIN:g} s warm-up")
+            record.notes.append(f"VMs still backed off after {record.warm_seconds:g} s of warm-up")
         if not await load.run_phase(bp.settle["busy"], role(bp.settle)):
             return False
         record.settle = load.out.snapshots[-1]["results"]

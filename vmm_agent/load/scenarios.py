@@ -214,8 +214,9 @@ BALLOON_PASSES = ("balloon", "swap")
 #: through the page cache (the rest stays in the free pool); the idle VMs' working set.
 BALLOON_ANON, BALLOON_FILE, IDLE_ANON = 0.3, 0.6, 0.05
 #: Upper bounds (seconds) of the phases that end on a condition: the fill (every VM has
-#: written its memory and read its file) and the warm-up (no VM backed off any more).
-FILL_BOUND, WARM_BOUND = 120.0, 30.0
+#: written its memory and read its file) and the warm-up (no VM backed off any more: the
+#: fill's cold misses count as refaults, and a back-off holds 5 s after them).
+FILL_BOUND, WARM_BOUND = 120.0, 10.0
 #: Shares of a pass's duration: the settle phase (the baseline), then reclaim.
 SETTLE_SHARE, RECLAIM_SHARE = 0.3, 0.7
 #: A refault's simulated disk read, ms: a fast SSD, about what a swap-in costs on this
