@@ -51,7 +51,7 @@ def test_balloon_scenario_idle_first_backoff_and_swap_only_pass(
             "--json",
             str(out),
             "--no-progress",
-            timeout=130,
+            timeout=140,
         )
         assert res.returncode == 0, res.stdout + res.stderr
         report = load_json(out)
