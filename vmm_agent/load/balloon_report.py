@@ -14,8 +14,10 @@ The two claims the scenario is about are computed, never assumed:
 
 - idle tax: the idle VMs gave up more memory than the busy ones (frames freed, on average
   per VM), and gave first;
-- ballooning against swap: the busy guests' throughput during reclaim, as a fraction of
-  their own baseline (the settle phase just before), with ballooning on and with swap only.
+- ballooning against swap: each role's throughput during reclaim, as a fraction of its own
+  baseline (the settle phase just before), per 1,000 frames freed, with ballooning on (and
+  how much of it the balloon took: a VM that backs off gives the rest to swap) and with
+  swap only.
 """
 
 from __future__ import annotations

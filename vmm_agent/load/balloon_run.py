@@ -106,7 +106,12 @@ class BalloonRun:
             await daemon.call("set_memsched", balloon=ballooning)
             await daemon.call("set_host_limit", size=limit * PAGE_SIZE)
         load.progress.done()
-        load.out.extra["balloon"] = balloon_report(self.passes)
+        try:
+            load.out.extra["balloon"] = balloon_report(self.passes)
+        except (KeyError, IndexError, TypeError) as exc:
+            # A status or result without a field the report needs: say so, do not guess.
+            why = f"incomplete data ({type(exc).__name__}: {exc})"
+            load.out.extra["balloon"] = {"unavailable": why}
 
     async def _pass(self, record: PassRecord, bp: BalloonPass) -> bool:
         load, daemon = self.load, self.load.daemon
