@@ -303,6 +303,30 @@ async def test_pages_per_turn_are_bounded_by_the_time_the_queue_gives(rig: Check
 
 
 @pytest.mark.timeout(30)
+async def test_checking_takes_at_most_a_tenth_of_the_bound_whatever_the_rate(
+    rig: CheckRig,
+) -> None:
+    """A latency-sensitive VM (bound 0.5 ms) with checks costing 10 µs a page: at most 5 pages
+    a tick once the cost is measured (10 % of the bound), though the rate and the queue's
+    time would allow 100; over the ticks the time spent stays within the share."""
+    await rig.fill()
+    check = rig.checker._check
+
+    def costly_check(bpns: npt.NDArray[np.int64]) -> None:
+        check(bpns)
+        rig.clock.now += len(bpns) * 10e-6
+
+    rig.checker._check = costly_check  # type: ignore[method-assign]
+    rig.checker.bound = lambda: 0.5e-3
+    per_tick = [rig.tick() for _ in range(30)]
+    # The first turns guess the cost (2 µs a page) and overspend; a turn's overspending is
+    # paid back from the next ticks' shares (up to one tick's worth).
+    assert per_tick[0] == 25 and max(per_tick[10:]) <= 5, per_tick
+    assert sum(per_tick[10:]) <= 5 * 20 + 5, per_tick
+    assert sum(per_tick[10:]) >= 4 * 20, per_tick  # and it does use its share
+
+
+@pytest.mark.timeout(30)
 async def test_an_empty_exposure_table_rests_until_the_next_tick(rig: CheckRig) -> None:
     """Nothing mapped: one sweep finds nothing, and the checker has no work until the next
     tick, so an idle VM with nothing mapped runs no round for it."""

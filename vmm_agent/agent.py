@@ -147,6 +147,7 @@ class Agent:
             self.guest_os,
             self.faults.pending,
             cfg.page_check_rate,
+            bound=lambda: self.lowprio.bound,  # at most a share of it per tick
         )
         self.monitor = MonitorQueue([self.sampler, self.page_check], time.monotonic)
         self.lowprio = LowPriorityLoop(

@@ -12,8 +12,10 @@ within ``guest_pages / rate`` seconds of guest progress.
 It is a task of the monitor-side queue (``monitor.py``), after sampling's arming. Its rate
 (pages per second) is a token bucket that holds at most one tick's worth, so a round checks
 at most ``rate * TICK_SECONDS`` pages, and never more than the monitor's share of the bound
-(the queue sizes each turn from the measured cost per page). The cursor passes over guest
-memory at most once a tick: no page is checked twice in one round, however high the rate.
+(the queue sizes each turn from the measured cost per page). Nor does it take more than
+``BOUND_SHARE`` (10 %) of each tick's bound, however high the rate: a latency-sensitive VM's
+small bound stays the platform's and sampling's. The cursor passes over guest memory at
+most once a tick: no page is checked twice in one round.
 
 What is skipped, and why:
 
@@ -55,9 +57,17 @@ log = structlog.get_logger("vmmem.vmm.page_check")
 #: Default rate, pages per second: 100 pages a tick, about 0.15 ms of an 8 ms bound here
 #: (docs/performance.md, "Page checking"); a 64 MiB guest is swept in 16 s.
 DEFAULT_RATE = 1000.0
-#: BPNs looked at per window of the cursor (slices of the exposure table: cheap), and the
-#: most one turn looks at before it gives up for now (a mostly unmapped, huge guest).
-WINDOW = 4096
+#: The most of each tick's time bound page checking takes, whatever its rate: at the default
+#: rate this binds only on latency-sensitive VMs (a bound of 0.5 ms pays for ~30 pages).
+BOUND_SHARE = 0.1
+#: Seconds per page checked before the first turn measured it, and the moving average's gain.
+INITIAL_COST = 2e-6
+COST_GAIN = 0.25
+#: BPNs looked at per window of the cursor (slices of the exposure table: cheap), at least
+#: and at most, and the most one turn looks at before it gives up for now (a mostly
+#: unmapped, huge guest).
+MIN_WINDOW = 128
+WINDOW = 8192
 MAX_SCAN = 1 << 16
 #: BPNs named in one mismatch log event, and mismatches remembered for the results.
 LOGGED_BPNS = 8
@@ -80,6 +90,7 @@ class PageChecker:
         faulting: Collection[int],
         rate: float = DEFAULT_RATE,
         clock: Callable[[], float] = time.monotonic,
+        bound: Callable[[], float] | None = None,
     ) -> None:
         self.frames = frames
         self.exposure = exposure
@@ -95,11 +106,17 @@ class PageChecker:
         #: BPNs the cursor may still pass over: one sweep a tick at most, so a small guest
         #: at a high rate is not checked twice over in one round.
         self.scan_left = float(self.guest_pages)
+        #: The VM's time bound now (the low-priority loop's), and the seconds of checking
+        #: left of this tick's share of it (BOUND_SHARE), with the measured cost per page.
+        self.bound: Callable[[], float] | None = None  # set below: it may not answer yet
+        self.time_left = 0.0
+        self.per_page = INITIAL_COST
         self._last = clock()
         #: No page was checkable in the last full sweep: nothing to do until then.
         self._rest_until = -math.inf
         self._unmapped_run = 0  # BPNs looked at since the last checkable one
         self.set_rate(rate)
+        self.bound = bound
         self.checked = 0
         self.mismatches = 0
         self.sweeps = 0  # times the cursor came round
@@ -129,7 +146,16 @@ class PageChecker:
         self.tokens = min(self.burst, self.tokens + self.rate * elapsed)
         sweep = self.guest_pages
         self.scan_left = min(sweep, self.scan_left + sweep * elapsed / TICK_SECONDS)
+        if self.bound is not None:
+            share = BOUND_SHARE * self.bound()
+            self.time_left = min(share, self.time_left + share * elapsed / TICK_SECONDS)
         self._last = now
+
+    def _time_allows(self) -> int:
+        """Pages this tick's share of the bound still pays for, at the measured cost."""
+        if self.bound is None:
+            return 1 << 62
+        return int(self.time_left / max(self.per_page, 1e-9) + _DUST)
 
     # ---- the monitor task -----------------------------------------------------------------
 
@@ -138,19 +164,27 @@ class PageChecker:
         return (
             self.tokens + _DUST >= 1
             and self.scan_left + _DUST >= 1
+            and self._time_allows() >= 1
             and self.clock() >= self._rest_until
         )
 
     def run(self, units: int) -> int:
-        """Check up to ``units`` pages (and what the rate allows); returns how many."""
+        """Check up to ``units`` pages (and what the rate and the share of the bound
+        allow); returns how many."""
         self._refill()
-        wanted = min(units, int(self.tokens + _DUST))
+        wanted = min(units, int(self.tokens + _DUST), self._time_allows())
         if wanted < 1:
             return 0
+        t0 = self.clock()
         bpns = self._next_pages(wanted)
         if len(bpns):
             self.tokens = max(0.0, self.tokens - len(bpns))
             self._check(bpns)
+        spent = self.clock() - t0
+        if self.bound is not None:  # a turn that took longer than foreseen is paid back
+            self.time_left = max(-BOUND_SHARE * self.bound(), self.time_left - spent)
+        if len(bpns):
+            self.per_page += COST_GAIN * (spent / len(bpns) - self.per_page)
         return len(bpns)
 
     def _next_pages(self, wanted: int) -> npt.NDArray[np.int64]:
@@ -158,9 +192,13 @@ class PageChecker:
         found: list[npt.NDArray[np.int64]] = []
         count = scanned = 0
         limit = min(MAX_SCAN, int(self.scan_left + _DUST))
+        window = MIN_WINDOW
         while count < wanted and scanned < limit:
+            # Twice what is still wanted (most pages are mapped in a busy guest), more each
+            # time a window falls short (a sparse one).
+            window = min(WINDOW, max(window * 2, 2 * (wanted - count)))
             start = self.cursor
-            end = min(self.guest_pages, start + WINDOW, start + limit - scanned)
+            end = min(self.guest_pages, start + window, start + limit - scanned)
             ok = np.flatnonzero(self._checkable(start, end))[: wanted - count]
             if len(ok) == wanted - count:  # the cursor stops right after the last page taken
                 end = start + int(ok[-1]) + 1
