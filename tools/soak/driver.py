@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import subprocess
 import time
 from collections import deque
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
+from platform_daemon.persist import state_tag
 from shared.errors import VMMemError
 
 from .plan import (
@@ -42,6 +46,11 @@ STALL_SECONDS = 30.0
 RESTART_SECONDS = 60.0
 RELEASE_SECONDS = 30.0
 DISTRIBUTIONS = ("uniform", "zipf", "sequential")
+#: What a process that misbehaves makes a request raise (an error reply, a dead socket, a
+#: ``vmmem-ctl`` that hangs or prints no JSON): each is a failure of the soak, reported with
+#: the others.
+FAILURES = (SoakFailure, VMMemError, OSError, subprocess.SubprocessError, ValueError)
+SHM = Path("/dev/shm")
 
 
 class Soak:
@@ -57,6 +66,7 @@ class Soak:
         self.lives: list[DaemonLife] = []
         self.progress: dict[str, tuple[int, float]] = {}
         self.host_pages = 0
+        self.shm_before = {p.name for p in SHM.iterdir()}
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -73,14 +83,14 @@ class Soak:
         try:
             self.setup()
             self.loop(deque(schedule(self.s)))
-        except (SoakFailure, VMMemError, OSError) as exc:
+        except FAILURES as exc:
             self.fail(
                 f"{type(exc).__name__}: {exc}" if not isinstance(exc, SoakFailure) else str(exc)
             )
         if self.fleet.platform is not None and self.fleet.platform.popen.poll() is None:
             try:
                 self.finish()
-            except (SoakFailure, VMMemError, OSError) as exc:
+            except FAILURES as exc:
                 self.fail(f"final verification: {exc}")
         else:
             self.fail("no final verification: the daemon is not running")
@@ -166,6 +176,7 @@ class Soak:
         checked = self.check("periodic")
         moving = self.watch_guests()
         st = self.status()
+        self.report.swap_seen(st)
         mem = f"RSS {sample.rss_kib / 1024:.1f} MiB, {sample.fds} fds" if sample else "gone"
         self.say(
             "check",
@@ -226,6 +237,7 @@ class Soak:
         assert old is not None
         self.sample()  # this daemon's last look (before a request of ours is open)
         st = self.status()
+        self.report.swap_seen(st)
         in_flight = sum(vm["pages"]["in_flight"] for vm in st["vms"])
         resumed = {
             n: len(log_events(self.fleet.agents[n].log, "platform_resumed")) for n in self.names
@@ -273,7 +285,9 @@ class Soak:
         agent process of the same name registers as a new VM."""
         old = self.fleet.agents[name]
         res = self.fleet.agent_ctl(name, "results")
-        vm = next(v for v in self.status()["vms"] if v["name"] == name)
+        st = self.status()
+        self.report.swap_seen(st)
+        vm = next(v for v in st["vms"] if v["name"] == name)
         assert self.fleet.platform is not None
         log = self.fleet.platform.log
         released = len([e for e in log_events(log, "vm_released") if e["vm"] == name])
@@ -347,6 +361,7 @@ class Soak:
             self.fail(f"{agent.label} exited with {agent.popen.returncode}: not verified")
         for name in names:
             self.fleet.agent_ctl(name, "halt")
+        self.report.swap_seen(self.status())
         self.say("final", self.check("final, guests halted"))
         for name in names:
             res = self.fleet.agent_ctl(name, "results")
@@ -365,6 +380,15 @@ class Soak:
         self.sample()
         self.say("final", self.check("final, after verification"))
 
+    def shm_strays(self) -> list[str]:
+        """What appeared in /dev/shm during the soak, outside its memory directory, that is
+        ours: named after the daemon's state tag or a pid the soak started (others may be
+        working on this machine, and their files are theirs)."""
+        ours = [state_tag(self.fleet.socket)] + [str(p.pid) for p in self.fleet.started]
+        pattern = re.compile(r"(?<![0-9a-f])(" + "|".join(ours) + r")(?![0-9a-f])")
+        new = {p.name for p in SHM.iterdir()} - self.shm_before - {self.fleet.mem_dir.name}
+        return sorted(name for name in new if pattern.search(name))
+
     def stop(self) -> None:
         """A clean stop: every process exits 0, nothing stays in the memory directory."""
         codes = self.fleet.stop_all()
@@ -375,10 +399,14 @@ class Soak:
         left = sorted(p.name for p in self.fleet.mem_dir.iterdir())
         if left:
             self.fail(f"left in the memory directory after a clean stop: {left}")
+        strays = self.shm_strays()
+        if strays:
+            self.fail(f"left in {SHM} after a clean stop: {strays}")
         self.say(
             "stop",
             f"{len(codes)} processes stopped ({len(killed)} killed earlier by the soak); "
-            f"memory directory {'empty' if not left else 'NOT empty'}",
+            f"memory directory {'empty' if not left else 'NOT empty'}, "
+            f"{'nothing' if not strays else 'files'} of ours left in {SHM}",
         )
         self.report.memory_verdicts = [judge(life, self.s) for life in self.lives]
         self.report.daemons = [asdict(life) for life in self.lives]

@@ -78,30 +78,32 @@ class Settings:
 
 
 def schedule(settings: Settings) -> list[Event]:
-    """When each event happens: ``count(kind)`` of each kind, spread over the run with some
-    jitter (seeded), none in the first warm-up (the overcommit builds up first) nor in the
-    last tenth (the final verification follows). Kills of either kind share one row of
-    slots, interleaved, one kill in the middle of each slot, so that a restart has time to
-    settle before the next one."""
+    """When each event happens: ``count(kind)`` of each kind, with some jitter (seeded), none
+    in the first warm-up (the overcommit builds up first) nor in the last tenth (the final
+    verification follows).
+
+    The daemon is killed in the first half and agents in the second: the last daemon then
+    serves the whole second half, through every agent kill and restart, so that its memory
+    is judged over the longest stretch and over the churn a leak would show in (a VM's
+    mappings, descriptors and p2m file coming and going). Retirements are spread over the
+    whole run. Each kill is in the middle of its slot, so that a restart settles first."""
     rng = random.Random(settings.seed)
-    start, end = settings.warmup, settings.seconds * 0.9
-    events: list[Event] = []
-    kills = _interleave(settings.count(Kind.DAEMON_KILL), settings.count(Kind.AGENT_KILL))
-    slot = (end - start) / len(kills)
-    for i, kind in enumerate(kills):
-        events.append(Event(round(start + slot * (i + rng.uniform(0.3, 0.7)), 2), kind))
-    n = settings.count(Kind.RETIRE)
-    slot = (end - start) / n
-    for i in range(n):
-        events.append(Event(round(start + slot * (i + rng.random()), 2), Kind.RETIRE))
+    start, half, end = settings.warmup, settings.seconds / 2, settings.seconds * 0.9
+    events = [
+        *_spread(rng, Kind.DAEMON_KILL, settings.count(Kind.DAEMON_KILL), start, half, 0.3, 0.7),
+        *_spread(rng, Kind.AGENT_KILL, settings.count(Kind.AGENT_KILL), half, end, 0.3, 0.7),
+        *_spread(rng, Kind.RETIRE, settings.count(Kind.RETIRE), start, end, 0.0, 1.0),
+    ]
     return sorted(events, key=lambda e: e.at)
 
 
-def _interleave(daemon_kills: int, agent_kills: int) -> list[Kind]:
-    """Both kinds of kill, each spread evenly over the row (a daemon kill first on a tie)."""
-    keyed = [((i + 0.5) / daemon_kills, 0, Kind.DAEMON_KILL) for i in range(daemon_kills)]
-    keyed += [((i + 0.5) / agent_kills, 1, Kind.AGENT_KILL) for i in range(agent_kills)]
-    return [kind for _, _, kind in sorted(keyed)]
+def _spread(
+    rng: random.Random, kind: Kind, n: int, start: float, end: float, lo: float, hi: float
+) -> list[Event]:
+    """``n`` events in ``n`` equal slots of [start, end], each at a random fraction in
+    [lo, hi] of its slot."""
+    slot = (end - start) / n
+    return [Event(round(start + slot * (i + rng.uniform(lo, hi)), 2), kind) for i in range(n)]
 
 
 @dataclass

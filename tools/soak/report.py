@@ -23,6 +23,10 @@ class Report:
     check_times: list[float] = field(default_factory=list)
     violations: Counter[str] = field(default_factory=Counter)
     retired_by_kind: Counter[str] = field(default_factory=Counter)
+    #: The most pages in swap at once, and each VM's swap-outs and swap-ins as last seen,
+    #: by (daemon pid, vm id): a daemon's counters start at 0, a VM's end with its agent.
+    swap_peak: int = 0
+    swap_traffic: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
     #: Agents killed: what each had done, from its ``results`` just before.
     killed: list[dict[str, Any]] = field(default_factory=list)
     #: The agents alive at the end: ``results`` and ``verify`` of each.
@@ -52,6 +56,23 @@ class Report:
         for v in out["violations"]:
             self.violations[v["name"]] += 1
 
+    def swap_seen(self, status: dict[str, Any]) -> None:
+        """Swap as one ``status`` shows it (taken at every check and before every kill)."""
+        if status["swap"] is not None:
+            self.swap_peak = max(self.swap_peak, status["swap"]["used"])
+        for vm in status["vms"]:
+            stats = vm["stats"]
+            key = (status["pid"], vm["vm_id"])
+            self.swap_traffic[key] = (stats["swapped_out"], stats["swapped_in"])
+
+    @property
+    def swap_outs(self) -> int:
+        return sum(out for out, _ in self.swap_traffic.values())
+
+    @property
+    def swap_ins(self) -> int:
+        return sum(in_ for _, in_ in self.swap_traffic.values())
+
     def verification(self, label: str, results: dict[str, Any], verify: dict[str, Any]) -> None:
         keep = ("reads", "writes", "pages_written", "mismatches", "fault_errors", "pin_violations")
         self.verified.append({"vm": label, **{k: results[k] for k in keep}, "verify": verify})
@@ -77,6 +98,8 @@ class Report:
             f"{s.guest_mib} MiB on a {s.limit_mib} MiB host limit, {s.swap_mib} MiB swap ==",
             f"events: {c[Kind.DAEMON_KILL]} daemon kills + takeovers, {c[Kind.AGENT_KILL]} agent "
             f"kills + restarts, {c[Kind.RETIRE]} frames retired ({retired or 'none'})",
+            f"swap: at least {self.swap_outs:,} pages swapped out and {self.swap_ins:,} swapped "
+            f"in; at most {self.swap_peak:,} in swap at once",
             f"checks: {self.checks_run} run, {self.checks_ok} passed"
             + (f", violations {dict(self.violations)}" if self.violations else "")
             + f" (median {statistics.median(ms):.0f} ms, max {max(ms):.0f} ms)",
@@ -103,6 +126,7 @@ class Report:
             "failures": self.failures,
             "events": dict(self.counts),
             "retired_by_kind": dict(self.retired_by_kind),
+            "swap": {"peak": self.swap_peak, "outs": self.swap_outs, "ins": self.swap_ins},
             "checks": {
                 "run": self.checks_run,
                 "ok": self.checks_ok,
