@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="... and at most this many pages per second for the whole host (default 16384)",
     )
     a(
+        "--hugepages",
+        action=argparse.BooleanOptionalAction,
+        help="2M promotion and 2M defrag: map fully backed private 2 MB regions large "
+        "(default off)",
+    )
+    a(
         "--lowprio-aging-seconds",
         type=float,
         help="a low-priority type waiting this long moves up one class (default 1)",

@@ -11,6 +11,7 @@ from typing import Any
 from shared.sizes import format_size
 
 from .ctl_client import CtlClient, CtlError
+from .hugepages_status import host_hugepages_line, vm_hugepages_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +80,8 @@ def render_status(st: dict[str, Any]) -> str:
         sw = st["swap"]
         full = f"  FULL ({sw['full']}): not counted on for reclaim" if sw.get("full") else ""
         lines.append(f"swap: {sw['path']}  {sw['used']:,}/{sw['slots']:,} slots used{full}")
+    if st.get("hugepages"):
+        lines.append(host_hugepages_line(st["hugepages"]))
     sh = st.get("sharing")
     if sh:
         lines.append(
@@ -98,6 +101,8 @@ def render_status(st: dict[str, Any]) -> str:
         lines.append("  " + _vm_lowprio_line(vm))
         if vm.get("numa"):
             lines.append("  " + _vm_numa_line(vm["numa"]))
+        if vm.get("hugepages"):
+            lines.append("  " + vm_hugepages_line(vm["hugepages"]))
         if vm.get("memsched"):
             lines.append("  " + _vm_memsched_line(vm["memsched"]))
     return "\n".join(lines)

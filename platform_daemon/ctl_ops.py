@@ -17,6 +17,7 @@ from shared.sizes import parse_size
 
 from . import invariants
 from .agent_probe import read_exposures
+from .hugepages_status import hugepages_host, hugepages_status
 from .services.numa_migration import NumaMigrationService, locality
 from .services.page_sharing import PageSharingService
 from .services.sampling import SamplingService
@@ -172,6 +173,7 @@ class CtlOps:
                 "full": s.memsched.swap_full(),
             },
             "sharing": self._host_sharing(),
+            "hugepages": hugepages_host(self.server),
             "memsched": {
                 **s.memsched.settings(),
                 "reclaiming": s.memsched.reclaiming,
@@ -217,6 +219,7 @@ class CtlOps:
             },
             "lowprio": self._lowprio(vm),
             "numa": self._vm_numa(vm),
+            "hugepages": hugepages_status(self.server, vm),
         }
 
     def _vm_numa(self, vm: Any) -> dict[str, Any]:

@@ -110,6 +110,7 @@ class HostState:
         machine, shared = server.machine, server.shared
         p2m_update = server.services.get(ServiceType.P2M_UPDATE)
         swap_svc = server.services.get(ServiceType.SWAP)
+        defrag = server.services.get(ServiceType.DEFRAG_2M)
         return cls(
             allocator=machine.allocator,
             owner_vm=machine.owner_vm,
@@ -118,7 +119,11 @@ class HostState:
             refs=shared.refs,
             merged_frames=shared.frames,
             vms={vm_id: vm.p2m for vm_id, vm in server.vms.items()},
-            held_frames=list(getattr(p2m_update, "refs", {})),
+            # p2mUpdate's old frames, and the frames of runs 2M defrag is emptying.
+            held_frames=[
+                *getattr(p2m_update, "refs", {}),
+                *getattr(defrag, "held_frames", list)(),
+            ],
             swap=server.swap,
             swap_writing=getattr(swap_svc, "writing", None),
         )

@@ -204,6 +204,28 @@ class PlatformMetrics:
             "Pages NUMA migration moved to their VM's home node",
             registry=registry,
         )
+        self.hugepage_splits = Counter(
+            "vmmem_hugepage_splits",
+            "Large (2 MB) regions split because a release service took one of their pages",
+            ["service"],
+            registry=registry,
+        )
+        self.hugepage_promoted = Counter(
+            "vmmem_hugepage_promoted_pages",
+            "Pages 2M promotion copied into a whole 2 MiB run (512 per region)",
+            registry=registry,
+        )
+        self.defrag_moved = Counter(
+            "vmmem_defrag_moved_pages",
+            "Pages 2M defrag moved out of a run it was emptying",
+            registry=registry,
+        )
+        self.defrag_runs = Counter(
+            "vmmem_defrag_runs",
+            "Runs 2M defrag isolated, by outcome (freed: the whole run is free; aborted)",
+            ["outcome"],
+            registry=registry,
+        )
         self.validated = Counter(
             "vmmem_validated_pages",
             "Pages of remap validation batches, by outcome (mapped by the VMM, or not)",
@@ -267,6 +289,9 @@ class StateCollector(Collector):
             )
         yield from _lowprio_families(server)
         yield from _numa_families(server)
+        from .hugepages_status import hugepage_families  # (it imports the services)
+
+        yield from hugepage_families(server)
         swap = server.swap
         if swap is not None:
             yield GaugeMetricFamily(

@@ -50,6 +50,8 @@ class VMStats:
     #: Pages the balloon gave back to the host.
     ballooned: int = 0
     swap_cancelled: int = 0
+    #: Large (2 MB) regions split because a release service took one of their pages.
+    hugepage_splits: int = 0
     retired_moves: int = 0
     p2m_updates: int = 0
     low_waits: int = 0

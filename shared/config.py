@@ -64,6 +64,10 @@ class PlatformConfig(_Base):
     #: NUMA migration's bounds, pages per second per VM and for the host (0: no migration).
     numa_migrate_rate: float = Field(default=4096.0, ge=0, le=1 << 24)
     numa_host_migrate_rate: float = Field(default=16384.0, ge=0, le=1 << 24)
+    #: 2 MB pages: 2M promotion collapses fully backed private regions into whole runs, and
+    #: 2M defrag empties nearly free runs for it (off by default, as Linux's THP "madvise"
+    #: mode is for most processes: large pages keep page sharing off those regions).
+    hugepages: bool = False
     #: Low-priority aging: a type waiting this long moves up one priority class.
     lowprio_aging_seconds: float = Field(default=1.0, gt=0)
     #: memsched (ESX'02): the idle memory tax, ballooning on or off, the balloon's cap as a

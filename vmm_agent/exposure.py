@@ -9,6 +9,14 @@ let the guest use it, so the next guest touch traps in the monitor's fault path,
 the mapping back without asking the platform. Working-set sampling hides the pages it
 watches this way (``watched``). For the platform a hidden page is still exposed: release
 batches treat the hidden mapping as the monitor's mapping.
+
+Large mappings: ``large[r]`` says the monitor maps 2 MB region ``r`` (BPNs ``512r ..
+512r+511``) with one large mapping, which it does once 2M promotion moved the region into
+one aligned run and every page of it is installed there (``arm_large``). Guest accesses
+still go through ``frame`` page by page (the model checks every page's content). Any
+release of a page of a large region splits the mapping first (``invalidate``), as the
+platform does in its p2m (``platform_daemon/hugepages.py``); ``splits`` counts them. Hiding a
+page for working-set sampling does not split: it is a monitor-only trap, not a release.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from shared.constants import NO_FRAME
+from shared.constants import NO_FRAME, PAGES_PER_2M
 
 NOT_RELEASED = 0xFF
 
@@ -38,6 +46,9 @@ class ExposureTable:
         self.hidden_writable = np.zeros(guest_pages, dtype=bool)
         #: Pages of the current working-set sample not touched since they were armed.
         self.watched = np.zeros(guest_pages, dtype=bool)
+        #: Whole 2 MB regions mapped large, and how many large mappings were split.
+        self.large = np.zeros(guest_pages // PAGES_PER_2M, dtype=bool)
+        self.splits = 0
 
     def install(
         self, bpns: npt.NDArray[Any], frames: npt.NDArray[Any], writable: npt.NDArray[Any]
@@ -55,11 +66,46 @@ class ExposureTable:
         self.hidden_writable[idx] = False
 
     def invalidate(self, bpns: npt.NDArray[Any]) -> None:
-        """Stop exposing pages (they are handed to the platform), hidden mappings included."""
+        """Stop exposing pages (they are handed to the platform), hidden mappings included;
+        a large mapping that covers one of them is split first."""
+        self.split(bpns)
         self.frame[bpns] = NO_FRAME
         self.writable[bpns] = False
         self.hidden_frame[bpns] = NO_FRAME
         self.hidden_writable[bpns] = False
+
+    def split(self, bpns: npt.NDArray[Any]) -> int:
+        """End the large mappings of the regions ``bpns`` touch; returns how many."""
+        regions = np.asarray(bpns, dtype=np.int64) // PAGES_PER_2M
+        regions = regions[regions < len(self.large)]
+        hit = np.unique(regions[self.large[regions]])
+        self.large[hit] = False
+        self.splits += len(hit)
+        return len(hit)
+
+    def arm_large(self, regions: npt.NDArray[np.int64]) -> int:
+        """Map large every region of ``regions`` whose 512 pages are installed, writable, on
+        one aligned run in order (frame of page i = run + i); returns how many were armed.
+
+        The condition is what a 2 MB page table entry can express: nothing else is needed
+        to know the promotion finished (a page that moved since would break the order).
+        """
+        regions = np.unique(regions[regions < len(self.large)])
+        if len(regions) == 0:
+            return 0
+        pages = regions[:, None] * PAGES_PER_2M + np.arange(PAGES_PER_2M, dtype=np.int64)
+        frames = self.mapped_frame(pages.ravel()).reshape(pages.shape)
+        writable = self.mapped_writable(pages.ravel()).reshape(pages.shape)
+        base = frames[:, :1]
+        ok = (base[:, 0] >= 0) & (base[:, 0] % PAGES_PER_2M == 0) & writable.all(axis=1)
+        ok &= (frames == base + np.arange(PAGES_PER_2M)).all(axis=1)
+        armed = regions[ok & ~self.large[regions]]
+        self.large[armed] = True
+        return len(armed)
+
+    def coverage(self) -> float:
+        """Fraction of guest memory mapped large."""
+        return float(np.count_nonzero(self.large)) * PAGES_PER_2M / max(1, self.guest_pages)
 
     def hide(self, bpns: npt.NDArray[np.int64]) -> None:
         """Keep the mappings of ``bpns`` in the monitor only: the next touch traps."""

@@ -8,10 +8,12 @@ from shared.constants import ServiceType
 
 from .balloon import BalloonService
 from .base import PlatformService
+from .defrag import DefragService
 from .numa_migration import NumaMigrationService
 from .p2m_update import P2MUpdateService
 from .page_retire import PageRetireService
 from .page_sharing import PageSharingService
+from .promotion import PromotionService
 from .sampling import SamplingService
 from .swap import SwapService
 from .validation import ValidationService
@@ -28,6 +30,8 @@ SERVICE_CLASSES: tuple[type[PlatformService], ...] = (
     PageSharingService,
     NumaMigrationService,
     ValidationService,
+    DefragService,
+    PromotionService,
 )
 
 
@@ -38,4 +42,9 @@ def build_services(ctx: ServiceContext) -> dict[ServiceType, PlatformService]:
     numa, validation = services[ServiceType.NUMA_MIGRATION], services[ServiceType.VALIDATION]
     assert isinstance(numa, NumaMigrationService) and isinstance(validation, ValidationService)
     numa.on_moved = validation.enqueue
+    # 2M defrag and promotion remap too; promotion asks defrag for a run when none is free.
+    defrag, promotion = services[ServiceType.DEFRAG_2M], services[ServiceType.PROMOTION_2M]
+    assert isinstance(defrag, DefragService) and isinstance(promotion, PromotionService)
+    defrag.on_moved = promotion.on_moved = validation.enqueue
+    promotion.want_run = defrag.want_run
     return services

@@ -56,6 +56,7 @@ class BalloonService(PlatformService):
         if len(accepted) == 0:
             return
         ctx, p2m = self.ctx, vm.p2m
+        self.split_large(vm, accepted)  # the rest of a large region stays, as small pages
         in_flight = accepted[p2m.state[accepted] == _IN_FLIGHT]
         if len(in_flight):
             ctx.cancel(vm, in_flight)

@@ -23,6 +23,7 @@ import numpy.typing as npt
 from shared.constants import PageState, PageStatus, Priority, ServiceType
 from shared.messages import FaultReply
 
+from ..hugepages import split
 from ..p2m import NO_OP
 
 if TYPE_CHECKING:
@@ -73,11 +74,23 @@ class PlatformService(ABC):
         """Hook: drop any per-VM queue."""
 
     def mark_in_flight(self, vm: VM, bpns: Pages) -> None:
-        """Pages leave the VMM and belong to this service until it finishes or cancels."""
+        """Pages leave the VMM and belong to this service until it finishes or cancels.
+
+        A page of a large region ends that region's large mapping first (the VMM split it
+        too when it released the page): ``hugepages.py``.
+        """
+        self.split_large(vm, bpns)
         p2m = vm.p2m
         p2m.state[bpns] = PageState.IN_FLIGHT
         p2m.op[bpns] = self.service
         p2m.epoch[bpns] += 1
+
+    def split_large(self, vm: VM, bpns: Pages) -> int:
+        """Split the large regions ``bpns`` touch, counted under this service's name."""
+        n = split(vm, bpns)
+        if n:
+            self.ctx.metrics.hugepage_splits.labels(self.service.name.lower()).inc(n)
+        return n
 
     def finish(self, vm: VM, bpns: Pages, state: PageState = PageState.RESIDENT) -> None:
         """Pages leave this service: unmapped by the VMM (RESIDENT) or mapped again."""

@@ -348,6 +348,7 @@ class NumaMigrationService(LowPriorityService):
         if k == 0:
             return 0
         moving = bpns[:k]
+        self.split_large(vm, moving)  # unmapped pages move without a batch: split here
         old = p2m.frame[moving].copy()
         new = machine.allocator.allocate(k, home)  # k <= free_on(home): all on the home node
         # The order keeps a crash safe: the copy is in the new frame before the p2m names it,

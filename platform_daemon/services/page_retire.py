@@ -89,6 +89,7 @@ class PageRetireService(PlatformService):
         bpns = bpns[: machine.available()]
         if len(bpns) == 0:
             return 0
+        self.split_large(vm, bpns)  # unmapped pages move without a batch: split here
         old = vm.p2m.frame[bpns].copy()
         nodes = machine.allocator.node_of(old)
         new = np.empty_like(old)

@@ -27,7 +27,7 @@ from shared.constants import FaultReason, PageState, PageStatus, ServiceType
 from shared.errors import ErrorCode, VMMemError
 from shared.messages import FaultReply
 
-from ..p2m import NO_OP, NO_SLOT, P2M
+from ..p2m import FLAG_SHARED, NO_OP, NO_SLOT, P2M
 from ..swapfile import SwapChecksumError, SwapWriteError
 from .base import Pages, PlatformService
 
@@ -76,7 +76,9 @@ class SwapService(PlatformService):
         span = min(n, max(want, 1) * self.scan_factor)
         window = (np.arange(start, start + span, dtype=np.int64)) % n
         p2m = vm.p2m
-        private = p2m.flags[window] == 0
+        # Private: not shared read-only (a page of a large region is private too; taking it
+        # splits the region, ``hugepages.py``).
+        private = (p2m.flags[window] & FLAG_SHARED) == 0
         state = p2m.state[window]
         # Resident pages (a failed write, a retire move) have a frame the VMM does not map:
         # the platform swaps them itself, without a batch.

@@ -10,10 +10,12 @@ from shared.constants import ServiceType
 from ..exposure import ExposureTable
 from ..sampler import Sampler
 from .base import AgentService
+from .defrag import DefragFilter
 from .numa_migration import NumaMigrationFilter
 from .p2m_update import P2MUpdateFilter
 from .page_retire import PageRetireFilter
 from .page_sharing import PageSharingFilter
+from .promotion import PromotionFilter
 from .sampling import SamplingFilter
 from .swap import SwapFilter
 from .validation import ValidationFilter
@@ -24,6 +26,8 @@ FILTERS: dict[ServiceType, type[AgentService]] = {
     ServiceType.PAGE_RETIRE: PageRetireFilter,
     ServiceType.PAGE_SHARING: PageSharingFilter,
     ServiceType.NUMA_MIGRATION: NumaMigrationFilter,
+    ServiceType.DEFRAG_2M: DefragFilter,
+    ServiceType.PROMOTION_2M: PromotionFilter,
 }
 
 

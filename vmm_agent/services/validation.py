@@ -1,10 +1,12 @@
-"""Remap validation: install the new frames of pages a remap (NUMA migration) moved.
+"""Remap validation: install the new frames of pages a remap (NUMA migration, 2M defrag,
+2M promotion) moved.
 
 The batch's ``mpn`` is the frame to map, not the one mapped now: no page is released, pages
 are exposed. The monitor maps a page only if it does not map it already (a fault may have
-got there first: CANCELLED) and migration was the last service to take it from the guest
+got there first: CANCELLED) and a remapping service was the last to take it from the guest
 (otherwise something else, the balloon, took it since: STALE_FRAME). Pages are private, so
 they are mapped writable; a page watched by the working-set sample is installed hidden.
+Regions 2M promotion moved are then mapped large once all their pages are in place.
 """
 
 from __future__ import annotations
@@ -14,12 +16,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from shared.constants import PageStatus, ServiceType
+from shared.constants import PAGES_PER_2M, PageStatus, ServiceType
 
 from ..exposure import NOT_RELEASED
 from .base import AgentService, refuse
 
 _NONE = np.empty(0, dtype=np.int64)
+#: Services whose pages come back through remap validation.
+REMAPS = np.array(
+    [ServiceType.NUMA_MIGRATION, ServiceType.DEFRAG_2M, ServiceType.PROMOTION_2M], dtype=np.uint8
+)
 
 
 class ValidationFilter(AgentService):
@@ -32,9 +38,12 @@ class ValidationFilter(AgentService):
         exposure = self.exposure
         status[:] = PageStatus.OK
         refuse(status, exposure.mapped_frame(idx) >= 0, PageStatus.CANCELLED)
-        moved_by = exposure.released_by[idx] != ServiceType.NUMA_MIGRATION
-        refuse(status, moved_by, PageStatus.STALE_FRAME)
+        released_by = exposure.released_by[idx]
+        refuse(status, ~np.isin(released_by, REMAPS), PageStatus.STALE_FRAME)
         ok = status == PageStatus.OK
         exposure.install(idx[ok], mpns[ok], np.ones(int(np.count_nonzero(ok)), dtype=bool))
         exposure.released_by[idx[ok]] = NOT_RELEASED  # the guest has it again
+        promoted = idx[released_by == ServiceType.PROMOTION_2M]
+        if len(promoted):
+            exposure.arm_large(np.unique(promoted // PAGES_PER_2M))
         return _NONE  # nothing leaves the monitor

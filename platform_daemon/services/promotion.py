@@ -1,0 +1,291 @@
+"""2M promotion: a 2 MB guest region whose 512 pages are all backed and private is copied into
+one aligned 2 MiB run of frames, so the VMM can map it with one large mapping.
+
+The talk lists "2M-region promotion" as the last low-priority class; the rest is taken from
+Linux's khugepaged (``mm/khugepaged.c``):
+
+- **a scan in bounded steps** (``khugepaged_scan_mm_slot`` looks at ``pages_to_scan`` PTEs
+  per wake-up, then sleeps ``scan_sleep_millisecs``): a background task walks a hand over
+  each VM's regions, ``SCAN_REGIONS`` of them per step every ``SCAN_SECONDS``, and queues
+  those fit to collapse (at most ``MAX_QUEUE`` per VM). A step's cost does not grow with
+  the guest;
+- **what may collapse** (``hpage_collapse_scan_pmd``): every page present, none shared
+  (``max_ptes_shared``), none swapped (``max_ptes_swap``) and none empty: this service is
+  stricter than Linux's defaults (which fill up to 511 empty PTEs with zeroed pages) because
+  the issue asks for regions "all backed and private", and a promotion that fills empty
+  pages costs frames the guest never asked for. Pages in flight, on failing frames or in
+  regions already large are skipped;
+- **a huge page first, or no collapse** (``alloc_charge_folio``: when no huge page can be
+  allocated, khugepaged backs off ``alloc_sleep_millisecs`` and kcompactd is woken): the run
+  is taken with ``FrameAllocator.allocate_run`` on the VM's home node; while none is free
+  the VM's queue waits ``NO_RUN_SECONDS`` and 2M defrag is asked for one on that node;
+- **isolate, copy, install** (``collapse_huge_page``: the PTEs are cleared under the mmap
+  lock, the pages copied into the huge page, the PMD installed): the VMM releases a whole
+  region in a PROMOTION_2M batch (its filter refuses the whole region when one page is
+  pinned, as khugepaged fails on a page with extra references), the platform copies the 512
+  frames into the run with one NumPy gather, repoints the p2m (``FLAG_LARGE`` on every page)
+  and frees the old frames; the second half, the VMM installing the new frames, is a
+  VALIDATION batch, after which the VMM maps the region large (``vmm_agent/exposure.py``);
+- **a fault waits for the collapse** (a fault during ``collapse_huge_page`` waits on the mmap
+  lock, then finds the huge page): a fault on a page of a region in flight completes the
+  region's copy at once and maps the new frame (COMPLETE); only when no run can be had does
+  the region keep its old frames (CANCEL). Content is never lost: the old frames are freed
+  only after the run holds the copy and the p2m names it.
+
+A unit of work for the low-priority scheduler is one region (512 pages). A slot with room
+for fewer than 512 pages cannot carry a region: promotion then never offers work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from shared.constants import PAGES_PER_2M, FaultReason, PageState, ServiceType
+from shared.messages import FaultReply
+
+from ..hugepages import FLAG_LARGE, region_pages
+from ..p2m import NO_OP
+from .base import LowPriorityService, Pages, Selection
+
+if TYPE_CHECKING:
+    from ..context import ServiceContext
+    from ..vm import VM
+
+#: Regions the scanner looks at per VM and step, and the step's period (khugepaged: 4096
+#: PTEs, i.e. 8 regions, every 10 s; faster here, since a scenario lasts seconds).
+SCAN_REGIONS = 64
+SCAN_SECONDS = 0.1
+#: Regions queued per VM at most.
+MAX_QUEUE = 16
+#: After no run was free on the home node, the VM's queue waits this long.
+NO_RUN_SECONDS = 0.5
+#: Runs ``allocate_run`` looks at per call (a window: bounded cost on any host).
+RUN_WINDOW = 1024
+
+_EXPOSED, _RESIDENT = int(PageState.EXPOSED), int(PageState.RESIDENT)
+_IN_FLIGHT = int(PageState.IN_FLIGHT)
+_PROMO = int(ServiceType.PROMOTION_2M)
+
+
+@dataclass
+class PromotionStats:
+    """Per-VM figures of 2M promotion (``vmmem-ctl status``)."""
+
+    promoted: int = 0  # regions copied into a run
+    fault_completions: int = 0  # faults that completed a region's copy
+    aborted: int = 0  # regions given up after their release (no run, a page faulted)
+    refused: int = 0  # regions the VMM kept (a pinned page)
+    no_run: int = 0  # times no free run was found on the home node
+
+
+@dataclass
+class _VMPromo:
+    vm: VM
+    hand: int = 0  # next region the scan looks at
+    queue: list[int] = field(default_factory=list)
+    next_scan: float = 0.0
+    wait_until: float = 0.0  # no run was free: the queue waits
+    stats: PromotionStats = field(default_factory=PromotionStats)
+
+
+class PromotionService(LowPriorityService):
+    """Collapses fully backed private 2 MB regions into one aligned run each."""
+
+    service = ServiceType.PROMOTION_2M
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        self.vms: dict[int, _VMPromo] = {}
+        #: ``--hugepages``: off, nothing is scanned or offered (``vmmem-ctl set-lowprio``).
+        self.enabled = ctx.config.hugepages
+        #: Called with (vm, pages) once a region is copied (RESIDENT on the run): remap
+        #: validation hands the new frames to the VMM.
+        self.on_moved: Callable[[VM, Pages], None] = lambda vm, bpns: None
+        #: Called with a node that had no free run for a promotion (2M defrag makes one).
+        self.want_run: Callable[[int], None] = lambda node: None
+
+    def stats(self, vm: VM) -> PromotionStats:
+        st = self.vms.get(vm.vm_id)
+        return PromotionStats() if st is None else st.stats
+
+    def queued(self, vm: VM) -> int:
+        st = self.vms.get(vm.vm_id)
+        return 0 if st is None else len(st.queue)
+
+    def _state(self, vm: VM) -> _VMPromo:
+        st = self.vms.get(vm.vm_id)
+        if st is None:
+            st = self.vms[vm.vm_id] = _VMPromo(vm)
+        return st
+
+    # ---- scanning -------------------------------------------------------------------------
+
+    def background(self) -> Coroutine[Any, Any, None]:
+        return self.scanner()
+
+    async def scanner(self) -> None:
+        """Every SCAN_SECONDS, one step of the scan of each VM."""
+        while True:
+            now = self.ctx.clock()
+            for st in list(self.vms.values()):
+                if self.enabled and st.vm.alive and now >= st.next_scan:
+                    self.scan(st.vm, SCAN_REGIONS, now)
+            await asyncio.sleep(SCAN_SECONDS)
+
+    def scan(self, vm: VM, budget: int, now: float) -> int:
+        """Look at ``budget`` regions under the hand and queue those fit to collapse;
+        returns the regions looked at."""
+        st = self._state(vm)
+        st.next_scan = now + SCAN_SECONDS
+        regions = vm.guest_pages // PAGES_PER_2M
+        room = MAX_QUEUE - len(st.queue)
+        if regions == 0 or room <= 0:
+            return 0
+        window = (st.hand + np.arange(min(regions, budget), dtype=np.int64)) % regions
+        fit = window[self._collapsible(vm, window)]
+        fit = fit[~np.isin(fit, st.queue)][:room]
+        st.queue.extend(fit.tolist())
+        st.hand = int((window[-1] + 1) % regions)
+        return len(window)
+
+    def _collapsible(self, vm: VM, regions: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+        """Per region: all 512 pages mapped by the VMM on private healthy frames, no flag
+        (shared, merged, large), not already on one aligned run in order."""
+        p2m = vm.p2m
+        pages = region_pages(regions).reshape(len(regions), PAGES_PER_2M)
+        frame = p2m.frame[pages]
+        ok: npt.NDArray[np.bool_] = (p2m.state[pages] == _EXPOSED).all(axis=1)
+        ok &= (p2m.flags[pages] == 0).all(axis=1) & (frame >= 0).all(axis=1)
+        ok &= ~self.ctx.machine.failing[np.where(frame >= 0, frame, 0)].any(axis=1)
+        base = frame[:, :1]
+        in_place = (base[:, 0] % PAGES_PER_2M == 0) & (frame == base + np.arange(512)).all(axis=1)
+        fit: npt.NDArray[np.bool_] = ok & ~in_place
+        return fit
+
+    # ---- rounds ---------------------------------------------------------------------------
+
+    def pending_work(self, vm: VM, now: float) -> int:
+        """Queued regions, while a run may be had and a slot can carry a region."""
+        st = self.vms.get(vm.vm_id)
+        if st is None:
+            self._state(vm)  # the scanner starts on this VM
+            return 0
+        if not self.enabled or not st.queue or now < st.wait_until:
+            return 0
+        if vm.region.slot_capacity < PAGES_PER_2M:
+            return 0
+        return len(st.queue)
+
+    def select_work(self, vm: VM, capacity: int, units: int, now: float) -> Selection:
+        """Up to ``units`` queued regions still fit to collapse, whole, in one batch (mpn:
+        the frames the VMM maps now)."""
+        st = self._state(vm)
+        take = min(units, capacity // PAGES_PER_2M, len(st.queue))
+        if take <= 0 or now < st.wait_until:
+            return Selection.empty()
+        if self.ctx.machine.allocator.find_run(vm.home_node, RUN_WINDOW) is None:
+            self._no_run(st, now)
+            return Selection.empty()
+        popped = np.array(st.queue[:take], dtype=np.int64)
+        del st.queue[:take]
+        regions = popped[self._collapsible(vm, popped)]
+        bpns = region_pages(regions)
+        return Selection(bpns, vm.p2m.frame[bpns].copy(), len(popped))
+
+    def _no_run(self, st: _VMPromo, now: float) -> None:
+        st.stats.no_run += 1
+        st.wait_until = now + NO_RUN_SECONDS
+        self.want_run(st.vm.home_node)
+
+    def on_refused(self, vm: VM, refused: Pages, status: npt.NDArray[np.uint8]) -> None:
+        """Regions with a page the VMM kept (pinned): not collapsed this time."""
+        self._state(vm).stats.refused += len(np.unique(refused // PAGES_PER_2M))
+
+    def complete(self, vm: VM, accepted: Pages, status: npt.NDArray[np.uint8]) -> None:
+        """Whole regions released: copy them asynchronously. A region with a page the VMM
+        kept (it faulted while selected) cannot be copied: its released pages go back."""
+        regions, counts = np.unique(accepted // PAGES_PER_2M, return_counts=True)
+        whole = regions[counts == PAGES_PER_2M]
+        partial = accepted[np.isin(accepted // PAGES_PER_2M, regions[counts < PAGES_PER_2M])]
+        if len(partial):
+            self._abort(vm, partial)
+        if len(whole):
+            pages = region_pages(whole)
+            self.ctx.spawn(self._collapse_later(vm, whole, vm.p2m.epoch[pages].copy()))
+
+    async def _collapse_later(
+        self, vm: VM, regions: npt.NDArray[np.int64], epochs: npt.NDArray[np.uint32]
+    ) -> None:
+        """One region per step, yielding between them so faults (and other VMs) go first."""
+        p2m = vm.p2m
+        for i, region in enumerate(regions.tolist()):
+            await asyncio.sleep(0)
+            if not vm.alive:
+                return
+            pages = region_pages(np.array([region], dtype=np.int64))
+            ep = epochs[i * PAGES_PER_2M : (i + 1) * PAGES_PER_2M]
+            # A region a fault collapsed meanwhile is done (its pages are not in flight).
+            ours = (p2m.state[pages] == _IN_FLIGHT) & (p2m.op[pages] == _PROMO)
+            if (ours & (p2m.epoch[pages] == ep)).all():
+                self.collapse(vm, region)
+
+    def collapse(self, vm: VM, region: int) -> bool:
+        """Copy the region's pages (in flight) into a free run of the home node; without a
+        run they keep their frames. Either way they end RESIDENT and go to validation."""
+        machine, p2m = self.ctx.machine, vm.p2m
+        st = self._state(vm)
+        pages = region_pages(np.array([region], dtype=np.int64))
+        run = None
+        if machine.available() >= PAGES_PER_2M:
+            run = machine.allocator.allocate_run(vm.home_node, RUN_WINDOW)
+        if run is None:
+            self._no_run(st, self.ctx.clock())
+            self._abort(vm, pages)
+            return False
+        old = p2m.frame[pages].copy()
+        # The order keeps a crash safe: the copy is in the run before the p2m names it, and
+        # the old frames are freed only after nothing names them.
+        machine.frames[run] = machine.frames[old]
+        p2m.frame[pages] = run
+        machine.set_owner(run, vm.vm_id, pages)
+        p2m.flags[pages] |= FLAG_LARGE
+        p2m.state[pages] = _RESIDENT
+        p2m.op[pages] = NO_OP
+        machine.release_or_retire(old)
+        st.stats.promoted += 1
+        self.ctx.metrics.hugepage_promoted.inc(PAGES_PER_2M)
+        self.on_moved(vm, pages)
+        return True
+
+    def _abort(self, vm: VM, pages: Pages) -> None:
+        """Released pages not collapsed keep their frames; validation maps them again."""
+        vm.p2m.state[pages] = _RESIDENT
+        vm.p2m.op[pages] = NO_OP
+        self._state(vm).stats.aborted += len(np.unique(pages // PAGES_PER_2M))
+        self.on_moved(vm, pages)
+
+    # ---- faults ---------------------------------------------------------------------------
+
+    def on_fault(self, vm: VM, bpn: int, write: bool) -> FaultReply:
+        """Complete the region's copy now (one 2 MiB copy), then map the page's new frame;
+        without a run the region keeps its frames (CANCEL)."""
+        done = self.collapse(vm, bpn // PAGES_PER_2M)
+        if done:
+            self._state(vm).stats.fault_completions += 1
+        vm.p2m.state[bpn] = _EXPOSED
+        reason = FaultReason.COMPLETE if done else FaultReason.CANCEL
+        return self.ctx.mapper.reply(vm, reason, np.array([bpn], dtype=np.int64))
+
+    def on_vm_gone(self, vm: VM) -> None:
+        self.vms.pop(vm.vm_id, None)
+        # The daemon frees a leaving VM's private frames by their flags being 0: large
+        # pages are private, so they lose the flag first (services go before the frames).
+        large = (vm.p2m.flags & FLAG_LARGE) != 0
+        if large.any():
+            vm.p2m.flags[large] &= 0xFF & ~FLAG_LARGE

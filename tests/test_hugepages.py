@@ -1,0 +1,688 @@
+"""2M promotion, 2M defrag and splitting, against a fake peer.
+
+The harness is NUMA migration's (``tests/test_numa_migration.py``): real machine memory in a
+/dev/shm file split into two nodes (4 runs of 512 frames each), its allocator, the fault
+resolver, a virtual clock and a ``spawn`` that keeps coroutines so each test decides when an
+asynchronous copy runs. The VMM is played by the agent's own filters on an
+``ExposureTable`` through the real ``RoundEngine`` (slots of 512 pages, so a region fits).
+Every outcome is checked on real bytes, with the daemon's invariant check (defrag's claimed
+frames counted as held) and with both sides' view of large regions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from platform_daemon.allocator import FrameState
+from platform_daemon.hugepages import FLAG_LARGE, coverage
+from platform_daemon.invariants import HostState, check
+from platform_daemon.p2m import FLAG_SHARED, NO_OP
+from platform_daemon.rounds import RoundEngine
+from platform_daemon.services.balloon import BalloonService
+from platform_daemon.services.defrag import DefragService
+from platform_daemon.services.page_retire import PageRetireService
+from platform_daemon.services.page_sharing import PageSharingService
+from platform_daemon.services.promotion import PromotionService
+from platform_daemon.services.swap import SwapService
+from platform_daemon.swapfile import SwapFile
+from shared.constants import (
+    PAGES_PER_2M,
+    FaultReason,
+    PageState,
+    PageStatus,
+    Priority,
+    ServiceType,
+)
+from shared.layout import ControlRegion, region_size
+from shared.messages import GET_FLAG_NEW_ROUND, CompleteRequest, GetRequest
+from tests import test_numa_migration as numa_tests
+from tests.test_numa_migration import Guest, Harness
+from vmm_agent.services import FILTERS
+from vmm_agent.services.numa_migration import NumaMigrationFilter
+from vmm_agent.services.validation import ValidationFilter
+
+pytestmark = pytest.mark.timeout(60)
+R = PAGES_PER_2M
+
+
+class HugeHarness(Harness):
+    """NUMA's harness plus 2M promotion and defrag (enabled), slots of 512 pages."""
+
+    def __init__(self, mem_dir: Path, tmp: Path) -> None:
+        super().__init__(mem_dir, tmp, vm_rate=1e6, host_rate=1e6)
+        self.promo = PromotionService(self.ctx)
+        self.defrag = DefragService(self.ctx)
+        self.promo.enabled = self.defrag.enabled = True
+        self.promo.on_moved = self.defrag.on_moved = self.validation.enqueue
+        self.promo.want_run = self.defrag.want_run
+        self.swapfile: SwapFile | None = None
+        self.services: dict[ServiceType, Any] = {
+            ServiceType.NUMA_MIGRATION: self.svc,
+            ServiceType.VALIDATION: self.validation,
+            ServiceType.PROMOTION_2M: self.promo,
+            ServiceType.DEFRAG_2M: self.defrag,
+        }
+        self.engine = RoundEngine(self.services, clock=self.clock)
+
+    def add_vm(self, guest_pages: int = 2 * R, home_node: int = 0) -> Guest:
+        old = numa_tests.SLOT_CAPACITY
+        numa_tests.SLOT_CAPACITY = R  # a whole region per batch
+        try:
+            g = super().add_vm(guest_pages, home_node)
+        finally:
+            numa_tests.SLOT_CAPACITY = old
+        g.filters = {s: cls(g.exposure) for s, cls in FILTERS.items() if s in _AGENT}
+        g.filters[ServiceType.NUMA_MIGRATION] = NumaMigrationFilter(g.exposure)
+        g.filters[ServiceType.VALIDATION] = ValidationFilter(g.exposure)
+        self.promo.pending_work(g.vm, self.clock())
+        self.defrag.pending_work(g.vm, self.clock())
+        return g
+
+    def add_service(self, svc: Any) -> None:
+        self.services[svc.service] = svc
+        self.engine = RoundEngine(self.services, clock=self.clock)
+
+    def invariants(self) -> list[str]:
+        m = self.machine
+        state = HostState(
+            allocator=m.allocator,
+            owner_vm=m.owner_vm,
+            owner_bpn=m.owner_bpn,
+            zero_frames=list(m.zero_frame),
+            refs=self.shared.refs,
+            merged_frames=self.shared.frames,
+            vms={g.vm.vm_id: g.vm.p2m for g in self.guests.values() if g.vm.alive},
+            held_frames=self.defrag.held_frames(),
+            swap=self.swapfile,
+        )
+        return [v.name for v in check(state)]
+
+    def promote(self, g: Guest) -> list[tuple[ServiceType, list[int]]]:
+        self.promo.scan(g.vm, 64, self.clock())
+        return self.rounds(g)
+
+    def high_round(self, g: Guest) -> list[tuple[ServiceType, list[int]]]:
+        """One high-priority round through the engine, the agent's filters deciding."""
+        batches: list[tuple[ServiceType, list[int]]] = []
+        flags = GET_FLAG_NEW_ROUND
+        while True:
+            req = self.engine.get_request(g.vm, g.state, GetRequest(Priority.HIGH, 0, flags))
+            flags = 0
+            if not req.has_work:
+                return batches
+            service = ServiceType(req.service)
+            bpns, status, mpns = g.vm.region.slot(req.slot).batch(req.count)
+            batches.append((service, bpns.astype(np.int64).tolist()))
+            g.filters[service].process(bpns, mpns, status)
+            self.engine.complete(g.vm, g.state, CompleteRequest(req.slot, req.count, req.seq))
+            self.run_spawned()
+
+    def both_sides_agree(self, g: Guest) -> None:
+        """A region the agent maps large is large in the p2m, on one aligned run in order."""
+        p2m = g.vm.p2m
+        for region in np.flatnonzero(g.exposure.large).tolist():
+            pages = np.arange(region * R, (region + 1) * R)
+            assert (p2m.flags[pages] & FLAG_LARGE).all(), region
+            assert p2m.frame[pages[0]] % R == 0
+            assert (np.diff(p2m.frame[pages]) == 1).all()
+            assert (g.exposure.frame[pages] == p2m.frame[pages]).all()
+
+
+_AGENT = {
+    ServiceType.SWAP,
+    ServiceType.PAGE_RETIRE,
+    ServiceType.PAGE_SHARING,
+    ServiceType.DEFRAG_2M,
+    ServiceType.PROMOTION_2M,
+}
+
+
+@pytest.fixture
+def h(mem_dir: Path, short_tmp: Path) -> Iterator[HugeHarness]:
+    harness = HugeHarness(mem_dir, short_tmp)
+    try:
+        yield harness
+    finally:
+        harness.close()
+
+
+def region(r: int) -> list[int]:
+    return list(range(r * R, (r + 1) * R))
+
+
+def promoted(h: HugeHarness, g: Guest, r: int = 0) -> npt.NDArray[np.int64]:
+    """Back region ``r`` on scattered frames, promote it; returns its old frames."""
+    old = h.back(g, region(r), node=g.vm.home_node)
+    assert old[0] % R != 0  # frame 0 is the node's zero frame: not on a run to begin with
+    h.promote(g)
+    assert g.exposure.large[r] and coverage(g.vm.p2m)[0] >= 1
+    return old
+
+
+# ---- promotion ---------------------------------------------------------------------------------
+
+
+def test_a_fully_backed_private_region_is_copied_into_one_run_and_mapped_large(
+    h: HugeHarness,
+) -> None:
+    """The PROMOTION_2M batch holds the region's 512 pages with the frames the VMM maps; the
+    platform copies them into one aligned run of the home node (FLAG_LARGE on every page),
+    frees the old frames; the VALIDATION batch installs the run and the agent maps the region
+    large. Both sides agree, every byte is where it was, coverage is 1/2 of the guest."""
+    g = h.add_vm()
+    old = h.back(g, region(0), node=0)
+    h.back(g, region(1)[:100], node=0)  # region 1 not fully backed: not promoted
+
+    batches = h.promote(g)
+
+    assert [(s, len(b)) for s, b in batches] == [
+        (ServiceType.PROMOTION_2M, R),
+        (ServiceType.VALIDATION, R),
+    ]
+    p2m = g.vm.p2m
+    run = p2m.frame[region(0)]
+    assert run[0] % R == 0 and (np.diff(run) == 1).all()
+    assert (h.machine.allocator.node_of(run) == 0).all()
+    assert (p2m.flags[region(0)] == FLAG_LARGE).all()
+    assert (p2m.state[region(0)] == PageState.EXPOSED).all() and (p2m.op[region(0)] == NO_OP).all()
+    assert g.exposure.large.tolist() == [True, False]
+    assert g.exposure.coverage() == 0.5 and coverage(p2m) == (1, 2)
+    assert h.frame_state(old) == [FrameState.FREE] * R
+    h.both_sides_agree(g)
+    h.content_intact(g)
+    assert h.invariants() == []
+    assert h.promo.stats(g.vm).promoted == 1
+    assert h.metrics.registry.get_sample_value("vmmem_hugepage_promoted_pages_total") == R
+    assert h.promote(g) == []  # nothing left to do
+
+
+def test_regions_not_all_backed_and_private_are_never_candidates(h: HugeHarness) -> None:
+    """A region with an untouched page, a page on a shared (zero) frame, a page in flight for
+    another service, a page on a failing frame, or a region already large is not queued."""
+    g = h.add_vm(guest_pages=6 * R)
+    for r in range(6):
+        h.back(g, region(r)[1:], node=r % 2)
+    p2m = g.vm.p2m
+    # region 0: page 0 untouched
+    h.resolver.first_touch(g.vm, R, write=False, around=0)  # region 1: zero frame, read-only
+    g.exposure.install(np.array([R]), p2m.frame[[R]], np.array([False]))
+    for r in (2, 3, 4, 5):
+        h.back(g, [r * R], node=r % 2)
+    p2m.state[2 * R + 7], p2m.op[2 * R + 7] = PageState.IN_FLIGHT, ServiceType.SWAP
+    h.machine.failing[p2m.frame[3 * R + 9]] = True
+    p2m.flags[4 * R : 5 * R] |= FLAG_LARGE  # (as if promoted)
+    h.promo.scan(g.vm, 64, h.clock())
+    assert h.promo.vms[g.vm.vm_id].queue == [5]
+
+
+def test_a_pinned_page_keeps_its_whole_region(h: HugeHarness) -> None:
+    """The VMM refuses the whole region when one page is pinned (BUSY for all 512): nothing
+    leaves the guest, nothing moves, the region is counted refused."""
+    g = h.add_vm()
+    old = h.back(g, region(0), node=0)
+    g.exposure.pinned[300] = 1
+    h.promo.scan(g.vm, 64, h.clock())
+    batches = h.low_round(g)
+    assert [(s, len(b)) for s, b in batches] == [(ServiceType.PROMOTION_2M, R)]
+    slot_status = g.vm.region.slot(0).batch(R)[1]
+    assert (slot_status == PageStatus.BUSY).all()
+    assert (g.vm.p2m.frame[region(0)] == old).all()
+    assert (g.vm.p2m.state[region(0)] == PageState.EXPOSED).all()
+    assert (g.exposure.frame[region(0)] == old).all() and not g.exposure.large.any()
+    assert h.promo.stats(g.vm).refused == 1 and h.invariants() == []
+
+
+@pytest.mark.parametrize("write", [False, True])
+def test_a_fault_during_promotion_completes_the_whole_region_first(
+    h: HugeHarness, write: bool
+) -> None:
+    """A fault on a page whose region is in flight copies the region at once and maps the
+    page's new frame (COMPLETE); the pending copy then does nothing; validation installs the
+    rest and the region is mapped large, with the guest's write in it."""
+    g = h.add_vm()
+    old = h.back(g, region(0), node=0)
+    h.promo.scan(g.vm, 64, h.clock())
+    assert h.low_round(g, run_moves=False) == [(ServiceType.PROMOTION_2M, region(0))]
+    assert (g.vm.p2m.state[region(0)] == PageState.IN_FLIGHT).all()
+
+    reply = h.promo.on_fault(g.vm, 77, write)
+
+    assert reply.reason == FaultReason.COMPLETE and reply.bpns.tolist() == [77]
+    run = g.vm.p2m.frame[region(0)]
+    assert run[0] % R == 0 and reply.mpns.tolist() == [run[77]]
+    assert h.frame_state(old) == [FrameState.FREE] * R  # the old frames are free already
+    g.exposure.install(reply.bpns, reply.mpns, np.array([True]))
+    h.write(g, 77, numa_tests.content(4242))
+    assert h.run_spawned() == 1
+    assert (g.vm.p2m.frame[region(0)] == run).all()  # not copied twice
+    h.rounds(g)
+    assert g.exposure.large[0] and h.promo.stats(g.vm).fault_completions == 1
+    h.both_sides_agree(g)
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_without_a_free_run_nothing_is_released_and_defrag_is_asked(h: HugeHarness) -> None:
+    """No whole free run on the home node: the region is not offered (no fault for nothing),
+    the queue waits, and 2M defrag is asked for a run on that node."""
+    g = h.add_vm()
+    h.back(g, region(0), node=0)
+    filler = h.add_vm(guest_pages=4 * R)
+    for r in range(2):  # one used frame in each free run of node 0
+        h.back(filler, [r], node=0)
+    while h.machine.allocator.free_runs(0):
+        run = h.machine.allocator.find_run(0, 16)
+        assert run is not None
+        h.machine.allocator.claim_free(run)  # (taken by something else)
+        h.machine.allocator.release(np.array([run * R + 5]))
+    h.promo.scan(g.vm, 64, h.clock())
+    assert h.low_round(g) == []
+    assert h.promo.stats(g.vm).no_run == 1 and h.defrag.nodes[0].wanted
+
+
+def test_a_region_whose_run_vanished_after_release_keeps_its_frames(h: HugeHarness) -> None:
+    """The run was there at selection and gone at copy time: the region keeps its frames
+    (a fault meanwhile gets CANCEL), and validation maps the pages again."""
+    g = h.add_vm()
+    old = h.back(g, region(0), node=0)
+    h.promo.scan(g.vm, 64, h.clock())
+    h.low_round(g, run_moves=False)
+    taken = []
+    while (run := h.machine.allocator.allocate_run(0)) is not None:
+        taken.append(run)
+    reply = h.promo.on_fault(g.vm, 3, write=True)
+    assert reply.reason == FaultReason.CANCEL and reply.mpns.tolist() == [old[3]]
+    g.exposure.install(reply.bpns, reply.mpns, np.array([True]))
+    assert h.run_spawned() == 1
+    assert (g.vm.p2m.frame[region(0)] == old).all()
+    for run in taken:
+        h.machine.allocator.release(run)
+    h.clock.now += 1
+    h.rounds(g)
+    assert (g.exposure.frame[region(0)] == old).all() and not g.exposure.large.any()
+    assert h.promo.stats(g.vm).aborted == 1
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_a_vm_gone_mid_promotion_leaves_nothing_behind(h: HugeHarness) -> None:
+    """The VM leaves between the release and the copy: the copy does nothing, no run is
+    taken, and the VM's frames are all freed; a promoted VM's large pages are freed too."""
+    g = h.add_vm()
+    other = h.add_vm()
+    promoted(h, other)
+    h.back(g, region(0), node=0)
+    h.promo.scan(g.vm, 64, h.clock())
+    h.low_round(g, run_moves=False)
+    free_before = h.machine.allocator.free
+    for guest in (g, other):
+        vm = guest.vm  # what PlatformServer.on_vm_gone does
+        vm.alive = False
+        for svc in h.services.values():
+            svc.on_vm_gone(vm)
+        p2m = vm.p2m
+        private = (p2m.frame != -1) & (p2m.flags == 0)
+        h.machine.release_or_retire(p2m.frame[private])
+        p2m.frame[:] = -1
+        del h.guests[vm.vm_id]
+    assert h.run_spawned() == 1
+    assert h.machine.allocator.free == free_before + 2 * R
+    assert h.invariants() == []
+
+
+def test_promotion_is_offered_only_when_enabled_and_a_slot_holds_a_region(
+    h: HugeHarness,
+) -> None:
+    """--hugepages off: no work; slots of fewer than 512 pages: no work either."""
+    g = h.add_vm()
+    h.back(g, region(0), node=0)
+    h.promo.scan(g.vm, 64, h.clock())
+    h.promo.enabled = False
+    assert h.promo.pending_work(g.vm, h.clock()) == 0
+    h.promo.enabled = True
+    assert h.promo.pending_work(g.vm, h.clock()) == 1
+    g.vm.region = ControlRegion.initialize(
+        bytearray(region_size(4, 64)),
+        vm_id=1,
+        generation=1,
+        slot_count=4,
+        capacity=64,
+        guest_pages=2 * R,
+    )
+    assert h.promo.pending_work(g.vm, h.clock()) == 0
+
+
+# ---- splitting ---------------------------------------------------------------------------------
+
+
+def split_count(h: HugeHarness, service: str) -> float:
+    value = h.metrics.registry.get_sample_value("vmmem_hugepage_splits_total", {"service": service})
+    return value or 0.0
+
+
+def assert_split(h: HugeHarness, g: Guest, service: str) -> None:
+    """Region 0 is small pages again on both sides, counted once; content intact."""
+    assert not (g.vm.p2m.flags[region(0)] & FLAG_LARGE).any()
+    assert not g.exposure.large[0] and g.exposure.splits == 1
+    assert g.vm.stats.hugepage_splits == 1 and split_count(h, service) == 1
+    h.both_sides_agree(g)
+    assert h.invariants() == []
+
+
+def test_page_retire_splits_the_region_first(h: HugeHarness) -> None:
+    """Retiring the frame of one page of a large region: the page-retire batch releases that
+    page, both sides split the region, the page moves; the other 511 stay on the run."""
+    g = h.add_vm()
+    promoted(h, g)
+    retire = PageRetireService(h.ctx)
+    h.add_service(retire)
+    mpn = int(g.vm.p2m.frame[5])
+    h.machine.failing[mpn] = True
+    retire.enqueue(g.vm, 5)
+    assert h.high_round(g) == [(ServiceType.PAGE_RETIRE, [5])]
+    assert_split(h, g, "page_retire")
+    assert g.vm.p2m.frame[5] != mpn and (g.exposure.frame[region(0)[6:]] >= 0).all()
+    g.vm.p2m.state[5] = PageState.RESIDENT  # (the retire left it unmapped)
+    h.content_intact(g)
+
+
+def test_page_retire_of_an_unmapped_page_splits_too(h: HugeHarness) -> None:
+    """A page of a large region no VMM maps (validation not done yet) is moved off a failing
+    frame without a batch: the p2m's region is split all the same."""
+    g = h.add_vm()
+    h.back(g, region(0), node=0)
+    h.promo.scan(g.vm, 64, h.clock())
+    h.low_round(g)  # promoted, not validated: RESIDENT
+    assert (g.vm.p2m.flags[region(0)] & FLAG_LARGE).all()
+    retire = PageRetireService(h.ctx)
+    h.machine.failing[g.vm.p2m.frame[9]] = True
+    retire.move(g.vm, np.array([9]))
+    assert not (g.vm.p2m.flags[region(0)] & FLAG_LARGE).any()
+    assert g.vm.stats.hugepage_splits == 1 and split_count(h, "page_retire") == 1
+
+
+def test_swap_splits_the_region_first(h: HugeHarness, short_tmp: Path) -> None:
+    """A swap batch taking pages of a large region: both sides split it, the pages swap out
+    and back in with their content."""
+
+    class Deficit:
+        def swap_deficit(self, vm: Any, in_flight: int) -> int:
+            return max(0, 3 - in_flight - int(vm.stats.swapped_now))
+
+        def balloon_deficit(self, vm: Any) -> int:
+            return 0
+
+    g = h.add_vm()
+    promoted(h, g)
+    swapfile = h.swapfile = SwapFile(short_tmp / "swap", 64 * 4096)
+    try:
+        ctx = dataclasses.replace(h.ctx, swap=swapfile, targets=Deficit())
+        swap = SwapService(ctx)
+        h.add_service(swap)
+        import asyncio
+
+        batches = h.engine.get_request(
+            g.vm, g.state, GetRequest(Priority.HIGH, 0, GET_FLAG_NEW_ROUND)
+        )
+        assert ServiceType(batches.service) == ServiceType.SWAP
+        bpns, status, mpns = g.vm.region.slot(batches.slot).batch(batches.count)
+        g.exposure.accessed[:] = False
+        g.filters[ServiceType.SWAP].process(bpns, mpns, status)
+        h.engine.complete(g.vm, g.state, CompleteRequest(batches.slot, batches.count, batches.seq))
+        asyncio.run(_drain(h))
+        assert_split(h, g, "swap")
+        assert g.vm.stats.swapped_out == 3
+    finally:
+        h.swapfile = None
+        swapfile.close()
+
+
+async def _drain(h: HugeHarness) -> None:
+    import asyncio
+
+    while h.spawned:
+        await h.spawned.pop(0)
+        await asyncio.sleep(0)
+
+
+def test_numa_migration_splits_the_region_first(h: HugeHarness) -> None:
+    """A large region off the VM's home node (its home changed): NUMA migration's batch
+    takes its pages, both sides split it, the pages move home."""
+    g = h.add_vm(home_node=1)
+    promoted(h, g)
+    g.vm.home_node = 0
+    h.svc.vms.pop(g.vm.vm_id)
+    h.svc.pending_work(g.vm, h.clock())
+    h.scan(g)
+    h.rounds(g)
+    assert_split(h, g, "numa_migration")
+    assert (h.machine.allocator.node_of(g.vm.p2m.frame[region(0)]) == 0).all()
+    h.content_intact(g)
+
+
+def test_the_balloon_splits_the_region_first(h: HugeHarness) -> None:
+    """The guest's balloon gives one page of a large region: the agent's release splits its
+    mapping, the daemon's completion splits the p2m; the other 511 pages keep their frames."""
+    g = h.add_vm()
+    promoted(h, g)
+    balloon = BalloonService(h.ctx)
+    g.exposure.invalidate(np.array([100]))  # what the balloon driver does on the agent
+    balloon.complete(g.vm, np.array([100]), np.zeros(1, dtype=np.uint8))
+    del g.data[100]
+    assert_split(h, g, "balloon")
+    assert g.vm.p2m.state[100] == PageState.ZERO
+    h.content_intact(g)
+
+
+def test_page_sharing_and_defrag_leave_large_regions_alone(h: HugeHarness) -> None:
+    """Page sharing does not scan large regions (ESX does not share large pages), and 2M
+    defrag never picks a page of one: neither splits them."""
+    g = h.add_vm()
+    promoted(h, g)
+    sharing = PageSharingService(h.ctx)
+    sharing.scan(g.vm, 2 * R)
+    assert sharing.pending_work(g.vm, h.clock()) == 0
+    frames = g.vm.p2m.frame[region(0)]
+    assert not h.defrag._movable(g.vm, np.array(region(0)), frames).any()
+    assert g.exposure.large[0] and g.vm.stats.hugepage_splits == 0
+
+
+# ---- defrag ------------------------------------------------------------------------------------
+
+
+def fragment(h: HugeHarness, g: Guest, keep: int) -> list[int]:
+    """Back pages on frames 1..1023 of node 0, then free those on run 1 but ``keep``: run 1
+    is nearly free. Returns the pages left on run 1."""
+    h.back(g, list(range(1023)), node=0)  # frames 1..1023 (frame 0: the zero frame)
+    p2m = g.vm.p2m
+    on_run1 = np.flatnonzero((p2m.frame >= R) & (p2m.frame < 2 * R))
+    drop, stay = on_run1[keep:], on_run1[:keep]
+    h.machine.release_or_retire(p2m.frame[drop])
+    p2m.frame[drop], p2m.state[drop] = -1, PageState.ZERO
+    g.exposure.frame[drop] = -1
+    for b in drop.tolist():
+        del g.data[b]
+    h.defrag.proactiveness = 100  # compact whenever any free frame is outside a whole run
+    pages: list[int] = stay.tolist()
+    return pages
+
+
+def test_defrag_empties_a_nearly_free_run(h: HugeHarness) -> None:
+    """Node 0: run 0 full (with the zero frame), run 1 holding 10 pages, runs 2-3 free. The
+    look isolates run 1 (its free frames claimed: nothing lands there), a DEFRAG_2M batch
+    moves its 10 pages to frames of node 0 outside it, validation maps them again, and the
+    next step releases run 1 whole: 3 free runs. Invariants hold at every step."""
+    g = h.add_vm(guest_pages=4 * R)
+    stay = fragment(h, g, keep=10)
+    assert h.machine.allocator.free_runs(0) == 2
+    h.defrag.step(h.clock())
+    iso = h.defrag.nodes[0].isolated
+    assert iso is not None and iso.run == 1 and iso.claimed.sum() == R - 10
+    assert h.invariants() == []
+    probe = h.machine.allocator.allocate(1, 0)
+    assert not np.isin(probe, range(R, 2 * R)).any()
+    h.machine.allocator.release(probe)
+
+    batches = h.rounds(g)
+
+    assert next(s for s, _ in batches) == ServiceType.DEFRAG_2M
+    assert sorted(b for s, bs in batches if s == ServiceType.DEFRAG_2M for b in bs) == stay
+    frames = g.vm.p2m.frame[stay]
+    assert ((frames < R) | (frames >= 2 * R)).all()
+    assert (h.machine.allocator.node_of(frames) == 0).all()
+    assert (g.exposure.frame[stay] == frames).all()  # validated
+    assert h.invariants() == []
+    h.defrag.step(h.clock() + 0.01)
+    assert h.defrag.nodes[0].isolated is None and h.defrag.stats.runs_freed == 1
+    assert h.machine.allocator.run_free[1] == R
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_defrag_skips_runs_it_cannot_empty(h: HugeHarness) -> None:
+    """Run 0 holds the zero frame: never chosen. A run holding a merged (shared) frame or a
+    failing frame is skipped."""
+    g = h.add_vm(guest_pages=4 * R)
+    stay = fragment(h, g, keep=3)
+    h.machine.failing[g.vm.p2m.frame[stay[0]]] = True
+    h.defrag.step(h.clock())
+    assert h.defrag.nodes[0].isolated is None
+    assert 1 in h.defrag.nodes[0].skip  # skipped for a while
+    h.machine.failing[:] = False
+    h.defrag.nodes[0].skip.clear()
+    p2m = g.vm.p2m
+    p2m.flags[stay[1]] |= FLAG_SHARED  # (as if merged)
+    h.clock.now += 1
+    h.defrag.step(h.clock())
+    assert h.defrag.nodes[0].isolated is None
+
+
+def test_a_pinned_page_ends_the_isolation(h: HugeHarness) -> None:
+    """The VMM refuses a page (pinned): the run cannot be emptied, so its claimed frames go
+    back to the pool at once and the run is skipped; the refused page stays."""
+    g = h.add_vm(guest_pages=4 * R)
+    stay = fragment(h, g, keep=4)
+    g.exposure.pinned[stay[2]] = 1
+    free = h.machine.allocator.free
+    h.defrag.step(h.clock())
+    assert h.machine.allocator.free == free - (R - 4)
+    h.rounds(g)
+    assert h.defrag.nodes[0].isolated is None and h.defrag.stats.runs_aborted == 1
+    assert h.defrag.stats.refused == 1
+    assert g.vm.p2m.state[stay[2]] == PageState.EXPOSED
+    assert h.invariants() == []
+    h.content_intact(g)
+
+
+@pytest.mark.parametrize("room", [True, False])
+def test_a_fault_during_a_defrag_move(h: HugeHarness, room: bool) -> None:
+    """A fault on a page whose move is in flight moves it now and maps the new frame
+    (COMPLETE); with no free frame on the node it keeps its old one (CANCEL)."""
+    g = h.add_vm(guest_pages=4 * R)
+    stay = fragment(h, g, keep=5)
+    h.defrag.step(h.clock())
+    assert h.low_round(g, run_moves=False)[0][0] == ServiceType.DEFRAG_2M
+    old = int(g.vm.p2m.frame[stay[0]])
+    if not room:
+        filler = h.add_vm(guest_pages=4 * R)
+        h.back(filler, list(range(h.machine.allocator.free_on(0))), node=0)
+    reply = h.defrag.on_fault(g.vm, stay[0], True)
+    assert reply.reason == (FaultReason.COMPLETE if room else FaultReason.CANCEL)
+    assert (int(reply.mpns[0]) != old) == room
+    g.exposure.install(reply.bpns, reply.mpns, np.array([True]))
+    h.run_spawned()
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_a_vm_gone_mid_defrag_lets_the_run_free(h: HugeHarness) -> None:
+    """The VM owning the run's pages leaves mid-move: its frames go back to the pool, the
+    next step claims them and the run is released whole."""
+    g = h.add_vm(guest_pages=4 * R)
+    fragment(h, g, keep=6)
+    h.defrag.step(h.clock())
+    h.low_round(g, run_moves=False)
+    vm = g.vm
+    vm.alive = False
+    for svc in h.services.values():
+        svc.on_vm_gone(vm)
+    h.machine.release_or_retire(vm.p2m.frame[vm.p2m.frame >= 0])
+    vm.p2m.frame[:] = -1
+    del h.guests[vm.vm_id]
+    h.run_spawned()
+    h.defrag.step(h.clock() + 0.01)
+    assert h.defrag.stats.runs_freed == 1 and h.machine.allocator.free_runs(0) == 3
+    assert h.invariants() == []
+
+
+def test_an_isolation_that_takes_too_long_is_given_up(h: HugeHarness) -> None:
+    """The VM never runs its low rounds: after ISOLATION_SECONDS the run's claimed frames go
+    back and the run is skipped for a while."""
+    g = h.add_vm(guest_pages=4 * R)
+    fragment(h, g, keep=6)
+    h.defrag.step(h.clock())
+    free = h.machine.allocator.free
+    h.clock.now += 6
+    h.defrag.step(h.clock())
+    assert h.defrag.nodes[0].isolated is None and h.defrag.stats.runs_aborted == 1
+    assert h.machine.allocator.free == free + R - 6
+    h.clock.now += 1
+    h.defrag.step(h.clock())
+    assert h.defrag.nodes[0].isolated is None  # skipped
+    assert h.invariants() == []
+
+
+def test_defrag_looks_at_a_window_of_runs_per_step(
+    h: HugeHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One look scans SCAN_RUNS runs from the node's hand and moves the hand on: the cost of
+    a look does not grow with the host."""
+    from platform_daemon.services import defrag as defrag_mod
+
+    monkeypatch.setattr(defrag_mod, "SCAN_RUNS", 1)
+    g = h.add_vm(guest_pages=4 * R)
+    fragment(h, g, keep=10)
+    h.defrag.step(h.clock())  # looks at run 0 only (full): nothing
+    assert h.defrag.nodes[0].isolated is None and h.defrag.nodes[0].hand == 1
+    h.clock.now += 1
+    h.defrag.step(h.clock())  # run 1
+    assert h.defrag.nodes[0].isolated is not None
+
+
+def test_promotion_and_defrag_together_reach_coverage(h: HugeHarness) -> None:
+    """Node 0 has no free run (each holds a few pages); promotion asks, defrag empties one,
+    promotion then collapses the region: the guest ends up mapped large."""
+    g = h.add_vm(guest_pages=4 * R)
+    h.back(g, region(0), node=0)
+    h.defrag.proactiveness = 0  # only when asked
+    alloc = h.machine.allocator
+    spread = h.add_vm(guest_pages=4 * R)
+    h.back(spread, list(range(alloc.free_on(0))), node=0)
+    p2m = spread.vm.p2m
+    drop = np.flatnonzero((p2m.frame >= 0) & (p2m.frame % 64 != 0))
+    h.machine.release_or_retire(p2m.frame[drop])
+    p2m.frame[drop], p2m.state[drop] = -1, PageState.ZERO
+    spread.exposure.frame[drop] = -1
+    for b in drop.tolist():
+        del spread.data[b]
+    assert alloc.free_runs(0) == 0
+    for _ in range(20):
+        h.clock.now += 0.6
+        h.defrag.step(h.clock())
+        h.promo.scan(g.vm, 64, h.clock())
+        h.rounds(g)
+        h.rounds(spread)
+        if g.exposure.large[0]:
+            break
+    assert g.exposure.large[0] and h.defrag.stats.runs_freed >= 1
+    h.both_sides_agree(g)
+    for guest in (g, spread):
+        h.content_intact(guest)
+    assert h.invariants() == []
