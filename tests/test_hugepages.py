@@ -539,6 +539,11 @@ def test_defrag_empties_a_nearly_free_run(h: HugeHarness) -> None:
     assert (h.machine.allocator.node_of(frames) == 0).all()
     assert (g.exposure.frame[stay] == frames).all()  # validated
     assert h.invariants() == []
+    # The frames the pages left stay claimed: nothing allocated before the next step lands
+    # in the run.
+    probe = h.machine.allocator.allocate(h.machine.allocator.free_on(0), 0)
+    assert not np.isin(probe, range(R, 2 * R)).any()
+    h.machine.allocator.release(probe)
     h.defrag.step(h.clock() + 0.01)
     assert h.defrag.nodes[0].isolated is None and h.defrag.stats.runs_freed == 1
     assert h.machine.allocator.run_free[1] == R
