@@ -153,6 +153,16 @@ def h(mem_dir: Path, short_tmp: Path) -> Iterator[HugeHarness]:
         harness.close()
 
 
+def break_runs(h: HugeHarness, node: int) -> npt.NDArray[np.int64]:
+    """Take one frame (owned by nobody) in every free run of ``node``: no whole run is left
+    there. Returns the frames taken (release them before the invariant check)."""
+    alloc, taken = h.machine.allocator, []
+    while (run := alloc.allocate_run(node)) is not None:
+        alloc.release(run[1:])
+        taken.append(run[0])
+    return np.array(taken, dtype=np.int64)
+
+
 def region(r: int) -> list[int]:
     return list(range(r * R, (r + 1) * R))
 
@@ -270,18 +280,12 @@ def test_a_fault_during_promotion_completes_the_whole_region_first(
 
 
 def test_without_a_free_run_nothing_is_released_and_defrag_is_asked(h: HugeHarness) -> None:
-    """No whole free run on the home node: the region is not offered (no fault for nothing),
-    the queue waits, and 2M defrag is asked for a run on that node."""
+    """No whole free run on any node: the region is not offered (no fault for nothing), the
+    queue waits, and 2M defrag is asked for a run on the home node."""
     g = h.add_vm()
     h.back(g, region(0), node=0)
-    filler = h.add_vm(guest_pages=4 * R)
-    for r in range(2):  # one used frame in each free run of node 0
-        h.back(filler, [r], node=0)
-    while h.machine.allocator.free_runs(0):
-        run = h.machine.allocator.find_run(0, 16)
-        assert run is not None
-        h.machine.allocator.claim_free(run)  # (taken by something else)
-        h.machine.allocator.release(np.array([run * R + 5]))
+    for node in (0, 1):
+        break_runs(h, node)
     h.promo.scan(g.vm, 64, h.clock())
     assert h.low_round(g) == []
     assert h.promo.stats(g.vm).no_run == 1 and h.defrag.nodes[0].wanted
@@ -295,8 +299,9 @@ def test_a_region_whose_run_vanished_after_release_keeps_its_frames(h: HugeHarne
     h.promo.scan(g.vm, 64, h.clock())
     h.low_round(g, run_moves=False)
     taken = []
-    while (run := h.machine.allocator.allocate_run(0)) is not None:
-        taken.append(run)
+    for node in (0, 1):
+        while (run := h.machine.allocator.allocate_run(node)) is not None:
+            taken.append(run)
     reply = h.promo.on_fault(g.vm, 3, write=True)
     assert reply.reason == FaultReason.CANCEL and reply.mpns.tolist() == [old[3]]
     g.exposure.install(reply.bpns, reply.mpns, np.array([True]))
@@ -678,6 +683,7 @@ def test_promotion_and_defrag_together_reach_coverage(h: HugeHarness) -> None:
     for b in drop.tolist():
         del spread.data[b]
     assert alloc.free_runs(0) == 0
+    node1 = break_runs(h, 1)  # and none on the other node either
     for _ in range(20):
         h.clock.now += 0.6
         h.defrag.step(h.clock())
@@ -687,6 +693,8 @@ def test_promotion_and_defrag_together_reach_coverage(h: HugeHarness) -> None:
         if g.exposure.large[0]:
             break
     assert g.exposure.large[0] and h.defrag.stats.runs_freed >= 1
+    assert (alloc.node_of(g.vm.p2m.frame[region(0)]) == 0).all()
+    alloc.release(node1)
     h.both_sides_agree(g)
     for guest in (g, spread):
         h.content_intact(guest)

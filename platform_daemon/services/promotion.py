@@ -17,8 +17,9 @@ Linux's khugepaged (``mm/khugepaged.c``):
   regions already large are skipped;
 - **a huge page first, or no collapse** (``alloc_charge_folio``: when no huge page can be
   allocated, khugepaged backs off ``alloc_sleep_millisecs`` and kcompactd is woken): the run
-  is taken with ``FrameAllocator.allocate_run`` on the VM's home node; while none is free
-  the VM's queue waits ``NO_RUN_SECONDS`` and 2M defrag is asked for one on that node;
+  is taken with ``FrameAllocator.allocate_run`` on the VM's home node, else on another node
+  (``hpage_collapse_find_target_node`` falls back too); while no node has one the VM's
+  queue waits ``NO_RUN_SECONDS`` and 2M defrag is asked for one on the home node;
 - **isolate, copy, install** (``collapse_huge_page``: the PTEs are cleared under the mmap
   lock, the pages copied into the huge page, the PMD installed): the VMM releases a whole
   region in a PROMOTION_2M batch (its filter refuses the whole region when one page is
@@ -189,7 +190,7 @@ class PromotionService(LowPriorityService):
         take = min(units, capacity // PAGES_PER_2M, len(st.queue))
         if take <= 0 or now < st.wait_until:
             return Selection.empty()
-        if self.ctx.machine.allocator.find_run(vm.home_node, RUN_WINDOW) is None:
+        if self._run_node(vm) is None:
             self._no_run(st, now)
             return Selection.empty()
         popped = np.array(st.queue[:take], dtype=np.int64)
@@ -197,6 +198,15 @@ class PromotionService(LowPriorityService):
         regions = popped[self._collapsible(vm, popped)]
         bpns = region_pages(regions)
         return Selection(bpns, vm.p2m.frame[bpns].copy(), len(popped))
+
+    def _run_node(self, vm: VM) -> int | None:
+        """The node to take a run from: the home node, else another one that has a free run
+        (khugepaged too falls back to another node unless told not to)."""
+        alloc = self.ctx.machine.allocator
+        for node in [vm.home_node, *(n for n in range(alloc.nodes) if n != vm.home_node)]:
+            if alloc.find_run(node, RUN_WINDOW) is not None:
+                return node
+        return None
 
     def _no_run(self, st: _VMPromo, now: float) -> None:
         st.stats.no_run += 1
@@ -242,8 +252,9 @@ class PromotionService(LowPriorityService):
         st = self._state(vm)
         pages = region_pages(np.array([region], dtype=np.int64))
         run = None
-        if machine.available() >= PAGES_PER_2M:
-            run = machine.allocator.allocate_run(vm.home_node, RUN_WINDOW)
+        node = self._run_node(vm)
+        if machine.available() >= PAGES_PER_2M and node is not None:
+            run = machine.allocator.allocate_run(node, RUN_WINDOW)
         if run is None:
             self._no_run(st, self.ctx.clock())
             self._abort(vm, pages)

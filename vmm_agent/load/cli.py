@@ -29,6 +29,7 @@ from shared.sizes import parse_size
 
 from .balloon_run import BalloonRun
 from .driver import LoadRun, Progress, StartError, connect_agents, find_agents
+from .hugepages_run import HugepagesRun
 from .links import AgentLink, Clock, DaemonLink
 from .report import build_report, exit_status, render_table
 from .scenarios import (
@@ -36,6 +37,7 @@ from .scenarios import (
     Scenario,
     balloon,
     basic,
+    hugepages,
     latency,
     overcommit,
     sampling,
@@ -200,6 +202,8 @@ def make_scenario(args: argparse.Namespace) -> Scenario:
         return sampling(args.duration, args.sample_pages, args.host_limit, args.sample_period)
     if args.scenario == "balloon":
         return balloon(args.duration, args.no_balloon, args.sample_pages)
+    if args.scenario == "hugepages":
+        return hugepages(args.duration)
     return basic(
         args.duration, args.working_set, args.distribution, args.write_ratio, args.pinned_pages or 0
     )
@@ -224,6 +228,8 @@ async def main_async(args: argparse.Namespace, scenario: Scenario) -> int:
         clock.restart()
         if scenario.name == "balloon":
             await BalloonRun(load, args.host_limit).run()
+        elif scenario.name == "hugepages":
+            await HugepagesRun(load).run()
         else:
             await load.run_phases()
         await load.lowprio_sections()

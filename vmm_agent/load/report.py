@@ -20,6 +20,7 @@ from collections import Counter
 from typing import Any
 
 from .balloon_report import balloon_lines
+from .hugepages_run import hugepages_lines
 
 #: Exit status of ``vmmem-load`` for each outcome (2 is for bad flags / cannot start).
 EXIT_STATUS = {"ok": 0, "data_loss": 1, "violation": 1, "unreachable": 3, "incomplete": 3}
@@ -258,6 +259,8 @@ def render_table(report: dict[str, Any]) -> str:
     lines.extend(_lowprio_lines(report))
     if "balloon" in report:
         lines.extend(balloon_lines(report["balloon"]))
+    if "hugepages" in report:
+        lines.extend(hugepages_lines(report["hugepages"]))
     if t.get("pages_checked"):
         lines.append(
             f"page checking: {t['pages_checked']:,} pages checked, "

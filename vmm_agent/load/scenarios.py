@@ -313,4 +313,26 @@ def balloon(duration: float, no_balloon: bool = False, sample_pages: int | None 
     return Scenario("balloon", phases, lowprio=settings, passes=passes)
 
 
-SCENARIOS = ("basic", "overcommit", "sharing", "latency", "sampling", "balloon")
+def hugepages(duration: float) -> Scenario:
+    """2 MB pages (run by ``hugepages_run.py``): the VMs write all their memory, run on,
+    then reclaim under a lowered host limit splits large regions."""
+    fill = Phase(
+        name="hugepages.fill",
+        duration=0.3 * duration,
+        working_set=1.0,
+        distribution="sequential",
+        write_ratio=1.0,
+    )
+    steady = Phase(
+        name="hugepages.steady",
+        duration=0.4 * duration,
+        working_set=1.0,
+        distribution="zipf",
+        write_ratio=0.3,
+        think_us=20.0,
+    )
+    pressure = steady.model_copy(update={"name": "hugepages.pressure", "duration": 0.3 * duration})
+    return Scenario("hugepages", [fill, steady, pressure])
+
+
+SCENARIOS = ("basic", "overcommit", "sharing", "latency", "sampling", "balloon", "hugepages")
