@@ -31,6 +31,7 @@ from .balloon_run import BalloonRun
 from .driver import LoadRun, Progress, StartError, connect_agents, find_agents
 from .hugepages_run import HugepagesRun
 from .links import AgentLink, Clock, DaemonLink
+from .numa_run import NumaRun
 from .report import build_report, exit_status, render_table
 from .scenarios import (
     SCENARIOS,
@@ -39,6 +40,7 @@ from .scenarios import (
     basic,
     hugepages,
     latency,
+    numa,
     overcommit,
     sampling,
     sharing,
@@ -202,6 +204,8 @@ def make_scenario(args: argparse.Namespace) -> Scenario:
         return sampling(args.duration, args.sample_pages, args.host_limit, args.sample_period)
     if args.scenario == "balloon":
         return balloon(args.duration, args.no_balloon, args.sample_pages)
+    if args.scenario == "numa":
+        return numa(args.duration)
     if args.scenario == "hugepages":
         return hugepages(args.duration)
     return basic(
@@ -228,6 +232,8 @@ async def main_async(args: argparse.Namespace, scenario: Scenario) -> int:
         clock.restart()
         if scenario.name == "balloon":
             await BalloonRun(load, args.host_limit).run()
+        elif scenario.name == "numa":
+            await NumaRun(load).run()
         elif scenario.name == "hugepages":
             await HugepagesRun(load).run()
         else:

@@ -21,6 +21,7 @@ from typing import Any
 
 from .balloon_report import balloon_lines
 from .hugepages_run import hugepages_lines
+from .numa_run import numa_lines
 
 #: Exit status of ``vmmem-load`` for each outcome (2 is for bad flags / cannot start).
 EXIT_STATUS = {"ok": 0, "data_loss": 1, "violation": 1, "unreachable": 3, "incomplete": 3}
@@ -259,6 +260,8 @@ def render_table(report: dict[str, Any]) -> str:
     lines.extend(_lowprio_lines(report))
     if "balloon" in report:
         lines.extend(balloon_lines(report["balloon"]))
+    if "numa" in report:
+        lines.extend(numa_lines(report["numa"]))
     if "hugepages" in report:
         lines.extend(hugepages_lines(report["hugepages"]))
     if t.get("pages_checked"):

@@ -313,6 +313,29 @@ def balloon(duration: float, no_balloon: bool = False, sample_pages: int | None 
     return Scenario("balloon", phases, lowprio=settings, passes=passes)
 
 
+def numa(duration: float) -> Scenario:
+    """NUMA migration: the VMs write all their memory while a filler VM (started and stopped
+    by ``numa_run.py``) holds their home node, so it lands on another node; the filler
+    leaves and the VMs run on, reading and writing everywhere, while migration brings their
+    pages home."""
+    fill = Phase(
+        name="numa.fill",
+        duration=0.3 * duration,
+        working_set=1.0,
+        distribution="sequential",
+        write_ratio=1.0,
+    )
+    run = Phase(
+        name="numa.migrate",
+        duration=0.7 * duration,
+        working_set=1.0,
+        distribution="zipf",
+        write_ratio=0.3,
+        think_us=20.0,
+    )
+    return Scenario("numa", [fill, run])
+
+
 def hugepages(duration: float) -> Scenario:
     """2 MB pages (run by ``hugepages_run.py``): the VMs write all their memory, run on,
     then reclaim under a lowered host limit splits large regions."""
@@ -335,4 +358,13 @@ def hugepages(duration: float) -> Scenario:
     return Scenario("hugepages", [fill, steady, pressure])
 
 
-SCENARIOS = ("basic", "overcommit", "sharing", "latency", "sampling", "balloon", "hugepages")
+SCENARIOS = (
+    "basic",
+    "overcommit",
+    "sharing",
+    "latency",
+    "sampling",
+    "balloon",
+    "numa",
+    "hugepages",
+)
