@@ -699,3 +699,63 @@ def test_promotion_and_defrag_together_reach_coverage(h: HugeHarness) -> None:
     for guest in (g, spread):
         h.content_intact(guest)
     assert h.invariants() == []
+
+
+def test_a_region_with_a_page_faulted_while_selected_is_put_back(h: HugeHarness) -> None:
+    """A page of the batch faults while it is SELECTED (the VMM keeps it): the rest of its
+    region, released, cannot be copied; they keep their frames and validation maps them
+    again. Nothing is lost and nothing is large."""
+    g = h.add_vm()
+    old = h.back(g, region(0), node=0)
+    h.promo.scan(g.vm, 64, h.clock())
+    req = h.engine.get_request(g.vm, g.state, GetRequest(Priority.LOW, 10**6, GET_FLAG_NEW_ROUND))
+    assert ServiceType(req.service) == ServiceType.PROMOTION_2M and req.count == R
+    reply = h.resolver.try_resolve(g.vm, 40, True, 0)  # the fault crosses the batch
+    assert reply.reason == FaultReason.MAPPED
+    bpns, status, mpns = g.vm.region.slot(req.slot).batch(req.count)
+    g.filters[ServiceType.PROMOTION_2M].process(bpns, mpns, status)
+    del bpns, status, mpns
+    g.exposure.install(reply.bpns, reply.mpns, np.array([True]))  # the reply lands after
+    h.engine.complete(g.vm, g.state, CompleteRequest(req.slot, req.count, req.seq))
+    assert h.run_spawned() == 0  # no copy started
+    assert (g.vm.p2m.frame[region(0)] == old).all()
+    h.rounds(g)
+    assert (g.exposure.frame[region(0)] == old).all() and not g.exposure.large.any()
+    assert h.promo.stats(g.vm).aborted == 1 and coverage(g.vm.p2m)[0] == 0
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_a_run_on_another_node_when_the_home_node_has_none(h: HugeHarness) -> None:
+    """No whole run on the home node: promotion takes one on another node (khugepaged falls
+    back too) rather than wait."""
+    g = h.add_vm()
+    h.back(g, region(0), node=0)
+    taken = break_runs(h, 0)
+    h.promote(g)
+    assert g.exposure.large[0]
+    assert (h.machine.allocator.node_of(g.vm.p2m.frame[region(0)]) == 1).all()
+    h.machine.allocator.release(taken)
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_the_agent_maps_large_only_an_aligned_run_in_order() -> None:
+    """arm_large: all 512 pages installed writable on frames run+0..run+511 of an aligned
+    run; two pages swapped, a run not aligned, or a read-only page: not large."""
+    from vmm_agent.exposure import ExposureTable
+
+    t = ExposureTable(4 * R)
+    ones = np.ones(R, dtype=bool)
+    t.install(np.arange(R), np.arange(R, 2 * R), ones)  # region 0 on run 1, in order
+    swapped = np.arange(2 * R, 3 * R)
+    swapped[[3, 4]] = swapped[[4, 3]]
+    t.install(np.arange(R, 2 * R), swapped, ones)  # region 1: two pages swapped
+    t.install(np.arange(2 * R, 3 * R), np.arange(3 * R + 1, 4 * R + 1), ones)  # unaligned
+    t.install(np.arange(3 * R, 4 * R), np.arange(5 * R, 6 * R), ones)
+    t.writable[3 * R + 9] = False  # region 3: one read-only page
+    assert t.arm_large(np.arange(4)) == 1
+    assert t.large.tolist() == [True, False, False, False]
+    assert t.coverage() == 0.25
+    t.invalidate(np.array([7]))
+    assert not t.large.any() and t.splits == 1
