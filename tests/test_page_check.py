@@ -33,6 +33,7 @@ from shared.config import AgentConfig, load_settings
 from shared.constants import PAGE_SIZE
 from shared.exposures import Exposures
 from shared.layout import ControlRegion, region_size
+from shared.messages import REQUEST_FLAG_LAST
 from shared.shm import MappedFile, create_mapped, frames_view
 from shared.timebound import TICK_SECONDS
 from shared.workload import Phase
@@ -53,6 +54,8 @@ from vmm_agent.touches import TouchLog
 
 from .guest_rig import POISON, FakeClock, FakeDaemon
 from .procs import ctl, daemons, free_port
+from .test_lowprio_agent import FakeTask, half_progress_tick, low_bit, work
+from .test_lowprio_agent import Rig as LowRig
 
 PAGES = 256
 BOUND = 0.008  # the default time bound: far more than any test's checks take
@@ -327,15 +330,19 @@ async def test_checking_takes_at_most_a_tenth_of_the_bound_whatever_the_rate(
 
 
 @pytest.mark.timeout(30)
-async def test_an_empty_exposure_table_rests_until_the_next_tick(rig: CheckRig) -> None:
-    """Nothing mapped: one sweep finds nothing, and the checker has no work until the next
-    tick, so an idle VM with nothing mapped runs no round for it."""
+async def test_an_empty_exposure_table_rests_for_a_second(rig: CheckRig) -> None:
+    """Nothing mapped (a VM that has not run yet): one sweep finds nothing, and the checker
+    has no work for a second, so such a VM has idle ticks instead of a round every tick
+    scanning an empty table. A page mapped meanwhile is checked after the rest."""
     rig.clock.now += TICK_SECONDS
     assert rig.checker.has_work()
     assert rig.checker.run(100) == 0
-    assert not rig.checker.has_work()
-    rig.clock.now += TICK_SECONDS
-    assert rig.checker.has_work()
+    waited = [rig.tick() for _ in range(9)]
+    assert waited == [0] * 9 and not rig.checker.has_work()
+    await rig.faults.ensure(3, write=False)
+    rig.corrupt(3)
+    assert sum(rig.tick() for _ in range(2)) == 1  # the rest ends at the 10th tick (± dust)
+    assert rig.checked_bpns() == [3]
 
 
 def test_bad_rates_are_refused_and_change_nothing(mem_dir: Path) -> None:
@@ -353,6 +360,34 @@ def test_bad_rates_are_refused_and_change_nothing(mem_dir: Path) -> None:
     assert load_settings(AgentConfig, {"page_check_rate": 0}).page_check_rate == 0.0
     with pytest.raises(ValueError, match="page_check_rate"):
         load_settings(AgentConfig, {"page_check_rate": -5})
+
+
+# ---- rounds for page checking alone ---------------------------------------------------------
+
+
+class BackgroundTask(FakeTask):
+    """Monitor work that is always there, as page checking's (``background = True``)."""
+
+    background = True
+
+
+@pytest.mark.timeout(10)
+async def test_page_checking_alone_runs_on_spare_credit_only() -> None:
+    """Page checking always has work, yet never takes the credit the platform's next work
+    needs: a guest progressing half the time still gets rounds for it (every other tick),
+    and when a sample arrives the very next tick runs a round for it. A guest progressing
+    all the time gets a round for page checking every tick."""
+    rig = LowRig([])
+    rig.add_task(BackgroundTask("page_check", rig.clock, 1e-6, 10**9), per_unit=1e-6)
+    records = [await half_progress_tick(rig) for _ in range(8)]
+    assert sum(r is not None for r in records) >= 2
+    rig.link.script = [(work(flags=REQUEST_FLAG_LAST), 1e-3)]
+    rig.region.pending = low_bit()  # a sample to arm
+    record = await half_progress_tick(rig)
+    assert record is not None and record.batches == 1
+    rig.region.pending = 0
+    full = [await rig.tick() for _ in range(5)]
+    assert sum(r is not None for r in full) >= 4, full
 
 
 # ---- what is skipped ---------------------------------------------------------------------

@@ -18,10 +18,12 @@ low-priority work. The bound comes from the VM's latency sensitivity
 (``shared/timebound.py``).
 
 Two queues share the bound, interleaved: a turn of the monitor's own queue (sampling's
-arming; given at most half of what is left while the platform still has work), then one
-platform batch, and so on. Each GetRequest carries the time left; the daemon sizes the batch
-to fit it, so the round ends past the bound by at most the misestimate of one batch; the
-agent starts a further exchange only when even its longest recent round trip still fits.
+arming, then page checking; given at most half of what is left while the platform still has
+work), then one platform batch, and so on. Each GetRequest carries the time left; the daemon
+sizes the batch to fit it, so the round ends past the bound by at most the misestimate of
+one batch; the agent starts a further exchange only when even its longest recent round trip
+still fits. Page checking is background work, always there: a round for it alone runs only
+on credit to spare (a tick more than a round needs), so it never delays the platform's.
 
 High priority pre-empts low: the round ends as soon as a high-priority bit is set or a
 high-priority round runs, and the high-priority loop is woken.
@@ -146,8 +148,16 @@ class LowPriorityLoop:
             self.outcomes["stalled"] += 1
             return None
         budget = self.last_bound = self.bound
-        if not (self.region.pending & LOW_PRIORITY_MASK or self.monitor.has_work()):
+        platform_work = self.region.pending & LOW_PRIORITY_MASK
+        if not (platform_work or self.monitor.has_work()):
             self.outcomes["idle"] += 1  # nothing queued on either side: no message at all
+            return None
+        # Only background work (page checking, always there): it runs on credit to spare,
+        # so that the platform's next work (a sample to arm) finds a round's credit at once
+        # instead of waiting for the guest to earn it again.
+        spare = self.credit >= ROUND_CREDIT + TICK_SECONDS
+        if not (platform_work or spare or self._urgent_monitor_work()):
+            self.outcomes["idle"] += 1
             return None
         if self.high.pending():
             self.outcomes["preempted"] += 1
@@ -234,6 +244,10 @@ class LowPriorityLoop:
         )
         self._record(record)
         return record
+
+    def _urgent_monitor_work(self) -> bool:
+        """Monitor work other than background tasks' (``background = True``) is queued."""
+        return any(t.has_work() for t in self.monitor.tasks if not getattr(t, "background", False))
 
     def rtt(self) -> float:
         """The longest recent empty round trip (0 before the first): a second exchange is

@@ -63,6 +63,8 @@ BOUND_SHARE = 0.1
 #: Seconds per page checked before the first turn measured it, and the moving average's gain.
 INITIAL_COST = 2e-6
 COST_GAIN = 0.25
+#: How long the checker rests after a sweep found nothing to check.
+EMPTY_REST_SECONDS = 1.0
 #: BPNs looked at per window of the cursor (slices of the exposure table: cheap), at least
 #: and at most, and the most one turn looks at before it gives up for now (a mostly
 #: unmapped, huge guest).
@@ -80,6 +82,8 @@ class PageChecker:
     """The monitor task that checks mapped pages against the guest model, at a set rate."""
 
     name = "page_check"
+    #: Always has work: the low-priority loop runs a round for it alone only on spare credit.
+    background = True
 
     def __init__(
         self,
@@ -209,12 +213,13 @@ class PageChecker:
             if self.cursor == 0:
                 self.sweeps += 1
         self.scan_left = max(0.0, self.scan_left - scanned)
-        # A whole sweep (over as many turns as it takes) without one checkable page: rest
-        # until the next tick instead of scanning the empty table round after round.
+        # A whole sweep (over as many turns as it takes) without one checkable page: rest a
+        # while instead of a round every tick that scans an empty table (a VM that has not
+        # run yet would otherwise never have an idle tick).
         self._unmapped_run = 0 if count else self._unmapped_run + scanned
         if self._unmapped_run >= self.guest_pages:
             self._unmapped_run = 0
-            self._rest_until = self.clock() + TICK_SECONDS
+            self._rest_until = self.clock() + EMPTY_REST_SECONDS
         return np.concatenate(found) if found else np.empty(0, dtype=np.int64)
 
     def _checkable(self, start: int, end: int) -> npt.NDArray[np.bool_]:
