@@ -54,6 +54,10 @@ class BalanceConfig:
     backoff_hold_seconds: float = 5.0
     #: While backed off and impacted, its balloon target shrinks by this fraction a period.
     backoff_step: float = 0.10
+    #: Impact is judged over at least this long: balances forced by a change of state or of
+    #: the limit come closer together, and over a short window a brief stall (a slow fault
+    #: on a busy host) is a large fraction.
+    impact_window_seconds: float = 1.0
 
     @property
     def tax_factor(self) -> float:
@@ -115,10 +119,12 @@ class Balancer:
         self.config = config or BalanceConfig()
         self._seen: dict[int, tuple[float, int, float]] = {}
         self._backoff_until: dict[int, float] = {}
+        self._impact: dict[int, tuple[float, float]] = {}
 
     def forget(self, vm_id: int) -> None:
         self._seen.pop(vm_id, None)
         self._backoff_until.pop(vm_id, None)
+        self._impact.pop(vm_id, None)
 
     def plan(
         self, vms: list[VMState], need: int, state: FreeState, now: float, swap: bool = True
@@ -127,7 +133,7 @@ class Balancer:
         the high threshold, which balloons may give back; 0: hold. ``swap``: whether swap
         can take pages now (not while the device is full, nor without one)."""
         cfg = self.config
-        impact = {v.vm_id: self._impact(v, now) for v in vms}
+        impact = {v.vm_id: self._judge(v, now) for v in vms}
         reclaim = self._split(vms, max(0, need)) if need > 0 else [0] * len(vms)
         give_back = self._give_back(vms, -need) if need < 0 else [0] * len(vms)
         plans: dict[int, VMPlan] = {}
@@ -205,20 +211,23 @@ class Balancer:
             surplus -= give[i]
         return give
 
-    def _impact(self, v: VMState, now: float) -> tuple[float, float, bool]:
-        """Stall fraction and refaults per second since the last plan; back-off state."""
+    def _judge(self, v: VMState, now: float) -> tuple[float, float, bool]:
+        """Stall fraction and refaults per second over the last window of at least
+        ``impact_window_seconds`` (judged when one is complete); back-off state."""
         cfg = self.config
         last = self._seen.get(v.vm_id)
-        self._seen[v.vm_id] = (now, v.refaults, v.stall_seconds)
-        stall = refaults = 0.0
-        if last is not None and now > last[0]:
+        if last is None or now - last[0] >= cfg.impact_window_seconds:
+            self._seen[v.vm_id] = (now, v.refaults, v.stall_seconds)
+        if last is not None and now - last[0] >= cfg.impact_window_seconds and now > last[0]:
             dt = now - last[0]
             stall = max(0.0, (v.stall_seconds - last[2]) / dt)
             refaults = max(0.0, (v.refaults - last[1]) / dt)
-        hurt = (
-            stall > cfg.impact_stall_fraction
-            or refaults > cfg.impact_refault_fraction * v.guest_pages
-        )
-        if hurt:
-            self._backoff_until[v.vm_id] = now + cfg.backoff_hold_seconds
+            self._impact[v.vm_id] = (stall, refaults)
+            hurt = (
+                stall > cfg.impact_stall_fraction
+                or refaults > cfg.impact_refault_fraction * v.guest_pages
+            )
+            if hurt:
+                self._backoff_until[v.vm_id] = now + cfg.backoff_hold_seconds
+        stall, refaults = self._impact.get(v.vm_id, (0.0, 0.0))
         return stall, refaults, now < self._backoff_until.get(v.vm_id, -math.inf)
