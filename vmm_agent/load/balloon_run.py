@@ -4,10 +4,11 @@ and off.
 Each pass turns ballooning on or off in the daemon (``set_memsched``), then:
 
 1. fill, on every VM, until each has written its anonymous memory and read its file;
-2. warm-up, with the VMs in their roles (idle, busy: by name, in turn), until no VM is
-   backed off any more (the fill's cold misses count as refaults, and a back-off holds for
-   a while after them): reclaim starts from the same calm state in every pass;
-3. settle: the same, a fixed time: each VM's throughput baseline;
+2. warm-up, with the VMs in their roles (idle, busy: by name, in turn), a few sampling
+   periods: the working-set estimates follow (the period grows with the guests' size);
+3. settle: the same, its time and then until no VM is backed off (bounded; the fill's cold
+   misses count as refaults, and a back-off holds for a while after them): each VM's
+   throughput baseline, and reclaim starts from the same calm state in every pass;
 4. reclaim: the host limit goes down, in steps over the first part of the phase (pressure
    that builds up, as when VMs are started; a limit dropped at once sends the host straight
    to LOW and swaps before a balloon could move), to its target: ``--host-limit``, or 70 %
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +35,14 @@ from shared.workload import Phase
 from .balloon_report import balloon_report
 from .driver import LoadRun
 from .links import AgentLink
-from .scenarios import BALLOON_ANON, BALLOON_FILE, BALLOON_ROLES, BalloonPass, balloon_pass
+from .scenarios import (
+    BALLOON_ANON,
+    BALLOON_FILE,
+    BALLOON_ROLES,
+    BALLOON_SAMPLE_PERIOD,
+    BalloonPass,
+    balloon_pass,
+)
 
 #: The reclaim phase's host limit, when not given: this fraction of the frames in use when
 #: it starts.
@@ -49,8 +58,12 @@ SAMPLE_PERIOD, POLL_PERIOD = 0.25, 0.5
 #: a margin, so pages a previous pass left swapped out are brought back in (each pass starts
 #: from the same place).
 FILLED, FILL_SWEEP = 0.995, 1.1
-#: The warm-up lasts at least this long (sampling periods for the estimates to follow).
-WARM_MIN = 2.0
+#: The warm-up lasts this long, and at least this many sampling periods (for the estimates
+#: to follow the phases); the settle phase goes on until no VM is backed off (a back-off
+#: holds 5 s after the fill's cold misses, which count as refaults), WARM_WAIT more at most.
+WARM_MIN, WARM_PERIODS, WARM_WAIT = 2.0, 3, 10.0
+#: Guest pages the scenario's sampling period is set for (it scales with the largest VM).
+PERIOD_PAGES = 4096
 #: How long a pass waits for the balloons to be given back once the limit is up again.
 DEFLATE_WAIT = 15.0
 
@@ -83,6 +96,7 @@ class BalloonRun:
         self.load = load
         self.host_limit = host_limit
         self.passes: list[PassRecord] = []
+        self.period = BALLOON_SAMPLE_PERIOD
 
     async def run(self) -> None:
         load, daemon = self.load, self.load.daemon
@@ -95,6 +109,10 @@ class BalloonRun:
         names = sorted(a.name for a in load.active())
         roles = {name: BALLOON_ROLES[i % len(BALLOON_ROLES)] for i, name in enumerate(names)}
         seconds = sum(p.duration for p in load.scenario.phases) / len(load.scenario.passes)
+        pages = max([vm["guest_pages"] for vm in status["vms"]], default=PERIOD_PAGES)
+        self.period = BALLOON_SAMPLE_PERIOD * max(1.0, pages / PERIOD_PAGES)
+        if self.period != BALLOON_SAMPLE_PERIOD:  # restored with the scenario's settings
+            await daemon.call("set_lowprio", sample_period=self.period)
         load.schedule_injections()
         try:
             for name in load.scenario.passes:
@@ -129,20 +147,26 @@ class BalloonRun:
         if not await self._filled():
             record.notes.append(f"the fill was not done after {bp.fill.duration:g} s")
         t0 = time.monotonic()
-
-        async def calm() -> bool:
-            return time.monotonic() - t0 >= WARM_MIN and await self._calm()
-
-        if not await load.run_phase(bp.warm["busy"], role(bp.warm), until=calm):
+        warm_min = max(WARM_MIN, WARM_PERIODS * self.period)
+        warm = {r: p.model_copy(update={"duration": warm_min}) for r, p in bp.warm.items()}
+        if not await load.run_phase(warm["busy"], role(warm)):
             return False
         record.warm_seconds = round(time.monotonic() - t0, 3)
-        if not await self._calm():
-            record.notes.append(f"VMs still backed off after {record.warm_seconds:g} s of warm-up")
-        if not await load.run_phase(bp.settle["busy"], role(bp.settle)):
+        # The settle phase is the baseline; it goes on until no VM is backed off (bounded),
+        # so that reclaim starts from a calm state.
+        settle = {
+            r: p.model_copy(update={"duration": p.duration + WARM_WAIT})
+            for r, p in bp.settle.items()
+        }
+        nominal = bp.settle["busy"].duration
+        if not await load.run_phase(settle["busy"], role(settle), until=self._calm_after(nominal)):
             return False
         record.settle = load.out.snapshots[-1]["results"]
         if not await self._calm():
-            record.notes.append("VMs backed off during the settle phase (before reclaim)")
+            record.notes.append(
+                f"VMs still backed off when reclaim started ({WARM_WAIT:g} s after the settle "
+                "phase was due to end)"
+            )
         return await self._reclaim(record, bp, role(bp.reclaim))
 
     async def _reclaim(self, record: PassRecord, bp: BalloonPass, phase_of: Any) -> bool:
@@ -202,6 +226,17 @@ class BalloonRun:
             if done < FILL_SWEEP * (anon + file):
                 return False
         return True
+
+    def _calm_after(self, seconds: float) -> Callable[[], Awaitable[bool]]:
+        """An end condition: ``seconds`` have passed and no VM is backed off, or WARM_WAIT
+        more have passed."""
+        t0 = time.monotonic()
+
+        async def done() -> bool:
+            waited = time.monotonic() - t0
+            return waited >= seconds + WARM_WAIT or (waited >= seconds and await self._calm())
+
+        return done
 
     async def _calm(self) -> bool:
         """Is no VM backed off (the fill's refaults aged out)?"""

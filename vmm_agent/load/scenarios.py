@@ -213,10 +213,13 @@ BALLOON_PASSES = ("balloon", "swap")
 #: Fractions of guest memory the fill phase creates: anonymous memory, and the file read
 #: through the page cache (the rest stays in the free pool); the idle VMs' working set.
 BALLOON_ANON, BALLOON_FILE, IDLE_ANON = 0.3, 0.6, 0.05
-#: Upper bounds (seconds) of the phases that end on a condition: the fill (every VM has
-#: written its memory and read its file) and the warm-up (no VM backed off any more: the
-#: fill's cold misses count as refaults, and a back-off holds 5 s after them).
-FILL_BOUND, WARM_BOUND = 120.0, 10.0
+#: Seconds of the phases whose length ``balloon_run.py`` decides: the fill's bound (it ends
+#: once every VM has written its memory and read its file), the warm-up's placeholder.
+FILL_BOUND, WARM_BOUND = 120.0, 2.0
+#: Working-set sampling period, seconds of guest time per 4,096 guest pages (16 MiB): a
+#: busy guest must touch most of its memory within a period to look busy, and it touches
+#: about as many pages a second whatever its size (``balloon_run.py`` scales it).
+BALLOON_SAMPLE_PERIOD = 0.5
 #: Shares of a pass's duration: the settle phase (the baseline), then reclaim.
 SETTLE_SHARE, RECLAIM_SHARE = 0.3, 0.7
 #: A refault's simulated disk read, ms: a fast SSD, about what a swap-in costs on this
@@ -246,9 +249,9 @@ def balloon_pass(name: str, seconds: float) -> BalloonPass:
     - warm, settle, reclaim: the idle VMs touch little (5 % anonymous, a few file reads,
       think time); the busy ones keep their anonymous memory hot and read their file with
       a skew (zipf: a hot head, a cold tail); a refault costs a disk read of
-      ``BALLOON_DISK_MS``. Warm lets
-      the working-set estimates follow and the fill's refaults age out of the back-off;
-      settle is each VM's throughput baseline; reclaim runs under the lowered host limit.
+      ``BALLOON_DISK_MS``. Warm lets the working-set estimates follow; settle is each VM's
+      throughput baseline (and lets the fill's refaults age out of the back-off); reclaim
+      runs under the lowered host limit.
     """
     fill = Phase(
         name=f"{name}.fill",
@@ -301,15 +304,15 @@ def balloon(duration: float, no_balloon: bool = False, sample_pages: int | None 
     """Two idle and two busy VMs, equal shares, reclaimed under a lowered host limit: once
     with ballooning on and once with swap only (``no_balloon``: the swap pass alone), the
     settle and reclaim phases of each pass ``duration`` / passes long. Short sampling
-    periods, so the working-set estimates (and with them the idle memory tax) follow the
-    phases."""
+    periods (``BALLOON_SAMPLE_PERIOD``), so the working-set estimates (and with them the
+    idle memory tax) follow the phases."""
     passes = ("swap",) if no_balloon else BALLOON_PASSES
     seconds = duration / len(passes)
     phases = []
     for name in passes:
         bp = balloon_pass(name, seconds)
         phases += [bp.settle["busy"], bp.reclaim["busy"]]
-    settings: dict[str, float] = {"sample_period": 0.5, "sample_pages": sample_pages or 400}
+    settings = {"sample_period": BALLOON_SAMPLE_PERIOD, "sample_pages": sample_pages or 400}
     return Scenario("balloon", phases, lowprio=settings, passes=passes)
 
 
