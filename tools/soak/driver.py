@@ -45,6 +45,8 @@ STALL_SECONDS = 30.0
 #: Bounds on what the events wait for; generous, as the machine may be loaded.
 RESTART_SECONDS = 60.0
 RELEASE_SECONDS = 30.0
+#: How long a run may go on past its end for its last daemon to be judged (see ``loop``).
+EXTRA_SECONDS = 60.0
 DISTRIBUTIONS = ("uniform", "zipf", "sequential")
 #: What a process that misbehaves makes a request raise (an error reply, a dead socket, a
 #: ``vmmem-ctl`` that hangs or prints no JSON): each is a failure of the soak, reported with
@@ -120,9 +122,18 @@ class Soak:
 
     def loop(self, pending: deque[Event]) -> None:
         """Until the time is up and every scheduled event has run (none is skipped, however
-        late), unless something failed: each event when due, a check when due."""
+        late), unless something failed: each event when due, a check when due. On a loaded
+        machine the events run late; the run then goes on (by ``EXTRA_SECONDS`` at most)
+        until the last daemon has been watched long enough for its memory to be judged."""
         next_check = self.s.check_every
-        while (self.now() < self.s.seconds or pending) and not self.report.failures:
+        extended = False
+        while not self.report.failures:
+            if self.now() >= self.s.seconds and not pending:
+                if self.judgeable() or self.now() >= self.s.seconds + EXTRA_SECONDS:
+                    break
+                if not extended:
+                    extended = True
+                    self.say("extend", f"going on until {self.label_platform()} can be judged")
             if pending and pending[0].at <= self.now():
                 self.do(pending.popleft())
             elif self.now() >= next_check:
@@ -131,6 +142,16 @@ class Soak:
             else:  # the scheduler's wait until the next due thing; nothing is asserted here
                 due = min(next_check, pending[0].at if pending else self.s.seconds)
                 time.sleep(min(0.5, max(0.0, due - self.now())))
+
+    def judgeable(self) -> bool:
+        """The current daemon has a baseline sample (a warm-up after it was ready) and has
+        been watched for ``min_judged_seconds`` since (the final look adds one more)."""
+        base = self.lives[-1].baseline(self.s.warmup)
+        return base is not None and self.now() - base.t >= self.s.min_judged_seconds
+
+    def label_platform(self) -> str:
+        assert self.fleet.platform is not None
+        return f"{self.fleet.platform.label} pid {self.fleet.platform.pid}"
 
     def do(self, event: Event) -> None:
         self.report.counts[event.kind] += 1
