@@ -2,9 +2,9 @@
 
 The talk splits a low-priority round's time bound between two queues and interleaves them:
 the platform's (batches chosen by the daemon) and the monitor's own. The monitor's tasks
-here are in priority order (sampling's arming first, as in the strawman; page checking
-later). Each task's cost per unit of work is a moving average measured here, so a turn does
-only as much as fits in the time it is given.
+here are in priority order (sampling's arming first, as in the strawman; then page checking,
+``page_check.py``). Each task's cost per unit of work is a moving average measured here, so
+a turn does only as much as fits in the time it is given.
 """
 
 from __future__ import annotations
