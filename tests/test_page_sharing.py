@@ -596,6 +596,27 @@ def test_page_whose_content_changes_every_pass_is_never_a_candidate(h: Harness) 
 
 
 @pytest.mark.timeout(30)
+def test_the_unstable_table_holds_an_entry_per_unchanged_page_and_no_more(h: Harness) -> None:
+    """Entries of pages whose content changed, and of VMs gone, leave the table: it holds at
+    most one entry per page scanned unchanged, however long pages keep changing (it grew
+    without bound in the soak)."""
+    vm1, vm2 = h.add_vm(), h.add_vm()
+    h.back(vm1, {b: content(700 + b) for b in range(8)})
+    h.back(vm2, {b: content(800 + b) for b in range(8)})
+    full_passes(h, [vm1, vm2], 2)
+    assert len(h.svc.unstable) == 16
+    for version in range(5):  # vm1's pages change every pass
+        for b in range(8):
+            h.write(vm1, b, content(1000 + 100 * version + b))
+        full_passes(h, [vm1, vm2], 1)
+        assert len(h.svc.unstable) == 8, version  # only vm2's steady pages
+    full_passes(h, [vm1], 1)  # vm1 unchanged since its last pass: its pages register again
+    assert len(h.svc.unstable) == 16
+    h.vm_gone(vm2)
+    assert sorted(k >> 32 for k in h.svc.unstable.values()) == [vm1.vm_id] * 8
+
+
+@pytest.mark.timeout(30)
 def test_unique_page_whose_content_comes_back_is_not_paired_with_itself(h: Harness) -> None:
     """A unique page whose content changes and then changes back (A, B, A) is still unique:
     it never becomes a candidate, however many passes follow."""
