@@ -227,6 +227,9 @@ SETTLE_SHARE, RECLAIM_SHARE = 0.3, 0.7
 #: 0.1-0.2 ms, docs/performance.md), so that both kinds of miss cost about the same and
 #: the comparison is about which pages each method takes, not about two different disks.
 BALLOON_DISK_MS = 0.2
+#: Every page the balloon scenario writes is unique: page sharing finds nothing to merge,
+#: so its copy-on-write faults (and the frames it would save) do not mix with reclaim.
+BALLOON_CONTENT = ContentMix(zero=0.0, duplicate=0.0, unique=1.0)
 
 
 @dataclass(frozen=True)
@@ -263,6 +266,7 @@ def balloon_pass(name: str, seconds: float) -> BalloonPass:
         # Both done at about the same time: reads and writes in proportion to their sizes.
         cache_ratio=BALLOON_FILE / (BALLOON_FILE + BALLOON_ANON),
         refault_ms=0.0,
+        content=BALLOON_CONTENT,
     )
     shapes: dict[str, dict[str, object]] = {
         "idle": {
@@ -272,6 +276,7 @@ def balloon_pass(name: str, seconds: float) -> BalloonPass:
             "cache": BALLOON_FILE,
             "cache_ratio": 0.002,
             "refault_ms": BALLOON_DISK_MS,
+            "content": BALLOON_CONTENT,
             "think_us": 500.0,
         },
         "busy": {
@@ -281,6 +286,7 @@ def balloon_pass(name: str, seconds: float) -> BalloonPass:
             "cache": BALLOON_FILE,
             "cache_ratio": 0.5,
             "refault_ms": BALLOON_DISK_MS,
+            "content": BALLOON_CONTENT,
             "think_us": 50.0,
         },
     }
