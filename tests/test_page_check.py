@@ -330,6 +330,31 @@ async def test_checking_takes_at_most_a_tenth_of_the_bound_whatever_the_rate(
 
 
 @pytest.mark.timeout(30)
+async def test_a_preempted_turn_does_not_stop_checking(rig: CheckRig) -> None:
+    """One turn takes half a second of wall time (the OS ran something else meanwhile): its
+    cost per page, as measured, is more than a whole tick's share. It is paid back from the
+    next ticks' shares, and checking goes on: the cost estimate comes back down with the
+    first normal turn, and the ticks check as many pages as before."""
+    await rig.fill()
+    check = rig.checker._check
+    cost = [10e-6]
+
+    def timed_check(bpns: npt.NDArray[np.int64]) -> None:
+        check(bpns)
+        rig.clock.now += cost[0] * len(bpns)
+
+    rig.checker._check = timed_check  # type: ignore[method-assign]
+    rig.checker.bound = lambda: 8e-3  # a share of 0.8 ms a tick: 80 pages at 10 µs
+    before = [rig.tick() for _ in range(10)]
+    cost[0] = 0.5 / 80  # the next turn takes 0.5 s
+    rig.tick()
+    cost[0] = 10e-6
+    after = [rig.tick() for _ in range(10)]
+    assert min(after[2:]) >= min(before[2:]) - 1, (before, after)
+    assert rig.checker.per_page < 20e-6
+
+
+@pytest.mark.timeout(30)
 async def test_an_empty_exposure_table_rests_for_a_second(rig: CheckRig) -> None:
     """Nothing mapped (a VM that has not run yet): one sweep finds nothing, and the checker
     has no work for a second, so such a VM has idle ticks instead of a round every tick

@@ -156,10 +156,14 @@ class PageChecker:
         self._last = now
 
     def _time_allows(self) -> int:
-        """Pages this tick's share of the bound still pays for, at the measured cost."""
+        """Pages this tick's share of the bound still pays for, at the measured cost; at
+        least one when the whole share is there, so that an estimate blown up by a turn the
+        OS preempted is measured again instead of stopping checking for good."""
         if self.bound is None:
             return 1 << 62
-        return int(self.time_left / max(self.per_page, 1e-9) + _DUST)
+        share = BOUND_SHARE * self.bound()
+        pages = int(self.time_left / max(self.per_page, 1e-9) + _DUST)
+        return max(pages, 1) if self.time_left >= share * (1 - 1e-9) else pages
 
     # ---- the monitor task -----------------------------------------------------------------
 
