@@ -7,10 +7,14 @@ import signal
 import sys
 from pathlib import Path
 
+import structlog
+
 from shared.config import PlatformConfig, settings_from_cli
 from shared.errors import VMMemError
 from shared.logs import configure_logging
 from shared.loops import run
+
+from .malloc_tuning import fix_mmap_threshold
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     if config is None:
         return 2
     configure_logging(config.log_format, config.log_level)
+    # Before the thread pool exists: swap batches must not pile up in its threads' arenas.
+    if not fix_mmap_threshold():
+        structlog.get_logger("vmmem.platform").warning(
+            "malloc_not_tuned", reason="no glibc mallopt: freed swap buffers may stay mapped"
+        )
     from .server import PlatformServer
 
     # Until the event loop handles SIGTERM, it interrupts startup (prefaulting gigabytes
