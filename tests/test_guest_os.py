@@ -173,14 +173,93 @@ def test_deflate_gives_back_last_in_first_out_skipping_pages_taken_back() -> Non
     assert os.check() == []
 
 
+def test_cache_evicts_by_clock_a_hit_block_gets_a_second_chance() -> None:
+    os = GuestOS(16)
+    os.cache_limit = 3
+    assert [os.cache_page_for(b, never) for b in (10, 11, 12)] == [15, 14, 13]
+    os.referenced[10] = 1  # a hit on the oldest block
+    # Block 10 is passed over (its bit cleared, it becomes the youngest); 11 goes.
+    assert os.cache_page_for(13, never) == 14
+    assert os.cached_page(11) == -1 and os.cached_page(10) == 15
+    assert os.referenced[10] == 0
+    # Now 12 is the oldest, then 10 (moved), then 13 (just read in, unreferenced).
+    assert os.cache_page_for(14, never) == 13
+    assert os.cached_page(12) == -1
+    # Every block referenced: one sweep clears them all, then the oldest goes.
+    for b in (10, 13, 14):
+        os.referenced[b] = 1
+    assert os.cache_page_for(15, never) == 15
+    assert os.cached_page(10) == -1 and os.cache_evictions == 3
+    assert [os.referenced[b] for b in (13, 14, 15)] == [0, 0, 0]
+    assert os.check() == []
+
+
+def test_a_new_block_is_unreferenced_and_a_refill_clears_an_old_bit() -> None:
+    os = GuestOS(8)
+    os.cache_limit = 2
+    os.cache_page_for(1, never)
+    os.referenced[1] = 1
+    os.drop_block(1)
+    os.cache_page_for(1, never)  # read in again: no hit since
+    assert os.referenced[1] == 0
+
+
+def test_inflate_takes_cache_pages_coldest_first_by_the_same_clock() -> None:
+    os = GuestOS(8)
+    os.cache_limit = 8
+    for b in range(8):
+        os.cache_page_for(b, never)  # pages 7..0, the pool empty
+    for b in (0, 1, 4):
+        os.referenced[b] = 1  # hot blocks
+    taken = os.inflate(4, never)
+    assert taken.tolist() == [5, 4, 2, 1]  # blocks 2, 3, 5, 6: never hit since read in
+    assert [os.cached_page(b) for b in (0, 1, 4, 7)] == [7, 6, 3, 0]
+    assert os.check() == []
+
+
+def test_free_anon_gives_once_used_pages_the_pool_gives_first() -> None:
+    os = GuestOS(12)
+    os.cache_limit = 4
+    for page in range(6):
+        os.claim(page)
+    assert os.free_anon(np.array([3, 4, 5, 6], dtype=np.int64)) == 3  # 6 was not anonymous
+    assert os.sizes()["free"] == 9 and os.anon_freed == 3
+    assert os.used[[3, 4, 5]].all() and not os.used[6:].any()
+    # The pool gives its once-used pages first, last freed first, then never-used ones.
+    assert os.cache_page_for(2, never) == 5
+    assert os.inflate(3, lambda p: p == 4).tolist() == [3, 11, 10]
+    assert not os.used[[3, 11, 10]].any()  # the platform freed what backed them
+    # A balloon page given back is free and never used: the pool gives it after page 4.
+    os.deflate(1)
+    assert os.inflate(2, never).tolist() == [4, 10]
+    os.claim(4)  # (taken back from the balloon: not a reuse)
+    os.free_anon(np.array([4], dtype=np.int64))
+    os.claim(4)
+    assert os.reused == 1
+    assert os.check() == []
+
+
+def test_inflate_order_once_used_free_never_used_free_then_cache() -> None:
+    os = GuestOS(10)
+    os.cache_limit = 2
+    os.claim(0)
+    os.claim(1)
+    os.cache_page_for(5, never)  # page 9
+    os.cache_page_for(6, never)  # page 8
+    os.free_anon(np.array([0], dtype=np.int64))  # once used
+    assert os.inflate(10, never).tolist() == [0, 7, 6, 5, 4, 3, 2, 9, 8]
+    assert os.sizes() == {"free": 0, "anon": 1, "cache": 0, "balloon": 9}
+    assert os.check() == []
+
+
 def test_random_operations_keep_every_invariant() -> None:
     """Claims, fills, drops, inflations and deflations in random order: the counts, the
     block/page maps and the stacks agree after every step."""
     rng = np.random.default_rng(5)
     os = GuestOS(64)
     os.cache_limit = 24
-    for _ in range(3000):
-        op = rng.integers(0, 5)
+    for _ in range(4000):
+        op = rng.integers(0, 7)
         if op == 0:
             os.claim(int(rng.integers(0, 64)))
         elif op == 1:
@@ -189,8 +268,12 @@ def test_random_operations_keep_every_invariant() -> None:
             os.inflate(int(rng.integers(0, 6)), lambda p: p % 5 == 0)
         elif op == 3:
             os.deflate(int(rng.integers(0, 6)))
-        else:
+        elif op == 4:
             os.drop_block(int(rng.integers(0, 40)))
+        elif op == 5:
+            os.free_anon(rng.integers(0, 64, int(rng.integers(0, 4))).astype(np.int64))
+        else:
+            os.referenced[int(rng.integers(0, 40))] = 1  # a hit
         assert os.check() == []
     assert sum(os.counts) == 64
 
@@ -257,3 +340,49 @@ async def test_anonymous_accesses_drop_cached_blocks_on_their_pages() -> None:
     assert rig.os.check() == []
     result = await rig.runner.verify()
     assert result["mismatches"] == 0
+
+
+@pytest.mark.timeout(20)
+async def test_vcpus_set_the_referenced_bit_of_every_block_they_hit() -> None:
+    rig = Rig(pages=128)
+    await rig.run(duration=0.3, working_set=0.1, cache=0.25, cache_ratio=1.0, refault_ms=0)
+    os = rig.os
+    assert os.cache_hits > 0
+    ref = np.frombuffer(os.referenced, dtype=np.uint8)
+    # A block is unreferenced when read in; every cached block was hit since (32 blocks,
+    # thousands of uniform reads).
+    assert ref[:32].all() and not ref[32:].any()
+
+
+@pytest.mark.timeout(20)
+async def test_a_phase_frees_its_top_anonymous_pages_and_a_reused_one_is_written_first() -> None:
+    """A phase writes half the guest and frees the top half of it when it ends: free pages
+    the guest once used, still backed. A read-only phase over the same pages takes them
+    again: the guest clears each before it reads it, so its first access is a write (a
+    write fault where the host no longer maps it: the old content comes back, to be
+    overwritten), and every read matches what the guest last wrote."""
+    rig = Rig(pages=64)
+    await rig.run(
+        duration=0.2, working_set=0.5, write_ratio=1.0, distribution="sequential", anon_freed=0.5
+    )
+    os = rig.os
+    assert os.sizes() == {"free": 48, "anon": 16, "cache": 0, "balloon": 0}
+    assert (os.kind[16:32] == FREE).all() and os.used[16:32].all() and os.anon_freed == 16
+    assert os.summary()["free_once_used"] == 16
+    assert rig.daemon.backed[16:32].all()  # the host was not told
+    # The host swaps some of them out (it cannot tell they are free): no longer mapped,
+    # their content kept.
+    swapped = np.arange(20, 24, dtype=np.int64)
+    rig.exposure.invalidate(swapped)
+    versions = rig.guest.version.copy()
+    faults_before = len(rig.daemon.faults)
+    await rig.run(duration=0.2, working_set=0.5, write_ratio=0.0, distribution="sequential")
+    assert (os.kind[:32] == ANON).all() and os.reused == 16
+    assert (rig.guest.version[16:32] == versions[16:32] + 1).all()  # one clearing write each
+    assert (rig.guest.version[:16] == versions[:16]).all()  # read only
+    faults = {f.bpn: f.write for f in rig.daemon.faults[faults_before:]}
+    assert all(faults[b] for b in swapped.tolist())  # write faults: the old content read in
+    assert rig.guest.mismatches == 0 and rig.guest.verified > 0
+    result = await rig.runner.verify()
+    assert result["mismatches"] == 0 and result["pages_verified"] == 32
+    assert os.check() == []

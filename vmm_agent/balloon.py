@@ -2,9 +2,11 @@
 
 The platform asks for pages by a BALLOON batch (docs/protocol.md, "agent-filled batches"):
 the slot comes empty with room for the pages wanted, and the driver fills it with the pages
-it gives. It takes them as a guest's balloon allocates memory: free pages first, then pages
-of the page cache (their blocks are dropped: a later read of one is a refault), never
-anonymous pages, never pages pinned for I/O or with a fault in flight. Before the batch is
+it gives. It takes them as a guest's balloon allocates memory (``GuestOS.inflate``): free
+pages first (those the guest once used, which free a frame each at no cost to it, then
+never-used ones), then pages of the page cache, coldest first by the CLOCK the guest
+evicts with (their blocks are dropped: a later read of one is a refault), never anonymous
+pages, never pages pinned for I/O or with a fault in flight. Before the batch is
 completed each page is out of the guest: BALLOON in the guest model, its mapping gone
 (hidden one included, no longer watched by the sampler), its content forgotten (the
 verification pass does not read it). The platform then frees what backed it: the page is

@@ -6,10 +6,16 @@ goes through the fault path first; the access itself happens synchronously right
 no release batch can slip in between "exposed" and "touched".
 
 An anonymous access first takes its page for the workload from wherever the guest OS has it
-(free pool, page cache, balloon: ``GuestOS.claim``). A page-cache read finds the page that
-holds its block; a block not in memory is a refault: the vCPU waits for the simulated disk
-read (a stall), takes a page for the block and writes the block's content into it (so every
-later read of it is checked).
+(free pool, page cache, balloon: ``GuestOS.claim``). A free page the guest once used holds
+old content; the guest clears a page before it hands it out again, so the first access to
+such a page is a write, whatever the stream drew: if the host swapped the page out, the
+fault reads the old content back first only for it to be overwritten (ESX'02's double
+paging). A page the balloon gave back is a first touch instead.
+
+A page-cache read finds the page that holds its block (and sets its referenced bit: the
+page cache evicts by recency); a block not in memory is a refault: the vCPU waits for the
+simulated disk read (a stall), takes a page for the block and writes the block's content
+into it (so every later read of it is checked).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from .access import CHUNK, AccessStream
 from .exposure import ExposureTable
 from .fault_path import FaultPath
 from .guest import GuestMemory
-from .guest_os import ANON, BALLOON, GuestOS
+from .guest_os import ANON, BALLOON, FREE, GuestOS
 from .guest_time import GuestGate, GuestProgress
 from .rpc import PeerError
 from .touches import TouchLog
@@ -117,6 +123,7 @@ class VCpu:
             if page >= 0:
                 if exposure.frame[page] >= 0:
                     os.cache_hits += 1
+                    os.referenced[block] = 1
                     return page
                 if not await self._fault(page, False, False):
                     return -1
@@ -172,7 +179,12 @@ class VCpu:
     ) -> None:
         deadline = time.monotonic() + phase.duration
         exposure, guest, frames, gate = self.exposure, self.guest, self.frames, self.gate
-        os, kinds_of = self.os, self.os.kind_bytes
+        os, kinds_of, referenced, used = (
+            self.os,
+            self.os.kind_bytes,
+            self.os.referenced,
+            self.os.used,
+        )
         stamp, firsts = touches.stamp, touches.firsts
         think = phase.think_us * OPS_PER_YIELD / 1e6
         refault = phase.refault_ms / 1e3
@@ -194,6 +206,7 @@ class VCpu:
                     page = os.cached_page(block)
                     if page >= 0 and exposure.frame[page] >= 0:
                         os.cache_hits += 1
+                        referenced[block] = 1
                     else:
                         page = await self._cache_read(block, kind, pick, refault)
                         since_yield = 0
@@ -206,7 +219,11 @@ class VCpu:
                         if page < 0:
                             continue
                     bpn = page
-                elif exposure.frame[bpn] < 0 or (write and not exposure.writable[bpn]):
+                elif not write and kinds_of[bpn] == FREE and used[bpn]:
+                    write = True  # a reused page is cleared (written) before it is read
+                if block < 0 and (
+                    exposure.frame[bpn] < 0 or (write and not exposure.writable[bpn])
+                ):
                     if kinds_of[bpn] != ANON:
                         os.claim(bpn)  # the guest takes the page before it touches it
                     if not await self._fault(bpn, write, bpn == last_fault + 1):
