@@ -51,6 +51,11 @@ class Phase(BaseModel):
     cache: float = Field(default=0.0, ge=0, le=1)
     cache_ratio: float = Field(default=0.0, ge=0, le=1)
     refault_ms: float = Field(default=2.0, ge=0, le=1000)
+    #: When the phase ends, the guest frees this fraction of its anonymous working set (the
+    #: top of ``[offset, offset + working_set)``, the pages still anonymous) back to its free
+    #: pool, as a process exiting: free memory the guest once used, its frames still backed
+    #: (the host is not told). 0 (the default): nothing is freed, as before.
+    anon_freed: float = Field(default=0.0, ge=0, le=1)
     seed: int = 0
 
     @model_validator(mode="after")

@@ -127,7 +127,8 @@ class WorkloadRunner:
         }
 
     async def halt(self) -> None:
-        """Stop the running phase and wait for its vCPUs."""
+        """Stop the running phase and wait for its vCPUs; then free what it frees."""
+        ending = self.phase if self.tasks else None
         if self.tasks and self.phase is not None:
             ended = self.phase_throughput()
             if ended is not None:
@@ -144,6 +145,18 @@ class WorkloadRunner:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 log.error("vcpu_crashed", error=repr(task.exception()))
         self.tasks = []
+        if ending is not None and ending.anon_freed > 0:
+            self._free_anon(ending)
+
+    def _free_anon(self, phase: Phase) -> None:
+        """The phase's processes exit: the top ``anon_freed`` of its anonymous working set
+        goes back to the guest's free pool (its frames keep their content)."""
+        pages = self.exposure.guest_pages
+        first = min(int(phase.offset * pages), pages - 1)  # as AccessStream draws them
+        size = max(1, min(int(phase.working_set * pages), pages - first))
+        n = int(phase.anon_freed * size)
+        freed = self.os.free_anon(np.arange(first + size - n, first + size, dtype=np.int64))
+        log.info("phase_freed_anon", phase=phase.name, pages=freed)
 
     async def _pinner(self, phase: Phase) -> None:
         """Pin random pages of the working set "in translation" for a while, then unpin."""
