@@ -3,7 +3,8 @@ and off.
 
 Each pass turns ballooning on or off in the daemon (``set_memsched``), then:
 
-1. fill, on every VM, until each has written its anonymous memory and read its file;
+1. fill, on every VM, until each has written its anonymous memory and read its file; when
+   it ends, each frees a part of its anonymous memory (once-used free memory);
 2. warm-up, with the VMs in their roles (idle, busy: by name, in turn), a few sampling
    periods: the working-set estimates follow (the period grows with the guests' size);
 3. settle: the same, its time and then until no VM is backed off (bounded; the fill's cold
@@ -38,6 +39,7 @@ from .links import AgentLink
 from .scenarios import (
     BALLOON_ANON,
     BALLOON_FILE,
+    BALLOON_FREED,
     BALLOON_ROLES,
     BALLOON_SAMPLE_PERIOD,
     BalloonPass,
@@ -97,6 +99,7 @@ class BalloonRun:
         self.host_limit = host_limit
         self.passes: list[PassRecord] = []
         self.period = BALLOON_SAMPLE_PERIOD
+        self._was_filled = False
 
     async def run(self) -> None:
         load, daemon = self.load, self.load.daemon
@@ -141,10 +144,12 @@ class BalloonRun:
             return lambda agent: phases[record.roles.get(agent.name, "busy")]
 
         t0 = time.monotonic()
+        self._was_filled = False
         if not await load.run_phase(bp.fill, until=self._filled, period=POLL_PERIOD):
             return False
         record.fill_seconds = round(time.monotonic() - t0, 3)
-        if not await self._filled():
+        # Not asked again: once it has ended, the fill has freed part of what it wrote.
+        if not self._was_filled:
             record.notes.append(f"the fill was not done after {bp.fill.duration:g} s")
         t0 = time.monotonic()
         warm_min = max(WARM_MIN, WARM_PERIODS * self.period)
@@ -216,15 +221,18 @@ class BalloonRun:
         return {a.name: r for a, r in zip(agents, got, strict=True) if r is not None}
 
     async def _filled(self) -> bool:
-        """Has every VM written its anonymous memory and read its file into the cache?"""
+        """Has every VM written its anonymous memory (with what the fill frees when it
+        ends) and read its file into the cache?"""
         for res in (await self._results()).values():
             pages, guest = res["guest_os"]["pages"], res["guest_pages"]
-            anon, file = int(BALLOON_ANON * guest), int(BALLOON_FILE * guest)
+            anon = int((BALLOON_ANON + BALLOON_FREED) * guest)
+            file = int(BALLOON_FILE * guest)
             if pages["anon"] < FILLED * anon or pages["cache"] < FILLED * file:
                 return False
             done = res["throughput"]["accesses"] if res["throughput"] else 0
             if done < FILL_SWEEP * (anon + file):
                 return False
+        self._was_filled = True
         return True
 
     def _calm_after(self, seconds: float) -> Callable[[], Awaitable[bool]]:

@@ -211,8 +211,12 @@ BALLOON_ROLES = ("idle", "busy")
 #: Its passes: ballooning on (swap only for what the balloon cannot take), then swap only.
 BALLOON_PASSES = ("balloon", "swap")
 #: Fractions of guest memory the fill phase creates: anonymous memory, and the file read
-#: through the page cache (the rest stays in the free pool); the idle VMs' working set.
+#: through the page cache; the idle VMs' working set.
 BALLOON_ANON, BALLOON_FILE, IDLE_ANON = 0.3, 0.6, 0.05
+#: The rest is free memory the guest once used: the fill writes it as anonymous memory too,
+#: and frees it when it ends (a process exiting: ``Phase.anon_freed``), so every VM starts
+#: with free memory whose frames are still backed, as a guest that has run a while has.
+BALLOON_FREED = 0.1
 #: Seconds of the phases whose length ``balloon_run.py`` decides: the fill's bound (it ends
 #: once every VM has written its memory and read its file), the warm-up's placeholder.
 FILL_BOUND, WARM_BOUND = 120.0, 2.0
@@ -247,8 +251,9 @@ def balloon_pass(name: str, seconds: float) -> BalloonPass:
     """The phases of one pass ``seconds`` long (settle and reclaim; fill and warm-up run
     until their condition holds, within their bounds).
 
-    - fill: every VM writes its anonymous memory (30 %) and reads its file (60 %) through
-      the page cache, once each (no disk delay: only the cold misses of a first read);
+    - fill: every VM writes its anonymous memory (30 %, and 10 % more it frees when the
+      fill ends: once-used free memory) and reads its file (60 %) through the page cache,
+      once each (no disk delay: only the cold misses of a first read);
     - warm, settle, reclaim: the idle VMs touch little (5 % anonymous, a few file reads,
       think time); the busy ones keep their anonymous memory hot and read their file with
       a skew (zipf: a hot head, a cold tail); a refault costs a disk read of
@@ -259,12 +264,13 @@ def balloon_pass(name: str, seconds: float) -> BalloonPass:
     fill = Phase(
         name=f"{name}.fill",
         duration=FILL_BOUND,
-        working_set=BALLOON_ANON,
+        working_set=BALLOON_ANON + BALLOON_FREED,
+        anon_freed=BALLOON_FREED / (BALLOON_ANON + BALLOON_FREED),
         distribution="sequential",
         write_ratio=1.0,
         cache=BALLOON_FILE,
         # Both done at about the same time: reads and writes in proportion to their sizes.
-        cache_ratio=BALLOON_FILE / (BALLOON_FILE + BALLOON_ANON),
+        cache_ratio=BALLOON_FILE / (BALLOON_FILE + BALLOON_ANON + BALLOON_FREED),
         refault_ms=0.0,
         content=BALLOON_CONTENT,
     )
