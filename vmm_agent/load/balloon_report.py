@@ -98,6 +98,12 @@ def _vm_entry(record: PassRecord, name: str) -> dict[str, Any] | None:
         "backed_off_samples": len(backed),
         "balloon_touches": reclaim["guest_os"]["balloon_touches"],
         "balloon_returns": reclaim["guest_os"]["balloon_returns"],
+        # Free memory the guest once used (frames still backed) when reclaim started, and
+        # how many such pages its workload took again during reclaim (each cleared first:
+        # a swap-in of old content if the host had swapped it out). 0 from an agent that
+        # does not tell them apart (before the guest model did).
+        "free_once_used_at_start": settle["guest_os"].get("free_once_used", 0),
+        "reused": reclaim["guest_os"].get("reused", 0) - settle["guest_os"].get("reused", 0),
     }
 
 
