@@ -33,6 +33,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/lowprio.py
 	$(BIN)/python benchmarks/recovery.py
 	$(BIN)/python benchmarks/invariants.py
+	$(BIN)/python benchmarks/numa.py
+	$(BIN)/python benchmarks/hugepages.py
+	$(BIN)/python benchmarks/page_check.py
 
 # Everything VMMem survives, at once, for MINUTES minutes (docs/reliability.md section 9);
 # four 32 MiB guests on a 64 MiB host limit (the CI version, tests/test_soak.py, is shorter
