@@ -101,6 +101,8 @@ def render_status(st: dict[str, Any]) -> str:
         lines.append("  " + _vm_lowprio_line(vm))
         if vm.get("numa"):
             lines.append("  " + _vm_numa_line(vm["numa"]))
+        if vm.get("readahead"):
+            lines.append("  " + _vm_readahead_line(vm["readahead"]))
         if vm.get("hugepages"):
             lines.append("  " + vm_hugepages_line(vm["hugepages"]))
         if vm.get("memsched"):
@@ -136,6 +138,17 @@ def _vm_lowprio_line(vm: dict[str, Any]) -> str:
         f"COW breaks {sharing.get('cow_breaks', 0):,}, "
         f"scanned {sharing.get('scanned_pages', 0):,} "
         f"({sharing.get('scan_rate_pages_per_second', 0):,.0f}/s)"
+    )
+
+
+def _vm_readahead_line(r: dict[str, Any]) -> str:
+    """Swap read-ahead validation's payoff, on one line."""
+    per = r["faults_avoided_per_validation"]
+    return (
+        f"swap read-ahead: held {r['held_now']:,} now ({r['held']:,} in all); validated "
+        f"{r['validated']:,}: faults avoided {r['faults_avoided']:,}"
+        f"{'' if per is None else f' ({per:.0%})'}, frames recovered "
+        f"{r['frames_recovered']:,}, kept {r['kept']:,}; faulted while held {r['faulted']:,}"
     )
 
 

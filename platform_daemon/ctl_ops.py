@@ -21,6 +21,7 @@ from .hugepages_status import hugepages_host, hugepages_status
 from .services.numa_migration import NumaMigrationService, locality
 from .services.page_sharing import PageSharingService
 from .services.sampling import SamplingService
+from .services.validation import ValidationService
 from .shared_frames import frames_saved_by, merged_pages
 
 if TYPE_CHECKING:
@@ -219,6 +220,7 @@ class CtlOps:
             },
             "lowprio": self._lowprio(vm),
             "numa": self._vm_numa(vm),
+            "readahead": self._validation.readahead.status(vm),
             "hugepages": hugepages_status(self.server, vm),
         }
 
@@ -280,6 +282,12 @@ class CtlOps:
     def _numa(self) -> NumaMigrationService:
         svc = self.server.services[ServiceType.NUMA_MIGRATION]
         assert isinstance(svc, NumaMigrationService)
+        return svc
+
+    @property
+    def _validation(self) -> ValidationService:
+        svc = self.server.services[ServiceType.VALIDATION]
+        assert isinstance(svc, ValidationService)
         return svc
 
     @property

@@ -13,6 +13,8 @@ consistent at each await point (the check runs on the event loop, between two of
   lands; its slot is in use but no page names it yet: ``swap_writing`` counts those slots
   (writes of VMs that left, and writes a fault cancelled, included);
 - a swap-in keeps its page SWAPPED, slot in use, until the frame is mapped in one step;
+- a page read ahead by a swap-in keeps its slot with its frame until it is validated
+  (IN_FLIGHT, op VALIDATION: ``services/readahead.py``); its slot counts as a swapped page's;
 - a page-sharing merge keeps its pages' own frames until it merges them in one step;
 - a retire move and a COW copy are synchronous;
 - a shared frame being retired (a zero frame or a merged frame) is replaced in every p2m at
@@ -68,6 +70,7 @@ _USED = int(FrameState.USED)
 _ZERO, _EXPOSED, _SELECTED = int(PageState.ZERO), int(PageState.EXPOSED), int(PageState.SELECTED)
 _IN_FLIGHT, _SWAPPED = int(PageState.IN_FLIGHT), int(PageState.SWAPPED)
 _LAST_STATE = int(max(PageState))
+_VALIDATION = int(ServiceType.VALIDATION)
 _SERVICES = np.array([int(s) for s in ServiceType], dtype=np.uint8)
 
 
@@ -204,7 +207,7 @@ def _page_states(pages: _Pages) -> list[Violation]:
     bad |= (st == _ZERO) & (has_frame | has_slot)
     bad |= (st == _SWAPPED) & (has_frame | ~has_slot)
     mapped_states = (st != _ZERO) & (st != _SWAPPED)
-    bad |= mapped_states & (~has_frame | has_slot)
+    bad |= mapped_states & (~has_frame | (has_slot & ~_read_ahead(pages)))
     bad |= (st == _IN_FLIGHT) & ~np.isin(pages.op, _SERVICES)
     bad |= st > _LAST_STATE
     n = int(np.count_nonzero(bad))
@@ -303,8 +306,15 @@ def _frame_owners(state: HostState, pages: _Pages) -> list[Violation]:
     return out
 
 
+def _read_ahead(pages: _Pages) -> npt.NDArray[np.bool_]:
+    """Pages held after a swap-in read them ahead: a frame and still their slot."""
+    held: npt.NDArray[np.bool_] = (pages.state == _IN_FLIGHT) & (pages.op == _VALIDATION)
+    held &= pages.slot != NO_SLOT
+    return held
+
+
 def _swap_slots(state: HostState, pages: _Pages) -> list[Violation]:
-    slots = pages.slot[pages.state == _SWAPPED]
+    slots = pages.slot[(pages.state == _SWAPPED) | _read_ahead(pages)]
     swap = state.swap
     problems: list[str] = []
     if swap is None:

@@ -232,6 +232,14 @@ class PlatformMetrics:
             ["outcome"],
             registry=registry,
         )
+        self.readahead_pages = Counter(
+            "vmmem_readahead_pages",
+            "Swap read-ahead pages: held (read ahead, slot kept), then fault_avoided (touched "
+            "with no fault), frame_recovered (dropped untouched, back in their slot), kept "
+            "(pinned), or faulted (given back by a fault while held)",
+            ["outcome"],
+            registry=registry,
+        )
 
 
 class StateCollector(Collector):

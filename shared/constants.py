@@ -84,6 +84,7 @@ class PageStatus(IntEnum):
     IO_ERROR = 6  # platform: write failed, page stays resident
     CANCELLED = 7  # platform: a fault cancelled the operation
     REFERENCED = 8  # refused: the guest touched it since the last pass (second chance)
+    UNTOUCHED = 9  # released: a read-ahead page the guest never touched (validation)
 
 
 class FaultReason(IntEnum):

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import errno as errno_mod
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -60,6 +61,9 @@ class SwapService(PlatformService):
         self.no_space = False
         #: Slots taken by writes not finished yet (no page names them): the invariant check.
         self.writing = 0
+        #: Takes read-ahead pages, mapped and still in their slots, until they are validated
+        #: (``readahead.py``); None frees their slots at once.
+        self.hold_read_ahead: Callable[[VM, Pages], None] | None = None
 
     def has_work(self, vm: VM) -> bool:
         swap = self.ctx.swap
@@ -315,7 +319,8 @@ class SwapService(PlatformService):
     def _install(
         self, vm: VM, pages: Pages, slots: npt.NDArray[np.int64], data: npt.NDArray[np.uint8]
     ) -> FaultReply:
-        """Map pages read back from swap (the faulting one first) and free their slots."""
+        """Map pages read back from swap (the faulting one first) and free their slots; the
+        read-ahead neighbours keep theirs until they are validated (``readahead.py``)."""
         ctx, swap = self.ctx, self.ctx.swap
         assert swap is not None
         take = max(1, ctx.machine.available())
@@ -323,8 +328,12 @@ class SwapService(PlatformService):
         frames = ctx.machine.allocator.allocate(len(pages), vm.home_node)
         ctx.machine.frames[frames] = data
         ctx.mapper.map_private(vm, pages, frames)
-        vm.p2m.swap_slot[pages] = NO_SLOT
-        swap.release(slots)
+        hold = self.hold_read_ahead
+        free = 1 if hold is not None else len(pages)
+        vm.p2m.swap_slot[pages[:free]] = NO_SLOT
+        swap.release(slots[:free])
+        if hold is not None and len(pages) > 1:
+            hold(vm, pages[1:])
         vm.stats.swapped_in += len(pages)
         ctx.metrics.swap_pages.labels("in").inc(len(pages))
         return ctx.mapper.reply(vm, FaultReason.SWAP_IN, pages)

@@ -15,7 +15,9 @@ VMM maps, by the batch or by a fault that crossed it, is the p2m's frame. A page
 gave to its balloon meanwhile is refused by the VMM (it checks that migration was the last
 to take the page), and the balloon's completion leaves it untouched (ZERO).
 
-Swap read-ahead validation (issue 9) is not here yet: it would be a second source of pages.
+Swap read-ahead validation is the service's second queue (``readahead.py``): pages a swap-in
+read ahead are held with their slot, and a batch after a window asks the VMM whether the
+guest touched them; a batch may carry pages of both queues, told apart by their state.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.constants import PageState, PageStatus, ServiceType
+from shared.messages import FaultReply
 
 from ..p2m import FLAG_SHARED
 from .base import LowPriorityService, Pages, Selection
+from .readahead import ReadAheadValidation
 
 if TYPE_CHECKING:
     from ..context import ServiceContext
@@ -52,6 +56,7 @@ class ValidationService(LowPriorityService):
         super().__init__(ctx)
         self.queues: dict[int, list[int]] = {}
         self.validated: dict[int, int] = {}  # per VM: pages the VMM mapped by a batch
+        self.readahead = ReadAheadValidation(ctx)
 
     def enqueue(self, vm: VM, bpns: Pages) -> None:
         """Pages whose remap's first half is done (RESIDENT on their new frame)."""
@@ -63,9 +68,22 @@ class ValidationService(LowPriorityService):
             del q[: len(q) - MAX_QUEUE]
 
     def pending_work(self, vm: VM, now: float) -> int:
-        return len(self.queues.get(vm.vm_id, ()))
+        return len(self.queues.get(vm.vm_id, ())) + self.readahead.pending(vm, now)
 
     def select_work(self, vm: VM, capacity: int, units: int, now: float) -> Selection:
+        """Remapped pages first, then read-ahead pages due for validation."""
+        sel = self._select_remapped(vm, capacity, units)
+        room = min(capacity - len(sel.bpns), units - sel.work)
+        if room <= 0:
+            return sel
+        bpns, mpns, work = self.readahead.select(vm, room, now)
+        if work == 0:
+            return sel
+        return Selection(
+            np.concatenate((sel.bpns, bpns)), np.concatenate((sel.mpns, mpns)), sel.work + work
+        )
+
+    def _select_remapped(self, vm: VM, capacity: int, units: int) -> Selection:
         """Queued pages still RESIDENT and private, with the frame the VMM is to map."""
         q = self.queues.get(vm.vm_id)
         take = min(capacity, units, len(q) if q else 0)
@@ -83,7 +101,11 @@ class ValidationService(LowPriorityService):
         """``accepted`` is the whole batch: the VMM mapped the OK pages, already mapped the
         CANCELLED ones (a fault got there first) and kept out the rest. A page no longer
         SELECTED faulted (it is EXPOSED on that frame) or was taken by the balloon: it is
-        left as it is."""
+        left as it is. Read-ahead pages of the batch go to ``readahead.py``."""
+        if not vm.alive:  # its p2m is detached (read-only); frames and slots went with it
+            return
+        held = self.readahead.complete(vm, accepted, status)
+        accepted, status = accepted[~held], status[~held]
         p2m = vm.p2m
         still = p2m.state[accepted] == _SELECTED
         ok = status == PageStatus.OK
@@ -97,6 +119,11 @@ class ValidationService(LowPriorityService):
             if count:
                 metrics.labels(outcome).inc(count)
 
+    def on_fault(self, vm: VM, bpn: int, write: bool) -> FaultReply:
+        """Only read-ahead pages are in flight with this service."""
+        return self.readahead.on_fault(vm, bpn)
+
     def on_vm_gone(self, vm: VM) -> None:
         self.queues.pop(vm.vm_id, None)
         self.validated.pop(vm.vm_id, None)
+        self.readahead.on_vm_gone(vm)

@@ -7,6 +7,13 @@ got there first: CANCELLED) and a remapping service was the last to take it from
 (otherwise something else, the balloon, took it since: STALE_FRAME). Pages are private, so
 they are mapped writable; a page watched by the working-set sample is installed hidden.
 Regions 2M promotion moved are then mapped large once all their pages are in place.
+
+Swap read-ahead validation shares the batch type: a page the monitor maps at the batch's
+MPN that swap was the last to take is a read-ahead page a swap-in reply mapped. Its accessed
+bit says whether the guest touched it since (the swap filter takes only pages whose bit is
+clear, and nothing sets it but a guest touch, which needs the mapping): REFERENCED keeps
+it; UNTOUCHED releases it back to swap (the platform frees the frame, the slot holds the
+page); a pinned one is BUSY and kept. ``platform_daemon/services/readahead.py`` has the why.
 """
 
 from __future__ import annotations
@@ -36,6 +43,33 @@ class ValidationFilter(AgentService):
     ) -> npt.NDArray[np.int64]:
         idx = bpns.astype(np.int64)
         exposure = self.exposure
+        readahead = (exposure.released_by[idx] == ServiceType.SWAP) & (
+            exposure.mapped_frame(idx) == mpns
+        )
+        if not readahead.any():
+            self._remap(idx, mpns, status)
+            return _NONE  # nothing leaves the monitor
+        status[readahead] = self._validate_readahead(idx[readahead])
+        rest = ~readahead
+        remap_status = status[rest]
+        self._remap(idx[rest], mpns[rest], remap_status)
+        status[rest] = remap_status
+        return _NONE  # released read-ahead pages are the platform's business, not a release
+
+    def _validate_readahead(self, idx: npt.NDArray[np.int64]) -> npt.NDArray[np.uint8]:
+        """Keep the read-ahead pages the guest touched (or pinned), release the others."""
+        exposure = self.exposure
+        status = np.full(len(idx), PageStatus.UNTOUCHED, dtype=np.uint8)
+        status[exposure.accessed[idx]] = PageStatus.REFERENCED
+        status[exposure.pinned[idx] > 0] = PageStatus.BUSY
+        exposure.invalidate(idx[status == PageStatus.UNTOUCHED])  # released_by stays SWAP
+        return status
+
+    def _remap(
+        self, idx: npt.NDArray[np.int64], mpns: npt.NDArray[np.int64], status: npt.NDArray[np.uint8]
+    ) -> None:
+        """Remap validation: install the new frames (``status`` is written in place)."""
+        exposure = self.exposure
         status[:] = PageStatus.OK
         refuse(status, exposure.mapped_frame(idx) >= 0, PageStatus.CANCELLED)
         released_by = exposure.released_by[idx]
@@ -46,4 +80,3 @@ class ValidationFilter(AgentService):
         promoted = idx[released_by == ServiceType.PROMOTION_2M]
         if len(promoted):
             exposure.arm_large(np.unique(promoted // PAGES_PER_2M))
-        return _NONE  # nothing leaves the monitor

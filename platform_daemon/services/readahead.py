@@ -1,0 +1,219 @@
+"""Swap read-ahead validation: keep the read-ahead pages the guest touches, drop the rest.
+
+A swap-in fault from a walking guest reads its swapped neighbours too (``swap.py``) and the
+fault reply maps them, so a walk costs one fault per run. Until the guest touches such a
+page, it is a bet: it costs a frame and the guest may never want it. So a read-ahead page
+is *held*: IN_FLIGHT with op VALIDATION, mapped by the VMM, its frame **and its swap slot**
+kept (the slot holds the same content, checksum included, as long as the guest has not
+touched the page). No other service takes a held page (they take EXPOSED or RESIDENT ones).
+
+After ``window`` seconds the page is validated at low priority: it goes back to the VMM in
+a VALIDATION batch (the same service and class as remap validation, a separate queue) and
+the VMM answers from its accessed bit, which it cleared when the page was last released:
+
+- REFERENCED: the guest touched it with no fault, a fault avoided. The page becomes an
+  ordinary exposed page and its slot is freed (the guest may have written it).
+- UNTOUCHED: the VMM let it go; its frame is freed and it is SWAPPED again in its own slot:
+  a frame recovered, with no write (the slot is still valid).
+- anything else (pinned: BUSY, a page the VMM does not know as read-ahead): kept as an
+  ordinary page, slot freed. Never a drop the VMM did not agree to.
+
+A fault on a held page (the VMM released it in a batch that crossed the fault, or the balloon
+cancels it) maps the same frame at once and frees the slot, like any page given back.
+
+Why a time window: Linux marks pages read ahead (PG_readahead), counts a hit when a later
+fault finds one in the swap cache (the flag cleared on the first hit) and sizes the next
+read-ahead from the hits; untouched read-ahead pages sit on the inactive list and reclaim
+drops them as clean swap-cache pages, slot kept. There the "window" is a trip down the
+inactive list. Here read-ahead follows a walk whose next pages the guest touches within
+milliseconds, so a page untouched after ``window`` (1 s, ten low-priority rounds) is not
+part of the walk, and dropping it needs no write, only the VMM's word.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from itertools import takewhile
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from shared.constants import FaultReason, PageState, PageStatus, ServiceType
+from shared.messages import FaultReply
+
+from ..p2m import NO_OP, NO_SLOT
+from .base import Pages
+
+if TYPE_CHECKING:
+    from ..context import ServiceContext
+    from ..vm import VM
+
+#: Seconds a read-ahead page is held before it is validated (see the module docstring).
+WINDOW = 1.0
+_IN_FLIGHT, _EXPOSED = int(PageState.IN_FLIGHT), int(PageState.EXPOSED)
+_SWAPPED, _VALIDATION = int(PageState.SWAPPED), int(ServiceType.VALIDATION)
+_EMPTY = np.empty(0, dtype=np.int64)
+
+
+@dataclass
+class ReadAheadStats:
+    """Per VM: what became of its read-ahead pages."""
+
+    held: int = 0  # read ahead and held with their slot
+    faults_avoided: int = 0  # validated: the guest touched them with no fault
+    frames_recovered: int = 0  # dropped untouched: frame freed, SWAPPED in the same slot
+    kept: int = 0  # validated but neither (pinned, unknown to the VMM): kept, slot freed
+    faulted: int = 0  # faulted while held (released meanwhile, or the balloon's cancel)
+
+
+@dataclass
+class _VMQueue:
+    #: (due time, bpn, epoch) in due order: pages are held in time order.
+    due: deque[tuple[float, int, int]] = field(default_factory=deque)
+    #: Pages out in a validation batch: bpn -> epoch when it was handed out.
+    out: dict[int, int] = field(default_factory=dict)
+    stats: ReadAheadStats = field(default_factory=ReadAheadStats)
+
+
+class ReadAheadValidation:
+    """Holds read-ahead pages and validates them; ``ValidationService`` drives it."""
+
+    def __init__(self, ctx: ServiceContext, window: float = WINDOW) -> None:
+        self.ctx = ctx
+        self.window = window
+        self.vms: dict[int, _VMQueue] = {}
+
+    def hold(self, vm: VM, bpns: Pages) -> None:
+        """Read-ahead pages just mapped by a fault reply: held, slot kept, due after window."""
+        if len(bpns) == 0:
+            return
+        p2m = vm.p2m
+        p2m.state[bpns] = _IN_FLIGHT
+        p2m.op[bpns] = _VALIDATION
+        p2m.epoch[bpns] += 1
+        q = self.vms.setdefault(vm.vm_id, _VMQueue())
+        due = self.ctx.clock() + self.window
+        epochs = p2m.epoch[bpns].tolist()
+        q.due.extend((due, b, e) for b, e in zip(bpns.tolist(), epochs, strict=True))
+        q.stats.held += len(bpns)
+        self.ctx.metrics.readahead_pages.labels("held").inc(len(bpns))
+
+    @staticmethod
+    def _held(vm: VM, bpns: Pages, epochs: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+        """Which of ``bpns`` are still the same hold (no fault, drop or new hold since)."""
+        p2m = vm.p2m
+        mask: npt.NDArray[np.bool_] = (
+            (p2m.state[bpns] == _IN_FLIGHT) & (p2m.op[bpns] == _VALIDATION)
+        ) & (p2m.epoch[bpns] == epochs)
+        return mask
+
+    def pending(self, vm: VM, now: float) -> int:
+        """Held pages due for validation (stale entries included: popping them is work)."""
+        q = self.vms.get(vm.vm_id)
+        if q is None:
+            return 0
+        return sum(1 for _ in takewhile(lambda entry: entry[0] <= now, q.due))
+
+    def select(self, vm: VM, n: int, now: float) -> tuple[Pages, npt.NDArray[np.int64], int]:
+        """Up to ``n`` due pages still held, with their frames; and the entries looked at."""
+        q = self.vms.get(vm.vm_id)
+        if q is None:
+            return _EMPTY, _EMPTY, 0
+        entries: list[tuple[int, int]] = []
+        while q.due and len(entries) < n and q.due[0][0] <= now:
+            _, bpn, epoch = q.due.popleft()
+            entries.append((bpn, epoch))
+        if not entries:
+            return _EMPTY, _EMPTY, 0
+        bpns = np.array([b for b, _ in entries], dtype=np.int64)
+        epochs = np.array([e for _, e in entries], dtype=np.int64)
+        keep = self._held(vm, bpns, epochs)
+        bpns, epochs = bpns[keep], epochs[keep]
+        q.out.update(zip(bpns.tolist(), epochs.tolist(), strict=True))
+        return bpns, vm.p2m.frame[bpns].copy(), len(entries)
+
+    def complete(self, vm: VM, bpns: Pages, status: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
+        """The VMM's verdicts on the read-ahead pages of a batch; returns which pages of the
+        batch were handed out as read-ahead (a page SELECTED now is remap validation's)."""
+        ours = np.zeros(len(bpns), dtype=bool)
+        q = self.vms.get(vm.vm_id)
+        if q is None or not q.out:
+            return ours
+        epochs = np.full(len(bpns), -1, dtype=np.int64)
+        selected = vm.p2m.state[bpns] == PageState.SELECTED
+        for i, bpn in enumerate(bpns.tolist()):
+            if not selected[i] and bpn in q.out:
+                ours[i], epochs[i] = True, q.out.pop(bpn)
+        if not ours.any():
+            return ours
+        held = ours & self._held(vm, bpns, epochs)
+        touched = held & (status == PageStatus.REFERENCED)
+        untouched = held & (status == PageStatus.UNTOUCHED)
+        self._drop(vm, bpns[untouched])
+        self._keep(vm, bpns[held & ~untouched])
+        counts = {
+            "fault_avoided": int(touched.sum()),
+            "frame_recovered": int(untouched.sum()),
+            "kept": int((held & ~touched & ~untouched).sum()),
+        }
+        q.stats.faults_avoided += counts["fault_avoided"]
+        q.stats.frames_recovered += counts["frame_recovered"]
+        q.stats.kept += counts["kept"]
+        for outcome, count in counts.items():
+            if count:
+                self.ctx.metrics.readahead_pages.labels(outcome).inc(count)
+        return ours
+
+    def _keep(self, vm: VM, bpns: Pages) -> None:
+        """An ordinary exposed page from now on: the guest may write it, so the slot goes."""
+        p2m, swap = vm.p2m, self.ctx.swap
+        slots = p2m.swap_slot[bpns].copy()
+        p2m.swap_slot[bpns] = NO_SLOT
+        p2m.state[bpns] = _EXPOSED
+        p2m.op[bpns] = NO_OP
+        if swap is not None:
+            swap.release(slots)
+
+    def _drop(self, vm: VM, bpns: Pages) -> None:
+        """The VMM let the pages go untouched: the slot still holds them, the frame goes."""
+        if len(bpns) == 0:
+            return
+        p2m = vm.p2m
+        frames = p2m.frame[bpns].copy()
+        p2m.state[bpns] = _SWAPPED
+        p2m.frame[bpns] = -1
+        p2m.op[bpns] = NO_OP
+        self.ctx.machine.release_or_retire(frames)
+        vm.stats.swapped_out += len(bpns)
+
+    def on_fault(self, vm: VM, bpn: int) -> FaultReply:
+        """A held page faulted: the same frame back at once, the slot freed."""
+        one = np.array([bpn], dtype=np.int64)
+        self._keep(vm, one)  # no longer held: a batch still out with it leaves it alone
+        q = self.vms.setdefault(vm.vm_id, _VMQueue())
+        q.stats.faulted += 1
+        self.ctx.metrics.readahead_pages.labels("faulted").inc()
+        return self.ctx.mapper.reply(vm, FaultReason.REMAP, one)
+
+    def stats(self, vm: VM) -> ReadAheadStats:
+        q = self.vms.get(vm.vm_id)
+        return q.stats if q is not None else ReadAheadStats()
+
+    def status(self, vm: VM) -> dict[str, object]:
+        """What ``vmmem-ctl status`` shows: pages held now (a p2m scan) and the payoff."""
+        st, p2m = self.stats(vm), vm.p2m
+        validated = st.faults_avoided + st.frames_recovered + st.kept
+        return {
+            "held_now": int(np.count_nonzero((p2m.state == _IN_FLIGHT) & (p2m.op == _VALIDATION))),
+            **vars(st),
+            "validated": validated,
+            "faults_avoided_per_validation": (
+                round(st.faults_avoided / validated, 3) if validated else None
+            ),
+        }
+
+    def on_vm_gone(self, vm: VM) -> None:
+        """The VM's frames and slots are freed with its p2m; only the queue goes here."""
+        self.vms.pop(vm.vm_id, None)

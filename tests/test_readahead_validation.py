@@ -1,0 +1,405 @@
+"""Swap read-ahead validation on its own, against a fake peer.
+
+No server and no socket: the swap and validation services see a ``ServiceContext`` built
+from real parts (machine memory in a /dev/shm file, its allocator, the fault resolver, a
+real swap file, metrics on a private registry) and a virtual clock. The VMM's side is the
+agent's own filters (swap's, validation's) on an ``ExposureTable``; low-priority batches go
+through the real ``RoundEngine``. Every outcome is checked on real bytes, on the swap file's
+slots and with the daemon's invariant check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from prometheus_client import CollectorRegistry
+
+from platform_daemon.allocator import FrameState
+from platform_daemon.context import ServiceContext
+from platform_daemon.faults import FaultResolver
+from platform_daemon.invariants import HostState, check
+from platform_daemon.machine import MachineMemory
+from platform_daemon.metrics import PlatformMetrics
+from platform_daemon.p2m import NO_SLOT, P2M
+from platform_daemon.rounds import RoundEngine, RoundState
+from platform_daemon.services.readahead import WINDOW
+from platform_daemon.services.swap import SwapService
+from platform_daemon.services.validation import ValidationService
+from platform_daemon.shared_frames import SharedFrames
+from platform_daemon.swapfile import SwapFile
+from platform_daemon.vm import VM
+from platform_daemon.waits import FrameWaits
+from shared.config import PlatformConfig
+from shared.constants import NO_FRAME, FaultReason, PageState, Priority, ServiceType
+from shared.layout import ControlRegion, region_size
+from shared.messages import (
+    FAULT_FLAG_WRITABLE,
+    GET_FLAG_NEW_ROUND,
+    CompleteRequest,
+    FaultReply,
+    GetRequest,
+    Register,
+    Request,
+)
+from shared.shm import MappedFile
+from tests.test_numa_migration import FakeClock, Link, NoTargets, content
+from vmm_agent.exposure import ExposureTable
+from vmm_agent.services.swap import SwapFilter
+from vmm_agent.services.validation import ValidationFilter
+
+pytestmark = pytest.mark.timeout(30)
+
+MiB = 1 << 20
+GUEST_PAGES = 128
+SWAPPED = list(range(10, 40))  # swapped out; a fault on 10 reads 11..18 ahead
+AROUND = 8
+_OK = np.uint8(0)
+
+
+class Harness:
+    """One VM, both sides: the daemon's swap and validation services, the agent's filters."""
+
+    def __init__(self, mem_dir: Path, tmp: Path) -> None:
+        self.config = PlatformConfig(
+            socket=tmp / "p.sock", mem_dir=mem_dir, host_memory=16 * MiB, metrics_port=-1
+        )
+        self.machine = MachineMemory(mem_dir / "machine", self.config.host_pages, 1, prefault=False)
+        self.swapfile = SwapFile(tmp / "swap", 4 * MiB)
+        self.metrics = PlatformMetrics(CollectorRegistry())
+        self.clock = FakeClock()
+        self.spawned: list[Coroutine[Any, Any, Any]] = []
+        self.resolver = FaultResolver(self.machine, SharedFrames(self.machine), max_around=16)
+        self.ctx = ServiceContext(
+            machine=self.machine,
+            mapper=self.resolver,
+            shared=self.resolver.shared,
+            metrics=self.metrics,
+            config=self.config,
+            clock=self.clock,
+            spawn=self._spawn,
+            waits=FrameWaits(self.machine, 1.0, lambda: None, self.metrics.low_waits),
+            swap=self.swapfile,
+            targets=NoTargets(),
+        )
+        self.swap = SwapService(self.ctx)
+        self.validation = ValidationService(self.ctx)
+        self.swap.hold_read_ahead = self.validation.readahead.hold  # as build_services does
+        self.engine = RoundEngine({ServiceType.VALIDATION: self.validation}, clock=self.clock)
+        self.vm = self._vm()
+        self.exposure = ExposureTable(GUEST_PAGES)
+        self.filter = ValidationFilter(self.exposure)
+        self.state = RoundState()
+        self.data: dict[int, bytes] = {}
+
+    def _vm(self) -> VM:
+        region = ControlRegion.initialize(
+            bytearray(region_size(4, 64)),
+            vm_id=1,
+            generation=1,
+            slot_count=4,
+            capacity=64,
+            guest_pages=GUEST_PAGES,
+        )
+        return VM(
+            1,
+            1,
+            info=Register(name="vm1", guest_pages=GUEST_PAGES, vcpus=1),
+            home_node=0,
+            p2m=P2M(GUEST_PAGES),
+            region=region,
+            region_file=cast(MappedFile, SimpleNamespace(path=Path("/nonexistent"))),
+            connection=Link(),
+        )
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
+        self.spawned.append(coro)
+        return cast("asyncio.Future[Any]", None)
+
+    def close(self) -> None:
+        for coro in self.spawned:
+            coro.close()
+        self.machine.close()
+        self.swapfile.close()
+
+    # ---- the guest's pages ------------------------------------------------------------------
+
+    def back(self, bpns: list[int]) -> None:
+        """Private frames with distinct bytes, mapped writable by the agent (EXPOSED)."""
+        idx = np.array(bpns, dtype=np.int64)
+        frames = self.machine.allocator.allocate(len(idx), 0)
+        for bpn, mpn in zip(bpns, frames.tolist(), strict=True):
+            page = content(bpn)
+            self.machine.frames[mpn] = page
+            self.data[bpn] = page.tobytes()
+        self.resolver.map_private(self.vm, idx, frames)
+        self.exposure.install(idx, frames, np.ones(len(idx), dtype=bool))
+
+    def swap_out(self, bpns: list[int]) -> None:
+        """A swap batch the agent's swap filter accepts whole, its write landed."""
+        idx = np.array(bpns, dtype=np.int64)
+        status = np.zeros(len(idx), dtype=np.uint8)
+        accepted = SwapFilter(self.exposure).process(idx, self.vm.p2m.frame[idx].copy(), status)
+        assert accepted.tolist() == bpns
+        self.swap.mark_in_flight(self.vm, accepted)  # as the round engine hands pages over
+        self.swap.complete(self.vm, accepted, np.zeros(len(accepted), dtype=np.uint8))
+        while self.spawned:
+            asyncio.run(self.spawned.pop(0))
+        assert (self.vm.p2m.state[idx] == PageState.SWAPPED).all()
+
+    def fault(self, bpn: int, around: int = 0) -> FaultReply:
+        """A guest touch of an unmapped page: the daemon's answer, installed as the agent does."""
+        if self.vm.p2m.state[bpn] == PageState.IN_FLIGHT:
+            assert self.vm.p2m.op[bpn] == ServiceType.VALIDATION
+            reply = self.validation.on_fault(self.vm, bpn, False)
+        else:
+            got = asyncio.run(self.swap.swap_in(self.vm, bpn, around))
+            assert got is not None
+            reply = got
+        writable = (reply.flags & FAULT_FLAG_WRITABLE) != 0
+        self.exposure.install(reply.bpns.astype(np.int64), reply.mpns, writable)
+        return reply
+
+    def touch(self, bpn: int) -> None:
+        """The guest reads a page it maps (a vCPU sets the accessed bit) and checks it."""
+        frame = int(self.exposure.frame[bpn])
+        assert frame >= 0, bpn
+        self.exposure.accessed[bpn] = True
+        assert bytes(self.machine.frames[frame]) == self.data[bpn], bpn
+
+    # ---- low-priority rounds ----------------------------------------------------------------
+
+    def get_request(self) -> Request:
+        return self.engine.get_request(
+            self.vm, self.state, GetRequest(Priority.LOW, 1_000_000, GET_FLAG_NEW_ROUND)
+        )
+
+    def process(self, req: Request) -> None:
+        bpns, status, mpns = self.vm.region.slot(req.slot).batch(req.count)
+        self.filter.process(bpns, mpns, status)
+
+    def complete(self, req: Request) -> None:
+        self.engine.complete(self.vm, self.state, CompleteRequest(req.slot, req.count, req.seq))
+
+    def low_round(self) -> list[int]:
+        """One low round: the BPNs of its one VALIDATION batch ([] when none was due)."""
+        req = self.get_request()
+        if not req.has_work:
+            return []
+        assert req.service == ServiceType.VALIDATION and req.last
+        bpns = self.vm.region.slot(req.slot).batch(req.count)[0].astype(np.int64).tolist()
+        self.process(req)
+        self.complete(req)
+        return cast(list[int], bpns)
+
+    # ---- checks -----------------------------------------------------------------------------
+
+    def violations(self) -> list[str]:
+        m = self.machine
+        state = HostState(
+            allocator=m.allocator,
+            owner_vm=m.owner_vm,
+            owner_bpn=m.owner_bpn,
+            zero_frames=list(m.zero_frame),
+            refs=self.resolver.shared.refs,
+            merged_frames=self.resolver.shared.frames,
+            vms={1: self.vm.p2m} if self.vm.alive else {},
+            swap=self.swapfile,
+            swap_writing=self.swap.writing,
+        )
+        return [v.name for v in check(state)]
+
+    def outcomes(self) -> dict[str, float]:
+        got = {}
+        for sample in next(iter(self.metrics.readahead_pages.collect())).samples:
+            if sample.name.endswith("_total"):
+                got[sample.labels["outcome"]] = sample.value
+        return got
+
+    def read_ahead(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Swap out SWAPPED, fault on its first page walking: the pages read ahead, and the
+        slots they had (and keep while held)."""
+        self.back(list(range(64)))
+        self.swap_out(SWAPPED)
+        ahead = np.arange(SWAPPED[0] + 1, SWAPPED[0] + 1 + AROUND, dtype=np.int64)
+        slots = self.vm.p2m.swap_slot[ahead].copy()
+        reply = self.fault(SWAPPED[0], around=AROUND)
+        assert reply.reason == FaultReason.SWAP_IN
+        assert reply.bpns.tolist() == [SWAPPED[0], *ahead.tolist()]
+        return ahead, slots
+
+
+@pytest.fixture
+def h(mem_dir: Path, short_tmp: Path) -> Iterator[Harness]:
+    harness = Harness(mem_dir, short_tmp)
+    yield harness
+    harness.close()
+
+
+def test_read_ahead_pages_are_held_mapped_with_their_slots(h: Harness) -> None:
+    """A swap-in that reads ahead maps the neighbours but keeps their slots: they are held
+    (IN_FLIGHT, op VALIDATION) until validated; the faulting page's slot is freed."""
+    ahead, slots = h.read_ahead()
+    p2m = h.vm.p2m
+    assert p2m.swap_slot[SWAPPED[0]] == NO_SLOT
+    assert (p2m.state[ahead] == PageState.IN_FLIGHT).all()
+    assert (p2m.op[ahead] == ServiceType.VALIDATION).all()
+    assert (p2m.swap_slot[ahead] == slots).all()
+    assert h.swapfile.in_use[slots].all()
+    assert (h.exposure.frame[ahead] == p2m.frame[ahead]).all()
+    assert h.violations() == []
+    assert h.outcomes() == {"held": AROUND}
+    for bpn in ahead.tolist():
+        h.touch(bpn)  # the content is the page's
+
+
+def test_after_the_window_touched_pages_stay_and_untouched_ones_go_back_to_their_slots(
+    h: Harness,
+) -> None:
+    """Nothing is offered before the window. Then one VALIDATION batch: pages the guest
+    touched stay mapped (a fault avoided each, slot freed); untouched ones are released by
+    the VMM, their frames freed and the pages SWAPPED in their own slots, which still read
+    back the pages' content (checksum included) when the guest faults on them later."""
+    ahead, slots = h.read_ahead()
+    touched, untouched = ahead[:3], ahead[3:]
+    for bpn in touched.tolist():
+        h.touch(bpn)
+    h.clock.now += WINDOW / 2
+    assert h.low_round() == []
+    frames = h.vm.p2m.frame[untouched].copy()
+    h.clock.now += WINDOW / 2
+    assert h.low_round() == ahead.tolist()
+    p2m = h.vm.p2m
+    assert (p2m.state[touched] == PageState.EXPOSED).all()
+    assert (p2m.swap_slot[touched] == NO_SLOT).all()
+    assert not h.swapfile.in_use[slots[:3]].any()
+    assert (h.exposure.frame[touched] == p2m.frame[touched]).all()
+    assert (p2m.state[untouched] == PageState.SWAPPED).all()
+    assert (p2m.swap_slot[untouched] == slots[3:]).all()
+    assert h.swapfile.in_use[slots[3:]].all()
+    assert (h.exposure.frame[untouched] == NO_FRAME).all()
+    assert all(s == FrameState.FREE for s in h.machine.allocator.frame_state[frames])
+    assert h.violations() == []
+    assert h.outcomes() == {"held": 8, "fault_avoided": 3, "frame_recovered": 5}
+    st = h.validation.readahead.status(h.vm)
+    assert st["validated"] == 8 and st["faults_avoided_per_validation"] == 0.375
+    assert st["held_now"] == 0
+    assert h.low_round() == []  # each page is validated once
+    for bpn in untouched.tolist():
+        reply = h.fault(bpn)  # read from its slot, checksum checked
+        assert reply.reason == FaultReason.SWAP_IN
+        h.touch(bpn)
+    assert not h.swapfile.in_use[slots].any()
+    assert h.violations() == []
+
+
+def test_a_pinned_read_ahead_page_is_kept_not_dropped(h: Harness) -> None:
+    """A page pinned in translation is never released: BUSY, kept as an ordinary exposed
+    page (its slot freed, since the guest may write it), not counted as a fault avoided."""
+    ahead, slots = h.read_ahead()
+    h.exposure.pinned[ahead[0]] = 1
+    h.clock.now += WINDOW
+    assert h.low_round() == ahead.tolist()
+    assert h.vm.p2m.state[ahead[0]] == PageState.EXPOSED
+    assert h.vm.p2m.swap_slot[ahead[0]] == NO_SLOT and not h.swapfile.in_use[slots[0]]
+    assert h.exposure.frame[ahead[0]] == h.vm.p2m.frame[ahead[0]]
+    assert h.outcomes() == {"held": 8, "kept": 1, "frame_recovered": 7}
+    assert h.violations() == []
+
+
+def test_a_fault_during_validation_gets_the_same_frame_and_keeps_the_page(h: Harness) -> None:
+    """The VMM released an untouched page in a validation batch, and the guest touches it
+    before the daemon saw the completion: the fault maps the same frame at once (the slot is
+    freed, the guest may write) and the completion leaves the page alone."""
+    ahead, slots = h.read_ahead()
+    h.clock.now += WINDOW
+    req = h.get_request()
+    assert req.service == ServiceType.VALIDATION
+    h.process(req)
+    victim = int(ahead[2])
+    assert h.exposure.frame[victim] == NO_FRAME  # released by the VMM
+    frame = int(h.vm.p2m.frame[victim])
+    reply = h.fault(victim)
+    assert reply.reason == FaultReason.REMAP and reply.mpns.tolist() == [frame]
+    h.touch(victim)
+    h.complete(req)
+    assert h.vm.p2m.state[victim] == PageState.EXPOSED
+    assert h.vm.p2m.frame[victim] == frame
+    assert h.vm.p2m.swap_slot[victim] == NO_SLOT and not h.swapfile.in_use[slots[2]]
+    others = np.delete(ahead, 2)
+    assert (h.vm.p2m.state[others] == PageState.SWAPPED).all()
+    assert h.outcomes() == {"held": 8, "faulted": 1, "frame_recovered": 7}
+    assert h.violations() == []
+
+
+def test_a_stale_verdict_never_drops_a_page_read_ahead_again(h: Harness) -> None:
+    """A page the VMM released in a batch, faulted back, swapped out and read ahead again
+    before that batch completed is a new hold (new epoch): the old UNTOUCHED verdict must
+    not drop it, since the VMM maps it again."""
+    ahead, _ = h.read_ahead()
+    h.clock.now += WINDOW
+    req = h.get_request()
+    h.process(req)  # every read-ahead page untouched: all released
+    first = int(ahead[0])
+    h.fault(first)  # held: the same frame back (REMAP)
+    h.swap_out([SWAPPED[0], first])
+    h.fault(SWAPPED[0], around=1)  # reads ``first`` ahead again
+    assert h.vm.p2m.state[first] == PageState.IN_FLIGHT
+    h.complete(req)
+    assert h.vm.p2m.state[first] == PageState.IN_FLIGHT  # still held, still mapped
+    assert h.exposure.frame[first] == h.vm.p2m.frame[first] >= 0
+    h.touch(first)
+    assert h.violations() == []
+
+
+def test_a_vm_gone_mid_validation_frees_each_frame_and_slot_once(h: Harness) -> None:
+    """The VM leaves with a validation batch out: the daemon's teardown frees the held
+    pages' frames and slots; a completion that still arrives changes nothing and raises
+    nothing, and the service forgets the VM."""
+    h.read_ahead()
+    h.clock.now += WINDOW
+    req = h.get_request()
+    h.process(req)
+    bpns, status, _ = h.vm.region.slot(req.slot).batch(req.count)
+    # What PlatformServer.on_vm_gone does.
+    h.validation.on_vm_gone(h.vm)
+    h.swap.on_vm_gone(h.vm)
+    p2m = h.vm.p2m
+    h.machine.release_or_retire(p2m.frame[p2m.frame != NO_FRAME])
+    h.swapfile.release(p2m.swap_slot[p2m.swap_slot >= 0])
+    h.vm.alive = False
+    p2m.detach()
+    h.validation.complete(h.vm, bpns.astype(np.int64), status.copy())
+    assert h.swapfile.used == 0
+    assert h.machine.allocator.used == len(h.machine.zero_frame)
+    assert h.validation.pending_work(h.vm, h.clock.now + 10 * WINDOW) == 0
+    assert h.violations() == []
+
+
+def test_read_ahead_and_remap_pages_share_a_batch(h: Harness) -> None:
+    """A batch may carry remapped pages and read-ahead pages: each gets its own handling
+    (the remapped page is installed on its new frame, the read-ahead ones validated)."""
+    ahead, _ = h.read_ahead()
+    h.back([100])
+    # NUMA migration's first half, in short: released by the VMM, copied, RESIDENT.
+    h.exposure.invalidate(np.array([100]))
+    h.exposure.released_by[100] = ServiceType.NUMA_MIGRATION
+    new = h.machine.allocator.allocate(1, 0)
+    h.machine.frames[new[0]] = h.machine.frames[h.vm.p2m.frame[100]]
+    h.machine.release_or_retire(h.vm.p2m.frame[[100]])
+    h.resolver.map_private(h.vm, np.array([100]), new)
+    h.vm.p2m.state[100] = PageState.RESIDENT
+    h.validation.enqueue(h.vm, np.array([100]))
+    h.clock.now += WINDOW
+    assert h.low_round() == [100, *ahead.tolist()]
+    assert h.vm.p2m.state[100] == PageState.EXPOSED and h.exposure.frame[100] == new[0]
+    h.touch(100)
+    assert (h.vm.p2m.state[ahead] == PageState.SWAPPED).all()
+    assert h.outcomes()["frame_recovered"] == AROUND
+    assert h.violations() == []
