@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default off)",
     )
     a(
+        "--hold-read-ahead",
+        action=argparse.BooleanOptionalAction,
+        help="swap read-ahead validation: hold read-ahead pages until a low-priority "
+        "verdict keeps or drops them (default off: held pages are not reclaimable meanwhile)",
+    )
+    a(
         "--lowprio-aging-seconds",
         type=float,
         help="a low-priority type waiting this long moves up one class (default 1)",

@@ -353,20 +353,26 @@ class P2MView:
     frame: npt.NDArray[np.int64]
     state: npt.NDArray[np.uint8]
     flags: npt.NDArray[np.uint8]
+    op: npt.NDArray[np.uint8]
 
     @classmethod
     def of(cls, p2m: P2M) -> P2MView:
-        return cls(p2m.frame.copy(), p2m.state.copy(), p2m.flags.copy())
+        return cls(p2m.frame.copy(), p2m.state.copy(), p2m.flags.copy(), p2m.op.copy())
 
 
 def _may_map(
     view: P2M | P2MView, frame: npt.NDArray[np.int64], writable: npt.NDArray[np.bool_]
 ) -> npt.NDArray[np.bool_]:
     """Per BPN: the VMM may map ``frame`` so under ``view`` (the page's frame while it is
-    exposed or selected for a batch not answered yet; writable only when private)."""
+    exposed, selected for a batch not answered yet, or in flight to validation: a read-ahead
+    page held mapped until its verdict, a moved page whose new frame is being installed;
+    writable only when private)."""
     st, private = view.state, (view.flags & FLAG_SHARED) == 0
+    validating = (st == _IN_FLIGHT) & (view.op == _VALIDATION)
     ok: npt.NDArray[np.bool_] = (
-        (view.frame == frame) & ((st == _EXPOSED) | (st == _SELECTED)) & (~writable | private)
+        (view.frame == frame)
+        & ((st == _EXPOSED) | (st == _SELECTED) | validating)
+        & (~writable | private)
     )
     return ok
 

@@ -42,10 +42,11 @@ def build_services(ctx: ServiceContext) -> dict[ServiceType, PlatformService]:
     numa, validation = services[ServiceType.NUMA_MIGRATION], services[ServiceType.VALIDATION]
     assert isinstance(numa, NumaMigrationService) and isinstance(validation, ValidationService)
     numa.on_moved = validation.enqueue
-    # Swap read-ahead validation: read-ahead pages are held until validated or dropped.
+    # Swap read-ahead validation (opt-in): read-ahead pages held until validated or dropped.
     swap = services[ServiceType.SWAP]
     assert isinstance(swap, SwapService)
-    swap.hold_read_ahead = validation.readahead.hold
+    if ctx.config.hold_read_ahead:
+        swap.hold_read_ahead = validation.readahead.hold
     # 2M defrag and promotion remap too; promotion asks defrag for a run when none is free.
     defrag, promotion = services[ServiceType.DEFRAG_2M], services[ServiceType.PROMOTION_2M]
     assert isinstance(defrag, DefragService) and isinstance(promotion, PromotionService)
