@@ -224,6 +224,9 @@ def _exposure_case(h: Host, case: str) -> tuple[int, Exposures]:
         ex.frame[8], ex.writable[8] = h.vms[1].frame[8], True  # released, being swapped out
     elif case == "resident_still_mapped":
         ex.frame[9] = h.vms[1].frame[9]
+    elif case == "in_flight_to_validation_mapped":  # allowed: held read-ahead, being installed
+        h.vms[1].op[8] = ServiceType.VALIDATION
+        ex.frame[8], ex.writable[8] = h.vms[1].frame[8], True
     elif case == "held_frame_writable":
         ex.frame[5], ex.writable[5] = h.held, True
     elif case == "stale_held_frame_read_only":  # allowed: p2mUpdate drains it
@@ -247,6 +250,7 @@ def _exposure_case(h: Host, case: str) -> tuple[int, Exposures]:
         ("wrong_size", True),
         ("stale_held_frame_read_only", False),
         ("fault_on_the_wire", False),
+        ("in_flight_to_validation_mapped", False),
     ],
 )
 def test_agent_mapping_what_the_p2m_does_not_give_it(host: Host, case: str, violated: bool) -> None:
