@@ -33,10 +33,22 @@ rules"), or a fraction of a known truth:
     working set (uniform over half its memory; zipf over all of it), 0.4 s periods (of guest
     time), 100- and 1000-page samples: |estimate - true fraction touched in the period| for
     every period after the third, as a fraction of guest memory.
+(g) **Time bound with all six types queued**, real daemons (``--hugepages``,
+    ``--hold-read-ahead``, a swap file, two NUMA nodes, 0.5 s sampling and 2 s share-scan
+    periods): a filler VM fills node 0 and the two 64 MiB guests (home node 0) then write
+    all their memory, most of it on node 1; the filler leaves and the guests run on while
+    NUMA migration brings their pages home, its moves queue remap validations, promotion
+    collapses fully private regions, defrag compacts what sharing and migration scattered,
+    and a last stretch under a host limit 8 MiB below use, the guests walking their memory,
+    makes swap-ins read ahead (validations of held pages). Per round: time used against the
+    bound, overrun p99 as a fraction of it, the monitor's CPU over it; per type: pages handed
+    out per second and pages deferred (the daemon's counts over the steady window), and how
+    often its bit was set in the pending word.
 
-Usage: ``python benchmarks/lowprio.py [--json out.json] [--quick]`` (``--quick``: fewer
-repetitions and shorter phases, ~1 min; the full run ~3 min). Every subprocess is stopped and
-every file removed in ``finally`` blocks.
+Usage: ``python benchmarks/lowprio.py [--json out.json] [--quick] [--only-all-six]``
+(``--quick``: fewer repetitions and shorter phases; ``--only-all-six``: (g) alone, ~1.5 min,
+30 s of steady phase with ``--quick``). Every subprocess is stopped and every file removed in
+``finally`` blocks.
 """
 
 from __future__ import annotations
@@ -77,6 +89,7 @@ from shared.messages import (  # noqa: E402
     Message,
     Register,
 )
+from shared.sizes import parse_size  # noqa: E402
 from tests.procs import Daemons  # noqa: E402
 from vmm_agent.exposure import ExposureTable  # noqa: E402
 from vmm_agent.rpc import RpcClient  # noqa: E402
@@ -504,6 +517,206 @@ async def _sampling_run(sample_pages: int, distribution: str, periods: int) -> d
         }
 
 
+# ---- (g) all six types queued ---------------------------------------------------------------
+
+SIX = ("sampling", "numa_migration", "defrag_2m", "page_sharing", "validation", "promotion_2m")
+
+
+def _queued(status: dict[str, Any]) -> dict[str, Any]:
+    """Per type: whether its bit is set in any VM's pending word (what the agent sees: work
+    waiting); ``all``: whether one VM's word has all six set at once; ``most``: the most of
+    the six one VM's word has set."""
+    words = [int(v["pending"]) for v in status["vms"]]
+    bits = {name: ServiceType[name.upper()].bit for name in SIX}
+    out: dict[str, Any] = {name: any(w & bit for w in words) for name, bit in bits.items()}
+    every = sum(bits.values())
+    out["all"] = any(w & every == every for w in words)
+    out["most"] = max((bin(w & every).count("1") for w in words), default=0)
+    return out
+
+
+def _served(status: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """Pages handed out and pages deferred per type, summed over the VMs."""
+    out = {name: (0, 0) for name in SIX}
+    for vm in status["vms"]:
+        for name, st in vm["lowprio"].get("types", {}).items():
+            if name in out:
+                a, b = out[name]
+                out[name] = (a + st["served_pages"], b + st["deferred_pages"])
+    return out
+
+
+async def _wait_gone(d: Daemons, name: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        vms = (await _ctl(d.socket, "list_vms"))["vms"]
+        if all(v["name"] != name for v in vms):
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"{name} still registered {timeout:g} s after SIGTERM")
+
+
+async def _all_six_run(seconds: float, guest: str = "64MiB") -> dict[str, Any]:
+    """The run of (g); see the module docstring."""
+    tmp = Path(tempfile.mkdtemp(prefix="vmb", dir="/tmp"))
+    mem = Path(tempfile.mkdtemp(prefix="vmb-low-", dir="/dev/shm"))
+    d = Daemons(tmp, mem, tmp / "p.sock")
+    names = ["g0", "g1"]
+    try:
+        d.start_platform(
+            *("--host-memory", "288MiB", "--numa-nodes", "2", "--hugepages", "--hold-read-ahead"),
+            *("--swap-file", str(tmp / "swap"), "--swap-size", "256MiB"),
+            *("--sample-period", "0.5", "--share-scan-period", "2"),
+        )
+        status = await _ctl(d.socket, "status")
+        free0 = int(status["host"]["nodes"][0]["free"])
+        d.start_agent("filler", "--home-node", "0", memory=str(free0 * PAGE_SIZE), vcpus=1)
+        fill = {**FILL, "content": {"zero": 0.0, "duplicate": 0.0, "unique": 1.0}, "duration": 60.0}
+        await _ctl(d.control_socket("filler"), "run_phase", phase=fill)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            res = await _ctl(d.control_socket("filler"), "results")
+            if res["pages_written"] >= free0:
+                break
+            await asyncio.sleep(0.2)
+        await _ctl(d.control_socket("filler"), "halt")
+        for name in names:
+            d.start_agent(name, "--home-node", "0", memory=guest)
+        # g0 writes unique pages only (every region fully private: 2M promotion's work, each
+        # collapse freeing 512 frames scattered among g1's), g1 a sharing-heavy mix (merges
+        # free frames scattered on node 0: fragmentation, 2M defrag's work).
+        content = {
+            "g0": {"zero": 0.0, "duplicate": 0.0, "unique": 1.0},
+            "g1": {"zero": 0.2, "duplicate": 0.5, "unique": 0.3},
+        }
+
+        async def each(phase: dict[str, Any]) -> None:
+            await asyncio.gather(
+                *(
+                    _ctl(d.control_socket(n), "run_phase", phase={**phase, "content": content[n]})
+                    for n in names
+                )
+            )
+
+        await each({**FILL, "duration": 60.0})
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            written = [(await _ctl(d.control_socket(n), "results"))["pages_written"] for n in names]
+            if sum(written) >= len(names) * parse_size(guest) // PAGE_SIZE:
+                break
+            await asyncio.sleep(0.2)
+        await asyncio.gather(*(_ctl(d.control_socket(n), "halt") for n in names))
+        crowded = await _ctl(d.socket, "status")
+        filler = d.agents.pop("filler")
+        filler.terminate()
+        filler.wait(15)
+        await _wait_gone(d, "filler")
+        run = {
+            "name": "run",
+            "duration": seconds,
+            "working_set": 1.0,
+            "distribution": "uniform",
+            "write_ratio": 0.05,
+            "think_us": 100.0,
+        }
+        await each(run)
+        start = time.monotonic()
+        before = await _ctl(d.socket, "status")
+        samples: list[dict[str, Any]] = []
+        local: list[float] = []
+        limited, limited_at = False, float("inf")
+        while (now := time.monotonic()) < start + seconds:
+            if not limited and now > start + 0.7 * seconds:  # swap-ins, read-ahead held
+                in_use = int((await _ctl(d.socket, "status"))["host"]["used"])
+                await _ctl(d.socket, "set_host_limit", size=str((in_use - 2048) * PAGE_SIZE))
+                limited = True
+                limited_at = time.monotonic()
+                # Walking guests: their swap-in faults ask for fault-around, so swap reads
+                # ahead and the held pages queue read-ahead validations.
+                await asyncio.gather(*(_ctl(d.control_socket(n), "halt") for n in names))
+                await each({**run, "name": "walk", "distribution": "sequential"})
+            st = await _ctl(d.socket, "status")
+            samples.append(_queued(st))
+            local.append(min(v["numa"]["local_fraction"] or 0.0 for v in st["vms"]))
+            await asyncio.sleep(0.25)
+        end = time.monotonic()
+        after = await _ctl(d.socket, "status")
+        await asyncio.gather(*(_ctl(d.control_socket(n), "halt") for n in names))
+        rounds: list[dict[str, Any]] = []
+        checked = mismatches = 0
+        for name in names:
+            summary = await _ctl(d.control_socket(name), "lowprio")
+            rounds += [r for r in summary["rounds"] if start <= r["started"] <= end]
+            res = await _ctl(d.control_socket(name), "results")
+            checked += res["pages_checked"]
+            mismatches += res["mismatches"] + res["page_check_mismatches"]
+        s0, s1 = _served(before), _served(after)
+        span = end - start
+        types = {
+            name: {
+                "pages_per_s": (s1[name][0] - s0[name][0]) / span,
+                "pages_deferred": s1[name][1] - s0[name][1],
+                "pending_fraction": sum(q[name] for q in samples) / max(1, len(samples)),
+            }
+            for name in SIX
+        }
+        ratio = [r["overrun"] / r["bound"] for r in rounds]
+        cpu_over = [max(0.0, r["cpu"] - r["bound"]) / r["bound"] for r in rounds]
+        used = [r["used"] / r["bound"] for r in rounds]
+        # Before and under the host limit: swapping adds high-priority work and I/O.
+        calm = [x for x, r in zip(ratio, rounds, strict=True) if r["started"] < limited_at]
+        pressed = [x for x, r in zip(ratio, rounds, strict=True) if r["started"] >= limited_at]
+        hp = [v["hugepages"] for v in after["vms"]]
+        ra = [v["readahead"] for v in after["vms"]]
+        return {
+            "seconds": span,
+            "guests": f"{len(names)} x {guest}",
+            "filler_pages": free0,
+            "rounds": len(rounds),
+            "rounds_with_batches": sum(1 for r in rounds if r["batches"]),
+            "outcomes": {
+                o: sum(r["outcome"] == o for r in rounds) for o in {"done", "bound", "preempted"}
+            },
+            "bound_ms": median([r["bound"] for r in rounds]) * 1e3,
+            "used_p50_fraction": quantile(used, 0.5),
+            "used_p99_fraction": quantile(used, 0.99),
+            "overrun_p50_fraction": quantile(ratio, 0.5),
+            "overrun_p99_fraction": quantile(ratio, 0.99),
+            "overrun_p99_before_limit": quantile(calm, 0.99),
+            "overrun_p99_under_limit": quantile(pressed, 0.99),
+            "rounds_before_after_limit": [len(calm), len(pressed)],
+            "cpu_p50_ms": median([r["cpu"] for r in rounds]) * 1e3,
+            "cpu_p99_ms": quantile([r["cpu"] for r in rounds], 0.99) * 1e3,
+            "cpu_overrun_p99_fraction": quantile(cpu_over, 0.99),
+            "gap_p99_ms": quantile([r["gap"] for r in rounds], 0.99) * 1e3,
+            "types": types,
+            "status_samples": len(samples),
+            "all_six_pending_fraction": sum(q["all"] for q in samples) / max(1, len(samples)),
+            "five_pending_fraction": sum(q["most"] >= 5 for q in samples) / max(1, len(samples)),
+            "swapped_out_in": [
+                sum(v["stats"][k] for v in after["vms"]) - sum(v["stats"][k] for v in before["vms"])
+                for k in ("swapped_out", "swapped_in")
+            ],
+            "readahead_held_validated": [
+                sum(r["held"] for r in ra),
+                sum(r["validated"] for r in ra),
+            ],
+            "local_fraction_crowded": {
+                v["name"]: v["numa"]["local_fraction"] for v in crowded["vms"]
+            },
+            "local_fraction_start_end": [local[0], local[-1]] if local else None,
+            "coverage_end": [v["coverage"] for v in hp],
+            "splits_end": sum(v["splits"] for v in hp),
+            "defrag_host": after["hugepages"].get("defrag"),
+            "pages_checked": checked,
+            "mismatches": mismatches,
+        }
+    finally:
+        d.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(mem, ignore_errors=True)
+
+
 # ---- main -----------------------------------------------------------------------------------
 
 
@@ -555,14 +768,65 @@ def print_table(res: dict[str, Any]) -> None:
         )
 
 
+def print_all_six(row: dict[str, Any]) -> None:
+    print(
+        f"all six queued, {row['guests']}, {_fmt(row['seconds'], 0)} s, {row['rounds']} rounds "
+        f"({row['rounds_with_batches']} with batches; {row['outcomes']}): time used p50/p99 "
+        f"{row['used_p50_fraction']:.0%}/{row['used_p99_fraction']:.0%} of a "
+        f"{_fmt(row['bound_ms'])} ms bound; overrun p99 {row['overrun_p99_fraction']:.1%} of "
+        f"it (p50 {row['overrun_p50_fraction']:.1%}); monitor CPU p50/p99 "
+        f"{_fmt(row['cpu_p50_ms'], 3)}/{_fmt(row['cpu_p99_ms'], 3)} ms, CPU over the bound p99 "
+        f"{row['cpu_overrun_p99_fraction']:.1%}"
+    )
+    calm, pressed = row["rounds_before_after_limit"]
+    print(
+        f"  overrun p99 before the host limit {row['overrun_p99_before_limit']:.1%} ({calm} "
+        f"rounds), under it {row['overrun_p99_under_limit']:.1%} ({pressed} rounds)"
+    )
+    for name, t in row["types"].items():
+        print(
+            f"  {name}: {_fmt(t['pages_per_s'], 0)} pages/s handed out, "
+            f"{t['pages_deferred']:,} deferred, pending in {t['pending_fraction']:.0%} of "
+            "status samples"
+        )
+    print(
+        f"  one VM's pending word with all six bits: {row['all_six_pending_fraction']:.0%} of "
+        f"{row['status_samples']} samples, five or more {row['five_pending_fraction']:.0%}; "
+        f"swapped out/in {row['swapped_out_in']}, read-ahead "
+        f"held/validated {row['readahead_held_validated']}"
+    )
+    print(
+        f"  local fraction with node 0 crowded {row['local_fraction_crowded']}, worst VM "
+        f"{row['local_fraction_start_end']}, coverage at the end "
+        f"{row['coverage_end']}, splits {row['splits_end']}, defrag {row['defrag_host']}; "
+        f"pages checked {row['pages_checked']:,}, mismatches {row['mismatches']}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", type=Path, help="write every figure as JSON")
     p.add_argument("--quick", action="store_true", help="fewer repetitions, shorter phases")
+    p.add_argument(
+        "--only-all-six", action="store_true", help="run only (g), the six types queued at once"
+    )
     args = p.parse_args(argv)
     configure_logging("json", "warning")
     quick = args.quick
     res: dict[str, Any] = {"quick": quick, "load_before": os.getloadavg()}
+    if args.only_all_six:
+        res["machine"] = {"pingpong": raw_pingpong([0, 0.1], 400)}
+        res["all_six"] = asyncio.run(_all_six_run(30.0 if quick else 60.0))
+        res["load_after"] = os.getloadavg()
+        m = res["machine"]["pingpong"]["gap_100ms"]
+        print(
+            f"load average before {res['load_before']}, after {res['load_after']}; ping-pong "
+            f"after 100 ms idle p50/p99 {_fmt(m['p50_us'], 0)}/{_fmt(m['p99_us'], 0)} us"
+        )
+        print_all_six(res["all_six"])
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2) + "\n")
+        return 0
     res["machine"] = {"pingpong": raw_pingpong([0, 0.1], 400 if quick else 2000)}
     res["scan"] = scan_rate(256 * MiB, 2 if quick else 5)
     res["identical"] = identical_guests(4, 64 * MiB, 3)
@@ -580,8 +844,10 @@ def main(argv: list[str] | None = None) -> int:
         for n in (100, 1000)
         for dist in ("uniform", "zipf")
     ]
+    res["all_six"] = asyncio.run(_all_six_run(30.0 if quick else 60.0))
     res["load_after"] = os.getloadavg()
     print_table(res)
+    print_all_six(res["all_six"])
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")
     return 0
