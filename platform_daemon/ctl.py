@@ -148,7 +148,8 @@ def _vm_readahead_line(r: dict[str, Any]) -> str:
         f"swap read-ahead: held {r['held_now']:,} now ({r['held']:,} in all); validated "
         f"{r['validated']:,}: faults avoided {r['faults_avoided']:,}"
         f"{'' if per is None else f' ({per:.0%})'}, frames recovered "
-        f"{r['frames_recovered']:,}, kept {r['kept']:,}; faulted while held {r['faulted']:,}"
+        f"{r['frames_recovered']:,}, kept {r['kept']:,}; faulted while held {r['faulted']:,}, "
+        f"released under pressure {r.get('released_under_pressure', 0):,}"
     )
 
 

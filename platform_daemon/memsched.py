@@ -11,6 +11,8 @@ LOW, whatever the limit.
   (not merely out of LOW: no allocation storm right at the edge). Once started, reclaim
   goes on until free memory is back above ``high``; free memory beyond it lets balloons
   give pages back.
+- From HARD down, and while a fault waits for a free frame, read-ahead pages held for
+  validation are released at once (``services/readahead.py``), so that reclaim can take them.
 - Every balance period (and at once when the state changes) ``balance.py`` decides how
   much each VM gives, by ESX'02's shares and idle memory tax, and by which method; memsched
   writes the targets to each VM's control region (the balloon target for the agent's
@@ -168,6 +170,7 @@ class MemSched:
         elif free >= hard:
             self.blocking = False
         self._note_swap_full()
+        self._end_read_ahead_holds(state)
         # Plans are made once a balance period, and at once when the state or whether swap
         # can take pages changes (a full device must stop swap-outs now, not in a period).
         swap_ok = self.swap_usable(now)
@@ -177,6 +180,20 @@ class MemSched:
         self._swap_ok = swap_ok
         for vm in list(self.server.vms.values()):
             self.server.kick(vm)
+
+    def needs_frames(self, state: FreeState) -> bool:
+        """The host needs frames: HARD or below, first touches blocked, or a fault waiting
+        for a free frame (``waits.py``)."""
+        waits = getattr(self.server, "waits", None)  # built after memsched
+        return state >= FreeState.HARD or self.blocking or (waits is not None and waits.waiting > 0)
+
+    def _end_read_ahead_holds(self, state: FreeState) -> None:
+        """Held read-ahead pages cannot be reclaimed before their verdict, which follows
+        guest progress: under pressure their holds end now (``services/readahead.py``)."""
+        validation = self.server.services.get(ServiceType.VALIDATION)
+        readahead = getattr(validation, "readahead", None)
+        if readahead is not None:
+            readahead.set_pressure(self.needs_frames(state))
 
     def balance(self, now: float) -> None:
         """Plan every VM's targets and write them to the control regions."""

@@ -37,6 +37,8 @@ class FrameWaits:
         self.nudge_reclaim = nudge_reclaim
         self.outcomes = outcomes
         self.freed = asyncio.Event()
+        #: Faults in ``wait_for`` now: memsched counts them as the host needing frames.
+        self.waiting = 0
         machine.freed_listeners.append(self.freed.set)
 
     async def freed_or_timeout(self) -> None:
@@ -48,10 +50,15 @@ class FrameWaits:
     async def wait_for(self, n: int) -> None:
         """Wait, bounded by ``timeout``, until ``n`` frames can be allocated."""
         deadline = time.monotonic() + self.timeout
-        if self.machine.available() < n:
+        if self.machine.available() >= n:
+            return
+        self.waiting += 1
+        try:
             self.nudge_reclaim()  # once: the main loop ticks memsched after that
-        while self.machine.available() < n:
-            if time.monotonic() >= deadline:
-                self.outcomes.labels("failed").inc()
-                raise VMMemError("no free frame for swap-in", ErrorCode.OUT_OF_MEMORY)
-            await self.freed_or_timeout()
+            while self.machine.available() < n:
+                if time.monotonic() >= deadline:
+                    self.outcomes.labels("failed").inc()
+                    raise VMMemError("no free frame for swap-in", ErrorCode.OUT_OF_MEMORY)
+                await self.freed_or_timeout()
+        finally:
+            self.waiting -= 1

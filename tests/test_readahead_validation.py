@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -26,8 +26,9 @@ from platform_daemon.context import ServiceContext
 from platform_daemon.faults import FaultResolver
 from platform_daemon.invariants import HostState, check
 from platform_daemon.machine import MachineMemory
+from platform_daemon.memsched import MemSched
 from platform_daemon.metrics import PlatformMetrics
-from platform_daemon.p2m import NO_SLOT, P2M
+from platform_daemon.p2m import NO_OP, NO_SLOT, P2M
 from platform_daemon.rounds import RoundEngine, RoundState
 from platform_daemon.services.readahead import WINDOW
 from platform_daemon.services.swap import SwapService
@@ -37,7 +38,8 @@ from platform_daemon.swapfile import SwapFile
 from platform_daemon.vm import VM
 from platform_daemon.waits import FrameWaits
 from shared.config import PlatformConfig
-from shared.constants import NO_FRAME, FaultReason, PageState, Priority, ServiceType
+from shared.constants import NO_FRAME, FaultReason, FreeState, PageState, Priority, ServiceType
+from shared.errors import VMMemError
 from shared.layout import ControlRegion, region_size
 from shared.messages import (
     FAULT_FLAG_WRITABLE,
@@ -53,6 +55,9 @@ from tests.test_numa_migration import FakeClock, Link, NoTargets, content
 from vmm_agent.exposure import ExposureTable
 from vmm_agent.services.swap import SwapFilter
 from vmm_agent.services.validation import ValidationFilter
+
+if TYPE_CHECKING:
+    from platform_daemon.server import PlatformServer
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -403,3 +408,125 @@ def test_read_ahead_and_remap_pages_share_a_batch(h: Harness) -> None:
     assert (h.vm.p2m.state[ahead] == PageState.SWAPPED).all()
     assert h.outcomes()["frame_recovered"] == AROUND
     assert h.violations() == []
+
+
+# ---- memory pressure: holds end at once -----------------------------------------------------
+
+
+def test_under_pressure_every_hold_ends_and_the_pages_become_swappable(h: Harness) -> None:
+    """The host needs frames: held pages become ordinary exposed pages at once (still
+    mapped on the same frames, slots freed, as a REFERENCED verdict does), with no
+    VALIDATION batch; the swap path can then take them and read them back intact."""
+    ahead, slots = h.read_ahead()
+    h.touch(int(ahead[0]))  # the guest may have used one: its content must survive too
+    frames = h.vm.p2m.frame[ahead].copy()
+    assert h.validation.readahead.set_pressure(True) == AROUND
+    p2m = h.vm.p2m
+    assert (p2m.state[ahead] == PageState.EXPOSED).all()
+    assert (p2m.op[ahead] == NO_OP).all()
+    assert (p2m.frame[ahead] == frames).all() and (h.exposure.frame[ahead] == frames).all()
+    assert (p2m.swap_slot[ahead] == NO_SLOT).all() and not h.swapfile.in_use[slots].any()
+    assert h.outcomes() == {"held": AROUND, "released_under_pressure": AROUND}
+    st = h.validation.readahead.status(h.vm)
+    assert st["held_now"] == 0 and st["released_under_pressure"] == AROUND
+    assert st["validated"] == 0
+    h.clock.now += WINDOW
+    assert h.low_round() == []  # nothing left to validate
+    h.exposure.accessed[ahead] = False  # swap's second chance spent
+    h.swap_out(ahead.tolist())
+    assert all(s == FrameState.FREE for s in h.machine.allocator.frame_state[frames])
+    assert h.violations() == []
+    for bpn in ahead.tolist():
+        assert h.fault(bpn).reason == FaultReason.SWAP_IN
+        h.touch(bpn)
+    assert h.violations() == []
+
+
+def test_without_pressure_holds_are_left_alone(h: Harness) -> None:
+    """memsched saying "no pressure" each tick changes nothing: pages stay held with their
+    slots, and are validated after the window as before."""
+    ahead, slots = h.read_ahead()
+    assert h.validation.readahead.set_pressure(False) == 0
+    assert (h.vm.p2m.state[ahead] == PageState.IN_FLIGHT).all()
+    assert (h.vm.p2m.swap_slot[ahead] == slots).all()
+    h.clock.now += WINDOW
+    assert h.low_round() == ahead.tolist()
+    assert h.outcomes() == {"held": AROUND, "frame_recovered": AROUND}
+
+
+def test_read_ahead_under_pressure_is_not_held(h: Harness) -> None:
+    """While the host needs frames a swap-in's read-ahead pages are ordinary pages from the
+    start: mapped, slots freed, nothing queued for validation."""
+    h.validation.readahead.set_pressure(True)
+    ahead, slots = h.read_ahead()
+    assert (h.vm.p2m.state[ahead] == PageState.EXPOSED).all()
+    assert not h.swapfile.in_use[slots].any()
+    assert h.outcomes() == {"released_under_pressure": AROUND}
+    assert h.validation.pending_work(h.vm, h.clock.now + 10 * WINDOW) == 0
+    assert h.violations() == []
+
+
+def test_a_verdict_out_when_pressure_ends_the_holds_changes_nothing(h: Harness) -> None:
+    """A VALIDATION batch is out (the VMM released the untouched pages) when pressure ends
+    the holds: its late UNTOUCHED verdicts find no hold and drop nothing (the slots are
+    gone), and they are not taken for remap validation's either."""
+    ahead, _ = h.read_ahead()
+    h.clock.now += WINDOW
+    req = h.get_request()
+    h.process(req)
+    assert h.validation.readahead.set_pressure(True) == AROUND
+    h.complete(req)
+    p2m = h.vm.p2m
+    assert (p2m.state[ahead] == PageState.EXPOSED).all() and (p2m.frame[ahead] >= 0).all()
+    assert h.outcomes() == {"held": AROUND, "released_under_pressure": AROUND}
+    assert h.violations() == []
+
+
+class _Server(SimpleNamespace):
+    def kick(self, vm: VM) -> None:
+        pass
+
+
+@pytest.mark.parametrize("pressure", ["none", "hard", "fault_waiting"])
+def test_memsched_ends_the_holds_when_the_host_needs_frames(h: Harness, pressure: str) -> None:
+    """memsched's tick is what ends the holds: at HARD or below, or while a fault waits for
+    a free frame (``FrameWaits.waiting``); above HARD with nobody waiting, nothing."""
+    ahead, _ = h.read_ahead()
+    used = h.machine.allocator.used
+    server = _Server(
+        config=h.config,
+        machine=h.machine,
+        vms={1: h.vm},
+        services={ServiceType.VALIDATION: h.validation, ServiceType.SWAP: h.swap},
+        swap=h.swapfile,
+        shared=h.resolver.shared,
+        waits=h.ctx.waits,
+    )
+    sched = MemSched(cast("PlatformServer", server))
+    h.machine.limit_pages = h.machine.host_pages  # HIGH
+    if pressure == "hard":  # the smallest limit where the host is HARD, not LOW
+        h.machine.limit_pages = used + 1
+        while sched.compute_state() != FreeState.HARD:
+            h.machine.limit_pages += 1
+    if pressure == "fault_waiting":
+        h.ctx.waits.waiting = 1
+    sched.tick(h.clock.now)
+    held = (h.vm.p2m.state[ahead] == PageState.IN_FLIGHT).all()
+    assert sched.state == (FreeState.HARD if pressure == "hard" else FreeState.HIGH)
+    if pressure == "none":
+        assert held
+    else:
+        assert not (h.vm.p2m.state[ahead] == PageState.IN_FLIGHT).any()
+        assert h.outcomes()["released_under_pressure"] == AROUND
+    assert h.violations() == []
+
+
+def test_a_fault_waiting_for_a_frame_is_counted_while_it_waits(h: Harness) -> None:
+    """``FrameWaits.waiting`` (what memsched reads) is 1 while a fault waits for a frame,
+    already when reclaim is nudged, and 0 again once the wait ended (here: timed out)."""
+    seen: list[int] = []
+    waits = FrameWaits(h.machine, 0.05, lambda: seen.append(waits.waiting), h.metrics.low_waits)
+    h.machine.limit_pages = h.machine.allocator.used  # no frame free
+    with pytest.raises(VMMemError):
+        asyncio.run(waits.wait_for(1))
+    assert seen == [1] and waits.waiting == 0

@@ -21,6 +21,16 @@ the VMM answers from its accessed bit, which it cleared when the page was last r
 A fault on a held page (the VMM released it in a batch that crossed the fault, or the balloon
 cancels it) maps the same frame at once and frees the slot, like any page given back.
 
+Under memory pressure holds end at once, without asking the VMM (``release_under_pressure``,
+driven by memsched's tick): a held page cannot be reclaimed before its verdict, and verdicts
+come with the guest's low-priority rounds, which follow guest progress, which a guest
+waiting for a frame does not make. So while the host is at HARD or below, or a fault waits
+for a free frame, every held page of every VM becomes an ordinary exposed page and its slot
+is freed, as a REFERENCED verdict does (it is mapped and the guest may have written it), and
+the swap path may take it; read-ahead pages mapped meanwhile are not held at all. Linux's
+reclaim likewise takes read-ahead pages first. A verdict still out for such a page finds it
+no longer held and is ignored (its epoch), as after a fault.
+
 Why a time window: Linux marks pages read ahead (PG_readahead), counts a hit when a later
 fault finds one in the swap cache (the flag cleared on the first hit) and sizes the next
 read-ahead from the hits; untouched read-ahead pages sit on the inactive list and reclaim
@@ -39,6 +49,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
+import structlog
 
 from shared.constants import FaultReason, PageState, PageStatus, ServiceType
 from shared.messages import FaultReply
@@ -56,6 +67,8 @@ _IN_FLIGHT, _EXPOSED = int(PageState.IN_FLIGHT), int(PageState.EXPOSED)
 _SWAPPED, _VALIDATION = int(PageState.SWAPPED), int(ServiceType.VALIDATION)
 _EMPTY = np.empty(0, dtype=np.int64)
 
+log = structlog.get_logger("vmmem.platform.readahead")
+
 
 @dataclass
 class ReadAheadStats:
@@ -66,10 +79,12 @@ class ReadAheadStats:
     frames_recovered: int = 0  # dropped untouched: frame freed, SWAPPED in the same slot
     kept: int = 0  # validated but neither (pinned, unknown to the VMM): kept, slot freed
     faulted: int = 0  # faulted while held (released meanwhile, or the balloon's cancel)
+    released_under_pressure: int = 0  # held when the host needed frames: kept, slot freed
 
 
 @dataclass
 class _VMQueue:
+    vm: VM
     #: (due time, bpn, epoch) in due order: pages are held in time order.
     due: deque[tuple[float, int, int]] = field(default_factory=deque)
     #: Pages out in a validation batch: bpn -> epoch when it was handed out.
@@ -84,21 +99,35 @@ class ReadAheadValidation:
         self.ctx = ctx
         self.window = window
         self.vms: dict[int, _VMQueue] = {}
+        #: The host needs frames (memsched's tick says): no page is held.
+        self.pressure = False
 
     def hold(self, vm: VM, bpns: Pages) -> None:
-        """Read-ahead pages just mapped by a fault reply: held, slot kept, due after window."""
+        """Read-ahead pages just mapped by a fault reply: held, slot kept, due after window;
+        under pressure not held at all (ordinary exposed pages, slots freed)."""
         if len(bpns) == 0:
+            return
+        if self.pressure:
+            q = self._queue(vm)
+            self._keep(vm, bpns)
+            self._count_released(q, len(bpns))
             return
         p2m = vm.p2m
         p2m.state[bpns] = _IN_FLIGHT
         p2m.op[bpns] = _VALIDATION
         p2m.epoch[bpns] += 1
-        q = self.vms.setdefault(vm.vm_id, _VMQueue())
+        q = self._queue(vm)
         due = self.ctx.clock() + self.window
         epochs = p2m.epoch[bpns].tolist()
         q.due.extend((due, b, e) for b, e in zip(bpns.tolist(), epochs, strict=True))
         q.stats.held += len(bpns)
         self.ctx.metrics.readahead_pages.labels("held").inc(len(bpns))
+
+    def _queue(self, vm: VM) -> _VMQueue:
+        q = self.vms.get(vm.vm_id)
+        if q is None:
+            q = self.vms[vm.vm_id] = _VMQueue(vm)
+        return q
 
     @staticmethod
     def _held(vm: VM, bpns: Pages, epochs: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
@@ -166,6 +195,40 @@ class ReadAheadValidation:
                 self.ctx.metrics.readahead_pages.labels(outcome).inc(count)
         return ours
 
+    def set_pressure(self, pressure: bool) -> int:
+        """memsched's word, each tick: does the host need frames? If so every hold of every
+        VM ends now (see the module docstring); returns the pages released."""
+        self.pressure = pressure
+        if not pressure:
+            return 0
+        released = 0
+        for q in self.vms.values():
+            if q.due or q.out:
+                released += self._release_vm(q.vm, q)
+        if released:
+            log.debug("readahead_released_under_pressure", pages=released)
+        return released
+
+    def _release_vm(self, vm: VM, q: _VMQueue) -> int:
+        """End the VM's holds: O(entries queued or out), whatever the guest's size."""
+        n_due, n_out = len(q.due), len(q.out)
+        bpns = np.empty(n_due + n_out, dtype=np.int64)
+        epochs = np.empty(n_due + n_out, dtype=np.int64)
+        bpns[:n_due] = np.fromiter((b for _, b, _ in q.due), np.int64, n_due)
+        epochs[:n_due] = np.fromiter((e for _, _, e in q.due), np.int64, n_due)
+        bpns[n_due:] = np.fromiter(q.out.keys(), np.int64, n_out)
+        epochs[n_due:] = np.fromiter(q.out.values(), np.int64, n_out)
+        q.due.clear()  # out entries stay: their verdict must still be recognised as ours
+        held = np.unique(bpns[self._held(vm, bpns, epochs)])
+        self._keep(vm, held)
+        self._count_released(q, len(held))
+        return len(held)
+
+    def _count_released(self, q: _VMQueue, n: int) -> None:
+        if n:
+            q.stats.released_under_pressure += n
+            self.ctx.metrics.readahead_pages.labels("released_under_pressure").inc(n)
+
     def _keep(self, vm: VM, bpns: Pages) -> None:
         """An ordinary exposed page from now on: the guest may write it, so the slot goes."""
         p2m, swap = vm.p2m, self.ctx.swap
@@ -192,7 +255,7 @@ class ReadAheadValidation:
         """A held page faulted: the same frame back at once, the slot freed."""
         one = np.array([bpn], dtype=np.int64)
         self._keep(vm, one)  # no longer held: a batch still out with it leaves it alone
-        q = self.vms.setdefault(vm.vm_id, _VMQueue())
+        q = self._queue(vm)
         q.stats.faulted += 1
         self.ctx.metrics.readahead_pages.labels("faulted").inc()
         return self.ctx.mapper.reply(vm, FaultReason.REMAP, one)
