@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--hold-read-ahead",
         action=argparse.BooleanOptionalAction,
         help="swap read-ahead validation: hold read-ahead pages until a low-priority "
-        "verdict keeps or drops them (default off: held pages are not reclaimable meanwhile)",
+        "verdict keeps or drops them; holds end at once when the host needs frames "
+        "(default on)",
     )
     a(
         "--lowprio-aging-seconds",

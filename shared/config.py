@@ -69,10 +69,9 @@ class PlatformConfig(_Base):
     #: mode is for most processes: large pages keep page sharing off those regions).
     hugepages: bool = False
     #: Swap read-ahead validation: read-ahead pages are held (frame and slot) until a
-    #: low-priority verdict keeps or drops them. Off by default: held pages cannot be
-    #: reclaimed until their verdict, and verdicts come with the guest's progress, so a
-    #: host short of frames starves faults (the soak saw "no free frame" after 5 s).
-    hold_read_ahead: bool = False
+    #: low-priority verdict keeps or drops them; when the host needs frames (HARD or below,
+    #: or a fault waiting for one) every hold ends at once, so held pages never starve it.
+    hold_read_ahead: bool = True
     #: Low-priority aging: a type waiting this long moves up one priority class.
     lowprio_aging_seconds: float = Field(default=1.0, gt=0)
     #: memsched (ESX'02): the idle memory tax, ballooning on or off, the balloon's cap as a

@@ -62,6 +62,7 @@ from platform_daemon.services.p2m_update import P2MUpdateService
 from platform_daemon.services.page_retire import PageRetireService
 from platform_daemon.services.page_sharing import PageSharingService
 from platform_daemon.services.swap import SwapService
+from platform_daemon.services.validation import ValidationService
 from platform_daemon.shared_frames import SHARED_OWNER, SharedFrames
 from platform_daemon.swapfile import SwapFile
 from platform_daemon.vm import VM
@@ -656,6 +657,15 @@ class PageLife(RuleBasedStateMachine):
         alloc = self.machine.allocator
         self.machine.limit_pages = self.host_pages if headroom is None else alloc.used + headroom
 
+    @rule(on=st.booleans())
+    def memory_pressure(self, on: bool) -> None:
+        """memsched's word at a tick: the host needs frames (HARD or below, a fault waiting),
+        so every read-ahead hold ends at once, the pages ordinary exposed ones with their slots
+        freed, and none is made until it says otherwise (``readahead.py``)."""
+        self.poison()
+        readahead = self.service(ServiceType.VALIDATION, ValidationService).readahead
+        REACHED["readahead_released_under_pressure"] += readahead.set_pressure(on) > 0
+
     @rule(page=pages, pinned=st.booleans())
     def pin(self, page: tuple[int, int], pinned: bool) -> None:
         """The agent pins the page in translation (or unpins it): swap and page sharing
@@ -1069,7 +1079,10 @@ def test_swap_out_cancel_swap_in_and_failed_write(life: Life) -> None:
     life.high_round(0, **SWAP_OUT, land=True)
     assert life.state(PAGE) == "SWAPPED"
     life.read(PAGE, 2, True)  # through a thread, reading C1 ahead
-    assert life.state(C1) == "EXPOSED" and life.stats().swapped_in >= 3
+    assert life.state(C1) == "IN_FLIGHT" and life.stats().swapped_in >= 3  # held
+    life.memory_pressure(True)  # the hold ends: C1 an ordinary page, its slot freed
+    assert life.state(C1) == "EXPOSED"
+    life.memory_pressure(False)
     life.write(PAGE, "patch", 4000, 0)
     life.fail_next_swap_write(errno.EIO)
     # The first batch takes C1 (the page was touched: second chance), and its write fails:
