@@ -311,9 +311,10 @@ class RoundEngine:
     ) -> Request:
         seq = state.next_seq
         state.next_seq += 1
-        if self.services[stype].takes_pages:
+        svc = self.services[stype]
+        if svc.takes_pages:
             vm.p2m.state[bpns] = PageState.SELECTED
-        vm.region.slot(slot_index).fill(stype, seq, bpns, mpns)
+        vm.region.slot(slot_index).fill(stype, seq, bpns, mpns, svc.issue_marks(vm, bpns))
         state.issued[slot_index] = IssuedBatch(
             stype, seq, bpns, mpns, seconds, priority, units, self.clock(), first
         )

@@ -85,6 +85,7 @@ class PageStatus(IntEnum):
     CANCELLED = 7  # platform: a fault cancelled the operation
     REFERENCED = 8  # refused: the guest touched it since the last pass (second chance)
     UNTOUCHED = 9  # released: a read-ahead page the guest never touched (validation)
+    LARGE = 10  # daemon's mark in a VALIDATION batch: the page's region is large (p2m)
 
 
 class FaultReason(IntEnum):

@@ -36,6 +36,7 @@ Then K slots, each ``slot_size(C)`` bytes, 8-byte aligned. Slot layout::
     8             8        seq       batch sequence number, matches Request/CompleteRequest
     16            8*C      bpn       u64 guest page numbers
     16+8C         pad8(C)  status    u8 PageStatus per page (padded to a multiple of 8)
+                                   (daemon: OK, or LARGE in VALIDATION; then the agent's)
     16+8C+pad8(C) 8*C      mpn       i64 frame numbers, for match checks and remaps
 
 One writer at a time per slot: the daemon fills it and sets ISSUED; the agent writes statuses
@@ -126,14 +127,16 @@ class PageListSlot:
         seq: int,
         bpns: npt.NDArray[np.integer[Any]],
         mpns: npt.NDArray[np.integer[Any]],
+        status: npt.NDArray[np.uint8] | None = None,
     ) -> None:
-        """Daemon side: write a batch, statuses OK, and hand the slot to the agent."""
+        """Daemon side: write a batch, statuses OK (or ``status``: the daemon's per-page
+        marks, LARGE in VALIDATION batches), and hand the slot to the agent."""
         n = len(bpns)
-        if n != len(mpns) or n > self.capacity:
+        if n != len(mpns) or n > self.capacity or (status is not None and len(status) != n):
             raise LayoutError(f"slot {self.index}: batch of {n} pages does not fit")
         self.bpn[:n] = bpns
         self.mpn[:n] = mpns
-        self.status[:n] = PageStatus.OK
+        self.status[:n] = PageStatus.OK if status is None else status
         self.write_header(service, SlotState.ISSUED, n, seq)
 
     def batch(

@@ -12,7 +12,8 @@ batches treat the hidden mapping as the monitor's mapping.
 
 Large mappings: ``large[r]`` says the monitor maps 2 MB region ``r`` (BPNs ``512r ..
 512r+511``) with one large mapping, which it does once 2M promotion moved the region into
-one aligned run and every page of it is installed there (``arm_large``). Guest accesses
+one aligned run, every page of it is installed there and the platform says the region is
+large (``arm_large``, called by validation for the regions the platform marked). Guest accesses
 still go through ``frame`` page by page (the model checks every page's content). Any
 release of a page of a large region splits the mapping first (``invalidate``), as the
 platform does in its p2m (``platform_daemon/hugepages.py``); ``splits`` counts them. Hiding a
@@ -87,8 +88,10 @@ class ExposureTable:
         """Map large every region of ``regions`` whose 512 pages are installed, writable, on
         one aligned run in order (frame of page i = run + i); returns how many were armed.
 
-        The condition is what a 2 MB page table entry can express: nothing else is needed
-        to know the promotion finished (a page that moved since would break the order).
+        The condition is what a 2 MB page table entry can express. It is not enough to
+        know the region is still large: the platform may split it without a batch (a
+        swap-out of a page not mapped yet that failed keeps the order), so the caller passes
+        only regions the platform marked large (``services/validation.py``).
         """
         regions = np.unique(regions[regions < len(self.large)])
         if len(regions) == 0:

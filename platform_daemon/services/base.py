@@ -85,6 +85,11 @@ class PlatformService(ABC):
         p2m.op[bpns] = self.service
         p2m.epoch[bpns] += 1
 
+    def issue_marks(self, vm: VM, bpns: Pages) -> npt.NDArray[np.uint8] | None:
+        """The status bytes a batch of ``bpns`` goes out with (None: all OK); read at issue
+        time, so they say what the p2m says when the VMM gets the batch."""
+        return None
+
     def split_large(self, vm: VM, bpns: Pages) -> int:
         """Split the large regions ``bpns`` touch, counted under this service's name."""
         n = split(vm, bpns)

@@ -15,6 +15,10 @@ VMM maps, by the batch or by a fault that crossed it, is the p2m's frame. A page
 gave to its balloon meanwhile is refused by the VMM (it checks that migration was the last
 to take the page), and the balloon's completion leaves it untouched (ZERO).
 
+Pages of a region the p2m says is large (2M promotion) go out with the status byte LARGE
+instead of OK (``issue_marks``): the VMM maps a region large only on that word, since the
+daemon may split a region the VMM does not map yet without a batch.
+
 Swap read-ahead validation is the service's second queue (``readahead.py``): pages a swap-in
 read ahead are held with their slot, and a batch after a window asks the VMM whether the
 guest touched them; a batch may carry pages of both queues, told apart by their state.
@@ -30,6 +34,7 @@ import numpy.typing as npt
 from shared.constants import PageState, PageStatus, ServiceType
 from shared.messages import FaultReply
 
+from ..hugepages import FLAG_LARGE
 from ..p2m import FLAG_SHARED
 from .base import LowPriorityService, Pages, Selection
 from .readahead import ReadAheadValidation
@@ -96,6 +101,16 @@ class ValidationService(LowPriorityService):
         bpns = popped[keep & (p2m.frame[popped] >= 0)]
         p2m.state[bpns] = _SELECTED  # a fault meanwhile maps the same frame (MAPPED)
         return Selection(bpns, p2m.frame[bpns].copy(), take)
+
+    def issue_marks(self, vm: VM, bpns: Pages) -> npt.NDArray[np.uint8] | None:
+        """LARGE for each page of a region the p2m says is large (2M promotion moved it and
+        nothing split it since), OK for the rest: the VMM maps a region large only on this
+        word, since a region split without a batch (a swap-out of a page the VMM did not
+        map, which failed or came back on the same frame) still lies on its run in order."""
+        large = (vm.p2m.flags[bpns] & FLAG_LARGE) != 0
+        if not large.any():
+            return None
+        return np.where(large, np.uint8(PageStatus.LARGE), np.uint8(PageStatus.OK))
 
     def complete(self, vm: VM, accepted: Pages, status: npt.NDArray[np.uint8]) -> None:
         """``accepted`` is the whole batch: the VMM mapped the OK pages, already mapped the

@@ -6,7 +6,11 @@ are exposed. The monitor maps a page only if it does not map it already (a fault
 got there first: CANCELLED) and a remapping service was the last to take it from the guest
 (otherwise something else, the balloon, took it since: STALE_FRAME). Pages are private, so
 they are mapped writable; a page watched by the working-set sample is installed hidden.
-Regions 2M promotion moved are then mapped large once all their pages are in place.
+The daemon marks the pages of regions its p2m says are large (status byte LARGE, which the
+monitor reads before writing its verdict); such a region is then mapped large once all its
+pages are in place on their run. Frame order alone is not enough: a region the daemon split
+without a batch (a swap-out of a page not mapped yet that failed, or came back on the same
+frame) still lies on its run in order.
 
 Swap read-ahead validation shares the batch type: a page the monitor maps at the batch's
 MPN that swap was the last to take is a read-ahead page a swap-in reply mapped. Its accessed
@@ -42,17 +46,18 @@ class ValidationFilter(AgentService):
         self, bpns: npt.NDArray[Any], mpns: npt.NDArray[np.int64], status: npt.NDArray[np.uint8]
     ) -> npt.NDArray[np.int64]:
         idx = bpns.astype(np.int64)
+        large = status == PageStatus.LARGE  # the daemon's word, read before any verdict
         exposure = self.exposure
         readahead = (exposure.released_by[idx] == ServiceType.SWAP) & (
             exposure.mapped_frame(idx) == mpns
         )
         if not readahead.any():
-            self._remap(idx, mpns, status)
+            self._remap(idx, mpns, status, large)
             return _NONE  # nothing leaves the monitor
         status[readahead] = self._validate_readahead(idx[readahead])
         rest = ~readahead
         remap_status = status[rest]
-        self._remap(idx[rest], mpns[rest], remap_status)
+        self._remap(idx[rest], mpns[rest], remap_status, large[rest])
         status[rest] = remap_status
         return _NONE  # released read-ahead pages are the platform's business, not a release
 
@@ -66,9 +71,14 @@ class ValidationFilter(AgentService):
         return status
 
     def _remap(
-        self, idx: npt.NDArray[np.int64], mpns: npt.NDArray[np.int64], status: npt.NDArray[np.uint8]
+        self,
+        idx: npt.NDArray[np.int64],
+        mpns: npt.NDArray[np.int64],
+        status: npt.NDArray[np.uint8],
+        large: npt.NDArray[np.bool_],
     ) -> None:
-        """Remap validation: install the new frames (``status`` is written in place)."""
+        """Remap validation: install the new frames (``status`` is written in place), then
+        map large the regions the daemon marked large (``large``: per page)."""
         exposure = self.exposure
         status[:] = PageStatus.OK
         refuse(status, exposure.mapped_frame(idx) >= 0, PageStatus.CANCELLED)
@@ -77,6 +87,9 @@ class ValidationFilter(AgentService):
         ok = status == PageStatus.OK
         exposure.install(idx[ok], mpns[ok], np.ones(int(np.count_nonzero(ok)), dtype=bool))
         exposure.released_by[idx[ok]] = NOT_RELEASED  # the guest has it again
-        promoted = idx[released_by == ServiceType.PROMOTION_2M]
-        if len(promoted):
-            exposure.arm_large(np.unique(promoted // PAGES_PER_2M))
+        if large.any():
+            # A region is large only while the daemon says so for every page of it this
+            # batch carries: frame order alone cannot tell a region the daemon split
+            # without asking the monitor (tests/test_page_life_moves.py).
+            regions = idx // PAGES_PER_2M
+            exposure.arm_large(np.setdiff1d(regions[large], regions[~large]))
