@@ -102,9 +102,11 @@ def test_sampling_scenario_estimate_follows_the_true_working_set(
         for name, per_vm in sampling["phases"].items():
             row = per_vm["a"]
             assert row["periods"] >= 4, (name, row)
-            # The truth is what the phase asked for, to within a page or two.
+            # The truth is the pages the guest touched in the period: at most the phase's
+            # working set, and near it (a busy host gives the vCPUs fewer accesses per
+            # period of guest time, so a few of the set's pages go untouched).
             wanted = int(name.removeprefix("ws")) / 100
-            assert row["truth"][-1] == pytest.approx(wanted, abs=0.01)
+            assert 0.8 * wanted <= row["truth"][-1] <= wanted + 0.01, (name, row)
         assert sampling["max_abs_error"] <= 0.10, sampling
         assert "sampling:" in res.stdout
 
