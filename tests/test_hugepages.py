@@ -486,6 +486,28 @@ def test_the_balloon_splits_the_region_first(h: HugeHarness) -> None:
     h.content_intact(g)
 
 
+def test_the_balloon_splits_a_region_its_cancel_just_promoted(h: HugeHarness) -> None:
+    """The balloon takes a page of a region in flight to promotion: its cancel completes the
+    copy (the region becomes large), so the split comes after it and leaves no page of the
+    region marked large around the ballooned hole."""
+    g = h.add_vm()
+    h.back(g, region(0), node=0)
+    h.promo.scan(g.vm, 64, h.clock())
+    assert h.low_round(g, run_moves=False) == [(ServiceType.PROMOTION_2M, region(0))]
+    # As the daemon's _cancel_in_flight: the owning service's fault rule ends the operation.
+    ctx = dataclasses.replace(
+        h.ctx, cancel=lambda vm, bpns: [h.promo.on_fault(vm, b, True) for b in bpns.tolist()]
+    )
+    BalloonService(ctx).complete(g.vm, np.array([100]), np.zeros(1, dtype=np.uint8))
+    del g.data[100]
+    assert h.promo.stats(g.vm).fault_completions == 1  # the cancel did complete the copy
+    assert not (g.vm.p2m.flags[region(0)] & FLAG_LARGE).any()
+    assert g.vm.p2m.state[100] == PageState.ZERO
+    h.run_spawned()
+    assert h.invariants() == []
+    h.content_intact(g)
+
+
 def test_page_sharing_and_defrag_leave_large_regions_alone(h: HugeHarness) -> None:
     """Page sharing does not scan large regions (ESX does not share large pages), and 2M
     defrag never picks a page of one: neither splits them."""

@@ -56,10 +56,12 @@ class BalloonService(PlatformService):
         if len(accepted) == 0:
             return
         ctx, p2m = self.ctx, vm.p2m
-        self.split_large(vm, accepted)  # the rest of a large region stays, as small pages
         in_flight = accepted[p2m.state[accepted] == _IN_FLIGHT]
         if len(in_flight):
             ctx.cancel(vm, in_flight)
+        # After the cancel: cancelling a promotion in flight completes it (the region becomes
+        # large), and the split must see that, or the rest of the region stays marked large.
+        self.split_large(vm, accepted)  # the rest of a large region stays, as small pages
         frames = p2m.frame[accepted].copy()
         slots = p2m.swap_slot[accepted].copy()
         shared = (p2m.flags[accepted] & FLAG_SHARED) != 0
