@@ -9,11 +9,10 @@ Splitting (Linux's ``split_huge_pmd`` before a subpage is unmapped, swapped, mig
 merged by KSM): a release service that takes any page of a large region ends the large
 mapping of the whole region first, on both sides. Here that is ``split``, called where a
 page stops being the VMM's or changes frame: ``PlatformService.mark_in_flight`` (every
-release batch: swap, page retire, page sharing, NUMA migration, defrag), ``FaultResolver
-.map_private`` (a page given another frame without a batch: page retire's move of an
-unmapped page) and the balloon's completion. The agent does the same in
-``ExposureTable.invalidate``, which every release on its side goes through. The frames stay
-where they are: the region is just 512 small pages again.
+release batch: swap, page retire, page sharing, NUMA migration, defrag), page retire's move
+of an unmapped page (given another frame without a batch) and the balloon's completion.
+The agent does the same in ``ExposureTable.invalidate``, which every release on its side
+goes through. The frames stay where they are: the region is just 512 small pages again.
 """
 
 from __future__ import annotations

@@ -295,8 +295,3 @@ class PromotionService(LowPriorityService):
 
     def on_vm_gone(self, vm: VM) -> None:
         self.vms.pop(vm.vm_id, None)
-        # The daemon frees a leaving VM's private frames by their flags being 0: large
-        # pages are private, so they lose the flag first (services go before the frames).
-        large = (vm.p2m.flags & FLAG_LARGE) != 0
-        if large.any():
-            vm.p2m.flags[large] &= 0xFF & ~FLAG_LARGE
