@@ -87,3 +87,11 @@ class P2M:
         """Pages by state (a scan: for scrapes and status, not hot paths)."""
         counts = np.bincount(self.state, minlength=len(PageState))
         return {s.name.lower(): int(counts[s]) for s in PageState}
+
+    def private_frames(self) -> npt.NDArray[np.int64]:
+        """Frames backing a page of their own (large pages included; not shared or zero
+        frames): what the VM's release gives back to the pool."""
+        frames: npt.NDArray[np.int64] = self.frame[
+            (self.frame != NO_FRAME) & ((self.flags & FLAG_SHARED) == 0)
+        ]
+        return frames

@@ -663,8 +663,7 @@ class PlatformServer:
         for svc in self.services.values():
             svc.on_vm_gone(vm)
         p2m = vm.p2m
-        private = (p2m.frame != NO_FRAME) & ((p2m.flags & FLAG_SHARED) == 0)  # large too
-        frames = p2m.frame[private]
+        frames = p2m.private_frames()
         self.machine.release_or_retire(frames)
         shared = p2m.frame[(p2m.flags & FLAG_SHARED) != 0]
         self.shared.unref(shared[self.shared.refs[shared] > 0])  # zero frames are not counted

@@ -333,8 +333,7 @@ def test_a_vm_gone_mid_promotion_leaves_nothing_behind(h: HugeHarness) -> None:
         for svc in h.services.values():
             svc.on_vm_gone(vm)
         p2m = vm.p2m
-        private = (p2m.frame != -1) & ((p2m.flags & FLAG_SHARED) == 0)
-        h.machine.release_or_retire(p2m.frame[private])
+        h.machine.release_or_retire(p2m.private_frames())
         p2m.frame[:] = -1
         del h.guests[vm.vm_id]
     assert h.run_spawned() == 1
