@@ -296,15 +296,17 @@ def check_move_milestones() -> None:
         "numa_migrated",
         "numa_fault_completions",
         "promoted",
-        "promo_fault_completions",
         "mapped_large",
         "agent_splits",
         "hugepage_splits",
         "batch_numa_migration",
         "batch_promotion_2m",
         "batch_validation",
-        "split_swap",
-    ]  # split_retire: rare in the walk (it moves with any change), scripted below
+    ]
+    # Rare in the walk, whose batch sizes follow measured costs (perf_counter), so whether a
+    # run reaches them depends on the machine and on the tests run before it in the process:
+    # split_retire (scripted below), promo_fault_completions and split_swap (scripted in
+    # tests/test_hugepages.py: a fault during promotion, swap splits the region first).
     missing = [m for m in wanted if REACHED[m] == 0]
     assert not missing, f"never reached: {missing} (reached: {dict(REACHED)})"
 
