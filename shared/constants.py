@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+import numpy as np
+
 PAGE_SIZE = 4096
 PAGES_PER_2M = 512
 #: Default capacity of one PageList slot (pages per batch).
@@ -16,7 +18,20 @@ MAX_FAULT_AROUND = 64
 NO_FRAME = -1
 
 
-class ServiceType(IntEnum):
+class _NumPyIntEnum(IntEnum):
+    """An IntEnum NumPy treats as the plain integer it is.
+
+    Why: a NumPy operation with an enum member (``p2m.state[x] == PageState.SWAPPED``) looks
+    up ``__array_ufunc__`` on the member's class. On Python 3.11 ``EnumType.__getattr__``
+    answers the missing name by raising AttributeError, several µs per operation, on every hot
+    path. NumPy ignores a class whose ``__array_ufunc__`` is ndarray's own, so naming it here
+    makes the lookup succeed and changes nothing else.
+    """
+
+    __array_ufunc__ = np.ndarray.__array_ufunc__
+
+
+class ServiceType(_NumPyIntEnum):
     """A memory service; the value is its bit in the pending word and its code on the wire."""
 
     SWAP = 0
@@ -54,14 +69,14 @@ LOW_PRIORITY_SERVICES = tuple(s for s in ServiceType if s not in HIGH_PRIORITY_S
 LOW_PRIORITY_MASK = sum(s.bit for s in LOW_PRIORITY_SERVICES)
 
 
-class Priority(IntEnum):
+class Priority(_NumPyIntEnum):
     """Which loop asks for work."""
 
     HIGH = 0
     LOW = 1
 
 
-class PageState(IntEnum):
+class PageState(_NumPyIntEnum):
     """Platform-side state of one guest page (one byte per BPN in the p2m)."""
 
     ZERO = 0  # never touched, or given back: the next touch gets a zeroed frame
@@ -72,7 +87,7 @@ class PageState(IntEnum):
     RESIDENT = 5  # has a frame with content, but the VMM does not map it (after a move)
 
 
-class PageStatus(IntEnum):
+class PageStatus(_NumPyIntEnum):
     """Per-page status in a PageList: the VMM's verdict, then the platform's outcome."""
 
     OK = 0  # accepted by the VMM (or done by the platform)
@@ -88,7 +103,7 @@ class PageStatus(IntEnum):
     LARGE = 10  # daemon's mark in a VALIDATION batch: the page's region is large (p2m)
 
 
-class FaultReason(IntEnum):
+class FaultReason(_NumPyIntEnum):
     """Why a fault needed the platform; a label on fault metrics."""
 
     FIRST_TOUCH = 0
@@ -100,7 +115,7 @@ class FaultReason(IntEnum):
     MAPPED = 6  # already mapped on the platform (another vCPU won the race)
 
 
-class FreeState(IntEnum):
+class FreeState(_NumPyIntEnum):
     """Host free-memory state, from most to least free (after ESX)."""
 
     HIGH = 0
