@@ -131,6 +131,8 @@ class FrameAllocator:
         """``n`` frames, from ``node`` first and then the others; all or nothing."""
         if n == 0:
             return np.empty(0, dtype=np.int64)
+        if n == 1:
+            return np.array([self.allocate_one(node)], dtype=np.int64)
         if n > self.free:
             raise OutOfMemoryError(f"need {n} frames, {self.free} free")
         parts, need = [], n
@@ -141,6 +143,29 @@ class FrameAllocator:
             parts.append(got)
             need -= len(got)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def allocate_one(self, node: int) -> int:
+        """One frame, from ``node`` first and then the others, as an int: ``_pop`` of one
+        frame with scalar reads and writes (the fault path's case; NumPy costs ~1 µs per
+        call on a one-element array, and ``allocate(1)`` made several)."""
+        if self._free < 1:
+            raise OutOfMemoryError(f"need 1 frame, {self._free} free")
+        state = self.frame_state
+        for idx in (node, *range(self.nodes)):
+            ns = self._nodes[idx]
+            while ns.top > 0:
+                ns.top -= 1
+                mpn = int(ns.stack[ns.top])
+                if state[mpn] != _FREE:  # lazily removed (retired, or taken by a run)
+                    if ns.stale:
+                        ns.stale -= 1
+                    continue
+                state[mpn] = _USED
+                self.run_free[mpn >> _RUN_SHIFT] -= 1
+                ns.free -= 1
+                self._free -= 1
+                return mpn
+        raise OutOfMemoryError("no free frame found on any node")  # counts disagree: a bug
 
     def _pop(self, ns: _NodeStack, want: int) -> Frames:
         """Up to ``want`` free frames from the top of ``ns``, marked USED."""

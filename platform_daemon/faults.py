@@ -16,8 +16,9 @@ same way as the faulting page (private for a write, shared zero for a read).
 This runs once per fault message, on 1 to 17 pages, so its cost is per-call overhead, not
 per-page work: states are compared as plain ints (comparing a NumPy value with an IntEnum
 member costs ~4 µs on Python 3.11, where NumPy's probe of the enum class for ``__array_*__``
-attributes goes through ``EnumType.__getattr__`` and raises), and the single-page case skips
-the neighbour arithmetic.
+attributes goes through ``EnumType.__getattr__`` and raises), and a fault without
+fault-around is answered with plain ints and ``struct`` (``_first_touch_one``, ``reply_one``):
+NumPy costs about a microsecond per call on one-element arrays, and that path made ten calls.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ _SELECTED = int(PageState.SELECTED)
 _RESIDENT = int(PageState.RESIDENT)
 _MAPPABLE = (_EXPOSED, _SELECTED, _RESIDENT)
 _PRIVATE = 0xFF & ~(FLAG_SHARED | FLAG_MERGED)
+_FIRST_TOUCH, _REMAP, _MAPPED = (
+    int(r) for r in (FaultReason.FIRST_TOUCH, FaultReason.REMAP, FaultReason.MAPPED)
+)
 _NO_PAGES = np.empty(0, dtype=np.int64)
 _NO_PAGES.flags.writeable = False
 
@@ -68,6 +72,8 @@ class FaultResolver:
 
     def reply(self, vm: VM, reason: FaultReason, bpns: npt.NDArray[Any]) -> FaultReply:
         """A reply mapping ``bpns`` (faulting page first) to their current frames."""
+        if len(bpns) == 1:
+            return self.reply_one(vm, int(reason), int(bpns[0]))
         idx = np.asarray(bpns, dtype=np.int64)
         flags = ((vm.p2m.flags[idx] & FLAG_SHARED) == 0).astype(np.uint8)  # 1 where writable
         if FAULT_FLAG_WRITABLE != 1:
@@ -75,9 +81,17 @@ class FaultResolver:
         # Fancy indexing already copies: the reply never aliases the p2m.
         return FaultReply(int(reason), idx.astype(np.uint64), vm.p2m.frame[idx], flags)
 
+    def reply_one(self, vm: VM, reason: int, bpn: int) -> FaultReply:
+        """``reply`` for one page, with plain ints."""
+        p2m = vm.p2m
+        flag = 0 if p2m.flags[bpn] & FLAG_SHARED else FAULT_FLAG_WRITABLE
+        return FaultReply.single(reason, bpn, int(p2m.frame[bpn]), flag)
+
     def first_touch(self, vm: VM, bpn: int, write: bool, around: int) -> FaultReply:
         """Back the faulting page and, if asked, its untouched neighbours."""
         p2m = vm.p2m
+        if around <= 0:
+            return self._first_touch_one(vm, bpn, write)
         neighbours = self._around(vm, bpn, around)
         if len(neighbours):
             zero_mask = p2m.state[neighbours] == _ZERO
@@ -102,6 +116,28 @@ class FaultResolver:
         vm.stats.pages_mapped += len(fresh) - len(resident)
         vm.stats.fault_around_pages += len(fresh) - 1
         return self.reply(vm, FaultReason.FIRST_TOUCH, fresh)
+
+    def _first_touch_one(self, vm: VM, bpn: int, write: bool) -> FaultReply:
+        """``first_touch`` of the faulting page alone, with plain ints (no fault-around)."""
+        p2m, machine = vm.p2m, self.machine
+        if write:
+            if machine.available() < 1:
+                raise NeedsAsync
+            mpn = machine.allocate_zeroed_one(vm.home_node)
+            p2m.frame[bpn] = mpn
+            p2m.state[bpn] = _EXPOSED
+            p2m.flags[bpn] = p2m.flags[bpn] & _PRIVATE
+            machine.owner_vm[mpn] = vm.vm_id
+            machine.owner_bpn[mpn] = bpn
+            flag = FAULT_FLAG_WRITABLE
+        else:
+            mpn = machine.zero_frame[vm.home_node]
+            p2m.frame[bpn] = mpn
+            p2m.flags[bpn] = p2m.flags[bpn] | FLAG_SHARED
+            p2m.state[bpn] = _EXPOSED
+            flag = 0
+        vm.stats.pages_mapped += 1
+        return FaultReply.single(_FIRST_TOUCH, bpn, mpn, flag)
 
     def copy_on_write(self, vm: VM, bpn: int) -> FaultReply:
         """Give a shared page its own writable copy.
@@ -153,6 +189,6 @@ class FaultResolver:
             return self.copy_on_write(vm, bpn)
         # SELECTED: the VMM faults on a page it still had, so it will not accept the release;
         # the page stays exposed and completion skips it.
-        reason = FaultReason.REMAP if state == _RESIDENT else FaultReason.MAPPED
+        reason = _REMAP if state == _RESIDENT else _MAPPED
         vm.p2m.state[bpn] = _EXPOSED
-        return self.reply(vm, reason, np.array([bpn], dtype=np.int64))
+        return self.reply_one(vm, reason, bpn)

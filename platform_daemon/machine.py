@@ -145,6 +145,12 @@ class MachineMemory:
             self.frames[frames] = 0
         return frames
 
+    def allocate_zeroed_one(self, node: int) -> int:
+        """``allocate_zeroed(1, node)`` as an int (the fault path's case: no arrays)."""
+        mpn = self.allocator.allocate_one(node)
+        self.frames[mpn] = 0
+        return mpn
+
     def set_owner(self, frames: npt.NDArray[Any], vm_id: int, bpns: npt.NDArray[Any]) -> None:
         self.owner_vm[frames] = vm_id
         self.owner_bpn[frames] = bpns

@@ -466,6 +466,9 @@ class PlatformServer:
 
     def dispatch(self, conn: PlatformConnection, request_id: int, msg: Message) -> None:
         """Handle one decoded message; protocol violations disconnect this peer only."""
+        if type(msg) is Fault and conn.vm is not None:  # the hot path: no isinstance chain
+            self._handle(conn, conn.vm, request_id, msg)
+            return
         if isinstance(msg, CtlRequest):
             self.spawn(self._ctl(conn, request_id, msg))
             return
@@ -496,6 +499,10 @@ class PlatformServer:
         if vm is None:
             conn.fail(RemoteProtocolError("register first", ErrorCode.NOT_REGISTERED), request_id)
             return
+        self._handle(conn, vm, request_id, msg)
+
+    def _handle(self, conn: PlatformConnection, vm: VM, request_id: int, msg: Message) -> None:
+        """A registered VM's Fault, GetRequest or CompleteRequest."""
         try:
             if isinstance(msg, Fault):
                 self._fault(vm, request_id, msg)
@@ -640,8 +647,8 @@ class PlatformServer:
         counter, histogram = self._fault_metrics[reply.reason]
         counter.inc()
         histogram.observe(time.perf_counter() - t0)
-        if len(reply.bpns) > 1:
-            self.metrics.fault_around_pages.inc(len(reply.bpns) - 1)
+        if reply.count > 1:
+            self.metrics.fault_around_pages.inc(reply.count - 1)
         vm.connection.send(reply, request_id)
 
     # ---- hooks ------------------------------------------------------------------------------

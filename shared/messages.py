@@ -1,15 +1,16 @@
 """Message types of the wire protocol.
 
-Hot-path messages (GetRequest, Request, CompleteRequest, Fault, FaultReply, Kick) are frozen
-slotted dataclasses with fixed binary bodies packed by ``struct`` (or NumPy for the arrays of a
-fault reply). Control messages are pydantic models sent as JSON. Every class knows its
-``MessageType`` and how to turn its body into bytes and back; the codec adds the header.
+Hot-path messages (GetRequest, Request, CompleteRequest, Fault, Kick) are frozen slotted
+dataclasses with fixed binary bodies packed by ``struct``; FaultReply is a slotted class,
+packed by ``struct`` for one page and by NumPy for several. Control messages are pydantic
+models sent as JSON. Every class knows its ``MessageType`` and how to turn its body into
+bytes and back; the codec adds the header.
 """
 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, ClassVar
 
@@ -45,6 +46,9 @@ _REQUEST = struct.Struct("<BBHIQ")
 _COMPLETE = struct.Struct("<H2xIQI")
 _FAULT = struct.Struct("<QBxH")
 _FAULT_REPLY_HEAD = struct.Struct("<BxH")
+#: A one-page FaultReply body: the head, then its bpn, mpn and flags (same layout as n = 1).
+_FAULT_REPLY_ONE = struct.Struct("<BxHQqB")
+_FAULT_REASONS = frozenset(int(r) for r in FaultReason)
 _KICK = struct.Struct("<I")
 
 #: Flag bit in FaultReply.flags: the page may be written through this mapping.
@@ -188,29 +192,77 @@ class Fault:
         return cls(bpn, bool(write), around)
 
 
-@dataclass(frozen=True, slots=True, eq=False)
 class FaultReply:
     """Mappings for the faulting page (first entry) and any fault-around neighbours.
 
     Body: ``reason u8, pad, count u16``, then ``bpn u64[count]``, ``mpn i64[count]``,
     ``flags u8[count]``. ``reason`` is a FaultReason for the faulting page.
+
+    Most replies map one page, and NumPy costs microseconds per call on one-element arrays,
+    so a reply keeps its first page as plain ints (``bpn``, ``mpn``, ``flag``) and ``count``;
+    a one-page reply (``FaultReply.single``, or decoded from the wire) makes its arrays only
+    when ``bpns``/``mpns``/``flags`` are read. Treat it as immutable.
     """
 
+    __slots__ = ("_bpns", "_flags", "_mpns", "bpn", "count", "flag", "mpn", "reason")
     TYPE: ClassVar[MessageType] = MessageType.FAULT_REPLY
     reason: int
-    bpns: npt.NDArray[np.uint64] = field(repr=False)
-    mpns: npt.NDArray[np.int64] = field(repr=False)
-    flags: npt.NDArray[np.uint8] = field(repr=False)
+    count: int
+    bpn: int
+    mpn: int
+    flag: int
 
-    def __post_init__(self) -> None:
-        n = len(self.bpns)
-        if not (1 <= n <= MAX_FAULT_AROUND + 1) or len(self.mpns) != n or len(self.flags) != n:
+    def __init__(
+        self,
+        reason: int,
+        bpns: npt.NDArray[np.uint64],
+        mpns: npt.NDArray[np.int64],
+        flags: npt.NDArray[np.uint8],
+    ) -> None:
+        n = len(bpns)
+        if not (1 <= n <= MAX_FAULT_AROUND + 1) or len(mpns) != n or len(flags) != n:
             raise ValueError(f"FaultReply needs 1..{MAX_FAULT_AROUND + 1} equal-length arrays")
+        self.reason, self.count = reason, n
+        self.bpn, self.mpn, self.flag = int(bpns[0]), int(mpns[0]), int(flags[0])
+        self._bpns: npt.NDArray[np.uint64] | None = bpns
+        self._mpns: npt.NDArray[np.int64] | None = mpns
+        self._flags: npt.NDArray[np.uint8] | None = flags
+
+    @classmethod
+    def single(cls, reason: int, bpn: int, mpn: int, flag: int) -> FaultReply:
+        """A reply mapping one page, from plain ints (the fault path's common case)."""
+        self = object.__new__(cls)
+        self.reason, self.count, self.bpn, self.mpn, self.flag = reason, 1, bpn, mpn, flag
+        self._bpns = self._mpns = self._flags = None
+        return self
+
+    @property
+    def bpns(self) -> npt.NDArray[np.uint64]:
+        if self._bpns is None:
+            self._bpns = np.array([self.bpn], dtype=np.uint64)
+        return self._bpns
+
+    @property
+    def mpns(self) -> npt.NDArray[np.int64]:
+        if self._mpns is None:
+            self._mpns = np.array([self.mpn], dtype=np.int64)
+        return self._mpns
+
+    @property
+    def flags(self) -> npt.NDArray[np.uint8]:
+        if self._flags is None:
+            self._flags = np.array([self.flag], dtype=np.uint8)
+        return self._flags
+
+    def __repr__(self) -> str:
+        return f"FaultReply(reason={self.reason}, count={self.count}, bpn={self.bpn})"
 
     def encode_body(self) -> bytes:
+        if self.count == 1:  # one struct call, no NumPy (the values are range-checked by it)
+            return _FAULT_REPLY_ONE.pack(self.reason, 1, self.bpn, self.mpn, self.flag)
         return b"".join(
             (
-                _FAULT_REPLY_HEAD.pack(self.reason, len(self.bpns)),
+                _FAULT_REPLY_HEAD.pack(self.reason, self.count),
                 np.ascontiguousarray(self.bpns, dtype="<u8").tobytes(),
                 np.ascontiguousarray(self.mpns, dtype="<i8").tobytes(),
                 np.ascontiguousarray(self.flags, dtype="u1").tobytes(),
@@ -219,6 +271,12 @@ class FaultReply:
 
     @classmethod
     def decode_body(cls, body: bytes) -> FaultReply:
+        if len(body) == _FAULT_REPLY_ONE.size:
+            reason, n, bpn, mpn, flag = _FAULT_REPLY_ONE.unpack(body)
+            if n == 1:
+                if reason not in _FAULT_REASONS:
+                    _enum(FaultReason, reason, "FaultReply.reason")  # raises the clear error
+                return cls.single(reason, bpn, mpn, flag)
         head = _FAULT_REPLY_HEAD.size
         if len(body) < head:
             raise RemoteProtocolError("FaultReply body truncated", ErrorCode.BAD_LENGTH)

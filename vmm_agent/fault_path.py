@@ -38,7 +38,8 @@ class FaultPath:
         self.exposure = exposure
         self.around = around
         self.slots = asyncio.Semaphore(max_outstanding)
-        self.pending: dict[int, asyncio.Future[None]] = {}
+        #: BPNs with a fault out; the future, once a second vCPU waits for the same page.
+        self.pending: dict[int, asyncio.Future[None] | None] = {}
         self.by_reason: Counter[str] = Counter()
         self.latencies = np.zeros(LATENCY_SAMPLES, dtype=np.float64)
         self.samples = 0
@@ -53,22 +54,22 @@ class FaultPath:
         link.on_reply = self._on_reply
 
     def _on_reply(self, request_id: int, msg: Message) -> None:
-        if not isinstance(msg, FaultReply):
+        if type(msg) is not FaultReply:
             return
         exposure = self.exposure
-        if len(msg.bpns) == 1 and not exposure.watched[int(msg.bpns[0])]:
-            # The common case, without fancy indexing. A hidden mapping left from before
-            # (the sample hid the old frame while this fault was on the wire) is dropped: the
-            # reply is the page's mapping now.
-            bpn = int(msg.bpns[0])
-            exposure.frame[bpn] = int(msg.mpns[0])
-            exposure.writable[bpn] = bool(msg.flags[0] & FAULT_FLAG_WRITABLE)
+        bpn = msg.bpn
+        if msg.count == 1 and not exposure.watched[bpn]:
+            # The common case, with the reply's plain ints (no arrays). A hidden mapping left
+            # from before (the sample hid the old frame while this fault was on the wire) is
+            # dropped: the reply is the page's mapping now.
+            exposure.frame[bpn] = msg.mpn
+            exposure.writable[bpn] = msg.flag & FAULT_FLAG_WRITABLE != 0
             exposure.hidden_frame[bpn] = NO_FRAME
             exposure.hidden_writable[bpn] = False
         else:  # several pages, or a page armed by the sample while its fault was out
             writable = (msg.flags & FAULT_FLAG_WRITABLE) != 0
             self.exposure.install(msg.bpns, msg.mpns, writable)
-        self.pages_mapped += len(msg.bpns)
+        self.pages_mapped += msg.count
 
     def is_ready(self, bpn: int, write: bool) -> bool:
         return bool(self.exposure.frame[bpn] >= 0 and (not write or self.exposure.writable[bpn]))
@@ -94,12 +95,16 @@ class FaultPath:
                 self.soft_faults += 1
             if self.is_ready(bpn, write):
                 return
-            fut = self.pending.get(bpn)
-            if fut is not None:
+            if bpn in self.pending:
+                # Another vCPU's fault is out: wait for it. Its future is made only now, by
+                # the first waiter (most faults have none). asyncio.wait, not await: a
+                # cancelled waiter must not cancel the future the others wait on.
+                fut = self.pending[bpn]
+                if fut is None:
+                    fut = self.pending[bpn] = asyncio.get_running_loop().create_future()
                 await asyncio.wait((fut,))
                 continue
-            fut = asyncio.get_running_loop().create_future()
-            self.pending[bpn] = fut
+            self.pending[bpn] = None
             if write and exposure.frame[bpn] >= 0:
                 # A write to a read-only (shared) page: its reply maps a copy, and the daemon
                 # may hand the old frame to its last other sharer, who writes it. Dropped now,
@@ -109,11 +114,14 @@ class FaultPath:
             try:
                 await self._fault(bpn, write, sequential)
             finally:
-                del self.pending[bpn]
-                fut.set_result(None)
+                fut = self.pending.pop(bpn)
+                if fut is not None:
+                    fut.set_result(None)
 
     async def _fault(self, bpn: int, write: bool, sequential: bool) -> None:
-        async with self.slots:
+        slots = self.slots
+        await slots.acquire()  # not ``async with``: two coroutines fewer per fault
+        try:
             t0 = time.perf_counter()
             around = self.around if sequential else 0
             try:
@@ -126,6 +134,8 @@ class FaultPath:
                     return
                 raise
             seconds = time.perf_counter() - t0
+        finally:
+            slots.release()
         self.faults += 1
         self.latencies[self.samples % LATENCY_SAMPLES] = seconds
         self.samples += 1

@@ -91,6 +91,8 @@ class RpcClient(asyncio.Protocol):
         return fut
 
     async def request(self, msg: Message, timeout: float | None = None) -> Any:
+        if timeout is None:  # the fault path's case: the future itself, no wait_for layer
+            return await self.request_nowait(msg)
         return await asyncio.wait_for(self.request_nowait(msg), timeout)
 
     async def ctl(self, op: str, timeout: float | None = 30.0, **args: Any) -> dict[str, Any]:
