@@ -49,12 +49,13 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from shared.constants import PAGES_PER_2M, FaultReason, PageState, ServiceType
+from shared.constants import PAGES_PER_2M, PageState, ServiceType
 from shared.messages import FaultReply
 
 from ..allocator import FrameState
 from ..hugepages import FLAG_LARGE
-from ..p2m import FLAG_SHARED, NO_OP
+from ..p2m import FLAG_SHARED
+from . import page_move
 from .base import LowPriorityService, Pages, Selection
 
 if TYPE_CHECKING:
@@ -77,7 +78,7 @@ PROACTIVENESS = 20
 MOVE_CHUNK = 128
 
 _EXPOSED, _RESIDENT = int(PageState.EXPOSED), int(PageState.RESIDENT)
-_IN_FLIGHT, _USED = int(PageState.IN_FLIGHT), int(FrameState.USED)
+_USED = int(FrameState.USED)
 _RETIRED, _FREE = int(FrameState.RETIRED), int(FrameState.FREE)
 _DEFRAG = int(ServiceType.DEFRAG_2M)
 
@@ -350,56 +351,49 @@ class DefragService(LowPriorityService):
                 self._give_up(node, st, now, "refused")
 
     def complete(self, vm: VM, accepted: Pages, status: npt.NDArray[np.uint8]) -> None:
-        """The VMM released ``accepted`` (IN_FLIGHT): move them asynchronously."""
-        epochs = vm.p2m.epoch[accepted].copy()
-        self.ctx.spawn(self._move_later(vm, accepted, epochs))
-
-    async def _move_later(self, vm: VM, bpns: Pages, epochs: npt.NDArray[np.uint32]) -> None:
-        p2m = vm.p2m
-        for start in range(0, len(bpns), MOVE_CHUNK):
-            await asyncio.sleep(0)
-            if not vm.alive:
-                return
-            chunk, ep = bpns[start : start + MOVE_CHUNK], epochs[start : start + MOVE_CHUNK]
-            ours = (p2m.state[chunk] == _IN_FLIGHT) & (p2m.op[chunk] == _DEFRAG)
-            self._finish(vm, chunk[ours & (p2m.epoch[chunk] == ep)])
+        """The VMM released ``accepted`` (IN_FLIGHT): move them asynchronously, in chunks
+        that yield so faults (and other VMs) go first (``page_move.py``)."""
+        page_move.spawn_moves(self.ctx, vm, accepted, _DEFRAG, MOVE_CHUNK, self._finish)
 
     def _finish(self, vm: VM, bpns: Pages) -> int:
         """Move in-flight pages; those without a free frame keep theirs. All end RESIDENT
         and go to remap validation."""
         moved = self.move(vm, bpns)
-        rest = bpns[moved:]
-        vm.p2m.state[rest] = _RESIDENT
-        vm.p2m.op[rest] = NO_OP
+        rest = bpns[~moved]
+        page_move.keep(vm, rest)
         if len(rest):
             self.on_moved(vm, rest)
-        return moved
+        return int(np.count_nonzero(moved))
 
-    def move(self, vm: VM, bpns: Pages) -> int:
-        """Copy the first pages of ``bpns`` to free frames of their node outside the run and
-        repoint the p2m; the frames they leave stay claimed by the run (a failing one is
-        retired). Returns how many moved; the moved pages end RESIDENT."""
+    def move(self, vm: VM, bpns: Pages) -> npt.NDArray[np.bool_]:
+        """Copy pages of ``bpns`` to free frames outside the run, each on its own frame's node
+        (a batch may hold pages of runs isolated on several nodes), as many per node as it
+        has free frames, and repoint the p2m; the frames they leave stay claimed by their run
+        (a failing one is retired). Returns which pages moved; those end RESIDENT."""
+        moved = np.zeros(len(bpns), dtype=bool)
         if len(bpns) == 0:
-            return 0
-        machine, p2m = self.ctx.machine, vm.p2m
-        old_all = p2m.frame[bpns]
-        node = int(machine.allocator.node_of(old_all[:1])[0])
-        k = max(0, min(len(bpns), machine.allocator.free_on(node), machine.available()))
+            return moved
+        machine = self.ctx.machine
+        alloc = machine.allocator
+        nodes = alloc.node_of(vm.p2m.frame[bpns])
+        room = machine.available()
+        new = np.empty(len(bpns), dtype=np.int64)
+        for node in np.unique(nodes).tolist():  # (a loop over nodes, not pages)
+            idx = np.flatnonzero(nodes == node)[: max(0, min(alloc.free_on(node), room))]
+            if len(idx):
+                new[idx] = alloc.allocate(len(idx), node)  # <= free_on(node): all on it
+                moved[idx] = True
+                room -= len(idx)
+        k = int(np.count_nonzero(moved))
         if k == 0:
-            return 0
-        moving, old = bpns[:k], old_all[:k].copy()
+            return moved
+        moving = bpns[moved]
         self.split_large(vm, moving)  # (never large when chosen; kept for any later path)
-        new = machine.allocator.allocate(k, node)  # k <= free_on(node): all on this node
-        machine.frames[new] = machine.frames[old]
-        p2m.frame[moving] = new
-        machine.set_owner(new, vm.vm_id, moving)
-        p2m.state[moving] = _RESIDENT
-        p2m.op[moving] = NO_OP
-        self._leave(old)
+        self._leave(page_move.move(machine, vm, moving, new[moved]))
         self.stats.moved += k
         self.ctx.metrics.defrag_moved.inc(k)
         self.on_moved(vm, moving)
-        return k
+        return moved
 
     def _leave(self, old: npt.NDArray[np.int64]) -> None:
         """Frames pages left: claimed by their isolated run, or freed when none is."""
@@ -422,14 +416,10 @@ class DefragService(LowPriorityService):
     def on_fault(self, vm: VM, bpn: int, write: bool) -> FaultReply:
         """Complete the page's move now (one page copied), then map it; without a free frame
         it keeps its old one (CANCEL)."""
-        one = np.array([bpn], dtype=np.int64)
-        moved = self._finish(vm, one)
+        moved = self._finish(vm, np.array([bpn], dtype=np.int64))
         if moved:
             self.stats.fault_completions += 1
-        vm.p2m.state[bpn] = _EXPOSED
-        vm.p2m.epoch[bpn] += 1  # the pending move chunk skips it
-        reason = FaultReason.COMPLETE if moved else FaultReason.CANCEL
-        return self.ctx.mapper.reply(vm, reason, one)
+        return page_move.fault_reply(self.ctx, vm, bpn, moved > 0)
 
     def on_vm_gone(self, vm: VM) -> None:
         self.vms.pop(vm.vm_id, None)

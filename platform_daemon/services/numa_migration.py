@@ -48,10 +48,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from shared.constants import FaultReason, PageState, ServiceType
+from shared.constants import PageState, ServiceType
 from shared.messages import FaultReply
 
-from ..p2m import FLAG_SHARED, NO_OP
+from ..p2m import FLAG_SHARED
+from . import page_move
 from .base import LowPriorityService, Pages, Selection
 
 if TYPE_CHECKING:
@@ -76,7 +77,6 @@ MAX_QUEUE = 8192
 MOVE_CHUNK = 128
 
 _EXPOSED, _RESIDENT = int(PageState.EXPOSED), int(PageState.RESIDENT)
-_IN_FLIGHT = int(PageState.IN_FLIGHT)
 _NUMA = int(ServiceType.NUMA_MIGRATION)
 
 
@@ -308,24 +308,14 @@ class NumaMigrationService(LowPriorityService):
         st.stats.refused += len(refused)
 
     def complete(self, vm: VM, accepted: Pages, status: npt.NDArray[np.uint8]) -> None:
-        """The VMM released ``accepted`` (now IN_FLIGHT): copy them home asynchronously."""
-        epochs = vm.p2m.epoch[accepted].copy()
-        self.ctx.spawn(self._move_later(vm, accepted, epochs))
+        """The VMM released ``accepted`` (now IN_FLIGHT): copy them home asynchronously, in
+        chunks that yield so faults (and other VMs) go first (``page_move.py``)."""
+        page_move.spawn_moves(self.ctx, vm, accepted, _NUMA, MOVE_CHUNK, self._finish_chunk)
 
-    async def _move_later(self, vm: VM, bpns: Pages, epochs: npt.NDArray[np.uint32]) -> None:
-        """Move in chunks, yielding between them so faults (and other VMs) go first."""
-        p2m = vm.p2m
-        for start in range(0, len(bpns), MOVE_CHUNK):
-            await asyncio.sleep(0)
-            if not vm.alive:
-                return
-            chunk, ep = bpns[start : start + MOVE_CHUNK], epochs[start : start + MOVE_CHUNK]
-            # A page a fault took meanwhile is done (on_fault moved it and bumped its epoch).
-            ours = (p2m.state[chunk] == _IN_FLIGHT) & (p2m.op[chunk] == _NUMA)
-            ours &= p2m.epoch[chunk] == ep
-            mine = chunk[ours]
-            self._finish(vm, mine)
-            self.on_moved(vm, mine)
+    def _finish_chunk(self, vm: VM, bpns: Pages) -> None:
+        """A chunk's pages still in flight (a fault took the others meanwhile)."""
+        self._finish(vm, bpns)
+        self.on_moved(vm, bpns)
 
     def _finish(self, vm: VM, bpns: Pages) -> int:
         """Move promised pages (they end RESIDENT, moved or not); returns how many moved."""
@@ -333,8 +323,7 @@ class NumaMigrationService(LowPriorityService):
         moved = self.move(vm, bpns)
         self._unpromise(st, len(bpns))
         rest = bpns[moved:]
-        vm.p2m.state[rest] = _RESIDENT  # no room after all: the old frame, content intact
-        vm.p2m.op[rest] = NO_OP
+        page_move.keep(vm, rest)  # no room after all: the old frame, content intact
         st.stats.aborted += len(rest)
         return moved
 
@@ -342,23 +331,15 @@ class NumaMigrationService(LowPriorityService):
         """Copy the first pages of ``bpns`` that the home node has room for into home frames,
         repoint the p2m and free the old frames; returns how many moved. The moved pages end
         RESIDENT (no VMM maps them)."""
-        machine, p2m, home = self.ctx.machine, vm.p2m, vm.home_node
+        machine, home = self.ctx.machine, vm.home_node
         room = machine.allocator.free_on(home) - self.reserve(home)
         k = max(0, min(len(bpns), room, machine.available()))
         if k == 0:
             return 0
         moving = bpns[:k]
         self.split_large(vm, moving)  # unmapped pages move without a batch: split here
-        old = p2m.frame[moving].copy()
         new = machine.allocator.allocate(k, home)  # k <= free_on(home): all on the home node
-        # The order keeps a crash safe: the copy is in the new frame before the p2m names it,
-        # and the old frame is freed only after nothing names it.
-        machine.frames[new] = machine.frames[old]
-        p2m.frame[moving] = new
-        machine.set_owner(new, vm.vm_id, moving)
-        p2m.state[moving] = _RESIDENT
-        p2m.op[moving] = NO_OP
-        machine.release_or_retire(old)
+        machine.release_or_retire(page_move.move(machine, vm, moving, new))
         self._state(vm).stats.migrated += k
         self.ctx.metrics.numa_migrated.inc(k)
         return k
@@ -368,15 +349,10 @@ class NumaMigrationService(LowPriorityService):
     def on_fault(self, vm: VM, bpn: int, write: bool) -> FaultReply:
         """Complete the page's move now (Linux waits for the migration: here its copy is one
         page), then map the page; without room it keeps its old frame (CANCEL)."""
-        st, one = self._state(vm), np.array([bpn], dtype=np.int64)
-        moved = self._finish(vm, one)
+        moved = self._finish(vm, np.array([bpn], dtype=np.int64))
         if moved:
-            st.stats.fault_completions += 1
-        p2m = vm.p2m
-        p2m.state[bpn] = _EXPOSED
-        p2m.epoch[bpn] += 1  # the pending move chunk skips it
-        reason = FaultReason.COMPLETE if moved else FaultReason.CANCEL
-        return self.ctx.mapper.reply(vm, reason, one)
+            self._state(vm).stats.fault_completions += 1
+        return page_move.fault_reply(self.ctx, vm, bpn, bool(moved))
 
     def on_vm_gone(self, vm: VM) -> None:
         st = self.vms.pop(vm.vm_id, None)

@@ -47,11 +47,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from shared.constants import PAGES_PER_2M, FaultReason, PageState, ServiceType
+from shared.constants import PAGES_PER_2M, PageState, ServiceType
 from shared.messages import FaultReply
 
 from ..hugepages import FLAG_LARGE, region_pages
-from ..p2m import NO_OP
+from . import page_move
 from .base import LowPriorityService, Pages, Selection
 
 if TYPE_CHECKING:
@@ -218,57 +218,49 @@ class PromotionService(LowPriorityService):
         self._state(vm).stats.refused += len(np.unique(refused // PAGES_PER_2M))
 
     def complete(self, vm: VM, accepted: Pages, status: npt.NDArray[np.uint8]) -> None:
-        """Whole regions released: copy them asynchronously. A region with a page the VMM
-        kept (it faulted while selected) cannot be copied: its released pages go back."""
-        regions, counts = np.unique(accepted // PAGES_PER_2M, return_counts=True)
-        whole = regions[counts == PAGES_PER_2M]
-        partial = accepted[np.isin(accepted // PAGES_PER_2M, regions[counts < PAGES_PER_2M])]
-        if len(partial):
-            self._abort(vm, partial)
+        """Whole regions released: copy them asynchronously, one region per step. A region
+        with a page the VMM kept (it faulted while selected) cannot be copied: its released
+        pages go back. (A batch holds whole regions in order: a count per region suffices.)"""
+        regions = accepted // PAGES_PER_2M
+        lo = int(regions.min()) if len(regions) else 0
+        counts = np.bincount(regions - lo)
+        present = np.flatnonzero(counts)
+        if (counts[present] == PAGES_PER_2M).all():  # the common case: no sort needed
+            whole = region_pages(present + lo)
+        else:
+            firsts, counts = np.unique(regions, return_counts=True)
+            full = np.isin(regions, firsts[counts == PAGES_PER_2M])
+            whole = region_pages(firsts[counts == PAGES_PER_2M])
+            self._abort(vm, accepted[~full])
         if len(whole):
-            pages = region_pages(whole)
-            self.ctx.spawn(self._collapse_later(vm, whole, vm.p2m.epoch[pages].copy()))
+            page_move.spawn_moves(self.ctx, vm, whole, _PROMO, PAGES_PER_2M, self._collapse_step)
 
-    async def _collapse_later(
-        self, vm: VM, regions: npt.NDArray[np.int64], epochs: npt.NDArray[np.uint32]
-    ) -> None:
-        """One region per step, yielding between them so faults (and other VMs) go first."""
-        p2m = vm.p2m
-        for i, region in enumerate(regions.tolist()):
-            await asyncio.sleep(0)
-            if not vm.alive:
-                return
-            pages = region_pages(np.array([region], dtype=np.int64))
-            ep = epochs[i * PAGES_PER_2M : (i + 1) * PAGES_PER_2M]
-            # A region a fault collapsed meanwhile is done (its pages are not in flight).
-            ours = (p2m.state[pages] == _IN_FLIGHT) & (p2m.op[pages] == _PROMO)
-            if (ours & (p2m.epoch[pages] == ep)).all():
-                self.collapse(vm, region)
+    def _collapse_step(self, vm: VM, pages: Pages) -> None:
+        """A step's region, if all of it is still in flight (a fault collapsed it, or gave
+        it up, meanwhile: done)."""
+        if len(pages) == PAGES_PER_2M:
+            self.collapse(vm, int(pages[0]) // PAGES_PER_2M)
 
     def collapse(self, vm: VM, region: int) -> bool:
-        """Copy the region's pages (in flight) into a free run of the home node; without a
-        run they keep their frames. Either way they end RESIDENT and go to validation."""
-        machine, p2m = self.ctx.machine, vm.p2m
+        """Copy the region's pages (in flight) into a free run of the home node (else of
+        another node); without a run they keep their frames. Either way they end RESIDENT
+        and go to validation."""
+        machine = self.ctx.machine
         st = self._state(vm)
         pages = region_pages(np.array([region], dtype=np.int64))
         run = None
-        node = self._run_node(vm)
-        if machine.available() >= PAGES_PER_2M and node is not None:
-            run = machine.allocator.allocate_run(node, RUN_WINDOW)
+        if machine.available() >= PAGES_PER_2M:
+            alloc = machine.allocator
+            for node in [vm.home_node, *(n for n in range(alloc.nodes) if n != vm.home_node)]:
+                run = alloc.allocate_run(node, RUN_WINDOW)
+                if run is not None:
+                    break
         if run is None:
             self._no_run(st, self.ctx.clock())
             self._abort(vm, pages)
             return False
-        old = p2m.frame[pages].copy()
-        # The order keeps a crash safe: the copy is in the run before the p2m names it, and
-        # the old frames are freed only after nothing names them.
-        machine.frames[run] = machine.frames[old]
-        p2m.frame[pages] = run
-        machine.set_owner(run, vm.vm_id, pages)
-        p2m.flags[pages] |= FLAG_LARGE
-        p2m.state[pages] = _RESIDENT
-        p2m.op[pages] = NO_OP
-        machine.release_or_retire(old)
+        # The run is one aligned range: the copy is a gather straight into it.
+        machine.release_or_retire(page_move.move(machine, vm, pages, run, FLAG_LARGE))
         st.stats.promoted += 1
         self.ctx.metrics.hugepage_promoted.inc(PAGES_PER_2M)
         self.on_moved(vm, pages)
@@ -276,8 +268,7 @@ class PromotionService(LowPriorityService):
 
     def _abort(self, vm: VM, pages: Pages) -> None:
         """Released pages not collapsed keep their frames; validation maps them again."""
-        vm.p2m.state[pages] = _RESIDENT
-        vm.p2m.op[pages] = NO_OP
+        page_move.keep(vm, pages)
         self._state(vm).stats.aborted += len(np.unique(pages // PAGES_PER_2M))
         self.on_moved(vm, pages)
 
@@ -289,9 +280,7 @@ class PromotionService(LowPriorityService):
         done = self.collapse(vm, bpn // PAGES_PER_2M)
         if done:
             self._state(vm).stats.fault_completions += 1
-        vm.p2m.state[bpn] = _EXPOSED
-        reason = FaultReason.COMPLETE if done else FaultReason.CANCEL
-        return self.ctx.mapper.reply(vm, reason, np.array([bpn], dtype=np.int64))
+        return page_move.fault_reply(self.ctx, vm, bpn, done)
 
     def on_vm_gone(self, vm: VM) -> None:
         self.vms.pop(vm.vm_id, None)

@@ -23,6 +23,8 @@ class PromotionFilter(AgentService):
 
     def filter(self, bpns: npt.NDArray[np.int64], status: npt.NDArray[np.uint8]) -> None:
         refuse(status, self.exposure.pinned[bpns] > 0, PageStatus.BUSY)
+        bad = status != PageStatus.OK
+        if not bad.any():
+            return  # the common case: every region goes whole, nothing to look up
         regions = bpns // PAGES_PER_2M
-        spoiled = np.unique(regions[status != PageStatus.OK])
-        refuse(status, np.isin(regions, spoiled), PageStatus.BUSY)
+        refuse(status, np.isin(regions, regions[bad]), PageStatus.BUSY)

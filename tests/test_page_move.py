@@ -1,0 +1,194 @@
+"""The move shared by NUMA migration, 2M defrag and 2M promotion (``services/page_move.py``).
+
+Review findings this file pins down:
+
+- defrag took the target node of a whole batch from its first page, so pages of a run
+  isolated on another node landed on the wrong node: each page now goes to its own node;
+- the three services each had their own copy of the move and of the fault's completion, and
+  promotion's did not bump the faulted page's epoch as the other two did: the contract is
+  now one module, checked here for all three.
+
+The harness is ``tests/test_hugepages.py``'s (real machine memory in /dev/shm, two nodes of
+4 runs of 512 frames, the real RoundEngine, the agent's own filters); content is checked on
+real bytes and the daemon's invariants after each step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from platform_daemon.services import page_move
+from shared.constants import PAGES_PER_2M, FaultReason, PageState, ServiceType
+from tests.test_hugepages import HugeHarness, region
+from tests.test_numa_migration import Guest
+
+pytestmark = pytest.mark.timeout(60)
+R = PAGES_PER_2M
+
+
+@pytest.fixture
+def h(mem_dir: Path, short_tmp: Path) -> Iterator[HugeHarness]:
+    harness = HugeHarness(mem_dir, short_tmp)
+    try:
+        yield harness
+    finally:
+        harness.close()
+
+
+def nearly_free(h: HugeHarness, g: Guest, bpns: list[int], node: int, keep: int) -> list[int]:
+    """Back ``bpns`` (1023 pages) on frames 1..1023 of ``node``'s first two runs, then free
+    those on its second run but ``keep``: that run is nearly free. Returns the pages kept."""
+    frames = h.back(g, bpns, node=node)
+    second = h.machine.allocator.node_runs(node)[0] + 1
+    on_second = frames // R == second
+    assert on_second.sum() > keep
+    idx = np.array(bpns, dtype=np.int64)
+    drop, stay = idx[on_second][keep:], idx[on_second][:keep]
+    p2m = g.vm.p2m
+    h.machine.release_or_retire(p2m.frame[drop])
+    p2m.frame[drop], p2m.state[drop] = -1, PageState.ZERO
+    g.exposure.frame[drop] = -1
+    for b in drop.tolist():
+        del g.data[b]
+    pages: list[int] = stay.tolist()
+    return pages
+
+
+def test_defrag_moves_each_page_within_its_own_node(h: HugeHarness) -> None:
+    """One VM has a nearly free run on each node; both are isolated and one DEFRAG_2M batch
+    carries the pages of both. Each page moves to a free frame of its own node outside its
+    run (not all to the node of the batch's first page), and both runs are freed whole."""
+    g = h.add_vm(guest_pages=4 * R)
+    stay0 = nearly_free(h, g, list(range(1023)), node=0, keep=5)
+    stay1 = nearly_free(h, g, list(range(1023, 2046)), node=1, keep=5)
+    h.defrag.proactiveness = 100  # compact whenever any free frame is outside a whole run
+    h.defrag.step(h.clock())
+    runs = [st.isolated.run if st.isolated else -1 for st in h.defrag.nodes]
+    assert runs == [1, h.machine.allocator.node_runs(1)[0] + 1]
+
+    batches = h.rounds(g)
+
+    defrag = [b for s, bs in batches if s == ServiceType.DEFRAG_2M for b in bs]
+    assert sorted(defrag) == stay0 + stay1
+    assert len([s for s, _ in batches if s == ServiceType.DEFRAG_2M]) == 1  # one batch
+    alloc, p2m = h.machine.allocator, g.vm.p2m
+    assert (alloc.node_of(p2m.frame[stay0]) == 0).all()
+    assert (alloc.node_of(p2m.frame[stay1]) == 1).all()
+    assert not np.isin(p2m.frame[stay0 + stay1] // R, runs).any()
+    assert (g.exposure.frame[stay0 + stay1] == p2m.frame[stay0 + stay1]).all()
+    assert h.defrag.stats.moved == 10
+    assert h.invariants() == []
+    h.defrag.step(h.clock() + 0.01)
+    assert h.defrag.stats.runs_freed == 2
+    assert [int(alloc.run_free[r]) for r in runs] == [R, R]
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_defrag_moves_what_each_node_has_room_for(h: HugeHarness) -> None:
+    """Node 0 has no free frame left outside its isolated run: its pages in the batch keep
+    their frames (moved again later), node 1's still move, each within its node."""
+    g = h.add_vm(guest_pages=4 * R)
+    stay0 = nearly_free(h, g, list(range(1023)), node=0, keep=5)
+    stay1 = nearly_free(h, g, list(range(1023, 2046)), node=1, keep=5)
+    h.defrag.proactiveness = 100
+    h.defrag.step(h.clock())
+    old0 = g.vm.p2m.frame[stay0].copy()
+    filler = h.add_vm(guest_pages=4 * R)
+    h.back(filler, list(range(h.machine.allocator.free_on(0))), node=0)
+
+    h.rounds(g)
+
+    alloc, p2m = h.machine.allocator, g.vm.p2m
+    assert (p2m.frame[stay0] == old0).all()  # no room on node 0: kept, not sent to node 1
+    assert (alloc.node_of(p2m.frame[stay1]) == 1).all()
+    assert h.defrag.stats.moved == 5
+    assert (g.exposure.frame[stay0 + stay1] == p2m.frame[stay0 + stay1]).all()
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def _in_flight(h: HugeHarness, g: Guest, service: ServiceType) -> list[int]:
+    """Run one low round up to the VMM's release of ``service``'s pages (their move spawned,
+    not run); returns the pages in flight."""
+    if service == ServiceType.NUMA_MIGRATION:
+        pages = [5, 6, 7, 8]
+        h.back(g, pages, node=1)
+        h.scan(g)
+    elif service == ServiceType.PROMOTION_2M:
+        pages = region(0)
+        h.back(g, pages, node=0)
+        h.promo.scan(g.vm, 64, h.clock())
+    else:
+        pages = nearly_free(h, g, list(range(1023)), node=0, keep=4)
+        h.defrag.proactiveness = 100
+        h.defrag.step(h.clock())
+    assert h.low_round(g, run_moves=False) == [(service, pages)]
+    assert (g.vm.p2m.state[pages] == PageState.IN_FLIGHT).all()
+    return pages
+
+
+@pytest.mark.parametrize(
+    "service",
+    [ServiceType.NUMA_MIGRATION, ServiceType.DEFRAG_2M, ServiceType.PROMOTION_2M],
+    ids=lambda s: s.name.lower(),
+)
+def test_a_fault_on_a_page_in_flight_is_completed_the_same_way_by_every_mover(
+    h: HugeHarness, service: ServiceType
+) -> None:
+    """Each mover completes a faulted page's move at once (COMPLETE, its new frame), exposes
+    it and bumps its epoch past the release's, so the pending step skips it: the page is
+    not copied again over the guest's write, and nothing is freed twice."""
+    g = h.add_vm(guest_pages=4 * R)
+    pages = _in_flight(h, g, service)
+    bpn = pages[1]
+    p2m = g.vm.p2m
+    released = int(p2m.epoch[bpn])
+    old = int(p2m.frame[bpn])
+
+    reply = h.services[service].on_fault(g.vm, bpn, True)
+
+    assert reply.reason == FaultReason.COMPLETE and reply.bpns.tolist() == [bpn]
+    new = int(p2m.frame[bpn])
+    assert new != old and reply.mpns.tolist() == [new]
+    assert p2m.state[bpn] == PageState.EXPOSED and int(p2m.epoch[bpn]) == released + 1
+    assert not page_move.still_ours(
+        g.vm, np.array([bpn]), np.array([released], dtype=np.uint32), int(service)
+    ).any()
+    g.exposure.install(reply.bpns, reply.mpns, np.array([True]))
+    h.write(g, bpn, np.full(4096, 7, dtype=np.uint8))
+    h.run_spawned()
+    assert int(p2m.frame[bpn]) == new  # not moved twice
+    h.rounds(g)
+    assert (g.exposure.frame[pages] == p2m.frame[pages]).all()
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def _frames(h: HugeHarness, n: int) -> npt.NDArray[np.int64]:
+    frames = h.machine.allocator.allocate(n, 0)
+    h.machine.frames[frames] = np.arange(n, dtype=np.uint8)[:, None] + 1
+    return frames
+
+
+@pytest.mark.parametrize("n", [1, 3, R, R + 7])
+def test_copy_frames_copies_into_runs_and_scattered_frames_alike(h: HugeHarness, n: int) -> None:
+    """The bounce-buffered copy: into an aligned run (a slice store), into scattered frames
+    (a scatter), in pieces of the buffer's size; a page without a frame is refused."""
+    frames = h.machine.frames
+    old = _frames(h, n)
+    run = h.machine.allocator.allocate_run(1)
+    assert run is not None
+    dest_run = run[: min(n, R)]
+    page_move.copy_frames(frames, dest_run, old[: len(dest_run)])
+    assert (frames[dest_run] == frames[old[: len(dest_run)]]).all()
+    scattered = h.machine.allocator.allocate(n, 1)[::-1].copy()
+    page_move.copy_frames(frames, scattered, old)
+    assert (frames[scattered] == frames[old]).all()
+    with pytest.raises(ValueError):
+        page_move.copy_frames(frames, scattered[:1], np.array([-1], dtype=np.int64))
