@@ -3,7 +3,8 @@
 Slots are handed out from a free stack (O(batch), never a scan), lowest first, so a batch
 on a fresh file gets consecutive slots and is written with one ``pwrite`` per run. Every
 slot carries an xxh3-64 checksum of what was written; every read is checked against it.
-The I/O methods are plain blocking functions: the services call them in a thread pool.
+The I/O methods are plain blocking functions: reads run in the event loop's thread pool,
+writes on the file's own writer thread (``submit_write``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import errno as errno_mod
 import fcntl
 import os
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +43,30 @@ class SwapChecksumError(VMMemError):
 
 def runs(sorted_slots: npt.NDArray[np.int64]) -> list[tuple[int, int]]:
     """(start index, length) of runs of consecutive slot numbers in a sorted array."""
-    if len(sorted_slots) == 0:
+    n = len(sorted_slots)
+    if n == 0:
         return []
+    if int(sorted_slots[-1]) - int(sorted_slots[0]) == n - 1:
+        return [(0, n)]  # sorted, distinct and spanning n numbers: one run (the usual case)
     breaks = np.flatnonzero(np.diff(sorted_slots) != 1) + 1
     starts = np.concatenate(([0], breaks))
     ends = np.concatenate((breaks, [len(sorted_slots)]))
     return list(zip(starts.tolist(), (ends - starts).tolist(), strict=True))
+
+
+def digests(data: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint64]:
+    """xxh3-64 of each page of a C-contiguous (n, PAGE_SIZE) array.
+
+    Slices of one memoryview: about 0.1 µs a page cheaper than a NumPy row view each, which
+    leaves the hash itself (~0.4 µs for 4 KiB here) as nearly all of the cost.
+    """
+    flat = memoryview(np.ascontiguousarray(data)).cast("B")
+    digest = xxhash.xxh3_64_intdigest
+    return np.fromiter(
+        (digest(flat[i : i + PAGE_SIZE]) for i in range(0, len(data) * PAGE_SIZE, PAGE_SIZE)),
+        np.uint64,
+        len(data),
+    )
 
 
 class SwapFile:
@@ -96,6 +117,12 @@ class SwapFile:
         self.fail_next_write: int | None = None
         #: Test hook: seconds every write sleeps first (keeps swap-outs in flight longer).
         self.write_delay = 0.0
+        # One writer thread: writes to one file serialise in the kernel anyway (the inode's
+        # lock), so more threads only contend; and one thread can gather every batch into
+        # one reused buffer instead of a fresh 2 MiB mapping (page faults and zeroing) each.
+        self._writer: ThreadPoolExecutor | None = None
+        self._writer_lock = threading.Lock()
+        self._gather = np.empty((0, PAGE_SIZE), dtype=np.uint8)
 
     def adopt(self, in_use: npt.NDArray[np.int64]) -> None:
         """After a crash: exactly ``in_use`` hold pages; every other slot is free."""
@@ -166,9 +193,37 @@ class SwapFile:
             raise SwapWriteError(exc.errno or errno_mod.EIO, str(exc), written) from None
         self._record_checksums(slots, data)
 
+    def submit_write(
+        self,
+        memory: npt.NDArray[np.uint8],
+        frames: npt.NDArray[np.int64],
+        slots: npt.NDArray[np.int64],
+    ) -> Future[None]:
+        """Gather ``memory[frames]`` and write it to ``slots``, on the writer thread.
+
+        Writes run one at a time in submission order, so the event loop selects the next
+        batch while this one is written. Errors are those of ``write_pages``.
+        """
+        with self._writer_lock:
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="vmmem-swap-writer")
+            return self._writer.submit(self._gather_and_write, memory, frames, slots)
+
+    def _gather_and_write(
+        self,
+        memory: npt.NDArray[np.uint8],
+        frames: npt.NDArray[np.int64],
+        slots: npt.NDArray[np.int64],
+    ) -> None:
+        n = len(frames)
+        if len(self._gather) < n:  # only the writer thread touches the buffer
+            self._gather = np.empty((n, PAGE_SIZE), dtype=np.uint8)
+        batch = self._gather[:n]
+        np.take(memory, frames, axis=0, out=batch)
+        self.write_pages(slots, batch)
+
     def _record_checksums(self, slots: npt.NDArray[np.int64], data: npt.NDArray[np.uint8]) -> None:
-        sums = np.fromiter((xxhash.xxh3_64_intdigest(p.data) for p in data), np.uint64, len(data))
-        self.checksum[slots] = sums
+        self.checksum[slots] = digests(data)
 
     def read_pages(
         self, slots: npt.NDArray[np.int64], nowait: bool = False
@@ -181,9 +236,11 @@ class SwapFile:
         the caller reads them in a thread instead.
         """
         out = np.empty((len(slots), PAGE_SIZE), dtype=np.uint8)
-        order = np.argsort(slots, kind="stable")
-        sorted_slots = slots[order]
-        staged = out if np.array_equal(order, np.arange(len(slots))) else np.empty_like(out)
+        if len(slots) < 2 or bool((slots[1:] > slots[:-1]).all()):
+            order, sorted_slots, staged = None, slots, out  # ascending already: no reorder
+        else:
+            order = np.argsort(slots, kind="stable")
+            sorted_slots, staged = slots[order], np.empty_like(out)
         flags = _RWF_NOWAIT if nowait else 0
         for start, length in runs(sorted_slots):
             buf = staged[start : start + length]
@@ -196,14 +253,18 @@ class SwapFile:
                 if nowait:  # partly cached: let the thread read it all
                     return None
                 raise OSError(errno_mod.EIO, f"short read of swap slots from {offset // PAGE_SIZE}")
-        if staged is not out:
+        if order is not None:
             out[order] = staged
-        for i, slot in enumerate(slots.tolist()):
-            if xxhash.xxh3_64_intdigest(out[i].data) != int(self.checksum[slot]):
-                raise SwapChecksumError(f"swap slot {slot}: checksum mismatch on read")
+        bad = np.flatnonzero(digests(out) != self.checksum[slots])
+        if len(bad):
+            raise SwapChecksumError(f"swap slot {int(slots[bad[0]])}: checksum mismatch on read")
         return out
 
     def close(self, unlink: bool = True) -> None:
+        with self._writer_lock:
+            if self._writer is not None:  # a write in progress finishes before the fd goes
+                self._writer.shutdown(wait=True)
+                self._writer = None
         os.close(self.fd)
         if unlink:
             self.path.unlink(missing_ok=True)

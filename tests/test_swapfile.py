@@ -243,6 +243,58 @@ def test_checksum_mismatch_detected(swap: SwapFile) -> None:
     assert np.array_equal(swap.read_pages(slots[[0, 2]]), data[[0, 2]])
 
 
+def test_checksum_mismatch_in_a_reordered_read_names_the_slot(swap: SwapFile) -> None:
+    """Reads of slots out of order check each page against its own slot's checksum."""
+    slots = np.array([7, 2, 5], dtype=np.int64)
+    data = pages(3, seed=4)
+    swap.write_pages(slots, data)
+    swap.checksum[5] ^= np.uint64(1)
+    with pytest.raises(SwapChecksumError, match="slot 5:"):
+        swap.read_pages(np.array([7, 5, 2], dtype=np.int64))
+    assert np.array_equal(swap.read_pages(np.array([7, 2], dtype=np.int64)), data[[0, 1]])
+
+
+@pytest.mark.timeout(20)
+def test_submitted_writes_gather_frames_on_one_thread_in_order(swap: SwapFile) -> None:
+    """``submit_write`` gathers frames into its reused buffer and writes them, one write at a
+    time in submission order, on a single thread; each batch reads back exactly."""
+    import threading
+
+    memory = pages(64, seed=7)
+    seen: list[tuple[str, int]] = []
+    real = swap.write_pages
+
+    def spy(slots: np.ndarray, data: np.ndarray) -> None:
+        seen.append((threading.current_thread().name, int(slots[0])))
+        real(slots, data)
+
+    swap.write_pages = spy  # type: ignore[method-assign]
+    batches = [np.array(f, dtype=np.int64) for f in ([40, 3, 9], [1], [63, 62, 0, 5], [8, 7])]
+    slot_lists = [swap.allocate(len(f)) for f in batches]
+    futures = [swap.submit_write(memory, f, s) for f, s in zip(batches, slot_lists, strict=True)]
+    for fut in futures:
+        fut.result(timeout=10)
+    assert [first for _, first in seen] == [int(s[0]) for s in slot_lists]
+    assert len({name for name, _ in seen}) == 1
+    assert seen[0][0].startswith("vmmem-swap-writer")
+    for f, s in zip(batches, slot_lists, strict=True):
+        assert np.array_equal(swap.read_pages(s), memory[f])
+
+
+@pytest.mark.timeout(20)
+def test_close_waits_for_the_write_in_progress(tmp_path: Path) -> None:
+    """Closing the file lets a submitted write finish first: it never lands on a closed (or
+    reused) file descriptor."""
+    sf = SwapFile(tmp_path / "swap", SLOTS * PAGE_SIZE)
+    memory = pages(4, seed=8)
+    sf.write_delay = 0.3
+    fut = sf.submit_write(memory, np.arange(4, dtype=np.int64), sf.allocate(4))
+    sf.close(unlink=False)
+    assert fut.done()
+    assert fut.exception() is None
+    assert (tmp_path / "swap").read_bytes()[: 4 * PAGE_SIZE] == memory.tobytes()
+
+
 def test_released_slot_is_not_readable(swap: SwapFile) -> None:
     """After release the slot's checksum is cleared, so a stale read is detected."""
     slots = swap.allocate(1)

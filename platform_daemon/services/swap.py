@@ -64,6 +64,12 @@ class SwapService(PlatformService):
         #: Takes read-ahead pages, mapped and still in their slots, until they are validated
         #: (``readahead.py``); None frees their slots at once.
         self.hold_read_ahead: Callable[[VM, Pages], None] | None = None
+        # The labelled children of the per-batch and per-fault metrics, looked up once: a
+        # ``labels()`` call costs a few µs, several times per swap-in.
+        m = ctx.metrics
+        self._pages_in, self._pages_out = m.swap_pages.labels("in"), m.swap_pages.labels("out")
+        self._io_out, self._io_in = m.swap_io_seconds.labels("out"), m.swap_io_seconds.labels("in")
+        self._io_in_cached = m.swap_io_seconds.labels("in_cached")
 
     def has_work(self, vm: VM) -> bool:
         swap = self.ctx.swap
@@ -128,12 +134,11 @@ class SwapService(PlatformService):
     ) -> None:
         ctx, swap = self.ctx, self.ctx.swap
         assert swap is not None
-        loop = asyncio.get_running_loop()
-        mem = ctx.machine.frames
         t0 = time.perf_counter()
         try:
-            # Gather and write off the event loop: the guest keeps running meanwhile.
-            await loop.run_in_executor(None, lambda: swap.write_pages(slots, mem[frames]))
+            # Gather and write on the swap file's writer thread: the guest keeps running, and
+            # the next batch is selected meanwhile.
+            await asyncio.wrap_future(swap.submit_write(ctx.machine.frames, frames, slots))
         except SwapWriteError as exc:
             # What reached the disk is swapped out as usual; the rest stays resident.
             ok = exc.written
@@ -142,7 +147,7 @@ class SwapService(PlatformService):
             return
         finally:
             self.writing -= len(slots)  # with the slots' fate decided, in the same step
-        ctx.metrics.swap_io_seconds.labels("out").observe(time.perf_counter() - t0)
+        self._io_out.observe(time.perf_counter() - t0)
         self.backoff = 0.0
         self.no_space = False
         self._written(vm, bpns, frames, slots, epochs)
@@ -172,7 +177,7 @@ class SwapService(PlatformService):
         p2m.op[done] = 0xFF
         ctx.machine.release_or_retire(frames[ours])
         vm.stats.swapped_out += len(done)
-        ctx.metrics.swap_pages.labels("out").inc(len(done))
+        self._pages_out.inc(len(done))
 
     def _write_failed(
         self,
@@ -277,7 +282,7 @@ class SwapService(PlatformService):
             return None  # the thread path reads again and reports the error precisely
         if data is None:
             return None
-        self.ctx.metrics.swap_io_seconds.labels("in_cached").observe(time.perf_counter() - t0)
+        self._io_in_cached.observe(time.perf_counter() - t0)
         return self._install(vm, pages, slots, data)
 
     async def _swap_in(self, vm: VM, pages: Pages) -> FaultReply:
@@ -304,7 +309,7 @@ class SwapService(PlatformService):
             ctx.metrics.swap_errors.labels("read_error").inc()
             raise VMMemError(f"swap read failed: {exc}", ErrorCode.INTERNAL) from None
         assert data is not None  # only nowait reads return None
-        ctx.metrics.swap_io_seconds.labels("in").observe(time.perf_counter() - t0)
+        self._io_in.observe(time.perf_counter() - t0)
         await ctx.waits.wait_for(1)
         if not vm.alive:
             raise VMMemError("VM is gone", ErrorCode.INTERNAL)
@@ -335,7 +340,7 @@ class SwapService(PlatformService):
         if hold is not None and len(pages) > 1:
             hold(vm, pages[1:])
         vm.stats.swapped_in += len(pages)
-        ctx.metrics.swap_pages.labels("in").inc(len(pages))
+        self._pages_in.inc(len(pages))
         return ctx.mapper.reply(vm, FaultReason.SWAP_IN, pages)
 
     def on_vm_gone(self, vm: VM) -> None:
