@@ -60,7 +60,7 @@ def digests(data: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint64]:
     Slices of one memoryview: about 0.1 µs a page cheaper than a NumPy row view each, which
     leaves the hash itself (~0.4 µs for 4 KiB here) as nearly all of the cost.
     """
-    flat = memoryview(np.ascontiguousarray(data)).cast("B")
+    flat = np.ascontiguousarray(data).data.cast("B")
     digest = xxhash.xxh3_64_intdigest
     return np.fromiter(
         (digest(flat[i : i + PAGE_SIZE]) for i in range(0, len(data) * PAGE_SIZE, PAGE_SIZE)),
