@@ -75,6 +75,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # ``tests/procs.py`` is not an installed package
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.overrun_split import print_split, summarize  # noqa: E402
 from platform_daemon.server import PlatformServer  # noqa: E402
 from platform_daemon.services.page_sharing import SCAN_CHUNK, PageSharingService  # noqa: E402
 from platform_daemon.services.sampling import SamplingService  # noqa: E402
@@ -556,6 +557,14 @@ async def _wait_gone(d: Daemons, name: str, timeout: float = 15.0) -> None:
     raise TimeoutError(f"{name} still registered {timeout:g} s after SIGTERM")
 
 
+async def _collect_traces(d: Daemons, traces: dict[str, dict[int, dict[str, Any]]]) -> None:
+    """Merge the daemon's latest low-priority batch trace into ``traces`` (by VM, seq)."""
+    got = await _ctl(d.socket, "lowprio_trace")
+    for name, entries in got.items():
+        if name in traces:
+            traces[name].update((int(e["seq"]), e) for e in entries)
+
+
 async def _all_six_run(seconds: float, guest: str = "64MiB") -> dict[str, Any]:
     """The run of (g); see the module docstring."""
     tmp = Path(tempfile.mkdtemp(prefix="vmb", dir="/tmp"))
@@ -622,6 +631,13 @@ async def _all_six_run(seconds: float, guest: str = "64MiB") -> dict[str, Any]:
         await each(run)
         start = time.monotonic()
         before = await _ctl(d.socket, "status")
+        # The machine's wake-up tail under this very load: a raw ping-pong after 100 ms idle,
+        # beside the rounds, for the whole steady phase (one sample per ~0.1 s).
+        loaded_pingpong = asyncio.ensure_future(
+            asyncio.to_thread(raw_pingpong, [0.1], 20 * int(seconds * 9))
+        )
+        traces: dict[str, dict[int, dict[str, Any]]] = {n: {} for n in names}
+        traced_at = start
         samples: list[dict[str, Any]] = []
         local: list[float] = []
         limited, limited_at = False, float("inf")
@@ -635,18 +651,23 @@ async def _all_six_run(seconds: float, guest: str = "64MiB") -> dict[str, Any]:
                 # ahead and the held pages queue read-ahead validations.
                 await asyncio.gather(*(_ctl(d.control_socket(n), "halt") for n in names))
                 await each({**run, "name": "walk", "distribution": "sequential"})
+            if now - traced_at > 3.0:  # the daemon keeps its last 2048 batches per VM
+                await _collect_traces(d, traces)
+                traced_at = now
             st = await _ctl(d.socket, "status")
             samples.append(_queued(st))
             local.append(min(v["numa"]["local_fraction"] or 0.0 for v in st["vms"]))
             await asyncio.sleep(0.25)
         end = time.monotonic()
         after = await _ctl(d.socket, "status")
+        await _collect_traces(d, traces)
+        pingpong_loaded = (await loaded_pingpong)["gap_100ms"]
         await asyncio.gather(*(_ctl(d.control_socket(n), "halt") for n in names))
         rounds: list[dict[str, Any]] = []
         checked = mismatches = 0
         for name in names:
             summary = await _ctl(d.control_socket(name), "lowprio")
-            rounds += [r for r in summary["rounds"] if start <= r["started"] <= end]
+            rounds += [{**r, "vm": name} for r in summary["rounds"] if start <= r["started"] <= end]
             res = await _ctl(d.control_socket(name), "results")
             checked += res["pages_checked"]
             mismatches += res["mismatches"] + res["page_check_mismatches"]
@@ -710,6 +731,11 @@ async def _all_six_run(seconds: float, guest: str = "64MiB") -> dict[str, Any]:
             "defrag_host": after["hugepages"].get("defrag"),
             "pages_checked": checked,
             "mismatches": mismatches,
+            "pingpong_loaded": pingpong_loaded,
+            "split": summarize(
+                [r for r in rounds if r["batches"]],
+                {n: list(t.values()) for n, t in traces.items()},
+            ),
         }
     finally:
         d.stop()
@@ -783,6 +809,13 @@ def print_all_six(row: dict[str, Any]) -> None:
         f"  overrun p99 before the host limit {row['overrun_p99_before_limit']:.1%} ({calm} "
         f"rounds), under it {row['overrun_p99_under_limit']:.1%} ({pressed} rounds)"
     )
+    pp = row["pingpong_loaded"]
+    print(
+        f"  raw ping-pong after 100 ms idle, during the run: p50/p99 {_fmt(pp['p50_us'], 0)}/"
+        f"{_fmt(pp['p99_us'], 0)} us ({pp['n']} samples), p99 "
+        f"{pp['p99_us'] / 1e3 / row['bound_ms']:.0%} of the bound"
+    )
+    print_split(row["split"])
     for name, t in row["types"].items():
         print(
             f"  {name}: {_fmt(t['pages_per_s'], 0)} pages/s handed out, "

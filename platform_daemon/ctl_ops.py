@@ -326,6 +326,15 @@ class CtlOps:
         NoArgs.model_validate(args)
         return {vm.name: self._sampling.history(vm) for vm in self.server.vms.values()}
 
+    def op_lowprio_trace(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Each VM's last low-priority batches, predicted and measured (``rounds.py``)."""
+        NoArgs.model_validate(args)
+        return {
+            vm.name: list(state.low_trace)
+            for vm in self.server.vms.values()
+            if (state := self.server.rounds.get(vm.vm_id)) is not None
+        }
+
     def op_list_vms(self, args: dict[str, Any]) -> dict[str, Any]:
         NoArgs.model_validate(args)
         return {

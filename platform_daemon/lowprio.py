@@ -13,7 +13,12 @@ module picks, among the types pending when the round opened (the snapshot):
   and a part per unit: a page handed out), and each VM a moving average of a message's way
   between the processes, so the batch is the largest that fits the time left. A type whose
   smallest batch does not fit is passed over for one that does; when none fits the round is
-  over.
+  over;
+- **never past the time left by design**: a type not yet measured (its cost a guess: per
+  page, or per 512 pages for 2M promotion, whose unit is a region) is sized against half
+  of the time left until a batch has measured it; a probe of a type whose estimate fits no
+  batch (see ``PROBE_AGING_PERIODS``) only opens a round, with the whole bound ahead, never
+  ends one whose time is mostly spent.
 
 Pure code: no I/O, no clock of its own (every method takes ``now``), no knowledge of slots or
 sockets; ``rounds.py`` drives it and unit tests run it on a virtual clock.
@@ -42,6 +47,11 @@ STRAWMAN_CLASSES: dict[ServiceType, int] = {
 DEFAULT_FIXED = 100e-6
 DEFAULT_PER_UNIT = 2e-6
 DEFAULT_EXCHANGE = 100e-6
+#: Pages in one unit of a type's work, for the first guess of its cost: 2M promotion hands
+#: out whole 2 MiB regions; every other type counts pages (or candidates).
+UNIT_PAGES: dict[ServiceType, int] = {ServiceType.PROMOTION_2M: 512}
+#: The share of the time left that a type's batches may fill while its cost is a guess.
+UNMEASURED_SHARE = 0.5
 #: Weight of a new measurement in the exchange's moving average.
 EXCHANGE_GAIN = 0.25
 #: After this many batches, a batch's work counts for at most OUTLIER_FACTOR times the
@@ -82,6 +92,11 @@ class CostModel:
 
     def estimate(self, units: int) -> float:
         return self.fixed + units * self.per_unit
+
+    @property
+    def measured(self) -> bool:
+        """Whether a batch has been measured: until then the cost is a guess."""
+        return self.samples > 0
 
     def units_within(self, seconds: float) -> int:
         """The most units whose batch fits in ``seconds`` (0 when not even one does)."""
@@ -148,7 +163,8 @@ class VMSchedule:
     def cost(self, service: ServiceType) -> CostModel:
         model = self.costs.get(service)
         if model is None:
-            model = self.costs[service] = CostModel()
+            guess = DEFAULT_PER_UNIT * UNIT_PAGES.get(service, 1)
+            model = self.costs[service] = CostModel(per_unit=guess)
         return model
 
     def type_state(self, service: ServiceType) -> _TypeState:
@@ -197,18 +213,27 @@ class LowPriorityScheduler:
         return sorted(ready, key=key)
 
     def choose(
-        self, vm: VMSchedule, now: float, time_left: float, work: Mapping[ServiceType, int]
+        self,
+        vm: VMSchedule,
+        now: float,
+        time_left: float,
+        work: Mapping[ServiceType, int],
+        probe: bool = True,
     ) -> Choice | RoundEnd:
         """The next batch, or why the round is over. ``work``: units waiting per type;
-        ``time_left``: the time the batch's work may take (its messages' ways deducted)."""
+        ``time_left``: the time the batch's work may take (its messages' ways deducted);
+        ``probe``: whether a type that fits no batch may be probed (a round's first batch)."""
         ordered = self.order(vm, now, work)
         if not ordered:
             return RoundEnd.DONE
         for service in ordered:
-            units = min(work[service], vm.cost(service).units_within(time_left))
+            model = vm.cost(service)
+            # A guessed cost may be far off: until a batch measured it, half the time left.
+            usable = time_left if model.measured else UNMEASURED_SHARE * time_left
+            units = min(work[service], model.units_within(usable))
             if units >= 1:
                 return Choice(service, units)
-        if time_left > 0:
+        if probe and time_left > 0:
             for service in ordered:
                 since = vm.type_state(service).waiting_since
                 if since is not None and now - since >= PROBE_AGING_PERIODS * self.aging_seconds:

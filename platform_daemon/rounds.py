@@ -17,6 +17,7 @@ others. Pages are selected per batch, when the GetRequest arrives.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -41,6 +42,7 @@ from shared.messages import (
     GetRequest,
     Request,
 )
+from shared.schedstat import RunDelay
 
 from .lowprio import LowPriorityScheduler, RoundEnd, VMSchedule
 from .services.base import LowPriorityService
@@ -65,6 +67,13 @@ class IssuedBatch:
     units: int = 0
     issued_at: float = 0.0
     first: bool = False  # a low round's first batch, asked for while the guest ran
+    #: A low batch's entry in ``RoundState.low_trace``, filled in at completion.
+    trace: dict[str, float | int | str | bool] | None = None
+
+
+#: Low-priority batches whose timings each VM keeps (``lowprio_trace`` ctl op): enough for a
+#: minute of rounds, to split a round's overrun into its parts (``benchmarks/lowprio.py``).
+LOW_TRACE_KEPT = 2048
 
 
 @dataclass
@@ -82,6 +91,11 @@ class RoundState:
     #: High-priority bits still set when the last high round closed: work a round was
     #: offered and could not finish (every page refused, a target out of reach).
     high_attended: int = 0
+    #: The last low-priority batches: what was predicted and measured, and when each side
+    #: handled them (the daemon's clock is CLOCK_MONOTONIC, as the agent's).
+    low_trace: deque[dict[str, float | int | str | bool]] = field(
+        default_factory=lambda: deque(maxlen=LOW_TRACE_KEPT)
+    )
 
 
 def _mismatch(msg: CompleteRequest, batch: IssuedBatch | None) -> str:
@@ -136,6 +150,7 @@ class RoundEngine:
         self.max_batches = max_batches
         self.clock = clock
         self.scheduler = scheduler or LowPriorityScheduler()
+        self._run_delay = RunDelay()  # for the low batch trace: the loop thread's CPU wait
         self.low_services = {
             s: svc for s, svc in services.items() if isinstance(svc, LowPriorityService)
         }
@@ -194,6 +209,7 @@ class RoundEngine:
 
     def _get_low(self, vm: VM, state: RoundState, msg: GetRequest, received: float) -> Request:
         sched, low = self.scheduler, state.low
+        cpu0, wait0 = time.thread_time(), self._run_delay.seconds()
         if msg.new_round or not low.open:
             if low.open:  # the agent ended the last round itself (its bound, or high priority)
                 self._close_low(vm, state, RoundEnd.LEFT, received)
@@ -213,7 +229,8 @@ class RoundEngine:
             now = self.clock()
             work = self._low_work(vm, low, now)
             time_left = budget if first else budget - (now - received)
-            choice = sched.choose(low, now, time_left, work)
+            # A probe (a type priced out of every batch, measured again) only opens a round.
+            choice = sched.choose(low, now, time_left, work, probe=first)
             if isinstance(choice, RoundEnd):
                 return self._close_low(vm, state, choice, received, work)
             slot_index = self._free_slot(vm, state)
@@ -245,15 +262,49 @@ class RoundEngine:
             # two ways too), say so: the agent then does not spend a round trip to hear that
             # the round is over.
             after = self.clock()
-            left = time_left - low.cost(choice.service).estimate(sel.work) - 2 * low.exchange
+            predicted = low.cost(choice.service).estimate(sel.work)
+            left = time_left - predicted - 2 * low.exchange
             if not first:
                 left -= after - now
             work = self._low_work(vm, low, after)
-            end = sched.choose(low, after, left, work)
+            end = sched.choose(low, after, left, work, probe=False)
             if isinstance(end, RoundEnd):
                 self._close_low(vm, state, end, received, work)
-                return replace(req, flags=REQUEST_FLAG_LAST)
+                req = replace(req, flags=REQUEST_FLAG_LAST)
+            self._trace_issue(state, req, choice.service, sel.work, first, time_left, predicted)
+            wait1 = self._run_delay.seconds()
+            state.low_trace[-1].update(get_start=received, get_end=self.clock())
+            state.low_trace[-1].update(get_cpu=time.thread_time() - cpu0, get_wait=wait1 - wait0)
+            state.low_trace[-1]["run_delay_start"] = wait0  # the thread's total so far
             return req
+
+    def _trace_issue(
+        self,
+        state: RoundState,
+        req: Request,
+        service: ServiceType,
+        units: int,
+        first: bool,
+        time_left: float,
+        predicted: float,
+    ) -> None:
+        """Start the trace entry of a low batch just issued (completed in ``complete``)."""
+        cost = state.low.cost(service)
+        entry: dict[str, float | int | str | bool] = {
+            "seq": req.seq,
+            "service": service.name.lower(),
+            "units": units,
+            "pages": req.count,
+            "first": first,
+            "last": req.last,
+            "time_left": time_left,
+            "predicted": predicted,
+            "cost_samples": cost.samples,
+            "exchange": state.low.exchange,
+        }
+        state.low_trace.append(entry)
+        batch = state.issued[req.slot]
+        batch.trace = entry
 
     def _high_pending(self, vm: VM, state: RoundState) -> bool:
         """High priority pre-empts low: while a high round runs, and while high-priority work
@@ -335,6 +386,7 @@ class RoundEngine:
             raise RemoteProtocolError(_mismatch(msg, batch), ErrorCode.SLOT_NOT_ISSUED)
         assert svc is not None
         t0 = self.clock()
+        cpu0 = time.thread_time()
         slot = vm.region.slot(msg.slot)
         try:
             bpn_view, status_view, _ = slot.batch(msg.count)
@@ -364,6 +416,15 @@ class RoundEngine:
             round_trip = max(0.0, (t0 - batch.issued_at) - msg.elapsed_us / 1e6)
             exchange = None if batch.first else round_trip / 2
             self.scheduler.record(state.low, batch.service, batch.units, processing, exchange)
+            if batch.trace is not None:
+                batch.trace.update(
+                    complete_start=t0,
+                    complete_end=end,
+                    complete_cpu=time.thread_time() - cpu0,
+                    agent_seconds=msg.elapsed_us / 1e6,
+                    select_seconds=batch.select_seconds,
+                    processing=processing,
+                )
             self.on_low_work(batch.service, batch.units, processing)
 
     def _hand_over(

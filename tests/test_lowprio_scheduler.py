@@ -53,7 +53,7 @@ class Clock:
 
 def cost(per_unit: float, fixed: float) -> CostModel:
     """A cost model that already learned ``per_unit`` and ``fixed``."""
-    model = CostModel(per_unit=per_unit, fixed=fixed)
+    model = CostModel(per_unit=per_unit, fixed=fixed, samples=1)
     model._sums = [1.0, 1.0, 1.0, fixed + per_unit, fixed + per_unit]  # one sample on the line
     return model
 
@@ -471,7 +471,7 @@ def test_completed_low_batch_feeds_the_cost_model() -> None:
     its round trip as the VM's exchange; the first batch was asked for while the guest ran:
     no exchange is measured from it."""
     h = harness((S.PAGE_SHARING, 128, 20e-6))
-    h.state.low.costs[S.PAGE_SHARING] = CostModel(per_unit=1e-6, fixed=0.0)
+    h.state.low.costs[S.PAGE_SHARING] = CostModel(per_unit=1e-6, fixed=0.0, samples=1)
     h.state.low.exchange = 1e-6
     work = 64 * 20e-6 + 64e-6  # selecting 64 pages, then the agent's 64 µs
     first = h.get(50_000, new_round=True)
@@ -522,3 +522,47 @@ def test_sampling_batches_do_not_take_pages_from_the_vmm() -> None:
     assert (h.vm.p2m.state[:8] == PageState.EXPOSED).all()
     h.complete(req)
     assert (h.vm.p2m.state[:8] == PageState.EXPOSED).all()
+
+
+@pytest.mark.timeout(10)
+def test_a_type_never_measured_is_guessed_per_page_and_given_half_the_time() -> None:
+    """A type whose cost is still a guess is guessed per page (2M promotion's unit is a
+    2 MiB region: 512 pages' guess) and sized against half of the time left; once a batch
+    measured it, against all of it."""
+    sched, vm = LowPriorityScheduler(), VMSchedule()
+    sched.open_round(vm, 0.0, [S.PROMOTION_2M])
+    work = {S.PROMOTION_2M: 50}
+    # Guess: 100 µs fixed + 512 x 2 µs a region; half of 8 ms: (4000 - 100) / 1024 = 3.
+    assert sched.choose(vm, 0.0, 8e-3, work) == Choice(S.PROMOTION_2M, 3)
+    sched.record(vm, S.PROMOTION_2M, 3, 3e-3, None)  # three regions took 3 ms
+    assert sched.choose(vm, 0.0, 8e-3, work) == Choice(S.PROMOTION_2M, 8)
+
+
+@pytest.mark.timeout(10)
+def test_an_unmeasured_type_through_the_engine_gets_half_the_time() -> None:
+    """Through the engine: a round's first batch of a type with no measured cost is sized
+    against half the time the GetRequest carries."""
+    h = harness((S.PAGE_SHARING, 100, 1e-6))
+    del h.state.low.costs[S.PAGE_SHARING]
+    req = h.get(300, new_round=True)  # (150 - 100 fixed) / 2 µs a page, not (300 - 100) / 2
+    assert req.service == S.PAGE_SHARING and req.count == 25
+
+
+@pytest.mark.timeout(10)
+def test_a_probe_opens_a_round_and_never_ends_one() -> None:
+    """A type priced out of every batch is probed with one unit after waiting several aging
+    periods, but only as a round's first batch (the whole bound ahead): after another type's
+    batch the round ends (flagged LAST) rather than start a unit the estimate says does not
+    fit the time left."""
+    h = harness((S.SAMPLING, 1, 1e-6), (S.PROMOTION_2M, 10, 1e-6))
+    h.state.low.costs[S.PROMOTION_2M] = cost(per_unit=10e-3, fixed=0.0)  # 10 ms a unit
+    sched = h.engine.scheduler
+    sched.open_round(h.state.low, h.clock.now, [S.PROMOTION_2M])  # promotion starts waiting
+    sched.close_round(h.state.low, RoundEnd.BOUND, {S.PROMOTION_2M: 10})
+    h.clock.advance(10.0)  # far past PROBE_AGING_PERIODS
+    first = h.get(2000, new_round=True)  # 2 ms
+    assert first.service == S.SAMPLING and first.last
+    assert h.closed[-1].end is RoundEnd.BOUND
+    h.complete(first)
+    probe = h.get(2000, new_round=True)  # the next round opens with the probe
+    assert probe.service == S.PROMOTION_2M and probe.count == 1

@@ -530,3 +530,47 @@ def test_a_fault_waiting_for_a_frame_is_counted_while_it_waits(h: Harness) -> No
     with pytest.raises(VMMemError):
         asyncio.run(waits.wait_for(1))
     assert seen == [1] and waits.waiting == 0
+
+
+def test_due_pages_are_counted_per_hold_time_and_taken_in_order(h: Harness) -> None:
+    """Two read-aheads half a window apart: the count of due pages follows each one's due
+    time, a partial batch takes the oldest first and the count drops by what it took (the
+    queue keeps holds as chunks: a count is a bisection, not a walk over every page)."""
+    ahead, _ = h.read_ahead()  # 11..18, due at WINDOW
+    h.clock.now += WINDOW / 2
+    reply = h.fault(SWAPPED[10], around=AROUND)  # 21..28, due at 1.5 WINDOW
+    later = reply.bpns[1:].astype(np.int64)
+    assert len(later) == AROUND
+    ra = h.validation.readahead
+    assert ra.pending(h.vm, h.clock.now) == 0
+    h.clock.now += WINDOW / 2
+    assert ra.pending(h.vm, h.clock.now) == AROUND
+    bpns, _, looked = ra.select(h.vm, 5, h.clock.now)
+    assert bpns.tolist() == ahead[:5].tolist() and looked == 5
+    assert ra.pending(h.vm, h.clock.now) == AROUND - 5
+    h.clock.now += WINDOW / 2
+    assert ra.pending(h.vm, h.clock.now) == 2 * AROUND - 5
+    bpns, _, looked = ra.select(h.vm, 100, h.clock.now)
+    assert bpns.tolist() == [*ahead[5:].tolist(), *later.tolist()]
+    assert ra.pending(h.vm, h.clock.now) == 0
+
+
+def test_a_full_read_ahead_queue_ends_the_oldest_holds_and_counts_them(h: Harness) -> None:
+    """Past ``max_queued`` held pages the oldest are no longer held: ordinary exposed pages,
+    still mapped with the same frame, slot freed (never dropped without the VMM's word), and
+    counted as ``dropped``; the newest stay held and are validated as before."""
+    h.validation.readahead.max_queued = 5
+    ahead, slots = h.read_ahead()
+    old, kept = ahead[:3], ahead[3:]
+    p2m = h.vm.p2m
+    assert (p2m.state[old] == PageState.EXPOSED).all()
+    assert (p2m.op[old] == NO_OP).all()
+    assert (p2m.swap_slot[old] == NO_SLOT).all() and not h.swapfile.in_use[slots[:3]].any()
+    assert (h.exposure.frame[old] == p2m.frame[old]).all()
+    assert (p2m.state[kept] == PageState.IN_FLIGHT).all()
+    assert h.outcomes() == {"held": 8, "dropped": 3}
+    assert h.validation.readahead.status(h.vm)["dropped"] == 3
+    assert h.violations() == []
+    h.clock.now += WINDOW
+    assert h.low_round() == kept.tolist()
+    assert h.violations() == []

@@ -35,13 +35,14 @@ import asyncio
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import structlog
 
 from shared.constants import LOW_PRIORITY_MASK, Priority
 from shared.layout import ControlRegion
 from shared.messages import GET_FLAG_NEW_ROUND, GetRequest, Request
+from shared.schedstat import RunDelay
 from shared.timebound import TICK_SECONDS, TimeBound, bound_for
 
 from .batches import BatchProcessor
@@ -75,6 +76,14 @@ class RoundRecord:
     cpu: float  # the monitor's CPU time in the round (its own work, no waiting)
     batches: int
     pages: int
+    #: Of ``used``, the time the agent's thread waited for a CPU (runnable, not running).
+    run_delay: float = 0.0
+    #: Its steps in order, to split an overrun into its parts: ``batch`` (seq, service, pages,
+    #: wall and CPU of the agent's processing), ``exchange`` (a GetRequest: sent, resumed,
+    #: the agent's CPU while it waited, which is other tasks', and for a round-over answer
+    #: the daemon's own time on it), ``monitor`` (wall and CPU of a monitor turn); each with
+    #: ``wait``, the agent's run delay in it.
+    steps: list[dict[str, float | int | str]] = field(default_factory=list)
 
     @property
     def overrun(self) -> float:
@@ -116,6 +125,7 @@ class LowPriorityLoop:
         self.credit = 0.0  # guest progress not yet spent on a round
         self.progress_total = 0.0  # guest progress so far, seconds
         self._last_tick = clock()
+        self._run_delay = RunDelay()  # this (the event loop's) thread's wait for a CPU
         self.on_round: list[Callable[[RoundRecord], None]] = []
         #: Called with the time at every tick, stalled or not (the guest report, the
         #: balloon's deflation: ``balloon.py``).
@@ -188,14 +198,15 @@ class LowPriorityLoop:
         bound = TimeBound(budget, self.clock(), self.clock)
         gap = self.progress.gap(bound.started)
         stalled_before = self.progress.stalled_total(bound.started)
-        cpu0 = time.thread_time()
+        cpu0, wait0 = time.thread_time(), self._run_delay.seconds()
         self.gate.close()
         batches = pages = 0
+        steps: list[dict[str, float | int | str]] = []
         platform_done, monitor_turn = first is None or not first.has_work, True
         try:
             if first is not None and first.has_work:
                 batches, pages = 1, first.count
-                self.batches.process(first)
+                self._process(first, steps)
                 platform_done = first.last
                 monitor_turn = True
             while True:
@@ -211,7 +222,17 @@ class LowPriorityLoop:
                     outcome = "done"
                     break
                 if monitor_turn and self.monitor.has_work():
+                    t0, c0, w0 = self.clock(), time.thread_time(), self._run_delay.seconds()
                     done = self.monitor.run(left if platform_done else left / 2)
+                    steps.append(
+                        {
+                            "kind": "monitor",
+                            "wall": self.clock() - t0,
+                            "cpu": time.thread_time() - c0,
+                            "wait": self._run_delay.seconds() - w0,
+                            "done": done,
+                        }
+                    )
                     if done == 0 and platform_done:
                         outcome = "bound"  # not one unit of monitor work fits any more
                         break
@@ -219,11 +240,22 @@ class LowPriorityLoop:
                     if left < self.rtt():  # the next exchange would not fit
                         outcome = "bound"
                         break
+                    t0, c0, w0 = self.clock(), time.thread_time(), self._run_delay.seconds()
                     req = await self._get_request(bound.left_us(), 0, learn=True)
+                    steps.append(
+                        {
+                            "kind": "exchange",
+                            "sent": t0,
+                            "resumed": self.clock(),
+                            "cpu": time.thread_time() - c0,
+                            "wait": self._run_delay.seconds() - w0,
+                            "daemon": 0.0 if req.has_work else req.count / 1e6,
+                        }
+                    )
                     if req.has_work:
                         batches += 1
                         pages += req.count
-                        self.batches.process(req)
+                        self._process(req, steps)
                     platform_done = not req.has_work or req.last
                 monitor_turn = not monitor_turn
         finally:
@@ -241,9 +273,28 @@ class LowPriorityLoop:
             time.thread_time() - cpu0,
             batches,
             pages,
+            self._run_delay.seconds() - wait0,
+            steps,
         )
         self._record(record)
         return record
+
+    def _process(self, req: Request, steps: list[dict[str, float | int | str]]) -> None:
+        """Process one platform batch, its wall and CPU time traced."""
+        t0, c0, w0 = self.clock(), time.thread_time(), self._run_delay.seconds()
+        self.batches.process(req)
+        steps.append(
+            {
+                "kind": "batch",
+                "seq": req.seq,
+                "service": req.service,
+                "pages": req.count,
+                "start": t0,
+                "wall": self.clock() - t0,
+                "cpu": time.thread_time() - c0,
+                "wait": self._run_delay.seconds() - w0,
+            }
+        )
 
     def _urgent_monitor_work(self) -> bool:
         """Monitor work other than background tasks' (``background = True``) is queued."""

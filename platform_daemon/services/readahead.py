@@ -42,9 +42,9 @@ part of the walk, and dropping it needs no write, only the VMM's word.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass, field
-from itertools import takewhile
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -63,6 +63,11 @@ if TYPE_CHECKING:
 
 #: Seconds a read-ahead page is held before it is validated (see the module docstring).
 WINDOW = 1.0
+#: Held pages queued per VM at most (1 GiB of read-ahead): past it the oldest holds end at
+#: once (kept as ordinary pages, slot freed: as under pressure) and are counted as dropped.
+#: A guest whose validations never run (no guest progress, no low-priority rounds) cannot
+#: grow the queue, nor the pages pinned with their slots, without bound.
+MAX_QUEUED = 1 << 18
 _IN_FLIGHT, _EXPOSED = int(PageState.IN_FLIGHT), int(PageState.EXPOSED)
 _SWAPPED, _VALIDATION = int(PageState.SWAPPED), int(ServiceType.VALIDATION)
 _EMPTY = np.empty(0, dtype=np.int64)
@@ -80,13 +85,70 @@ class ReadAheadStats:
     kept: int = 0  # validated but neither (pinned, unknown to the VMM): kept, slot freed
     faulted: int = 0  # faulted while held (released meanwhile, or the balloon's cancel)
     released_under_pressure: int = 0  # held when the host needed frames: kept, slot freed
+    dropped: int = 0  # hold ended unvalidated, the queue full (MAX_QUEUED): kept, slot freed
+
+
+class _DueQueue:
+    """Held pages in due order, in chunks: one per ``hold`` (its pages share a due time).
+
+    Counting the due pages is a bisection over the chunks' due times and a difference of
+    running counts, whatever the queue holds (``pending`` runs for every GetRequest of every
+    low-priority round); popping and dropping work per chunk, with NumPy slices. Due times
+    are non-decreasing (the daemon's clock is monotonic and the window fixed).
+    """
+
+    def __init__(self) -> None:
+        self.dues: deque[float] = deque()
+        self.bpns: deque[npt.NDArray[np.int64]] = deque()
+        self.epochs: deque[npt.NDArray[np.int64]] = deque()
+        #: Entries ever queued up to the end of each chunk, and ever taken off the front.
+        self.ends: deque[int] = deque()
+        self.taken = 0
+        self.head = 0  # entries of the first chunk already taken
+
+    def __len__(self) -> int:
+        return self.ends[-1] - self.taken if self.ends else 0
+
+    def push(self, due: float, bpns: Pages, epochs: npt.NDArray[np.int64]) -> None:
+        end = (self.ends[-1] if self.ends else self.taken) + len(bpns)
+        self.dues.append(due)
+        self.bpns.append(bpns.astype(np.int64, copy=True))
+        self.epochs.append(epochs.astype(np.int64, copy=True))
+        self.ends.append(end)
+
+    def due(self, now: float) -> int:
+        """Entries due at ``now``."""
+        k = bisect_right(self.dues, now)
+        return self.ends[k - 1] - self.taken if k else 0
+
+    def pop(self, n: int, now: float | None = None) -> tuple[Pages, npt.NDArray[np.int64]]:
+        """Up to ``n`` entries off the front (only due ones, unless ``now`` is None)."""
+        bs: list[Pages] = []
+        es: list[npt.NDArray[np.int64]] = []
+        while n > 0 and self.dues and (now is None or self.dues[0] <= now):
+            b, e = self.bpns[0], self.epochs[0]
+            take = min(n, len(b) - self.head)
+            bs.append(b[self.head : self.head + take])
+            es.append(e[self.head : self.head + take])
+            self.head += take
+            self.taken += take
+            n -= take
+            if self.head == len(b):
+                self.dues.popleft()
+                self.bpns.popleft()
+                self.epochs.popleft()
+                self.ends.popleft()
+                self.head = 0
+        if not bs:
+            return _EMPTY, _EMPTY
+        return np.concatenate(bs), np.concatenate(es)
 
 
 @dataclass
 class _VMQueue:
     vm: VM
-    #: (due time, bpn, epoch) in due order: pages are held in time order.
-    due: deque[tuple[float, int, int]] = field(default_factory=deque)
+    #: Held pages in due order (they are held in time order).
+    due: _DueQueue = field(default_factory=_DueQueue)
     #: Pages out in a validation batch: bpn -> epoch when it was handed out.
     out: dict[int, int] = field(default_factory=dict)
     stats: ReadAheadStats = field(default_factory=ReadAheadStats)
@@ -95,9 +157,14 @@ class _VMQueue:
 class ReadAheadValidation:
     """Holds read-ahead pages and validates them; ``ValidationService`` drives it."""
 
-    def __init__(self, ctx: ServiceContext, window: float = WINDOW) -> None:
+    def __init__(
+        self, ctx: ServiceContext, window: float = WINDOW, max_queued: int = MAX_QUEUED
+    ) -> None:
+        if max_queued < 1:
+            raise ValueError(f"max_queued must be at least 1, got {max_queued}")
         self.ctx = ctx
         self.window = window
+        self.max_queued = max_queued
         self.vms: dict[int, _VMQueue] = {}
         #: The host needs frames (memsched's tick says): no page is held.
         self.pressure = False
@@ -117,11 +184,21 @@ class ReadAheadValidation:
         p2m.op[bpns] = _VALIDATION
         p2m.epoch[bpns] += 1
         q = self._queue(vm)
-        due = self.ctx.clock() + self.window
-        epochs = p2m.epoch[bpns].tolist()
-        q.due.extend((due, b, e) for b, e in zip(bpns.tolist(), epochs, strict=True))
+        q.due.push(self.ctx.clock() + self.window, bpns, p2m.epoch[bpns].astype(np.int64))
         q.stats.held += len(bpns)
         self.ctx.metrics.readahead_pages.labels("held").inc(len(bpns))
+        if len(q.due) > self.max_queued:
+            self._drop_oldest(vm, q, len(q.due) - self.max_queued)
+
+    def _drop_oldest(self, vm: VM, q: _VMQueue, n: int) -> None:
+        """The queue is full: the oldest ``n`` entries' holds end unvalidated (kept)."""
+        bpns, epochs = q.due.pop(n)
+        held = bpns[self._held(vm, bpns, epochs)]
+        self._keep(vm, held)
+        q.stats.dropped += len(held)
+        if len(held):
+            self.ctx.metrics.readahead_pages.labels("dropped").inc(len(held))
+            log.debug("readahead_queue_full", vm=vm.name, dropped=len(held))
 
     def _queue(self, vm: VM) -> _VMQueue:
         q = self.vms.get(vm.vm_id)
@@ -143,25 +220,21 @@ class ReadAheadValidation:
         q = self.vms.get(vm.vm_id)
         if q is None:
             return 0
-        return sum(1 for _ in takewhile(lambda entry: entry[0] <= now, q.due))
+        return q.due.due(now)
 
     def select(self, vm: VM, n: int, now: float) -> tuple[Pages, npt.NDArray[np.int64], int]:
         """Up to ``n`` due pages still held, with their frames; and the entries looked at."""
         q = self.vms.get(vm.vm_id)
         if q is None:
             return _EMPTY, _EMPTY, 0
-        entries: list[tuple[int, int]] = []
-        while q.due and len(entries) < n and q.due[0][0] <= now:
-            _, bpn, epoch = q.due.popleft()
-            entries.append((bpn, epoch))
-        if not entries:
+        bpns, epochs = q.due.pop(n, now)
+        if len(bpns) == 0:
             return _EMPTY, _EMPTY, 0
-        bpns = np.array([b for b, _ in entries], dtype=np.int64)
-        epochs = np.array([e for _, e in entries], dtype=np.int64)
+        looked = len(bpns)
         keep = self._held(vm, bpns, epochs)
         bpns, epochs = bpns[keep], epochs[keep]
         q.out.update(zip(bpns.tolist(), epochs.tolist(), strict=True))
-        return bpns, vm.p2m.frame[bpns].copy(), len(entries)
+        return bpns, vm.p2m.frame[bpns].copy(), looked
 
     def complete(self, vm: VM, bpns: Pages, status: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
         """The VMM's verdicts on the read-ahead pages of a batch; returns which pages of the
@@ -211,14 +284,11 @@ class ReadAheadValidation:
 
     def _release_vm(self, vm: VM, q: _VMQueue) -> int:
         """End the VM's holds: O(entries queued or out), whatever the guest's size."""
-        n_due, n_out = len(q.due), len(q.out)
-        bpns = np.empty(n_due + n_out, dtype=np.int64)
-        epochs = np.empty(n_due + n_out, dtype=np.int64)
-        bpns[:n_due] = np.fromiter((b for _, b, _ in q.due), np.int64, n_due)
-        epochs[:n_due] = np.fromiter((e for _, _, e in q.due), np.int64, n_due)
-        bpns[n_due:] = np.fromiter(q.out.keys(), np.int64, n_out)
-        epochs[n_due:] = np.fromiter(q.out.values(), np.int64, n_out)
-        q.due.clear()  # out entries stay: their verdict must still be recognised as ours
+        n_out = len(q.out)
+        due_bpns, due_epochs = q.due.pop(len(q.due))
+        # Out entries stay: their verdict must still be recognised as ours.
+        bpns = np.concatenate((due_bpns, np.fromiter(q.out.keys(), np.int64, n_out)))
+        epochs = np.concatenate((due_epochs, np.fromiter(q.out.values(), np.int64, n_out)))
         held = np.unique(bpns[self._held(vm, bpns, epochs)])
         self._keep(vm, held)
         self._count_released(q, len(held))
