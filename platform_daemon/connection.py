@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, cast
 
 import structlog
 
-from shared.codec import Codec, error_request_id
+from shared.codec import Codec, error_request_id, parse_fault
 from shared.errors import ErrorCode, RemoteProtocolError, VMMemError
 from shared.messages import MESSAGE_CLASSES, Error, Message, MessageType
 from shared.sockets import PeerCredentials, peer_credentials, refuse_peer
@@ -76,6 +76,14 @@ class PlatformConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        vm = self.vm
+        if vm is not None and not self.codec.buffered:
+            # The common read: one whole, valid Fault frame (a vCPU waits for it). Anything
+            # else, valid or not, takes the codec, which checks and reports it.
+            fault = parse_fault(data)
+            if fault is not None:
+                self.server.fault(self, vm, *fault)
+                return
         self.codec.receive_data(data)
         try:
             while not self.closed and (env := self.codec.next_event()) is not None:

@@ -55,6 +55,7 @@ from .context import ServiceContext
 from .ctl_ops import CtlOps
 from .faults import FaultResolver, NeedsAsync
 from .invariants import HostState, check
+from .log_throttle import ThrottledEvent
 from .lowprio import LowPriorityScheduler
 from .machine import MachineMemory, check_fits_ram
 from .memsched import MemSched
@@ -74,6 +75,8 @@ from .vm import DETACHED, VM
 from .waits import FrameWaits
 
 log = structlog.get_logger("vmmem.platform")
+#: Seconds between two ``fault_failed`` lines of one VM (``log_throttle.py``).
+FAULT_FAILED_LOG_SECONDS = 5.0
 # Plain ints: comparing a NumPy value with an IntEnum member costs microseconds (see faults.py).
 _ZERO, _IN_FLIGHT, _SWAPPED = int(PageState.ZERO), int(PageState.IN_FLIGHT), int(PageState.SWAPPED)
 _REASONS = [r.name.lower() for r in FaultReason]
@@ -101,6 +104,8 @@ class PlatformServer:
         if config.socket.exists() and _socket_is_live(config.socket):
             raise VMMemError(f"another daemon is serving {config.socket}", ErrorCode.BAD_REQUEST)
         self.config = config
+        # Out of memory, every waiting fault fails: one line per VM per interval, counted.
+        self.fault_failed_log = ThrottledEvent(log, "fault_failed", FAULT_FAILED_LOG_SECONDS)
         self.metrics_registry = registry or CollectorRegistry()
         self.metrics = PlatformMetrics(self.metrics_registry)
         self.metrics_registry.register(StateCollector(weakref.ref(self)))
@@ -422,6 +427,7 @@ class PlatformServer:
     async def shutdown(self) -> None:
         """Stop accepting, drain in-flight work for a bounded time, release everything."""
         log.info("platform_stopping", vms=len(self.vms))
+        self.fault_failed_log.flush()
         for task in self.background:
             task.cancel()
         if self._server is not None:
@@ -505,7 +511,7 @@ class PlatformServer:
         """A registered VM's Fault, GetRequest or CompleteRequest."""
         try:
             if isinstance(msg, Fault):
-                self._fault(vm, request_id, msg)
+                self._fault(vm, request_id, msg.bpn, msg.write, msg.around)
             elif isinstance(msg, GetRequest):
                 conn.send(self.engine.get_request(vm, self.rounds[vm.vm_id], msg), request_id)
             elif isinstance(msg, CompleteRequest):
@@ -514,9 +520,22 @@ class PlatformServer:
                 raise RemoteProtocolError(
                     f"{type(msg).__name__} is not a message the daemon accepts", ErrorCode.PROTOCOL
                 )
-        except RemoteProtocolError as exc:
-            conn.fail(exc, request_id)
         except VMMemError as exc:
+            self._failed(conn, vm, request_id, exc)
+
+    def fault(
+        self, conn: PlatformConnection, vm: VM, request_id: int, bpn: int, write: bool, around: int
+    ) -> None:
+        """A registered VM's fault, from the connection's fast path (no message object)."""
+        try:
+            self._fault(vm, request_id, bpn, write, around)
+        except VMMemError as exc:
+            self._failed(conn, vm, request_id, exc)
+
+    def _failed(self, conn: PlatformConnection, vm: VM, request_id: int, exc: VMMemError) -> None:
+        if isinstance(exc, RemoteProtocolError):
+            conn.fail(exc, request_id)
+        else:
             # Our own limits (e.g. no memory right now): a clear error, the VM stays.
             log.warning("request_failed", vm=vm.name, error=str(exc), code=exc.code.name)
             conn.send_error(exc, request_id)
@@ -531,20 +550,20 @@ class PlatformServer:
 
     # ---- faults -----------------------------------------------------------------------------
 
-    def _fault(self, vm: VM, request_id: int, msg: Fault) -> None:
-        if msg.bpn >= vm.guest_pages:
+    def _fault(self, vm: VM, request_id: int, bpn: int, write: bool, around: int) -> None:
+        if bpn >= vm.guest_pages:
             raise RemoteProtocolError(
-                f"BPN {msg.bpn} out of range 0..{vm.guest_pages - 1}", ErrorCode.BPN_OUT_OF_RANGE
+                f"BPN {bpn} out of range 0..{vm.guest_pages - 1}", ErrorCode.BPN_OUT_OF_RANGE
             )
         t0 = time.perf_counter()
         vm.stats.faults += 1
-        state = int(vm.p2m.state[msg.bpn])
+        state = int(vm.p2m.state[bpn])
         # While memsched blocks allocations (LOW, until free memory is back above the hard
         # threshold) a first touch that needs a frame (a write) waits for reclaim; a read
         # maps the shared zero frame and needs none.
-        if not (state == _ZERO and msg.write and self.memsched.blocking):
+        if not (state == _ZERO and write and self.memsched.blocking):
             try:
-                reply = self._resolve_now(vm, msg, state)
+                reply = self._resolve_now(vm, bpn, write, around, state)
             except NeedsAsync:
                 pass
             else:
@@ -556,27 +575,29 @@ class PlatformServer:
                 ErrorCode.TOO_MANY_FAULTS,
             )
         vm.outstanding_faults += 1
-        self.spawn(self._fault_async(vm, request_id, msg, t0))
+        self.spawn(self._fault_async(vm, request_id, Fault(bpn, write, around), t0))
 
-    def _resolve_now(self, vm: VM, msg: Fault, state: int) -> FaultReply:
+    def _resolve_now(self, vm: VM, bpn: int, write: bool, around: int, state: int) -> FaultReply:
+        if state == _ZERO:  # first touch, the common case: straight to the resolver
+            return self.faults.first_touch(vm, bpn, write, around)
         if state == _IN_FLIGHT:
-            reply = self.services[vm.p2m.op[msg.bpn]].on_fault(vm, msg.bpn, msg.write)
+            reply = self.services[vm.p2m.op[bpn]].on_fault(vm, bpn, write)
             if isinstance(reply, FaultReply):
                 return reply
             raise NeedsAsync
         if state == _SWAPPED:
-            reply = self.services_swap().try_swap_in_now(vm, msg.bpn, msg.around)
+            reply = self.services_swap().try_swap_in_now(vm, bpn, around)
             if reply is None:
                 raise NeedsAsync
             return reply
-        return self.faults.try_resolve(vm, msg.bpn, msg.write, msg.around)
+        return self.faults.try_resolve(vm, bpn, write, around)
 
     async def _fault_async(self, vm: VM, request_id: int, msg: Fault, t0: float) -> None:
         try:
             reply = await self._resolve_waiting(vm, msg)
         except VMMemError as exc:
             if vm.alive:  # a VM that left: its waiting faults are counted in vm_released
-                log.warning("fault_failed", vm=vm.name, bpn=msg.bpn, error=str(exc))
+                self.fault_failed_log.record(vm.name, vm=vm.name, bpn=msg.bpn, error=str(exc))
             vm.connection.send(Error(code=int(exc.code), message=str(exc)), request_id)
         else:
             if vm.alive:

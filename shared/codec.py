@@ -25,8 +25,9 @@ import struct
 from collections.abc import Callable
 from typing import NamedTuple
 
+from .constants import MAX_FAULT_AROUND, FaultReason
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from .messages import MESSAGE_CLASSES, Message, MessageType
+from .messages import MESSAGE_CLASSES, Fault, FaultReply, Message, MessageType
 
 MAGIC = 0x4D56
 VERSION = 1
@@ -34,6 +35,14 @@ HEADER = struct.Struct("<HBBHIQ")
 HEADER_SIZE = HEADER.size
 #: Largest body accepted by default: far above any legal message, small enough to bound memory.
 DEFAULT_MAX_FRAME = 1 << 20
+#: Whole frames of the fault path's two messages, header and body in one struct: a fault,
+#: and a reply mapping one page (a vCPU waits for each, so every call per frame counts).
+FAULT_FRAME = struct.Struct("<HBBHIQQBxH")
+FAULT_REPLY_FRAME = struct.Struct("<HBBHIQBxHQqB")
+_FAULT_BODY = FAULT_FRAME.size - HEADER_SIZE
+_FAULT_REPLY_BODY = FAULT_REPLY_FRAME.size - HEADER_SIZE
+_T_FAULT, _T_FAULT_REPLY = int(MessageType.FAULT), int(MessageType.FAULT_REPLY)
+_FAULT_REASONS = frozenset(int(r) for r in FaultReason)
 #: Types and classes by the header's type byte: ``MessageType(n)`` costs ~1 µs per frame.
 _KINDS = {int(kind): kind for kind in MessageType}
 _CLASSES = {int(kind): cls for kind, cls in MESSAGE_CLASSES.items()}
@@ -70,6 +79,8 @@ class Codec:
         self.screen = screen
         self._buf = bytearray()
         self._error: RemoteProtocolError | None = None
+        #: The fault frames' bodies fit under ``max_frame`` (a tiny limit takes the checks).
+        self._fast = max_frame >= _FAULT_REPLY_BODY
 
     def receive_data(self, data: bytes) -> None:
         """Append bytes read from the peer."""
@@ -138,6 +149,21 @@ class Codec:
 
     def send(self, message: Message, request_id: int = 0) -> bytes:
         """Bytes of one frame carrying ``message``."""
+        # The fault path's frames in one pack each. A value that does not fit (struct.error)
+        # falls through to the general path, whose checks say which one.
+        try:
+            if type(message) is FaultReply and message.count == 1 and self._fast:
+                return FAULT_REPLY_FRAME.pack(
+                    MAGIC, VERSION, _T_FAULT_REPLY, 0, _FAULT_REPLY_BODY, request_id,
+                    message.reason, 1, message.bpn, message.mpn, message.flag,
+                )  # fmt: skip
+            if type(message) is Fault and self._fast:
+                return FAULT_FRAME.pack(
+                    MAGIC, VERSION, _T_FAULT, 0, _FAULT_BODY, request_id,
+                    message.bpn, int(message.write), message.around,
+                )  # fmt: skip
+        except struct.error:
+            pass
         try:
             body = message.encode_body()
         except (struct.error, OverflowError) as exc:
@@ -148,3 +174,42 @@ class Codec:
         if not 0 <= request_id < 1 << 64:
             raise LocalProtocolError(f"request id {request_id} out of range")
         return HEADER.pack(MAGIC, VERSION, message.TYPE, 0, len(body), request_id) + body
+
+
+def parse_fault(data: bytes) -> tuple[int, int, bool, int] | None:
+    """``(request_id, bpn, write, around)`` when ``data`` is exactly one valid Fault frame
+    (the daemon's fast path: no Envelope, no message object); None for anything else, which
+    the caller then feeds to its codec, so every error is found and reported the usual way."""
+    if len(data) != FAULT_FRAME.size:
+        return None
+    magic, version, mtype, _flags, length, request_id, bpn, write, around = FAULT_FRAME.unpack(data)
+    if (
+        magic != MAGIC
+        or version != VERSION
+        or mtype != _T_FAULT
+        or length != _FAULT_BODY
+        or write > 1
+        or around > MAX_FAULT_AROUND
+    ):
+        return None
+    return request_id, bpn, write == 1, around
+
+
+def parse_fault_reply(data: bytes) -> tuple[int, FaultReply] | None:
+    """``(request_id, reply)`` when ``data`` is exactly one valid one-page FaultReply frame
+    (the agent's fast path); None for anything else, to be fed to the codec."""
+    if len(data) != FAULT_REPLY_FRAME.size:
+        return None
+    magic, version, mtype, _flags, length, request_id, reason, n, bpn, mpn, flag = (
+        FAULT_REPLY_FRAME.unpack(data)
+    )
+    if (
+        magic != MAGIC
+        or version != VERSION
+        or mtype != _T_FAULT_REPLY
+        or length != _FAULT_REPLY_BODY
+        or n != 1
+        or reason not in _FAULT_REASONS
+    ):
+        return None
+    return request_id, FaultReply.single(reason, bpn, mpn, flag)

@@ -11,7 +11,7 @@ import itertools
 from collections.abc import Callable
 from typing import Any, cast
 
-from shared.codec import Codec
+from shared.codec import Codec, parse_fault_reply
 from shared.errors import ErrorCode, RemoteProtocolError, VMMemError
 from shared.messages import CtlReply, CtlRequest, Error, Message
 
@@ -47,6 +47,13 @@ class RpcClient(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        if not self.codec.buffered:
+            # The common read: one whole one-page FaultReply (a vCPU waits for it). Anything
+            # else takes the codec, which checks and reports it.
+            reply = parse_fault_reply(data)
+            if reply is not None:
+                self._deliver(*reply)
+                return
         self.codec.receive_data(data)
         try:
             while (env := self.codec.next_event()) is not None:
