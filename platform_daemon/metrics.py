@@ -10,7 +10,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from shared.constants import ServiceType
+from shared.constants import FaultReason, ServiceType
+
+from .fault_metrics import FaultMetrics
 
 if TYPE_CHECKING:
     from .server import PlatformServer
@@ -41,19 +43,9 @@ class PlatformMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.faults = Counter(
-            "vmmem_platform_faults",
-            "Faults resolved by the platform",
-            ["reason"],
-            registry=registry,
-        )
-        self.fault_seconds = Histogram(
-            "vmmem_platform_fault_service_seconds",
-            "Time the platform spent resolving one fault (receipt to reply)",
-            ["reason"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
+        # Plain numbers on the fault path, exported at scrape time (see fault_metrics.py).
+        self.faults = FaultMetrics([r.name.lower() for r in FaultReason], LATENCY_BUCKETS)
+        registry.register(self.faults)
         self.fault_around_pages = Counter(
             "vmmem_platform_fault_around_pages",
             "Neighbour pages mapped by fault-around",

@@ -26,7 +26,6 @@ from shared.config import PlatformConfig
 from shared.constants import (
     HIGH_PRIORITY_MASK,
     NO_FRAME,
-    FaultReason,
     FreeState,
     PageState,
     PageStatus,
@@ -79,7 +78,6 @@ log = structlog.get_logger("vmmem.platform")
 FAULT_FAILED_LOG_SECONDS = 5.0
 # Plain ints: comparing a NumPy value with an IntEnum member costs microseconds (see faults.py).
 _ZERO, _IN_FLIGHT, _SWAPPED = int(PageState.ZERO), int(PageState.IN_FLIGHT), int(PageState.SWAPPED)
-_REASONS = [r.name.lower() for r in FaultReason]
 #: How often VMs taken over are looked at until their agents resumed or exited.
 DETACHED_POLL_SECONDS = 0.2
 
@@ -203,10 +201,6 @@ class PlatformServer:
             self.kick,
             self.metrics,
         )
-        # Metric children bound once per reason: labels() on every fault costs microseconds.
-        self._fault_metrics = [
-            (self.metrics.faults.labels(r), self.metrics.fault_seconds.labels(r)) for r in _REASONS
-        ]
         self.ctl = CtlOps(self)
         self.should_exit = False
         self._stop: asyncio.Event | None = None
@@ -665,9 +659,7 @@ class PlatformServer:
         return result
 
     def _send_fault_reply(self, vm: VM, request_id: int, reply: FaultReply, t0: float) -> None:
-        counter, histogram = self._fault_metrics[reply.reason]
-        counter.inc()
-        histogram.observe(time.perf_counter() - t0)
+        self.metrics.faults.observe(reply.reason, time.perf_counter() - t0)
         if reply.count > 1:
             self.metrics.fault_around_pages.inc(reply.count - 1)
         vm.connection.send(reply, request_id)
