@@ -369,3 +369,24 @@ def test_unique_content_differs_between_versions_bpns_and_vms() -> None:
     b.write(mem, 6, 9, Content.DUPLICATE, pick=4)
     assert np.array_equal(mem[5], mem[6])
     assert a.expected[9] == b.expected[9]
+
+
+@pytest.mark.timeout(10)
+def test_content_profile_counts_every_backed_zero_page() -> None:
+    """The sharing truth: zero pages are those written as zero and those read before any
+    write (the platform backs them with zeros and page sharing merges them); a page given
+    away is not backed until touched again; duplicates count per corpus page."""
+    mem = frames()
+    gm = GuestMemory(vm_key=7, guest_pages=16)
+    gm.write(mem, 0, 1, Content.ZERO, pick=0)
+    gm.write(mem, 1, 2, Content.DUPLICATE, pick=4)
+    gm.write(mem, 2, 3, Content.UNIQUE, pick=0)
+    assert gm.check(mem, 5, 9)  # never written: reads zeros
+    assert gm.check(mem, 6, 10)
+    profile = gm.content_profile()
+    assert profile["zero"] == 3 and profile["unique"] == 1
+    assert profile["corpus"][4] == 1 and sum(profile["corpus"]) == 1
+    gm.forget(np.array([9, 1], dtype=np.int64))  # given to the balloon: not backed
+    assert gm.content_profile()["zero"] == 1
+    assert gm.check(mem, 5, 9)  # touched again: backed by a zero page again
+    assert gm.content_profile()["zero"] == 2

@@ -51,6 +51,9 @@ class GuestMemory:
         #: Pages whose content the guest expects to read back: written, and not given away
         #: since (a page given to the balloon is forgotten, ``forget``).
         self.held = np.zeros(guest_pages, dtype=bool)
+        #: Pages read while not held (never written, or given away): the platform backs them
+        #: with a zero page, which page sharing can merge like a written zero page.
+        self.read_unheld = np.zeros(guest_pages, dtype=bool)
         #: Corpus page each DUPLICATE page holds (-1 for other kinds).
         self.corpus_index = np.full(guest_pages, -1, dtype=np.int8)
         self.corpus = corpus()
@@ -93,6 +96,8 @@ class GuestMemory:
     def check(self, frames: npt.NDArray[np.uint8], frame: int, bpn: int) -> bool:
         """Hash the frame and compare; a mismatch is counted and remembered."""
         self.verified += 1
+        if not self.held[bpn]:
+            self.read_unheld[bpn] = True
         if xxhash.xxh3_64_intdigest(frames[frame]) == int(self.expected[bpn]):
             return True
         self.mismatches += 1
@@ -106,6 +111,7 @@ class GuestMemory:
         """The guest gave these pages away (to the balloon): it expects nothing of them any
         more. The platform frees what backed them; their next touch finds a zero page."""
         self.held[bpns] = False
+        self.read_unheld[bpns] = False  # not backed until touched again
         self.expected[bpns] = ZERO_HASH
         self.kind[bpns] = Content.ZERO
         self.corpus_index[bpns] = -1
@@ -115,7 +121,8 @@ class GuestMemory:
         return np.flatnonzero(self.held).astype(np.int64)
 
     def content_profile(self) -> dict[str, Any]:
-        """What the written pages hold: zero pages, and pages of each corpus page.
+        """What the backed pages hold: zero pages (written as zero, or read before any write,
+        which the platform backs with zeros), and pages of each corpus page.
 
         Unique pages differ from every other page (their bytes depend on VM, BPN and
         version), so these counts are all the load generator needs to know how many pages
@@ -125,8 +132,9 @@ class GuestMemory:
         per_corpus = np.bincount(
             self.corpus_index[written & (self.corpus_index >= 0)], minlength=CORPUS_PAGES
         )
+        backed_zero = (written & (self.kind == Content.ZERO)) | (~written & self.read_unheld)
         return {
-            "zero": int(np.count_nonzero(written & (self.kind == Content.ZERO))),
+            "zero": int(np.count_nonzero(backed_zero)),
             "corpus": per_corpus.tolist(),
             "unique": int(np.count_nonzero(written & (self.kind == Content.UNIQUE))),
         }
