@@ -41,6 +41,7 @@ from platform_daemon.services.p2m_update import P2MUpdateService
 from platform_daemon.services.page_retire import PageRetireService
 from platform_daemon.services.page_sharing import (
     BURST_SECONDS,
+    SCAN_CHUNK,
     ZERO_HASH,
     PageSharingService,
 )
@@ -1023,8 +1024,9 @@ def test_retiring_a_merged_frame_moves_every_sharer(h: Harness) -> None:
 @pytest.mark.timeout(30)
 async def test_scanner_allowance_accrues_with_time_up_to_a_burst(h: Harness) -> None:
     """The scan allowance accrues at guest_pages / scan_period pages per second of the
-    context's clock and never beyond BURST_SECONDS worth of it, however long the gap; a scan
-    hashes no more than its budget. The background scanner spends exactly that allowance."""
+    context's clock and never beyond BURST_SECONDS worth of it (or one scanner step, if that
+    is more), however long the gap; a scan hashes no more than its budget. The background
+    scanner spends exactly that allowance, a whole step at a time."""
     guest = 1024
     vm = h.add_vm(guest_pages=guest)
     h.back(vm, {b: content(3000 + b) for b in range(guest)})
@@ -1039,7 +1041,10 @@ async def test_scanner_allowance_accrues_with_time_up_to_a_burst(h: Harness) -> 
     h.svc._accrue(vm, st, 10.05)  # the clock never runs backwards in the allowance
     assert st.tokens == pytest.approx(rate * 0.1)
     h.svc._accrue(vm, st, 10.05 + 3600.0)
-    assert st.tokens == pytest.approx(rate * BURST_SECONDS)
+    step = min(SCAN_CHUNK, guest)
+    assert step > rate * BURST_SECONDS  # this rate banks one step, not BURST_SECONDS' worth
+    assert st.tokens == pytest.approx(step)
+    assert h.svc._seconds_to_step(st) == 0.0
 
     # A scan hashes at most its budget, moves the hand past them and spends the tokens.
     tokens, hand = st.tokens, st.hand
@@ -1066,14 +1071,17 @@ async def test_scanner_allowance_accrues_with_time_up_to_a_burst(h: Harness) -> 
     try:
         await loops(3)
         assert vm.stats.sharing_scanned == scanned  # no time passed: nothing to spend
-        h.clock.now += 3600.0  # a long stall: only the burst is banked
+        h.clock.now += 3600.0  # a long stall: only one step is banked
         await loops(4)
-        burst = int(rate * BURST_SECONDS)
-        assert vm.stats.sharing_scanned == scanned + burst
-        left = rate * BURST_SECONDS - burst
-        h.clock.now += 0.1
-        await loops(4)
-        assert vm.stats.sharing_scanned == scanned + burst + int(left + rate * 0.1)
+        assert vm.stats.sharing_scanned == scanned + step
+        assert st.tokens < 1
+        h.clock.now += 0.1  # a fifth of a step earned: the scanner waits for the rest
+        await loops(3)
+        assert vm.stats.sharing_scanned == scanned + step
+        assert h.svc._seconds_to_step(st) == pytest.approx((step - rate * 0.1) / rate)
+        h.clock.now += (step - rate * 0.1) / rate
+        await loops(3)
+        assert vm.stats.sharing_scanned == scanned + 2 * step
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
