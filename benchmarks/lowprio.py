@@ -43,7 +43,12 @@ rules"), or a fraction of a known truth:
     makes swap-ins read ahead (validations of held pages). Per round: time used against the
     bound, overrun p99 as a fraction of it, the monitor's CPU over it; per type: pages handed
     out per second and pages deferred (the daemon's counts over the steady window), and how
-    often its bit was set in the pending word.
+    often its bit was set in the pending word. Where the overrun goes
+    (``benchmarks/overrun_split.py``): each round's steps on the agent's side joined with the
+    daemon's batch trace (ctl op ``lowprio_trace``), both threads' waits for a CPU (run delay
+    from ``/proc/thread-self/schedstat``), the overrun less those waits, the CPU-time overrun,
+    the last batch's type and its predicted vs measured work, and a raw ping-pong after 100 ms
+    idle run beside the rounds, under the same load.
 
 Usage: ``python benchmarks/lowprio.py [--json out.json] [--quick] [--only-all-six]``
 (``--quick``: fewer repetitions and shorter phases; ``--only-all-six``: (g) alone, ~1.5 min,

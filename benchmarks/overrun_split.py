@@ -129,6 +129,7 @@ def summarize(
             batches = [by_vm.get(rnd["vm"], {}).get(q, {"seq": q}) for q in seqs]
             over.append({**split, "round": rnd, "batches": batches})
     out: dict[str, Any] = {
+        "per_type": per_type(traces),
         "rounds": len(rounds),
         "cpu_time_overrun_p99_fraction": _q(cpu_over, 0.99),
         "cpu_time_overrun_p50_fraction": _q(cpu_over, 0.5),
@@ -177,7 +178,38 @@ def summarize(
     return out
 
 
+def per_type(traces: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Over every traced batch, per type: the daemon's CPU on the GetRequest that chose it
+    and on its completion (p50, p99, ms), and measured / predicted work (p50, p99)."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for entries in traces.values():
+        for e in entries:
+            if "complete_cpu" in e and "get_cpu" in e:
+                by.setdefault(str(e["service"]), []).append(e)
+    out: dict[str, dict[str, float]] = {}
+    for name, es in sorted(by.items()):
+        get = [e["get_cpu"] * 1e3 for e in es]
+        done = [e["complete_cpu"] * 1e3 for e in es]
+        ratio = [e["processing"] / e["predicted"] for e in es if e.get("predicted")]
+        out[name] = {
+            "batches": len(es),
+            "get_cpu_ms_p50": _q(get, 0.5),
+            "get_cpu_ms_p99": _q(get, 0.99),
+            "complete_cpu_ms_p99": _q(done, 0.99),
+            "measured_over_predicted_p50": _q(ratio, 0.5),
+            "measured_over_predicted_p99": _q(ratio, 0.99),
+        }
+    return out
+
+
 def print_split(s: dict[str, Any]) -> None:
+    for name, t in s.get("per_type", {}).items():
+        print(
+            f"  daemon, {name} ({t['batches']} batches): GetRequest CPU p50/p99 "
+            f"{t['get_cpu_ms_p50']:.2f}/{t['get_cpu_ms_p99']:.2f} ms, completion CPU p99 "
+            f"{t['complete_cpu_ms_p99']:.2f} ms; measured/predicted work p50/p99 "
+            f"{t['measured_over_predicted_p50']:.2f}/{t['measured_over_predicted_p99']:.2f}"
+        )
     print(
         f"  CPU-time overrun (agent work + monitor + daemon work, no waiting) p50/p99 "
         f"{s['cpu_time_overrun_p50_fraction']:.1%}/{s['cpu_time_overrun_p99_fraction']:.1%}; "
