@@ -1089,6 +1089,26 @@ async def test_scanner_allowance_accrues_with_time_up_to_a_burst(h: Harness) -> 
 
 
 @pytest.mark.timeout(30)
+def test_a_window_with_nothing_to_hash_still_costs_allowance(h: Harness) -> None:
+    """Memory the guest never touched costs allowance as the pages it could hold (one per
+    SCAN_FACTOR entries looked at): an idle VM's scanner earns a step and sleeps, instead of
+    sweeping window after window for one token each."""
+    from platform_daemon.services.page_sharing import SCAN_FACTOR
+
+    guest = 4096
+    vm = h.add_vm(guest_pages=guest)
+    h.back(vm, {b: content(5000 + b) for b in range(4)})  # the rest never touched
+    st = h.svc.scans[vm.vm_id]
+    st.tokens = 256.0
+    assert h.svc.scan(vm, 256) == 4
+    assert st.tokens == pytest.approx(0.0)  # 2048 entries looked at: 256 pages charged
+    assert st.hand == 256 * SCAN_FACTOR
+    st.tokens = 256.0
+    assert h.svc.scan(vm, 256) == 0  # a window of untouched pages only
+    assert st.tokens == pytest.approx(0.0)
+
+
+@pytest.mark.timeout(30)
 def test_select_work_hands_out_only_pages_still_exposed_and_private(h: Harness) -> None:
     """Candidates are handed out in queue order, at most ``capacity`` and ``units`` of them,
     each once (a page queued by two passes is in one batch once), with the MPNs the VMM

@@ -204,7 +204,10 @@ class PageSharingService(LowPriorityService):
             st.hand = int((eligible[hashed - 1] + 1) % n)
         if st.hand <= old_hand and (hashed or len(window)):
             st.passes += 1
-        st.tokens -= max(hashed, 1)
+        # Looking costs allowance too: a window with nothing to hash (memory the guest never
+        # touched) is charged as the pages it could have held, so an idle VM's scan sleeps
+        # like a busy one's instead of sweeping its window 50 times a second.
+        st.tokens -= max(hashed, len(window) // SCAN_FACTOR, 1)
         vm.stats.sharing_scanned += hashed
         self.ctx.metrics.sharing_scanned.inc(hashed)
         self.ctx.metrics.sharing_scan_seconds.inc(time.perf_counter() - t0)
