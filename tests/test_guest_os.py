@@ -386,3 +386,15 @@ async def test_a_phase_frees_its_top_anonymous_pages_and_a_reused_one_is_written
     result = await rig.runner.verify()
     assert result["mismatches"] == 0 and result["pages_verified"] == 32
     assert os.check() == []
+
+
+def test_vcpus_of_a_vm_share_one_read_only_zipf_table() -> None:
+    """Every vCPU of a phase draws from the same Zipf CDF and permutation (16 B per page
+    once, not per vCPU); the table cannot be changed through one of them."""
+    phase = Phase(distribution="zipf", working_set=0.5, seed=4)
+    a, b = (AccessStream(phase, 8192, vcpu, 2, 11) for vcpu in (0, 1))
+    assert a.anon.cdf is b.anon.cdf and a.anon.perm is b.anon.perm
+    assert not a.anon.cdf.flags.writeable and not a.anon.perm.flags.writeable
+    other = AccessStream(phase, 8192, 0, 2, 12)  # another VM: its own permutation
+    assert other.anon.perm is not a.anon.perm
+    assert not np.array_equal(other.anon.perm, a.anon.perm)
