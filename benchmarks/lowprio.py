@@ -656,7 +656,7 @@ async def _all_six_run(seconds: float, guest: str = "64MiB") -> dict[str, Any]:
                 # ahead and the held pages queue read-ahead validations.
                 await asyncio.gather(*(_ctl(d.control_socket(n), "halt") for n in names))
                 await each({**run, "name": "walk", "distribution": "sequential"})
-            if now - traced_at > 3.0:  # the daemon keeps its last 2048 batches per VM
+            if now - traced_at > 3.0:  # the daemon keeps its last 512 batches per VM
                 await _collect_traces(d, traces)
                 traced_at = now
             st = await _ctl(d.socket, "status")

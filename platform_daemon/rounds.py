@@ -71,9 +71,10 @@ class IssuedBatch:
     trace: dict[str, float | int | str | bool] | None = None
 
 
-#: Low-priority batches whose timings each VM keeps (``lowprio_trace`` ctl op): enough for a
-#: minute of rounds, to split a round's overrun into its parts (``benchmarks/lowprio.py``).
-LOW_TRACE_KEPT = 2048
+#: Low-priority batches whose timings each VM keeps (``lowprio_trace`` ctl op), to split a
+#: round's overrun into its parts (``benchmarks/lowprio.py`` reads it every 3 s: at 10
+#: rounds a second, a few batches each, 512 is ample; about 0.6 MB per VM).
+LOW_TRACE_KEPT = 512
 
 
 @dataclass
