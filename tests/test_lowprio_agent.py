@@ -1657,3 +1657,28 @@ async def test_round_ends_when_neither_queue_can_do_anything() -> None:
         f"the round kept the guest exited for {record.used * 1e3:.2f} ms doing nothing after "
         f"the last useful work; {len(rig.monitor.turns)} monitor turns"
     )
+
+
+@pytest.mark.timeout(10)
+async def test_a_round_records_its_steps_for_the_overrun_split() -> None:
+    """Each round lists its steps in order, on the loop's clock: the first batch, then each
+    further exchange (sent, resumed, the daemon's own time for a "round over") and the batch
+    it brought, each with its wall time; the agent's wait for a CPU is never negative.
+    ``benchmarks/overrun_split.py`` joins these with the daemon's trace by ``seq``."""
+    rig = Rig(
+        [(work(seq=7, count=3), 0.1 * MS), (work(seq=8, count=2), 1 * MS), (end(300), 2 * MS)]
+    )
+    rig.recorder.cost = 0.5 * MS
+    rig.region.pending = low_bit()
+    record = await rig.tick()
+    assert record is not None and record.outcome == "done"
+    kinds = [(s["kind"], s.get("seq")) for s in record.steps]
+    assert kinds == [("batch", 7), ("exchange", None), ("batch", 8), ("exchange", None)]
+    first, ex1, second, ex2 = record.steps
+    assert first["wall"] == pytest.approx(0.5 * MS) and first["pages"] == 3
+    assert ex1["resumed"] - ex1["sent"] == pytest.approx(1 * MS) and ex1["daemon"] == 0.0
+    assert second["wall"] == pytest.approx(0.5 * MS) and second["service"] == ServiceType.SAMPLING
+    assert ex2["resumed"] - ex2["sent"] == pytest.approx(2 * MS) and ex2["daemon"] == 300e-6
+    assert record.used == pytest.approx(4 * MS)
+    assert record.run_delay >= 0.0 and all(s["wait"] >= 0.0 for s in record.steps)
+    assert rig.loop.summary()["rounds"][-1]["steps"] == record.steps

@@ -566,3 +566,30 @@ def test_a_probe_opens_a_round_and_never_ends_one() -> None:
     h.complete(first)
     probe = h.get(2000, new_round=True)  # the next round opens with the probe
     assert probe.service == S.PROMOTION_2M and probe.count == 1
+
+
+@pytest.mark.timeout(10)
+def test_each_low_batch_is_traced_with_its_prediction_and_its_measured_work() -> None:
+    """The daemon's trace of a low batch (read by ``lowprio_trace``, joined with the agent's
+    round by ``benchmarks/overrun_split.py``): the time left it was sized for, its predicted
+    work, whether its cost was measured yet, and at completion the work measured (select,
+    completion and the agent's elapsed time), all on the engine's clock."""
+    h = harness((S.PAGE_SHARING, 1000, 10e-6))
+    req = h.get(2000, new_round=True)  # 2 ms: (2000 - 50) / 10 µs a page, slot capacity 64
+    entry = h.state.low_trace[-1]
+    model = h.state.low.cost(S.PAGE_SHARING)
+    assert entry["seq"] == req.seq and entry["service"] == "page_sharing"
+    assert entry["units"] == req.count == CAPACITY and entry["first"] is True
+    assert entry["time_left"] == pytest.approx(2e-3)
+    assert entry["predicted"] == pytest.approx(model.estimate(CAPACITY))
+    assert entry["cost_samples"] == 1
+    assert entry["get_end"] - entry["get_start"] == pytest.approx(CAPACITY * 10e-6)
+    h.complete(req, agent_seconds=300e-6)
+    assert entry["agent_seconds"] == pytest.approx(300e-6)
+    assert entry["processing"] == pytest.approx(CAPACITY * 10e-6 + 300e-6)
+    assert entry["complete_start"] >= entry["get_end"] + 300e-6
+    later = h.get(1500)  # a later request: its two ways (2 x 25 µs) come off its time
+    second = h.state.low_trace[-1]
+    assert second["seq"] == later.seq and second["first"] is False
+    assert second["time_left"] == pytest.approx(1.5e-3 - 2 * 25e-6)
+    assert second["exchange"] == pytest.approx(25e-6)
