@@ -493,10 +493,13 @@ def test_the_balloon_splits_a_region_its_cancel_just_promoted(h: HugeHarness) ->
     h.back(g, region(0), node=0)
     h.promo.scan(g.vm, 64, h.clock())
     assert h.low_round(g, run_moves=False) == [(ServiceType.PROMOTION_2M, region(0))]
+
     # As the daemon's _cancel_in_flight: the owning service's fault rule ends the operation.
-    ctx = dataclasses.replace(
-        h.ctx, cancel=lambda vm, bpns: [h.promo.on_fault(vm, b, True) for b in bpns.tolist()]
-    )
+    def cancel(vm: Any, bpns: npt.NDArray[np.int64]) -> None:
+        for b in bpns.tolist():
+            h.promo.on_fault(vm, b, True)
+
+    ctx = dataclasses.replace(h.ctx, cancel=cancel)
     BalloonService(ctx).complete(g.vm, np.array([100]), np.zeros(1, dtype=np.uint8))
     del g.data[100]
     assert h.promo.stats(g.vm).fault_completions == 1  # the cancel did complete the copy
