@@ -150,18 +150,20 @@ class FrameAllocator:
         call on a one-element array, and ``allocate(1)`` made several)."""
         if self._free < 1:
             raise OutOfMemoryError(f"need 1 frame, {self._free} free")
+        # ``.item()`` reads give Python ints: indexing gives NumPy scalars, slower to use.
         state = self.frame_state
         for idx in (node, *range(self.nodes)):
             ns = self._nodes[idx]
             while ns.top > 0:
                 ns.top -= 1
-                mpn = int(ns.stack[ns.top])
-                if state[mpn] != _FREE:  # lazily removed (retired, or taken by a run)
+                mpn: int = ns.stack.item(ns.top)
+                if state.item(mpn) != _FREE:  # lazily removed (retired, or taken by a run)
                     if ns.stale:
                         ns.stale -= 1
                     continue
                 state[mpn] = _USED
-                self.run_free[mpn >> _RUN_SHIFT] -= 1
+                run = mpn >> _RUN_SHIFT
+                self.run_free[run] = self.run_free.item(run) - 1
                 ns.free -= 1
                 self._free -= 1
                 return mpn

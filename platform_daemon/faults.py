@@ -84,8 +84,8 @@ class FaultResolver:
     def reply_one(self, vm: VM, reason: int, bpn: int) -> FaultReply:
         """``reply`` for one page, with plain ints."""
         p2m = vm.p2m
-        flag = 0 if p2m.flags[bpn] & FLAG_SHARED else FAULT_FLAG_WRITABLE
-        return FaultReply.single(reason, bpn, int(p2m.frame[bpn]), flag)
+        flag = 0 if p2m.flags.item(bpn) & FLAG_SHARED else FAULT_FLAG_WRITABLE
+        return FaultReply.single(reason, bpn, p2m.frame.item(bpn), flag)
 
     def first_touch(self, vm: VM, bpn: int, write: bool, around: int) -> FaultReply:
         """Back the faulting page and, if asked, its untouched neighbours."""
@@ -126,14 +126,14 @@ class FaultResolver:
             mpn = machine.allocate_zeroed_one(vm.home_node)
             p2m.frame[bpn] = mpn
             p2m.state[bpn] = _EXPOSED
-            p2m.flags[bpn] = p2m.flags[bpn] & _PRIVATE
+            p2m.flags[bpn] = p2m.flags.item(bpn) & _PRIVATE
             machine.owner_vm[mpn] = vm.vm_id
             machine.owner_bpn[mpn] = bpn
             flag = FAULT_FLAG_WRITABLE
         else:
             mpn = machine.zero_frame[vm.home_node]
             p2m.frame[bpn] = mpn
-            p2m.flags[bpn] = p2m.flags[bpn] | FLAG_SHARED
+            p2m.flags[bpn] = p2m.flags.item(bpn) | FLAG_SHARED
             p2m.state[bpn] = _EXPOSED
             flag = 0
         vm.stats.pages_mapped += 1

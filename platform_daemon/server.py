@@ -551,7 +551,7 @@ class PlatformServer:
             )
         t0 = time.perf_counter()
         vm.stats.faults += 1
-        state = int(vm.p2m.state[bpn])
+        state = vm.p2m.state.item(bpn)
         # While memsched blocks allocations (LOW, until free memory is back above the hard
         # threshold) a first touch that needs a frame (a write) waits for reclaim; a read
         # maps the shared zero frame and needs none.

@@ -58,7 +58,7 @@ class FaultPath:
             return
         exposure = self.exposure
         bpn = msg.bpn
-        if msg.count == 1 and not exposure.watched[bpn]:
+        if msg.count == 1 and not exposure.watched.item(bpn):
             # The common case, with the reply's plain ints (no arrays). A hidden mapping left
             # from before (the sample hid the old frame while this fault was on the wire) is
             # dropped: the reply is the page's mapping now.
@@ -89,11 +89,12 @@ class FaultPath:
         while True:
             # Checked on every pass: the sample may arm the page while a fault is out, and
             # then the reply is installed hidden, for this touch to count and unhide it.
-            if exposure.watched[bpn]:
+            # ``.item()``: Python values, cheaper to test than NumPy scalars.
+            if exposure.watched.item(bpn):
                 self.on_watched_touch(bpn)
-            if exposure.hidden_frame[bpn] >= 0 and exposure.unhide(bpn):
+            if exposure.hidden_frame.item(bpn) >= 0 and exposure.unhide(bpn):
                 self.soft_faults += 1
-            if self.is_ready(bpn, write):
+            if exposure.frame.item(bpn) >= 0 and (not write or exposure.writable.item(bpn)):
                 return
             if bpn in self.pending:
                 # Another vCPU's fault is out: wait for it. Its future is made only now, by
@@ -105,7 +106,7 @@ class FaultPath:
                 await asyncio.wait((fut,))
                 continue
             self.pending[bpn] = None
-            if write and exposure.frame[bpn] >= 0:
+            if write and exposure.frame.item(bpn) >= 0:
                 # A write to a read-only (shared) page: its reply maps a copy, and the daemon
                 # may hand the old frame to its last other sharer, who writes it. Dropped now,
                 # so no vCPU reads through the old mapping meanwhile: they fault and wait for
