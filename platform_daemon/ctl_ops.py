@@ -17,6 +17,7 @@ from shared.sizes import parse_size
 
 from . import invariants
 from .agent_probe import read_exposures
+from .footprint import footprint
 from .hugepages_status import hugepages_host, hugepages_status
 from .services.numa_migration import NumaMigrationService, locality
 from .services.page_sharing import PageSharingService
@@ -160,8 +161,10 @@ class CtlOps:
                 "available": s.machine.available(),
                 "free_state": s.free_state().name.lower(),
                 "nodes": [
-                    {"node": i, "first_mpn": a, "last_mpn": b - 1, **alloc.counts_by_node()[i]}
-                    for i, (a, b) in enumerate(alloc.node_bounds)
+                    {"node": i, "first_mpn": a, "last_mpn": b - 1, **counts}
+                    for i, ((a, b), counts) in enumerate(
+                        zip(alloc.node_bounds, alloc.counts_by_node(), strict=True)
+                    )
                 ],
             },
             "swap": None
@@ -295,6 +298,11 @@ class CtlOps:
         svc = self.server.services[ServiceType.PAGE_SHARING]
         assert isinstance(svc, PageSharingService)
         return svc
+
+    def op_footprint(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Metadata bytes per VM and per guest page, and for the host (``footprint.py``)."""
+        NoArgs.model_validate(args)
+        return footprint(self.server)
 
     def op_set_lowprio(self, args: dict[str, Any]) -> dict[str, Any]:
         """Change the sampling period and size, the sharing scan period or NUMA migration's

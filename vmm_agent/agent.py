@@ -38,6 +38,7 @@ from .batches import BatchProcessor
 from .control import ControlConnection
 from .exposure import ExposureTable
 from .fault_path import FaultPath
+from .footprint import footprint
 from .guest import GuestMemory
 from .guest_os import GuestOS
 from .guest_time import GuestGate, GuestProgress
@@ -305,6 +306,8 @@ class Agent:
             return self.results()
         if op == "lowprio":
             return self.lowprio.summary()
+        if op == "footprint":  # metadata bytes per guest page (benchmarks/scale.py)
+            return footprint(self)
         if op == "exposures":  # for the daemon's invariant check (vmmem-ctl check)
             return exposures_chunk(self.exposure, self.faults.pending, args)
         if op == "set_latency_sensitivity":
