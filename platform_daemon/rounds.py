@@ -272,24 +272,28 @@ class RoundEngine:
             if isinstance(end, RoundEnd):
                 self._close_low(vm, state, end, received, work)
                 req = replace(req, flags=REQUEST_FLAG_LAST)
-            self._trace_issue(state, req, choice.service, sel.work, first, time_left, predicted)
-            wait1 = self._run_delay.seconds()
-            state.low_trace[-1].update(get_start=received, get_end=self.clock())
-            state.low_trace[-1].update(get_cpu=time.thread_time() - cpu0, get_wait=wait1 - wait0)
-            state.low_trace[-1]["run_delay_start"] = wait0  # the thread's total so far
+            self._trace_issue(state, req, sel.work, first, (time_left, predicted))
+            state.low_trace[-1].update(
+                get_start=received,
+                get_end=self.clock(),
+                get_cpu=time.thread_time() - cpu0,
+                get_wait=self._run_delay.seconds() - wait0,
+                run_delay_start=wait0,  # the thread's total so far
+            )
             return req
 
     def _trace_issue(
         self,
         state: RoundState,
         req: Request,
-        service: ServiceType,
         units: int,
         first: bool,
-        time_left: float,
-        predicted: float,
+        sized: tuple[float, float],
     ) -> None:
-        """Start the trace entry of a low batch just issued (completed in ``complete``)."""
+        """Start the trace entry of a low batch just issued (completed in ``complete``);
+        ``sized``: the time left it was sized for and its predicted work."""
+        service = ServiceType(req.service)
+        time_left, predicted = sized
         cost = state.low.cost(service)
         entry: dict[str, float | int | str | bool] = {
             "seq": req.seq,
