@@ -72,8 +72,14 @@ class Harness:
     """One VM, both sides: the daemon's swap and validation services, the agent's filters."""
 
     def __init__(self, mem_dir: Path, tmp: Path) -> None:
+        # Every read-ahead reads AROUND pages: the window's growth on a walk is
+        # test_swap_readahead_window.py's.
         self.config = PlatformConfig(
-            socket=tmp / "p.sock", mem_dir=mem_dir, host_memory=16 * MiB, metrics_port=-1
+            socket=tmp / "p.sock",
+            mem_dir=mem_dir,
+            host_memory=16 * MiB,
+            metrics_port=-1,
+            swap_readahead_max=AROUND,
         )
         self.machine = MachineMemory(mem_dir / "machine", self.config.host_pages, 1, prefault=False)
         self.swapfile = SwapFile(tmp / "swap", 4 * MiB)
@@ -539,8 +545,8 @@ def test_due_pages_are_counted_per_hold_time_and_taken_in_order(h: Harness) -> N
     ahead, _ = h.read_ahead()  # 11..18, due at WINDOW
     h.clock.now += WINDOW / 2
     reply = h.fault(SWAPPED[10], around=AROUND)  # 21..28, due at 1.5 WINDOW
-    later = reply.bpns[1:].astype(np.int64)
-    assert len(later) == AROUND
+    later = reply.bpns[1:].astype(np.int64)  # as many as swap reads ahead
+    assert len(later) > 0
     ra = h.validation.readahead
     assert ra.pending(h.vm, h.clock.now) == 0
     h.clock.now += WINDOW / 2
@@ -549,7 +555,7 @@ def test_due_pages_are_counted_per_hold_time_and_taken_in_order(h: Harness) -> N
     assert bpns.tolist() == ahead[:5].tolist() and looked == 5
     assert ra.pending(h.vm, h.clock.now) == AROUND - 5
     h.clock.now += WINDOW / 2
-    assert ra.pending(h.vm, h.clock.now) == 2 * AROUND - 5
+    assert ra.pending(h.vm, h.clock.now) == AROUND - 5 + len(later)
     bpns, _, looked = ra.select(h.vm, 100, h.clock.now)
     assert bpns.tolist() == [*ahead[5:].tolist(), *later.tolist()]
     assert ra.pending(h.vm, h.clock.now) == 0
