@@ -45,6 +45,7 @@ from shared.messages import (
     Message,
     Register,
 )
+from shared.sd_notify import Notifier
 from shared.shm import create_mapped, open_mapped
 from shared.sockets import check_socket_path, listen_private
 
@@ -209,6 +210,7 @@ class PlatformServer:
         self._owns_socket = False
         self.metrics_port: int | None = None
         self.started = time.time()
+        self.notifier = Notifier.from_env()  # systemd Type=notify; a no-op elsewhere
         if reconciled is not None:
             try:
                 self.machine.limit_pages = min(
@@ -403,6 +405,16 @@ class PlatformServer:
             swap_slots=self.swap.slots if self.swap else 0,
             pid=os.getpid(),
         )
+        self.notifier.notify("READY=1", f"STATUS=serving {path}", f"MAINPID={os.getpid()}")
+        if (interval := self.notifier.watchdog_interval) is not None:
+            self.background.add(loop.create_task(self._watchdog(interval)))
+
+    async def _watchdog(self, interval: float) -> None:
+        """Ping systemd's watchdog from the event loop: a loop stuck for WatchdogSec gets
+        the daemon restarted (the VMs' state survives it, see docs/reliability.md)."""
+        while True:
+            self.notifier.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
 
     def request_stop(self) -> None:
         """Signal handlers only set a flag; the main loop does the work."""
@@ -421,6 +433,7 @@ class PlatformServer:
     async def shutdown(self) -> None:
         """Stop accepting, drain in-flight work for a bounded time, release everything."""
         log.info("platform_stopping", vms=len(self.vms))
+        self.notifier.notify("STOPPING=1")
         self.fault_failed_log.flush()
         for task in self.background:
             task.cancel()

@@ -29,6 +29,7 @@ from shared.errors import ErrorCode, VMMemError
 from shared.exposures import exposures_chunk
 from shared.layout import ControlRegion
 from shared.messages import Kick, Message, Register, Registered
+from shared.sd_notify import Notifier
 from shared.shm import MappedFile, frames_view, open_mapped
 from shared.sockets import allowed_peers_only, check_socket_path, listen_private
 from shared.workload import Phase
@@ -198,6 +199,8 @@ class Agent:
             control_socket=str(ctl_path),
             metrics_port=self.metrics_port,
         )
+        # systemd (vmmem-vmm@.service, Type=notify): ready once registered and serving.
+        Notifier.from_env().notify("READY=1", f"STATUS=VM {cfg.name} registered")
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -265,6 +268,7 @@ class Agent:
 
     async def shutdown(self) -> None:
         log.info("vmm_stopping", vm=self.config.name)
+        Notifier.from_env().notify("STOPPING=1")
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.runner.halt(), 5.0)
         self._control.close()
