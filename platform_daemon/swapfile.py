@@ -260,6 +260,49 @@ class SwapFile:
             raise SwapChecksumError(f"swap slot {int(slots[bad[0]])}: checksum mismatch on read")
         return out
 
+    def read_into(
+        self,
+        slots: npt.NDArray[np.int64],
+        memory: npt.NDArray[np.uint8],
+        frames: npt.NDArray[np.int64],
+        nowait: bool = False,
+    ) -> bool:
+        """Read ``slots[i]`` straight into ``memory[frames[i]]`` and verify each page.
+
+        One ``preadv`` per run of consecutive slots, its iovecs the frames themselves: no
+        staging buffer and no second copy. False (``nowait``) when some page would need the
+        disk; SwapChecksumError or OSError otherwise. Either way the frames' bytes are then
+        undefined: the caller frees them.
+        """
+        flat = memory.reshape(-1).data.cast("B")
+        order = np.argsort(slots, kind="stable")
+        sorted_slots, sorted_frames = slots[order], frames[order].tolist()
+        flags = _RWF_NOWAIT if nowait else 0
+        for start, length in runs(sorted_slots):
+            bufs = [
+                flat[f * PAGE_SIZE : (f + 1) * PAGE_SIZE]
+                for f in sorted_frames[start : start + length]
+            ]
+            offset = int(sorted_slots[start]) * PAGE_SIZE
+            try:
+                got = os.preadv(self.fd, bufs, offset, flags)
+            except BlockingIOError:
+                return False
+            if got != length * PAGE_SIZE:
+                if nowait:
+                    return False
+                raise OSError(errno_mod.EIO, f"short read of swap slots from {offset // PAGE_SIZE}")
+        digest = xxhash.xxh3_64_intdigest
+        sums = np.fromiter(
+            (digest(flat[f * PAGE_SIZE : (f + 1) * PAGE_SIZE]) for f in frames.tolist()),
+            np.uint64,
+            len(frames),
+        )
+        bad = np.flatnonzero(sums != self.checksum[slots])
+        if len(bad):
+            raise SwapChecksumError(f"swap slot {int(slots[bad[0]])}: checksum mismatch on read")
+        return True
+
     def close(self, unlink: bool = True) -> None:
         with self._writer_lock:
             if self._writer is not None:  # a write in progress finishes before the fd goes

@@ -46,6 +46,9 @@ class PlatformConfig(_Base):
     #: Largest guest a VM may register: its p2m costs ~23 bytes per page of daemon memory.
     max_guest_memory: Size = 64 << 30
     max_fault_around: int = Field(default=16, ge=0, le=MAX_FAULT_AROUND)
+    #: Most pages a swap-in reads ahead: the window starts at the fault's fault-around and
+    #: doubles while the guest keeps faulting just past it (a sequential walk), up to this.
+    swap_readahead_max: int = Field(default=MAX_FAULT_AROUND, ge=0, le=MAX_FAULT_AROUND)
     swap_file: Path | None = None
     swap_size: Size = 0
     #: Free-memory thresholds in percent of host memory (high, soft, hard, low), after ESX.

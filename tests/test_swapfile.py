@@ -361,3 +361,21 @@ def test_a_swap_file_in_use_is_neither_truncated_nor_shared(swap: SwapFile) -> N
     assert swap.path.exists()
     back = swap.read_pages(slots)
     assert back is not None and np.array_equal(back, data)
+
+
+def test_read_into_fills_the_given_frames_and_checks_each(swap: SwapFile) -> None:
+    """``read_into`` reads each slot straight into its frame (slots in any order, runs and
+    gaps), leaves other frames alone, and names a corrupt slot."""
+    slots = np.array([9, 1, 2, 3, 20, 0], dtype=np.int64)
+    data = pages(len(slots), seed=9)
+    swap.write_pages(slots, data)
+    memory = np.full((16, PAGE_SIZE), 0xEE, dtype=np.uint8)
+    frames = np.array([7, 3, 12, 0, 5, 9], dtype=np.int64)
+    assert swap.read_into(slots, memory, frames)
+    assert np.array_equal(memory[frames], data)
+    untouched = np.setdiff1d(np.arange(16), frames)
+    assert (memory[untouched] == 0xEE).all()
+    assert swap.read_into(slots, memory, frames, nowait=True)  # cached: no wait needed
+    swap.checksum[3] ^= np.uint64(1)
+    with pytest.raises(SwapChecksumError, match="slot 3:"):
+        swap.read_into(slots, memory, frames)

@@ -51,6 +51,8 @@ class SwapService(PlatformService):
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
         self.hand: dict[int, int] = {}
+        #: Per VM, the read-ahead stream: (the page of its last fault, its window).
+        self.streams: dict[int, tuple[int, int]] = {}
         self.in_flight: dict[int, int] = {}
         self.swapping_in: dict[tuple[int, int], asyncio.Future[None]] = {}
         # After a failed write, swap-outs pause (doubling up to a limit) instead of hammering
@@ -251,9 +253,34 @@ class SwapService(PlatformService):
             for page in pages.tolist():
                 self.swapping_in.pop((vm.vm_id, page), None)
 
+    def _window(self, vm: VM, bpn: int, around: int) -> int:
+        """Pages to read ahead of ``bpn``: the fault's fault-around, doubled each time the
+        guest faults again just past the previous window, up to ``swap_readahead_max``.
+
+        Linux's swap read-ahead adapts in the same spirit (the window grows with hits): a
+        walk through swapped memory soon reads 64 pages a fault instead of 16, and a random
+        fault (no fault-around asked) reads its own page only. Pages read ahead and never
+        touched are dropped by read-ahead validation (``readahead.py``).
+        """
+        if around <= 0:
+            self.streams.pop(vm.vm_id, None)
+            return 0
+        cap = self.ctx.config.swap_readahead_max
+        window = min(around, cap)
+        prev = self.streams.get(vm.vm_id)
+        if prev is not None:
+            last, size = prev
+            end = last + 1 + size  # the first page past the last window
+            if bpn == last:  # the same fault again (its cached read missed): same window
+                return size
+            if end <= bpn <= end + size:
+                window = min(2 * size, cap)
+        self.streams[vm.vm_id] = (bpn, window)
+        return window
+
     def _readahead(self, vm: VM, bpn: int, around: int) -> Pages:
         """The faulting page, then swapped neighbours after it that nobody is reading yet."""
-        n = min(around, self.ctx.config.max_fault_around, vm.guest_pages - bpn - 1)
+        n = min(self._window(vm, bpn, around), vm.guest_pages - bpn - 1)
         if n <= 0:
             return np.array([bpn], dtype=np.int64)
         window = np.arange(bpn + 1, bpn + 1 + n, dtype=np.int64)
@@ -274,16 +301,22 @@ class SwapService(PlatformService):
         if self.ctx.machine.available() < 1:
             return None
         pages = self._readahead(vm, bpn, around)
+        pages = pages[: max(1, self.ctx.machine.available())]
         slots = vm.p2m.swap_slot[pages].copy()
+        machine = self.ctx.machine
         t0 = time.perf_counter()
+        # Straight into the frames the pages will have (no await until they are mapped, so
+        # nothing sees them used and unowned); any failure gives them back.
+        frames = machine.allocator.allocate(len(pages), vm.home_node)
         try:
-            data = swap.read_pages(slots, nowait=True)
+            read = swap.read_into(slots, machine.frames, frames, nowait=True)
         except (SwapChecksumError, OSError):
-            return None  # the thread path reads again and reports the error precisely
-        if data is None:
+            read = False  # the thread path reads again and reports the error precisely
+        if not read:
+            machine.allocator.release(frames)
             return None
         self._io_in_cached.observe(time.perf_counter() - t0)
-        return self._install(vm, pages, slots, data)
+        return self._map_read(vm, pages, slots, frames)
 
     async def _swap_in(self, vm: VM, pages: Pages) -> FaultReply:
         ctx, swap = self.ctx, self.ctx.swap
@@ -332,6 +365,14 @@ class SwapService(PlatformService):
         pages, slots, data = pages[:take], slots[:take], data[:take]
         frames = ctx.machine.allocator.allocate(len(pages), vm.home_node)
         ctx.machine.frames[frames] = data
+        return self._map_read(vm, pages, slots, frames)
+
+    def _map_read(
+        self, vm: VM, pages: Pages, slots: npt.NDArray[np.int64], frames: npt.NDArray[np.int64]
+    ) -> FaultReply:
+        """Map pages whose content is now in ``frames``; see ``_install``."""
+        ctx, swap = self.ctx, self.ctx.swap
+        assert swap is not None
         ctx.mapper.map_private(vm, pages, frames)
         hold = self.hold_read_ahead
         free = 1 if hold is not None else len(pages)
@@ -345,4 +386,5 @@ class SwapService(PlatformService):
 
     def on_vm_gone(self, vm: VM) -> None:
         self.hand.pop(vm.vm_id, None)
+        self.streams.pop(vm.vm_id, None)
         self.in_flight.pop(vm.vm_id, None)
