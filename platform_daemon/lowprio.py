@@ -54,9 +54,11 @@ UNIT_PAGES: dict[ServiceType, int] = {ServiceType.PROMOTION_2M: 512}
 UNMEASURED_SHARE = 0.5
 #: Weight of a new measurement in the exchange's moving average.
 EXCHANGE_GAIN = 0.25
-#: After this many batches, a batch's work counts for at most OUTLIER_FACTOR times the
-#: estimate.
-OUTLIER_AFTER = 3
+#: A batch's work counts for at most OUTLIER_FACTOR times the estimate, from the first
+#: batch on (the guess then): on a busy host one batch's wall time can hold a long wait for
+#: a CPU (a first promotion batch measured 75 ms for ~1 ms of work, and the type waited
+#: seconds for probes), while a type that really costs more is learned within a few batches
+#: (x4 each).
 OUTLIER_FACTOR = 4.0
 #: A type that fits no batch is still given one unit once it has waited this many aging
 #: periods: its cost estimate may be stale (one slow batch), and only a batch measures it.
@@ -109,11 +111,9 @@ class CostModel:
         """A batch of ``units`` (at least one) took ``processing`` seconds of work."""
         if units <= 0:
             return
-        y = max(processing, 0.0)
-        if self.samples >= OUTLIER_AFTER:
-            # One batch held up (a pause, a preemption) moves the line only so far: a
-            # real change of cost still gets through over a few batches.
-            y = min(y, OUTLIER_FACTOR * self.estimate(units))
+        # One batch held up (a pause, a wait for a CPU) moves the line only so far: a real
+        # change of cost still gets through over a few batches.
+        y = min(max(processing, 0.0), OUTLIER_FACTOR * self.estimate(units))
         self.samples += 1
         w, sn, snn, sy, sny = (x * self.forget for x in self._sums)
         n = float(units)
