@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench soak clean
+.PHONY: demo up test lint typecheck pytest bench soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,13 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python -m vmm_agent.load.demo
+
+# The platform daemon and three VMs in the foreground, plus Prometheus with
+# deploy/prometheus.yml when it is installed; logs prefixed by process, Ctrl-C stops it all
+# (tools/up.py; UP_FLAGS passes options, e.g. UP_FLAGS='--vms 2 --no-prometheus').
+UP_FLAGS ?=
+up: $(STAMP)
+	$(BIN)/python -m tools.up $(UP_FLAGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
