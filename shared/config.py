@@ -164,6 +164,8 @@ class AgentConfig(_Base):
 
 
 S = TypeVar("S", bound=_Base)
+#: The tables a TOML settings file may hold: one per daemon.
+TABLES = ("platform", "vmm")
 
 
 def settings_from_cli(cls: type[S], args: dict[str, Any], prog: str) -> S | None:
@@ -187,6 +189,11 @@ def load_settings(cls: type[S], overrides: dict[str, Any], config_file: Path | N
     if path is not None:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
+        # A misspelt table ([vm]) would otherwise be skipped whole, its settings unused.
+        if unknown := sorted(k for k, v in data.items() if isinstance(v, dict) and k not in TABLES):
+            raise ValueError(
+                f"{path}: unknown table [{unknown[0]}] (the tables are [platform], [vmm])"
+            )
         section = "platform" if cls is PlatformConfig else "vmm"
         raw = data.get(section, data)
         toml_values = {k.replace("-", "_"): v for k, v in raw.items() if not isinstance(v, dict)}

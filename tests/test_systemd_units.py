@@ -105,3 +105,27 @@ def test_units_flags_parse() -> None:
         assert argv[0].startswith(INSTALLED_BIN)
         parser.allow_abbrev = False  # systemd passes the words as written
         parser.parse_args(argv[1:])
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ('[vm]\nmemory = "1GiB"\n', "unknown table [vm]"),  # the whole table would be lost
+        ('[vmm]\nmemroy = "1GiB"\n', "memroy"),
+    ],
+)
+def test_vm_config_file_mistakes(short_tmp: Path, text: str, named: str) -> None:
+    """A unit's /etc/vmmem/vm-NAME.toml with a misspelt table or key: the agent refuses to
+    start (exit 2) with one message naming it, before it connects to anything."""
+    path = short_tmp / "vm-vm1.toml"
+    path.write_text(text)
+    res = subprocess.run(
+        [str(procs.BIN / "vmmem-vmm"), "--config", str(path), "--socket", str(short_tmp / "s")],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert res.returncode == 2, res.stderr
+    assert named in res.stderr and "invalid configuration" in res.stderr, res.stderr
