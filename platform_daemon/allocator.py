@@ -63,12 +63,24 @@ class _NodeStack:
     def push(self, frames: Frames) -> None:
         n = len(frames)
         if self.top + n > len(self.stack):  # lazily-dropped retired entries freed room below
-            grown = np.empty(self.top + n, dtype=np.int64)
+            # Doubled, not grown by n: growing by exactly n copied the whole stack (a copy
+            # the size of the node) on nearly every release once it was full.
+            grown = np.empty(max(self.top + n, 2 * len(self.stack)), dtype=np.int64)
             grown[: self.top] = self.stack[: self.top]
             self.stack = grown
         self.stack[self.top : self.top + n] = frames
         self.top += n
         self.free += n
+
+
+def _per_run(ordered: Frames) -> tuple[Frames, npt.NDArray[np.int16]]:
+    """The 2 MiB runs of sorted frames, and how many of the frames each holds (cheaper than
+    ``np.add.at`` and ``np.unique``: the frames are sorted already)."""
+    runs = ordered >> _RUN_SHIFT
+    if runs[0] == runs[-1]:
+        return runs[:1], np.array([len(runs)], dtype=np.int16)
+    starts = np.flatnonzero(np.concatenate(([True], runs[1:] != runs[:-1])))
+    return runs[starts], np.diff(np.append(starts, len(runs))).astype(np.int16)
 
 
 class FrameAllocator:
@@ -199,10 +211,11 @@ class FrameAllocator:
         return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
 
     def _take_from_runs(self, frames: Frames) -> None:
-        if len(frames) == 1:  # the fault path's case: no ufunc.at machinery
+        if len(frames) == 1:  # the fault path's case: no NumPy machinery
             self.run_free[int(frames[0]) >> _RUN_SHIFT] -= 1
         elif len(frames):
-            np.subtract.at(self.run_free, frames >> _RUN_SHIFT, 1)
+            runs, counts = _per_run(np.sort(frames))
+            self.run_free[runs] -= counts
 
     def _rebuild(self, ns: _NodeStack) -> None:
         """The node's stack from ``frame_state``: its free frames, lowest on top."""
@@ -224,16 +237,30 @@ class FrameAllocator:
         frames = np.asarray(frames, dtype=np.int64)
         if len(frames) == 0:
             return
-        self._check_batch(frames, "release")
+        # One sort serves the range check, the check for a repeated frame and the count per
+        # 2 MiB run (``np.add.at`` and ``np.unique`` each cost more than the sort).
+        ordered = np.sort(frames)
+        self._check_sorted(ordered, "release")
         if np.any(self.frame_state[frames] != _USED):
             bad = frames[self.frame_state[frames] != _USED][:4]
             raise VMMemError(f"release of frames not in use: {bad.tolist()}")
         self.frame_state[frames] = _FREE
         self._free += len(frames)
-        np.add.at(self.run_free, frames >> _RUN_SHIFT, 1)
+        runs, counts = _per_run(ordered)
+        self.run_free[runs] += counts
+        if self.nodes == 1:
+            self._nodes[0].push(frames)
+            return
         nodes = self._node_of_block[frames]
         for node in np.unique(nodes):
             self._nodes[int(node)].push(frames[nodes == node])
+
+    def _check_sorted(self, ordered: Frames, what: str) -> None:
+        """``_check_batch`` for frames already sorted."""
+        if ordered[0] < 0 or ordered[-1] >= self.host_pages:
+            raise VMMemError(f"{what} of MPNs outside 0..{self.host_pages - 1}")
+        if len(ordered) > 1 and bool((ordered[1:] == ordered[:-1]).any()):
+            raise VMMemError(f"{what}: the same frame appears twice in one batch")
 
     def _check_batch(self, frames: Frames, what: str) -> None:
         """MPNs in range and distinct: NumPy would wrap a negative MPN (NO_FRAME) around to
