@@ -179,3 +179,24 @@ def test_make_up_child_dies(short_tmp: Path) -> None:
     assert not [pid for pid in started if alive(pid)], text
     assert not sock.exists()
     assert not any(p.exists() for p in dirs_of(log)), text
+
+
+@pytest.mark.timeout(60)
+def test_make_up_socket_taken(short_tmp: Path, mem_dir: Path) -> None:
+    """A daemon already serving the socket: the tool refuses (exit 2) and starts no VM,
+    which would otherwise have joined that daemon."""
+    with procs.daemons(short_tmp, mem_dir) as d:
+        d.start_platform("--host-memory", "16MiB", "--numa-nodes", "1")
+        run = subprocess.run(
+            [sys.executable, "-m", "tools.up", "--socket", str(d.socket), "--no-prometheus"],
+            capture_output=True,
+            text=True,
+            timeout=40,
+            cwd=procs.ROOT,
+            env={**os.environ, "TMPDIR": str(short_tmp)},
+            check=False,
+        )
+        assert run.returncode == 2, run.stdout + run.stderr
+        assert f"another daemon is serving {d.socket}" in run.stdout, run.stdout
+        assert procs.run(procs.ctl(d.socket, "status"))["vms"] == []
+    assert not [p for p in short_tmp.iterdir() if p.name.startswith("vmmem-up-")]

@@ -17,6 +17,7 @@ import argparse
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -121,6 +122,8 @@ class Up:
 
     def start(self) -> None:
         a = self.args
+        if _serving(a.socket):  # its VMs would join that daemon, not ours
+            raise StartFailed(f"another daemon is serving {a.socket} (--socket picks another)")
         platform = [
             str(BIN / "vmmem-platform"),
             *("--socket", str(a.socket), "--mem-dir", str(self.mem_dir)),
@@ -135,7 +138,7 @@ class Up:
                 a.swap_size,
             ]
         proc = self.spawn("platform", platform)
-        self.wait_until(lambda: a.socket.exists(), proc, "the daemon's socket")
+        self.wait_until(lambda: _serving(a.socket), proc, "the daemon's socket")
         for i in range(1, a.vms + 1):
             self.spawn(
                 f"vm{i}",
@@ -242,6 +245,16 @@ class Up:
 
 class StartFailed(Exception):
     """A process did not come up."""
+
+
+def _serving(path: Path) -> bool:
+    """A daemon accepts on ``path`` (a socket file left by a dead one does not count)."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def _targets(ports: Iterable[int]) -> str:
