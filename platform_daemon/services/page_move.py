@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from shared.constants import PAGES_PER_2M, FaultReason, PageState
+from shared.constants import FaultReason, PageState
 from shared.messages import FaultReply
 
 from ..p2m import NO_OP
@@ -43,41 +43,26 @@ _EXPOSED, _RESIDENT = int(PageState.EXPOSED), int(PageState.RESIDENT)
 _IN_FLIGHT = int(PageState.IN_FLIGHT)
 
 
-#: Pages the bounce buffer holds: one 2 MiB region (a defrag or migration chunk is smaller).
-BOUNCE_PAGES = PAGES_PER_2M
-_bounce: npt.NDArray[np.uint8] | None = None
-
-
 def copy_frames(
     frames: npt.NDArray[np.uint8], new: npt.NDArray[np.int64], old: npt.NDArray[np.int64]
 ) -> None:
-    """``frames[new] = frames[old]`` through one reused 2 MiB bounce buffer.
+    """``frames[new] = frames[old]``, one page at a time through one memoryview.
 
-    Why not the one-liner: ``frames[old]`` allocates its result, and the daemon fixes glibc's
-    mmap threshold at 128 KiB (``malloc_tuning.py``), so each 2 MiB gather got a fresh
-    mapping and 512 first-touch page faults: 2.0 ms for a region against 0.77 ms this way
-    (``np.take`` straight into ``frames`` is no better: NumPy sees the overlap and buffers).
-    The buffer lives as long as the daemon (2 MiB); only the event loop's thread moves pages.
-    When ``new`` is one ascending run (a 2 MiB run) the store is a slice copy, not a scatter.
+    Why a Python loop: NumPy gathers scattered 4 KiB rows at about a third of memcpy's speed
+    and then needs a second copy out of its buffer (``np.take`` straight into ``frames`` is
+    buffered too: NumPy sees the overlap); a slice assignment per page is one memmove each,
+    about twice as fast for a 2 MiB region here (0.79 ms against 1.63 ms, loaded machine).
+    ``new`` are frames just allocated, so no page's new frame is another's old one and the
+    order of the copies does not matter.
     """
-    global _bounce
-    n = len(new)
-    if n == 0:
+    if len(new) == 0:
         return
-    if int(old.min()) < 0:  # np.take(mode="clip") would copy frame 0 for NO_FRAME
+    if int(old.min()) < 0:  # a NO_FRAME index would wrap around to the last frame
         raise ValueError("copy from a page without a frame")
-    if _bounce is None:
-        _bounce = np.empty((BOUNCE_PAGES, frames.shape[1]), dtype=frames.dtype)
-    first = int(new[0])
-    run = n > 1 and int(new[-1]) - first == n - 1 and bool((np.diff(new) == 1).all())
-    for lo in range(0, n, BOUNCE_PAGES):
-        hi = min(n, lo + BOUNCE_PAGES)
-        buf = _bounce[: hi - lo]
-        np.take(frames, old[lo:hi], axis=0, out=buf, mode="clip")  # (clip: no buffering)
-        if run:
-            frames[first + lo : first + hi] = buf
-        else:
-            frames[new[lo:hi]] = buf
+    flat = frames.reshape(-1).data.cast("B")
+    size = frames.shape[1]
+    for dst, src in zip(new.tolist(), old.tolist(), strict=True):
+        flat[dst * size : (dst + 1) * size] = flat[src * size : (src + 1) * size]
 
 
 def move(
