@@ -214,8 +214,15 @@ class FrameAllocator:
         if len(frames) == 1:  # the fault path's case: no NumPy machinery
             self.run_free[int(frames[0]) >> _RUN_SHIFT] -= 1
         elif len(frames):
-            runs, counts = _per_run(np.sort(frames))
-            self.run_free[runs] -= counts
+            runs = frames >> _RUN_SHIFT
+            lo, hi = runs.min(), runs.max()
+            if lo == hi:  # a chunk off the stack usually lies in one run
+                self.run_free[lo] -= len(frames)
+            elif len(frames) <= 64:
+                np.subtract.at(self.run_free, runs, 1)
+            else:  # a sort beats ufunc.at for big batches
+                per_run, counts = _per_run(np.sort(frames))
+                self.run_free[per_run] -= counts
 
     def _rebuild(self, ns: _NodeStack) -> None:
         """The node's stack from ``frame_state``: its free frames, lowest on top."""
