@@ -11,7 +11,7 @@ import numpy as np
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shared.constants import PAGE_SIZE, ServiceType
+from shared.constants import PAGE_SIZE, FaultReason, ServiceType
 from shared.errors import ErrorCode, VMMemError
 from shared.sizes import parse_size
 
@@ -211,6 +211,7 @@ class CtlOps:
             "swap_target_pages": self.server.memsched.swap_targets.get(vm.vm_id, 0),
             "memsched": self.server.memsched.status(vm),
             "stats": vars(vm.stats).copy(),
+            "faults_by_reason": {r.name.lower(): vm.fault_reasons[r] for r in FaultReason},
             "sampling": self._sampling.status(vm),
             "sharing": {
                 "shared_pages": merged_pages(vm.p2m),

@@ -673,6 +673,7 @@ class PlatformServer:
 
     def _send_fault_reply(self, vm: VM, request_id: int, reply: FaultReply, t0: float) -> None:
         self.metrics.faults.observe(reply.reason, time.perf_counter() - t0)
+        vm.fault_reasons[reply.reason] += 1
         if reply.count > 1:
             self.metrics.fault_around_pages.inc(reply.count - 1)
         vm.connection.send(reply, request_id)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from shared.constants import FaultReason
 from shared.layout import ControlRegion
 from shared.messages import Message, Register
 from shared.shm import MappedFile
@@ -84,6 +85,8 @@ class VM:
     #: to resume.
     resume_generation: int = 0
     stats: VMStats = field(default_factory=VMStats)
+    #: Faults answered, per FaultReason value (``vmmem-ctl top`` shows their rates).
+    fault_reasons: list[int] = field(default_factory=lambda: [0] * len(FaultReason))
     outstanding_faults: int = 0
     alive: bool = True
 
