@@ -20,6 +20,7 @@ from collections import Counter
 from typing import Any
 
 from .balloon_report import balloon_lines
+from .fmt import latency, table
 from .hugepages_run import hugepages_lines
 from .numa_run import numa_lines
 
@@ -217,35 +218,43 @@ def exit_status(report: dict[str, Any]) -> int:
     return EXIT_STATUS[report["outcome"]]  # the most severe outcome comes first
 
 
-def _us(seconds: float) -> str:
-    return f"{seconds * 1e6:,.0f}"
+#: The per-VM table's columns (the latencies carry their unit: µs, ms or s).
+_HEAD = (
+    "VM", "touched", "written", "faults", "p50", "p99",
+    "swap out", "swap in", "cancel", "verified", "mismatch",
+)  # fmt: skip
+
+
+def _vm_row(name: str, v: dict[str, Any]) -> list[str]:
+    lat = v["fault_latency_seconds"]
+    counts = [v["pages_touched"], v["pages_written"], v["faults"]]
+    swap = [v["swap"]["pages_out"], v["swap"]["pages_in"], v["swap"]["cancelled"]]
+    ver = [v["verification"]["pages_verified"], v["verification"]["mismatches"]]
+    return [
+        name,
+        *(f"{n:,}" for n in counts),
+        latency(lat["p50"]),
+        latency(lat["p99"]),
+        *(f"{n:,}" for n in swap + ver),
+    ]
 
 
 def render_table(report: dict[str, Any]) -> str:
-    """A fixed-width table, one row per VM, then the VMs that left the run, then totals."""
-    head = (
-        f"{'VM':<10}{'touched':>9}{'written':>9}{'faults':>9}{'p50 µs':>9}{'p99 µs':>9}"
-        f"{'swap out':>10}{'swap in':>9}{'cancel':>8}{'verified':>10}{'mismatch':>9}"
-    )
-    lines = [f"scenario {report['scenario']}, {report['seconds']:.1f} s", head, "-" * len(head)]
-    for name, v in sorted(report["vms"].items()):
-        lat = v["fault_latency_seconds"]
-        lines.append(
-            f"{name:<10}{v['pages_touched']:>9,}{v['pages_written']:>9,}{v['faults']:>9,}"
-            f"{_us(lat['p50']):>9}{_us(lat['p99']):>9}{v['swap']['pages_out']:>10,}"
-            f"{v['swap']['pages_in']:>9,}{v['swap']['cancelled']:>8,}"
-            f"{v['verification']['pages_verified']:>10,}{v['verification']['mismatches']:>9,}"
-        )
+    """A table, one row per VM with each column as wide as its widest cell, then the VMs that
+    left the run, then totals."""
+    rows = [_vm_row(name, v) for name, v in sorted(report["vms"].items())]
+    head, rule, *body = table(_HEAD, rows)
+    lines = [f"scenario {report['scenario']}, {report['seconds']:.1f} s", head, rule, *body]
     for name, v in sorted(report["not_verified"].items()):
         where = f" in phase {v['phase']}" if v["phase"] else ""
         lines.append(
-            f"{name:<10}{v['state'].replace('_', ' ').upper()}: {v['reason']}{where} at "
+            f"{name:<9} {v['state'].replace('_', ' ').upper()}: {v['reason']}{where} at "
             f"{v['at_seconds']:.1f} s — not verified"
         )
     for name, v in sorted(report["skipped"].items()):
-        lines.append(f"{name:<10}skipped: {v['reason']}")
+        lines.append(f"{name:<9} skipped: {v['reason']}")
     t = report["verification"]
-    lines.append("-" * len(head))
+    lines.append(rule)
     faults = ", ".join(f"{k} {n:,}" for k, n in sorted(report["faults"].items()))
     lines.append(f"faults by reason: {faults or 'none'}")
     failed = ", ".join(f"{k} {n:,}" for k, n in sorted(t["accesses_failed"].items()))
