@@ -8,9 +8,11 @@ import os
 import sys
 from typing import Any
 
+from shared.errors import ErrorCode
 from shared.sizes import format_size
 
 from .ctl_client import CtlClient, CtlError
+from .ctl_top import SORT_KEYS, DaemonLost, run_top
 from .hugepages_status import host_hugepages_line, vm_hugepages_line
 
 
@@ -60,7 +62,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-exposures", action="store_true", help="do not ask the agents what they map"
     )
     ck.add_argument("--json", action="store_true", help="print the raw result as JSON")
+    tp = sub.add_parser(
+        "top", help="a refreshing memory view: host frames and swap, per-VM pages and rates"
+    )
+    tp.add_argument(
+        "--interval",
+        type=_interval,
+        default=2.0,
+        help="seconds between screens; rates are over this time (default 2)",
+    )
+    tp.add_argument(
+        "--once", action="store_true", help="print one screen (rates over --interval) and exit"
+    )
+    tp.add_argument(
+        "--sort",
+        choices=SORT_KEYS,
+        default="faults",
+        help="order of the VMs: name ascending, any other column descending (default faults)",
+    )
     return p
+
+
+def _interval(text: str) -> float:
+    """``--interval``: a number of seconds from 0.1 to 3600."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be from 0.1 to 3600 seconds, not {text}")
+    return value
 
 
 def render_status(st: dict[str, Any]) -> str:
@@ -178,8 +209,33 @@ def render_check(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _top(client: CtlClient, args: argparse.Namespace) -> int:
+    """``top`` until Ctrl-C; a daemon that goes away ends it with one line and exit 2."""
+
+    def sample() -> dict[str, Any]:
+        try:
+            return client.call("status")
+        except OSError as exc:
+            raise DaemonLost(str(exc) or type(exc).__name__) from exc
+        except CtlError as exc:
+            if exc.code == ErrorCode.PROTOCOL:  # closed, or not speaking the protocol
+                raise DaemonLost(str(exc)) from exc
+            raise
+
+    try:
+        run_top(sample, interval=args.interval, once=args.once, sort=args.sort)
+    except DaemonLost as exc:
+        print(f"vmmem-ctl top: lost the platform daemon at {args.socket}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def _command(client: CtlClient, args: argparse.Namespace) -> int:
     """Run one subcommand; its exit code."""
+    if args.command == "top":
+        return _top(client, args)
     if args.command == "check":
         result = client.call("check", exposures=not args.no_exposures)
         print(json.dumps(result, indent=2) if args.json else render_check(result))
