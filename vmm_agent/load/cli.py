@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from shared.loops import run
 from shared.sizes import parse_size
 
+from . import compare
 from .balloon_run import BalloonRun
 from .driver import LoadRun, Progress, StartError, connect_agents, find_agents
 from .hugepages_run import HugepagesRun
@@ -99,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         "page the guests wrote. Exit status: 0 all verified; 1 data loss or a violation; "
         "2 bad flags or cannot start; 3 incomplete or unreachable (no mismatch found).",
         epilog="Example: vmmem-load --socket /tmp/vmmem.sock --scenario overcommit "
-        "--host-limit 128MiB --json report.json",
+        "--host-limit 128MiB --json report.json. Compare two reports: vmmem-load compare "
+        "A.json B.json",
     )
     a = p.add_argument
     fraction = _number(float, 0.0, 1.0)
@@ -283,6 +285,9 @@ def _scenario_or_none(args: argparse.Namespace) -> Scenario | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:
+        return compare.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.no_balloon and args.scenario != "balloon":
