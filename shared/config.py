@@ -26,46 +26,66 @@ LogFormat = Literal["auto", "json", "console"]
 class _Base(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VMMEM_", extra="forbid", frozen=True)
 
+    #: Log lines as JSON or for people (auto: JSON unless stderr is a terminal).
     log_format: LogFormat = "auto"
+    #: The least severe log events written.
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
 class PlatformConfig(_Base):
     """Settings of the platform daemon (one per host)."""
 
+    #: The Unix socket agents and ``vmmem-ctl`` connect to.
     socket: Path = Path("/tmp/vmmem.sock")
+    #: Machine memory to manage (a shared file of 4 KiB frames).
     host_memory: Size = 256 << 20
+    #: NUMA nodes machine memory is split into.
     numa_nodes: int = Field(default=2, ge=1, le=64)
+    #: Prometheus port on 127.0.0.1 (0: a free port; -1: no metrics).
     metrics_port: int = Field(default=9470, ge=-1, le=65535)
+    #: Directory of the shared memory files (machine memory, p2ms, control regions).
     mem_dir: Path = Path("/dev/shm")
     #: Back all of machine memory with RAM at startup, as a host's memory is.
     prefault: bool = True
+    #: PageList slots in each VM's control region.
     slot_count: int = Field(default=DEFAULT_SLOT_COUNT, ge=1, le=256)
+    #: Pages per PageList batch.
     slot_capacity: int = Field(default=DEFAULT_SLOT_CAPACITY, ge=1, le=1 << 16)
+    #: Faults one VM may have unanswered at once.
     max_outstanding_faults: int = Field(default=256, ge=1)
     #: Largest guest a VM may register: its p2m costs ~23 bytes per page of daemon memory.
     max_guest_memory: Size = 64 << 30
+    #: Most neighbour pages one fault may map along with its own.
     max_fault_around: int = Field(default=16, ge=0, le=MAX_FAULT_AROUND)
     #: Most pages a swap-in reads ahead: the window starts at the fault's fault-around and
     #: doubles while the guest keeps faulting just past it (a sequential walk), up to this.
     swap_readahead_max: int = Field(default=MAX_FAULT_AROUND, ge=0, le=MAX_FAULT_AROUND)
+    #: The swap file (created at start, removed at exit); none: no swap.
     swap_file: Path | None = None
+    #: Size of the swap file (needs ``swap_file``).
     swap_size: Size = 0
     #: Free-memory thresholds in percent of host memory (high, soft, hard, low), after ESX.
+    #: At or above high: reclaim stops.
     free_high_pct: float = Field(default=6.0, ge=0, le=100)
+    #: Below this: the soft state (ballooning).
     free_soft_pct: float = Field(default=4.0, ge=0, le=100)
+    #: Below this: the hard state (swapping).
     free_hard_pct: float = Field(default=2.0, ge=0, le=100)
+    #: Below this: the low state (first-touch faults wait for reclaim).
     free_low_pct: float = Field(default=1.0, ge=0, le=100)
     #: How long a first-touch fault in the low state waits for reclaim before it fails.
     low_wait_seconds: float = Field(default=5.0, gt=0)
-    #: Working-set sampling: pages sampled per VM each period, and the period (ESX: 100, 30 s).
+    #: Working-set sampling: pages sampled per VM each period (ESX: 100).
     sample_pages: int = Field(default=100, ge=1, le=1 << 20)
+    #: Seconds per working-set sampling period (ESX: 30).
     sample_period: float = Field(default=30.0, gt=0, le=86400)
+    #: Seed of the sample draws (none: random).
     sample_seed: int | None = None
     #: Page sharing scans all of a VM's memory once per this many seconds.
     share_scan_period: float = Field(default=30.0, gt=0, le=86400)
-    #: NUMA migration's bounds, pages per second per VM and for the host (0: no migration).
+    #: NUMA migration's bound per VM, pages per second (0: no migration).
     numa_migrate_rate: float = Field(default=4096.0, ge=0, le=1 << 24)
+    #: NUMA migration's bound for the whole host, pages per second.
     numa_host_migrate_rate: float = Field(default=16384.0, ge=0, le=1 << 24)
     #: 2 MB pages: 2M promotion collapses fully backed private regions into whole runs, and
     #: 2M defrag empties nearly free runs for it (off by default, as Linux's THP "madvise"
@@ -77,11 +97,14 @@ class PlatformConfig(_Base):
     hold_read_ahead: bool = True
     #: Low-priority aging: a type waiting this long moves up one priority class.
     lowprio_aging_seconds: float = Field(default=1.0, gt=0)
-    #: memsched (ESX'02): the idle memory tax, ballooning on or off, the balloon's cap as a
-    #: fraction of guest memory, and the balance period in seconds.
+    #: memsched's idle memory tax (ESX'02): an idle page counts 1 / (1 - tax) times an
+    #: active one in a VM's claim on memory (0: no tax).
     idle_tax: float = Field(default=0.75, ge=0, lt=1)
+    #: Reclaim by ballooning first (false: swap only).
     balloon: bool = True
+    #: The most of a guest's memory its balloon may hold.
     balloon_max_fraction: float = Field(default=0.65, ge=0, le=1)
+    #: Seconds between memsched's balances.
     balance_period: float = Field(default=1.0, gt=0, le=3600)
     #: Discard the state a crashed daemon left on this socket instead of taking it over.
     fresh: bool = False
@@ -120,26 +143,37 @@ class PlatformConfig(_Base):
 class AgentConfig(_Base):
     """Settings of one VMM agent (one per VM)."""
 
+    #: The platform daemon's Unix socket.
     socket: Path = Path("/tmp/vmmem.sock")
+    #: The VM's name, unique on the host.
     name: str = Field(default="vm0", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    #: Guest memory.
     memory: Size = 64 << 20
+    #: Virtual CPUs running the guest workload.
     vcpus: int = Field(default=2, ge=1, le=256)
+    #: Prometheus port on 127.0.0.1 (0: a free port; -1: no metrics).
     metrics_port: int = Field(default=0, ge=-1, le=65535)
+    #: Control socket for ``vmmem-load`` (none: ``vmmem-vm-NAME.sock`` beside ``socket``).
     control_socket: Path | None = None
+    #: Latency sensitivity: the higher, the tighter the low-priority time bound.
     latency_sensitivity: int = Field(default=0, ge=0)
+    #: NUMA home node (-1: the daemon picks one).
     home_node: int = Field(default=-1, ge=-1)
+    #: Memory shares for memsched's proportional allocation.
     shares: int = Field(default=1000, ge=1)
+    #: Seed of the guest's random choices.
     seed: int = 0
     #: Seconds between polls of the pending word (the talk's "polled" half).
     poll_interval: float = Field(default=0.05, gt=0)
     #: How long the guest waits, stalled, for a platform daemon to take over after the one
     #: it had died; then the agent exits.
     reconnect_seconds: float = Field(default=30.0, gt=0)
-    #: The balloon driver: pages per second it may inflate and deflate (Linux's vmw_balloon:
-    #: up to 2048 pages/s inflating under guest memory pressure, 16384 deflating), and the
-    #: most of guest memory the balloon may hold (ESX: 65 %).
+    #: The balloon driver: pages per second it may inflate (Linux's vmw_balloon: up to 2048
+    #: pages/s under guest memory pressure).
     balloon_rate: float = Field(default=2048.0, gt=0)
+    #: Pages per second the balloon driver may deflate (vmw_balloon: 16384).
     balloon_deflate_rate: float = Field(default=16384.0, gt=0)
+    #: The most of guest memory the balloon may hold (ESX: 65 %).
     balloon_max_fraction: float = Field(default=0.65, ge=0, le=1)
     #: Page checking: pages per second the monitor re-verifies against the guest model at
     #: low priority (0: off; vmm_agent/page_check.py).
