@@ -23,6 +23,9 @@ class Scenario:
     latency: tuple[int, ...] = ()
     #: The balloon scenario's passes (``balloon``: ballooning on; ``swap``: swap only).
     passes: tuple[str, ...] = ()
+    #: The name the report shows, when not ``name`` (a scenario file's own name; ``name``
+    #: is then the built-in scenario whose runner and report sections it uses).
+    title: str | None = None
 
 
 def basic(
