@@ -652,3 +652,18 @@ def test_rates_bound_pages_per_second_per_vm_and_for_the_host(
         assert h.invariants() == []
     finally:
         h.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_host_of_one_node_runs_no_scanner(h: Harness, mem_dir: Path) -> None:
+    """With one node no page is ever remote: no background scan (an idle daemon does not
+    wake for it); with two the scanner runs."""
+    scanner = h.svc.background()
+    assert scanner is not None
+    scanner.close()
+    one = MachineMemory(mem_dir / "machine1", h.config.host_pages, 1, prefault=False)
+    try:
+        ctx = SimpleNamespace(**{**vars(h.svc.ctx), "machine": one})
+        assert NumaMigrationService(ctx).background() is None  # type: ignore[arg-type]
+    finally:
+        one.close(unlink=True)

@@ -66,6 +66,8 @@ log = structlog.get_logger("vmmem.platform.defrag")
 
 #: How often each node is looked at (kcompactd's HPAGE_FRAG_CHECK_INTERVAL_MSEC).
 CHECK_SECONDS = 0.5
+#: How often the worker of a switched-off defrag looks whether it was switched on.
+OFF_SLEEP_SECONDS = 1.0
 #: Runs looked at per look, and the most used frames a run may hold to be emptied.
 SCAN_RUNS = 256
 MAX_USED = 64
@@ -165,7 +167,10 @@ class DefragService(LowPriorityService):
     async def worker(self) -> None:
         while True:
             self.step(self.ctx.clock())
-            await asyncio.sleep(CHECK_SECONDS / 5)
+            # Off: look again only now and then (an idle daemon need not wake 10 times a
+            # second); a run being isolated is followed to its end at the usual pace.
+            idle = not self.enabled and all(st.isolated is None for st in self.nodes)
+            await asyncio.sleep(OFF_SLEEP_SECONDS if idle else CHECK_SECONDS / 5)
 
     def step(self, now: float) -> None:
         """Each node: follow its isolated run, or at its check time maybe isolate one."""

@@ -196,8 +196,9 @@ class NumaMigrationService(LowPriorityService):
 
     # ---- scanning -------------------------------------------------------------------------
 
-    def background(self) -> Coroutine[Any, Any, None]:
-        return self.scanner()
+    def background(self) -> Coroutine[Any, Any, None] | None:
+        # One node: no page is ever remote, nothing to scan (and no wake-ups for it).
+        return self.scanner() if self.ctx.machine.nodes > 1 else None
 
     async def scanner(self) -> None:
         """The background scan: a chunk of each VM that wants one, yielding between them."""

@@ -62,6 +62,8 @@ if TYPE_CHECKING:
 #: PTEs, i.e. 8 regions, every 10 s; faster here, since a scenario lasts seconds).
 SCAN_REGIONS = 64
 SCAN_SECONDS = 0.1
+#: How often a background loop of a service switched off looks whether it was switched on.
+OFF_SLEEP_SECONDS = 1.0
 #: Regions queued per VM at most.
 MAX_QUEUE = 16
 #: After no run was free on the home node, the VM's queue waits this long.
@@ -137,7 +139,9 @@ class PromotionService(LowPriorityService):
             for st in list(self.vms.values()):
                 if self.enabled and st.vm.alive and now >= st.next_scan:
                     self.scan(st.vm, SCAN_REGIONS, now)
-            await asyncio.sleep(SCAN_SECONDS)
+            # Off (no --hugepages, or switched off): look again only now and then, so an idle
+            # daemon does not wake ten times a second for nothing.
+            await asyncio.sleep(SCAN_SECONDS if self.enabled else OFF_SLEEP_SECONDS)
 
     def scan(self, vm: VM, budget: int, now: float) -> int:
         """Look at ``budget`` regions under the hand and queue those fit to collapse;
