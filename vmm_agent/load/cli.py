@@ -29,10 +29,11 @@ from shared.sizes import parse_size
 
 from . import compare, scenario_file
 from .balloon_run import BalloonRun
-from .driver import LoadRun, Progress, StartError, connect_agents, find_agents
+from .driver import LoadRun, StartError, connect_agents, find_agents
 from .hugepages_run import HugepagesRun
 from .links import AgentLink, Clock, DaemonLink
 from .numa_run import NumaRun
+from .progress import Progress
 from .report import build_report, exit_status, render_table
 from .scenarios import (
     SCENARIOS,
@@ -273,7 +274,7 @@ async def main_async(args: argparse.Namespace, scenario: Scenario) -> int:
         out.verify,
         out.status,
         out.injected,
-        out.extra,
+        {**out.extra, "samples": out.samples},
         load.left_the_run(),
         daemon.summary(),
         out.phases,

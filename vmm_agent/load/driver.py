@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -22,6 +21,8 @@ from shared.workload import Phase
 
 from .links import AgentLink, Clock, DaemonLink, VmState
 from .lowprio_report import PhaseWindow, latency_report, sampling_report, sharing_report
+from .progress import Progress
+from .samples import SAMPLE_PERIOD, make_sample
 from .scenarios import Scenario
 
 #: How long a progress poll waits for an agent (the display only; nobody is dropped for it).
@@ -68,40 +69,6 @@ async def connect_agents(
     return links
 
 
-class Progress:
-    """One live line on a terminal; a line every few seconds otherwise."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.tty = sys.stderr.isatty()
-        self.last = 0.0
-
-    def show(self, phase: str, left: float, progress: list[dict[str, Any]]) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if not self.tty and now - self.last < 5:
-            return
-        self.last = now
-        ops = sum(p["reads"] + p["writes"] for p in progress)
-        faults = sum(p["faults"] for p in progress)
-        mism = sum(p["mismatches"] for p in progress)
-        line = (
-            f"[{phase:<9}] {left:5.1f}s left  accesses {ops:>11,}  faults {faults:>9,}  "
-            f"mismatches {mism}  VMs {len(progress)}"
-        )
-        print(
-            ("\r" + line) if self.tty else line,
-            end="" if self.tty else "\n",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def done(self) -> None:
-        if self.enabled and self.tty:
-            print(file=sys.stderr)
-
-
 @dataclass
 class Outcome:
     """What a run produced, for the report."""
@@ -114,6 +81,8 @@ class Outcome:
     verify: dict[str, dict[str, Any]] = field(default_factory=dict)
     status: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Figures over time, for the plots (samples.py).
+    samples: list[dict[str, Any]] = field(default_factory=list)
 
 
 class LoadRun:
@@ -138,6 +107,9 @@ class LoadRun:
         self._sensitivities: dict[str, int] = {}
         self._inject_at: list[float] = []
         self._t_start = time.monotonic()
+        self._next_sample = 0.0
+        #: The daemon's status at the last sample, for the progress display.
+        self._status: dict[str, Any] | None = None
 
     def active(self) -> list[AgentLink]:
         return [a for a in self.agents.values() if a.active]
@@ -225,7 +197,10 @@ class LoadRun:
                 await self._show_progress(phase.name, end)
         await asyncio.gather(*(a.call("halt", phase.name) for a in self.active()))
         self.out.windows.append(PhaseWindow(phase.name, started, time.monotonic()))
-        self.out.snapshots.append(await self.snapshot(phase.name))
+        snap = await self.snapshot(phase.name)
+        self.out.snapshots.append(snap)
+        now = self.daemon.clock.now()
+        self.out.samples.append(make_sample(now, phase.name, snap["results"], snap["status"]))
         self.out.phases.append(
             {
                 "name": phase.name,
@@ -250,7 +225,22 @@ class LoadRun:
             *(a.call("progress", phase, timeout=PROGRESS_TIMEOUT, drop_slow=False) for a in agents)
         )
         shown = [p for p in answers if p is not None]
-        self.progress.show(phase, max(0.0, end - time.monotonic()), shown)
+        if time.monotonic() >= self._next_sample:
+            self._next_sample = time.monotonic() + SAMPLE_PERIOD
+            await self._sample(phase)
+        self.progress.show(phase, max(0.0, end - time.monotonic()), shown, self._status)
+
+    async def _sample(self, phase: str) -> None:
+        """A sample of the figures plotted over time (samples.py). Only nice to have: a slow
+        agent is not dropped for it, and the daemon is asked once, never waited for (a gap
+        is for the phase boundaries to report)."""
+        agents = self.active()
+        results = await asyncio.gather(
+            *(a.call("results", phase, timeout=PROGRESS_TIMEOUT, drop_slow=False) for a in agents)
+        )
+        self._status = await self.daemon.peek("status")
+        got = {a.name: r for a, r in zip(agents, results, strict=True) if r is not None}
+        self.out.samples.append(make_sample(self.daemon.clock.now(), phase, got, self._status))
 
     async def snapshot(self, phase: str) -> dict[str, Any]:
         """The agents' results and the daemon's status (None if unreachable) after a phase."""

@@ -253,6 +253,21 @@ class DaemonLink:
             self._answered(op, result)
             return result
 
+    async def peek(self, op: str) -> dict[str, Any] | None:
+        """One attempt at ``op`` on the current connection, for figures only nice to have
+        (live samples): None at once if the daemon is not connected or does not answer in
+        time. It opens no gap and waits for no reconnection (a closed connection opens the
+        gap by itself, for the next ``call`` to wait on)."""
+        client = self.client
+        if client is None or client.closed.done():
+            return None
+        try:
+            result = await client.ctl(op, timeout=self.timeout)
+        except (PeerError, ConnectionClosed, OSError, TimeoutError):
+            return None
+        self._answered(op, result)
+        return result
+
     def _lost(self, exc: BaseException) -> None:
         self.close()
         if self.gap is None:
