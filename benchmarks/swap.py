@@ -68,7 +68,7 @@ if str(ROOT) not in sys.path:  # ``tests/procs.py`` is not an installed package
 from platform_daemon.server import PlatformServer  # noqa: E402
 from platform_daemon.swapfile import SwapFile  # noqa: E402
 from shared.config import PlatformConfig  # noqa: E402
-from shared.constants import PAGE_SIZE, Priority  # noqa: E402
+from shared.constants import PAGE_SIZE, PageState, Priority  # noqa: E402
 from shared.logs import configure_logging  # noqa: E402
 from shared.messages import CompleteRequest, GetRequest, Message, Register  # noqa: E402
 from tests.procs import Daemons, free_port  # noqa: E402
@@ -812,6 +812,41 @@ async def _pipeline(directory: Path, guest_bytes: int, batches: int) -> dict[str
         await bench.close()
 
 
+async def _swap_in_capacity(directory: Path, guest_bytes: int, batches: int) -> dict[str, Any]:
+    """Daemon-side swap-in capacity, no sockets: swap ``batches`` batches out, then fault
+    every swapped page back in order through the page-cache path (``try_swap_in_now``) with
+    the agent's fault-around, as a guest walking its memory does; CPU time per page."""
+    bench = _RoundBench(directory, guest_bytes, batches)
+    try:
+        server, vm = bench.server, bench.vm
+        assert server is not None
+        _want(server, vm, batches * BATCH)
+        while vm.stats.swapped_out < batches * BATCH:
+            if not _one_batch(server, vm, bench.state, bench.agent, bench.times):
+                await asyncio.sleep(0.0005)
+            await asyncio.sleep(0)
+        server.memsched.reclaiming = False
+        svc = server.services_swap()
+        state = vm.p2m.state
+        faults = pages = 0
+        t0, c0 = time.perf_counter(), time.process_time()
+        for bpn in np.flatnonzero(state == PageState.SWAPPED).tolist():
+            if state[bpn] != PageState.SWAPPED:
+                continue  # read ahead by an earlier fault
+            reply = svc.try_swap_in_now(vm, bpn, 16)
+            assert reply is not None, "not in the page cache"
+            faults, pages = faults + 1, pages + len(reply.bpns)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        return {
+            "pages": pages,
+            "faults": faults,
+            "pages_per_s": pages / wall,
+            "cpu_us_per_page": cpu / pages * 1e6,
+        }
+    finally:
+        await bench.close()
+
+
 # ---- report -----------------------------------------------------------------------------------
 
 
@@ -888,6 +923,18 @@ def print_table(res: dict[str, Any]) -> None:
         ("  ratio / raw pwrite reused", pipe["pages_per_s"] / fresh, ""),
         ("  ratio / raw pwrite cold", pipe["pages_per_s"] / cold, ""),
     ]
+    sin = res["inprocess"].get("swap_in_256MiB")
+    if sin is not None:
+        rows += [
+            ("in-process swap-in capacity (page cache)", sin["pages_per_s"], "pages/s"),
+            (
+                "  ratio / raw pread 4 KiB",
+                sin["pages_per_s"] / res["raw"]["pread_4k_pages_per_s"],
+                "",
+            ),
+            ("  pages per fault", sin["pages"] / sin["faults"], ""),
+            ("  CPU per page", sin["cpu_us_per_page"], "us"),
+        ]
     bd = res["breakdown"]
     rows += [
         ("512-page write: gather frames", bd["write_gather_us"], "us"),
@@ -970,6 +1017,7 @@ def main(argv: list[str] | None = None) -> int:
         "round_256MiB": rounds["256MiB"],
         "round_2GiB": rounds["2GiB"],
         "pipeline_256MiB": asyncio.run(_pipeline(directory, 256 * MiB, 32 if quick else 96)),
+        "swap_in_256MiB": asyncio.run(_swap_in_capacity(directory, 256 * MiB, 32 if quick else 96)),
     }
     ip = res["inprocess"]
     ip["round_ratio"] = ip["round_2GiB"]["round_us"] / ip["round_256MiB"]["round_us"]
