@@ -33,6 +33,7 @@ from .driver import LoadRun, StartError, connect_agents, find_agents
 from .hugepages_run import HugepagesRun
 from .links import AgentLink, Clock, DaemonLink
 from .numa_run import NumaRun
+from .plot import write_plot
 from .progress import Progress
 from .report import build_report, exit_status, render_table
 from .scenarios import (
@@ -204,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
         "reached during the run (a crash, a restart); the gap is reported (default 30)",
     )
     a("--json", type=Path, help="write the report as JSON to this file")
+    a(
+        "--plot",
+        type=Path,
+        metavar="FILE.png",
+        help="draw the run over time into this PNG: each VM's resident, swapped and shared "
+        "pages, the host's free frames, each VM's fault latency p50/p99",
+    )
     a("--no-progress", action="store_true", help="no live progress line")
     return p
 
@@ -287,6 +295,12 @@ async def main_async(args: argparse.Namespace, scenario: Scenario) -> int:
         except OSError as exc:
             print(f"{PROG}: cannot write the report to {args.json}: {exc}", file=sys.stderr)
             return code or 2
+    if args.plot:
+        try:
+            write_plot(report, args.plot)
+        except OSError as exc:
+            print(f"{PROG}: cannot write the plot to {args.plot}: {exc}", file=sys.stderr)
+            return code or 2
     return code
 
 
@@ -322,6 +336,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.json is not None and not args.json.parent.is_dir():
         print(f"{PROG}: --json: no directory {args.json.parent}", file=sys.stderr)
+        return 2
+    if args.plot is not None and (
+        args.plot.suffix.lower() != ".png" or not args.plot.parent.is_dir()
+    ):
+        why = "must end in .png" if args.plot.suffix.lower() != ".png" else "no directory"
+        print(f"{PROG}: --plot: {why}: {args.plot}", file=sys.stderr)
         return 2
     try:
         return run(main_async(args, scenario))
