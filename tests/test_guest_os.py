@@ -398,3 +398,25 @@ def test_vcpus_of_a_vm_share_one_read_only_zipf_table() -> None:
     other = AccessStream(phase, 8192, 0, 2, 12)  # another VM: its own permutation
     assert other.anon.perm is not a.anon.perm
     assert not np.array_equal(other.anon.perm, a.anon.perm)
+
+
+@pytest.mark.timeout(20)
+async def test_verification_faults_once_per_widest_window() -> None:
+    """Verification walks its pages: the first faults go every MAX_FAULT_AROUND + 1 missing
+    pages and ask for MAX_FAULT_AROUND neighbours (a swap-in reply maps up to that many), so
+    no fault is sent for a page an earlier reply is mapping; what is left goes one by one."""
+    from shared.constants import MAX_FAULT_AROUND
+
+    rig = Rig(pages=256)
+    await rig.run(duration=1.0, working_set=1.0, distribution="sequential", write_ratio=1.0)
+    written = rig.guest.written_pages()
+    assert len(written) == 256
+    rig.exposure.invalidate(written)  # as after a swap-out of everything
+    before = len(rig.daemon.faults)
+    result = await rig.runner.verify()
+    assert result["mismatches"] == 0 and result["pages_verified"] == 256
+    faults = rig.daemon.faults[before:]
+    wide = [f for f in faults if f.around]
+    assert [f.bpn for f in wide] == list(range(0, 256, MAX_FAULT_AROUND + 1))
+    assert {f.around for f in wide} == {MAX_FAULT_AROUND}
+    assert len(faults) == 256  # this fake daemon maps one page a fault: the rest one by one

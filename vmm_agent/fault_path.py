@@ -74,8 +74,13 @@ class FaultPath:
     def is_ready(self, bpn: int, write: bool) -> bool:
         return bool(self.exposure.frame[bpn] >= 0 and (not write or self.exposure.writable[bpn]))
 
-    async def ensure(self, bpn: int, write: bool, sequential: bool = False) -> None:
+    async def ensure(
+        self, bpn: int, write: bool, sequential: bool = False, around: int | None = None
+    ) -> None:
         """Return once ``bpn`` is exposed (and writable for a write).
+
+        ``sequential``: the guest walks memory, so the fault asks for ``around`` neighbours
+        (default: this path's own fault-around).
 
         The first vCPU to need a page sends the fault itself (no extra task); the others
         wait for it and look again, because its fault may not be enough for them (a read
@@ -113,18 +118,19 @@ class FaultPath:
                 # this one (the monitor's TLB shootdown).
                 self.unmap(bpn)
             try:
-                await self._fault(bpn, write, sequential)
+                await self._fault(
+                    bpn, write, (self.around if around is None else around) if sequential else 0
+                )
             finally:
                 fut = self.pending.pop(bpn)
                 if fut is not None:
                     fut.set_result(None)
 
-    async def _fault(self, bpn: int, write: bool, sequential: bool) -> None:
+    async def _fault(self, bpn: int, write: bool, around: int) -> None:
         slots = self.slots
         await slots.acquire()  # not ``async with``: two coroutines fewer per fault
         try:
             t0 = time.perf_counter()
-            around = self.around if sequential else 0
             try:
                 reply: FaultReply = await self.link.request(Fault(bpn, write, around))
             except ConnectionClosed:

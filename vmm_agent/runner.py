@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from shared.constants import ServiceType
+from shared.constants import MAX_FAULT_AROUND, ServiceType
 from shared.workload import Phase
 
 from .access import AccessStream, cache_blocks
@@ -31,8 +31,11 @@ VERIFY_CHUNK = 256
 HALT_SECONDS = 10.0
 #: Services whose filters do not skip pinned pages (see vmm_agent/services).
 PIN_EXEMPT = np.array([ServiceType.PAGE_RETIRE, ServiceType.P2M_UPDATE], dtype=np.uint8)
-#: The faulting page plus the 16 neighbours a fault-around may map.
-FAULT_AROUND_SPAN = 17
+#: Verification faults every this many missing pages with the largest fault-around: a
+#: swap-in reply maps the page and up to MAX_FAULT_AROUND swapped neighbours (the window of
+#: a walk); a smaller span sent faults for pages the previous reply was already mapping.
+VERIFY_AROUND = MAX_FAULT_AROUND
+FAULT_AROUND_SPAN = VERIFY_AROUND + 1
 #: Finished phases whose throughput is kept for the report.
 PHASES_KEPT = 64
 
@@ -196,14 +199,18 @@ class WorkloadRunner:
             self.pin_cycles += 1
 
     async def _fault_in(self, chunk: npt.NDArray[np.int64]) -> dict[int, str]:
-        """Expose a sorted chunk of pages with few messages: first every 17th missing page
-        with fault-around (one reply maps it and the next 16), then whatever is left, then
-        once more what failed. Returns the error code of each page whose last fault failed."""
+        """Expose a sorted chunk of pages with few messages: first every 65th missing page
+        with the largest fault-around (one swap-in reply maps it and up to 64 swapped pages
+        after it), then whatever is left, then once more what failed. Returns the error code
+        of each page whose last fault failed."""
         failed: dict[int, str] = {}
         for stride in (FAULT_AROUND_SPAN, 1, 1):
             missing = chunk[self.exposure.frame[chunk] < 0][::stride].tolist()
             results = await asyncio.gather(
-                *(self.faults.ensure(b, False, sequential=stride > 1) for b in missing),
+                *(
+                    self.faults.ensure(b, False, sequential=stride > 1, around=VERIFY_AROUND)
+                    for b in missing
+                ),
                 return_exceptions=True,
             )
             for bpn, res in zip(missing, results, strict=True):
