@@ -390,3 +390,34 @@ def test_content_profile_counts_every_backed_zero_page() -> None:
     assert gm.content_profile()["zero"] == 1
     assert gm.check(mem, 5, 9)  # touched again: backed by a zero page again
     assert gm.content_profile()["zero"] == 2
+
+
+@pytest.mark.timeout(10)
+async def test_a_round_refused_only_as_referenced_counts_as_progress() -> None:
+    """A round whose pages were all refused as recently referenced made progress (their bits
+    are cleared: the next pass takes them), so the next round starts at once; a round whose
+    pages were refused for good (pinned) made none, and waits for the next poll."""
+    from shared.constants import Priority
+    from shared.messages import GetRequest
+    from vmm_agent.rounds import HighPriorityLoop
+
+    agent = Agent()
+    agent.expose(range(8))
+    agent.exposure.accessed[:4] = True
+    agent.exposure.pinned[4:8] = 1
+
+    class Link:
+        def __init__(self, batches: list[Request]) -> None:
+            self.batches = batches
+
+        async def request(self, msg: Message) -> Request:
+            assert isinstance(msg, GetRequest) and msg.priority == Priority.HIGH
+            return self.batches.pop(0) if self.batches else Request(0, 0xFFFF, 0, 0)
+
+    referenced = agent.issue(ServiceType.SWAP, range(4))
+    loop = HighPriorityLoop(Link([referenced]), agent.region, agent.loop, 0.05)  # type: ignore[arg-type]
+    assert await loop.round() == 4
+    assert agent.loop.last_referenced == 4
+    pinned = agent.issue(ServiceType.SWAP, range(4, 8), slot=1)
+    loop = HighPriorityLoop(Link([pinned]), agent.region, agent.loop, 0.05)  # type: ignore[arg-type]
+    assert await loop.round() == 0

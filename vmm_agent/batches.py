@@ -50,6 +50,9 @@ class BatchProcessor:
         self.pages: Counter[tuple[str, str]] = Counter()
         self.released_while_pinned: Counter[str] = Counter()
         self.on_batch: list[Callable[[str, float, np.ndarray], None]] = []
+        #: Pages the last batch refused as recently referenced (their bit now cleared: the
+        #: clock's second chance, so the next pass may take them).
+        self.last_referenced = 0
 
     def process(self, req: Request) -> int:
         """Filter, invalidate, write statuses and complete one batch; returns pages released."""
@@ -82,6 +85,7 @@ class BatchProcessor:
         self.link.send(CompleteRequest(req.slot, count, seq, int(elapsed * 1e6)))
         self.batches[name] += 1
         counts = np.bincount(status, minlength=len(PageStatus))
+        self.last_referenced = int(counts[PageStatus.REFERENCED])
         for st in PageStatus:
             if counts[st]:
                 self.pages[(name, st.name.lower())] += int(counts[st])
