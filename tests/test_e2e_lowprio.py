@@ -195,8 +195,12 @@ def test_sampling_estimate_is_not_biased_by_swapping(short_tmp: Path, mem_dir: P
         # and 90 % ones maybe none in 5 s. The 35 % phase comes back to pages the 70 % one
         # pushed out to swap (the host holds 60 % of the guest): it is measured.
         phases = {name: per_vm["a"] for name, per_vm in sampling["phases"].items()}
-        assert phases["ws35"]["periods"] >= 1 and phases["ws50"]["periods"] >= 1, phases
-        phases = {name: p for name, p in phases.items() if p["periods"]}
+        assert phases["ws35"]["periods"] >= 2 and phases["ws50"]["periods"] >= 2, phases
+        # Judged: the phases with two periods or more. A phase's first period starts on the
+        # previous phase's working set, and with one period only the estimate is still
+        # catching up (CI saw ws70 get one period, estimate 0.49 for a truth of 0.70, once
+        # swap-ins got faster; ws35 and ws50 get 10-13 periods).
+        phases = {name: p for name, p in phases.items() if p["periods"] >= 2}
         # The last period of each phase: the bias this guards against (counting only
         # resident pages) would miss every touch of a swapped page, tens of % of guest
         # memory in the swapping phases; the estimate may still be catching up on a change
