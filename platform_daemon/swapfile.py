@@ -230,35 +230,14 @@ class SwapFile:
     ) -> npt.NDArray[np.uint8] | None:
         """Read and verify the pages in ``slots``.
 
-        Consecutive slots are read with one ``preadv`` per run, straight into the result.
-        With ``nowait`` the reads use RWF_NOWAIT: pages in the page cache are read at once
-        (a few µs, fine on the event loop), and None says some would need the disk — then
-        the caller reads them in a thread instead.
+        ``read_into`` with the result as the memory: one ``preadv`` per run of consecutive
+        slots, straight into the result. With ``nowait`` the reads use RWF_NOWAIT: pages in
+        the page cache are read at once (a few µs, fine on the event loop), and None says
+        some would need the disk — then the caller reads them in a thread instead.
         """
         out = np.empty((len(slots), PAGE_SIZE), dtype=np.uint8)
-        if len(slots) < 2 or bool((slots[1:] > slots[:-1]).all()):
-            order, sorted_slots, staged = None, slots, out  # ascending already: no reorder
-        else:
-            order = np.argsort(slots, kind="stable")
-            sorted_slots, staged = slots[order], np.empty_like(out)
-        flags = _RWF_NOWAIT if nowait else 0
-        for start, length in runs(sorted_slots):
-            buf = staged[start : start + length]
-            offset = int(sorted_slots[start]) * PAGE_SIZE
-            try:
-                got = os.preadv(self.fd, [buf.data.cast("B")], offset, flags)
-            except BlockingIOError:
-                return None
-            if got != length * PAGE_SIZE:
-                if nowait:  # partly cached: let the thread read it all
-                    return None
-                raise OSError(errno_mod.EIO, f"short read of swap slots from {offset // PAGE_SIZE}")
-        if order is not None:
-            out[order] = staged
-        bad = np.flatnonzero(digests(out) != self.checksum[slots])
-        if len(bad):
-            raise SwapChecksumError(f"swap slot {int(slots[bad[0]])}: checksum mismatch on read")
-        return out
+        frames = np.arange(len(slots), dtype=np.int64)  # page i of the result is "frame" i
+        return out if self.read_into(slots, out, frames, nowait) else None
 
     def read_into(
         self,
