@@ -68,6 +68,10 @@ def test_footprint_ops_of_a_real_daemon_and_agent(short_tmp: Path, mem_dir: Path
         per_page_p2m = sum(np.dtype(t).itemsize for _, t in P2M.FIELDS)
         assert vm["by_owner"]["p2m"] == pages * per_page_p2m
         assert vm["bytes"] == sum(vm["by_owner"].values())
+        # A service's per-VM state leads back to its VM: the walk stops there, so no other
+        # owner holds the p2m (or the VM's control region) a second time.
+        others = {k: v for k, v in vm["by_owner"].items() if k != "p2m"}
+        assert all(v < vm["by_owner"]["p2m"] for v in others.values()), others
         assert vm["bytes_per_page"] == pytest.approx(vm["bytes"] / pages, abs=0.01)
         assert vm["bytes"] < pages * 256  # the VM's 16 MiB of frames are not in it
         host = fp["host"]
