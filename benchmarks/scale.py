@@ -39,21 +39,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.swap import BATCH, _one_batch, _StubConnection, _want  # noqa: E402
+from benchmarks.swap import BATCH, _expose_all, _one_batch, _want  # noqa: E402
 from platform_daemon.server import PlatformServer  # noqa: E402
 from shared.config import PlatformConfig  # noqa: E402
 from shared.constants import PAGE_SIZE, Priority  # noqa: E402
-from shared.messages import GetRequest, Register  # noqa: E402
+from shared.messages import GetRequest  # noqa: E402
 from shared.sizes import parse_size  # noqa: E402
 from tests.procs import BIN, Daemons, ctl  # noqa: E402
-from vmm_agent.exposure import ExposureTable  # noqa: E402
-from vmm_agent.services.swap import SwapFilter  # noqa: E402
 
 MiB = 1 << 20
 TICK = os.sysconf("SC_CLK_TCK")
@@ -223,18 +219,9 @@ class _Host:
         self.server = PlatformServer(cfg)
         self.vms = []
         for i in range(vms):
-            conn = _StubConnection()
             # The first VM, whose rounds are timed, has a page for every batch swapped.
             pages = max(guest_pages, (rounds + 2) * BATCH) if i == 0 else guest_pages
-            reg = Register(name=f"vm{i:02d}", guest_pages=pages, vcpus=1)
-            self.server.registry.register(conn, reg)  # type: ignore[arg-type]
-            vm = conn.vm
-            frames = self.server.machine.allocator.allocate(pages, vm.home_node)
-            bpns = np.arange(pages, dtype=np.int64)
-            self.server.faults.map_private(vm, bpns, frames)
-            exposure = ExposureTable(pages)
-            exposure.install(bpns, frames, np.ones(pages, dtype=bool))
-            self.vms.append((vm, SwapFilter(exposure)))
+            self.vms.append(_expose_all(self.server, pages, 0, name=f"vm{i:02d}"))
         self.times: list[float] = []
         self.cpu: list[float] = []
 

@@ -672,10 +672,12 @@ def _server(tmp: Path, directory: Path, guest_pages: int, swap_pages: int) -> Pl
     return PlatformServer(cfg)
 
 
-def _expose_all(server: PlatformServer, guest_pages: int, content_pages: int) -> tuple[Any, Any]:
+def _expose_all(
+    server: PlatformServer, guest_pages: int, content_pages: int, name: str = "bench"
+) -> tuple[Any, Any]:
     """Register one VM and expose every page on its own frame; real bytes in the first ones."""
     conn = _StubConnection()
-    server.registry.register(conn, Register(name="bench", guest_pages=guest_pages, vcpus=1))  # type: ignore[arg-type]
+    server.registry.register(conn, Register(name=name, guest_pages=guest_pages, vcpus=1))  # type: ignore[arg-type]
     vm = conn.vm
     frames = server.machine.allocator.allocate(guest_pages, vm.home_node)
     bpns = np.arange(guest_pages, dtype=np.int64)
