@@ -258,10 +258,17 @@ class SwapFile:
         sorted_slots, sorted_frames = slots[order], frames[order].tolist()
         flags = _RWF_NOWAIT if nowait else 0
         for start, length in runs(sorted_slots):
-            bufs = [
-                flat[f * PAGE_SIZE : (f + 1) * PAGE_SIZE]
-                for f in sorted_frames[start : start + length]
-            ]
+            first = sorted_frames[start]
+            if sorted_frames[start + length - 1] - first == length - 1 and (
+                length < 3
+                or sorted_frames[start : start + length] == list(range(first, first + length))
+            ):  # consecutive frames (a result array, a fresh run): one buffer for the run
+                bufs = [flat[first * PAGE_SIZE : (first + length) * PAGE_SIZE]]
+            else:
+                bufs = [
+                    flat[f * PAGE_SIZE : (f + 1) * PAGE_SIZE]
+                    for f in sorted_frames[start : start + length]
+                ]
             offset = int(sorted_slots[start]) * PAGE_SIZE
             try:
                 got = os.preadv(self.fd, bufs, offset, flags)
