@@ -195,11 +195,13 @@ def test_sampling_estimate_is_not_biased_by_swapping(short_tmp: Path, mem_dir: P
         # and 90 % ones maybe none in 5 s. The 35 % phase comes back to pages the 70 % one
         # pushed out to swap (the host holds 60 % of the guest): it is measured.
         phases = {name: per_vm["a"] for name, per_vm in sampling["phases"].items()}
-        assert phases["ws35"]["periods"] >= 2 and phases["ws50"]["periods"] >= 2, phases
-        # Judged: the phases with two periods or more. A phase's first period starts on the
-        # previous phase's working set, and with one period only the estimate is still
-        # catching up (CI saw ws70 get one period, estimate 0.49 for a truth of 0.70, once
-        # swap-ins got faster; ws35 and ws50 get 10-13 periods).
+        assert phases["ws35"]["periods"] >= 2, phases
+        # Judged: the phases with two periods or more; ws35, the one that comes back to
+        # swapped pages, always among them (10-13 periods). A phase's first period starts
+        # on the previous phase's working set, and with one period only the estimate is
+        # still catching up (CI saw ws70 get one period, estimate 0.49 for a truth of 0.70,
+        # once swap-ins got faster). ws50 usually gets ~10, but once got none: after ws90
+        # it starts by swapping back in, on guest time.
         phases = {name: p for name, p in phases.items() if p["periods"] >= 2}
         # The last period of each phase: the bias this guards against (counting only
         # resident pages) would miss every touch of a swapped page, tens of % of guest
