@@ -144,6 +144,24 @@ def test_the_fraction_is_over_the_pages_the_monitor_armed() -> None:
 
 
 @pytest.mark.timeout(10)
+def test_every_prefix_of_the_sample_is_uniform_over_the_guest() -> None:
+    """The monitor arms a sample in the order it is handed out, and a period may end before
+    it armed all of it: the fraction is then over the pages armed so far, which must be a
+    uniform sample themselves. Handed out sorted, the first batch would be the low guest
+    addresses only, where working sets often start (a guest using the lower half would
+    read as 100 % of it touched)."""
+    svc, _ = make_service(pages=4000, period=10.0)
+    vm = make_vm()
+    for period in range(3):  # the first batch of three samples
+        now = at(vm, 10.0 * period)
+        assert svc.pending_work(vm, now) == 4000  # type: ignore[arg-type]
+        first = svc.select_work(vm, 256, 256, now).bpns  # type: ignore[arg-type]
+        assert len(first) == 256
+        lower = np.count_nonzero(first < GUEST_PAGES // 2) / len(first)
+        assert 0.35 <= lower <= 0.65, lower  # binomial(256, 0.5): 0.5 +- 0.03
+
+
+@pytest.mark.timeout(10)
 def test_the_sample_id_is_set_before_the_first_batch_of_a_sample() -> None:
     """The region's sample id names the new sample as soon as its first batch is handed out
     (the monitor reads it with that batch), not once the whole sample is out."""

@@ -122,6 +122,12 @@ def sampling_report(
                 "periods": len(rows),
                 "truth": [round(t, 4) for _, t in rows],
                 "estimate": [round(p["estimate"], 4) for p, _ in rows],
+                # The period's own sample (touched / armed), before smoothing, and how many
+                # of its pages the monitor had armed when the period ended.
+                "armed": [p["armed"] for p, _ in rows],
+                "sampled": [
+                    round(p["touched"] / p["armed"], 4) if p["armed"] else None for p, _ in rows
+                ],
                 "max_abs_error": round(max(settled), 4) if settled else None,
                 "max_abs_error_all": round(max(errors), 4) if errors else None,
                 "max_abs_error_raw_sample": round(max(raw), 4) if raw else None,
