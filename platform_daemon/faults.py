@@ -79,7 +79,9 @@ class FaultResolver:
         if FAULT_FLAG_WRITABLE != 1:
             flags *= FAULT_FLAG_WRITABLE
         # Fancy indexing already copies: the reply never aliases the p2m.
-        return FaultReply(int(reason), idx.astype(np.uint64), vm.p2m.frame[idx], flags)
+        return FaultReply(
+            int(reason), idx.astype(np.uint64), vm.p2m.frame[idx].astype(np.int64), flags
+        )
 
     def reply_one(self, vm: VM, reason: int, bpn: int) -> FaultReply:
         """``reply`` for one page, with plain ints."""

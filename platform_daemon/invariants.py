@@ -158,10 +158,10 @@ class _Pages:
         return cls(
             np.concatenate([np.full(p.guest_pages, i, np.int32) for i, p in p2ms]),
             np.concatenate([np.arange(p.guest_pages, dtype=np.int64) for _, p in p2ms]),
-            np.concatenate([p.frame for _, p in p2ms]),
+            np.concatenate([p.frame for _, p in p2ms], dtype=np.int64),
             np.concatenate([p.state for _, p in p2ms]),
             np.concatenate([p.op for _, p in p2ms]),
-            np.concatenate([p.swap_slot for _, p in p2ms]),
+            np.concatenate([p.swap_slot for _, p in p2ms], dtype=np.int64),
             np.concatenate([p.flags for _, p in p2ms]),
         )
 
@@ -357,7 +357,8 @@ class P2MView:
 
     @classmethod
     def of(cls, p2m: P2M) -> P2MView:
-        return cls(p2m.frame.copy(), p2m.state.copy(), p2m.flags.copy(), p2m.op.copy())
+        frame = p2m.frame.astype(np.int64)  # a copy, widened: the p2m stores int32
+        return cls(frame, p2m.state.copy(), p2m.flags.copy(), p2m.op.copy())
 
 
 def _may_map(

@@ -31,9 +31,16 @@ class P2M:
     """
 
     #: (name, dtype) of each array, in buffer order: widest first, so all stay aligned.
+    #: 15 bytes per guest page. Frames and swap slots are int32 (NO_FRAME / NO_SLOT: -1):
+    #: the configuration refuses a host of more than MAX_P2M_NUMBERS frames or swap slots
+    #: (8 TiB each, ``shared.config``), so every value stored here fits, and the int64
+    #: arrays the services assign into these columns (allocator results, targets) are
+    #: never truncated. Arithmetic on values read from here must not stay int32 when it
+    #: can pass 2**31: a byte offset is ``.astype(np.int64) * PAGE_SIZE`` or a Python int.
+    #: The layout is the p2m file's too (``persist.P2M_FORMAT_VERSION``).
     FIELDS: tuple[tuple[str, type], ...] = (
-        ("frame", np.int64),
-        ("swap_slot", np.int64),
+        ("frame", np.int32),
+        ("swap_slot", np.int32),
         ("epoch", np.uint32),
         ("state", np.uint8),
         ("op", np.uint8),
@@ -42,10 +49,10 @@ class P2M:
 
     def __init__(self, guest_pages: int, buffer: Any = None, offset: int = 0) -> None:
         self.guest_pages = guest_pages
-        self.frame: npt.NDArray[np.int64]
+        self.frame: npt.NDArray[np.int32]
         self.state: npt.NDArray[np.uint8]
         self.op: npt.NDArray[np.uint8]
-        self.swap_slot: npt.NDArray[np.int64]
+        self.swap_slot: npt.NDArray[np.int32]
         self.flags: npt.NDArray[np.uint8]
         # Incremented each time a page's in-flight op starts, so an async completion can tell
         # whether the page it worked on was cancelled (and maybe restarted) in the meantime.
@@ -91,7 +98,6 @@ class P2M:
     def private_frames(self) -> npt.NDArray[np.int64]:
         """Frames backing a page of their own (large pages included; not shared or zero
         frames): what the VM's release gives back to the pool."""
-        frames: npt.NDArray[np.int64] = self.frame[
-            (self.frame != NO_FRAME) & ((self.flags & FLAG_SHARED) == 0)
-        ]
+        mask = (self.frame != NO_FRAME) & ((self.flags & FLAG_SHARED) == 0)
+        frames: npt.NDArray[np.int64] = self.frame[mask].astype(np.int64)
         return frames

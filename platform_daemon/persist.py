@@ -52,7 +52,11 @@ from .p2m import P2M
 HEADER_SIZE = PAGE_SIZE
 STATE_MAGIC = b"VMMEMST1"
 P2M_MAGIC = b"VMMEMP2M"
-FORMAT_VERSION = 2
+#: Of the state file and the p2m files alike; a daemon takes over files of its own version
+#: only. 3: the p2m's frame and swap slot columns became int32 (``P2M.FIELDS``).
+FORMAT_VERSION = 3
+#: What a refusal of another version's files tells the operator.
+_OTHER_VERSION = "left by another version of the daemon: start it with --fresh to discard them"
 MAX_NODES = 64
 _SWAP_PATH_BYTES = 1024
 _REGISTER_BYTES = 2048
@@ -283,7 +287,10 @@ def _read_state_header(path: Path, buf: Any) -> StateHeader:
     if fields[0] != STATE_MAGIC:
         raise StateError(f"{path}: not a VMMem state file")
     if fields[1] != FORMAT_VERSION:
-        raise StateError(f"{path}: state format {fields[1]}, this daemon reads {FORMAT_VERSION}")
+        raise StateError(
+            f"{path}: state format {fields[1]}, this daemon reads {FORMAT_VERSION} "
+            f"({_OTHER_VERSION})"
+        )
     if xxhash.xxh3_64_intdigest(body) != stored:
         raise StateError(f"{path}: header checksum mismatch (a torn or damaged file)")
     nodes, host_pages, swap_slots, generation, next_vm_id, next_gen, pid, limit = fields[2:10]
@@ -400,7 +407,9 @@ def _read_p2m_header(path: Path, buf: Any) -> P2MHeader:
     if magic != P2M_MAGIC:
         raise StateError(f"{path}: not a VMMem p2m file")
     if version != FORMAT_VERSION:
-        raise StateError(f"{path}: p2m format {version}, this daemon reads {FORMAT_VERSION}")
+        raise StateError(
+            f"{path}: p2m format {version}, this daemon reads {FORMAT_VERSION} ({_OTHER_VERSION})"
+        )
     if xxhash.xxh3_64_intdigest(body) != stored:
         raise StateError(f"{path}: header checksum mismatch (a torn or damaged file)")
     try:

@@ -230,8 +230,8 @@ def reconcile(state: StateFile, files: list[P2MFile]) -> Reconciled:
         p2m.state[:] = new_state
         p2m.op[:] = NO_OP
         p2m.flags[~has_frame] = 0  # swapped and untouched pages are private
-        swapped.append(p2m.swap_slot[~has_frame & has_slot].copy())
-        frames = p2m.frame[has_frame]
+        swapped.append(p2m.swap_slot[~has_frame & has_slot].astype(np.int64))
+        frames = p2m.frame[has_frame].astype(np.int64)
         frames_of.append(frames)
         shared_of.append(frames[(p2m.flags[has_frame] & FLAG_SHARED) != 0])
     # One count over all VMs' pages: the cost is the pages plus one pass over the frames.

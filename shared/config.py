@@ -20,6 +20,9 @@ from .constants import DEFAULT_SLOT_CAPACITY, DEFAULT_SLOT_COUNT, MAX_FAULT_AROU
 from .sizes import parse_size
 
 Size = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
+#: Most frames of machine memory, and most swap slots: the daemon's p2m stores both as int32
+#: (``platform_daemon/p2m.py``), so 2**31 of each (8 TiB of 4 KiB pages).
+MAX_P2M_NUMBERS = 1 << 31
 LogFormat = Literal["auto", "json", "console"]
 
 
@@ -53,7 +56,7 @@ class PlatformConfig(_Base):
     slot_capacity: int = Field(default=DEFAULT_SLOT_CAPACITY, ge=1, le=1 << 16)
     #: Faults one VM may have unanswered at once.
     max_outstanding_faults: int = Field(default=256, ge=1)
-    #: Largest guest a VM may register: its p2m costs ~23 bytes per page of daemon memory.
+    #: Largest guest a VM may register: its p2m costs 15 bytes per page of daemon memory.
     max_guest_memory: Size = 64 << 30
     #: Most neighbour pages one fault may map along with its own.
     max_fault_around: int = Field(default=16, ge=0, le=MAX_FAULT_AROUND)
@@ -128,6 +131,13 @@ class PlatformConfig(_Base):
             raise ValueError("free thresholds must satisfy high >= soft >= hard >= low")
         if self.swap_size and self.swap_file is None:
             raise ValueError("--swap-size needs --swap-file")
+        for name, size in (("host memory", self.host_memory), ("swap size", self.swap_size)):
+            if size // PAGE_SIZE > MAX_P2M_NUMBERS:
+                raise ValueError(
+                    f"{name} of {size} bytes is more than {MAX_P2M_NUMBERS * PAGE_SIZE} "
+                    f"({MAX_P2M_NUMBERS} pages of {PAGE_SIZE} bytes): the p2m numbers frames "
+                    "and swap slots in 32 bits"
+                )
         return self
 
     @property

@@ -62,8 +62,8 @@ class BalloonService(PlatformService):
         # After the cancel: cancelling a promotion in flight completes it (the region becomes
         # large), and the split must see that, or the rest of the region stays marked large.
         self.split_large(vm, accepted)  # the rest of a large region stays, as small pages
-        frames = p2m.frame[accepted].copy()
-        slots = p2m.swap_slot[accepted].copy()
+        frames = p2m.frame[accepted].astype(np.int64)
+        slots = p2m.swap_slot[accepted].astype(np.int64)
         shared = (p2m.flags[accepted] & FLAG_SHARED) != 0
         swapped = p2m.state[accepted] == _SWAPPED
         # The p2m forgets the pages first, then what backed them is freed.

@@ -337,14 +337,14 @@ class DefragService(LowPriorityService):
             return Selection.empty()
         popped = np.unique(np.array(q[:take], dtype=np.int64))
         del q[:take]
-        frames = vm.p2m.frame[popped]
+        frames = vm.p2m.frame[popped].astype(np.int64)
         keep = self._movable(vm, popped, frames) & self._isolated_run_of(frames)
         bpns = popped[keep]
         resident = bpns[vm.p2m.state[bpns] == _RESIDENT]
         batch = bpns[vm.p2m.state[bpns] == _EXPOSED]
         if len(resident):
             self.move(vm, resident)
-        return Selection(batch, vm.p2m.frame[batch].copy(), take)
+        return Selection(batch, vm.p2m.frame[batch].astype(np.int64), take)
 
     def on_refused(self, vm: VM, refused: Pages, status: npt.NDArray[np.uint8]) -> None:
         """A page the VMM keeps (pinned) cannot leave its run: give that run up now."""

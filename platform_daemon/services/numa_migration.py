@@ -124,7 +124,9 @@ class NumaStats:
 class _VMNuma:
     vm: VM
     bucket: TokenBucket
-    queued: npt.NDArray[np.bool_]  # the page is in ``queue``
+    #: Pages found off node, to move. No per-page "queued" array beside it: the queue is
+    #: short (MAX_QUEUE) and a scan checks its finds against it (``_not_queued``), so NUMA
+    #: migration keeps nothing per guest page.
     queue: list[int] = field(default_factory=list)
     hand: int = 0
     found_in_pass: int = 0
@@ -190,7 +192,7 @@ class NumaMigrationService(LowPriorityService):
         st = self.vms.get(vm.vm_id)
         if st is None:
             bucket = TokenBucket(self.vm_rate, self.ctx.clock())
-            st = _VMNuma(vm, bucket, np.zeros(vm.guest_pages, dtype=bool))
+            st = _VMNuma(vm, bucket)
             self.vms[vm.vm_id] = st
         return st
 
@@ -228,8 +230,7 @@ class NumaMigrationService(LowPriorityService):
         n = vm.guest_pages
         window = (st.hand + np.arange(min(n, budget), dtype=np.int64)) % n
         found = self._movable(vm, window)
-        found = found[~st.queued[found]][: MAX_QUEUE - len(st.queue)]
-        st.queued[found] = True
+        found = _not_queued(found, st.queue)[: MAX_QUEUE - len(st.queue)]
         st.queue.extend(found.tolist())
         st.found_in_pass += len(found)
         st.hand = int((window[-1] + 1) % n)
@@ -276,7 +277,6 @@ class NumaMigrationService(LowPriorityService):
             return Selection.empty()
         popped = np.array(st.queue[:limit], dtype=np.int64)
         del st.queue[:limit]
-        st.queued[popped] = False
         bpns = self._movable(vm, np.unique(popped))
         resident = bpns[vm.p2m.state[bpns] == _RESIDENT]
         batch = bpns[vm.p2m.state[bpns] == _EXPOSED]
@@ -285,7 +285,7 @@ class NumaMigrationService(LowPriorityService):
         if len(resident):  # nobody maps these: no need to ask the VMM
             self._promise(st, len(resident))
             self._finish(vm, resident)
-        return Selection(batch, vm.p2m.frame[batch].copy(), len(popped))
+        return Selection(batch, vm.p2m.frame[batch].astype(np.int64), len(popped))
 
     def _charge(self, st: _VMNuma, pages: int) -> None:
         st.bucket.take(pages)
@@ -370,3 +370,12 @@ def locality(vm: VM, allocator: FrameAllocator) -> tuple[int, int]:
     frames = p2m.frame[(p2m.frame >= 0) & ((p2m.flags & FLAG_SHARED) == 0)]
     local = int(np.count_nonzero(allocator.node_of(frames) == vm.home_node))
     return local, len(frames) - local
+
+
+def _not_queued(found: Pages, queue: list[int]) -> Pages:
+    """The pages of ``found`` not in ``queue`` already (a page stays queued across passes
+    until a round takes it: it must not be queued twice)."""
+    if not queue or len(found) == 0:
+        return found
+    fresh: Pages = found[~np.isin(found, np.array(queue, dtype=np.int64))]
+    return fresh

@@ -72,7 +72,7 @@ def move(
     repoint the p2m (and its owners), OR ``flags`` into theirs; the pages end RESIDENT with
     no operation. Returns the frames they left: the caller frees or claims them."""
     p2m = vm.p2m
-    old: npt.NDArray[np.int64] = p2m.frame[bpns]  # (a fancy index: already a copy)
+    old = p2m.frame[bpns].astype(np.int64)  # a copy, widened from the p2m's int32
     # The order keeps a crash safe: the copy is in the new frame before the p2m names it.
     copy_frames(machine.frames, new, old)
     p2m.frame[bpns] = new

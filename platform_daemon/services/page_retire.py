@@ -66,7 +66,7 @@ class PageRetireService(PlatformService):
         resident = queued[vm.p2m.state[queued] == PageState.RESIDENT]
         self.move(vm, resident)  # nobody maps these: no need to ask the VMM
         picked = queued[vm.p2m.state[queued] == PageState.EXPOSED][:capacity]
-        return picked, vm.p2m.frame[picked].copy()
+        return picked, vm.p2m.frame[picked].astype(np.int64)
 
     def complete(self, vm: VM, accepted: Pages, status: npt.NDArray[np.uint8]) -> None:
         # The copy is a few KiB per page: done here, so no fault can ever find it half done.
@@ -90,7 +90,7 @@ class PageRetireService(PlatformService):
         if len(bpns) == 0:
             return 0
         self.split_large(vm, bpns)  # unmapped pages move without a batch: split here
-        old = vm.p2m.frame[bpns].copy()
+        old = vm.p2m.frame[bpns].astype(np.int64)
         nodes = machine.allocator.node_of(old)
         new = np.empty_like(old)
         for node in np.unique(nodes):

@@ -73,8 +73,14 @@ MAX_CANDIDATES = 4096
 RATE_SECONDS = 1.0
 #: Pages merged per step of an asynchronous merge before it yields to the event loop.
 MERGE_CHUNK = 64
-#: Entries of the unstable table (hash -> a page seen with it) before it is flushed.
+#: Entries of the unstable table (hint -> a page seen with it) before it is flushed.
 UNSTABLE_LIMIT = 1 << 20
+#: Bits of a page's scan ``marks``: ``hint`` holds its content at its last scan ...
+_HINTED = 1
+#: ... and the page is the unstable table's entry for that (unchanged) hint: nothing to look up.
+_REGISTERED = 2
+_NOT_REGISTERED = ~_REGISTERED & 0xFF
+_HINT_BITS = 0xFFFFFFFF
 _EXPOSED, _RESIDENT = int(PageState.EXPOSED), int(PageState.RESIDENT)
 _IN_FLIGHT = int(PageState.IN_FLIGHT)
 _SHARING = int(ServiceType.PAGE_SHARING)
@@ -83,10 +89,15 @@ _SHARING = int(ServiceType.PAGE_SHARING)
 @dataclass
 class _VMScan:
     vm: VM
-    hint: npt.NDArray[np.uint64]  # each page's hash at its last scan
-    hinted: npt.NDArray[np.bool_]
-    # The page is the unstable table's entry for its (unchanged) hint: nothing to look up.
-    registered: npt.NDArray[np.bool_]
+    #: Each page's hint: the low 32 bits of its xxh3-64 at its last scan (5 bytes per page
+    #: with ``marks``, the scan's whole per-page cost). Why 32 bits are enough: the hint only
+    #: picks candidates (stable content, a likely partner); a false match (one in 2**32 per
+    #: comparison) costs one candidate's round trip, never a wrong merge: ``merge`` hashes
+    #: the page again in full (64 bits, the shared table's key) and compares it byte for
+    #: byte with the frame it would map. At worst such a page becomes a merged frame of its
+    #: own with no partner, which ``_unshare_singletons`` hands back after two passes.
+    hint: npt.NDArray[np.uint32]
+    marks: npt.NDArray[np.uint8]  # _HINTED | _REGISTERED
     hand: int = 0
     passes: int = 0  # times the hand went round
     scan_rate: float = 0.0  # pages hashed per second, over the last RATE_SECONDS or more
@@ -119,9 +130,7 @@ class PageSharingService(LowPriorityService):
         st = self.scans.get(vm.vm_id)
         if st is None:
             n = vm.guest_pages
-            st = _VMScan(
-                vm, np.zeros(n, dtype=np.uint64), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
-            )
+            st = _VMScan(vm, np.zeros(n, dtype=np.uint32), np.zeros(n, dtype=np.uint8))
             self.scans[vm.vm_id] = st
         return st
 
@@ -188,14 +197,14 @@ class PageSharingService(LowPriorityService):
         state, flags = p2m.state[window], p2m.flags[window]
         self._unshare_singletons(vm, window[(flags & FLAG_MERGED) != 0])
         eligible = window[((state == _EXPOSED) | (state == _RESIDENT)) & (flags == 0)][:budget]
-        frames = p2m.frame[eligible]
+        frames = p2m.frame[eligible].astype(np.int64)  # byte offsets follow: no int32
         t0 = time.perf_counter()
         room = MAX_CANDIDATES - len(st.candidates)
         hashes, picked = self._classify(vm, st, eligible, frames, room)
         hashed = len(hashes)
         if hashed:
-            st.hint[eligible[:hashed]] = hashes
-            st.hinted[eligible[:hashed]] = True
+            st.hint[eligible[:hashed]] = _hints(hashes)
+            st.marks[eligible[:hashed]] |= _HINTED
         # Continue after the last page hashed, or after the window when it ran out.
         old_hand = st.hand
         if hashed == len(eligible) and len(eligible) < budget:
@@ -235,7 +244,7 @@ class PageSharingService(LowPriorityService):
         del st.candidates[:take]
         p2m = vm.p2m
         bpns = np.unique(bpns[(p2m.state[bpns] == _EXPOSED) & (p2m.flags[bpns] == 0)])
-        return Selection(bpns, p2m.frame[bpns].copy(), take)
+        return Selection(bpns, p2m.frame[bpns].astype(np.int64), take)
 
     def _classify(
         self,
@@ -261,9 +270,12 @@ class PageSharingService(LowPriorityService):
         zero = usable & (hashes == np.uint64(ZERO_HASH))
         known = usable & ~zero & self.ctx.shared.in_table(hashes)
         # Same content as at its last scan (KSM's volatility check): may pair with another.
-        steady = usable & ~zero & ~known & st.hinted[bpns] & (st.hint[bpns] == hashes)
+        hints = _hints(hashes)
+        marks = st.marks[bpns]
+        hinted = (marks & _HINTED) != 0
+        steady = usable & ~zero & ~known & hinted & (st.hint[bpns] == hints)
         unstable, base = self.unstable, vm.vm_id << 32
-        was = st.registered[bpns]
+        was = (marks & _REGISTERED) != 0
         registered = was & steady  # a page whose content changed lost it
         # ... and its entry, under the hash of its last scan (st.hint, updated after this):
         # left in the table, entries of changed pages pile up without bound (the soak grew
@@ -272,14 +284,14 @@ class PageSharingService(LowPriorityService):
         for bpn, old in zip(bpns[lost].tolist(), st.hint[bpns[lost]].tolist(), strict=True):
             if unstable.get(old) == base | bpn:
                 del unstable[old]
-        st.registered[bpns] = registered
+        st.marks[bpns] = (marks & _NOT_REGISTERED) | (registered.astype(np.uint8) * _REGISTERED)
         found = np.flatnonzero(zero | known).tolist()
         todo = np.flatnonzero(steady & ~registered)
         newly: list[int] = []  # pages that become (again) their content's unstable entry
         if len(unstable) + len(todo) > UNSTABLE_LIMIT:
             self._flush_unstable()
         for i, bpn in zip(todo.tolist(), bpns[todo].tolist(), strict=True):
-            h = hashed[i]
+            h = hashed[i] & _HINT_BITS  # the unstable table is keyed by hints
             key = base | bpn
             other = unstable.get(h)
             if other is None or other == key:  # new content, or its own entry from before
@@ -292,7 +304,7 @@ class PageSharingService(LowPriorityService):
                 self._unregister(other)
                 unstable[h] = key
                 newly.append(bpn)
-        st.registered[newly] = True
+        st.marks[newly] |= _REGISTERED
         picked = np.array(sorted(found), dtype=np.int64)
         if len(picked) > capacity:  # the rest is hashed again when the hand comes back
             picked = picked[:capacity]
@@ -308,16 +320,16 @@ class PageSharingService(LowPriorityService):
     def _unregister(self, key: int) -> None:
         st = self.scans.get(key >> 32)
         if st is not None:
-            st.registered[key & 0xFFFFFFFF] = False
+            st.marks[key & 0xFFFFFFFF] &= _NOT_REGISTERED
 
     def _flush_unstable(self) -> None:
         """KSM rebuilds its unstable tree every pass; here it is dropped when it is full."""
         self.unstable.clear()
         for st in self.scans.values():
-            st.registered[:] = False
+            st.marks &= _NOT_REGISTERED
 
-    def _still_there(self, key: int, content_hash: int) -> bool:
-        """Whether the unstable entry's page is still private with that content hash."""
+    def _still_there(self, key: int, hint: int) -> bool:
+        """Whether the unstable entry's page is still private with that hint."""
         st = self.scans.get(key >> 32)
         if st is None or not st.vm.alive:
             return False
@@ -326,8 +338,8 @@ class PageSharingService(LowPriorityService):
         return bool(
             p2m.flags[bpn] == 0
             and p2m.state[bpn] in (_EXPOSED, _RESIDENT)
-            and st.hinted[bpn]
-            and int(st.hint[bpn]) == content_hash
+            and st.marks[bpn] & _HINTED
+            and int(st.hint[bpn]) == hint
         )
 
     def _unshare_singletons(self, vm: VM, merged: Pages) -> None:
@@ -388,7 +400,7 @@ class PageSharingService(LowPriorityService):
                 if mm[off : off + PAGE_SIZE] == mm[toff : toff + PAGE_SIZE]:
                     targets[i] = other
                     shared.ref(other)
-            elif st.hinted[bpn] and int(st.hint[bpn]) == h:
+            elif st.marks[bpn] & _HINTED and int(st.hint[bpn]) == h & _HINT_BITS:
                 shared.create(mpn, h, 1)  # the first of its content: the partner joins it
                 shared.born[mpn] = st.passes
                 created[i] = True
@@ -433,3 +445,8 @@ class PageSharingService(LowPriorityService):
         # Its entries would pair with nobody (``_still_there``) but stay for ever: VM ids
         # are never reused. One pass over the table, once per VM gone.
         self.unstable = {h: k for h, k in self.unstable.items() if k >> 32 != vm.vm_id}
+
+
+def _hints(hashes: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint32]:
+    """The hint of each content hash: its low 32 bits."""
+    return (hashes & np.uint64(_HINT_BITS)).astype(np.uint32)

@@ -201,7 +201,7 @@ class PromotionService(LowPriorityService):
         del st.queue[:take]
         regions = popped[self._collapsible(vm, popped)]
         bpns = region_pages(regions)
-        return Selection(bpns, vm.p2m.frame[bpns].copy(), len(popped))
+        return Selection(bpns, vm.p2m.frame[bpns].astype(np.int64), len(popped))
 
     def _run_node(self, vm: VM) -> int | None:
         """The node to take a run from: the home node, else another one that has a free run

@@ -234,7 +234,7 @@ class ReadAheadValidation:
         keep = self._held(vm, bpns, epochs)
         bpns, epochs = bpns[keep], epochs[keep]
         q.out.update(zip(bpns.tolist(), epochs.tolist(), strict=True))
-        return bpns, vm.p2m.frame[bpns].copy(), looked
+        return bpns, vm.p2m.frame[bpns].astype(np.int64), looked
 
     def complete(self, vm: VM, bpns: Pages, status: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
         """The VMM's verdicts on the read-ahead pages of a batch; returns which pages of the
@@ -302,7 +302,7 @@ class ReadAheadValidation:
     def _keep(self, vm: VM, bpns: Pages) -> None:
         """An ordinary exposed page from now on: the guest may write it, so the slot goes."""
         p2m, swap = vm.p2m, self.ctx.swap
-        slots = p2m.swap_slot[bpns].copy()
+        slots = p2m.swap_slot[bpns].astype(np.int64)
         p2m.swap_slot[bpns] = NO_SLOT
         p2m.state[bpns] = _EXPOSED
         p2m.op[bpns] = NO_OP
@@ -314,7 +314,7 @@ class ReadAheadValidation:
         if len(bpns) == 0:
             return
         p2m = vm.p2m
-        frames = p2m.frame[bpns].copy()
+        frames = p2m.frame[bpns].astype(np.int64)
         p2m.state[bpns] = _SWAPPED
         p2m.frame[bpns] = -1
         p2m.op[bpns] = NO_OP

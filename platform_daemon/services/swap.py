@@ -104,7 +104,7 @@ class SwapService(PlatformService):
         self.hand[vm.vm_id] = (
             int((picked[-1] + 1) % n) if len(picked) == want and want else int((start + span) % n)
         )
-        return picked, p2m.frame[picked].copy()
+        return picked, p2m.frame[picked].astype(np.int64)
 
     def complete(self, vm: VM, accepted: Pages, status: npt.NDArray[np.uint8]) -> None:
         swap = self.ctx.swap
@@ -121,7 +121,7 @@ class SwapService(PlatformService):
         if len(accepted) == 0:
             return
         self.in_flight[vm.vm_id] = self.in_flight.get(vm.vm_id, 0) + len(accepted)
-        frames = vm.p2m.frame[accepted].copy()
+        frames = vm.p2m.frame[accepted].astype(np.int64)
         epochs = vm.p2m.epoch[accepted].copy()
         self.writing += len(slots)
         self.ctx.spawn(self._write(vm, accepted, frames, slots, epochs))
@@ -302,7 +302,7 @@ class SwapService(PlatformService):
             return None
         pages = self._readahead(vm, bpn, around)
         pages = pages[: max(1, self.ctx.machine.available())]
-        slots = vm.p2m.swap_slot[pages].copy()
+        slots = vm.p2m.swap_slot[pages].astype(np.int64)
         machine = self.ctx.machine
         t0 = time.perf_counter()
         # Straight into the frames the pages will have (no await until they are mapped, so
@@ -321,7 +321,7 @@ class SwapService(PlatformService):
     async def _swap_in(self, vm: VM, pages: Pages) -> FaultReply:
         ctx, swap = self.ctx, self.ctx.swap
         assert swap is not None
-        slots = vm.p2m.swap_slot[pages].copy()
+        slots = vm.p2m.swap_slot[pages].astype(np.int64)
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:

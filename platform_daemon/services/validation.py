@@ -100,7 +100,7 @@ class ValidationService(LowPriorityService):
         keep = (p2m.state[popped] == _RESIDENT) & ((p2m.flags[popped] & FLAG_SHARED) == 0)
         bpns = popped[keep & (p2m.frame[popped] >= 0)]
         p2m.state[bpns] = _SELECTED  # a fault meanwhile maps the same frame (MAPPED)
-        return Selection(bpns, p2m.frame[bpns].copy(), take)
+        return Selection(bpns, p2m.frame[bpns].astype(np.int64), take)
 
     def issue_marks(self, vm: VM, bpns: Pages) -> npt.NDArray[np.uint8] | None:
         """LARGE for each page of a region the p2m says is large (2M promotion moved it and
