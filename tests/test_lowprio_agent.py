@@ -106,40 +106,37 @@ def new_status(n: int) -> npt.NDArray[np.uint8]:
 
 @pytest.mark.timeout(10)
 def test_hide_keeps_the_mapping_in_the_monitor_and_unhide_gives_it_back_once() -> None:
-    """``hide`` moves a mapped page's frame and writability into ``hidden_frame`` /
-    ``hidden_writable`` and clears ``frame``/``writable`` (the guest can no longer use it);
-    an unmapped page has nothing to hide. ``unhide`` restores the exact mapping once and
-    returns False after that (and for a page with no hidden mapping)."""
+    """``hide`` moves a mapped page's frame and writability into ``hidden`` and clears
+    ``frame``/``writable`` (the guest can no longer use it); a hidden page is watched (the
+    table's invariant); an unmapped page has nothing to hide. ``unhide`` restores the exact
+    mapping once and returns False after that (and for a page with no hidden mapping)."""
     ex = ExposureTable(16)
     ex.install(pages(1, 2, 3), FRAME_BASE + pages(1, 2, 3), np.array([True, False, True]))
     ex.hide(pages(1, 2, 5))  # 5 is not mapped
     assert ex.frame[[1, 2]].tolist() == [NO_FRAME, NO_FRAME]
     assert not ex.writable[[1, 2]].any()
-    assert ex.hidden_frame[[1, 2]].tolist() == [FRAME_BASE + 1, FRAME_BASE + 2]
-    assert ex.hidden_writable[[1, 2]].tolist() == [True, False]
-    assert ex.hidden_frame[5] == NO_FRAME and ex.frame[5] == NO_FRAME
+    assert ex.hidden == {1: (FRAME_BASE + 1, True), 2: (FRAME_BASE + 2, False)}
+    assert ex.watched[[1, 2]].all() and ex.stray_hidden() == []
+    assert ex.frame[5] == NO_FRAME
     assert ex.frame[3] == FRAME_BASE + 3 and ex.writable[3], "a page not hidden was touched"
     assert ex.exposed_count() == 1
 
     assert ex.unhide(1) is True
-    assert (ex.frame[1], bool(ex.writable[1]), ex.hidden_frame[1]) == (
-        FRAME_BASE + 1,
-        True,
-        NO_FRAME,
-    )
+    assert (ex.frame[1], bool(ex.writable[1])) == (FRAME_BASE + 1, True)
+    assert 1 not in ex.hidden
     assert ex.unhide(1) is False, "a mapping was given back twice"
     assert ex.frame[1] == FRAME_BASE + 1
     assert ex.unhide(2) is True
     assert (ex.frame[2], bool(ex.writable[2])) == (FRAME_BASE + 2, False)
     assert ex.unhide(5) is False and ex.frame[5] == NO_FRAME
-    assert ex.exposed_count() == 3
+    assert ex.exposed_count() == 3 and ex.hidden == {}
 
 
 @pytest.mark.timeout(10)
 def test_install_keeps_watched_pages_hidden_and_exposes_the_others() -> None:
     """``install`` of a reply (BPNs as u64, as a FaultReply carries them) puts watched pages
-    into hidden mappings, invisible to the guest, and exposes the others; installing a page
-    that is no longer watched replaces its old hidden mapping by a visible one."""
+    into hidden mappings, invisible to the guest, and exposes the others; once the page's
+    touch gave the hidden mapping back (no longer watched), installing it maps it visibly."""
     ex = ExposureTable(16)
     ex.watched[[2, 4]] = True
     bpns = pages(1, 2, 3, 4)
@@ -149,16 +146,16 @@ def test_install_keeps_watched_pages_hidden_and_exposes_the_others() -> None:
     assert ex.writable[[1, 3]].tolist() == [True, False]
     assert ex.frame[[2, 4]].tolist() == [NO_FRAME, NO_FRAME], "a watched page is visible"
     assert not ex.writable[[2, 4]].any()
-    assert ex.hidden_frame[[2, 4]].tolist() == [502, 504]
-    assert ex.hidden_writable[[2, 4]].tolist() == [True, False]
-    assert ex.hidden_frame[[1, 3]].tolist() == [NO_FRAME, NO_FRAME]
+    assert ex.hidden == {2: (502, True), 4: (504, False)}
+    assert ex.stray_hidden() == []
     assert ex.exposed_count() == 2
     assert ex.mapped_frame(bpns).tolist() == [501, 502, 503, 504]
     assert ex.mapped_writable(bpns).tolist() == [True, True, False, False]
 
-    ex.watched[2] = False
+    ex.watched[2] = False  # the fault path's touch: stop watching, give the mapping back
+    assert ex.unhide(2)
     ex.install(pages(2), pages(602), np.array([False]))
-    assert (ex.frame[2], bool(ex.writable[2]), ex.hidden_frame[2]) == (602, False, NO_FRAME)
+    assert (ex.frame[2], bool(ex.writable[2])) == (602, False) and 2 not in ex.hidden
 
 
 @pytest.mark.timeout(10)
@@ -170,8 +167,9 @@ def test_invalidate_clears_visible_and_hidden_mappings() -> None:
     ex.hide(pages(2))
     ex.invalidate(pages(1, 2))
     assert ex.frame[[1, 2]].tolist() == [NO_FRAME, NO_FRAME]
-    assert ex.hidden_frame[[1, 2]].tolist() == [NO_FRAME, NO_FRAME]
-    assert not ex.writable[[1, 2]].any() and not ex.hidden_writable[[1, 2]].any()
+    assert ex.hidden == {}
+    assert not ex.writable[[1, 2]].any()
+    assert not ex.mapped_writable(pages(1, 2)).any()
     assert ex.mapped_frame(pages(1, 2)).tolist() == [NO_FRAME, NO_FRAME]
     assert ex.unhide(2) is False and ex.frame[2] == NO_FRAME
     assert ex.frame[3] == FRAME_BASE + 3
@@ -185,6 +183,7 @@ def test_mapped_frame_sees_hidden_mappings() -> None:
     expose(ex, [1, 2])
     expose(ex, [3], writable=False)
     ex.hide(pages(2, 3))
+    ex.watched[4] = True  # watched, never mapped: nothing hidden
     assert ex.frame[[2, 3]].tolist() == [NO_FRAME, NO_FRAME]
     idx = pages(1, 2, 3, 4)
     assert ex.mapped_frame(idx).tolist() == [FRAME_BASE + 1, FRAME_BASE + 2, FRAME_BASE + 3, -1]
@@ -243,8 +242,8 @@ def test_sampler_run_arms_at_most_units_and_hides_the_mapped_ones() -> None:
     ex = rig.exposure
     assert ex.watched[[1, 2, 5]].all() and not ex.watched[6]
     assert ex.frame[[1, 2]].tolist() == [NO_FRAME, NO_FRAME]
-    assert ex.hidden_frame[[1, 2]].tolist() == [1001, 1002]
-    assert ex.hidden_frame[5] == NO_FRAME and ex.frame[5] == NO_FRAME
+    assert ex.hidden == {1: (1001, True), 2: (1002, True)}
+    assert ex.frame[5] == NO_FRAME and ex.stray_hidden() == []
     assert rig.region.read_sample_report() == (3, 3, 0)
     assert rig.sampler.status()["queued"] == 1
     assert rig.sampler.run(10) == 1
@@ -293,7 +292,7 @@ def test_new_sample_ends_the_old_one_and_records_its_truth() -> None:
     assert touches.current == period + 1
     assert not ex.watched.any()
     assert ex.frame[:8].tolist() == list(range(FRAME_BASE, FRAME_BASE + 8))
-    assert (ex.hidden_frame == NO_FRAME).all()
+    assert ex.hidden == {}
     assert rig.report() == (2, 0, 0)
     assert rig.region.read_sample_report() == (2, 0, 0)
     assert sampler.pages.tolist() == [10, 11]
@@ -315,7 +314,7 @@ def test_page_pinned_before_it_is_armed_is_counted_not_hidden() -> None:
     rig.receive(1, range(4))
     ex.pinned[2] += 1
     assert sampler.run(4) == 4
-    assert ex.frame[2] == FRAME_BASE + 2 and ex.hidden_frame[2] == NO_FRAME
+    assert ex.frame[2] == FRAME_BASE + 2 and 2 not in ex.hidden
     assert not ex.watched[2] and ex.watched[[0, 1, 3]].all()
     assert (ex.frame[[0, 1, 3]] == NO_FRAME).all()
     assert rig.report() == (1, 4, 1)
@@ -528,10 +527,10 @@ async def test_watched_unmapped_page_is_counted_once_with_two_concurrent_ensures
 
 @pytest.mark.timeout(10)
 async def test_hidden_page_is_given_back_without_any_message() -> None:
-    """A hidden page that is not watched (not part of a sample any more) is unhidden by the
-    monitor: ``soft_faults`` += 1, no Fault, ``on_watched_touch`` not called. A write to a
-    hidden read-only page gets the mapping back and then asks the platform for a writable
-    one (copy-on-write), once."""
+    """A hidden page (hiding makes it watched: a hidden page always is) is unhidden by the
+    monitor: ``soft_faults`` += 1, no Fault, its touch counted once. A write to a hidden
+    read-only page gets the mapping back and then asks the platform for a writable one
+    (copy-on-write), once."""
     rig = FaultRig()
     expose(rig.exposure, [3])
     expose(rig.exposure, [4], writable=False)
@@ -539,13 +538,14 @@ async def test_hidden_page_is_given_back_without_any_message() -> None:
     await rig.faults.ensure(3, write=True)
     assert rig.faults.soft_faults == 1
     assert rig.link.sent == []
-    assert rig.watched_touches == []
+    assert rig.watched_touches == [3]
     assert (rig.exposure.frame[3], bool(rig.exposure.writable[3])) == (FRAME_BASE + 3, True)
 
     rig.link.replies.append(fault_reply([4], [2004], reason=FaultReason.COW))
     await rig.faults.ensure(4, write=True)
     assert rig.faults.soft_faults == 2
     assert rig.link.sent == [Fault(4, True, 0)]
+    assert rig.watched_touches == [3, 4]
     assert (rig.exposure.frame[4], bool(rig.exposure.writable[4])) == (2004, True)
 
 
@@ -573,7 +573,7 @@ async def test_fault_around_reply_keeps_watched_neighbours_hidden() -> None:
     await rig.faults.ensure(20, write=False, sequential=True)
     ex = rig.exposure
     assert ex.frame[[20, 21, 22]].tolist() == [2020, NO_FRAME, 2022]
-    assert ex.hidden_frame[21] == 2021
+    assert ex.hidden == {21: (2021, True)}
     assert rig.watched_touches == []
     await rig.faults.ensure(21, write=True)
     assert rig.watched_touches == [21]
@@ -623,7 +623,7 @@ async def test_cow_reply_for_a_page_hidden_meanwhile_survives_the_end_of_the_sam
     rig.link.replies.append(fault_reply([7], [2007], reason=FaultReason.COW))
     task = asyncio.create_task(rig.faults.ensure(7, write=True))
     await rig.link.entered.wait()
-    rig.arm(1, [7])  # hides 7: hidden_frame = 900
+    rig.arm(1, [7])  # watches 7 (unmapped meanwhile by the write fault: nothing to hide)
     rig.link.hold.set()
     await task
     assert (rig.exposure.frame[7], bool(rig.exposure.writable[7])) == (2007, True)
@@ -1504,7 +1504,7 @@ async def test_sampling_batches_are_armed_by_monitor_turns_of_the_same_round() -
     assert len(rig.monitor.turns) >= 2
     assert rig.exposure.watched[:12].all()
     assert (rig.exposure.frame[:12] == NO_FRAME).all()
-    assert rig.exposure.hidden_frame[0:12:2].tolist() == list(range(FRAME_BASE, 1012, 2))
+    assert rig.exposure.hidden == {b: (FRAME_BASE + b, True) for b in range(0, 12, 2)}
     assert rig.region.read_sample_report() == (5, 12, 0)
     assert not rig.sampler.has_work()
     assert record.used <= rig.loop.bound

@@ -4,11 +4,22 @@ NumPy arrays indexed by BPN: frame (-1 when not exposed), writable, an accessed 
 vCPUs set on every touch (the swap filter's second chance), and a pin count for pages "in
 translation" that no release may take.
 
-A page can also be *hidden*: the monitor keeps its mapping (``hidden_frame``) but does not
-let the guest use it, so the next guest touch traps in the monitor's fault path, which puts
-the mapping back without asking the platform. Working-set sampling hides the pages it
-watches this way (``watched``). For the platform a hidden page is still exposed: release
-batches treat the hidden mapping as the monitor's mapping.
+A page can also be *hidden*: the monitor keeps its mapping (``hidden``) but does not let
+the guest use it, so the next guest touch traps in the monitor's fault path, which puts the
+mapping back without asking the platform. Working-set sampling hides the pages it watches
+this way (``watched``). For the platform a hidden page is still exposed: release batches
+treat the hidden mapping as the monitor's mapping.
+
+Why ``hidden`` is a dict and not two more columns: only the pages of the current sample can
+be hidden (``sample_pages``, 100 by default, against millions of guest pages), so per-page
+columns cost 9 B per guest page (issue 10's 24 B budget) to hold a few hundred entries. The
+invariant that keeps batch operations vectorised: **every hidden page is watched and not
+visible** (``hide`` marks its pages watched; the fault path unhides a watched page in the
+same step that stops watching it; a new sample gives back every hidden mapping of the old
+one, ``unhide_all`` walking the dict itself; ballooning invalidates before it stops
+watching). So a batch looks up the dict only for
+its watched pages, one NumPy gather finds them, and a page that is not watched never needs a
+dict operation (the single-page fault reply's fast path). ``stray_hidden`` checks it.
 
 Large mappings: ``large[r]`` says the monitor maps 2 MB region ``r`` (BPNs ``512r ..
 512r+511``) with one large mapping, which it does once 2M promotion moved the region into
@@ -43,8 +54,8 @@ class ExposureTable:
         self.pinned = np.zeros(guest_pages, dtype=np.uint16)
         #: The service that last took each page from the guest (NOT_RELEASED: none since reset).
         self.released_by = np.full(guest_pages, NOT_RELEASED, dtype=np.uint8)
-        self.hidden_frame = np.full(guest_pages, NO_FRAME, dtype=np.int64)
-        self.hidden_writable = np.zeros(guest_pages, dtype=bool)
+        #: BPN -> (frame, writable) of the hidden mappings (module docstring: a subset of watched).
+        self.hidden: dict[int, tuple[int, bool]] = {}
         #: Pages of the current working-set sample not touched since they were armed.
         self.watched = np.zeros(guest_pages, dtype=bool)
         #: Whole 2 MB regions mapped large, and how many large mappings were split.
@@ -58,13 +69,11 @@ class ExposureTable:
         idx = bpns.astype(np.int64)
         watched = self.watched[idx]
         if watched.any():
-            self.hidden_frame[idx[watched]] = frames[watched]
-            self.hidden_writable[idx[watched]] = writable[watched]
+            self._keep_hidden(idx[watched], frames[watched], writable[watched])
             idx, frames, writable = idx[~watched], frames[~watched], writable[~watched]
+        # The others are not watched, so they have no hidden mapping to replace.
         self.frame[idx] = frames
         self.writable[idx] = writable
-        self.hidden_frame[idx] = NO_FRAME
-        self.hidden_writable[idx] = False
 
     def invalidate(self, bpns: npt.NDArray[Any]) -> None:
         """Stop exposing pages (they are handed to the platform), hidden mappings included;
@@ -72,8 +81,10 @@ class ExposureTable:
         self.split(bpns)
         self.frame[bpns] = NO_FRAME
         self.writable[bpns] = False
-        self.hidden_frame[bpns] = NO_FRAME
-        self.hidden_writable[bpns] = False
+        if self.hidden:
+            drop = self.hidden.pop
+            for bpn in bpns[self.watched[bpns]].tolist():
+                drop(bpn, None)
 
     def split(self, bpns: npt.NDArray[Any]) -> int:
         """End the large mappings of the regions ``bpns`` touch; returns how many."""
@@ -111,42 +122,77 @@ class ExposureTable:
         return float(np.count_nonzero(self.large)) * PAGES_PER_2M / max(1, self.guest_pages)
 
     def hide(self, bpns: npt.NDArray[np.int64]) -> None:
-        """Keep the mappings of ``bpns`` in the monitor only: the next touch traps."""
+        """Keep the mappings of ``bpns`` in the monitor only: the next touch traps. The
+        hidden pages are watched (the invariant in the module docstring)."""
         mapped = bpns[self.frame[bpns] >= 0]
-        self.hidden_frame[mapped] = self.frame[mapped]
-        self.hidden_writable[mapped] = self.writable[mapped]
+        self.watched[mapped] = True
+        self._keep_hidden(mapped, self.frame[mapped], self.writable[mapped])
         self.frame[mapped] = NO_FRAME
         self.writable[mapped] = False
 
+    def _keep_hidden(
+        self, bpns: npt.NDArray[Any], frames: npt.NDArray[Any], writable: npt.NDArray[Any]
+    ) -> None:
+        mappings = zip(frames.tolist(), np.asarray(writable, dtype=bool).tolist(), strict=True)
+        self.hidden.update(zip(bpns.tolist(), mappings, strict=True))
+
     def unhide(self, bpn: int) -> bool:
         """Give the guest back a hidden mapping; False when the page had none."""
-        frame = int(self.hidden_frame[bpn])
-        if frame < 0:
+        entry = self.hidden.pop(bpn, None)
+        if entry is None:
             return False
-        self.frame[bpn] = frame
-        self.writable[bpn] = self.hidden_writable[bpn]
-        self.hidden_frame[bpn] = NO_FRAME
-        self.hidden_writable[bpn] = False
+        self.frame[bpn], self.writable[bpn] = entry
         return True
 
     def unhide_all(self, bpns: npt.NDArray[np.int64]) -> None:
-        """``unhide`` for every page of ``bpns`` that has a hidden mapping, at once."""
-        hidden = bpns[self.hidden_frame[bpns] >= 0]
-        self.frame[hidden] = self.hidden_frame[hidden]
-        self.writable[hidden] = self.hidden_writable[hidden]
-        self.hidden_frame[hidden] = NO_FRAME
-        self.hidden_writable[hidden] = False
+        """``unhide`` for every page of ``bpns`` that has a hidden mapping, at once. Walks the
+        dict (the current sample at most), not ``bpns``: it does not rely on ``watched``."""
+        if not self.hidden:
+            return
+        keys = np.fromiter(self.hidden, dtype=np.int64, count=len(self.hidden))
+        back = keys[np.isin(keys, bpns)].tolist()
+        entries = [self.hidden.pop(bpn) for bpn in back]
+        self.frame[back] = [frame for frame, _ in entries]
+        self.writable[back] = [writable for _, writable in entries]
+
+    def _hidden_at(self, idx: npt.NDArray[np.int64]) -> tuple[list[int], list[tuple[int, bool]]]:
+        """Positions in ``idx`` of pages with a hidden mapping, and those mappings."""
+        if not self.hidden:
+            return [], []
+        get = self.hidden.get
+        found = [
+            (pos, entry)
+            for pos in np.flatnonzero(self.watched[idx]).tolist()
+            if (entry := get(int(idx[pos]))) is not None
+        ]
+        return [pos for pos, _ in found], [entry for _, entry in found]
 
     def mapped_frame(self, idx: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
         """The monitor's mapping of each page, hidden or not (NO_FRAME: not mapped)."""
-        frame: npt.NDArray[np.int64] = np.where(
-            self.frame[idx] >= 0, self.frame[idx], self.hidden_frame[idx]
-        )
+        frame: npt.NDArray[np.int64] = self.frame[idx]
+        positions, entries = self._hidden_at(idx)
+        if positions:
+            frame[positions] = [f for f, _ in entries]
         return frame
 
     def mapped_writable(self, idx: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
-        writable: npt.NDArray[np.bool_] = self.writable[idx] | self.hidden_writable[idx]
+        writable: npt.NDArray[np.bool_] = self.writable[idx]
+        positions, entries = self._hidden_at(idx)
+        if positions:
+            writable[positions] = [w for _, w in entries]
         return writable
+
+    def mapped_in(self, start: int, end: int) -> npt.NDArray[np.bool_]:
+        """Which BPNs of ``start:end`` the monitor maps, hidden or not."""
+        mapped: npt.NDArray[np.bool_] = self.frame[start:end] >= 0
+        for pos in np.flatnonzero(self.watched[start:end]).tolist():
+            if start + pos in self.hidden:
+                mapped[pos] = True
+        return mapped
+
+    def stray_hidden(self) -> list[int]:
+        """Hidden pages that break the invariant (not watched, or visible too): none."""
+        return [b for b in self.hidden if not self.watched[b] or self.frame[b] >= 0]
 
     def exposed_count(self) -> int:
         return int(np.count_nonzero(self.frame != NO_FRAME))

@@ -59,13 +59,12 @@ class FaultPath:
         exposure = self.exposure
         bpn = msg.bpn
         if msg.count == 1 and not exposure.watched.item(bpn):
-            # The common case, with the reply's plain ints (no arrays). A hidden mapping left
-            # from before (the sample hid the old frame while this fault was on the wire) is
-            # dropped: the reply is the page's mapping now.
+            # The common case, with the reply's plain ints (no arrays). A page that is not
+            # watched has no hidden mapping (exposure.py: hidden pages are watched), so there
+            # is none to drop: a hidden mapping from before this fault (the sample hid the
+            # old frame while it was on the wire) belongs to a watched page, installed below.
             exposure.frame[bpn] = msg.mpn
             exposure.writable[bpn] = msg.flag & FAULT_FLAG_WRITABLE != 0
-            exposure.hidden_frame[bpn] = NO_FRAME
-            exposure.hidden_writable[bpn] = False
         else:  # several pages, or a page armed by the sample while its fault was out
             writable = (msg.flags & FAULT_FLAG_WRITABLE) != 0
             self.exposure.install(msg.bpns, msg.mpns, writable)
@@ -97,7 +96,7 @@ class FaultPath:
             # ``.item()``: Python values, cheaper to test than NumPy scalars.
             if exposure.watched.item(bpn):
                 self.on_watched_touch(bpn)
-            if exposure.hidden_frame.item(bpn) >= 0 and exposure.unhide(bpn):
+            if bpn in exposure.hidden and exposure.unhide(bpn):
                 self.soft_faults += 1
             if exposure.frame.item(bpn) >= 0 and (not write or exposure.writable.item(bpn)):
                 return
@@ -155,8 +154,7 @@ class FaultPath:
         exposure = self.exposure
         exposure.frame[bpn] = NO_FRAME
         exposure.writable[bpn] = False
-        exposure.hidden_frame[bpn] = NO_FRAME
-        exposure.hidden_writable[bpn] = False
+        exposure.hidden.pop(bpn, None)  # none expected (a visible page is not hidden): cheap
 
     def latency_quantiles(self) -> dict[str, float]:
         n = min(self.samples, LATENCY_SAMPLES)

@@ -5,10 +5,15 @@ monitor would keep (the exposure table, the fault path, the sampler's touch log,
 the balloon driver, page checking); the guest model (expected contents, the guest OS's page
 lists, the vCPUs' access streams) stands in for the guest and for the test oracle, and is
 reported apart. Guest memory itself (the machine frames) is not metadata.
+
+The walk counts NumPy arrays only. The exposure table's hidden mappings are a dict (a few
+hundred entries: the current sample), so they are added as the Python objects they are,
+as part ``hidden``: moving them out of the arrays must not hide their cost.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 from shared.footprint import array_bytes
@@ -53,6 +58,8 @@ def footprint(agent: Agent) -> dict[str, Any]:
         [getattr(agent, n, None) for n in (*VMM_PARTS, *GUEST_PARTS)], skip, exclude=frames
     )
     guest = everything - vmm
+    parts["hidden"] = hidden_bytes(agent.exposure.hidden)
+    vmm += parts["hidden"]
     return {
         "guest_pages": pages,
         "vmm_bytes": vmm,
@@ -61,3 +68,13 @@ def footprint(agent: Agent) -> dict[str, Any]:
         "guest_model_bytes": guest,
         "guest_model_bytes_per_page": round(guest / pages, 2),
     }
+
+
+def hidden_bytes(hidden: dict[int, tuple[int, bool]]) -> int:
+    """Bytes of the hidden mappings' dict: the table, each key, value tuple and frame number
+    (``True``/``False`` are shared singletons)."""
+    entries = sum(
+        sys.getsizeof(bpn) + sys.getsizeof(entry) + sys.getsizeof(entry[0])
+        for bpn, entry in hidden.items()
+    )
+    return sys.getsizeof(hidden) + entries

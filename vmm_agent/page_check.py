@@ -229,7 +229,7 @@ class PageChecker:
     def _checkable(self, start: int, end: int) -> npt.NDArray[np.bool_]:
         """Which BPNs of ``start:end`` may be checked now (module docstring: the skips)."""
         exposure = self.exposure
-        mapped = (exposure.frame[start:end] >= 0) | (exposure.hidden_frame[start:end] >= 0)
+        mapped = exposure.mapped_in(start, end)
         ballooned = mapped & (self.os.kind[start:end] == BALLOON)
         self.skipped_ballooned += int(np.count_nonzero(ballooned))
         ok: npt.NDArray[np.bool_] = mapped & ~ballooned
