@@ -133,7 +133,6 @@ def test_hidden_mappings_are_counted_as_the_python_objects_they_are() -> None:
     """The hidden mappings' dict is not an array, so the walk would miss it: ``hidden_bytes``
     counts the table and, per entry, the key, the tuple and the frame number."""
     empty = hidden_bytes({})
-    hidden = {bpn: (1 << 20) + bpn for bpn in range(1000, 1100)}
-    entries = {bpn: (frame, True) for bpn, frame in hidden.items()}
+    entries = {bpn: ((1 << 20) + bpn, True) for bpn in range(1000, 1100)}
     per_entry = (hidden_bytes(entries) - empty) / len(entries)
     assert empty > 0 and 100 <= per_entry <= 400, per_entry

@@ -156,16 +156,20 @@ class ExposureTable:
         self.writable[back] = [writable for _, writable in entries]
 
     def _hidden_at(self, idx: npt.NDArray[np.int64]) -> tuple[list[int], list[tuple[int, bool]]]:
-        """Positions in ``idx`` of pages with a hidden mapping, and those mappings."""
+        """Positions in ``idx`` of pages with a hidden mapping, and those mappings: only the
+        watched pages of ``idx`` are looked up (a few, or none, in a batch)."""
+        positions: list[int] = []
+        entries: list[tuple[int, bool]] = []
         if not self.hidden:
-            return [], []
+            return positions, entries
+        pos = self.watched[idx].nonzero()[0]  # cheaper than np.flatnonzero on short arrays
         get = self.hidden.get
-        found = [
-            (pos, entry)
-            for pos in np.flatnonzero(self.watched[idx]).tolist()
-            if (entry := get(int(idx[pos]))) is not None
-        ]
-        return [pos for pos, _ in found], [entry for _, entry in found]
+        for p, bpn in zip(pos.tolist(), idx[pos].tolist(), strict=True):
+            entry = get(bpn)
+            if entry is not None:
+                positions.append(p)
+                entries.append(entry)
+        return positions, entries
 
     def mapped_frame(self, idx: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
         """The monitor's mapping of each page, hidden or not (NO_FRAME: not mapped)."""
@@ -185,7 +189,7 @@ class ExposureTable:
     def mapped_in(self, start: int, end: int) -> npt.NDArray[np.bool_]:
         """Which BPNs of ``start:end`` the monitor maps, hidden or not."""
         mapped: npt.NDArray[np.bool_] = self.frame[start:end] >= 0
-        for pos in np.flatnonzero(self.watched[start:end]).tolist():
+        for pos in self.watched[start:end].nonzero()[0].tolist():
             if start + pos in self.hidden:
                 mapped[pos] = True
         return mapped
