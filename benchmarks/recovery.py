@@ -9,7 +9,7 @@ file. Reported, per size:
   state files (every p2m, frame state and swap slot, vectorised) and adopting them (owners,
   merged frames re-hashed, control regions), in seconds and in guest pages per second;
 - **machine limit** of the same run: one NumPy pass over the same number of bytes (the p2m
-  arrays are 23 bytes per guest page), the floor for anything that reads them all;
+  arrays are 15 bytes per guest page), the floor for anything that reads them all;
 - **startup**: process start to ``platform_started`` (Python and imports, machine memory
   mapped and prefaulted, takeover, socket bound), seen from the benchmark's log polling;
 - **guest stall**: each agent's ``platform_resumed`` downtime, from losing the connection
@@ -42,11 +42,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # ``tests/procs.py`` is not an installed package
     sys.path.insert(0, str(ROOT))
 
+from platform_daemon.p2m import P2M  # noqa: E402
 from tests.procs import Daemons  # noqa: E402
 from vmm_agent.rpc import RpcClient  # noqa: E402
 
 MiB = 1 << 20
-P2M_BYTES_PER_PAGE = 23
+P2M_BYTES_PER_PAGE = P2M.buffer_size(1)
 
 
 async def _ctl(path: Path, op: str, **args: Any) -> dict[str, Any]:
