@@ -181,6 +181,11 @@ def _vm_readahead_line(r: dict[str, Any]) -> str:
         f"{'' if per is None else f' ({per:.0%})'}, frames recovered "
         f"{r['frames_recovered']:,}, kept {r['kept']:,}; faulted while held {r['faulted']:,}, "
         f"released under pressure {r.get('released_under_pressure', 0):,}"
+        + (
+            f"; hit ratio {r['hit_ratio']:.0%}, window up to {r['window_cap']}"
+            if "hit_ratio" in r
+            else ""
+        )
     )
 
 

@@ -30,7 +30,7 @@ from platform_daemon.memsched import MemSched
 from platform_daemon.metrics import PlatformMetrics
 from platform_daemon.p2m import NO_OP, NO_SLOT, P2M
 from platform_daemon.rounds import RoundEngine, RoundState
-from platform_daemon.services.readahead import WINDOW
+from platform_daemon.services.readahead import HIT_MEMORY, WINDOW, ReadAheadValidation
 from platform_daemon.services.swap import SwapService
 from platform_daemon.services.validation import ValidationService
 from platform_daemon.shared_frames import SharedFrames
@@ -102,6 +102,7 @@ class Harness:
         self.swap = SwapService(self.ctx)
         self.validation = ValidationService(self.ctx)
         self.swap.hold_read_ahead = self.validation.readahead.hold  # as build_services does
+        self.swap.read_ahead_cap = self.validation.readahead.window_cap
         self.engine = RoundEngine({ServiceType.VALIDATION: self.validation}, clock=self.clock)
         self.vm = self._vm()
         self.exposure = ExposureTable(GUEST_PAGES)
@@ -580,3 +581,56 @@ def test_a_full_read_ahead_queue_ends_the_oldest_holds_and_counts_them(h: Harnes
     h.clock.now += WINDOW
     assert h.low_round() == kept.tolist()
     assert h.violations() == []
+
+
+def test_read_ahead_left_untouched_shrinks_the_window_and_wanted_read_ahead_grows_it(
+    h: Harness,
+) -> None:
+    """Validation's verdicts size the next read-ahead: a guest that let all of it go gets one
+    page ahead per fault (not AROUND), and as it touches what is read ahead the window grows
+    back (a power of two of the cap's share the guest wanted)."""
+    ahead, _ = h.read_ahead()  # 11..18 read ahead; the guest touches none of them
+    h.clock.now += WINDOW
+    assert h.low_round() == ahead.tolist()
+    st = h.validation.readahead.status(h.vm)
+    assert st["frames_recovered"] == AROUND and st["hit_ratio"] == 0.0
+    assert st["window_cap"] == 1
+    reply = h.fault(20, around=AROUND)
+    assert reply.bpns.tolist() == [20, 21]  # one page ahead, not AROUND
+    h.touch(21)
+    h.clock.now += WINDOW
+    assert h.low_round() == [21]  # wanted: 1 of 9 verdicts
+    reply = h.fault(23, around=AROUND)
+    assert reply.bpns.tolist() == [23, 24]
+    h.touch(24)
+    h.clock.now += WINDOW
+    assert h.low_round() == [24]  # 2 of 10: 8 * 0.2 = 1.6, up to 2
+    assert h.validation.readahead.status(h.vm)["window_cap"] == 2
+    reply = h.fault(30, around=AROUND)
+    assert reply.bpns.tolist() == [30, 31, 32]
+    before = h.validation.readahead.status(h.vm)["hit_ratio"]
+    h.exposure.invalidate(np.array([31]))  # the VMM let it go in a batch that crossed
+    assert h.fault(31).reason == FaultReason.REMAP  # a fault on a held page: it was wanted
+    assert h.validation.readahead.status(h.vm)["hit_ratio"] > before
+    for bpn in (30, 31, 32):
+        h.touch(bpn)
+    assert h.violations() == []
+
+
+@pytest.mark.timeout(10)
+def test_the_window_cap_follows_the_recent_hit_ratio() -> None:
+    """The cap times the wanted share, rounded up to a power of two, never below one page;
+    old verdicts fade (halved past HIT_MEMORY), so a guest that walks again gets it back."""
+    ra = ReadAheadValidation(cast(Any, SimpleNamespace(config=None)))
+    vm = cast(VM, SimpleNamespace(vm_id=1))
+    assert ra.window_cap(vm, 64) == 64  # no verdict yet
+    stats = ra._queue(vm).stats
+    stats.verdicts(wanted=0, unwanted=100)
+    assert ra.window_cap(vm, 64) == 1
+    stats.verdicts(wanted=10, unwanted=0)  # 64 * 10/110 = 5.8: 8
+    assert ra.window_cap(vm, 64) == 8
+    for _ in range(6):
+        stats.verdicts(wanted=64, unwanted=0)
+    assert stats.recent_wanted + stats.recent_unwanted <= HIT_MEMORY
+    assert ra.window_cap(vm, 64) == 64  # the misses faded
+    assert ra.window_cap(vm, 1) == 1 and ra.window_cap(vm, 0) == 0

@@ -47,6 +47,7 @@ def build_services(ctx: ServiceContext) -> dict[ServiceType, PlatformService]:
     assert isinstance(swap, SwapService)
     if ctx.config.hold_read_ahead:
         swap.hold_read_ahead = validation.readahead.hold
+        swap.read_ahead_cap = validation.readahead.window_cap
     # 2M defrag and promotion remap too; promotion asks defrag for a run when none is free.
     defrag, promotion = services[ServiceType.DEFRAG_2M], services[ServiceType.PROMOTION_2M]
     assert isinstance(defrag, DefragService) and isinstance(promotion, PromotionService)

@@ -31,6 +31,15 @@ the swap path may take it; read-ahead pages mapped meanwhile are not held at all
 reclaim likewise takes read-ahead pages first. A verdict still out for such a page finds it
 no longer held and is ignored (its epoch), as after a fault.
 
+The verdicts also size the next read-ahead (``window_cap``): per VM, the share of its
+recent read-ahead pages that the guest wanted (touched: REFERENCED, or faulted while held)
+against those it let go untouched scales ``swap_readahead_max`` down, rounded up to a power
+of two and never below one page (so verdicts keep coming and a walk that resumes grows it back). A
+guest that walks swapped memory keeps the whole window; one whose read-ahead is mostly
+dropped stops paying a read, a frame and a validation for pages it does not want. Linux
+sizes swap read-ahead from its hits the same way (``swapin_nr_pages``: the hits since the
+last read-ahead, rounded up to a power of two, halved at most per step).
+
 Why a time window: Linux marks pages read ahead (PG_readahead), counts a hit when a later
 fault finds one in the swap cache (the flag cleared on the first hit) and sizes the next
 read-ahead from the hits; untouched read-ahead pages sit on the inactive list and reclaim
@@ -42,6 +51,7 @@ part of the walk, and dropping it needs no write, only the VMM's word.
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass, field
@@ -63,6 +73,9 @@ if TYPE_CHECKING:
 
 #: Seconds a read-ahead page is held before it is validated (see the module docstring).
 WINDOW = 1.0
+#: Verdicts the hit ratio remembers: past this many, both counts are halved (older
+#: verdicts weigh half as much each time), so it follows a guest that changes its ways.
+HIT_MEMORY = 256
 #: Held pages queued per VM at most (1 GiB of read-ahead): past it the oldest holds end at
 #: once (kept as ordinary pages, slot freed: as under pressure) and are counted as dropped.
 #: A guest whose validations never run (no guest progress, no low-priority rounds) cannot
@@ -86,6 +99,22 @@ class ReadAheadStats:
     faulted: int = 0  # faulted while held (released meanwhile, or the balloon's cancel)
     released_under_pressure: int = 0  # held when the host needed frames: kept, slot freed
     dropped: int = 0  # hold ended unvalidated, the queue full (MAX_QUEUED): kept, slot freed
+    #: Recent verdicts, halved past HIT_MEMORY: wanted (touched, or faulted while held) and
+    #: let go untouched. Their ratio sizes the read-ahead window (``window_cap``).
+    recent_wanted: float = 0.0
+    recent_unwanted: float = 0.0
+
+    def verdicts(self, wanted: int, unwanted: int) -> None:
+        self.recent_wanted += wanted
+        self.recent_unwanted += unwanted
+        while self.recent_wanted + self.recent_unwanted > HIT_MEMORY:
+            self.recent_wanted /= 2
+            self.recent_unwanted /= 2
+
+    def hit_ratio(self) -> float:
+        """Share of recent read-ahead pages the guest wanted; 1 before any verdict."""
+        total = self.recent_wanted + self.recent_unwanted
+        return self.recent_wanted / total if total else 1.0
 
 
 class _DueQueue:
@@ -260,6 +289,7 @@ class ReadAheadValidation:
             "frame_recovered": int(untouched.sum()),
             "kept": int((held & ~touched & ~untouched).sum()),
         }
+        q.stats.verdicts(counts["fault_avoided"], counts["frame_recovered"])
         q.stats.faults_avoided += counts["fault_avoided"]
         q.stats.frames_recovered += counts["frame_recovered"]
         q.stats.kept += counts["kept"]
@@ -327,8 +357,19 @@ class ReadAheadValidation:
         self._keep(vm, one)  # no longer held: a batch still out with it leaves it alone
         q = self._queue(vm)
         q.stats.faulted += 1
+        q.stats.verdicts(1, 0)  # the guest wanted it (the read-ahead was right)
         self.ctx.metrics.readahead_pages.labels("faulted").inc()
         return self.ctx.mapper.reply(vm, FaultReason.REMAP, one)
+
+    def window_cap(self, vm: VM, cap: int) -> int:
+        """The most pages the VM's next swap-in may read ahead: ``cap`` scaled by the share of
+        its recent read-ahead the guest wanted, rounded up to a power of two (as Linux rounds
+        its hits), at least 1 while ``cap`` is (see the module docstring)."""
+        q = self.vms.get(vm.vm_id)
+        if q is None or cap <= 1:
+            return cap
+        scaled = max(1, math.ceil(cap * q.stats.hit_ratio()))
+        return min(cap, 1 << (scaled - 1).bit_length())
 
     def stats(self, vm: VM) -> ReadAheadStats:
         q = self.vms.get(vm.vm_id)
@@ -338,10 +379,13 @@ class ReadAheadValidation:
         """What ``vmmem-ctl status`` shows: pages held now (a p2m scan) and the payoff."""
         st, p2m = self.stats(vm), vm.p2m
         validated = st.faults_avoided + st.frames_recovered + st.kept
+        counts = {k: v for k, v in vars(st).items() if not k.startswith("recent_")}
         return {
             "held_now": int(np.count_nonzero((p2m.state == _IN_FLIGHT) & (p2m.op == _VALIDATION))),
-            **vars(st),
+            **counts,
             "validated": validated,
+            "hit_ratio": round(st.hit_ratio(), 3),
+            "window_cap": self.window_cap(vm, self.ctx.config.swap_readahead_max),
             "faults_avoided_per_validation": (
                 round(st.faults_avoided / validated, 3) if validated else None
             ),

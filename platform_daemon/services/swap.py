@@ -66,6 +66,9 @@ class SwapService(PlatformService):
         #: Takes read-ahead pages, mapped and still in their slots, until they are validated
         #: (``readahead.py``); None frees their slots at once.
         self.hold_read_ahead: Callable[[VM, Pages], None] | None = None
+        #: With held read-ahead: the VM's window cap from its read-ahead's hit ratio
+        #: (``readahead.ReadAheadValidation.window_cap``); without, the configured cap.
+        self.read_ahead_cap: Callable[[VM, int], int] | None = None
         # The labelled children of the per-batch and per-fault metrics, looked up once: a
         # ``labels()`` call costs a few µs, several times per swap-in.
         m = ctx.metrics
@@ -260,12 +263,15 @@ class SwapService(PlatformService):
         Linux's swap read-ahead adapts in the same spirit (the window grows with hits): a
         walk through swapped memory soon reads 64 pages a fault instead of 16, and a random
         fault (no fault-around asked) reads its own page only. Pages read ahead and never
-        touched are dropped by read-ahead validation (``readahead.py``).
+        touched are dropped by read-ahead validation (``readahead.py``), and its verdicts
+        lower the cap while the guest leaves most of its read-ahead untouched.
         """
         if around <= 0:
             self.streams.pop(vm.vm_id, None)
             return 0
         cap = self.ctx.config.swap_readahead_max
+        if self.read_ahead_cap is not None:  # shrunk while the guest leaves its read-ahead
+            cap = self.read_ahead_cap(vm, cap)
         window = min(around, cap)
         prev = self.streams.get(vm.vm_id)
         if prev is not None:
