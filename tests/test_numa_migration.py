@@ -13,6 +13,7 @@ invariant check.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ import numpy.typing as npt
 import pytest
 from prometheus_client import CollectorRegistry
 
+import platform_daemon.services.numa_migration as numa
 from platform_daemon.allocator import FrameState
 from platform_daemon.context import ServiceContext
 from platform_daemon.faults import FaultResolver
@@ -456,6 +458,56 @@ def test_the_scan_backs_off_while_nothing_is_found_and_looks_again_after_a_full_
     assert h.svc._wants_scan(st, h.clock())  # at once, not 16 s later
     h.scan(g)
     assert st.next_scan - h.clock() == 1
+
+
+def test_an_idle_scanner_sleeps_until_the_next_pass_and_polls_only_for_room(
+    h: Harness,
+) -> None:
+    """Nothing to look at: the scanner sleeps until the first VM's next pass (at most
+    SCAN_IDLE_MAX_SECONDS), not SCAN_IDLE_SECONDS each time (an idle daemon woke 20 times a
+    second for it); a VM waiting for room at home is polled for it."""
+    g = h.add_vm()
+    h.back(g, [0, 1], node=0)
+    st = h.svc.vms[g.vm.vm_id]
+    assert h.svc._idle_sleep(h.clock()) == numa.SCAN_IDLE_SECONDS  # its first pass is due
+    h.scan(g)  # all local: the next pass in 1 s
+    assert h.svc._idle_sleep(h.clock()) == pytest.approx(1.0)
+    h.clock.now = st.next_scan
+    h.scan(g)  # then 2 s later, but the scanner looks at least once a second
+    assert h.svc._idle_sleep(h.clock()) == numa.SCAN_IDLE_MAX_SECONDS
+    h.clock.now += 1.5
+    assert h.svc._idle_sleep(h.clock()) == pytest.approx(0.5)
+    filler = h.add_vm(guest_pages=2048)
+    h.back(filler, list(range(h.machine.allocator.free_on(0))), node=0)
+    assert not h.svc._wants_scan(st, h.clock())  # full home node: wait for room
+    assert h.svc._idle_sleep(h.clock()) == numa.SCAN_IDLE_SECONDS
+
+
+@pytest.mark.timeout(30)
+def test_a_new_vm_wakes_the_sleeping_scanner(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scanner sleeps long when idle; a VM registered meanwhile is looked at at once."""
+    monkeypatch.setattr(numa, "SCAN_IDLE_MAX_SECONDS", 60.0)
+    first = h.add_vm()
+    h.back(first, [0], node=0)
+    h.scan(first)
+    h.svc.vms[first.vm.vm_id].next_scan = h.clock() + 1000  # nothing due for a long while
+
+    async def run() -> None:
+        task = asyncio.create_task(h.svc.scanner())
+        try:
+            for _ in range(3):
+                await asyncio.sleep(0)  # the scanner finds nothing and goes to sleep
+            second = h.add_vm()
+            h.back(second, [0, 1], node=0)
+            st = h.svc.vms[second.vm.vm_id]
+            while st.next_scan == 0.0:  # its pass ends (all local): next_scan set
+                await asyncio.sleep(0.01)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    asyncio.run(asyncio.wait_for(run(), 10))
 
 
 # ---- faults during a move -------------------------------------------------------------------
