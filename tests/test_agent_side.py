@@ -7,6 +7,8 @@ records what ``BatchProcessor.process`` sends. Each test fills a slot as the dae
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -421,3 +423,40 @@ async def test_a_round_refused_only_as_referenced_counts_as_progress() -> None:
     pinned = agent.issue(ServiceType.SWAP, range(4, 8), slot=1)
     loop = HighPriorityLoop(Link([pinned]), agent.region, agent.loop, 0.05)  # type: ignore[arg-type]
     assert await loop.round() == 0
+
+
+@pytest.mark.timeout(10)
+async def test_the_poll_alone_starts_a_round_once_work_is_pending() -> None:
+    """The periodic half: with no Kick, a poll that finds a high-priority bit in the pending
+    word starts a round; polls of an empty word start none (they cost no round trip)."""
+    from shared.constants import HIGH_PRIORITY_MASK, Priority
+    from shared.messages import GetRequest
+    from vmm_agent.rounds import HighPriorityLoop
+
+    agent = Agent()
+
+    class Link:
+        requests = 0
+
+        async def request(self, msg: Message) -> Request:
+            assert isinstance(msg, GetRequest) and msg.priority == Priority.HIGH
+            self.requests += 1
+            agent.region.pending = 0  # the daemon closes the round and clears the word
+            return Request(0, 0xFFFF, 0, 0)
+
+    link = Link()
+    loop = HighPriorityLoop(link, agent.region, agent.loop, 0.01)  # type: ignore[arg-type]
+    task = asyncio.create_task(loop.run())
+    try:
+        started = loop.rounds
+        for _ in range(20):  # 20 polls of an empty word
+            await asyncio.sleep(0.01)
+        assert loop.rounds == started and link.requests == 0
+        agent.region.pending = HIGH_PRIORITY_MASK & -HIGH_PRIORITY_MASK  # one service's bit
+        while loop.rounds == started:  # no kick: the poll must notice
+            await asyncio.sleep(0.01)
+        assert link.requests == 1
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
