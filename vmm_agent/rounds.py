@@ -66,17 +66,17 @@ class HighPriorityLoop:
         # timeout made a task, a timer and a cancellation per poll: at 20 polls a second
         # that was ~0.5 % of a CPU for an idle agent.)
         loop = asyncio.get_running_loop()
+        timer: list[asyncio.TimerHandle] = []
 
         def poll_tick() -> None:
-            nonlocal timer
-            timer = loop.call_later(self.poll_interval, poll_tick)
+            timer[:] = [loop.call_later(self.poll_interval, poll_tick)]
             self.poll()
 
-        timer = loop.call_later(self.poll_interval, poll_tick)
+        timer.append(loop.call_later(self.poll_interval, poll_tick))
         try:
             await self._serve()
         finally:
-            timer.cancel()
+            timer[0].cancel()
 
     async def _serve(self) -> None:
         while True:
