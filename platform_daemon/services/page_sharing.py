@@ -94,8 +94,11 @@ class _VMScan:
     #: picks candidates (stable content, a likely partner); a false match (one in 2**32 per
     #: comparison) costs one candidate's round trip, never a wrong merge: ``merge`` hashes
     #: the page again in full (64 bits, the shared table's key) and compares it byte for
-    #: byte with the frame it would map. At worst such a page becomes a merged frame of its
-    #: own with no partner, which ``_unshare_singletons`` hands back after two passes.
+    #: byte with the frame it would map. Such a page becomes a merged frame of its own with
+    #: no partner, which ``_unshare_singletons`` hands back after two passes; while both
+    #: pages stay unchanged this recurs every few passes. The cost, bounded: N distinct
+    #: stable pages hold about N**2 / 2**33 such pairs (~130 at UNSTABLE_LIMIT entries),
+    #: each a candidate every few passes and a copy-on-write if the guest writes it then.
     hint: npt.NDArray[np.uint32]
     marks: npt.NDArray[np.uint8]  # _HINTED | _REGISTERED
     hand: int = 0
