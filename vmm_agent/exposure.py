@@ -17,9 +17,9 @@ invariant that keeps batch operations vectorised: **every hidden page is watched
 visible** (``hide`` marks its pages watched; the fault path unhides a watched page in the
 same step that stops watching it; a new sample gives back every hidden mapping of the old
 one, ``unhide_all`` walking the dict itself; ballooning invalidates before it stops
-watching). So a batch looks up the dict only for
-its watched pages, one NumPy gather finds them, and a page that is not watched never needs a
-dict operation (the single-page fault reply's fast path). ``stray_hidden`` checks it.
+watching). So a batch looks up the dict only for its watched pages, one NumPy gather finds
+them, and a page that is not watched never needs a dict operation (the single-page fault
+reply's fast path). ``stray_hidden`` checks it.
 
 Large mappings: ``large[r]`` says the monitor maps 2 MB region ``r`` (BPNs ``512r ..
 512r+511``) with one large mapping, which it does once 2M promotion moved the region into
