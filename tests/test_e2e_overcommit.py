@@ -186,3 +186,52 @@ def test_agent_killed_while_swapping_frees_frames_and_slots(short_tmp: Path, mem
             assert time.monotonic() < deadline, st
             time.sleep(0.1)
         assert st["host"]["used"] == 2  # the two shared zero frames: everything else is back
+
+
+@pytest.mark.timeout(120)
+def test_verify_reads_are_touches_read_ahead_validation_counts(
+    short_tmp: Path, mem_dir: Path
+) -> None:
+    """Verify reads every page back like the guest: the pages its swap-in faults read ahead
+    are pages it reads, so validation keeps them (faults avoided), never drops them as
+    untouched, and the read-ahead window stays whole. (Verify once read without setting the
+    accessed bit: validation dropped its read-ahead and cut the window to one page.)"""
+    with daemons(short_tmp, mem_dir) as d:
+        d.start_platform(
+            "--host-memory", "64MiB", "--swap-file", str(short_tmp / "swap"), "--swap-size", "64MiB"
+        )
+        d.start_agent("a", memory="16MiB")
+        agent = d.control_socket("a")
+        asyncio.run(
+            ctl(
+                agent,
+                "run_phase",
+                phase={
+                    "duration": 60,
+                    "working_set": 1.0,
+                    "write_ratio": 1.0,
+                    "distribution": "sequential",
+                },
+            )
+        )
+        deadline = time.monotonic() + 30
+        while asyncio.run(ctl(agent, "results"))["pages_written"] < 4096:
+            assert time.monotonic() < deadline, "the guest did not write its 16 MiB"
+            time.sleep(0.05)
+        asyncio.run(ctl(agent, "halt"))
+        asyncio.run(ctl(d.socket, "set_host_limit", size="8MiB"))  # most of it goes to swap
+        deadline = time.monotonic() + 30
+        while asyncio.run(ctl(d.socket, "status"))["vms"][0]["pages"]["swapped"] < 2048:
+            assert time.monotonic() < deadline, "the daemon did not swap the guest out"
+            time.sleep(0.05)
+        asyncio.run(ctl(d.socket, "set_host_limit", size="64MiB"))
+        result = asyncio.run(ctl(agent, "verify"))
+        assert result["mismatches"] == 0 and result["pages_verified"] == 4096
+        # Every page read ahead was read by verify within milliseconds: once validated,
+        # each is a fault avoided.
+        deadline = time.monotonic() + 30
+        while (ra := asyncio.run(ctl(d.socket, "status"))["vms"][0]["readahead"])["held_now"]:
+            assert time.monotonic() < deadline, ra
+            time.sleep(0.1)
+        assert ra["faults_avoided"] > 1000, ra
+        assert ra["frames_recovered"] == 0 and ra["hit_ratio"] == 1.0, ra

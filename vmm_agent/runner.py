@@ -229,6 +229,10 @@ class WorkloadRunner:
         for _ in range(3):  # it may be released again between the fault and the check
             frame = int(self.exposure.frame[bpn])
             if frame >= 0:
+                # A guest read, as a vCPU's: it sets the accessed bit, which the daemon's
+                # verdicts read (a page read ahead for this walk and read is one the guest
+                # wanted; left clear, validation dropped it and shrank the read-ahead).
+                self.exposure.accessed[bpn] = True
                 self.guest.check(frames, frame, bpn)
                 return None
             if error is not None:
