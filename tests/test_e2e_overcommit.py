@@ -13,6 +13,18 @@ from .procs import ctl, daemons, load_json, run_load
 pytestmark = pytest.mark.e2e
 
 
+def write_all_then_halt(agent: Path, pages: int) -> None:
+    """The guest writes its ``pages`` pages sequentially (however slow the machine), then
+    stops."""
+    phase = {"duration": 60, "working_set": 1.0, "write_ratio": 1.0, "distribution": "sequential"}
+    asyncio.run(ctl(agent, "run_phase", phase=phase))
+    deadline = time.monotonic() + 30
+    while asyncio.run(ctl(agent, "results"))["pages_written"] < pages:
+        assert time.monotonic() < deadline, f"the guest did not write its {pages} pages"
+        time.sleep(0.05)
+    asyncio.run(ctl(agent, "halt"))
+
+
 @pytest.mark.timeout(180)
 def test_overcommit_scenario_swaps_and_verifies(short_tmp: Path, mem_dir: Path) -> None:
     """4 VMs x 16 MiB on a 32 MiB host limit: swap-outs happen, every page verifies."""
@@ -90,24 +102,7 @@ def test_vmmem_ctl_status_retire_and_host_limit(short_tmp: Path, mem_dir: Path) 
     with daemons(short_tmp, mem_dir) as d:
         d.start_platform("--host-memory", "32MiB")
         d.start_agent("a", memory="8MiB")
-        asyncio.run(
-            ctl(
-                d.control_socket("a"),
-                "run_phase",
-                phase={
-                    "duration": 60,
-                    "working_set": 1.0,
-                    "write_ratio": 1.0,
-                    "distribution": "sequential",
-                },
-            )
-        )
-        # Until every page is written (however slow the machine), then stop the guest.
-        deadline = time.monotonic() + 30
-        while asyncio.run(ctl(d.control_socket("a"), "results"))["pages_written"] < 2048:
-            assert time.monotonic() < deadline, "the guest did not write its 8 MiB"
-            time.sleep(0.05)
-        asyncio.run(ctl(d.control_socket("a"), "halt"))
+        write_all_then_halt(d.control_socket("a"), 2048)
         sock = ["--socket", str(d.socket)]
         out = subprocess.run(
             [str(BIN / "vmmem-ctl"), *sock, "status"], capture_output=True, text=True, check=True
@@ -202,23 +197,7 @@ def test_verify_reads_are_touches_read_ahead_validation_counts(
         )
         d.start_agent("a", memory="16MiB")
         agent = d.control_socket("a")
-        asyncio.run(
-            ctl(
-                agent,
-                "run_phase",
-                phase={
-                    "duration": 60,
-                    "working_set": 1.0,
-                    "write_ratio": 1.0,
-                    "distribution": "sequential",
-                },
-            )
-        )
-        deadline = time.monotonic() + 30
-        while asyncio.run(ctl(agent, "results"))["pages_written"] < 4096:
-            assert time.monotonic() < deadline, "the guest did not write its 16 MiB"
-            time.sleep(0.05)
-        asyncio.run(ctl(agent, "halt"))
+        write_all_then_halt(agent, 4096)
         asyncio.run(ctl(d.socket, "set_host_limit", size="8MiB"))  # most of it goes to swap
         deadline = time.monotonic() + 30
         while asyncio.run(ctl(d.socket, "status"))["vms"][0]["pages"]["swapped"] < 2048:
