@@ -166,7 +166,7 @@ class Rig:
             self.os,
             self.exposure,
             self.guest,
-            self.faults.pending,
+            self.faults.may_map,  # as the agent does
             self.region,
             self.progress,
             rate,

@@ -125,7 +125,7 @@ class Agent:
             self.guest_os,
             self.exposure,
             self.guest,
-            self.faults.pending,
+            self.faults.may_map,  # not only the pages faulted on: their fault-around too
             self.region,
             self.guest_progress,
             cfg.balloon_rate,

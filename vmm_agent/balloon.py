@@ -6,7 +6,7 @@ it gives. It takes them as a guest's balloon allocates memory (``GuestOS.inflate
 pages first (those the guest once used, which free a frame each at no cost to it, then
 never-used ones), then pages of the page cache, coldest first by the CLOCK the guest
 evicts with (their blocks are dropped: a later read of one is a refault), never anonymous
-pages, never pages pinned for I/O or with a fault in flight. Before the batch is
+pages, never pages pinned for I/O or that a fault in flight may map. Before the batch is
 completed each page is out of the guest: BALLOON in the guest model, its mapping gone
 (hidden one included, no longer watched by the sampler), its content forgotten (the
 verification pass does not read it). The platform then frees what backed it: the page is
@@ -89,7 +89,9 @@ class BalloonDriver:
         self.os = guest_os
         self.exposure = exposure
         self.guest = guest
-        #: Pages with a fault in flight (the fault path's table): their reply would map them.
+        #: Pages a fault in flight may map (``FaultPath.may_map``: its own page, and its
+        #: fault-around's): the daemon may have mapped them already, and would free the
+        #: frame its reply maps.
         self.busy = busy
         self.region = region
         self.progress = progress

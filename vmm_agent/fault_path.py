@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Container
 
 import numpy as np
 
-from shared.constants import NO_FRAME, FaultReason
+from shared.constants import MAX_FAULT_AROUND, NO_FRAME, FaultReason
 from shared.messages import FAULT_FLAG_WRITABLE, Fault, FaultReply, Message
 
 from .exposure import ExposureTable
@@ -40,6 +40,10 @@ class FaultPath:
         self.slots = asyncio.Semaphore(max_outstanding)
         #: BPNs with a fault out; the future, once a second vCPU waits for the same page.
         self.pending: dict[int, asyncio.Future[None] | None] = {}
+        #: The BPNs of ``pending`` whose fault asked for fault-around (see ``may_map``).
+        self.walking: set[int] = set()
+        #: Pages the reply of a fault out may map: what the balloon must not give.
+        self.may_map = MayMap(self.pending, self.walking)
         self.by_reason: Counter[str] = Counter()
         self.latencies = np.zeros(LATENCY_SAMPLES, dtype=np.float64)
         self.samples = 0
@@ -116,11 +120,13 @@ class FaultPath:
                 # so no vCPU reads through the old mapping meanwhile: they fault and wait for
                 # this one (the monitor's TLB shootdown).
                 self.unmap(bpn)
+            ahead = (self.around if around is None else around) if sequential else 0
+            if ahead:
+                self.walking.add(bpn)
             try:
-                await self._fault(
-                    bpn, write, (self.around if around is None else around) if sequential else 0
-                )
+                await self._fault(bpn, write, ahead)
             finally:
+                self.walking.discard(bpn)  # after the reply is installed (``_on_reply``)
                 fut = self.pending.pop(bpn)
                 if fut is not None:
                     fut.set_result(None)
@@ -166,3 +172,30 @@ class FaultPath:
 
     def reset_latencies(self) -> None:
         self.samples = 0
+
+
+class MayMap(Container[int]):
+    """The pages a reply still on the way may map: each fault's own page and, for a fault
+    with fault-around, the ``MAX_FAULT_AROUND`` pages after it (a swap-in reads ahead up to
+    the daemon's ``swap_readahead_max`` whatever fault-around was asked).
+
+    Why the balloon must not give them: the daemon resolves a fault when it arrives, so it
+    may have mapped a neighbour already (a fresh frame, a read-ahead page) when the balloon
+    gives that page; the BALLOON completion then frees the frame, and the reply, which
+    arrives after, maps the page to a frame that is free, soon another page's or another
+    VM's (a data mismatch in both). Kept out until the reply is installed, a page goes in a
+    later batch: mapped then, so the balloon drops the mapping it gives.
+    """
+
+    def __init__(self, pending: Container[int], walking: set[int]) -> None:
+        self.pending = pending
+        self.walking = walking
+
+    def __contains__(self, page: object) -> bool:
+        if page in self.pending:
+            return True
+        # A few faults out at most (the outstanding bound): a scan per page asked about.
+        if not isinstance(page, int | np.integer):
+            return False
+        p = int(page)
+        return any(0 < p - b <= MAX_FAULT_AROUND for b in self.walking)
