@@ -124,9 +124,15 @@ class ValidationService(LowPriorityService):
         p2m = vm.p2m
         still = p2m.state[accepted] == _SELECTED
         ok = status == PageStatus.OK
-        mapped = ok | (status == PageStatus.CANCELLED)
-        p2m.state[accepted[still & mapped]] = _EXPOSED
-        p2m.state[accepted[still & ~mapped]] = _RESIDENT
+        # RESIDENT only for what the VMM says it does not map: refused (STALE_FRAME) or let
+        # go (UNTOUCHED). A SELECTED page need not be this batch's: a read-ahead page whose
+        # hold ended while its verdict was out may be in a swap batch now, and a verdict
+        # that keeps it mapped (REFERENCED, BUSY) must not make it RESIDENT, which swap
+        # takes without asking the VMM (it would free the frame the guest uses). EXPOSED
+        # is safe either way: a page the VMM does not map then faults to the same frame.
+        unmapped = (status == PageStatus.STALE_FRAME) | (status == PageStatus.UNTOUCHED)
+        p2m.state[accepted[still & ~unmapped]] = _EXPOSED
+        p2m.state[accepted[still & unmapped]] = _RESIDENT
         done = int(np.count_nonzero(still & ok))
         self.validated[vm.vm_id] = self.validated.get(vm.vm_id, 0) + done
         metrics = self.ctx.metrics.validated
