@@ -213,4 +213,6 @@ def test_verify_reads_are_touches_read_ahead_validation_counts(
             assert time.monotonic() < deadline, ra
             time.sleep(0.1)
         assert ra["faults_avoided"] > 1000, ra
-        assert ra["frames_recovered"] == 0 and ra["hit_ratio"] == 1.0, ra
+        # Without verify's accessed bit nearly all were recovered (hit ratio ~0); a loaded
+        # machine may let a few holds end otherwise, so not exactly none.
+        assert ra["frames_recovered"] <= ra["faults_avoided"] // 20 and ra["hit_ratio"] >= 0.9, ra
