@@ -1,10 +1,10 @@
 """The swap file: a slot allocator, batched writes and checked reads of 4 KiB pages.
 
 Slots are handed out from a free stack (O(batch), never a scan), lowest first, so a batch
-on a fresh file gets consecutive slots and is written with one ``pwrite`` per run. Every
-slot carries an xxh3-64 checksum of what was written; every read is checked against it.
-The I/O methods are plain blocking functions: reads run in the event loop's thread pool,
-writes on the file's own writer thread (``submit_write``).
+on a fresh file gets consecutive slots and is written with one ``pwritev`` per run, straight
+from the frames. Every slot carries an xxh3-64 checksum of what was written; every read is
+checked against it. The I/O methods are plain blocking functions: reads run in the event
+loop's thread pool, writes on the file's own writer thread (``submit_write``).
 """
 
 from __future__ import annotations
@@ -52,12 +52,6 @@ def runs(sorted_slots: npt.NDArray[np.int64]) -> list[tuple[int, int]]:
     starts = np.concatenate(([0], breaks))
     ends = np.concatenate((breaks, [len(sorted_slots)]))
     return list(zip(starts.tolist(), (ends - starts).tolist(), strict=True))
-
-
-def digests(data: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint64]:
-    """xxh3-64 of each page of an (n, PAGE_SIZE) array."""
-    data = np.ascontiguousarray(data)
-    return frame_digests(data.reshape(-1).data.cast("B"), np.arange(len(data), dtype=np.int64))
 
 
 def frame_digests(flat: memoryview, frames: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
@@ -315,13 +309,7 @@ class SwapFile:
                 if nowait:
                     return False
                 raise OSError(errno_mod.EIO, f"short read of swap slots from {offset // PAGE_SIZE}")
-        digest = xxhash.xxh3_64_intdigest
-        sums = np.fromiter(
-            (digest(flat[f * PAGE_SIZE : (f + 1) * PAGE_SIZE]) for f in frames.tolist()),
-            np.uint64,
-            len(frames),
-        )
-        bad = np.flatnonzero(sums != self.checksum[slots])
+        bad = np.flatnonzero(frame_digests(flat, frames) != self.checksum[slots])
         if len(bad):
             raise SwapChecksumError(f"swap slot {int(slots[bad[0]])}: checksum mismatch on read")
         return True
