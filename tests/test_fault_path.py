@@ -10,7 +10,7 @@ import pytest
 from shared.constants import FaultReason
 from shared.messages import FAULT_FLAG_WRITABLE, Fault, FaultReply
 from vmm_agent.exposure import ExposureTable
-from vmm_agent.fault_path import FaultPath
+from vmm_agent.fault_path import FaultPath, Slots
 
 
 class FakeLink:
@@ -109,3 +109,45 @@ async def test_a_write_fault_drops_the_read_only_mapping_until_its_reply() -> No
     assert exposure.frame[5] == 101 and exposure.writable[5]
     await writer
     assert [m.write for m in link.sent] == [True]  # the reader sent nothing of its own
+
+
+@pytest.mark.timeout(10)
+async def test_a_slot_handed_to_a_cancelled_waiter_goes_to_the_next() -> None:
+    """The outstanding bound's slots: a waiter cancelled after a slot was handed to it (but
+    before it ran) passes the slot on, and one cancelled while waiting takes none; no slot is
+    lost either way, so later faults are not stuck behind a bound that never frees."""
+    slots = Slots(1)
+    assert slots.take_nowait()
+    first = asyncio.ensure_future(slots.take())
+    second = asyncio.ensure_future(slots.take())
+    third = asyncio.ensure_future(slots.take())
+    await asyncio.sleep(0)  # all three queued, in order
+    slots.give()  # handed to ``first``, which has not run yet
+    first.cancel()
+    third.cancel()  # cancelled while waiting
+    await asyncio.wait_for(second, 5)  # the slot went on to ``second``
+    assert first.cancelled() and third.cancelled()
+    assert not slots.take_nowait()  # ``second`` holds the only slot
+    slots.give()
+    assert slots.take_nowait()  # and it came back whole
+    assert not slots.take_nowait()
+
+
+@pytest.mark.timeout(10)
+async def test_slots_serve_waiters_first_come_first_served() -> None:
+    """A slot given back goes to the longest waiter, never to a newcomer."""
+    slots, order = Slots(1), []
+    assert slots.take_nowait()
+
+    async def waiter(k: int) -> None:
+        await slots.take()
+        order.append(k)
+
+    tasks = [asyncio.ensure_future(waiter(k)) for k in range(3)]
+    await asyncio.sleep(0)
+    for _ in range(3):
+        slots.give()
+        assert not slots.take_nowait()  # handed over, not free for a newcomer
+        await asyncio.sleep(0)
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    assert order == [0, 1, 2]

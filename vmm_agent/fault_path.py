@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Container
 
 import numpy as np
@@ -37,7 +37,7 @@ class FaultPath:
         self.link = link
         self.exposure = exposure
         self.around = around
-        self.slots = asyncio.Semaphore(max_outstanding)
+        self.slots = Slots(max_outstanding)
         #: BPNs with a fault out; the future, once a second vCPU waits for the same page.
         self.pending: dict[int, asyncio.Future[None] | None] = {}
         #: The BPNs of ``pending`` whose fault asked for fault-around (see ``may_map``).
@@ -133,7 +133,10 @@ class FaultPath:
 
     async def _fault(self, bpn: int, write: bool, around: int) -> None:
         slots = self.slots
-        await slots.acquire()  # not ``async with``: two coroutines fewer per fault
+        if slots.free:  # ``take_nowait`` inline: every fault but under backpressure
+            slots.free -= 1
+        else:
+            await slots.take()
         try:
             t0 = time.perf_counter()
             try:
@@ -147,7 +150,7 @@ class FaultPath:
                 raise
             seconds = time.perf_counter() - t0
         finally:
-            slots.release()
+            slots.give()
         self.faults += 1
         self.latencies[self.samples % LATENCY_SAMPLES] = seconds
         self.samples += 1
@@ -172,6 +175,48 @@ class FaultPath:
 
     def reset_latencies(self) -> None:
         self.samples = 0
+
+
+class Slots:
+    """At most ``n`` faults out at once, first come first served.
+
+    ``asyncio.Semaphore`` does this at a cost paid on every fault: its ``acquire`` is a
+    coroutine and ``locked()`` scans the waiters with a generator (~0.8 µs per fault). Here a
+    free slot is taken by a decrement of ``free``; a slot given back goes straight to the
+    first waiter, so ``free`` is never above zero while anyone waits.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.free = n
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def take_nowait(self) -> bool:
+        """Take a slot if one is free."""
+        if self.free:
+            self.free -= 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        """Wait for a slot, in turn (``take_nowait`` first: this always waits)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.give()  # handed a slot, then cancelled before it ran: pass it on
+            raise  # a cancelled future stays queued: ``give`` skips it
+
+    def give(self) -> None:
+        """Give a slot back: to the first waiter still waiting, else to ``free``."""
+        waiters = self._waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self.free += 1
 
 
 class MayMap(Container[int]):

@@ -10,7 +10,7 @@ for the next one.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from shared.messages import Message
@@ -95,8 +95,9 @@ class PlatformLink:
     def request_nowait(self, msg: Message) -> asyncio.Future[Any]:
         return self._current().request_nowait(msg)
 
-    async def request(self, msg: Message, timeout: float | None = None) -> Any:
-        return await self._current().request(msg, timeout)
+    def request(self, msg: Message, timeout: float | None = None) -> Awaitable[Any]:
+        """``RpcClient.request`` on the current connection (sent now, no coroutine layer)."""
+        return self._current().request(msg, timeout)
 
     async def ctl(self, op: str, timeout: float | None = 30.0, **args: Any) -> dict[str, Any]:
         return await self._current().ctl(op, timeout, **args)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from shared.codec import Codec, parse_fault_reply
@@ -34,7 +34,8 @@ class RpcClient(asyncio.Protocol):
         self.on_reply: Callable[[int, Message], None] | None = None
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any]] = {}
-        self.closed = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self.closed = self._loop.create_future()
 
     @classmethod
     async def connect(cls, path: str, **kwargs: Any) -> RpcClient:
@@ -87,8 +88,8 @@ class RpcClient(asyncio.Protocol):
 
     def request_nowait(self, msg: Message) -> asyncio.Future[Any]:
         """Send ``msg`` and return the future of its reply."""
-        rid = self.next_id()
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        rid = next(self._ids)
+        fut: asyncio.Future[Any] = self._loop.create_future()
         self._waiting[rid] = fut
         try:
             self.send(msg, rid)
@@ -97,10 +98,15 @@ class RpcClient(asyncio.Protocol):
             raise
         return fut
 
-    async def request(self, msg: Message, timeout: float | None = None) -> Any:
-        if timeout is None:  # the fault path's case: the future itself, no wait_for layer
-            return await self.request_nowait(msg)
-        return await asyncio.wait_for(self.request_nowait(msg), timeout)
+    def request(self, msg: Message, timeout: float | None = None) -> Awaitable[Any]:
+        """Send ``msg`` now; await the result for its reply.
+
+        Not a coroutine: without a timeout (the fault path's case) this is the reply's future
+        itself, so a fault costs no coroutine of its own. Every caller awaits it at once.
+        """
+        if timeout is None:
+            return self.request_nowait(msg)
+        return asyncio.wait_for(self.request_nowait(msg), timeout)
 
     async def ctl(self, op: str, timeout: float | None = 30.0, **args: Any) -> dict[str, Any]:
         """A control request; raises PeerError when the peer says it failed."""
