@@ -109,6 +109,8 @@ class FrameAllocator:
             raise ValueError(f"frame state of {len(frame_state)} frames for {host_pages}")
         self.frame_state = frame_state
         self._nodes = [_NodeStack(a, b) for a, b in self.node_bounds]
+        #: Per home node, the stacks in the order ``allocate_one`` looks (home node first).
+        self._search = [(self._nodes[n], *self._nodes) for n in range(nodes)]
         self._node_of_block = np.repeat(
             np.arange(nodes, dtype=np.int16), [b - a for a, b in self.node_bounds]
         )
@@ -129,7 +131,7 @@ class FrameAllocator:
 
     @property
     def used(self) -> int:
-        return self.host_pages - self.free - self.retired
+        return self.host_pages - self._free - self.retired
 
     def free_on(self, node: int) -> int:
         return self._nodes[node].free
@@ -164,8 +166,7 @@ class FrameAllocator:
             raise OutOfMemoryError(f"need 1 frame, {self._free} free")
         # ``.item()`` reads give Python ints: indexing gives NumPy scalars, slower to use.
         state = self.frame_state
-        for idx in (node, *range(self.nodes)):
-            ns = self._nodes[idx]
+        for ns in self._search[node]:
             while ns.top > 0:
                 ns.top -= 1
                 mpn: int = ns.stack.item(ns.top)

@@ -17,7 +17,7 @@ This runs once per fault message, on 1 to 17 pages, so its cost is per-call over
 per-page work: states are compared as plain ints (comparing a NumPy value with an IntEnum
 member costs ~4 µs on Python 3.11, where NumPy's probe of the enum class for ``__array_*__``
 attributes goes through ``EnumType.__getattr__`` and raises), and a fault without
-fault-around is answered with plain ints and ``struct`` (``_first_touch_one``, ``reply_one``):
+fault-around is answered with plain ints and ``struct`` (``first_touch_one``, ``reply_one``):
 NumPy costs about a microsecond per call on one-element arrays, and that path made ten calls.
 """
 
@@ -93,7 +93,7 @@ class FaultResolver:
         """Back the faulting page and, if asked, its untouched neighbours."""
         p2m = vm.p2m
         if around <= 0:
-            return self._first_touch_one(vm, bpn, write)
+            return self.first_touch_one(vm, bpn, write)
         neighbours = self._around(vm, bpn, around)
         if len(neighbours):
             zero_mask = p2m.state[neighbours] == _ZERO
@@ -119,11 +119,11 @@ class FaultResolver:
         vm.stats.fault_around_pages += len(fresh) - 1
         return self.reply(vm, FaultReason.FIRST_TOUCH, fresh)
 
-    def _first_touch_one(self, vm: VM, bpn: int, write: bool) -> FaultReply:
+    def first_touch_one(self, vm: VM, bpn: int, write: bool) -> FaultReply:
         """``first_touch`` of the faulting page alone, with plain ints (no fault-around)."""
         p2m, machine = vm.p2m, self.machine
         if write:
-            if machine.available() < 1:
+            if not machine.can_allocate_one():
                 raise NeedsAsync
             mpn = machine.allocate_zeroed_one(vm.home_node)
             p2m.frame[bpn] = mpn

@@ -19,6 +19,7 @@ from .allocator import FrameAllocator, Frames
 
 #: owner_vm value of frames the host itself holds (the shared zero frames).
 HOST_OWNER = -2
+_ZERO_PAGE = bytes(PAGE_SIZE)
 
 
 #: madvise advice that backs a whole mapping with memory now (Linux >= 5.14).
@@ -136,6 +137,11 @@ class MachineMemory:
         alloc = self.allocator
         return max(0, min(alloc.free, self.limit_pages - alloc.used))
 
+    def can_allocate_one(self) -> bool:
+        """``available() >= 1``, in the fewest steps (asked on every write fault)."""
+        alloc = self.allocator
+        return alloc.free > 0 and alloc.used < self.limit_pages
+
     def allocate_zeroed(self, n: int, node: int) -> Frames:
         """``n`` frames filled with zeros (frames are recycled between VMs)."""
         frames = self.allocator.allocate(n, node)
@@ -148,7 +154,9 @@ class MachineMemory:
     def allocate_zeroed_one(self, node: int) -> int:
         """``allocate_zeroed(1, node)`` as an int (the fault path's case: no arrays)."""
         mpn = self.allocator.allocate_one(node)
-        self.frames[mpn] = 0
+        # The mmap's own slice store: one memcpy, without NumPy's indexing of a row view.
+        at = mpn * PAGE_SIZE
+        self.file.mm[at : at + PAGE_SIZE] = _ZERO_PAGE
         return mpn
 
     def set_owner(self, frames: npt.NDArray[Any], vm_id: int, bpns: npt.NDArray[Any]) -> None:

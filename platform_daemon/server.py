@@ -586,6 +586,8 @@ class PlatformServer:
 
     def _resolve_now(self, vm: VM, bpn: int, write: bool, around: int, state: int) -> FaultReply:
         if state == _ZERO:  # first touch, the common case: straight to the resolver
+            if around <= 0:
+                return self.faults.first_touch_one(vm, bpn, write)
             return self.faults.first_touch(vm, bpn, write, around)
         if state == _IN_FLIGHT:
             reply = self.services[vm.p2m.op[bpn]].on_fault(vm, bpn, write)
