@@ -102,19 +102,21 @@ class FaultPath:
                 self.on_watched_touch(bpn)
             if bpn in exposure.hidden and exposure.unhide(bpn):
                 self.soft_faults += 1
-            if exposure.frame.item(bpn) >= 0 and (not write or exposure.writable.item(bpn)):
+            frame = exposure.frame.item(bpn)
+            if frame >= 0 and (not write or exposure.writable.item(bpn)):
                 return
-            if bpn in self.pending:
+            pending = self.pending
+            if bpn in pending:
                 # Another vCPU's fault is out: wait for it. Its future is made only now, by
                 # the first waiter (most faults have none). asyncio.wait, not await: a
                 # cancelled waiter must not cancel the future the others wait on.
-                fut = self.pending[bpn]
+                fut = pending[bpn]
                 if fut is None:
-                    fut = self.pending[bpn] = asyncio.get_running_loop().create_future()
+                    fut = pending[bpn] = asyncio.get_running_loop().create_future()
                 await asyncio.wait((fut,))
                 continue
-            self.pending[bpn] = None
-            if write and exposure.frame.item(bpn) >= 0:
+            pending[bpn] = None
+            if write and frame >= 0:
                 # A write to a read-only (shared) page: its reply maps a copy, and the daemon
                 # may hand the old frame to its last other sharer, who writes it. Dropped now,
                 # so no vCPU reads through the old mapping meanwhile: they fault and wait for
@@ -126,8 +128,9 @@ class FaultPath:
             try:
                 await self._fault(bpn, write, ahead)
             finally:
-                self.walking.discard(bpn)  # after the reply is installed (``_on_reply``)
-                fut = self.pending.pop(bpn)
+                if ahead:  # one fault per BPN at a time: only this one put it there
+                    self.walking.discard(bpn)  # after the reply is installed (``_on_reply``)
+                fut = pending.pop(bpn)
                 if fut is not None:
                     fut.set_result(None)
 
