@@ -1,5 +1,6 @@
-"""The fault metrics kept as plain numbers (platform_daemon/fault_metrics.py) export exactly
-what prometheus_client's own Counter and Histogram would for the same faults."""
+"""The fault metrics kept as plain numbers (platform_daemon/fault_metrics.py, and the agent's
+fault latency in vmm_agent/metrics.py) export exactly what prometheus_client's own Counter and
+Histogram would for the same faults."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from platform_daemon.fault_metrics import FaultMetrics
 from platform_daemon.metrics import LATENCY_BUCKETS, PlatformMetrics
 from shared.constants import FaultReason
+from vmm_agent.metrics import LATENCY_BUCKETS as AGENT_BUCKETS
+from vmm_agent.metrics import AgentMetrics, FaultLatency
 
 REASONS = [r.name.lower() for r in FaultReason]
 SECONDS = st.one_of(
@@ -64,3 +67,39 @@ def test_platform_metrics_register_them() -> None:
     assert registry.get_sample_value("vmmem_platform_fault_service_seconds_bucket", le) == 1
     le["le"] = "2.5e-05"
     assert registry.get_sample_value("vmmem_platform_fault_service_seconds_bucket", le) == 0
+
+
+def agent_exported(registry: CollectorRegistry) -> list[str]:
+    """The exposition lines of the agent's fault latency, without ``_created`` samples."""
+    text = generate_latest(registry).decode()
+    return sorted(
+        line
+        for line in text.splitlines()
+        if FaultLatency.NAME in line and "_created" not in line  # HELP and TYPE too
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    faults=st.lists(
+        st.tuples(st.sampled_from(REASONS), st.one_of(st.sampled_from(AGENT_BUCKETS), SECONDS)),
+        max_size=40,
+    )
+)
+def test_agent_fault_latency_same_exposition_as_prometheus_client(
+    faults: list[tuple[str, float]],
+) -> None:
+    """The agent's fault latency (vmm_agent/metrics.py, plain numbers) exports what its
+    former prometheus_client Histogram did: same buckets, counts and sums, and a reason
+    appears only once it has a fault."""
+    ours = CollectorRegistry()
+    agent = AgentMetrics(ours, "vm7")
+    ref = CollectorRegistry()
+    histogram = Histogram(
+        FaultLatency.NAME, FaultLatency.DOC, ["vm", "reason"], buckets=AGENT_BUCKETS,
+        registry=ref,
+    )  # fmt: skip
+    for reason, seconds in faults:
+        agent.observe_fault(reason, seconds)
+        histogram.labels("vm7", reason).observe(seconds)
+    assert agent_exported(ours) == agent_exported(ref)
