@@ -218,7 +218,8 @@ class ControlRegion:
     @property
     def pending(self) -> int:
         """The pending word: one bit per service type with work waiting."""
-        return int(self._pending[0])
+        word: int = self._pending.item(0)  # a Python int: read after every fault (poll)
+        return word
 
     @pending.setter
     def pending(self, value: int) -> None:
