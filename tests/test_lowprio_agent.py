@@ -44,7 +44,14 @@ from vmm_agent.batches import BatchProcessor
 from vmm_agent.exposure import ExposureTable
 from vmm_agent.fault_path import FaultPath
 from vmm_agent.guest_time import GuestGate, GuestProgress, ProgressMeter
-from vmm_agent.lowprio import MAX_CREDIT, RTT_WINDOW, LowPriorityLoop, RoundRecord
+from vmm_agent.lowprio import (
+    MAX_CREDIT,
+    MAX_SLACK_FRACTION,
+    RTT_WINDOW,
+    SLACK_MIN_SAMPLES,
+    LowPriorityLoop,
+    RoundRecord,
+)
 from vmm_agent.monitor import MonitorQueue, MonitorTask, TaskCost
 from vmm_agent.rounds import HighPriorityLoop
 from vmm_agent.sampler import Sampler
@@ -1682,3 +1689,60 @@ async def test_a_round_records_its_steps_for_the_overrun_split() -> None:
     assert record.used == pytest.approx(4 * MS)
     assert record.run_delay >= 0.0 and all(s["wait"] >= 0.0 for s in record.steps)
     assert rig.loop.summary()["rounds"][-1]["steps"] == record.steps
+
+
+@pytest.mark.timeout(10)
+async def test_rounds_plan_to_end_before_the_bound_by_what_recent_rounds_ran_past_it() -> None:
+    """Every batch costs 3 ms against an 8 ms bound: each round sends at 0, 3 and 6 ms and
+    ends at 9 ms, 1 ms over. Once SLACK_MIN_SAMPLES such rounds were seen, a round plans to
+    end by the slack before the bound (its GetRequests carry the planned time left), and the
+    rounds end within the bound from then on; the slack stays within its cap."""
+    rig = Rig()
+    rig.region.pending = low_bit()
+    bound = rig.loop.bound
+    records = []
+    for i in range(30):
+        rig.link.script = [(work(seq=100 * i + j), 3 * MS) for j in range(1, 10)]
+        rig.link.gets.clear()
+        record = await rig.tick()
+        assert record is not None and record.outcome == "bound"
+        records.append(record)
+        first = rig.link.gets[0][0]
+        assert abs(first.budget_us - (bound - record.slack) * 1e6) <= 1
+    assert [r.overrun for r in records[:SLACK_MIN_SAMPLES]] == pytest.approx(
+        [1 * MS] * SLACK_MIN_SAMPLES
+    )
+    assert all(r.slack == 0.0 for r in records[:SLACK_MIN_SAMPLES])
+    # A 1 ms slack still ran 2 ms past its plan (and, on the float edge, 3 ms): no more.
+    assert 2 * MS - EPS <= records[-1].slack <= 3 * MS + EPS
+    late = records[-10:]
+    assert all(r.overrun == 0.0 for r in late), [r.overrun for r in late]
+    assert all(0 < r.slack <= MAX_SLACK_FRACTION * bound for r in late)
+    assert all(r.batches >= 2 for r in late)  # the slack leaves work to do, not an empty round
+
+
+@pytest.mark.timeout(10)
+async def test_no_slack_where_rounds_end_on_plan() -> None:
+    """Rounds that end exactly at their bound (no overshoot) leave the plan at the bound."""
+    rig = Rig()
+    rig.region.pending = low_bit()
+    half = rig.loop.bound / 2
+    for i in range(SLACK_MIN_SAMPLES + 4):
+        rig.link.script = [(work(seq=10 * i + j), half) for j in range(1, 5)]
+        record = await rig.tick()
+        assert record is not None and record.outcome == "bound"
+        assert record.slack == pytest.approx(0.0, abs=EPS)
+        assert record.overrun == pytest.approx(0.0, abs=EPS)
+
+
+@pytest.mark.timeout(10)
+async def test_the_slack_is_at_most_half_the_bound() -> None:
+    """Batches of 7 ms against an 8 ms bound overshoot by 6 ms: the slack stops at half the
+    bound, so a round still plans half of it for work."""
+    rig = Rig()
+    rig.region.pending = low_bit()
+    for i in range(SLACK_MIN_SAMPLES + 4):
+        rig.link.script = [(work(seq=10 * i + j), 7 * MS) for j in range(1, 5)]
+        record = await rig.tick()
+        assert record is not None
+    assert record.slack == pytest.approx(MAX_SLACK_FRACTION * rig.loop.bound)

@@ -62,6 +62,14 @@ RECORDS_KEPT = 4096
 #: and none older than RTT_MAX_AGE seconds (a long one must not block exchanges for good).
 RTT_WINDOW = 32
 RTT_MAX_AGE = 10.0
+#: Slack: a round plans to end this far before its bound. It is the SLACK_QUANTILE of how far
+#: the last SLACK_WINDOW rounds that the plan ended ran past their planned end (waits for a
+#: CPU, a batch's misestimate), at most MAX_SLACK_FRACTION of the bound, and 0 until
+#: SLACK_MIN_SAMPLES such rounds were seen.
+SLACK_WINDOW = 64
+SLACK_QUANTILE = 0.97
+SLACK_MIN_SAMPLES = 8
+MAX_SLACK_FRACTION = 0.5
 
 
 @dataclass
@@ -78,6 +86,8 @@ class RoundRecord:
     pages: int
     #: Of ``used``, the time the agent's thread waited for a CPU (runnable, not running).
     run_delay: float = 0.0
+    #: How far before the bound the round planned to end (``LowPriorityLoop.slack``).
+    slack: float = 0.0
     #: Its steps in order, to split an overrun into its parts: ``batch`` (seq, service, pages,
     #: wall and CPU of the agent's processing), ``exchange`` (a GetRequest: sent, resumed,
     #: the agent's CPU while it waited, which is other tasks', and for a round-over answer
@@ -121,6 +131,8 @@ class LowPriorityLoop:
         # Recent round trips of GetRequests answered "round over", less the daemon's own time
         # on them (it says so in the answer): what an empty exchange costs.
         self._rtts: deque[tuple[float, float]] = deque(maxlen=RTT_WINDOW)  # (when, seconds)
+        # How far past its planned end each recent round ended by its plan ran (seconds).
+        self._overshoots: deque[float] = deque(maxlen=SLACK_WINDOW)
         self.last_bound = bound_for(latency_sensitivity)
         self.credit = 0.0  # guest progress not yet spent on a round
         self.progress_total = 0.0  # guest progress so far, seconds
@@ -188,14 +200,20 @@ class LowPriorityLoop:
         None when neither queue had anything (the guest never exited).
         """
         first: Request | None = None
+        # The round plans to end ``slack`` before the bound: what recent rounds ran past
+        # their plan (waits for a CPU, mostly) then still ends within it.
+        slack = self.slack(budget)
         if self.region.pending & LOW_PRIORITY_MASK:
             # Not learned from: the vCPUs run meanwhile, on this event loop, and their work
             # would count as round trip.
-            first = await self._get_request(int(budget * 1e6), GET_FLAG_NEW_ROUND, learn=False)
+            first = await self._get_request(
+                int((budget - slack) * 1e6), GET_FLAG_NEW_ROUND, learn=False
+            )
         if (first is None or not first.has_work) and not self.monitor.has_work():
             self.outcomes["empty"] += 1
             return None
         bound = TimeBound(budget, self.clock(), self.clock)
+        plan = TimeBound(budget - slack, bound.started, self.clock)
         gap = self.progress.gap(bound.started)
         stalled_before = self.progress.stalled_total(bound.started)
         cpu0, wait0 = time.thread_time(), self._run_delay.seconds()
@@ -214,7 +232,7 @@ class LowPriorityLoop:
                     outcome = "preempted"
                     self.high.kick()
                     break
-                left = bound.left()
+                left = plan.left()
                 if left <= 0:
                     outcome = "bound"
                     break
@@ -241,7 +259,7 @@ class LowPriorityLoop:
                         outcome = "bound"
                         break
                     t0, c0, w0 = self.clock(), time.thread_time(), self._run_delay.seconds()
-                    req = await self._get_request(bound.left_us(), 0, learn=True)
+                    req = await self._get_request(plan.left_us(), 0, learn=True)
                     steps.append(
                         {
                             "kind": "exchange",
@@ -274,10 +292,24 @@ class LowPriorityLoop:
             batches,
             pages,
             self._run_delay.seconds() - wait0,
+            slack,
             steps,
         )
+        if outcome == "bound":  # the plan ended it: how far past the plan did it run?
+            self._overshoots.append(record.used - plan.budget)
         self._record(record)
         return record
+
+    def slack(self, budget: float) -> float:
+        """How far before ``budget`` the next round plans to end: the SLACK_QUANTILE of
+        the recent overshoots of rounds ended by their plan, within [0, MAX_SLACK_FRACTION
+        of the budget]. A quiet host overshoots by a batch's misestimate and gets almost no
+        slack; a host whose CPUs are busy makes the rounds wait and gets more."""
+        if len(self._overshoots) < SLACK_MIN_SAMPLES:
+            return 0.0
+        ordered = sorted(self._overshoots)
+        q = ordered[min(len(ordered) - 1, int(SLACK_QUANTILE * len(ordered)))]
+        return min(MAX_SLACK_FRACTION * budget, max(0.0, q))
 
     def _process(self, req: Request, steps: list[dict[str, float | int | str]]) -> None:
         """Process one platform batch, its wall and CPU time traced."""
