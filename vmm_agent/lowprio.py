@@ -22,7 +22,8 @@ arming, then page checking; given at most half of what is left while the platfor
 work), then one platform batch, and so on. Each GetRequest carries the time left; the daemon
 sizes the batch to fit it, so the round ends past the bound by at most the misestimate of
 one batch; the agent starts a further exchange only when even its longest recent round trip
-still fits. Page checking is background work, always there: a round for it alone runs only
+still fits. The round plans to end a *slack* before its bound: what recent rounds ran past
+their plan (waits for a CPU, mostly), so that the next one still ends within the bound. Page checking is background work, always there: a round for it alone runs only
 on credit to spare (a tick more than a round needs), so it never delays the platform's.
 
 High priority pre-empts low: the round ends as soon as a high-priority bit is set or a
