@@ -704,6 +704,15 @@ async def _all_six_run(seconds: float, guest: str = "64MiB") -> dict[str, Any]:
                 o: sum(r["outcome"] == o for r in rounds) for o in {"done", "bound", "preempted"}
             },
             "bound_ms": median([r["bound"] for r in rounds]) * 1e3,
+            # Which rounds overrun: those the plan ended ("bound") answer to the slack; those
+            # that ran out of work ("done") or were pre-empted do not.
+            "over_10pct_by_outcome": {
+                o: sum(r["outcome"] == o and x > 0.1 for x, r in zip(ratio, rounds, strict=True))
+                for o in ("done", "bound", "preempted")
+            },
+            "slack_p50_p99_ms": [
+                quantile([r.get("slack", 0.0) for r in rounds], q) * 1e3 for q in (0.5, 0.99)
+            ],
             "used_p50_fraction": quantile(used, 0.5),
             "used_p99_fraction": quantile(used, 0.99),
             "overrun_p50_fraction": quantile(ratio, 0.5),
@@ -808,6 +817,11 @@ def print_all_six(row: dict[str, Any]) -> None:
         f"it (p50 {row['overrun_p50_fraction']:.1%}); monitor CPU p50/p99 "
         f"{_fmt(row['cpu_p50_ms'], 3)}/{_fmt(row['cpu_p99_ms'], 3)} ms, CPU over the bound p99 "
         f"{row['cpu_overrun_p99_fraction']:.1%}"
+    )
+    slack = row["slack_p50_p99_ms"]
+    print(
+        f"  rounds over 10 % by outcome {row['over_10pct_by_outcome']}; slack p50/p99 "
+        f"{_fmt(slack[0], 2)}/{_fmt(slack[1], 2)} ms"
     )
     calm, pressed = row["rounds_before_after_limit"]
     print(
