@@ -266,7 +266,14 @@ class WorkloadRunner:
         for start in range(0, len(pages), VERIFY_CHUNK):
             chunk = pages[start : start + VERIFY_CHUNK]
             failed = await self._fault_in(chunk)
-            for bpn in chunk.tolist():
+            # The pages exposed now are read at once, as ``_check`` reads each (no await
+            # between them either way): accessed bit set, every page hashed and compared.
+            mapped = self.exposure.frame[chunk]
+            here = mapped >= 0
+            if here.any():
+                self.exposure.accessed[chunk[here]] = True
+                self.guest.check_many(frames, mapped[here], chunk[here])
+            for bpn in chunk[~here].tolist():  # released again meanwhile, or its fault failed
                 reason = await self._check(frames, bpn, failed.get(bpn))
                 if reason is not None:
                     unreachable[reason] += 1
