@@ -681,3 +681,28 @@ def test_page_cache_swap_in_over_a_corrupt_neighbour(h: Harness) -> None:
         h.fault(victim)
     assert h.vm.p2m.state[victim] == PageState.SWAPPED
     assert h.violations() == []
+
+
+def test_page_cache_swap_in_skips_pages_a_thread_read_is_bringing_in(h: Harness) -> None:
+    """A swap-in on the thread path is reading 14.. when a fault on 10 is served from the
+    page cache: its read-ahead stops short of the pages already being read (each page is
+    read and mapped by one swap-in only), and both replies map their pages intact."""
+    h.back(list(range(64)))
+    h.swap_out(SWAPPED)
+
+    async def crossing() -> tuple[FaultReply | None, FaultReply | None]:
+        reading = asyncio.ensure_future(h.swap.swap_in(h.vm, 14, AROUND))
+        await asyncio.sleep(0)  # it has claimed its pages and waits for its read
+        assert (h.vm.vm_id, 18) in h.swap.swapping_in
+        now = h.swap.try_swap_in_now(h.vm, 10, AROUND)
+        return now, await reading
+
+    now, later = asyncio.run(crossing())
+    assert now is not None and later is not None
+    assert now.bpns.tolist() == [10, 11, 12, 13]
+    assert later.bpns.tolist() == list(range(14, 14 + 1 + AROUND))
+    for reply in (now, later):
+        h.exposure.install(reply.bpns.astype(np.int64), reply.mpns, reply.flags != 0)
+        for bpn in reply.bpns.tolist():
+            h.touch(bpn)
+    assert h.violations() == []
