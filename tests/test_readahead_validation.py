@@ -644,16 +644,16 @@ def test_the_window_cap_follows_the_recent_hit_ratio() -> None:
     assert ra.window_cap(vm, 1) == 1 and ra.window_cap(vm, 0) == 0
 
 
-def test_page_cache_swap_in_maps_ascending_frames_with_their_content(h: Harness) -> None:
-    """A swap-in served from the page cache (``try_swap_in_now``) reads ahead onto ascending
-    frames (one iovec run, whatever order the allocator's stack gives them in), each page
-    with its own bytes."""
+def test_page_cache_swap_in_maps_read_ahead_with_its_content(h: Harness) -> None:
+    """A swap-in served from the page cache (``try_swap_in_now``) maps the faulting page and
+    its read-ahead, each on its own frame with its own bytes (the frames come off the
+    allocator's stack in no particular order)."""
     h.back(list(range(64)))
     h.swap_out(SWAPPED)
     reply = h.swap.try_swap_in_now(h.vm, SWAPPED[0], AROUND)
     assert reply is not None and reply.reason == FaultReason.SWAP_IN
     assert reply.bpns.tolist() == list(range(SWAPPED[0], SWAPPED[0] + 1 + AROUND))
-    assert (np.diff(reply.mpns) > 0).all()
+    assert len(np.unique(reply.mpns)) == len(reply.mpns)
     h.exposure.install(reply.bpns.astype(np.int64), reply.mpns, reply.flags != 0)
     for bpn in reply.bpns.tolist():
         h.touch(bpn)

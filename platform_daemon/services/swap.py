@@ -319,11 +319,8 @@ class SwapService(PlatformService):
         slots = vm.p2m.swap_slot[pages].astype(np.int64)
         t0 = time.perf_counter()
         # Straight into the frames the pages will have (no await until they are mapped, so
-        # nothing sees them used and unowned); any failure gives them back. Sorted: the
-        # stack hands out a released run backwards, and ascending frames for ascending pages
-        # make a run of slots one iovec, not one per page.
+        # nothing sees them used and unowned); any failure gives them back.
         frames = machine.allocator.allocate(len(pages), vm.home_node)
-        frames.sort()
         try:
             read = swap.read_into(slots, machine.frames, frames, nowait=True)
         except (SwapChecksumError, OSError):
