@@ -21,6 +21,7 @@ from .fault_path import FaultPath
 from .guest import GuestMemory
 from .guest_os import GuestOS
 from .guest_time import GuestGate, GuestProgress
+from .link import corked
 from .rpc import PeerError
 from .touches import TouchLog
 from .vcpu import VCpu
@@ -206,13 +207,23 @@ class WorkloadRunner:
         failed: dict[int, str] = {}
         for stride in (FAULT_AROUND_SPAN, 1, 1):
             missing = chunk[self.exposure.frame[chunk] < 0][::stride].tolist()
-            results = await asyncio.gather(
-                *(
+            tasks = [
+                asyncio.ensure_future(
                     self.faults.ensure(b, False, sequential=stride > 1, around=VERIFY_AROUND)
-                    for b in missing
-                ),
-                return_exceptions=True,
-            )
+                )
+                for b in missing
+            ]
+            try:
+                if tasks:
+                    # The chunk's faults in one write: the daemon reads them together and
+                    # answers them in one write too (one wakeup each way, not one a fault).
+                    with corked(self.faults.link):
+                        await asyncio.sleep(0)  # each task runs up to its fault's send
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+            except BaseException:
+                for task in tasks:
+                    task.cancel()
+                raise
             for bpn, res in zip(missing, results, strict=True):
                 if isinstance(res, PeerError):
                     failed[bpn] = res.code.name.lower()
