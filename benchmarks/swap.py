@@ -18,8 +18,9 @@ same run. This script measures:
     to a fresh sparse file (cold and warm memory) and rewrites of it, and raw ``os.pread`` of
     single 4 KiB pages (a swap-in without read-ahead) and of 16-page runs (with it). Ratios
     are daemon rate / raw rate in the same memory condition.
-    A breakdown of one 512-page swap write in-process (gather, reorder, pwrite, checksums, the
-    executor hop) and of one single-page swap read says where the write path's time goes;
+    A breakdown of one 512-page swap write in-process (the gather copy the daemon no longer
+    makes, reorder, pwrite, checksums, the daemon's write from machine memory and its writer
+    thread hop) and of one single-page swap read says where the write path's time goes;
     the daemon's Prometheus histograms (executor write time, batch time) and the CPU time of
     the daemon's threads, the agent and the machine (``/proc``) say where it went in the run.
 
@@ -268,16 +269,12 @@ async def swapfile_breakdown(directory: Path, repeats: int) -> dict[str, float]:
             pwrite.append((time.perf_counter() - t0) * 1e6)
             s, f = swap.allocate(BATCH), frames()
             t0 = time.perf_counter()
-            swap.write_pages(s, pool[f])
+            swap.write_frames(pool, f, s)  # straight from the "machine memory", as the daemon
             direct.append((time.perf_counter() - t0) * 1e6)
             checked.append(s)
             s, f = swap.allocate(BATCH), frames()
-
-            def job(s: npt.NDArray[np.int64] = s, f: npt.NDArray[np.int64] = f) -> None:
-                swap.write_pages(s, pool[f])  # gather and write in the thread, as the daemon
-
             t0 = time.perf_counter()
-            await loop.run_in_executor(None, job)
+            await asyncio.wrap_future(swap.submit_write(pool, f, s))  # on the writer thread
             executor.append((time.perf_counter() - t0) * 1e6)
         # Reads: single pages from the slots just written (page cache), as swap-in does.
         picks = rng.choice(np.concatenate(checked), size=repeats * 8).astype(np.int64)
@@ -296,8 +293,8 @@ async def swapfile_breakdown(directory: Path, repeats: int) -> dict[str, float]:
         "write_reorder_copy_us": median(reorder),
         "write_checksums_us": median(hashing),
         "write_pwrite_fresh_us": median(pwrite),
-        "write_pages_us": median(direct),
-        "write_pages_in_executor_us": median(executor),
+        "write_frames_us": median(direct),
+        "write_frames_on_writer_us": median(executor),
         "read_one_page_us": median(read_direct),
         "read_one_page_in_executor_us": median(read_exec),
         "repeats": repeats,
@@ -942,12 +939,12 @@ def print_table(res: dict[str, Any]) -> None:
         ]
     bd = res["breakdown"]
     rows += [
-        ("512-page write: gather frames", bd["write_gather_us"], "us"),
+        ("512-page write: gather frames (no longer done)", bd["write_gather_us"], "us"),
         ("512-page write: reorder copy (old write_pages)", bd["write_reorder_copy_us"], "us"),
         ("512-page write: xxh3 checksums", bd["write_checksums_us"], "us"),
         ("512-page write: pwrite (fresh)", bd["write_pwrite_fresh_us"], "us"),
-        ("512-page write: SwapFile.write_pages", bd["write_pages_us"], "us"),
-        ("512-page write: same via run_in_executor", bd["write_pages_in_executor_us"], "us"),
+        ("512-page write: SwapFile.write_frames", bd["write_frames_us"], "us"),
+        ("512-page write: same on the writer thread", bd["write_frames_on_writer_us"], "us"),
         ("1-page read: SwapFile.read_pages", bd["read_one_page_us"], "us"),
         ("1-page read: same via run_in_executor", bd["read_one_page_in_executor_us"], "us"),
     ]

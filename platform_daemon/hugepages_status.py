@@ -31,6 +31,7 @@ def hugepages_status(server: PlatformServer, vm: VM) -> dict[str, Any]:
         "coverage": round(large * 512 / vm.guest_pages, 4) if vm.guest_pages else 0.0,
         "splits": vm.stats.hugepage_splits,
         "promoted_regions": 0 if st is None else st.promoted,
+        "promoted_in_place": 0 if st is None else st.in_place,
         "queued_regions": promo.queued(vm) if isinstance(promo, PromotionService) else 0,
         "aborted_regions": 0 if st is None else st.aborted,
         "refused_regions": 0 if st is None else st.refused,

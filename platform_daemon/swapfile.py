@@ -1,10 +1,10 @@
 """The swap file: a slot allocator, batched writes and checked reads of 4 KiB pages.
 
 Slots are handed out from a free stack (O(batch), never a scan), lowest first, so a batch
-on a fresh file gets consecutive slots and is written with one ``pwrite`` per run. Every
-slot carries an xxh3-64 checksum of what was written; every read is checked against it.
-The I/O methods are plain blocking functions: reads run in the event loop's thread pool,
-writes on the file's own writer thread (``submit_write``).
+on a fresh file gets consecutive slots and is written with one ``pwritev`` per run, straight
+from the frames. Every slot carries an xxh3-64 checksum of what was written; every read is
+checked against it. The I/O methods are plain blocking functions: reads run in the event
+loop's thread pool, writes on the file's own writer thread (``submit_write``).
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ from shared.errors import VMMemError
 
 #: preadv flag: fail with EAGAIN instead of waiting for the disk (Linux >= 4.14).
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
-#: Most iovecs one ``preadv`` takes (Linux's UIO_MAXIOV).
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 
 
 class SwapWriteError(OSError):
@@ -56,19 +54,47 @@ def runs(sorted_slots: npt.NDArray[np.int64]) -> list[tuple[int, int]]:
     return list(zip(starts.tolist(), (ends - starts).tolist(), strict=True))
 
 
-def digests(data: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint64]:
-    """xxh3-64 of each page of a C-contiguous (n, PAGE_SIZE) array.
+def frame_digests(flat: memoryview, frames: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
+    """xxh3-64 of page ``frames[i]`` of the flat byte view ``flat``.
 
     Slices of one memoryview: about 0.1 µs a page cheaper than a NumPy row view each, which
-    leaves the hash itself (~0.4 µs for 4 KiB here) as nearly all of the cost.
+    leaves the hash itself (~0.2-0.4 µs for 4 KiB here) as nearly all of the cost. Under
+    64 KiB, xxhash hashes without releasing the GIL: a batch holds it for its hashes in one
+    stretch instead of giving it up and waiting for it again per page.
     """
-    flat = np.ascontiguousarray(data).data.cast("B")
     digest = xxhash.xxh3_64_intdigest
     return np.fromiter(
-        (digest(flat[i : i + PAGE_SIZE]) for i in range(0, len(data) * PAGE_SIZE, PAGE_SIZE)),
+        (digest(flat[f * PAGE_SIZE : (f + 1) * PAGE_SIZE]) for f in frames.tolist()),
         np.uint64,
-        len(data),
+        len(frames),
     )
+
+
+#: Most iovecs one ``pwritev`` or ``preadv`` takes (Linux's UIO_MAXIOV).
+IOV_MAX = 1024
+
+
+def _pwritev_frames(fd: int, flat: memoryview, frames: npt.NDArray[np.int64], offset: int) -> int:
+    """Write pages ``frames`` of ``flat`` to consecutive pages of ``fd`` from ``offset``, one
+    ``pwritev`` per IOV_MAX iovecs, each iovec a run of consecutive frames; returns how many
+    pages reached the file (fewer than ``len(frames)`` after a short write)."""
+    breaks = np.flatnonzero(np.diff(frames) != 1) + 1
+    starts = np.concatenate(([0], breaks)).tolist()
+    ends = [*breaks.tolist(), len(frames)]
+    first = frames[starts].tolist()
+    bufs = [
+        flat[f * PAGE_SIZE : (f + e - s) * PAGE_SIZE]
+        for f, s, e in zip(first, starts, ends, strict=True)
+    ]
+    done = 0
+    for i in range(0, len(bufs), IOV_MAX):
+        chunk = bufs[i : i + IOV_MAX]
+        want = sum(len(b) for b in chunk)
+        nbytes = os.pwritev(fd, chunk, offset + done * PAGE_SIZE)
+        done += nbytes // PAGE_SIZE
+        if nbytes != want:
+            break
+    return done
 
 
 class SwapFile:
@@ -120,11 +146,9 @@ class SwapFile:
         #: Test hook: seconds every write sleeps first (keeps swap-outs in flight longer).
         self.write_delay = 0.0
         # One writer thread: writes to one file serialise in the kernel anyway (the inode's
-        # lock), so more threads only contend; and one thread can gather every batch into
-        # one reused buffer instead of a fresh 2 MiB mapping (page faults and zeroing) each.
+        # lock), so more threads only contend.
         self._writer: ThreadPoolExecutor | None = None
         self._writer_lock = threading.Lock()
-        self._gather = np.empty((0, PAGE_SIZE), dtype=np.uint8)
 
     def adopt(self, in_use: npt.NDArray[np.int64]) -> None:
         """After a crash: exactly ``in_use`` hold pages; every other slot is free."""
@@ -177,6 +201,26 @@ class SwapFile:
     def write_pages(self, slots: npt.NDArray[np.int64], data: npt.NDArray[np.uint8]) -> None:
         """Write ``data[i]`` to ``slots[i]`` and record checksums (blocking; run in a thread).
 
+        ``write_frames`` with ``data`` as the memory; its errors.
+        """
+        data = np.ascontiguousarray(data)
+        self.write_frames(data, np.arange(len(data), dtype=np.int64), slots)
+
+    def write_frames(
+        self,
+        memory: npt.NDArray[np.uint8],
+        frames: npt.NDArray[np.int64],
+        slots: npt.NDArray[np.int64],
+    ) -> None:
+        """Write ``memory[frames[i]]`` to ``slots[i]`` and record checksums (blocking).
+
+        Straight from ``memory`` (the machine-memory mapping): one ``pwritev`` per run of
+        consecutive slots, its iovecs the frames themselves (consecutive frames merged), so
+        no 2 MiB gather copy per batch. The checksums are taken from the same frames after
+        the write. The frames of a swap-out change only once a fault cancelled it (the
+        guest has its frame back), and such a write is discarded when it lands; any other
+        change between write and checksum fails the page's swap-in, never passes it.
+
         A failure part way (a full disk takes what fits, then says ENOSPC) raises
         SwapWriteError naming the pages that did reach the file, with their checksums kept.
         """
@@ -186,24 +230,20 @@ class SwapFile:
         if self.fail_next_write is not None:
             errno, self.fail_next_write = self.fail_next_write, None
             raise SwapWriteError(errno, os.strerror(errno), written)
+        flat = memory.reshape(-1).data.cast("B")
         order = np.argsort(slots, kind="stable")
-        sorted_slots = slots[order]
-        # Pages already in slot order (the usual case: slots come off the free stack in
-        # order) are written straight from ``data``: no reordered 2 MiB copy per batch.
-        in_order = bool(np.array_equal(order, np.arange(len(slots))))
-        ordered = np.ascontiguousarray(data) if in_order else data[order]
+        sorted_slots, sorted_frames = slots[order], frames[order]
         try:
             for start, length in runs(sorted_slots):
-                buf = ordered[start : start + length]
                 offset = int(sorted_slots[start]) * PAGE_SIZE
-                nbytes = os.pwrite(self.fd, buf.data.cast("B"), offset)
-                written[order[start : start + nbytes // PAGE_SIZE]] = True
-                if nbytes != length * PAGE_SIZE:
-                    raise OSError(errno_mod.ENOSPC, f"short write of {nbytes} bytes to swap")
+                done = _pwritev_frames(self.fd, flat, sorted_frames[start : start + length], offset)
+                written[order[start : start + done]] = True
+                if done != length:
+                    raise OSError(errno_mod.ENOSPC, f"short write of {done} pages to swap")
         except OSError as exc:
-            self._record_checksums(slots[written], data[written])
+            self._record_checksums(slots[written], flat, frames[written])
             raise SwapWriteError(exc.errno or errno_mod.EIO, str(exc), written) from None
-        self._record_checksums(slots, data)
+        self._record_checksums(slots, flat, frames)
 
     def submit_write(
         self,
@@ -211,31 +251,20 @@ class SwapFile:
         frames: npt.NDArray[np.int64],
         slots: npt.NDArray[np.int64],
     ) -> Future[None]:
-        """Gather ``memory[frames]`` and write it to ``slots``, on the writer thread.
+        """Write ``memory[frames]`` to ``slots`` (``write_frames``) on the writer thread.
 
         Writes run one at a time in submission order, so the event loop selects the next
-        batch while this one is written. Errors are those of ``write_pages``.
+        batch while this one is written. Errors are those of ``write_frames``.
         """
         with self._writer_lock:
             if self._writer is None:
                 self._writer = ThreadPoolExecutor(1, thread_name_prefix="vmmem-swap-writer")
-            return self._writer.submit(self._gather_and_write, memory, frames, slots)
+            return self._writer.submit(self.write_frames, memory, frames, slots)
 
-    def _gather_and_write(
-        self,
-        memory: npt.NDArray[np.uint8],
-        frames: npt.NDArray[np.int64],
-        slots: npt.NDArray[np.int64],
+    def _record_checksums(
+        self, slots: npt.NDArray[np.int64], flat: memoryview, frames: npt.NDArray[np.int64]
     ) -> None:
-        n = len(frames)
-        if len(self._gather) < n:  # only the writer thread touches the buffer
-            self._gather = np.empty((n, PAGE_SIZE), dtype=np.uint8)
-        batch = self._gather[:n]
-        np.take(memory, frames, axis=0, out=batch)
-        self.write_pages(slots, batch)
-
-    def _record_checksums(self, slots: npt.NDArray[np.int64], data: npt.NDArray[np.uint8]) -> None:
-        self.checksum[slots] = digests(data)
+        self.checksum[slots] = frame_digests(flat, frames)
 
     def read_pages(
         self, slots: npt.NDArray[np.int64], nowait: bool = False
@@ -275,8 +304,8 @@ class SwapFile:
             sorted_slots, ordered = slots[order], [views[i] for i in order.tolist()]
         flags = _RWF_NOWAIT if nowait else 0
         for start, length in runs(sorted_slots):
-            for first in range(start, start + length, _IOV_MAX):
-                count = min(_IOV_MAX, start + length - first)
+            for first in range(start, start + length, IOV_MAX):
+                count = min(IOV_MAX, start + length - first)
                 offset = int(sorted_slots[first]) * PAGE_SIZE
                 try:
                     got = os.preadv(self.fd, ordered[first : first + count], offset, flags)

@@ -43,7 +43,7 @@ from shared.constants import (
 from shared.layout import ControlRegion, region_size
 from shared.messages import GET_FLAG_NEW_ROUND, CompleteRequest, GetRequest
 from tests import test_numa_migration as numa_tests
-from tests.test_numa_migration import Guest, Harness
+from tests.test_numa_migration import Guest, Harness, content
 from vmm_agent.services import FILTERS
 from vmm_agent.services.numa_migration import NumaMigrationFilter
 from vmm_agent.services.validation import ValidationFilter
@@ -211,6 +211,47 @@ def test_a_fully_backed_private_region_is_copied_into_one_run_and_mapped_large(
     assert h.promo.stats(g.vm).promoted == 1
     assert h.metrics.registry.get_sample_value("vmmem_hugepage_promoted_pages_total") == R
     assert h.promote(g) == []  # nothing left to do
+
+
+def test_a_region_already_on_an_aligned_run_in_order_is_mapped_large_without_a_copy(
+    h: HugeHarness,
+) -> None:
+    """Linux's collapse_pte_mapped_thp: a region whose 512 frames already are one aligned run
+    in guest order needs no copy and no new run. It is released and installed as any other,
+    keeps its very frames (no frame freed, none taken), and the agent maps it large; also when
+    no free run is left anywhere (which stops every copying promotion)."""
+    g = h.add_vm()
+    run = h.machine.allocator.allocate_run(0)
+    assert run is not None
+    # Back region 0 on exactly that run, in order (as `back` does, on chosen frames).
+    idx = np.array(region(0), dtype=np.int64)
+    for bpn, mpn in zip(idx.tolist(), run.tolist(), strict=True):
+        g.data[bpn] = content(g.vm.vm_id * 1000 + bpn)
+        h.machine.frames[mpn] = g.data[bpn]
+    h.resolver.map_private(g.vm, idx, run)
+    g.exposure.install(idx, run, np.ones(R, dtype=bool))
+    taken = break_runs(h, 0)
+    other = break_runs(h, 1)
+    free_before = h.machine.available()
+
+    batches = h.promote(g)
+
+    assert [(s, len(b)) for s, b in batches] == [
+        (ServiceType.PROMOTION_2M, R),
+        (ServiceType.VALIDATION, R),
+    ]
+    p2m = g.vm.p2m
+    assert p2m.frame[idx].tolist() == run.tolist()  # the same frames: nothing copied
+    assert h.machine.available() == free_before  # no frame freed, none taken
+    assert (p2m.flags[idx] == FLAG_LARGE).all()
+    assert g.exposure.large.tolist() == [True, False]
+    st = h.promo.stats(g.vm)
+    assert (st.promoted, st.in_place, st.no_run) == (1, 1, 0)
+    h.both_sides_agree(g)
+    h.content_intact(g)
+    h.machine.allocator.release(np.concatenate([taken, other]))
+    assert h.invariants() == []
+    assert h.promote(g) == []
 
 
 def test_regions_not_all_backed_and_private_are_never_candidates(h: HugeHarness) -> None:

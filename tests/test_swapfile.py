@@ -11,10 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from platform_daemon.swapfile import SwapChecksumError, SwapFile, runs
+from platform_daemon import swapfile
+from platform_daemon.swapfile import (
+    IOV_MAX,
+    SwapChecksumError,
+    SwapFile,
+    SwapWriteError,
+    runs,
+)
 from shared.constants import PAGE_SIZE
 from shared.errors import VMMemError
 
@@ -255,20 +263,20 @@ def test_checksum_mismatch_in_a_reordered_read_names_the_slot(swap: SwapFile) ->
 
 
 @pytest.mark.timeout(20)
-def test_submitted_writes_gather_frames_on_one_thread_in_order(swap: SwapFile) -> None:
-    """``submit_write`` gathers frames into its reused buffer and writes them, one write at a
-    time in submission order, on a single thread; each batch reads back exactly."""
+def test_submitted_writes_run_on_one_thread_in_order(swap: SwapFile) -> None:
+    """``submit_write`` writes the frames straight from memory, one write at a time in
+    submission order, on a single thread; each batch reads back exactly."""
     import threading
 
     memory = pages(64, seed=7)
     seen: list[tuple[str, int]] = []
-    real = swap.write_pages
+    real = swap.write_frames
 
-    def spy(slots: np.ndarray, data: np.ndarray) -> None:
+    def spy(mem: np.ndarray, frames: np.ndarray, slots: np.ndarray) -> None:
         seen.append((threading.current_thread().name, int(slots[0])))
-        real(slots, data)
+        real(mem, frames, slots)
 
-    swap.write_pages = spy  # type: ignore[method-assign]
+    swap.write_frames = spy  # type: ignore[method-assign]
     batches = [np.array(f, dtype=np.int64) for f in ([40, 3, 9], [1], [63, 62, 0, 5], [8, 7])]
     slot_lists = [swap.allocate(len(f)) for f in batches]
     futures = [swap.submit_write(memory, f, s) for f, s in zip(batches, slot_lists, strict=True)]
@@ -419,6 +427,50 @@ def test_read_into_a_run_longer_than_iov_max(tmp_path: Path) -> None:
         sf.close()
 
 
+# ---- writes straight from machine memory --------------------------------------------------
+
+
+def _file_page(swap: SwapFile, slot: int) -> bytes:
+    return os.pread(swap.fd, PAGE_SIZE, slot * PAGE_SIZE)
+
+
+def test_write_frames_writes_exactly_the_frames_bytes(swap: SwapFile) -> None:
+    """``write_frames`` puts ``memory[frames[i]]`` at slot ``slots[i]`` byte for byte (runs of
+    consecutive frames and slots, gaps, any order), with each page's xxh3 as its checksum,
+    leaves other slots and the memory untouched."""
+    memory = pages(64, seed=11)
+    before = memory.copy()
+    frames = np.array([10, 11, 12, 40, 5, 4, 63, 0], dtype=np.int64)
+    slots = np.array([3, 4, 5, 6, 20, 21, 1, 9], dtype=np.int64)
+    swap.write_frames(memory, frames, slots)
+    for f, s in zip(frames.tolist(), slots.tolist(), strict=True):
+        assert _file_page(swap, s) == memory[f].tobytes(), (f, s)
+        assert int(swap.checksum[s]) == xxhash.xxh3_64_intdigest(memory[f].tobytes())
+    others = np.setdiff1d(np.arange(SLOTS), slots)
+    assert all(_file_page(swap, s) == bytes(PAGE_SIZE) for s in others.tolist())
+    assert not swap.checksum[others].any()
+    assert np.array_equal(memory, before)
+    assert np.array_equal(swap.read_pages(slots), memory[frames])
+
+
+@pytest.mark.timeout(30)
+def test_write_frames_past_iov_max_iovecs(tmp_path: Path) -> None:
+    """A run of more scattered frames than one ``pwritev`` takes (IOV_MAX iovecs) is written
+    in several calls, each at its own offset."""
+    n = IOV_MAX + 100
+    sf = SwapFile(tmp_path / "swap", (n + 8) * PAGE_SIZE)
+    try:
+        memory = pages(2 * n, seed=12)
+        frames = np.arange(0, 2 * n, 2, dtype=np.int64)[::-1].copy()  # no two consecutive
+        slots = sf.allocate(n)
+        sf.write_frames(memory, frames, slots)
+        assert np.array_equal(sf.read_pages(slots), memory[frames])
+        raw = np.frombuffer(sf.path.read_bytes(), np.uint8).reshape(-1, PAGE_SIZE)
+        assert np.array_equal(raw[slots], memory[frames])
+    finally:
+        sf.close()
+
+
 def test_release_one_frees_a_slot_once(swap: SwapFile) -> None:
     """``release_one`` frees one slot as ``release`` does (checksum cleared, handed out
     again); a second release of it, or of a slot out of range, raises."""
@@ -433,3 +485,70 @@ def test_release_one_frees_a_slot_once(swap: SwapFile) -> None:
         with pytest.raises(VMMemError, match="released twice"):
             swap.release_one(bad)
     assert swap.allocate(1).tolist() == [int(slots[1])]
+
+
+def test_a_slot_corrupted_after_write_frames_is_caught(swap: SwapFile) -> None:
+    """A page written from frames, changed in the file afterwards, fails its read with a
+    SwapChecksumError naming its slot; the other pages still read back exactly."""
+    memory = pages(16, seed=13)
+    frames = np.array([2, 3, 9, 14], dtype=np.int64)
+    slots = swap.allocate(4)
+    swap.write_frames(memory, frames, slots)
+    fd = os.open(swap.path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, bytes([memory[9, 7] ^ 0x80]), int(slots[2]) * PAGE_SIZE + 7)
+    finally:
+        os.close(fd)
+    with pytest.raises(SwapChecksumError, match=f"slot {int(slots[2])}:"):
+        swap.read_pages(slots)
+    out = np.zeros((16, PAGE_SIZE), dtype=np.uint8)
+    with pytest.raises(SwapChecksumError):
+        swap.read_into(slots[2:3], out, np.array([0], dtype=np.int64))
+    keep = [0, 1, 3]
+    assert np.array_equal(swap.read_pages(slots[keep]), memory[frames[keep]])
+
+
+def test_a_frame_changed_during_its_write_never_reads_back_as_valid(
+    swap: SwapFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checksums come from the frames after the write: a frame that changes once its
+    bytes are in the file (a cancelled swap-out's page, written by the guest again) leaves
+    a slot whose read fails, never one that passes with bytes nobody checked."""
+    memory = pages(8, seed=14)
+    real = swapfile.os.pwritev
+
+    def write_then_touch(fd: int, bufs: list[memoryview], offset: int) -> int:
+        done = real(fd, bufs, offset)
+        memory[6, 0] ^= 0xFF  # the guest writes its page right after the write
+        return done
+
+    monkeypatch.setattr(swapfile.os, "pwritev", write_then_touch)
+    slots = swap.allocate(1)
+    swap.write_frames(memory, np.array([6], dtype=np.int64), slots)
+    with pytest.raises(SwapChecksumError):
+        swap.read_pages(slots)
+
+
+def test_a_short_pwritev_keeps_exactly_the_pages_written(
+    swap: SwapFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that stops part way (the disk full after some pages) raises SwapWriteError
+    naming exactly the pages that reached the file; those keep their checksums and read
+    back, the others have none."""
+    memory = pages(16, seed=15)
+    real = swapfile.os.pwritev
+
+    def short(fd: int, bufs: list[memoryview], offset: int) -> int:
+        head = b"".join(bytes(b) for b in bufs)[: 2 * PAGE_SIZE + 100]  # two pages and a bit
+        return real(fd, [head], offset)
+
+    monkeypatch.setattr(swapfile.os, "pwritev", short)
+    frames = np.array([4, 5, 6, 7, 8], dtype=np.int64)
+    slots = np.array([12, 10, 11, 13, 14], dtype=np.int64)  # slot order: frames 5, 6, 4, 7, 8
+    with pytest.raises(SwapWriteError) as info:
+        swap.write_frames(memory, frames, slots)
+    assert info.value.errno == errno.ENOSPC
+    assert info.value.written.tolist() == [False, True, True, False, False]
+    monkeypatch.undo()
+    assert np.array_equal(swap.read_pages(slots[[1, 2]]), memory[[5, 6]])
+    assert not swap.checksum[slots[[0, 3, 4]]].any()

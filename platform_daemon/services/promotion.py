@@ -27,6 +27,11 @@ Linux's khugepaged (``mm/khugepaged.c``):
   frames into the run with one NumPy gather, repoints the p2m (``FLAG_LARGE`` on every page)
   and frees the old frames; the second half, the VMM installing the new frames, is a
   VALIDATION batch, after which the VMM maps the region large (``vmm_agent/exposure.py``);
+- **already in place** (``collapse_pte_mapped_thp``: pages that already sit in one huge
+  folio, mapped by PTEs, get the PMD without a copy): a region whose 512 frames already are
+  one aligned run in guest order is promoted without a copy or a new run: the same release
+  and install, FLAG_LARGE set on the frames it has. Defrag's moves and a fresh VM's first
+  touches often leave regions so;
 - **a fault waits for the collapse** (a fault during ``collapse_huge_page`` waits on the mmap
   lock, then finds the huge page): a fault on a page of a region in flight completes the
   region's copy at once and maps the new frame (COMPLETE); only when no run can be had does
@@ -84,6 +89,7 @@ class PromotionStats:
     fault_completions: int = 0  # faults that completed a region's copy
     aborted: int = 0  # regions given up after their release (no run, a page faulted)
     refused: int = 0  # regions the VMM kept (a pinned page)
+    in_place: int = 0  # of ``promoted``: regions already on their run, mapped large uncopied
     no_run: int = 0  # times no free run was found on the home node
 
 
@@ -161,17 +167,24 @@ class PromotionService(LowPriorityService):
 
     def _collapsible(self, vm: VM, regions: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
         """Per region: all 512 pages mapped by the VMM on private healthy frames, no flag
-        (shared, merged, large), not already on one aligned run in order."""
+        (shared, merged, large: a region mapped large is done)."""
         p2m = vm.p2m
         pages = region_pages(regions).reshape(len(regions), PAGES_PER_2M)
         frame = p2m.frame[pages]
         ok: npt.NDArray[np.bool_] = (p2m.state[pages] == _EXPOSED).all(axis=1)
         ok &= (p2m.flags[pages] == 0).all(axis=1) & (frame >= 0).all(axis=1)
         ok &= ~self.ctx.machine.failing[np.where(frame >= 0, frame, 0)].any(axis=1)
-        base = frame[:, :1]
-        in_place = (base[:, 0] % PAGES_PER_2M == 0) & (frame == base + np.arange(512)).all(axis=1)
-        fit: npt.NDArray[np.bool_] = ok & ~in_place
-        return fit
+        return ok
+
+    @staticmethod
+    def _in_place(vm: VM, regions: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+        """Per region: its 512 frames already are one aligned run in guest order."""
+        frame = vm.p2m.frame[region_pages(regions).reshape(len(regions), PAGES_PER_2M)]
+        base = frame[:, :1].astype(np.int64)
+        in_place: npt.NDArray[np.bool_] = (base[:, 0] % PAGES_PER_2M == 0) & (
+            frame == base + np.arange(PAGES_PER_2M)
+        ).all(axis=1)
+        return in_place
 
     # ---- rounds ---------------------------------------------------------------------------
 
@@ -195,10 +208,17 @@ class PromotionService(LowPriorityService):
         if take <= 0 or now < st.wait_until:
             return Selection.empty()
         if self._run_node(vm) is None:
-            self._no_run(st, now)
-            return Selection.empty()
-        popped = np.array(st.queue[:take], dtype=np.int64)
-        del st.queue[:take]
+            # No run to copy into: only regions already in place can be promoted.
+            queued = np.array(st.queue, dtype=np.int64)
+            placed = queued[self._in_place(vm, queued)][:take]
+            if len(placed) == 0:
+                self._no_run(st, now)
+                return Selection.empty()
+            st.queue = [r for r in st.queue if r not in set(placed.tolist())]
+            popped = placed
+        else:
+            popped = np.array(st.queue[:take], dtype=np.int64)
+            del st.queue[:take]
         regions = popped[self._collapsible(vm, popped)]
         bpns = region_pages(regions)
         return Selection(bpns, vm.p2m.frame[bpns].astype(np.int64), len(popped))
@@ -252,6 +272,15 @@ class PromotionService(LowPriorityService):
         machine = self.ctx.machine
         st = self._state(vm)
         pages = region_pages(np.array([region], dtype=np.int64))
+        if self._in_place(vm, np.array([region], dtype=np.int64))[0]:
+            # Already one aligned run in order: no copy, no new run; mapped large as it is.
+            vm.p2m.flags[pages] |= FLAG_LARGE
+            page_move.keep(vm, pages)
+            st.stats.promoted += 1
+            st.stats.in_place += 1
+            self.ctx.metrics.hugepage_promoted.inc(PAGES_PER_2M)
+            self.on_moved(vm, pages)
+            return True
         run = None
         if machine.available() >= PAGES_PER_2M:
             alloc = machine.allocator
