@@ -23,8 +23,9 @@ work), then one platform batch, and so on. Each GetRequest carries the time left
 sizes the batch to fit it, so the round ends past the bound by at most the misestimate of
 one batch; the agent starts a further exchange only when even its longest recent round trip
 still fits. The round plans to end a *slack* before its bound: what recent rounds ran past
-their plan (waits for a CPU, mostly), so that the next one still ends within the bound. Page checking is background work, always there: a round for it alone runs only
-on credit to spare (a tick more than a round needs), so it never delays the platform's.
+their plan (waits for a CPU, mostly), so that the next one still ends within the bound.
+Page checking is background work, always there: a round for it alone runs only on credit to
+spare (a tick more than a round needs), so it never delays the platform's.
 
 High priority pre-empts low: the round ends as soon as a high-priority bit is set or a
 high-priority round runs, and the high-priority loop is woken.
