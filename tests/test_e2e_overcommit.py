@@ -200,8 +200,14 @@ def test_verify_reads_are_touches_read_ahead_validation_counts(
         write_all_then_halt(agent, 4096)
         asyncio.run(ctl(d.socket, "set_host_limit", size="8MiB"))  # most of it goes to swap
         deadline = time.monotonic() + 30
-        while asyncio.run(ctl(d.socket, "status"))["vms"][0]["pages"]["swapped"] < 2048:
-            assert time.monotonic() < deadline, "the daemon did not swap the guest out"
+        while (st := asyncio.run(ctl(d.socket, "status")))["vms"][0]["pages"]["swapped"] < 2048:
+            # Where it stands if it fails: page states, the swap file, memsched's state.
+            where = {k: st[k] for k in ("host", "swap") if k in st}
+            assert time.monotonic() < deadline, (
+                "the daemon did not swap the guest out",
+                st["vms"][0]["pages"],
+                where,
+            )
             time.sleep(0.05)
         asyncio.run(ctl(d.socket, "set_host_limit", size="64MiB"))
         result = asyncio.run(ctl(agent, "verify"))
