@@ -214,7 +214,8 @@ class PromotionService(LowPriorityService):
             if len(placed) == 0:
                 self._no_run(st, now)
                 return Selection.empty()
-            st.queue = [r for r in st.queue if r not in set(placed.tolist())]
+            taken = set(placed.tolist())
+            st.queue = [r for r in st.queue if r not in taken]
             popped = placed
         else:
             popped = np.array(st.queue[:take], dtype=np.int64)
