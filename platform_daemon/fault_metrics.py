@@ -13,13 +13,12 @@ may see its count and not yet its sum, as with prometheus_client's own metrics.
 
 from __future__ import annotations
 
-import math
-from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
+
+from shared.plain_histogram import PlainHistogram
 
 
 class FaultMetrics(Collector):
@@ -27,20 +26,12 @@ class FaultMetrics(Collector):
 
     def __init__(self, reasons: Sequence[str], buckets: Sequence[float]) -> None:
         self.reasons = list(reasons)
-        self.bounds = [*buckets, math.inf]
-        # The ``le`` labels exactly as prometheus_client's own Histogram writes them.
-        self._les = [floatToGoString(b) for b in self.bounds]  # type: ignore[no-untyped-call]
-        #: Per reason, faults per bucket (not cumulative: one increment per fault).
-        self.counts = [[0] * len(self.bounds) for _ in self.reasons]
-        self.sums = [0.0] * len(self.reasons)
-
-    def observe(self, reason: int, seconds: float) -> None:
-        """One fault of ``reason`` answered in ``seconds``."""
-        self.counts[reason][bisect_left(self.bounds, seconds)] += 1
-        self.sums[reason] += seconds
+        #: Keyed by the reason's value; every reason exported from the start.
+        self.seconds = PlainHistogram(buckets, range(len(self.reasons)))
+        self.observe = self.seconds.observe  # (reason, seconds): one fault answered
 
     def count(self, reason: int) -> int:
-        return sum(self.counts[reason])
+        return self.seconds.count(reason)
 
     def collect(self) -> Iterator[Metric]:
         faults = CounterMetricFamily(
@@ -52,12 +43,8 @@ class FaultMetrics(Collector):
             labels=["reason"],
         )
         for i, name in enumerate(self.reasons):
-            per_bucket, total = list(self.counts[i]), self.sums[i]
-            cumulative, buckets = 0, []
-            for le, n in zip(self._les, per_bucket, strict=True):
-                cumulative += n
-                buckets.append((le, float(cumulative)))
-            faults.add_metric([name], float(cumulative))
+            buckets, total = self.seconds.cumulative(i)
+            faults.add_metric([name], buckets[-1][1])
             seconds.add_metric([name], buckets, total)
         yield faults
         yield seconds
