@@ -235,16 +235,21 @@ def test_write_from_a_gathered_view(swap: SwapFile) -> None:
     assert np.array_equal(swap.read_pages(slots), frames[picked])
 
 
+def flip_in_file(swap: SwapFile, slot: int, offset: int, byte: int) -> None:
+    """Write ``byte`` at ``offset`` of ``slot`` in the file, behind the SwapFile's back."""
+    fd = os.open(swap.path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, bytes([int(byte)]), slot * PAGE_SIZE + offset)
+    finally:
+        os.close(fd)
+
+
 def test_checksum_mismatch_detected(swap: SwapFile) -> None:
     """A page changed in the file behind the SwapFile's back raises SwapChecksumError on read."""
     slots = swap.allocate(3)
     data = pages(3, seed=3)
     swap.write_pages(slots, data)
-    fd = os.open(swap.path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, bytes([data[1, 100] ^ 1]), int(slots[1]) * PAGE_SIZE + 100)
-    finally:
-        os.close(fd)
+    flip_in_file(swap, int(slots[1]), 100, data[1, 100] ^ 1)
     with pytest.raises(SwapChecksumError, match=f"slot {int(slots[1])}"):
         swap.read_pages(slots)
     # The intact pages still read back.
@@ -440,11 +445,7 @@ def test_a_slot_corrupted_after_write_frames_is_caught(swap: SwapFile) -> None:
     frames = np.array([2, 3, 9, 14], dtype=np.int64)
     slots = swap.allocate(4)
     swap.write_frames(memory, frames, slots)
-    fd = os.open(swap.path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, bytes([memory[9, 7] ^ 0x80]), int(slots[2]) * PAGE_SIZE + 7)
-    finally:
-        os.close(fd)
+    flip_in_file(swap, int(slots[2]), 7, memory[9, 7] ^ 0x80)
     with pytest.raises(SwapChecksumError, match=f"slot {int(slots[2])}:"):
         swap.read_pages(slots)
     out = np.zeros((16, PAGE_SIZE), dtype=np.uint8)
