@@ -13,7 +13,9 @@ same run. This script measures:
     file's new page cache landing in "cold" memory (freed long ago, which this VM has handed
     back to the hypervisor: see ``raw_io``) and in "warm" memory (freed just before), each as
     shipped and with the agent polling its pending word every 1 ms instead of 50 ms (a
-    diagnosis: it removes the idle time between rounds).
+    diagnosis: it removes the idle time between rounds). The daemon runs with its default
+    slots, which scale with the guest (``slot_capacity_for``: 2048 pages for this one; every
+    run before 2026-12-02 14:40 UTC passed ``--slot-capacity 512``).
     Next to it, in the same run and directory: raw ``os.pwrite`` of 512-page (2 MiB) blocks
     to a fresh sparse file (cold and warm memory) and rewrites of it, and raw ``os.pread`` of
     single 4 KiB pages (a swap-in without read-ahead) and of 16-page runs (with it). Ratios
@@ -31,7 +33,7 @@ same run. This script measures:
     2 GiB guests. The asynchronous disk write is excluded from the round and timed apart.
     The ratio 2 GiB / 256 MiB must stay ~1 (no per-round cost grows with guest size). The
     same setup, run back to back with the writes overlapping, gives the daemon-side swap-out
-    capacity without any socket.
+    capacity without any socket, in the batches the daemon's default slots take.
 
 Usage: ``python benchmarks/swap.py [--json out.json] [--quick] [--dir /var/tmp]``
 (``--quick``, two of the four daemon runs and fewer repetitions, takes ~25 s; the full run
@@ -70,6 +72,7 @@ from platform_daemon.server import PlatformServer  # noqa: E402
 from platform_daemon.swapfile import SwapFile  # noqa: E402
 from shared.config import PlatformConfig  # noqa: E402
 from shared.constants import PAGE_SIZE, PageState, Priority  # noqa: E402
+from shared.layout import slot_capacity_for  # noqa: E402
 from shared.logs import configure_logging  # noqa: E402
 from shared.messages import CompleteRequest, GetRequest, Message, Register  # noqa: E402
 from tests.procs import Daemons, free_port  # noqa: E402
@@ -606,8 +609,6 @@ def daemon_run(
             str(swap_path),
             "--swap-size",
             "1GiB",
-            "--slot-capacity",
-            str(BATCH),
             "--log-level",
             "warning",
             *extra,
@@ -626,6 +627,7 @@ def daemon_run(
             "limit": limit,
             "swap_size": "1GiB",
             "extra_flags": list(extra),
+            "slot_capacity": slot_capacity_for(GUEST // PAGE_SIZE),
             "agent_env": agent_env or {},
             "memory": memory,
         }
@@ -652,9 +654,12 @@ class _StubConnection:
         pass
 
 
-def _server(tmp: Path, directory: Path, guest_pages: int, swap_pages: int) -> PlatformServer:
+def _server(
+    tmp: Path, directory: Path, guest_pages: int, swap_pages: int, slot_capacity: int | None
+) -> PlatformServer:
     """A daemon without socket or metrics; its shared files in ``tmp`` (own subdirectory of
-    /dev/shm, so several can live in this process at once)."""
+    /dev/shm, so several can live in this process at once). ``slot_capacity`` None: the
+    daemon's default for the guest's size."""
     cfg = PlatformConfig(
         socket=tmp / "unused.sock",
         host_memory=guest_pages * PAGE_SIZE + 64 * MiB,
@@ -663,7 +668,7 @@ def _server(tmp: Path, directory: Path, guest_pages: int, swap_pages: int) -> Pl
         mem_dir=tmp,
         swap_file=directory / f"{tmp.name}.swap",
         swap_size=swap_pages * PAGE_SIZE,
-        slot_capacity=BATCH,
+        slot_capacity=slot_capacity,
         log_level="warning",
     )
     return PlatformServer(cfg)
@@ -722,11 +727,15 @@ def _one_batch(
 class _RoundBench:
     """One in-process daemon with one fully exposed VM, for timing rounds."""
 
-    def __init__(self, directory: Path, guest_bytes: int, rounds: int) -> None:
+    def __init__(
+        self, directory: Path, guest_bytes: int, rounds: int, slot_capacity: int | None = BATCH
+    ) -> None:
         self.guest_pages = guest_bytes // PAGE_SIZE
         self.tmp = Path(tempfile.mkdtemp(prefix="vmb-swap-", dir="/dev/shm"))
         self.server: PlatformServer | None = None
-        self.server = _server(self.tmp, directory, self.guest_pages, (rounds + 4) * BATCH)
+        self.server = _server(
+            self.tmp, directory, self.guest_pages, (rounds + 4) * BATCH, slot_capacity
+        )
         self.vm, self.agent = _expose_all(self.server, self.guest_pages, (rounds + 2) * BATCH)
         self.state = self.server.rounds[self.vm.vm_id]
         self.times: dict[str, list[float]] = {
@@ -789,8 +798,9 @@ async def round_costs(
 
 
 async def _pipeline(directory: Path, guest_bytes: int, batches: int) -> dict[str, Any]:
-    """Daemon-side swap-out capacity: batches back to back, writes overlapping, no sockets."""
-    bench = _RoundBench(directory, guest_bytes, batches)
+    """Daemon-side swap-out capacity: ``batches`` x 512 pages, in the batches the daemon's
+    default slots for this guest take, back to back, writes overlapping, no sockets."""
+    bench = _RoundBench(directory, guest_bytes, batches, slot_capacity=None)
     recycle_memory(directory, 2 * batches * BATCH * PAGE_SIZE // MiB)
     try:
         server, vm = bench.server, bench.vm
@@ -815,7 +825,7 @@ async def _swap_in_capacity(directory: Path, guest_bytes: int, batches: int) -> 
     """Daemon-side swap-in capacity, no sockets: swap ``batches`` batches out, then fault
     every swapped page back in order through the page-cache path (``try_swap_in_now``) with
     the agent's fault-around, as a guest walking its memory does; CPU time per page."""
-    bench = _RoundBench(directory, guest_bytes, batches)
+    bench = _RoundBench(directory, guest_bytes, batches, slot_capacity=None)
     try:
         server, vm = bench.server, bench.vm
         assert server is not None

@@ -48,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a("--swap-file", help="path of the swap file (created, removed at exit)")
     a("--swap-size", help="size of the swap file, e.g. 1GiB (default: no swap)")
-    a("--slot-capacity", type=int, help="pages per PageList batch (default 512)")
+    a(
+        "--slot-capacity",
+        type=int,
+        help="pages per PageList batch, for every VM (default: 1/32 of each guest, 512 to 4096)",
+    )
     a("--max-fault-around", type=int, help="most neighbour pages one fault may map (default 16)")
     a("--free-high-pct", type=float, help="free memory %% where reclaim stops (default 6)")
     a("--free-soft-pct", type=float, help="below this %% free: soft state (default 4)")

@@ -68,10 +68,9 @@ class Registry:
             vm_id, generation, info.guest_pages, home, info, agent_started=_started(conn, info)
         )
         store = P2MFile.create(paths.p2m(vm_id), header)
+        capacity = cfg.slot_capacity_of(info.guest_pages)
         try:
-            mapped = create_mapped(
-                paths.region(vm_id), region_size(cfg.slot_count, cfg.slot_capacity)
-            )
+            mapped = create_mapped(paths.region(vm_id), region_size(cfg.slot_count, capacity))
         except BaseException:
             store.close(unlink=True)
             raise
@@ -80,7 +79,7 @@ class Registry:
             vm_id=vm_id,
             generation=generation,
             slot_count=cfg.slot_count,
-            capacity=cfg.slot_capacity,
+            capacity=capacity,
             guest_pages=info.guest_pages,
         )
         vm = VM(vm_id, generation, info, home, store.p2m, region, mapped, conn, store=store)
@@ -96,8 +95,8 @@ class Registry:
             machine_memory_path=str(server.machine.path),
             host_pages=server.machine.host_pages,
             control_region_path=str(vm.region_path),
-            slot_count=cfg.slot_count,
-            slot_capacity=cfg.slot_capacity,
+            slot_count=vm.region.slot_count,
+            slot_capacity=vm.region.slot_capacity,
             home_node=vm.home_node,
             numa_nodes=server.machine.nodes,
             max_outstanding_faults=cfg.max_outstanding_faults,

@@ -233,9 +233,10 @@ class PlatformServer:
         if self.swap is not None:
             self.swap.adopt(reconciled.swap_slots_in_use)
         cfg = self.config
-        size = region_size(cfg.slot_count, cfg.slot_capacity)
         for f in reconciled.files:
             h = f.header
+            capacity = cfg.slot_capacity_of(h.guest_pages)  # what its agent mapped, same rule
+            size = region_size(cfg.slot_count, capacity)
             # The agent names the generation it was given, which the header keeps through
             # any number of takeovers until the agent is back (agent_generation).
             h.generation = self.registry.next_generation()
@@ -251,7 +252,7 @@ class PlatformServer:
                 vm_id=h.vm_id,
                 generation=h.generation,
                 slot_count=cfg.slot_count,
-                capacity=cfg.slot_capacity,
+                capacity=capacity,
                 guest_pages=h.guest_pages,
             )
             vm = VM(

@@ -16,7 +16,8 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BeforeValidator, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from .constants import DEFAULT_SLOT_CAPACITY, DEFAULT_SLOT_COUNT, MAX_FAULT_AROUND, PAGE_SIZE
+from .constants import DEFAULT_SLOT_COUNT, MAX_FAULT_AROUND, PAGE_SIZE
+from .layout import slot_capacity_for
 from .sizes import parse_size
 
 Size = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
@@ -52,8 +53,9 @@ class PlatformConfig(_Base):
     prefault: bool = True
     #: PageList slots in each VM's control region.
     slot_count: int = Field(default=DEFAULT_SLOT_COUNT, ge=1, le=256)
-    #: Pages per PageList batch.
-    slot_capacity: int = Field(default=DEFAULT_SLOT_CAPACITY, ge=1, le=1 << 16)
+    #: Pages per PageList batch, for every VM; none: scaled to each guest
+    #: (``shared.layout.slot_capacity_for``: 1/32 of it, 512 to 4096).
+    slot_capacity: int | None = Field(default=None, ge=1, le=1 << 16)
     #: Faults one VM may have unanswered at once.
     max_outstanding_faults: int = Field(default=256, ge=1)
     #: Largest guest a VM may register: its p2m costs 15 bytes per page of daemon memory.
@@ -143,6 +145,12 @@ class PlatformConfig(_Base):
     @property
     def host_pages(self) -> int:
         return self.host_memory // PAGE_SIZE
+
+    def slot_capacity_of(self, guest_pages: int) -> int:
+        """Pages per slot of a guest of ``guest_pages``: the configured number, or the rule."""
+        if self.slot_capacity is not None:
+            return self.slot_capacity
+        return slot_capacity_for(guest_pages)
 
     @property
     def allowed_uids(self) -> frozenset[int]:

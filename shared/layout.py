@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .constants import PageStatus, ServiceType
+from .constants import DEFAULT_SLOT_CAPACITY, PAGES_PER_2M, PageStatus, ServiceType
 from .errors import LayoutError
 
 REGION_MAGIC = 0x524D4D56
@@ -63,6 +63,8 @@ SLOT_HEADER = struct.Struct("<BBxxIQ")
 SLOT_HEADER_SIZE = SLOT_HEADER.size  # 16
 MAX_SLOT_CAPACITY = 1 << 16
 MAX_SLOT_COUNT = 256
+#: The largest slot ``slot_capacity_for`` gives (16 MiB a batch; a 512 MiB guest has it).
+LARGEST_DEFAULT_SLOT_CAPACITY = 4096
 _PENDING_OFFSET = 24
 _VALID_STATUS = max(PageStatus)
 
@@ -81,6 +83,22 @@ def _pad8(n: int) -> int:
 def slot_size(capacity: int) -> int:
     """Bytes of one slot of ``capacity`` pages."""
     return SLOT_HEADER_SIZE + 8 * capacity + _pad8(capacity) + 8 * capacity
+
+
+def slot_capacity_for(guest_pages: int) -> int:
+    """Pages per slot for a guest of ``guest_pages`` when the configuration names none.
+
+    Why it grows with the guest: every batch costs the same fixed work on both sides (a
+    round trip, the filters' and the completion's NumPy calls, one writer hand-off), so
+    512-page batches bound a large guest's swap-out by that fixed cost, not by the copy.
+    Why 1/32 of the guest: the default four slots of 17 bytes a page then cost at most
+    17 x 4 / 32 ~ 2 bytes per guest page on each side, and a batch stays a small part of
+    the guest. Whole 2 MiB
+    regions (a multiple of 512, so a promotion batch still holds whole regions), between
+    ``DEFAULT_SLOT_CAPACITY`` and ``LARGEST_DEFAULT_SLOT_CAPACITY``.
+    """
+    share = guest_pages // 32 // PAGES_PER_2M * PAGES_PER_2M
+    return max(DEFAULT_SLOT_CAPACITY, min(LARGEST_DEFAULT_SLOT_CAPACITY, share))
 
 
 def region_size(slot_count: int, capacity: int) -> int:

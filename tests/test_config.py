@@ -170,6 +170,14 @@ def test_full_precedence_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert cfg.slot_capacity == 128  # env
     assert cfg.slot_count == 8  # TOML
     assert cfg.max_fault_around == 16  # default
+    assert cfg.slot_capacity_of(1 << 20) == 128  # set: every VM, whatever its size
+
+
+def test_slot_capacity_unset_follows_each_guest() -> None:
+    """No slot capacity configured: each VM's comes from its guest size."""
+    cfg = PlatformConfig()
+    assert cfg.slot_capacity is None
+    assert [cfg.slot_capacity_of(p) for p in (4096, 65536, 1 << 20)] == [512, 2048, 4096]
 
 
 def test_config_file_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

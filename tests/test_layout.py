@@ -24,6 +24,7 @@ from shared.layout import (
     PageListSlot,
     SlotState,
     region_size,
+    slot_capacity_for,
     slot_size,
 )
 
@@ -446,3 +447,20 @@ def test_slot_class_is_positioned_by_offset() -> None:
     slot.write_header(ServiceType.SWAP, SlotState.ISSUED, 1, 2)
     assert buf[:8] == bytes(8)
     assert u("I", buf, 8 + 4) == 1
+
+
+def test_slot_capacity_follows_the_guest_in_whole_2m_regions() -> None:
+    """1/32 of the guest in whole 512-page regions, never under 512 nor over 4096: the
+    slots cost at most ~2 bytes per guest page above the floor."""
+    mib = 256  # pages per MiB
+    assert slot_capacity_for(16 * mib) == 512  # the floor: the old fixed size
+    assert slot_capacity_for(64 * mib) == 512
+    assert slot_capacity_for(128 * mib) == 1024
+    assert slot_capacity_for(200 * mib) == 1536  # 1600 rounded down to whole regions
+    assert slot_capacity_for(256 * mib) == 2048
+    assert slot_capacity_for(512 * mib) == 4096
+    assert slot_capacity_for(64 * 1024 * mib) == 4096  # the ceiling
+    for pages in (20 * mib, 300 * mib, 777 * mib, 4096 * mib):
+        c = slot_capacity_for(pages)
+        assert c % 512 == 0
+        assert c == 512 or region_size(4, c) / pages < 2.2, (pages, c)

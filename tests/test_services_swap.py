@@ -700,3 +700,38 @@ async def test_resident_pages_are_swapped_without_asking_the_vmm(
         server.memsched.tick(time.monotonic())
         await agent.verify(written)
         await agent.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_large_guest_swaps_out_in_batches_as_large_as_its_slots(
+    short_tmp: Path, mem_dir: Path
+) -> None:
+    """Unless configured, each VM's slots scale with its guest (1/32 of it, 512 to 4096
+    pages): on one daemon a 128 MiB guest gets 1024-page slots and swaps out in batches that
+    fill them, a 4 MiB guest keeps 512-page ones; every byte comes back."""
+    async with running_platform(short_tmp, mem_dir, host_mib=32, swap_size=16 * MiB) as server:
+        small = await FakeAgent.connect(server, "small", guest_pages=1024)
+        large = await FakeAgent.connect(server, "large", guest_pages=32768)
+        assert (small.reg.slot_capacity, small.region.slot_capacity) == (512, 512)
+        assert (large.reg.slot_capacity, large.region.slot_capacity) == (1024, 1024)
+        written = np.arange(3000, dtype=np.int64)
+        await large.write_pages(written)
+        server.memsched.set_host_limit(server.machine.allocator.used - 2500)
+        server.memsched.tick(time.monotonic())
+        assert server.memsched.reclaiming
+        sizes = []
+        for _ in range(20):
+            sizes += [len(offered) for _, offered, _ in await large.round()]
+            await wait_until(lambda: swap_in_flight(server) == 0, "swap writes to land")
+            server.memsched.tick(time.monotonic())
+            if not server.memsched.reclaiming:
+                break
+        assert max(sizes) == 1024, sizes
+        swapped = np.flatnonzero(page_states(server, large) == PageState.SWAPPED)
+        assert len(swapped) >= 2500
+        server.memsched.set_host_limit(server.machine.host_pages)
+        server.memsched.tick(time.monotonic())
+        reasons = await large.verify(written)
+        assert reasons["SWAP_IN"] >= 1
+        await small.close()
+        await large.close()
