@@ -20,9 +20,10 @@ the daemon.
 Where the time goes: per region, the daemon's part (its GetRequest and CompleteRequest
 handling, the collapse and, within it, the copy) and the agent's part (its filters), for
 the PROMOTION_2M release and the VALIDATION install. ``--slot-capacity`` (the daemon's
-``slot_capacity``, default 512: one region per batch) shows what larger PageLists buy.
+``slot_capacity``; by default the daemon's own for the guest's size: 512 pages, one region
+per batch, up to 64 MiB, 2048 at 256 MiB) shows what larger PageLists buy.
 
-Usage: ``python benchmarks/hugepages.py [--mib 32] [--repeats 5] [--slot-capacity 512]
+Usage: ``python benchmarks/hugepages.py [--mib 32] [--repeats 5] [--slot-capacity N]
 [--json out.json]``. Every file is removed in ``finally`` blocks.
 """
 
@@ -68,7 +69,7 @@ class _StubConnection:
 class Bench:
     """A daemon in process with one VM homed on node 0, every page on its own frame."""
 
-    def __init__(self, guest_bytes: int, slot_capacity: int = 512) -> None:
+    def __init__(self, guest_bytes: int, slot_capacity: int | None = None) -> None:
         self.pages = guest_bytes // PAGE_SIZE // R * R
         node_pages = 3 * self.pages  # room for the scattered frames and the runs
         self.tmp = Path(tempfile.mkdtemp(prefix="vmb-huge-", dir="/dev/shm"))
@@ -229,7 +230,7 @@ def load() -> str:
     return Path("/proc/loadavg").read_text().split(" ", 3)[:3].__str__()
 
 
-async def run(guest_mib: int, repeats: int, slot_capacity: int = 512) -> dict[str, Any]:
+async def run(guest_mib: int, repeats: int, slot_capacity: int | None = None) -> dict[str, Any]:
     fix_mmap_threshold()  # as the daemon does (platform_daemon/cli.py)
     bench = Bench(guest_mib * MiB, slot_capacity)
     try:
@@ -263,7 +264,7 @@ async def run(guest_mib: int, repeats: int, slot_capacity: int = 512) -> dict[st
         return {
             "guest_pages": pages,
             "repeats": repeats,
-            "slot_capacity": slot_capacity,
+            "slot_capacity": bench.vm.region.slot_capacity,
             "load_before": load_before,
             "load_after": load(),
             "promoted_pages_per_s": med(promo),
@@ -284,7 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mib", type=int, default=32, help="guest memory in MiB (default 32)")
     p.add_argument("--repeats", type=int, default=5, help="promotions of every region (5)")
-    p.add_argument("--slot-capacity", type=int, default=512, help="pages per PageList slot (512)")
+    p.add_argument(
+        "--slot-capacity", type=int, help="pages per PageList slot (default: the daemon's)"
+    )
     p.add_argument("--json", type=Path, help="write the figures as JSON")
     args = p.parse_args(argv)
     configure_logging("json", "warning")

@@ -184,6 +184,10 @@ def in_process_server(host_bytes: int) -> Any:
         mem_dir=tmp,
         prefault=False,
         log_level="warning",
+        # One batch geometry for every guest size: the round costs compare 256 MiB with
+        # 2 GiB guests, which the default (slots scaled to the guest) would give 2048- and
+        # 4096-page slots.
+        slot_capacity=512,
     )
     server = PlatformServer(cfg)
     try:

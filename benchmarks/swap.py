@@ -908,7 +908,7 @@ def print_table(res: dict[str, Any]) -> None:
             ),
             ("  seconds before the first page went out", so["started_after_s"], "s"),
             (
-                "  agent rounds / 512-page writes",
+                "  agent rounds / swap writes (batches)",
                 f"{diag['agent_rounds']}/{diag['writes']:.0f}",
                 "",
             ),
