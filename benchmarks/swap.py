@@ -35,7 +35,7 @@ same run. This script measures:
     same setup, run back to back with the writes overlapping, gives the daemon-side swap-out
     capacity without any socket, in the batches the daemon's default slots take.
 
-Usage: ``python benchmarks/swap.py [--json out.json] [--quick] [--dir /var/tmp]``
+Usage: ``python benchmarks/swap.py [--json out.json] [--quick] [--dir /var/tmp] [--guest-mib 256]``
 (``--quick``, two of the four daemon runs and fewer repetitions, takes ~25 s; the full run
 ~40 s). Every subprocess is stopped and every file removed
 in ``finally`` blocks.
@@ -598,7 +598,8 @@ def daemon_run(
     """
     tmp = Path(tempfile.mkdtemp(prefix="vmb-swap-", dir="/tmp"))  # short socket paths
     swap_path = directory / f"vmb-swap-{os.getpid()}-{label}.swap"
-    host = "512MiB"
+    host = f"{max(512, 2 * GUEST // MiB)}MiB"
+    swap_size = f"{max(1024, GUEST // MiB)}MiB"
     d = Daemons(tmp, Path("/dev/shm"), tmp / "p.sock")
     port = free_port()
     try:
@@ -608,7 +609,7 @@ def daemon_run(
             "--swap-file",
             str(swap_path),
             "--swap-size",
-            "1GiB",
+            swap_size,
             "--log-level",
             "warning",
             *extra,
@@ -625,7 +626,7 @@ def daemon_run(
             "host_memory": host,
             "guest_memory": f"{GUEST // MiB}MiB",
             "limit": limit,
-            "swap_size": "1GiB",
+            "swap_size": swap_size,
             "extra_flags": list(extra),
             "slot_capacity": slot_capacity_for(GUEST // PAGE_SIZE),
             "agent_env": agent_env or {},
@@ -871,7 +872,8 @@ def print_table(res: dict[str, Any]) -> None:
     fs = res["filesystem"]
     print(
         f"swap directory {res['directory']}: {fs.get('fstype')} on {fs.get('source')} "
-        f"(mount {fs.get('mount')}); {os.cpu_count()} CPUs"
+        f"(mount {fs.get('mount')}); {os.cpu_count()} CPUs; daemon runs: a "
+        f"{res.get('guest_mib', 256)} MiB guest, host limit 64 MiB"
     )
     raw = res["raw"]
     rows: list[tuple[str, Any, str]] = []
@@ -976,6 +978,7 @@ def print_table(res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global GUEST
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", type=Path, help="write every figure to this file")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (under a minute)")
@@ -985,7 +988,14 @@ def main(argv: list[str] | None = None) -> int:
         default=Path("/var/tmp"),
         help="directory of the swap file and the raw I/O test (default /var/tmp)",
     )
+    p.add_argument(
+        "--guest-mib",
+        type=int,
+        default=256,
+        help="guest of the daemon runs (default 256; the swap-out lasts ~0.1-0.2 s at 256)",
+    )
     args = p.parse_args(argv)
+    GUEST = args.guest_mib * MiB  # the daemon runs' guest and the raw I/O's size
     configure_logging("console", "warning")  # the in-process daemon's info lines are noise here
     quick = args.quick
     directory: Path = args.dir.resolve()
@@ -994,6 +1004,7 @@ def main(argv: list[str] | None = None) -> int:
         "filesystem": filesystem_of(directory),
         "quick": quick,
         "cpus": os.cpu_count(),
+        "guest_mib": GUEST // MiB,
     }
     raw_pages = GUEST // PAGE_SIZE
     raw_reps = 2 if quick else 3
