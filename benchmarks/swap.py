@@ -15,7 +15,7 @@ same run. This script measures:
     shipped and with the agent polling its pending word every 1 ms instead of 50 ms (a
     diagnosis: it removes the idle time between rounds). The daemon runs with its default
     slots, which scale with the guest (``slot_capacity_for``: 2048 pages for this one; every
-    run before 2026-12-02 14:40 UTC passed ``--slot-capacity 512``).
+    run before 2026-12-02 14:15 UTC passed ``--slot-capacity 512``).
     Next to it, in the same run and directory: raw ``os.pwrite`` of 512-page (2 MiB) blocks
     to a fresh sparse file (cold and warm memory) and rewrites of it, and raw ``os.pread`` of
     single 4 KiB pages (a swap-in without read-ahead) and of 16-page runs (with it). Ratios
