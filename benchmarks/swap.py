@@ -838,10 +838,13 @@ async def _swap_in_capacity(directory: Path, guest_bytes: int, batches: int) -> 
         server.memsched.reclaiming = False
         svc = server.services_swap()
         state = vm.p2m.state
+        swapped = int(PageState.SWAPPED)
         faults = pages = 0
         t0, c0 = time.perf_counter(), time.process_time()
-        for bpn in np.flatnonzero(state == PageState.SWAPPED).tolist():
-            if state[bpn] != PageState.SWAPPED:
+        # Plain ints: ``state[bpn] != PageState.SWAPPED`` (a NumPy scalar against an IntEnum)
+        # cost ~1.3 µs per page here, half of the CPU per page this loop used to report.
+        for bpn in np.flatnonzero(state == swapped).tolist():
+            if state.item(bpn) != swapped:
                 continue  # read ahead by an earlier fault
             reply = svc.try_swap_in_now(vm, bpn, 16)
             assert reply is not None, "not in the page cache"

@@ -70,7 +70,7 @@ def frame_digests(flat: memoryview, frames: npt.NDArray[np.int64]) -> npt.NDArra
     )
 
 
-#: Most iovecs one ``pwritev`` takes (Linux's UIO_MAXIOV).
+#: Most iovecs one ``pwritev`` or ``preadv`` takes (Linux's UIO_MAXIOV).
 IOV_MAX = 1024
 
 
@@ -188,6 +188,16 @@ class SwapFile:
         self._stack[self._top : self._top + len(slots)] = slots
         self._top += len(slots)
 
+    def release_one(self, slot: int) -> None:
+        """``release`` of one slot with scalar reads and writes (a swap-in fault's own slot:
+        NumPy costs about a microsecond per call on a one-element array)."""
+        if not 0 <= slot < self.slots or not self.in_use.item(slot):
+            raise VMMemError("swap slot released twice")
+        self.in_use[slot] = False
+        self.checksum[slot] = 0
+        self._stack[self._top] = slot
+        self._top += 1
+
     def write_pages(self, slots: npt.NDArray[np.int64], data: npt.NDArray[np.uint8]) -> None:
         """Write ``data[i]`` to ``slots[i]`` and record checksums (blocking; run in a thread).
 
@@ -280,36 +290,35 @@ class SwapFile:
         """Read ``slots[i]`` straight into ``memory[frames[i]]`` and verify each page.
 
         One ``preadv`` per run of consecutive slots, its iovecs the frames themselves: no
-        staging buffer and no second copy. False (``nowait``) when some page would need the
-        disk; SwapChecksumError or OSError otherwise. Either way the frames' bytes are then
-        undefined: the caller frees them.
+        staging buffer and no second copy; the same page views then feed the checksums. False
+        (``nowait``) when some page would need the disk; SwapChecksumError or OSError
+        otherwise. Either way the frames' bytes are then undefined: the caller frees them.
         """
+        n = len(slots)
         flat = memory.reshape(-1).data.cast("B")
-        order = np.argsort(slots, kind="stable")
-        sorted_slots, sorted_frames = slots[order], frames[order].tolist()
+        views = [flat[o : o + PAGE_SIZE] for o in (frames * PAGE_SIZE).tolist()]
+        if n == 1 or bool((slots[1:] > slots[:-1]).all()):  # ascending: the usual case
+            sorted_slots, ordered = slots, views
+        else:
+            order = np.argsort(slots, kind="stable")
+            sorted_slots, ordered = slots[order], [views[i] for i in order.tolist()]
         flags = _RWF_NOWAIT if nowait else 0
         for start, length in runs(sorted_slots):
-            first = sorted_frames[start]
-            if sorted_frames[start + length - 1] - first == length - 1 and (
-                length < 3
-                or sorted_frames[start : start + length] == list(range(first, first + length))
-            ):  # consecutive frames (a result array, a fresh run): one buffer for the run
-                bufs = [flat[first * PAGE_SIZE : (first + length) * PAGE_SIZE]]
-            else:
-                bufs = [
-                    flat[f * PAGE_SIZE : (f + 1) * PAGE_SIZE]
-                    for f in sorted_frames[start : start + length]
-                ]
-            offset = int(sorted_slots[start]) * PAGE_SIZE
-            try:
-                got = os.preadv(self.fd, bufs, offset, flags)
-            except BlockingIOError:
-                return False
-            if got != length * PAGE_SIZE:
-                if nowait:
+            for first in range(start, start + length, IOV_MAX):
+                count = min(IOV_MAX, start + length - first)
+                offset = int(sorted_slots[first]) * PAGE_SIZE
+                try:
+                    got = os.preadv(self.fd, ordered[first : first + count], offset, flags)
+                except BlockingIOError:
                     return False
-                raise OSError(errno_mod.EIO, f"short read of swap slots from {offset // PAGE_SIZE}")
-        bad = np.flatnonzero(frame_digests(flat, frames) != self.checksum[slots])
+                if got != count * PAGE_SIZE:
+                    if nowait:
+                        return False
+                    raise OSError(
+                        errno_mod.EIO, f"short read of swap slots from {offset // PAGE_SIZE}"
+                    )
+        sums = np.fromiter(map(xxhash.xxh3_64_intdigest, views), np.uint64, n)
+        bad = np.flatnonzero(sums != self.checksum[slots])
         if len(bad):
             raise SwapChecksumError(f"swap slot {int(slots[bad[0]])}: checksum mismatch on read")
         return True

@@ -38,7 +38,15 @@ from platform_daemon.swapfile import SwapFile
 from platform_daemon.vm import VM
 from platform_daemon.waits import FrameWaits
 from shared.config import PlatformConfig
-from shared.constants import NO_FRAME, FaultReason, FreeState, PageState, Priority, ServiceType
+from shared.constants import (
+    NO_FRAME,
+    PAGE_SIZE,
+    FaultReason,
+    FreeState,
+    PageState,
+    Priority,
+    ServiceType,
+)
 from shared.errors import VMMemError
 from shared.layout import ControlRegion, region_size
 from shared.messages import (
@@ -634,3 +642,67 @@ def test_the_window_cap_follows_the_recent_hit_ratio() -> None:
     assert stats.recent_wanted + stats.recent_unwanted <= HIT_MEMORY
     assert ra.window_cap(vm, 64) == 64  # the misses faded
     assert ra.window_cap(vm, 1) == 1 and ra.window_cap(vm, 0) == 0
+
+
+def test_page_cache_swap_in_maps_read_ahead_with_its_content(h: Harness) -> None:
+    """A swap-in served from the page cache (``try_swap_in_now``) maps the faulting page and
+    its read-ahead, each on its own frame with its own bytes (the frames come off the
+    allocator's stack in no particular order)."""
+    h.back(list(range(64)))
+    h.swap_out(SWAPPED)
+    reply = h.swap.try_swap_in_now(h.vm, SWAPPED[0], AROUND)
+    assert reply is not None and reply.reason == FaultReason.SWAP_IN
+    assert reply.bpns.tolist() == list(range(SWAPPED[0], SWAPPED[0] + 1 + AROUND))
+    assert len(np.unique(reply.mpns)) == len(reply.mpns)
+    h.exposure.install(reply.bpns.astype(np.int64), reply.mpns, reply.flags != 0)
+    for bpn in reply.bpns.tolist():
+        h.touch(bpn)
+    assert h.violations() == []
+
+
+def test_page_cache_swap_in_over_a_corrupt_neighbour(h: Harness) -> None:
+    """A read-ahead neighbour whose slot changed on disk fails the page-cache read whole:
+    nothing is mapped, no frame leaks; the thread path then maps the faulting page alone,
+    and the corrupt page's own fault reports the checksum."""
+    h.back(list(range(64)))
+    h.swap_out(SWAPPED)
+    victim = SWAPPED[0] + 4
+    slot = int(h.vm.p2m.swap_slot[victim])
+    with open(h.swapfile.path, "r+b") as fh:
+        fh.seek(slot * PAGE_SIZE + 123)
+        fh.write(b"\x5a" * 4)
+    free = h.machine.allocator.free
+    assert h.swap.try_swap_in_now(h.vm, SWAPPED[0], AROUND) is None
+    assert h.machine.allocator.free == free
+    assert (h.vm.p2m.state[SWAPPED] == PageState.SWAPPED).all()
+    assert h.fault(SWAPPED[0], around=AROUND).bpns.tolist() == [SWAPPED[0]]
+    h.touch(SWAPPED[0])
+    with pytest.raises(VMMemError, match="checksum"):
+        h.fault(victim)
+    assert h.vm.p2m.state[victim] == PageState.SWAPPED
+    assert h.violations() == []
+
+
+def test_page_cache_swap_in_skips_pages_a_thread_read_is_bringing_in(h: Harness) -> None:
+    """A swap-in on the thread path is reading 14.. when a fault on 10 is served from the
+    page cache: its read-ahead stops short of the pages already being read (each page is
+    read and mapped by one swap-in only), and both replies map their pages intact."""
+    h.back(list(range(64)))
+    h.swap_out(SWAPPED)
+
+    async def crossing() -> tuple[FaultReply | None, FaultReply | None]:
+        reading = asyncio.ensure_future(h.swap.swap_in(h.vm, 14, AROUND))
+        await asyncio.sleep(0)  # it has claimed its pages and waits for its read
+        assert (h.vm.vm_id, 18) in h.swap.swapping_in
+        now = h.swap.try_swap_in_now(h.vm, 10, AROUND)
+        return now, await reading
+
+    now, later = asyncio.run(crossing())
+    assert now is not None and later is not None
+    assert now.bpns.tolist() == [10, 11, 12, 13]
+    assert later.bpns.tolist() == list(range(14, 14 + 1 + AROUND))
+    for reply in (now, later):
+        h.exposure.install(reply.bpns.astype(np.int64), reply.mpns, reply.flags != 0)
+        for bpn in reply.bpns.tolist():
+            h.touch(bpn)
+    assert h.violations() == []

@@ -394,6 +394,44 @@ def test_read_into_fills_the_given_frames_and_checks_each(swap: SwapFile) -> Non
         swap.read_into(slots, memory, frames)
 
 
+def test_read_into_checks_every_page_of_an_ascending_run(swap: SwapFile) -> None:
+    """Ascending slots into scattered frames (a swap-in with read-ahead): each page lands in
+    its own frame, and a page changed on disk in the middle of the run is named by its slot,
+    on the page-cache path (``nowait``) as on the blocking one."""
+    slots = swap.allocate(8)
+    data = pages(8, seed=12)
+    swap.write_pages(slots, data)
+    memory = np.zeros((32, PAGE_SIZE), dtype=np.uint8)
+    frames = np.array([30, 2, 17, 5, 6, 7, 21, 0], dtype=np.int64)
+    assert swap.read_into(slots, memory, frames, nowait=True)
+    assert np.array_equal(memory[frames], data)
+    fd = os.open(swap.path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, bytes([data[5, 4000] ^ 0x10]), int(slots[5]) * PAGE_SIZE + 4000)
+    finally:
+        os.close(fd)
+    for nowait in (True, False):
+        with pytest.raises(SwapChecksumError, match=f"slot {int(slots[5])}:"):
+            swap.read_into(slots, memory, frames, nowait=nowait)
+
+
+def test_read_into_a_run_longer_than_iov_max(tmp_path: Path) -> None:
+    """A run of consecutive slots into more scattered frames than one ``preadv`` takes
+    iovecs (Linux: 1024) is read in several calls, every page in its frame."""
+    n = 1100
+    sf = SwapFile(tmp_path / "swap", n * PAGE_SIZE)
+    try:
+        slots = sf.allocate(n)
+        data = np.random.default_rng(5).integers(0, 256, (n, PAGE_SIZE), dtype=np.uint8)
+        sf.write_pages(slots, data)
+        memory = np.zeros((2 * n, PAGE_SIZE), dtype=np.uint8)
+        frames = np.arange(2 * n - 1, -1, -2, dtype=np.int64)  # every other frame, descending
+        assert sf.read_into(slots, memory, frames)
+        assert np.array_equal(memory[frames], data)
+    finally:
+        sf.close()
+
+
 # ---- writes straight from machine memory --------------------------------------------------
 
 
@@ -436,6 +474,22 @@ def test_write_frames_past_iov_max_iovecs(tmp_path: Path) -> None:
         assert np.array_equal(raw[slots], memory[frames])
     finally:
         sf.close()
+
+
+def test_release_one_frees_a_slot_once(swap: SwapFile) -> None:
+    """``release_one`` frees one slot as ``release`` does (checksum cleared, handed out
+    again); a second release of it, or of a slot out of range, raises."""
+    slots = swap.allocate(3)
+    swap.write_pages(slots, pages(3, seed=2))
+    swap.release_one(int(slots[1]))
+    assert swap.free == SLOTS - 2 and not swap.in_use[slots[1]]
+    assert swap.checksum[slots[1]] == 0 and swap.checksum[slots[0]] != 0
+    with pytest.raises(VMMemError, match="released twice"):
+        swap.release_one(int(slots[1]))
+    for bad in (-1, SLOTS):
+        with pytest.raises(VMMemError, match="released twice"):
+            swap.release_one(bad)
+    assert swap.allocate(1).tolist() == [int(slots[1])]
 
 
 def test_a_slot_corrupted_after_write_frames_is_caught(swap: SwapFile) -> None:

@@ -55,7 +55,7 @@ import math
 from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -138,7 +138,7 @@ class _DueQueue:
     def __len__(self) -> int:
         return self.ends[-1] - self.taken if self.ends else 0
 
-    def push(self, due: float, bpns: Pages, epochs: npt.NDArray[np.int64]) -> None:
+    def push(self, due: float, bpns: Pages, epochs: npt.NDArray[np.integer[Any]]) -> None:
         end = (self.ends[-1] if self.ends else self.taken) + len(bpns)
         self.dues.append(due)
         self.bpns.append(bpns.astype(np.int64, copy=True))
@@ -197,6 +197,9 @@ class ReadAheadValidation:
         self.vms: dict[int, _VMQueue] = {}
         #: The host needs frames (memsched's tick says): no page is held.
         self.pressure = False
+        # Looked up once, at the first hold (a child shows in the metrics from its creation):
+        # a ``labels()`` call costs a few µs, and ``hold`` runs per swap-in.
+        self._held_pages: Any = None
 
     def hold(self, vm: VM, bpns: Pages) -> None:
         """Read-ahead pages just mapped by a fault reply: held, slot kept, due after window;
@@ -211,11 +214,14 @@ class ReadAheadValidation:
         p2m = vm.p2m
         p2m.state[bpns] = _IN_FLIGHT
         p2m.op[bpns] = _VALIDATION
-        p2m.epoch[bpns] += 1
+        epochs = p2m.epoch[bpns] + 1  # one fancy read, not two (``+=`` then the queue's)
+        p2m.epoch[bpns] = epochs
         q = self._queue(vm)
-        q.due.push(self.ctx.clock() + self.window, bpns, p2m.epoch[bpns].astype(np.int64))
+        q.due.push(self.ctx.clock() + self.window, bpns, epochs)
         q.stats.held += len(bpns)
-        self.ctx.metrics.readahead_pages.labels("held").inc(len(bpns))
+        if self._held_pages is None:
+            self._held_pages = self.ctx.metrics.readahead_pages.labels("held")
+        self._held_pages.inc(len(bpns))
         if len(q.due) > self.max_queued:
             self._drop_oldest(vm, q, len(q.due) - self.max_queued)
 

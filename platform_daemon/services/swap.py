@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("vmmem.platform.swap")
 MIN_BACKOFF, MAX_BACKOFF = 0.25, 8.0  # seconds swap-outs pause after a failed write
 _NO_SPACE_ERRNOS = {errno_mod.ENOSPC, errno_mod.EFBIG, errno_mod.EDQUOT}
+_SWAPPED = int(PageState.SWAPPED)  # a plain int: compared with NumPy values per fault
 
 
 class SwapService(PlatformService):
@@ -289,10 +290,15 @@ class SwapService(PlatformService):
         n = min(self._window(vm, bpn, around), vm.guest_pages - bpn - 1)
         if n <= 0:
             return np.array([bpn], dtype=np.int64)
-        window = np.arange(bpn + 1, bpn + 1 + n, dtype=np.int64)
-        swapped = window[vm.p2m.state[window] == PageState.SWAPPED]
-        free = [b for b in swapped.tolist() if (vm.vm_id, b) not in self.swapping_in]
-        return np.array([bpn, *free], dtype=np.int64)
+        # A slice of the p2m, not a fancy index: the window is contiguous.
+        swapped = np.flatnonzero(vm.p2m.state[bpn + 1 : bpn + 1 + n] == _SWAPPED)
+        if self.swapping_in:  # reads on the thread path are out: skip the pages they read
+            vm_id, base = vm.vm_id, bpn + 1
+            swapped = swapped[[(vm_id, base + i) not in self.swapping_in for i in swapped.tolist()]]
+        pages = np.empty(len(swapped) + 1, dtype=np.int64)
+        pages[0] = bpn
+        np.add(swapped, bpn + 1, out=pages[1:])
+        return pages
 
     def try_swap_in_now(self, vm: VM, bpn: int, around: int) -> FaultReply | None:
         """Swap in from the page cache without leaving the event loop, or None.
@@ -301,15 +307,16 @@ class SwapService(PlatformService):
         back ~200 µs. RWF_NOWAIT tells the two apart without ever waiting for the disk on the
         loop; reads that would wait, and every error, take the thread path.
         """
-        swap = self.ctx.swap
+        swap, machine = self.ctx.swap, self.ctx.machine
         if swap is None or (vm.vm_id, bpn) in self.swapping_in:
             return None
-        if self.ctx.machine.available() < 1:
+        available = machine.available()
+        if available < 1:
             return None
         pages = self._readahead(vm, bpn, around)
-        pages = pages[: max(1, self.ctx.machine.available())]
+        if len(pages) > available:
+            pages = pages[:available]
         slots = vm.p2m.swap_slot[pages].astype(np.int64)
-        machine = self.ctx.machine
         t0 = time.perf_counter()
         # Straight into the frames the pages will have (no await until they are mapped, so
         # nothing sees them used and unowned); any failure gives them back.
@@ -381,11 +388,14 @@ class SwapService(PlatformService):
         assert swap is not None
         ctx.mapper.map_private(vm, pages, frames)
         hold = self.hold_read_ahead
-        free = 1 if hold is not None else len(pages)
-        vm.p2m.swap_slot[pages[:free]] = NO_SLOT
-        swap.release(slots[:free])
-        if hold is not None and len(pages) > 1:
-            hold(vm, pages[1:])
+        if hold is not None:  # the faulting page's slot goes; its neighbours are held
+            vm.p2m.swap_slot[pages.item(0)] = NO_SLOT
+            swap.release_one(slots.item(0))
+            if len(pages) > 1:
+                hold(vm, pages[1:])
+        else:
+            vm.p2m.swap_slot[pages] = NO_SLOT
+            swap.release(slots)
         vm.stats.swapped_in += len(pages)
         self._pages_in.inc(len(pages))
         return ctx.mapper.reply(vm, FaultReason.SWAP_IN, pages)
