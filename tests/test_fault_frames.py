@@ -15,6 +15,7 @@ import asyncio
 import socket
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -35,6 +36,7 @@ from shared.constants import MAX_FAULT_AROUND, FaultReason
 from shared.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from shared.messages import FAULT_FLAG_WRITABLE, Fault, FaultReply, MessageType
 from tests.test_services_swap import REPLY_TIMEOUT, FakeAgent, running_platform, wait_until
+from vmm_agent.link import corked
 from vmm_agent.rpc import RpcClient
 
 FAST = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -275,6 +277,41 @@ async def test_daemon_serves_faults_with_header_flags_and_in_one_read(
         vm = server.vms[agent.vm_id]
         assert vm.p2m.frame[1] == reply.mpn and vm.p2m.frame[3] == got[1].mpn
         assert vm.p2m.frame[2] == server.machine.zero_frame[vm.home_node]
+        await agent.close()
+
+
+class _CountingTransport:
+    """The daemon's real transport for one peer, counting the writes made through it."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+        self.inner.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@pytest.mark.timeout(60)
+async def test_requests_sent_corked_go_out_in_one_write(short_tmp: Path, mem_dir: Path) -> None:
+    """The agent's requests sent inside ``corked`` (a verify chunk's faults) leave in one
+    write when it ends, and each is answered; outside, each request is written at once."""
+    async with running_platform(short_tmp, mem_dir, host_mib=16) as server:
+        agent = await FakeAgent.connect(server, "a", guest_pages=64)
+        link = agent.link
+        counting = _CountingTransport(link.transport)
+        link.transport = counting  # type: ignore[assignment]
+        with corked(link):
+            futs = [link.request_nowait(Fault(bpn, True, 0)) for bpn in (5, 6, 7)]
+            assert counting.writes == []
+        assert len(counting.writes) == 1
+        replies = await asyncio.wait_for(asyncio.gather(*futs), REPLY_TIMEOUT)
+        assert [(r.bpn, r.flag) for r in replies] == [(5, 1), (6, 1), (7, 1)]
+        await asyncio.wait_for(link.request_nowait(Fault(8, True, 0)), REPLY_TIMEOUT)
+        assert len(counting.writes) == 2
         await agent.close()
 
 

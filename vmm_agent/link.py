@@ -10,7 +10,8 @@ for the next one.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from shared.messages import Message
@@ -105,6 +106,22 @@ class PlatformLink:
     def close(self) -> None:
         if self.client is not None:
             self.client.close()
+
+
+@contextlib.contextmanager
+def corked(link: object) -> Iterator[None]:
+    """Requests sent inside go out in one write when it ends (``RpcClient.cork``): for code
+    that sends several requests and does not wait inside. Anything but a connection or the
+    link to one (a test's fake daemon) sends as usual."""
+    client = link.client if isinstance(link, PlatformLink) else link
+    if not isinstance(client, RpcClient):
+        yield
+        return
+    client.cork()
+    try:
+        yield
+    finally:
+        client.uncork()
 
 
 #: What the agent's parts accept: the reconnecting link, or a bare connection (tests,

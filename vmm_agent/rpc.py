@@ -36,6 +36,8 @@ class RpcClient(asyncio.Protocol):
         self._waiting: dict[int, asyncio.Future[Any]] = {}
         self._loop = asyncio.get_running_loop()
         self.closed = self._loop.create_future()
+        #: Frames held back by ``cork`` until ``uncork`` writes them in one call.
+        self._corked: list[bytes] | None = None
 
     @classmethod
     async def connect(cls, path: str, **kwargs: Any) -> RpcClient:
@@ -84,7 +86,24 @@ class RpcClient(asyncio.Protocol):
     def send(self, msg: Message, request_id: int = 0) -> None:
         if self.transport is None or self.transport.is_closing():
             raise ConnectionClosed("connection closed")
-        self.transport.write(self.codec.send(msg, request_id))
+        frame = self.codec.send(msg, request_id)
+        if self._corked is not None:
+            self._corked.append(frame)
+        else:
+            self.transport.write(frame)
+
+    def cork(self) -> None:
+        """Hold the frames sent from now on until ``uncork``, which writes them in one call
+        (several requests, one syscall and one wakeup of the peer)."""
+        if self._corked is None:
+            self._corked = []
+
+    def uncork(self) -> None:
+        """Write the frames held since ``cork``. A connection closed meanwhile drops them: their
+        requests fail with the connection (``connection_lost``)."""
+        out, self._corked = self._corked, None
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def request_nowait(self, msg: Message) -> asyncio.Future[Any]:
         """Send ``msg`` and return the future of its reply."""

@@ -21,6 +21,7 @@ from .fault_path import FaultPath
 from .guest import GuestMemory
 from .guest_os import GuestOS
 from .guest_time import GuestGate, GuestProgress
+from .link import corked
 from .rpc import PeerError
 from .touches import TouchLog
 from .vcpu import VCpu
@@ -206,13 +207,23 @@ class WorkloadRunner:
         failed: dict[int, str] = {}
         for stride in (FAULT_AROUND_SPAN, 1, 1):
             missing = chunk[self.exposure.frame[chunk] < 0][::stride].tolist()
-            results = await asyncio.gather(
-                *(
+            tasks = [
+                asyncio.ensure_future(
                     self.faults.ensure(b, False, sequential=stride > 1, around=VERIFY_AROUND)
-                    for b in missing
-                ),
-                return_exceptions=True,
-            )
+                )
+                for b in missing
+            ]
+            try:
+                if tasks:
+                    # The chunk's faults in one write: the daemon reads them together (one
+                    # wakeup of the daemon and one syscall here, not one a fault).
+                    with corked(self.faults.link):
+                        await asyncio.sleep(0)  # each task runs up to its fault's send
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+            except BaseException:
+                for task in tasks:
+                    task.cancel()
+                raise
             for bpn, res in zip(missing, results, strict=True):
                 if isinstance(res, PeerError):
                     failed[bpn] = res.code.name.lower()
@@ -266,7 +277,14 @@ class WorkloadRunner:
         for start in range(0, len(pages), VERIFY_CHUNK):
             chunk = pages[start : start + VERIFY_CHUNK]
             failed = await self._fault_in(chunk)
-            for bpn in chunk.tolist():
+            # The pages exposed now are read at once, as ``_check`` reads each (no await
+            # between them either way): accessed bit set, every page hashed and compared.
+            mapped = self.exposure.frame[chunk]
+            here = mapped >= 0
+            if here.any():
+                self.exposure.accessed[chunk[here]] = True
+                self.guest.check_many(frames, mapped[here], chunk[here])
+            for bpn in chunk[~here].tolist():  # released again meanwhile, or its fault failed
                 reason = await self._check(frames, bpn, failed.get(bpn))
                 if reason is not None:
                     unreachable[reason] += 1
