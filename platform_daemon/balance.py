@@ -22,6 +22,13 @@ its stall fraction or its refault rate crosses a threshold, the VM *backs off*: 
 stops growing and gives back a step, swap takes its share instead, and the back-off holds
 for a while after the impact falls (no flapping).
 
+A balloon that does not inflate falls back to swap the same way (ESX "falls back to paging"
+when ballooning is impossible or too slow): when over a whole impact window it took less
+than a tenth of what it was asked for, its share goes to swap for the hold time, and it
+is asked for no more. A guest whose memory is all its programs' (no free pages, no page
+cache to drop) gives its balloon nothing, and a halted guest's driver does not run; before
+this the balloon's share of a reclaim was never swapped and the host stayed over its limit.
+
 With ballooning off (``balloon=False``, the swap-only comparison) every method is swap.
 No I/O and no clock of its own: the caller passes ``now``; tests drive it on virtual time.
 """
@@ -99,6 +106,8 @@ class VMPlan:
     backed_off: bool
     stall_fraction: float = 0.0
     refault_rate: float = 0.0
+    #: Its balloon took too little of what it was asked for: swap takes its share for now.
+    balloon_stalled: bool = False
 
 
 def _active(v: VMState) -> float:
@@ -120,11 +129,16 @@ class Balancer:
         self._seen: dict[int, tuple[float, int, float]] = {}
         self._backoff_until: dict[int, float] = {}
         self._impact: dict[int, tuple[float, float]] = {}
+        #: Per VM: since when its balloon owes pages, its size then and what it owed.
+        self._owing: dict[int, tuple[float, int, int]] = {}
+        self._balloon_stalled_until: dict[int, float] = {}
 
     def forget(self, vm_id: int) -> None:
         self._seen.pop(vm_id, None)
         self._backoff_until.pop(vm_id, None)
         self._impact.pop(vm_id, None)
+        self._owing.pop(vm_id, None)
+        self._balloon_stalled_until.pop(vm_id, None)
 
     def plan(
         self, vms: list[VMState], need: int, state: FreeState, now: float, swap: bool = True
@@ -140,7 +154,8 @@ class Balancer:
         for v, take, give in zip(vms, reclaim, give_back, strict=True):
             stall, refaults, backed_off = impact[v.vm_id]
             f = _active(v)
-            ballooning = cfg.balloon and v.balloon_driver
+            stalled = self._balloon_stalled(v, now)
+            ballooning = cfg.balloon and v.balloon_driver and not stalled
             balloon_on = ballooning and state >= FreeState.SOFT and need > 0
             swap_on = (
                 swap and need > 0 and (state >= FreeState.HARD or not ballooning or backed_off)
@@ -153,6 +168,7 @@ class Balancer:
                 by_balloon = min(take, max(0, self.balloon_room(v) - v.balloon))
                 balloon_target = v.balloon + by_balloon
             by_swap = take - by_balloon if swap_on else 0
+            self._note_asked(v, balloon_target, now)
             plans[v.vm_id] = VMPlan(
                 rho=rho(v.shares, v.allocated, f, cfg.tax_factor),
                 reclaim=by_balloon + by_swap,
@@ -162,8 +178,29 @@ class Balancer:
                 backed_off=backed_off,
                 stall_fraction=stall,
                 refault_rate=refaults,
+                balloon_stalled=stalled,
             )
         return plans
+
+    def _note_asked(self, v: VMState, target: int, now: float) -> None:
+        """Remember since when ``v``'s balloon owes pages (kept while it still owes)."""
+        if target <= v.balloon:
+            self._owing.pop(v.vm_id, None)
+        elif v.vm_id not in self._owing:
+            self._owing[v.vm_id] = (now, v.balloon, target - v.balloon)
+
+    def _balloon_stalled(self, v: VMState, now: float) -> bool:
+        """Did ``v``'s balloon take less than a tenth of what it owed over a whole window?
+        Then it stays stalled for ``backoff_hold_seconds`` (swap takes its share), and is
+        judged afresh after. A working driver inflates up to 2048 pages/s (token bucket)."""
+        cfg = self.config
+        owing = self._owing.get(v.vm_id)
+        if owing is not None and now - owing[0] >= cfg.impact_window_seconds:
+            _, size, owed = owing
+            del self._owing[v.vm_id]  # the next window starts with the next ask
+            if v.balloon - size < max(1, owed // 10):
+                self._balloon_stalled_until[v.vm_id] = now + cfg.backoff_hold_seconds
+        return now < self._balloon_stalled_until.get(v.vm_id, -math.inf)
 
     def balloon_room(self, v: VMState) -> int:
         """The most a balloon may hold: the cap, and never eating into the working set."""

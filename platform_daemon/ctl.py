@@ -150,7 +150,9 @@ def _vm_memsched_line(m: dict[str, Any]) -> str:
         f"memsched: shares {m['shares']}, rho {rho}, target {target} pages, balloon "
         f"{m['balloon_pages']:,}/{m['balloon_target']:,}, swapped {m['swapped_pages']:,}"
         f" (target {m['swap_target']:,}), wss {wss}, refaults {m['refaults']:,}, stall "
-        f"{m['stall_seconds']:.1f} s" + (", BACKED OFF" if m["backed_off"] else "")
+        f"{m['stall_seconds']:.1f} s"
+        + (", BACKED OFF" if m["backed_off"] else "")
+        + (", BALLOON STALLED" if m.get("balloon_stalled") else "")
     )
 
 

@@ -326,6 +326,7 @@ class MemSched:
             "stall_fraction": None if plan is None else round(plan.stall_fraction, 4),
             "refaults_per_second": None if plan is None else round(plan.refault_rate, 2),
             "backed_off": False if plan is None else plan.backed_off,
+            "balloon_stalled": False if plan is None else plan.balloon_stalled,
             "reclaimed": {"balloon": vm.stats.ballooned, "swap": vm.stats.swapped_out},
         }
 

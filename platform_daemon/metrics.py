@@ -410,6 +410,11 @@ def _memsched_metrics(server: PlatformServer) -> Iterator[Metric]:
             "1 while the VM's balloon backs off because of guest impact",
             labels=["vm"],
         ),
+        "balloon_stalled": GaugeMetricFamily(
+            "vmmem_vm_balloon_stalled",
+            "1 while swap takes the share of a balloon that did not inflate",
+            labels=["vm"],
+        ),
     }
     refaults = CounterMetricFamily(
         "vmmem_vm_guest_refaults", "Page-cache refaults of the guest", labels=["vm"]

@@ -67,7 +67,9 @@ def test_soft_balloons_only_hard_swaps_the_rest() -> None:
     v = vm(1, 0.5)  # room for the balloon: min(65 %, 50 %) of N = 5000 pages
     soft = b.plan([v], 7000, FreeState.SOFT, now=0.0)[1]
     assert soft.balloon_target == 5000 and soft.swap_target == 0
-    hard = b.plan([v], 7000, FreeState.HARD, now=1.0)[1]
+    # Half a window later: the balloon has not been judged yet (a whole window without it
+    # growing would count as stalled: the test below).
+    hard = b.plan([v], 7000, FreeState.HARD, now=0.5)[1]
     assert hard.balloon_target == 5000 and hard.swap_target == 2000
     assert hard.target_pages == N - 7000
 
@@ -116,6 +118,33 @@ def test_guest_impact_backs_the_balloon_off_and_swap_takes_the_rest() -> None:
     assert b.plan([quiet], 2000, FreeState.SOFT, now=3.0)[1].backed_off  # still held
     after = b.plan([quiet], 2000, FreeState.SOFT, now=7.0)[1]
     assert not after.backed_off and after.balloon_target > 2700
+
+
+def test_a_balloon_that_does_not_inflate_falls_back_to_swap() -> None:
+    """Asked for pages, a balloon that takes less than a tenth of them over a whole impact
+    window is stalled: its share goes to swap (in SOFT too) and it is asked for no more
+    until ``backoff_hold_seconds`` have passed; then it is asked again. A balloon that
+    inflates is never stalled. (A guest whose memory is all its programs' gives its balloon
+    nothing: before, its share of the reclaim was never swapped.)"""
+    cfg = BalanceConfig(impact_window_seconds=1.0, backoff_hold_seconds=5.0)
+    b = Balancer(cfg)
+    idle = vm(1, 0.1)  # room for the balloon: 65 % of N
+    first = b.plan([idle], 3000, FreeState.HARD, now=0.0)[1]
+    assert first.balloon_target == 3000 and first.swap_target == 0
+    assert not first.balloon_stalled
+    still = b.plan([vm(1, 0.1, balloon=299)], 3000, FreeState.HARD, now=1.0)[1]
+    assert still.balloon_stalled  # 299 of 3000 owed: under a tenth in a whole window
+    assert still.balloon_target == 299 and still.swap_target == 3000
+    soft = b.plan([vm(1, 0.1, balloon=299)], 3000, FreeState.SOFT, now=3.0)[1]
+    assert soft.balloon_stalled and soft.swap_target == 3000  # swap in SOFT too
+    again = b.plan([vm(1, 0.1, balloon=299)], 3000, FreeState.HARD, now=6.5)[1]
+    assert not again.balloon_stalled and again.balloon_target == 299 + 3000
+
+    working = Balancer(cfg)
+    working.plan([idle], 3000, FreeState.HARD, now=0.0)
+    grew = working.plan([vm(1, 0.1, balloon=300)], 2700, FreeState.HARD, now=1.0)[1]
+    assert not grew.balloon_stalled  # a tenth of what it owed: inflating
+    assert grew.balloon_target == 3000 and grew.swap_target == 0
 
 
 def test_refault_rate_also_backs_off() -> None:

@@ -222,3 +222,42 @@ def test_verify_reads_are_touches_read_ahead_validation_counts(
         # Without verify's accessed bit nearly all were recovered (hit ratio ~0); a loaded
         # machine may let a few holds end otherwise, so not exactly none.
         assert ra["frames_recovered"] <= ra["faults_avoided"] // 20 and ra["hit_ratio"] >= 0.9, ra
+
+
+@pytest.mark.timeout(120)
+def test_an_idle_guest_whose_balloon_cannot_inflate_is_swapped_out(
+    short_tmp: Path, mem_dir: Path
+) -> None:
+    """A guest that wrote all its memory (its programs' pages: no free page, no page cache
+    for its balloon to take) and then touches 2 % of it: memsched's plan gives the reclaim
+    to its balloon (a small working set leaves it room), which takes nothing. The balloon
+    is judged stalled after a window and swap takes its share, so the host gets under its
+    limit; every page reads back. (Before, the balloon's share was never swapped: the host
+    stayed over its limit for good, which CI once saw as "the daemon did not swap the
+    guest out".)"""
+    with daemons(short_tmp, mem_dir) as d:
+        d.start_platform(
+            *("--host-memory", "64MiB", "--swap-file", str(short_tmp / "swap")),
+            *("--swap-size", "64MiB", "--sample-period", "0.5"),
+        )
+        d.start_agent("a", memory="16MiB")
+        agent = d.control_socket("a")
+        write_all_then_halt(agent, 4096)
+        idle = {"duration": 60, "working_set": 0.02, "write_ratio": 0.0, "distribution": "uniform"}
+        asyncio.run(ctl(agent, "run_phase", phase=idle))
+        deadline = time.monotonic() + 60
+        while (
+            est := asyncio.run(ctl(d.socket, "status"))["vms"][0]["sampling"]["estimate_fraction"]
+        ) is None or est > 0.3:
+            assert time.monotonic() < deadline, f"the estimate did not fall: {est}"
+            time.sleep(0.1)
+        asyncio.run(ctl(agent, "halt"))
+        asyncio.run(ctl(d.socket, "set_host_limit", size="8MiB"))
+        deadline = time.monotonic() + 30
+        while (vm := asyncio.run(ctl(d.socket, "status"))["vms"][0])["pages"]["swapped"] < 2048:
+            assert time.monotonic() < deadline, (vm["pages"], vm["memsched"])
+            time.sleep(0.05)
+        assert vm["memsched"]["balloon_stalled"] and vm["memsched"]["balloon_pages"] == 0
+        asyncio.run(ctl(d.socket, "set_host_limit", size="64MiB"))
+        result = asyncio.run(ctl(agent, "verify"))
+        assert result["mismatches"] == 0 and result["pages_verified"] == 4096

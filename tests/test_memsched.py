@@ -153,3 +153,23 @@ async def test_low_blocks_allocations_until_free_is_back_above_hard(
         assert server.machine.available() >= ms.thresholds()[2]
         assert not ms.blocking
         await agent.close()
+
+
+async def test_a_stalled_balloon_shows_in_status_and_gauge(short_tmp: Path, mem_dir: Path) -> None:
+    """The plan's "balloon stalled" (swap takes the share of a balloon that did not inflate,
+    ``balance.py``) is in the VM's memsched status and its gauge, 0 otherwise."""
+    from dataclasses import replace
+
+    async with running_platform(short_tmp, mem_dir, host_mib=16) as server:
+        agent = await FakeAgent.connect(server, "vm1", guest_pages=1024)
+        await agent.write_pages(np.arange(512))
+        ms = server.memsched
+        ms.set_host_limit(server.machine.allocator.used - 100)
+        ms.tick(time.monotonic())
+        vm = server.vms[agent.vm_id]
+        assert ms.status(vm)["balloon_stalled"] is False
+        assert metric(server, "vmmem_vm_balloon_stalled", vm="vm1") == 0
+        ms.plans[vm.vm_id] = replace(ms.plans[vm.vm_id], balloon_stalled=True)
+        assert ms.status(vm)["balloon_stalled"] is True
+        assert metric(server, "vmmem_vm_balloon_stalled", vm="vm1") == 1
+        await agent.close()
