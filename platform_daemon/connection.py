@@ -61,6 +61,9 @@ class PlatformConnection(asyncio.Protocol):
         #: The agent announced a clean exit (ctl op ``goodbye``) before closing.
         self.goodbye = False
         self.protocol_failed = False
+        #: Frames sent while a read of several frames is handled, written at its end in one
+        #: call (``data_received``); None: each frame is written at once.
+        self._corked: list[bytes] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing it.
@@ -85,11 +88,19 @@ class PlatformConnection(asyncio.Protocol):
                 self.server.fault(self, vm, *fault)
                 return
         self.codec.receive_data(data)
+        # Why the replies of one read go out in one write: a read often carries several
+        # frames (a verify or a walking guest faults several windows at once), and each
+        # write is a syscall that wakes the peer, which on a busy machine preempts the daemon
+        # before its next reply, once per reply. Nothing waits longer: the writes of this
+        # callback all happen before it returns.
+        self._corked = []
         try:
             while not self.closed and (env := self.codec.next_event()) is not None:
                 self.server.dispatch(self, env.request_id, env.message)
         except RemoteProtocolError as exc:
             self.fail(exc, error_request_id(exc))
+        finally:
+            self._uncork()
 
     def _screen(self, kind: MessageType) -> None:
         """Refuse a frame by its type, before its body is read or validated."""
@@ -110,7 +121,17 @@ class PlatformConnection(asyncio.Protocol):
     def send(self, message: Message, request_id: int = 0) -> None:
         """Queue one frame to the peer (dropped silently once the peer is gone)."""
         if self.transport is not None and not self.closed:
-            self.transport.write(self.codec.send(message, request_id))
+            frame = self.codec.send(message, request_id)
+            if self._corked is not None:
+                self._corked.append(frame)
+            else:
+                self.transport.write(frame)
+
+    def _uncork(self) -> None:
+        """Write the frames held back while a read was handled, in one call."""
+        out, self._corked = self._corked, None
+        if out and self.transport is not None and not self.closed:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def send_error(self, exc: VMMemError, request_id: int = 0) -> None:
         """A clear Error the peer can act on; the connection stays up."""
@@ -144,6 +165,7 @@ class PlatformConnection(asyncio.Protocol):
 
     def close(self) -> None:
         if not self.closed and self.transport is not None:
+            self._uncork()  # what was sent before the close goes first (a protocol Error)
             self.closed = True
             self.transport.close()
 

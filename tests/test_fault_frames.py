@@ -296,6 +296,40 @@ class _CountingTransport:
 
 
 @pytest.mark.timeout(60)
+async def test_replies_to_faults_of_one_read_go_out_in_one_write(
+    short_tmp: Path, mem_dir: Path
+) -> None:
+    """Several faults in one read are answered in one write (one syscall, one wakeup of the
+    agent), in order, each reply intact; a fault alone is still answered at once."""
+    async with running_platform(short_tmp, mem_dir, host_mib=16) as server:
+        agent = await FakeAgent.connect(server, "a", guest_pages=64)
+        conn = server.vms[agent.vm_id].connection
+        counting = _CountingTransport(conn.transport)
+        conn.transport = counting  # type: ignore[assignment]
+        link = agent.link
+        loop = asyncio.get_running_loop()
+        futs = {rid: loop.create_future() for rid in (201, 202, 203, 204)}
+        link._waiting.update(futs)
+        assert link.transport is not None
+        link.transport.write(fault_frame(201, 1, 1, 0))
+        await asyncio.wait_for(futs[201], REPLY_TIMEOUT)
+        assert len(counting.writes) == 1
+        link.transport.write(
+            fault_frame(202, 2, 1, 0) + fault_frame(203, 3, 1, 0) + fault_frame(204, 4, 0, 0)
+        )
+        got = await asyncio.wait_for(asyncio.gather(futs[202], futs[203], futs[204]), REPLY_TIMEOUT)
+        assert [(r.bpn, r.flag) for r in got] == [(2, 1), (3, 1), (4, 0)]
+        assert len(counting.writes) == 2
+        codec = Codec()
+        codec.receive_data(counting.writes[1])
+        frames = []
+        while (env := codec.next_event()) is not None:
+            frames.append((env.request_id, env.message.bpn))  # type: ignore[attr-defined]
+        assert frames == [(202, 2), (203, 3), (204, 4)]
+        await agent.close()
+
+
+@pytest.mark.timeout(60)
 async def test_requests_sent_corked_go_out_in_one_write(short_tmp: Path, mem_dir: Path) -> None:
     """The agent's requests sent inside ``corked`` (a verify chunk's faults) leave in one
     write when it ends, and each is answered; outside, each request is written at once."""
