@@ -3,11 +3,15 @@ exposed in one step (``GuestMemory.check_many``), the others one by one after th
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import numpy as np
 import pytest
 
 from shared.constants import NO_FRAME
 from tests.guest_rig import Rig
+from vmm_agent.runner import VERIFY_CHUNK
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -46,3 +50,55 @@ async def test_verify_finds_a_changed_page_exposed_or_faulted_in() -> None:
     assert result["pages_verified"] == len(written)
     assert result["mismatches"] == 2 and result["unreachable"] == 0
     assert sorted(e["bpn"] for e in rig.guest.mismatch_log) == sorted([exposed, unmapped])
+
+
+@pytest.mark.timeout(30)
+async def test_verify_sends_the_next_chunks_faults_before_checking_this_one() -> None:
+    """Verify's faults for a chunk go out before the chunk before it is waited for and
+    checked (the daemon serves them meanwhile, as Linux's asynchronous read-ahead), and
+    every page still reads back."""
+    rig = Rig(pages=2048)
+    rig.daemon.around = 64  # a daemon's fault-around, as a swap-in's read-ahead
+    await rig.run(duration=0.3, working_set=1.0, write_ratio=1.0)
+    written = rig.guest.written_pages()
+    assert len(written) > 2 * VERIFY_CHUNK
+    for bpn in written.tolist():
+        rig.faults.unmap(bpn)  # every written page needs a fault again
+    seen: list[tuple[int, int]] = []  # (page faulted, pages checked so far)
+    request = rig.daemon.request
+
+    async def recording(msg: Any) -> Any:
+        seen.append((msg.bpn, rig.guest.verified))
+        return await request(msg)
+
+    rig.daemon.request = recording  # type: ignore[method-assign]
+    before = rig.guest.verified
+    result = await rig.runner.verify()
+    assert result["mismatches"] == 0 and result["pages_verified"] == len(written)
+    second = int(written[VERIFY_CHUNK])  # the first page of the second chunk
+    checked = next(v for b, v in seen if b >= second) - before
+    assert checked == 0, f"the second chunk's first fault went out after {checked} checks"
+
+
+@pytest.mark.timeout(30)
+async def test_a_cancelled_verify_leaves_no_fault_behind() -> None:
+    """Cancelled while its faults (this chunk's and the next one's) are out, verify leaves
+    no task running."""
+    rig = Rig(pages=2048)
+    await rig.run(duration=0.3, working_set=1.0, write_ratio=1.0)
+    written = rig.guest.written_pages()
+    assert len(written) > 2 * VERIFY_CHUNK
+    for bpn in written.tolist():
+        rig.faults.unmap(bpn)
+    rig.daemon.hold = asyncio.Event()  # faults wait in the daemon
+    n = len(rig.daemon.faults)
+    verify = asyncio.ensure_future(rig.runner.verify())
+    while len(rig.daemon.faults) < n + 2 * 4:  # both chunks' first faults are out
+        await asyncio.sleep(0.001)
+    verify.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await verify
+    for _ in range(10):
+        await asyncio.sleep(0)
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    assert others == [], others

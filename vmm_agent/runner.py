@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,6 @@ from .touches import TouchLog
 from .vcpu import VCpu
 
 log = structlog.get_logger("vmmem.vmm.runner")
-VERIFY_CHUNK = 256
 #: How long halt() lets vCPUs finish their current access before cancelling them.
 HALT_SECONDS = 10.0
 #: Services whose filters do not skip pinned pages (see vmm_agent/services).
@@ -37,8 +37,17 @@ PIN_EXEMPT = np.array([ServiceType.PAGE_RETIRE, ServiceType.P2M_UPDATE], dtype=n
 #: a walk); a smaller span sent faults for pages the previous reply was already mapping.
 VERIFY_AROUND = MAX_FAULT_AROUND
 FAULT_AROUND_SPAN = VERIFY_AROUND + 1
+#: Pages verify faults in and checks at a time: four fault-around spans, so that when every
+#: page is swapped the chunk's four faults map it exactly and none reaches into the next
+#: chunk, whose faults are out at the same time (``_verify``).
+VERIFY_CHUNK = 4 * FAULT_AROUND_SPAN
 #: Finished phases whose throughput is kept for the report.
 PHASES_KEPT = 64
+
+
+def _cancel(tasks: Sequence[asyncio.Future[None]]) -> None:
+    for task in tasks:
+        task.cancel()
 
 
 class WorkloadRunner:
@@ -199,30 +208,45 @@ class WorkloadRunner:
             self.exposure.pinned[pages] -= 1
             self.pin_cycles += 1
 
-    async def _fault_in(self, chunk: npt.NDArray[np.int64]) -> dict[int, str]:
+    async def _send_faults(
+        self, chunk: npt.NDArray[np.int64], stride: int
+    ) -> tuple[list[int], Sequence[asyncio.Future[None]]]:
+        """Fault every ``stride``-th page of the chunk that is not exposed, all in one write
+        (the daemon reads them together: one wakeup of it and one syscall here, not one a
+        fault); returns the pages and their faults' tasks, already sent, not awaited."""
+        missing = chunk[self.exposure.frame[chunk] < 0][::stride].tolist()
+        tasks = [
+            asyncio.ensure_future(
+                self.faults.ensure(b, False, sequential=stride > 1, around=VERIFY_AROUND)
+            )
+            for b in missing
+        ]
+        if tasks:
+            try:
+                with corked(self.faults.link):
+                    await asyncio.sleep(0)  # each task runs up to its fault's send
+            except BaseException:
+                _cancel(tasks)
+                raise
+        return missing, tasks
+
+    async def _fault_in(
+        self,
+        chunk: npt.NDArray[np.int64],
+        sent: tuple[list[int], Sequence[asyncio.Future[None]]] | None = None,
+    ) -> dict[int, str]:
         """Expose a sorted chunk of pages with few messages: first every 65th missing page
         with the largest fault-around (one swap-in reply maps it and up to 64 swapped pages
-        after it), then whatever is left, then once more what failed. Returns the error code
-        of each page whose last fault failed."""
+        after it; ``sent``: those faults, sent already), then whatever is left, then once
+        more what failed. Returns the error code of each page whose last fault failed."""
         failed: dict[int, str] = {}
         for stride in (FAULT_AROUND_SPAN, 1, 1):
-            missing = chunk[self.exposure.frame[chunk] < 0][::stride].tolist()
-            tasks = [
-                asyncio.ensure_future(
-                    self.faults.ensure(b, False, sequential=stride > 1, around=VERIFY_AROUND)
-                )
-                for b in missing
-            ]
+            missing, tasks = sent if sent is not None else await self._send_faults(chunk, stride)
+            sent = None
             try:
-                if tasks:
-                    # The chunk's faults in one write: the daemon reads them together (one
-                    # wakeup of the daemon and one syscall here, not one a fault).
-                    with corked(self.faults.link):
-                        await asyncio.sleep(0)  # each task runs up to its fault's send
                 results = await asyncio.gather(*tasks, return_exceptions=True)
             except BaseException:
-                for task in tasks:
-                    task.cancel()
+                _cancel(tasks)
                 raise
             for bpn, res in zip(missing, results, strict=True):
                 if isinstance(res, PeerError):
@@ -274,21 +298,33 @@ class WorkloadRunner:
         frames = self.cpus[0].frames if self.cpus else None
         assert frames is not None
         unreachable: Counter[str] = Counter()
-        for start in range(0, len(pages), VERIFY_CHUNK):
-            chunk = pages[start : start + VERIFY_CHUNK]
-            failed = await self._fault_in(chunk)
-            # The pages exposed now are read at once, as ``_check`` reads each (no await
-            # between them either way): accessed bit set, every page hashed and compared.
-            mapped = self.exposure.frame[chunk]
-            here = mapped >= 0
-            if here.any():
-                self.exposure.accessed[chunk[here]] = True
-                self.guest.check_many(frames, mapped[here], chunk[here])
-            for bpn in chunk[~here].tolist():  # released again meanwhile, or its fault failed
-                reason = await self._check(frames, bpn, failed.get(bpn))
-                if reason is not None:
-                    unreachable[reason] += 1
-            await asyncio.sleep(0)
+        chunks = [pages[i : i + VERIFY_CHUNK] for i in range(0, len(pages), VERIFY_CHUNK)]
+        ahead = await self._send_faults(chunks[0], FAULT_AROUND_SPAN) if chunks else None
+        try:
+            for i, chunk in enumerate(chunks):
+                sent = ahead
+                # The next chunk's faults go out before this chunk is waited for and checked
+                # (Linux's asynchronous read-ahead): the daemon serves them while this side
+                # checks, instead of the two taking turns, each idle while the other works.
+                ahead = None
+                if i + 1 < len(chunks):
+                    ahead = await self._send_faults(chunks[i + 1], FAULT_AROUND_SPAN)
+                failed = await self._fault_in(chunk, sent)
+                # The pages exposed now are read at once, as ``_check`` reads each (no await
+                # between them either way): accessed bit set, every page hashed and compared.
+                mapped = self.exposure.frame[chunk]
+                here = mapped >= 0
+                if here.any():
+                    self.exposure.accessed[chunk[here]] = True
+                    self.guest.check_many(frames, mapped[here], chunk[here])
+                for bpn in chunk[~here].tolist():  # released meanwhile, or its fault failed
+                    reason = await self._check(frames, bpn, failed.get(bpn))
+                    if reason is not None:
+                        unreachable[reason] += 1
+                await asyncio.sleep(0)
+        finally:
+            if ahead is not None:  # cancelled, or a fault raised: no fault left behind
+                _cancel(ahead[1])
         result = {
             "pages_verified": self.guest.verified - before_v,
             "mismatches": self.guest.mismatches - before_m,
