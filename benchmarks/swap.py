@@ -610,6 +610,11 @@ def daemon_run(
             str(swap_path),
             "--swap-size",
             swap_size,
+            # Swap only: the guest's memory is all its programs' (the fill), so its balloon
+            # can take nothing, and memsched would first give it the share a low working-set
+            # estimate leaves it room for, then hand that share to swap a window (1 s) later
+            # (balance.py): the figure here is the swap path's rate, not that policy's delay.
+            "--no-balloon",
             "--log-level",
             "warning",
             *extra,
@@ -629,6 +634,7 @@ def daemon_run(
             "swap_size": swap_size,
             "extra_flags": list(extra),
             "slot_capacity": slot_capacity_for(GUEST // PAGE_SIZE),
+            "balloon": False,
             "agent_env": agent_env or {},
             "memory": memory,
         }
