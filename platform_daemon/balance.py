@@ -90,6 +90,8 @@ class VMState:
     stall_seconds: float = 0.0
     #: The guest has a balloon driver; without one the VM is reclaimed by swap only.
     balloon_driver: bool = True
+    #: Cumulative pages its balloon was asked for and had none to give (agent-written).
+    balloon_refused: int = 0
 
 
 @dataclass(frozen=True)
@@ -129,8 +131,9 @@ class Balancer:
         self._seen: dict[int, tuple[float, int, float]] = {}
         self._backoff_until: dict[int, float] = {}
         self._impact: dict[int, tuple[float, float]] = {}
-        #: Per VM: since when its balloon owes pages, its size then and what it owed.
-        self._owing: dict[int, tuple[float, int, int]] = {}
+        #: Per VM: since when its balloon owes pages, its size then, what it owed, and the
+        #: pages it had refused then.
+        self._owing: dict[int, tuple[float, int, int, int]] = {}
         self._balloon_stalled_until: dict[int, float] = {}
 
     def forget(self, vm_id: int) -> None:
@@ -187,19 +190,24 @@ class Balancer:
         if target <= v.balloon:
             self._owing.pop(v.vm_id, None)
         elif v.vm_id not in self._owing:
-            self._owing[v.vm_id] = (now, v.balloon, target - v.balloon)
+            self._owing[v.vm_id] = (now, v.balloon, target - v.balloon, v.balloon_refused)
 
     def _balloon_stalled(self, v: VMState, now: float) -> bool:
-        """Did ``v``'s balloon take less than a tenth of what it owed over a whole window?
-        Then it stays stalled for ``backoff_hold_seconds`` (swap takes its share), and is
-        judged afresh after. A working driver inflates up to 2048 pages/s (token bucket)."""
+        """Did ``v``'s balloon take less than a tenth of what it owed, over a whole window or
+        with its driver saying it has no page to give? Then it stays stalled for
+        ``backoff_hold_seconds`` (swap takes its share), and is judged afresh after. A working
+        driver inflates up to 2048 pages/s (token bucket), and refuses only what may not
+        leave the guest (its programs' pages, pinned or busy ones), so a refusal need not
+        wait for the window."""
         cfg = self.config
         owing = self._owing.get(v.vm_id)
-        if owing is not None and now - owing[0] >= cfg.impact_window_seconds:
-            _, size, owed = owing
-            del self._owing[v.vm_id]  # the next window starts with the next ask
-            if v.balloon - size < max(1, owed // 10):
-                self._balloon_stalled_until[v.vm_id] = now + cfg.backoff_hold_seconds
+        if owing is not None:
+            since, size, owed, refused = owing
+            short = v.balloon - size < max(1, owed // 10)
+            if now - since >= cfg.impact_window_seconds or (short and v.balloon_refused > refused):
+                del self._owing[v.vm_id]  # the next window starts with the next ask
+                if short:
+                    self._balloon_stalled_until[v.vm_id] = now + cfg.backoff_hold_seconds
         return now < self._balloon_stalled_until.get(v.vm_id, -math.inf)
 
     def balloon_room(self, v: VMState) -> int:

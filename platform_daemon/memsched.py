@@ -78,6 +78,8 @@ class MemSched:
         self.balloon_targets: dict[int, int] = {}
         self._swap_was_full = False
         self._swap_ok = True
+        #: Per VM: its balloon's refused pages as the last tick read them.
+        self._refused_seen: dict[int, int] = {}
 
     @property
     def limit_pages(self) -> int:
@@ -172,14 +174,27 @@ class MemSched:
         self._note_swap_full()
         self._end_read_ahead_holds(state)
         # Plans are made once a balance period, and at once when the state or whether swap
-        # can take pages changes (a full device must stop swap-outs now, not in a period).
+        # can take pages changes (a full device must stop swap-outs now, not in a period),
+        # or a balloon refused pages (its share goes to swap now, not in a period).
         swap_ok = self.swap_usable(now)
-        if changed or swap_ok != self._swap_ok or now >= self._next_balance:
+        refused = self._balloon_refusals()
+        if changed or swap_ok != self._swap_ok or refused or now >= self._next_balance:
             self._next_balance = now + self.balance_period
             self.balance(now)
         self._swap_ok = swap_ok
         for vm in list(self.server.vms.values()):
             self.server.kick(vm)
+
+    def _balloon_refusals(self) -> bool:
+        """Did a balloon asked for pages refuse some since the last tick? (One word read per
+        VM: the agent's count of pages it had none to give.)"""
+        seen, any_new = self._refused_seen, False
+        for vm in self.server.vms.values():
+            refused = vm.region.balloon_refused_pages
+            if refused != seen.get(vm.vm_id, 0):
+                seen[vm.vm_id] = refused
+                any_new = any_new or self.balloon_targets.get(vm.vm_id, 0) > vm.region.balloon_pages
+        return any_new
 
     def needs_frames(self, state: FreeState) -> bool:
         """The host needs frames: HARD or below, first touches blocked, or a fault waiting
@@ -258,6 +273,7 @@ class MemSched:
             refaults=region.guest_refaults,
             stall_seconds=region.guest_stall_seconds,
             balloon_driver=vm.info.balloon_driver,
+            balloon_refused=region.balloon_refused_pages,
         )
 
     def swap_full(self) -> str | None:
@@ -333,6 +349,7 @@ class MemSched:
     def on_vm_gone(self, vm: VM) -> None:
         self.swap_targets.pop(vm.vm_id, None)
         self.balloon_targets.pop(vm.vm_id, None)
+        self._refused_seen.pop(vm.vm_id, None)
         self.plans.pop(vm.vm_id, None)
         self.balancer.forget(vm.vm_id)
 

@@ -24,7 +24,8 @@ daemon, the last 64 by the agent (one writer per word)::
     88     8    balloon_pages       agent   pages the guest's balloon driver holds now
     96     8    guest_refaults      agent   page-cache refaults of the guest so far
     104    8    guest_stall_us      agent   time the guest's vCPUs were stalled so far, µs
-    112    16   reserved (0)
+    112    8    balloon_refused     agent   pages the balloon was asked for and had none to give
+    120    8    reserved (0)
 
 Then K slots, each ``slot_size(C)`` bytes, 8-byte aligned. Slot layout::
 
@@ -196,7 +197,8 @@ class ControlRegion:
         self._words = np.frombuffer(buf, "<u8", 5, 32)  # targets, guest_pages, sample_id, report id
         self._report = np.frombuffer(buf, "<u4", 2, 72)  # report_armed, report_touched
         self._progress = np.frombuffer(buf, "<u8", 1, 80)
-        self._guest = np.frombuffer(buf, "<u8", 3, 88)  # balloon_pages, refaults, stall_us
+        # balloon_pages, refaults, stall_us, balloon_refused
+        self._guest = np.frombuffer(buf, "<u8", 4, 88)
         step = slot_size(capacity)
         self.slots = [
             PageListSlot(buf, REGION_HEADER_SIZE + i * step, capacity, i) for i in range(slot_count)
@@ -313,11 +315,20 @@ class ControlRegion:
         """Time the guest's vCPUs were stalled so far (agent-written)."""
         return int(self._guest[2]) / 1e6
 
-    def write_guest_report(self, balloon_pages: int, refaults: int, stall_seconds: float) -> None:
+    @property
+    def balloon_refused_pages(self) -> int:
+        """Pages the balloon was asked for and had none to give, so far (agent-written):
+        memsched takes a rise while the balloon owes pages as a balloon that cannot inflate."""
+        return int(self._guest[3])
+
+    def write_guest_report(
+        self, balloon_pages: int, refaults: int, stall_seconds: float, balloon_refused: int = 0
+    ) -> None:
         """Agent side: the balloon's size and the guest's impact counters (cumulative)."""
         self._guest[0] = balloon_pages
         self._guest[1] = refaults
         self._guest[2] = int(stall_seconds * 1e6)
+        self._guest[3] = balloon_refused
 
     def write_sample_report(self, sample_id: int, armed: int, touched: int) -> None:
         """Agent: its watch counters for ``sample_id`` (each word has a single writer)."""

@@ -147,6 +147,25 @@ def test_a_balloon_that_does_not_inflate_falls_back_to_swap() -> None:
     assert grew.balloon_target == 3000 and grew.swap_target == 0
 
 
+def test_a_balloon_that_refuses_pages_is_stalled_at_once() -> None:
+    """When the driver says it had no page to give (its refused count rose) and the balloon
+    grew by less than a tenth of what it owed, the balloon is stalled without waiting for
+    the window; a refusal while it inflates, or no refusal, waits for the window."""
+    cfg = BalanceConfig(impact_window_seconds=1.0)
+    b = Balancer(cfg)
+    b.plan([vm(1, 0.1)], 3000, FreeState.HARD, now=0.0)
+    waiting = b.plan([vm(1, 0.1)], 3000, FreeState.HARD, now=0.1)[1]
+    assert not waiting.balloon_stalled  # nothing refused yet: the window decides
+    refused = b.plan([vm(1, 0.1, balloon_refused=512)], 3000, FreeState.HARD, now=0.2)[1]
+    assert refused.balloon_stalled and refused.swap_target == 3000
+
+    inflating = Balancer(cfg)
+    inflating.plan([vm(1, 0.1)], 3000, FreeState.HARD, now=0.0)
+    grew = vm(1, 0.1, balloon=400, balloon_refused=100)  # gave 400, refused 100 (pinned)
+    plan = inflating.plan([grew], 2600, FreeState.HARD, now=0.2)[1]
+    assert not plan.balloon_stalled and plan.swap_target == 0
+
+
 def test_refault_rate_also_backs_off() -> None:
     b = Balancer(BalanceConfig(impact_refault_fraction=0.02))
     b.plan([vm(1, 0.2, refaults=0)], 1000, FreeState.SOFT, now=0.0)

@@ -118,6 +118,8 @@ def test_a_batch_with_nothing_to_give_completes_with_count_zero() -> None:
     done = rig.daemon.completes()[-1]
     assert isinstance(done, CompleteRequest) and done.count == 0
     assert rig.balloon.not_given == {"no_page": 4}
+    # The control region tells the daemon: memsched swaps the balloon's share at once.
+    assert rig.region.balloon_refused_pages == 4
 
 
 # ---- rate limits and the cap -------------------------------------------------------------------
@@ -188,8 +190,10 @@ def test_nothing_is_given_while_the_guest_is_verified() -> None:
     rig.runner.verifying = True
     assert rig.inflate(32).tolist() == []
     assert rig.balloon.not_given == {"frozen": 32}
+    assert rig.region.balloon_refused_pages == 32
     rig.runner.verifying = False
     assert len(rig.inflate(32)) == 32
+    assert rig.region.balloon_refused_pages == 32  # pages given are no refusal
 
 
 @pytest.mark.timeout(10)

@@ -173,3 +173,31 @@ async def test_a_stalled_balloon_shows_in_status_and_gauge(short_tmp: Path, mem_
         assert ms.status(vm)["balloon_stalled"] is True
         assert metric(server, "vmmem_vm_balloon_stalled", vm="vm1") == 1
         await agent.close()
+
+
+async def test_a_balloon_refusal_replans_at_the_next_tick(short_tmp: Path, mem_dir: Path) -> None:
+    """A balloon that owes pages and reports a refusal (its driver had none to give) makes
+    the next tick plan again, not the next balance period; a tick without a new refusal, or
+    a refusal from a balloon that owes nothing, does not."""
+    async with running_platform(short_tmp, mem_dir, host_mib=16) as server:
+        agent = await FakeAgent.connect(server, "vm1", guest_pages=1024)
+        await agent.write_pages(np.arange(256))
+        ms, vm = server.memsched, server.vms[agent.vm_id]
+        ms.set_host_limit(server.machine.allocator.used - 100)
+        t = time.monotonic()
+        ms.tick(t)
+        plans = ms.plans
+        ms.tick(t + 0.1)
+        assert ms.plans is plans  # within the balance period: no new plan
+        ms.balloon_targets[vm.vm_id] = 64  # the balloon owes 64 pages
+        agent.region.write_guest_report(0, 0, 0.0, balloon_refused=64)
+        ms.tick(t + 0.2)
+        assert ms.plans is not plans  # planned again at once
+        plans = ms.plans
+        ms.tick(t + 0.3)
+        assert ms.plans is plans  # the same count: nothing new
+        ms.balloon_targets[vm.vm_id] = 0  # owes nothing: a refusal needs no new plan
+        agent.region.write_guest_report(0, 0, 0.0, balloon_refused=128)
+        ms.tick(t + 0.4)
+        assert ms.plans is plans
+        await agent.close()

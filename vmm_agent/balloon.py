@@ -136,6 +136,7 @@ class BalloonDriver:
         wanted = min(wanted, len(bpn), len(status))
         if self.frozen():
             self._refuse("frozen", wanted)
+            self.report()  # the refusal, for memsched, before the CompleteRequest
             return 0
         room = min(wanted, max(0, self.target - self.size))
         self._refuse("target", wanted - room)
@@ -188,8 +189,17 @@ class BalloonDriver:
     def report(self) -> None:
         """The guest report in the control region (agent-written words)."""
         self.region.write_guest_report(
-            self.size, self.os.refaults, self.progress.stalled_total(self.progress.clock())
+            self.size,
+            self.os.refaults,
+            self.progress.stalled_total(self.progress.clock()),
+            self.refused,
         )
+
+    @property
+    def refused(self) -> int:
+        """Pages asked for that could not leave the guest (none that may go, or frozen):
+        not the rate, the cap or a target already met, which a later batch may still give."""
+        return self.not_given.get("no_page", 0) + self.not_given.get("frozen", 0)
 
     def summary(self) -> dict[str, Any]:
         return {
