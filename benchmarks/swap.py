@@ -351,7 +351,8 @@ class Sampler:
         self.samples: list[dict[str, Any]] = []
 
     async def sample(self, t0: float) -> dict[str, Any]:
-        st = await self.client.ctl("status")
+        # The counters only: ~0.4 ms of the daemon's CPU a sample, not ~1.4 (at 100 Hz).
+        st = await self.client.ctl("status", brief=True)
         vm = st["vms"][0]
         row = {
             "cpu": cpu_snapshot(*self.pids),

@@ -201,3 +201,28 @@ async def test_a_balloon_refusal_replans_at_the_next_tick(short_tmp: Path, mem_d
         ms.tick(t + 0.4)
         assert ms.plans is plans
         await agent.close()
+
+
+async def test_brief_status_has_the_counters_a_poller_follows(
+    short_tmp: Path, mem_dir: Path
+) -> None:
+    """``status`` with ``brief``: the same host counters, page states, stats, memsched and
+    sampling figures as the full status, none of the scans (sharing, NUMA, 2 MB, nodes);
+    an unknown argument is refused."""
+    async with running_platform(short_tmp, mem_dir, host_mib=16) as server:
+        agent = await FakeAgent.connect(server, "vm1", guest_pages=1024)
+        await agent.write_pages(np.arange(300))
+        full = await agent.link.ctl("status", timeout=10)
+        brief = await agent.link.ctl("status", timeout=10, brief=True)
+        assert brief["brief"] is True and "brief" not in full
+        for key in ("free", "used", "limit_pages", "available", "free_state"):
+            assert brief["host"][key] == full["host"][key], key
+        (fv,), (bv,) = full["vms"], brief["vms"]
+        for key in ("vm_id", "name", "guest_pages", "pages", "stats", "memsched", "sampling"):
+            assert bv[key] == fv[key], key
+        assert bv["pages"]["exposed"] == 300
+        assert not {"sharing", "numa", "hugepages", "lowprio"} & bv.keys()
+        assert brief["swap"]["used"] == full["swap"]["used"]
+        with pytest.raises(PeerError):
+            await agent.link.ctl("status", timeout=10, breif=True)
+        await agent.close()
