@@ -23,11 +23,12 @@ stops growing and gives back a step, swap takes its share instead, and the back-
 for a while after the impact falls (no flapping).
 
 A balloon that does not inflate falls back to swap the same way (ESX "falls back to paging"
-when ballooning is impossible or too slow): when over a whole impact window it took less
-than a tenth of what it was asked for, its share goes to swap for the hold time, and it
-is asked for no more. A guest whose memory is all its programs' (no free pages, no page
-cache to drop) gives its balloon nothing, and a halted guest's driver does not run; before
-this the balloon's share of a reclaim was never swapped and the host stayed over its limit.
+when ballooning is impossible or too slow): when it took less than a tenth of what it was
+asked for, over a whole impact window or by the time its driver reports pages it had none
+to give, its share goes to swap for the hold time, and it is asked for no more. A guest
+whose memory is all its programs' (no free pages, no page cache to drop) gives its balloon
+nothing, and a halted guest's driver does not run; before this the balloon's share of a
+reclaim was never swapped and the host stayed over its limit.
 
 With ballooning off (``balloon=False``, the swap-only comparison) every method is swap.
 No I/O and no clock of its own: the caller passes ``now``; tests drive it on virtual time.
