@@ -102,3 +102,36 @@ async def test_a_cancelled_verify_leaves_no_fault_behind() -> None:
         await asyncio.sleep(0)
     others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     assert others == [], others
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("at", [1, 4, 5, 8])
+async def test_verify_cancelled_at_any_fault_leaves_no_fault_behind(at: int) -> None:
+    """Cancelled from inside its ``at``-th fault (while the first chunk's faults are being
+    sent, once they are out, while the next chunk's are being sent, once both are out),
+    verify leaves no task running."""
+    rig = Rig(pages=2048)
+    await rig.run(duration=0.3, working_set=1.0, write_ratio=1.0)
+    written = rig.guest.written_pages()
+    assert len(written) > 2 * VERIFY_CHUNK
+    for bpn in written.tolist():
+        rig.faults.unmap(bpn)
+    rig.daemon.hold = asyncio.Event()  # faults wait in the daemon
+    n = len(rig.daemon.faults)
+    request = rig.daemon.request
+    verify: asyncio.Future[Any] | None = None
+
+    async def cancelling(msg: Any) -> Any:
+        if len(rig.daemon.faults) + 1 - n == at:
+            assert verify is not None
+            verify.cancel()
+        return await request(msg)
+
+    rig.daemon.request = cancelling  # type: ignore[method-assign]
+    verify = asyncio.ensure_future(rig.runner.verify())
+    with pytest.raises(asyncio.CancelledError):
+        await verify
+    for _ in range(10):
+        await asyncio.sleep(0)
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    assert others == [], others

@@ -300,6 +300,7 @@ class WorkloadRunner:
         unreachable: Counter[str] = Counter()
         chunks = [pages[i : i + VERIFY_CHUNK] for i in range(0, len(pages), VERIFY_CHUNK)]
         ahead = await self._send_faults(chunks[0], FAULT_AROUND_SPAN) if chunks else None
+        sent: tuple[list[int], Sequence[asyncio.Future[None]]] | None = None
         try:
             for i, chunk in enumerate(chunks):
                 sent = ahead
@@ -323,8 +324,11 @@ class WorkloadRunner:
                         unreachable[reason] += 1
                 await asyncio.sleep(0)
         finally:
-            if ahead is not None:  # cancelled, or a fault raised: no fault left behind
-                _cancel(ahead[1])
+            # Cancelled, or a fault raised: no fault left behind, this chunk's (if it was
+            # cancelled while the next one's were being sent) nor the next one's.
+            for out in (sent, ahead):
+                if out is not None:
+                    _cancel(out[1])
         result = {
             "pages_verified": self.guest.verified - before_v,
             "mismatches": self.guest.mismatches - before_m,
