@@ -160,15 +160,10 @@ class CtlOps:
             "pid": __import__("os").getpid(),
             "uptime_seconds": round(time.time() - s.started, 3),
             "host": {
-                "pages": s.machine.host_pages,
+                **self._host_counters(),
                 "page_size": PAGE_SIZE,
-                "free": alloc.free,
-                "used": alloc.used,
                 "retired": alloc.retired,
-                "limit_pages": s.machine.limit_pages,
                 "min_limit_pages": s.memsched.minimum_limit(),
-                "available": s.machine.available(),
-                "free_state": s.free_state().name.lower(),
                 "nodes": [
                     {"node": i, "first_mpn": a, "last_mpn": b - 1, **counts}
                     for i, ((a, b), counts) in enumerate(
@@ -208,51 +203,49 @@ class CtlOps:
     def _brief(self) -> dict[str, Any]:
         """What a poller follows: host frames and free state, swap use, and per VM its page
         states, stats, memsched figures and sampling estimate; nothing else is computed."""
-        s = self.server
-        alloc, swap = s.machine.allocator, s.swap
+        swap = self.server.swap
         return {
             "brief": True,
-            "host": {
-                "pages": s.machine.host_pages,
-                "free": alloc.free,
-                "used": alloc.used,
-                "limit_pages": s.machine.limit_pages,
-                "available": s.machine.available(),
-                "free_state": s.free_state().name.lower(),
-            },
+            "host": self._host_counters(),
             "swap": None if swap is None else {"slots": swap.slots, "used": swap.used},
-            "vms": [
-                {
-                    "vm_id": vm.vm_id,
-                    "name": vm.name,
-                    "guest_pages": vm.guest_pages,
-                    "pages": vm.p2m.counts(),
-                    "pending": vm.region.pending,
-                    "memsched": s.memsched.status(vm),
-                    "stats": vars(vm.stats).copy(),
-                    "sampling": self._sampling.status(vm),
-                }
-                for vm in s.vms.values()
-            ],
+            "vms": [self._vm_counters(vm) for vm in self.server.vms.values()],
         }
 
-    def _vm(self, vm: Any) -> dict[str, Any]:
+    def _host_counters(self) -> dict[str, Any]:
+        """The host figures both statuses carry (no scan)."""
+        s = self.server
+        return {
+            "pages": s.machine.host_pages,
+            "free": s.machine.allocator.free,
+            "used": s.machine.allocator.used,
+            "limit_pages": s.machine.limit_pages,
+            "available": s.machine.available(),
+            "free_state": s.free_state().name.lower(),
+        }
+
+    def _vm_counters(self, vm: Any) -> dict[str, Any]:
+        """The VM figures both statuses carry: page states (one pass), the rest counters."""
         return {
             "vm_id": vm.vm_id,
             "name": vm.name,
             "guest_pages": vm.guest_pages,
+            "pages": vm.p2m.counts(),
+            "pending": vm.region.pending,
+            "memsched": self.server.memsched.status(vm),
+            "stats": vars(vm.stats).copy(),
+            "sampling": self._sampling.status(vm),
+        }
+
+    def _vm(self, vm: Any) -> dict[str, Any]:
+        return {
+            **self._vm_counters(vm),
             "vcpus": vm.info.vcpus,
             "home_node": vm.home_node,
             "pid": vm.info.pid,
             "control_socket": vm.info.control_socket,
             "metrics_port": vm.info.metrics_port,
-            "pages": vm.p2m.counts(),
-            "pending": vm.region.pending,
             "swap_target_pages": self.server.memsched.swap_targets.get(vm.vm_id, 0),
-            "memsched": self.server.memsched.status(vm),
-            "stats": vars(vm.stats).copy(),
             "faults_by_reason": {r.name.lower(): vm.fault_reasons[r] for r in FaultReason},
-            "sampling": self._sampling.status(vm),
             "sharing": {
                 "shared_pages": merged_pages(vm.p2m),
                 "frames_saved": frames_saved_by(vm.p2m, vm.vm_id, self.server.shared),
