@@ -148,6 +148,7 @@ class SwapFile:
         # One writer thread: writes to one file serialise in the kernel anyway (the inode's
         # lock), so more threads only contend.
         self._writer: ThreadPoolExecutor | None = None
+        self._hasher: ThreadPoolExecutor | None = None
         self._writer_lock = threading.Lock()
 
     def adopt(self, in_use: npt.NDArray[np.int64]) -> None:
@@ -224,12 +225,23 @@ class SwapFile:
         A failure part way (a full disk takes what fits, then says ENOSPC) raises
         SwapWriteError naming the pages that did reach the file, with their checksums kept.
         """
+        written, error = self._write_only(memory, frames, slots)
+        self._checksum_written(memory, frames, slots, written, error)
+
+    def _write_only(
+        self,
+        memory: npt.NDArray[np.uint8],
+        frames: npt.NDArray[np.int64],
+        slots: npt.NDArray[np.int64],
+    ) -> tuple[npt.NDArray[np.bool_], OSError | None]:
+        """The writes of ``write_frames``, no checksums: which pages reached the file, and
+        the error that stopped the rest (None when all did)."""
         written = np.zeros(len(slots), dtype=bool)
         if self.write_delay:
             time.sleep(self.write_delay)
         if self.fail_next_write is not None:
             errno, self.fail_next_write = self.fail_next_write, None
-            raise SwapWriteError(errno, os.strerror(errno), written)
+            return written, OSError(errno, os.strerror(errno))
         flat = memory.reshape(-1).data.cast("B")
         order = np.argsort(slots, kind="stable")
         sorted_slots, sorted_frames = slots[order], frames[order]
@@ -241,9 +253,25 @@ class SwapFile:
                 if done != length:
                     raise OSError(errno_mod.ENOSPC, f"short write of {done} pages to swap")
         except OSError as exc:
-            self._record_checksums(slots[written], flat, frames[written])
-            raise SwapWriteError(exc.errno or errno_mod.EIO, str(exc), written) from None
-        self._record_checksums(slots, flat, frames)
+            return written, exc
+        return written, None
+
+    def _checksum_written(
+        self,
+        memory: npt.NDArray[np.uint8],
+        frames: npt.NDArray[np.int64],
+        slots: npt.NDArray[np.int64],
+        written: npt.NDArray[np.bool_],
+        error: OSError | None,
+    ) -> None:
+        """Record the checksums of the pages that reached the file; SwapWriteError if some
+        did not."""
+        flat = memory.reshape(-1).data.cast("B")
+        if error is None:
+            self.checksum[slots] = frame_digests(flat, frames)
+            return
+        self.checksum[slots[written]] = frame_digests(flat, frames[written])
+        raise SwapWriteError(error.errno or errno_mod.EIO, str(error), written)
 
     def submit_write(
         self,
@@ -251,20 +279,32 @@ class SwapFile:
         frames: npt.NDArray[np.int64],
         slots: npt.NDArray[np.int64],
     ) -> Future[None]:
-        """Write ``memory[frames]`` to ``slots`` (``write_frames``) on the writer thread.
+        """``write_frames`` in two stages on two threads: the writes on the writer thread,
+        then the checksums of what they wrote on the hasher thread.
 
-        Writes run one at a time in submission order, so the event loop selects the next
-        batch while this one is written. Errors are those of ``write_frames``.
+        Each stage takes batches one at a time in submission order, so the event loop
+        selects the next batch while this one is written, and batch N is hashed while
+        batch N+1 is written: the kernel's copy (no GIL) runs beside the hashes (which keep
+        the GIL, as xxhash does under 64 KiB) instead of after them. One writer: writes to
+        one file serialise in the kernel anyway (the inode's lock). The returned future
+        ends when both stages did; its errors are those of ``write_frames``.
         """
         with self._writer_lock:
-            if self._writer is None:
+            if self._writer is None or self._hasher is None:
                 self._writer = ThreadPoolExecutor(1, thread_name_prefix="vmmem-swap-writer")
-            return self._writer.submit(self.write_frames, memory, frames, slots)
+                self._hasher = ThreadPoolExecutor(1, thread_name_prefix="vmmem-swap-hasher")
+            wrote = self._writer.submit(self._write_only, memory, frames, slots)
+            return self._hasher.submit(self._checksum_after, wrote, memory, frames, slots)
 
-    def _record_checksums(
-        self, slots: npt.NDArray[np.int64], flat: memoryview, frames: npt.NDArray[np.int64]
+    def _checksum_after(
+        self,
+        wrote: Future[tuple[npt.NDArray[np.bool_], OSError | None]],
+        memory: npt.NDArray[np.uint8],
+        frames: npt.NDArray[np.int64],
+        slots: npt.NDArray[np.int64],
     ) -> None:
-        self.checksum[slots] = frame_digests(flat, frames)
+        written, error = wrote.result()  # the writer's own failures (bugs) raise here
+        self._checksum_written(memory, frames, slots, written, error)
 
     def read_pages(
         self, slots: npt.NDArray[np.int64], nowait: bool = False
@@ -325,9 +365,11 @@ class SwapFile:
 
     def close(self, unlink: bool = True) -> None:
         with self._writer_lock:
-            if self._writer is not None:  # a write in progress finishes before the fd goes
-                self._writer.shutdown(wait=True)
-                self._writer = None
+            # A write in progress finishes before the fd goes, and its checksums after it.
+            for stage in (self._writer, self._hasher):
+                if stage is not None:
+                    stage.shutdown(wait=True)
+            self._writer = self._hasher = None
         os.close(self.fd)
         if unlink:
             self.path.unlink(missing_ok=True)

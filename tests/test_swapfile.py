@@ -6,8 +6,10 @@ import errno
 import itertools
 import os
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -268,44 +270,71 @@ def test_checksum_mismatch_in_a_reordered_read_names_the_slot(swap: SwapFile) ->
 
 
 @pytest.mark.timeout(20)
-def test_submitted_writes_run_on_one_thread_in_order(swap: SwapFile) -> None:
-    """``submit_write`` writes the frames straight from memory, one write at a time in
-    submission order, on a single thread; each batch reads back exactly."""
+def test_submitted_writes_and_their_checksums_run_on_two_threads_in_order(
+    swap: SwapFile,
+) -> None:
+    """``submit_write`` writes the frames straight from memory one batch at a time in
+    submission order on the writer thread, and takes each batch's checksums after its write,
+    in the same order, on the hasher thread; each batch reads back exactly."""
     import threading
 
     memory = pages(64, seed=7)
-    seen: list[tuple[str, int]] = []
-    real = swap.write_frames
+    seen: list[tuple[str, str, int]] = []
+    write_only, checksum_written = swap._write_only, swap._checksum_written
 
-    def spy(mem: np.ndarray, frames: np.ndarray, slots: np.ndarray) -> None:
-        seen.append((threading.current_thread().name, int(slots[0])))
-        real(mem, frames, slots)
+    def spy_write(mem: np.ndarray, frames: np.ndarray, slots: np.ndarray) -> Any:
+        seen.append(("write", threading.current_thread().name, int(slots[0])))
+        return write_only(mem, frames, slots)
 
-    swap.write_frames = spy  # type: ignore[method-assign]
+    def spy_checksum(mem: np.ndarray, frames: np.ndarray, slots: np.ndarray, *rest: Any) -> None:
+        seen.append(("checksum", threading.current_thread().name, int(slots[0])))
+        checksum_written(mem, frames, slots, *rest)
+
+    swap._write_only = spy_write  # type: ignore[method-assign]
+    swap._checksum_written = spy_checksum  # type: ignore[method-assign]
     batches = [np.array(f, dtype=np.int64) for f in ([40, 3, 9], [1], [63, 62, 0, 5], [8, 7])]
     slot_lists = [swap.allocate(len(f)) for f in batches]
     futures = [swap.submit_write(memory, f, s) for f, s in zip(batches, slot_lists, strict=True)]
     for fut in futures:
         fut.result(timeout=10)
-    assert [first for _, first in seen] == [int(s[0]) for s in slot_lists]
-    assert len({name for name, _ in seen}) == 1
-    assert seen[0][0].startswith("vmmem-swap-writer")
+    firsts = [int(s[0]) for s in slot_lists]
+    for stage, thread in (("write", "vmmem-swap-writer"), ("checksum", "vmmem-swap-hasher")):
+        ours = [(name, first) for what, name, first in seen if what == stage]
+        assert [first for _, first in ours] == firsts, stage
+        assert len({name for name, _ in ours}) == 1 and ours[0][0].startswith(thread), ours
+    at = {(what, first): i for i, (what, _, first) in enumerate(seen)}
+    assert all(at["checksum", first] > at["write", first] for first in firsts)
     for f, s in zip(batches, slot_lists, strict=True):
         assert np.array_equal(swap.read_pages(s), memory[f])
 
 
 @pytest.mark.timeout(20)
-def test_close_waits_for_the_write_in_progress(tmp_path: Path) -> None:
-    """Closing the file lets a submitted write finish first: it never lands on a closed (or
-    reused) file descriptor."""
+@pytest.mark.parametrize("slow", ["write", "checksums"])
+def test_close_waits_for_the_write_in_progress(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slow: str
+) -> None:
+    """Closing the file lets a submitted write finish first, and its checksums after it: it
+    never lands on a closed (or reused) file descriptor, nor loses its checksums."""
     sf = SwapFile(tmp_path / "swap", SLOTS * PAGE_SIZE)
     memory = pages(4, seed=8)
-    sf.write_delay = 0.3
-    fut = sf.submit_write(memory, np.arange(4, dtype=np.int64), sf.allocate(4))
+    if slow == "write":
+        sf.write_delay = 0.3
+    else:
+        digests = swapfile.frame_digests
+
+        def slow_digests(flat: memoryview, frames: np.ndarray) -> np.ndarray:
+            time.sleep(0.3)
+            return digests(flat, frames)
+
+        monkeypatch.setattr(swapfile, "frame_digests", slow_digests)
+    slots = sf.allocate(4)
+    fut = sf.submit_write(memory, np.arange(4, dtype=np.int64), slots)
     sf.close(unlink=False)
     assert fut.done()
     assert fut.exception() is None
     assert (tmp_path / "swap").read_bytes()[: 4 * PAGE_SIZE] == memory.tobytes()
+    want = [xxhash.xxh3_64_intdigest(memory[i].tobytes()) for i in range(4)]
+    assert sf.checksum[slots].tolist() == want
 
 
 def test_released_slot_is_not_readable(swap: SwapFile) -> None:
@@ -509,12 +538,15 @@ def test_a_slot_corrupted_after_write_frames_is_caught(swap: SwapFile) -> None:
     assert np.array_equal(swap.read_pages(slots[keep]), memory[frames[keep]])
 
 
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("submitted", [False, True], ids=["write_frames", "submit_write"])
 def test_a_frame_changed_during_its_write_never_reads_back_as_valid(
-    swap: SwapFile, monkeypatch: pytest.MonkeyPatch
+    swap: SwapFile, monkeypatch: pytest.MonkeyPatch, submitted: bool
 ) -> None:
     """The checksums come from the frames after the write: a frame that changes once its
     bytes are in the file (a cancelled swap-out's page, written by the guest again) leaves
-    a slot whose read fails, never one that passes with bytes nobody checked."""
+    a slot whose read fails, never one that passes with bytes nobody checked. Also through
+    ``submit_write``, whose hasher thread takes them: it waits for the (slowed) write."""
     memory = pages(8, seed=14)
     real = swapfile.os.pwritev
 
@@ -525,17 +557,23 @@ def test_a_frame_changed_during_its_write_never_reads_back_as_valid(
 
     monkeypatch.setattr(swapfile.os, "pwritev", write_then_touch)
     slots = swap.allocate(1)
-    swap.write_frames(memory, np.array([6], dtype=np.int64), slots)
+    if submitted:
+        swap.write_delay = 0.2  # a hasher that did not wait would hash before the write
+        swap.submit_write(memory, np.array([6], dtype=np.int64), slots).result(timeout=10)
+    else:
+        swap.write_frames(memory, np.array([6], dtype=np.int64), slots)
     with pytest.raises(SwapChecksumError):
         swap.read_pages(slots)
 
 
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("submitted", [False, True], ids=["write_frames", "submit_write"])
 def test_a_short_pwritev_keeps_exactly_the_pages_written(
-    swap: SwapFile, monkeypatch: pytest.MonkeyPatch
+    swap: SwapFile, monkeypatch: pytest.MonkeyPatch, submitted: bool
 ) -> None:
     """A write that stops part way (the disk full after some pages) raises SwapWriteError
     naming exactly the pages that reached the file; those keep their checksums and read
-    back, the others have none."""
+    back, the others have none. Through ``submit_write`` its future raises the same."""
     memory = pages(16, seed=15)
     real = swapfile.os.pwritev
 
@@ -547,7 +585,10 @@ def test_a_short_pwritev_keeps_exactly_the_pages_written(
     frames = np.array([4, 5, 6, 7, 8], dtype=np.int64)
     slots = np.array([12, 10, 11, 13, 14], dtype=np.int64)  # slot order: frames 5, 6, 4, 7, 8
     with pytest.raises(SwapWriteError) as info:
-        swap.write_frames(memory, frames, slots)
+        if submitted:
+            swap.submit_write(memory, frames, slots).result(timeout=10)
+        else:
+            swap.write_frames(memory, frames, slots)
     assert info.value.errno == errno.ENOSPC
     assert info.value.written.tolist() == [False, True, True, False, False]
     monkeypatch.undo()
