@@ -68,6 +68,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # ``tests/procs.py`` is not an installed package
     sys.path.insert(0, str(ROOT))
 
+from platform_daemon.gil_tuning import shorten_switch_interval  # noqa: E402
 from platform_daemon.server import PlatformServer  # noqa: E402
 from platform_daemon.swapfile import SwapFile  # noqa: E402
 from shared.config import PlatformConfig  # noqa: E402
@@ -1007,6 +1008,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     GUEST = args.guest_mib * MiB  # the daemon runs' guest and the raw I/O's size
     configure_logging("console", "warning")  # the in-process daemon's info lines are noise here
+    shorten_switch_interval()  # the in-process runs' GIL as the daemon's (platform_daemon/cli.py)
     quick = args.quick
     directory: Path = args.dir.resolve()
     res: dict[str, Any] = {

@@ -14,6 +14,7 @@ from shared.errors import VMMemError
 from shared.logs import configure_logging
 from shared.loops import run
 
+from .gil_tuning import shorten_switch_interval
 from .malloc_tuning import fix_mmap_threshold
 
 
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if config is None:
         return 2
     configure_logging(config.log_format, config.log_level)
+    shorten_switch_interval()  # the swap writer and the event loop wait less for the GIL
     # Before the thread pool exists: swap batches must not pile up in its threads' arenas.
     if not fix_mmap_threshold():
         structlog.get_logger("vmmem.platform").warning(
