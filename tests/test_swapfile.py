@@ -19,10 +19,12 @@ from hypothesis import strategies as st
 
 from platform_daemon import swapfile
 from platform_daemon.swapfile import (
+    HASH_CHUNK,
     IOV_MAX,
     SwapChecksumError,
     SwapFile,
     SwapWriteError,
+    frame_digests,
     runs,
 )
 from shared.constants import PAGE_SIZE
@@ -485,6 +487,23 @@ def test_write_frames_writes_exactly_the_frames_bytes(swap: SwapFile) -> None:
     assert not swap.checksum[others].any()
     assert np.array_equal(memory, before)
     assert np.array_equal(swap.read_pages(slots), memory[frames])
+
+
+@pytest.mark.parametrize("n", [0, 1, HASH_CHUNK, 3 * HASH_CHUNK + 5])
+def test_frame_digests_in_chunks_are_each_pages_xxh3(
+    n: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checksums, taken ``HASH_CHUNK`` pages between two GIL releases, are each page's
+    xxh3 in the frames' order, over chunk edges and a last partial chunk; the GIL is let go
+    once between two chunks."""
+    memory = pages(2 * n + 1, seed=16)
+    frames = np.arange(2 * n, -1, -2, dtype=np.int64)[:n].copy()  # scattered, descending
+    yields = []
+    monkeypatch.setattr(swapfile.os, "sched_yield", lambda: yields.append(1))
+    got = frame_digests(memory.reshape(-1).data.cast("B"), frames)
+    want = [xxhash.xxh3_64_intdigest(memory[f].tobytes()) for f in frames.tolist()]
+    assert got.dtype == np.uint64 and got.tolist() == want
+    assert len(yields) == max(0, -(-n // HASH_CHUNK) - 1)
 
 
 @pytest.mark.timeout(30)
