@@ -22,6 +22,9 @@ from ..rpc import ConnectionClosed, PeerError, RpcClient
 RECONNECT_BACKOFF = (0.1, 1.0)
 #: How often a long request (verify) checks that its agent still answers.
 LIVENESS_PERIOD = 1.0
+#: How long a just registered agent may take to open its control socket: it registers with
+#: the daemon first, then maps its memory and opens the socket (``vmm_agent/agent.py``).
+CONTROL_SOCKET_WAIT = 10.0
 
 
 class VmState(StrEnum):
@@ -79,10 +82,22 @@ class AgentLink:
         if not self.path:
             self.state, self.reason = VmState.SKIPPED, "registered without a control socket"
             return
-        try:
-            self.client = await RpcClient.connect(self.path)
-        except OSError as exc:
-            self.drop(VmState.LOST, f"cannot connect to its control socket {self.path}: {exc}")
+        # The socket's file exists once it accepts connections (``listen_private``): until
+        # then an agent that is still alive is starting, not gone.
+        deadline = time.monotonic() + CONTROL_SOCKET_WAIT
+        while True:
+            try:
+                self.client = await RpcClient.connect(self.path)
+                return
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                if time.monotonic() < deadline and _alive(self.pid):
+                    await asyncio.sleep(0.05)
+                    continue
+                error: OSError = exc
+            except OSError as exc:
+                error = exc
+            self.drop(VmState.LOST, f"cannot connect to its control socket {self.path}: {error}")
+            return
 
     def drop(self, state: VmState, reason: str, during: str = "") -> None:
         """Take the VM out of the run, once, with the reason (and the phase it was in)."""
