@@ -4,7 +4,8 @@ Slots are handed out from a free stack (O(batch), never a scan), lowest first, s
 on a fresh file gets consecutive slots and is written with one ``pwritev`` per run, straight
 from the frames. Every slot carries an xxh3-64 checksum of what was written; every read is
 checked against it. The I/O methods are plain blocking functions: reads run in the event
-loop's thread pool, writes on the file's own writer thread (``submit_write``).
+loop's thread pool, writes on the file's own writer thread and their checksums on its hasher
+thread (``submit_write``).
 """
 
 from __future__ import annotations
