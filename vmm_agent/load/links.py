@@ -89,15 +89,14 @@ class AgentLink:
             try:
                 self.client = await RpcClient.connect(self.path)
                 return
-            except (FileNotFoundError, ConnectionRefusedError) as exc:
-                if time.monotonic() < deadline and _alive(self.pid):
-                    await asyncio.sleep(0.05)
-                    continue
-                error: OSError = exc
             except OSError as exc:
-                error = exc
-            self.drop(VmState.LOST, f"cannot connect to its control socket {self.path}: {error}")
-            return
+                starting = isinstance(exc, (FileNotFoundError, ConnectionRefusedError))
+                if not (starting and time.monotonic() < deadline and _alive(self.pid)):
+                    self.drop(
+                        VmState.LOST, f"cannot connect to its control socket {self.path}: {exc}"
+                    )
+                    return
+            await asyncio.sleep(0.05)
 
     def drop(self, state: VmState, reason: str, during: str = "") -> None:
         """Take the VM out of the run, once, with the reason (and the phase it was in)."""
