@@ -6,7 +6,7 @@ daemon, the last 64 by the agent (one writer per word)::
 
     offset size field               writer
     0      4    magic               daemon  0x524D4D56 (b"VMMR")
-    4      2    version             daemon  2
+    4      2    version             daemon  4, bumped when a field gains a meaning
     6      2    slot_count          daemon  K
     8      4    slot_capacity       daemon  C, pages per slot
     12     4    vm_id               daemon
@@ -57,7 +57,7 @@ from .constants import DEFAULT_SLOT_CAPACITY, PAGES_PER_2M, PageStatus, ServiceT
 from .errors import LayoutError
 
 REGION_MAGIC = 0x524D4D56
-REGION_VERSION = 3
+REGION_VERSION = 4
 REGION_HEADER = struct.Struct("<IHHIIQIIQQQQ64x")
 REGION_HEADER_SIZE = REGION_HEADER.size  # 128
 SLOT_HEADER = struct.Struct("<BBxxIQ")

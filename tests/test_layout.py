@@ -87,7 +87,7 @@ def test_region_header_bytes() -> None:
     buf, _ = fresh(vm_id=0x01020304, generation=0x1122334455667788, guest_pages=123456)
     assert buf[0:4] == b"VMMR"
     assert u("I", buf, 0) == REGION_MAGIC
-    assert u("H", buf, 4) == REGION_VERSION == 3
+    assert u("H", buf, 4) == REGION_VERSION == 4
     assert u("H", buf, 6) == K
     assert u("I", buf, 8) == C
     assert u("I", buf, 12) == 0x01020304
