@@ -203,6 +203,9 @@ def test_sampling_estimate_is_not_biased_by_swapping(short_tmp: Path, mem_dir: P
         # once swap-ins got faster). ws50 usually gets ~10, but once got none: after ws90
         # it starts by swapping back in, on guest time.
         phases = {name: p for name, p in phases.items() if p["periods"] >= 2}
+        # A period is judged only where the monitor's truth window lies in its phase too:
+        # the next sample may reach the monitor after the phase ended, and such a truth
+        # mixes two working sets (CI once saw 0.33 of error from it in ws35's last period).
         # The last period of each phase: the bias this guards against (counting only
         # resident pages) would miss every touch of a swapped page, tens of % of guest
         # memory in the swapping phases; the estimate may still be catching up on a change

@@ -54,7 +54,7 @@ from vmm_agent.lowprio import (
 )
 from vmm_agent.monitor import MonitorQueue, MonitorTask, TaskCost
 from vmm_agent.rounds import HighPriorityLoop
-from vmm_agent.sampler import Sampler
+from vmm_agent.sampler import TRUTH_KEPT, Sampler
 from vmm_agent.touches import TouchLog
 
 GUEST_PAGES = 64
@@ -205,7 +205,8 @@ class SamplerRig:
         self.region = new_region()
         self.exposure = ExposureTable(GUEST_PAGES)
         self.touches = TouchLog(GUEST_PAGES)
-        self.sampler = Sampler(self.exposure, self.region, self.touches)
+        self.now = 0.0
+        self.sampler = Sampler(self.exposure, self.region, self.touches, clock=lambda: self.now)
 
     def receive(self, sample_id: int, bpns: Sequence[int]) -> npt.NDArray[np.uint8]:
         self.region.sample_id = sample_id
@@ -309,6 +310,28 @@ def test_new_sample_ends_the_old_one_and_records_its_truth() -> None:
         touches.touch(bpn, touches.current)
     rig.receive(3, [20])
     assert sampler.truth == {1: 3 / GUEST_PAGES, 2: 3 / GUEST_PAGES}
+
+
+@pytest.mark.timeout(10)
+def test_each_truth_keeps_the_window_it_was_counted_in() -> None:
+    """A sample's truth is counted from its first batch to the next sample's first batch (on
+    the clock the platform's periods use): that window is recorded beside it, batches of the
+    same sample do not end it, and old windows are dropped with their truths."""
+    rig = SamplerRig()
+    rig.now = 1.0
+    rig.receive(1, [1])
+    rig.now = 2.0
+    rig.receive(1, [2])  # the same sample: its window goes on
+    rig.now = 5.5
+    rig.receive(2, [3])
+    rig.now = 9.0
+    rig.receive(3, [4])
+    assert rig.sampler.truth_windows == {1: (1.0, 5.5), 2: (5.5, 9.0)}
+    for sample_id in range(4, TRUTH_KEPT + 10):
+        rig.now += 1.0
+        rig.receive(sample_id, [5])
+    assert list(rig.sampler.truth_windows) == list(rig.sampler.truth)
+    assert len(rig.sampler.truth) == TRUTH_KEPT
 
 
 @pytest.mark.timeout(10)

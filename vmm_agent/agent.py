@@ -373,6 +373,7 @@ class Agent:
             "sampling": {
                 **self.sampler.status(),
                 "truth": {str(k): v for k, v in self.sampler.truth.items()},
+                "truth_windows": {str(k): list(w) for k, w in self.sampler.truth_windows.items()},
             },
             "lowprio": {k: v for k, v in self.lowprio.summary().items() if k != "rounds"},
             "pin_cycles": r.pin_cycles,

@@ -11,11 +11,19 @@ through the fault path and is counted once. The counts reach the platform throug
 control region (``write_sample_report``).
 
 A new sample ends the old one: its pages stop being watched and get their mappings back.
+Its truth is the pages the guest touched from the first batch of the old sample to the first
+batch of the new one. That window is kept beside it (CLOCK_MONOTONIC, as the platform's
+periods): the platform ends a period when it draws the next sample, but that sample reaches
+the monitor only with a low-priority round, which may come a while later (under memory
+pressure, at the start of a new workload phase). A report compares a period's estimate with
+its truth only where both windows lie in the same phase.
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -36,10 +44,17 @@ class Sampler:
 
     name = "sampling"
 
-    def __init__(self, exposure: ExposureTable, region: ControlRegion, touches: TouchLog) -> None:
+    def __init__(
+        self,
+        exposure: ExposureTable,
+        region: ControlRegion,
+        touches: TouchLog,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.exposure = exposure
         self.region = region
         self.touches = touches
+        self.clock = clock
         self.sample_id = 0
         self.armed = 0
         self.touched = 0
@@ -47,6 +62,9 @@ class Sampler:
         self._queue = _EMPTY  # received, not armed yet
         #: sample id -> fraction of guest pages the guest touched while it was current.
         self.truth: OrderedDict[int, float] = OrderedDict()
+        #: sample id -> (start, end) of the window its truth was counted in.
+        self.truth_windows: OrderedDict[int, tuple[float, float]] = OrderedDict()
+        self._window_start = 0.0
 
     # ---- batches from the platform --------------------------------------------------------
 
@@ -68,10 +86,14 @@ class Sampler:
     def _new_sample(self, sample_id: int) -> None:
         """End the current sample (its truth is recorded) and start watching a new one."""
         finished = self.touches.advance()
+        now = self.clock()
         if self.sample_id:
             self.truth[self.sample_id] = finished / self.exposure.guest_pages
+            self.truth_windows[self.sample_id] = (self._window_start, now)
             while len(self.truth) > TRUTH_KEPT:
                 self.truth.popitem(last=False)
+                self.truth_windows.popitem(last=False)
+        self._window_start = now
         old = self.pages
         self.exposure.watched[old] = False
         self.exposure.unhide_all(old)

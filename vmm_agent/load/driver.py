@@ -280,7 +280,8 @@ class LoadRun:
             return {"unavailable": "the daemon did not give its sampling history"}
         last = out.snapshots[-1]["results"]
         truths = {vm: res["sampling"]["truth"] for vm, res in last.items()}
-        return sampling_report(history, truths, out.windows)
+        windows = {vm: res["sampling"]["truth_windows"] for vm, res in last.items()}
+        return sampling_report(history, truths, out.windows, windows)
 
     async def restore_lowprio(self) -> None:
         if self._lowprio_before:

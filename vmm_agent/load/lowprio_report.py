@@ -22,6 +22,10 @@ class PhaseWindow:
     start: float
     end: float
 
+    def holds(self, start: float, end: float) -> bool:
+        """Whether the window [start, end] lies wholly inside this phase."""
+        return self.start <= start and end <= self.end
+
 
 def shareable(contents: list[dict[str, Any]]) -> dict[str, int]:
     """Pages page sharing could merge, from the guests' content profiles.
@@ -89,12 +93,17 @@ def sampling_report(
     history: dict[str, list[dict[str, Any]]],
     truths: dict[str, dict[str, float]],
     phases: list[PhaseWindow],
+    truth_windows: dict[str, dict[str, list[float]]],
     converge_periods: int = 3,
     unscored: Collection[str] = ("fill",),
 ) -> dict[str, Any]:
     """The estimate against the true working set, per phase and VM (fractions of memory).
 
-    A period counts for a phase when it lies wholly inside it. ``max_abs_error`` is over the
+    A period counts for a phase when it lies wholly inside it: the platform's period (where
+    the estimate was measured) and the window the monitor counted its truth in, which ends
+    only when the next sample reaches the monitor, maybe after the phase did. A period whose
+    truth window leaks out of its phase is compared with nothing (its truth mixes two
+    working sets) and counted in ``truth_outside_phase``. ``max_abs_error`` is over the
     periods after the first ``converge_periods`` of each phase (the estimate is an average:
     it needs a few periods to follow a change); ``max_abs_error_all`` is over every period.
     Phases named in ``unscored`` (the scenario's fill) are left out.
@@ -107,19 +116,25 @@ def sampling_report(
         per_vm: dict[str, Any] = {}
         for vm, periods in history.items():
             truth = truths.get(vm, {})
-            rows = [
-                (p, truth[str(p["sample_id"])])
+            windows = truth_windows.get(vm, {})
+            measured = [
+                p
                 for p in periods
-                if phase.start <= p["started"]
-                and p["ended"] <= phase.end
+                if phase.holds(p["started"], p["ended"])
                 and p["estimate"] is not None
                 and str(p["sample_id"]) in truth
+            ]
+            rows = [
+                (p, truth[str(p["sample_id"])])
+                for p in measured
+                if phase.holds(*windows.get(str(p["sample_id"]), (-1.0, -1.0)))
             ]
             errors = [abs(p["estimate"] - t) for p, t in rows]
             raw = [abs(p["touched"] / p["armed"] - t) for p, t in rows if p["armed"]]
             settled = errors[converge_periods:]
             per_vm[vm] = {
                 "periods": len(rows),
+                "truth_outside_phase": len(measured) - len(rows),
                 "truth": [round(t, 4) for _, t in rows],
                 "estimate": [round(p["estimate"], 4) for p, _ in rows],
                 # The period's own sample (touched / armed), before smoothing, and how many
