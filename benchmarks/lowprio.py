@@ -98,6 +98,7 @@ from shared.messages import (  # noqa: E402
 from shared.sizes import parse_size  # noqa: E402
 from tests.procs import Daemons  # noqa: E402
 from vmm_agent.exposure import ExposureTable  # noqa: E402
+from vmm_agent.load.lowprio_report import PhaseWindow  # noqa: E402
 from vmm_agent.rpc import RpcClient  # noqa: E402
 from vmm_agent.sampler import Sampler  # noqa: E402
 from vmm_agent.services import build_services  # noqa: E402
@@ -505,14 +506,18 @@ async def _sampling_run(sample_pages: int, distribution: str, periods: int) -> d
         }
         start, end = await _phase(d, ["s"], phase)
         history = (await _ctl(d.socket, "sampling"))["s"]
-        truth = (await _ctl(d.control_socket("s"), "results"))["sampling"]["truth"]
+        sampling = (await _ctl(d.control_socket("s"), "results"))["sampling"]
+        truth, windows = sampling["truth"], sampling["truth_windows"]
+        # Both the platform's period and the monitor's truth window inside the phase (the
+        # load report's rule: a truth window may end after the phase, see sampling_report).
+        inside = PhaseWindow("steady", start, end).holds
         rows = [
             (p["estimate"], truth[str(p["sample_id"])])
             for p in history
-            if start <= p["started"]
-            and p["ended"] <= end
+            if inside(p["started"], p["ended"])
             and p["estimate"] is not None
             and str(p["sample_id"]) in truth
+            and inside(*windows[str(p["sample_id"])])
         ]
         settled = rows[3 : 3 + periods]
         errors = [abs(e - t) for e, t in settled]
