@@ -3,8 +3,8 @@
 For the scale benchmark (``benchmarks/scale.py``, through ``vmmem-ctl`` op ``footprint``).
 A VM's metadata is everything reachable from its p2m, its round state and the services'
 per-VM entries (the dictionaries keyed by its id); the host's is the allocator, the machine's
-own arrays (not the frames themselves: guest memory) and the shared-frame table. Arrays are
-measured by ``shared.footprint``, each byte once.
+own arrays (not the frames themselves, through either mapping: guest memory) and the
+shared-frame table. Arrays are measured by ``shared.footprint``, each byte once.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def footprint(server: PlatformServer) -> dict[str, Any]:
     vms = []
     for vm in server.vms.values():
         owners = {
-            name: array_bytes(roots, _SKIP, exclude=[machine.frames])
+            name: array_bytes(roots, _SKIP, exclude=[machine.frames, machine.source])
             for name, roots in vm_roots(server, vm).items()
         }
         total = sum(owners.values())
@@ -59,7 +59,7 @@ def footprint(server: PlatformServer) -> dict[str, Any]:
             }
         )
     host_roots = [machine.allocator, server.shared, vars(machine)]
-    host = array_bytes(host_roots, _SKIP, exclude=[machine.frames])
+    host = array_bytes(host_roots, _SKIP, exclude=[machine.frames, machine.source])
     return {
         "vms": vms,
         "host": {

@@ -13,7 +13,7 @@ import numpy.typing as npt
 
 from shared.constants import NO_FRAME, PAGE_SIZE
 from shared.errors import VMMemError
-from shared.shm import MappedFile, frames_view, open_mapped
+from shared.shm import MappedFile, frames_view, open_mapped, open_read_only
 
 from .allocator import FrameAllocator, Frames
 
@@ -110,6 +110,11 @@ class MachineMemory:
         size = host_pages * PAGE_SIZE
         self.file: MappedFile = open_mapped(path, size) if existing else create_reserved(path, size)
         self.frames = frames_view(self.file)
+        # The same frames through a read-only mapping: the source of page moves' gathers
+        # (``services/page_move.copy_frames``), read-only as an array too. Its page tables
+        # fill on first read only.
+        self._source_file = open_read_only(path, size)
+        self.source = frames_view(self._source_file)
         if prefault:
             populate(self.file)
         self.allocator = FrameAllocator(host_pages, nodes, frame_state)
@@ -183,7 +188,8 @@ class MachineMemory:
         return mpn in self.zero_frames
 
     def close(self, unlink: bool = True) -> None:
-        del self.frames
+        del self.frames, self.source
         self.file.close()
+        self._source_file.close()
         if unlink:
             self.file.unlink()

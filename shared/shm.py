@@ -79,6 +79,25 @@ def open_mapped(path: Path, size: int | None = None) -> MappedFile:
     return MappedFile(path, mm)
 
 
+def open_read_only(path: Path, size: int) -> MappedFile:
+    """A second, read-only mapping of an existing file of ``size`` bytes.
+
+    The platform copies frames from this mapping into the read-write one: the two are the
+    same memory, but NumPy, seeing two address ranges, gathers straight into the
+    destination instead of through a temporary (it buffers a gather whose source and
+    destination are views of one mapping, since they might overlap).
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        actual = os.fstat(fd).st_size
+        if actual != size:
+            raise ValueError(f"{path}: {actual} bytes, expected {size}")
+        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    return MappedFile(path, mm)
+
+
 def frames_view(mapped: MappedFile) -> npt.NDArray[np.uint8]:
     """The mapping as an array of 4 KiB frames."""
     pages = len(mapped.mm) // PAGE_SIZE

@@ -179,25 +179,43 @@ def test_a_fault_on_a_page_in_flight_is_completed_the_same_way_by_every_mover(
     assert h.invariants() == []
 
 
-def _frames(h: HugeHarness, n: int) -> npt.NDArray[np.int64]:
-    frames = h.machine.allocator.allocate(n, 0)
-    h.machine.frames[frames] = np.arange(n, dtype=np.uint8)[:, None] + 1
-    return frames
-
-
-@pytest.mark.parametrize("n", [1, 3, R, R + 7])
-def test_copy_frames_copies_into_runs_and_scattered_frames_alike(h: HugeHarness, n: int) -> None:
-    """The bounce-buffered copy: into an aligned run (a slice store), into scattered frames
-    (a scatter), in pieces of the buffer's size; a page without a frame is refused."""
-    frames = h.machine.frames
-    old = _frames(h, n)
-    run = h.machine.allocator.allocate_run(1)
+def _destinations(h: HugeHarness, n: int) -> list[npt.NDArray[np.int64]]:
+    """Destinations of ``n`` frames of every shape: one aligned run, scattered frames in
+    descending order (no two consecutive), and stretches of 1, 2, TAKE_MIN and more."""
+    alloc = h.machine.allocator
+    run = alloc.allocate_run(1)
     assert run is not None
-    dest_run = run[: min(n, R)]
-    page_move.copy_frames(frames, dest_run, old[: len(dest_run)])
-    assert (frames[dest_run] == frames[old[: len(dest_run)]]).all()
-    scattered = h.machine.allocator.allocate(n, 1)[::-1].copy()
-    page_move.copy_frames(frames, scattered, old)
-    assert (frames[scattered] == frames[old]).all()
-    with pytest.raises(ValueError):
-        page_move.copy_frames(frames, scattered[:1], np.array([-1], dtype=np.int64))
+    mixed, lengths = [], [1, 2, page_move.TAKE_MIN, page_move.TAKE_MIN - 1, 9, 3]
+    pool = alloc.allocate(2 * n + 2 * len(lengths) + 16, 1)
+    pool.sort()
+    at, i = 0, 0
+    while sum(map(len, mixed)) < n:
+        k = min(lengths[i % len(lengths)], n - sum(map(len, mixed)))
+        mixed.append(pool[at : at + k])
+        at, i = at + k + 1, i + 1  # one frame skipped: the next stretch starts apart
+    return [run[:n], alloc.allocate(n, 1)[::-1].copy(), np.concatenate(mixed)]
+
+
+@pytest.mark.parametrize("n", [1, 3, 7, R])
+def test_copy_frames_copies_into_runs_and_scattered_frames_alike(h: HugeHarness, n: int) -> None:
+    """Stretches of consecutive destination frames are gathered from the read-only mapping,
+    short ones stored page by page: every destination gets its own page's bytes and no other
+    frame changes; a page without a frame (or past the last frame) is refused."""
+    frames, source = h.machine.frames, h.machine.source
+    old = h.machine.allocator.allocate(n, 0)
+    rng = np.random.default_rng(n)
+    frames[old] = rng.integers(0, 256, size=(n, frames.shape[1]), dtype=np.uint8)
+    destinations = _destinations(h, n)
+    for new in destinations:
+        before = frames.copy()
+        page_move.copy_frames(frames, source, new, old)
+        assert (frames[new] == before[old]).all()
+        untouched = np.ones(len(frames), dtype=bool)
+        untouched[new] = False
+        assert (frames[untouched] == before[untouched]).all()
+    run = destinations[0]
+    for bad in (-1, len(frames)):  # np.take's "clip" would copy the first or last frame
+        for k in (1, min(n, page_move.TAKE_MIN)):  # a slice store, a gather
+            wrong = np.full(k, bad, dtype=np.int64)
+            with pytest.raises(ValueError):
+                page_move.copy_frames(frames, source, run[:k], wrong)
