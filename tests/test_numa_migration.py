@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -719,3 +719,412 @@ def test_a_host_of_one_node_runs_no_scanner(h: Harness, mem_dir: Path) -> None:
         assert NumaMigrationService(ctx).background() is None  # type: ignore[arg-type]
     finally:
         one.close(unlink=True)
+
+
+# ---- gaps a mutation sweep found: each test below fails if one line of the service changes --
+
+
+@pytest.fixture
+def at_rate(mem_dir: Path, short_tmp: Path) -> Iterator[Callable[..., Harness]]:
+    """A harness with the given rates (pages/s; one per test: they share the machine file)."""
+    made: list[Harness] = []
+
+    def make(vm_rate: float, host_rate: float = 1e6) -> Harness:
+        harness = Harness(mem_dir, short_tmp, vm_rate=vm_rate, host_rate=host_rate)
+        made.append(harness)
+        return harness
+
+    try:
+        yield make
+    finally:
+        for harness in made:
+            harness.close()
+
+
+def unmapped(g: Guest, bpns: list[int]) -> None:
+    """The VMM no longer maps ``bpns``: they are the platform's (RESIDENT), moved without a
+    batch."""
+    idx = np.array(bpns, dtype=np.int64)
+    g.exposure.invalidate(idx)
+    g.vm.p2m.state[idx] = PageState.RESIDENT
+
+
+def home_room(h: Harness, room: int) -> Guest:
+    """Fill the home node (node 0) with a filler VM's pages until ``room`` frames are left
+    above its reserve. Returns the filler."""
+    filler = h.add_vm(guest_pages=2048)
+    h.back(filler, list(range(h.machine.allocator.free_on(0) - h.svc.reserve(0) - room)), 0)
+    assert h.svc.room(0) == room
+    return filler
+
+
+def moved_without_more_rate(h: Harness, g: Guest) -> int:
+    """Select (and so move) the VM's RESIDENT candidates until the rates allow no more at this
+    instant; returns how many selections there were."""
+    selections = 0
+    while h.svc.pending_work(g.vm, h.clock()) > 0:
+        sel = h.svc.select_work(g.vm, SLOT_CAPACITY, SLOT_CAPACITY, h.clock())
+        assert len(sel.bpns) == 0  # all RESIDENT: nothing for the VMM
+        selections += 1
+        assert selections < 10
+    return selections
+
+
+def test_a_quiet_spell_banks_at_most_a_burst(at_rate: Callable[..., Harness]) -> None:
+    """After 10 s with nothing to move, a VM may move BURST_SECONDS of its rate at once, not
+    10 s of it: migration does not flood the home node (and the memory bus) after a lull."""
+    h = at_rate(vm_rate=100.0)
+    g = h.add_vm()
+    h.back(g, list(range(200)), node=1)
+    h.clock.now += 10.0
+    h.scan(g)
+    burst = int(100 * BURST_SECONDS)
+
+    assert h.svc.pending_work(g.vm, h.clock()) == burst
+    h.rounds(g)
+    assert h.svc.stats(g.vm).migrated == burst
+    assert h.svc.pending_work(g.vm, h.clock()) == 0  # the burst is spent
+    h.clock.now += 0.1
+    assert h.svc.pending_work(g.vm, h.clock()) == 10  # then the rate, 100 pages/s
+    h.rounds(g)
+    assert h.svc.stats(g.vm).migrated == burst + 10
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_a_rate_below_four_pages_a_second_still_moves_a_page_at_a_time(
+    at_rate: Callable[..., Harness],
+) -> None:
+    """At 2 pages/s a quarter second of the rate is half a page: the bucket still banks one
+    whole page (its minimum burst), so migration moves a page every half second instead of
+    never moving at all."""
+    h = at_rate(vm_rate=2.0)
+    g = h.add_vm()
+    h.back(g, list(range(20)), node=1)
+    h.scan(g)
+    t0 = h.clock.now
+    for step in range(13):  # every 0.25 s for 3 s
+        h.clock.now = t0 + 0.25 * step
+        assert h.svc.pending_work(g.vm, h.clock()) <= 1
+        h.rounds(g)
+    assert h.svc.stats(g.vm).migrated == 1 + 6  # the banked page, then one each 0.5 s
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_refused_pages_give_their_bandwidth_back(at_rate: Callable[..., Harness]) -> None:
+    """Pages the VMM keeps (pinned) were charged when selected; nothing was copied, so the
+    charge goes back to both buckets: at the same instant the next batch, of movable pages,
+    gets the whole burst."""
+    h = at_rate(vm_rate=100.0, host_rate=100.0)
+    g = h.add_vm()
+    burst = int(100 * BURST_SECONDS)
+    pinned, movable = list(range(burst)), list(range(burst, 2 * burst))
+    h.back(g, pinned + movable, node=1)
+    g.exposure.pinned[pinned] = 1
+    h.scan(g)
+    assert h.svc.queued(g.vm) == 2 * burst
+
+    h.rounds(g)  # no clock advance: only given-back tokens can pay for the movable pages
+
+    st = h.svc.stats(g.vm)
+    assert st.refused == burst and st.migrated == burst
+    assert [h.node(g, b) for b in pinned] == [1] * burst
+    assert [h.node(g, b) for b in movable] == [0] * burst
+    assert (g.vm.p2m.state[pinned] == PageState.EXPOSED).all()
+    h.content_intact(g)
+    assert h.invariants() == [] and h.svc.promised == [0, 0]
+
+
+def test_pages_moved_without_a_batch_use_up_the_rate_too(at_rate: Callable[..., Harness]) -> None:
+    """RESIDENT pages move at once in the selection, without asking the VMM; the copy costs
+    the same, so they are charged to the rate like batched ones: at one instant a VM moves
+    one burst of them, the rest wait for the bucket to refill."""
+    h = at_rate(vm_rate=100.0)
+    g = h.add_vm()
+    burst = int(100 * BURST_SECONDS)
+    pages = list(range(40))
+    h.back(g, pages, node=1)
+    unmapped(g, pages)
+    h.scan(g)
+
+    moved_without_more_rate(h, g)
+
+    assert h.svc.stats(g.vm).migrated == burst
+    assert h.svc.queued(g.vm) == 40 - burst
+    assert [h.node(g, b) for b in pages] == [0] * burst + [1] * (40 - burst)
+    assert (g.vm.p2m.state[pages] == PageState.RESIDENT).all()
+    h.clock.now += 0.15  # 15 more pages' worth
+    moved_without_more_rate(h, g)
+    assert h.svc.stats(g.vm).migrated == 40 and h.svc.promised == [0, 0]
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_home_frames_promised_to_a_batch_in_flight_are_not_offered_twice(h: Harness) -> None:
+    """VM a's batch took the last room on the home node; before its copy runs, VM b (same
+    home node) is offered nothing: counting a's promise, the node has no room. So a's copy
+    finds its frames and moves every page (without the promise b would take them and a's
+    pages would be given up at the reserve)."""
+    home_room(h, 20)
+    a, b = h.add_vm(), h.add_vm()
+    h.back(a, list(range(20)), node=1)
+    h.back(b, list(range(20)), node=1, seed=1)
+    h.scan(a)
+    h.scan(b)
+    h.low_round(a, run_moves=False)
+    assert (a.vm.p2m.state[:20] == PageState.IN_FLIGHT).all()
+
+    assert h.svc.room(0) == 0 and h.svc.pending_work(b.vm, h.clock()) == 0
+    assert h.rounds(b) == []
+    h.run_spawned()
+
+    sa, sb = h.svc.stats(a.vm), h.svc.stats(b.vm)
+    assert (sa.migrated, sa.aborted, sb.migrated) == (20, 0, 0)
+    assert h.machine.allocator.free_on(0) == h.svc.reserve(0)
+    for g in (a, b):
+        h.content_intact(g)
+    assert h.invariants() == [] and h.svc.promised == [0, 0]
+
+
+def test_pages_moved_without_a_batch_leave_the_batch_s_promise_standing(h: Harness) -> None:
+    """One selection holds mapped pages (the batch, promised home frames until its copy
+    runs) and unmapped ones (moved at once). The unmapped ones are promised and un-promised
+    on their own: the batch's promise stands, so another VM is offered no room meanwhile and
+    the batch's copy moves every page."""
+    home_room(h, 20)
+    a, b = h.add_vm(), h.add_vm()
+    h.back(a, list(range(20)), node=1)
+    unmapped(a, list(range(10, 20)))
+    h.back(b, list(range(20)), node=1, seed=1)
+    h.scan(a)
+    h.scan(b)
+    h.low_round(a, run_moves=False)
+    p2m = a.vm.p2m
+    assert (p2m.state[:10] == PageState.IN_FLIGHT).all()  # the batch, not copied yet
+    assert [h.node(a, x) for x in range(10, 20)] == [0] * 10  # moved in the selection
+
+    assert h.svc.promised == [10, 0] and h.svc.room(0) == 0
+    assert h.rounds(b) == []
+    h.run_spawned()
+
+    sa, sb = h.svc.stats(a.vm), h.svc.stats(b.vm)
+    assert (sa.migrated, sa.aborted, sb.migrated) == (20, 0, 0)
+    for g in (a, b):
+        h.content_intact(g)
+    assert h.invariants() == [] and h.svc.promised == [0, 0]
+
+
+def test_refused_pages_release_the_home_frames_promised_to_them(h: Harness) -> None:
+    """The home node has room for 30 pages; the first 30 offered are pinned and refused.
+    Their promise is dropped with them, so at once the next 30 take that room and move (a
+    promise kept for ever would shrink the node's room for migration for good)."""
+    home_room(h, 30)
+    g = h.add_vm()
+    pinned, movable = list(range(30)), list(range(30, 60))
+    h.back(g, pinned + movable, node=1)
+    g.exposure.pinned[pinned] = 1
+    h.scan(g)
+
+    h.rounds(g)
+
+    st = h.svc.stats(g.vm)
+    assert st.refused == 30 and st.migrated == 30 and st.aborted == 0
+    assert [h.node(g, b) for b in movable] == [0] * 30
+    assert h.svc.promised == [0, 0]
+    assert h.machine.allocator.free_on(0) == h.svc.reserve(0)
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_migration_takes_no_more_frames_at_once_than_the_host_limit_leaves(h: Harness) -> None:
+    """A move holds the new frame before it frees the old one, so each batch may take only
+    the frames the host limit still allows (``machine.available()``), however much room the
+    home node has: batches of at most 10 pages, none given up at the copy, all 40 moved."""
+    g = h.add_vm()
+    pages = list(range(40))
+    h.back(g, pages, node=1)
+    h.machine.limit_pages = h.machine.allocator.used + 10
+    h.scan(g)
+    assert h.svc.room(0) == 10
+
+    batches = h.rounds(g)
+
+    numa_batches = [b for s, b in batches if s == ServiceType.NUMA_MIGRATION]
+    assert numa_batches and all(len(b) <= 10 for b in numa_batches)
+    st = h.svc.stats(g.vm)
+    assert (st.migrated, st.aborted) == (40, 0)
+    assert [h.node(g, b) for b in pages] == [0] * 40
+    assert h.machine.allocator.used <= h.machine.limit_pages
+    h.content_intact(g)
+    assert h.invariants() == [] and h.svc.promised == [0, 0]
+
+
+def test_moves_in_flight_stop_at_the_host_limit_when_it_drops_meanwhile(h: Harness) -> None:
+    """The host limit was lowered (other VMs grew) after the pages were released: the copy
+    takes only the 4 frames the limit still allows; the other pages keep their old frames
+    (RESIDENT, content intact) and are given up for now."""
+    g = h.add_vm()
+    old = _released(h, g, list(range(10)))
+    h.machine.limit_pages = h.machine.allocator.used + 4
+
+    assert h.run_spawned() == 1
+
+    assert [h.node(g, b) for b in range(10)] == [0] * 4 + [1] * 6
+    assert (g.vm.p2m.frame[4:10] == old[4:]).all()
+    assert (g.vm.p2m.state[:10] == PageState.RESIDENT).all()
+    st = h.svc.stats(g.vm)
+    assert (st.migrated, st.aborted) == (4, 6) and h.svc.promised == [0, 0]
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_the_queue_is_capped_and_the_scan_pauses_until_rounds_drain_it(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scan queues at most MAX_QUEUE pages; the VM is scanned again only once rounds took
+    the queue below half of it, and the next scan tops the queue up without queueing a page
+    twice (the queue is all NUMA migration keeps per VM: it must stay short)."""
+    monkeypatch.setattr(numa, "MAX_QUEUE", 8)
+    g = h.add_vm()
+    pages = list(range(20))
+    h.back(g, pages, node=1)
+    unmapped(g, pages)  # selections move them at once: the queue drains a page at a time
+    st = h.svc.vms[g.vm.vm_id]
+
+    h.scan(g)
+    assert st.queue == list(range(8))
+    assert not h.svc._wants_scan(st, h.clock())
+    h.svc.select_work(g.vm, 4, 4, h.clock())
+    assert len(st.queue) == 4 and not h.svc._wants_scan(st, h.clock())  # half: not yet
+    h.svc.select_work(g.vm, 1, 1, h.clock())
+    assert len(st.queue) == 3 and h.svc._wants_scan(st, h.clock())
+    h.scan(g)
+    assert st.queue == list(range(5, 13))
+    assert h.svc.stats(g.vm).migrated == 5
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_a_pass_that_finds_pages_resets_the_backoff(h: Harness) -> None:
+    """Empty passes back the scan off (1, 2, 4 s); a pass that finds pages to move starts
+    the backoff over, so the pass after it (all local again) waits 1 s, not 8."""
+    g = h.add_vm()
+    h.back(g, [0, 1], node=0)
+    st = h.svc.vms[g.vm.vm_id]
+    waits = []
+    for _ in range(3):
+        h.scan(g)
+        waits.append(st.next_scan - h.clock())
+        h.clock.now = st.next_scan
+    assert waits == [1, 2, 4]
+    h.back(g, [5, 6], node=1)
+
+    h.scan(g)  # finds 5 and 6
+
+    assert st.queue == [5, 6] and st.rescan == numa.RESCAN_SECONDS
+    h.rounds(g)
+    assert [h.node(g, b) for b in (5, 6)] == [0, 0]
+    h.scan(g)  # all local again
+    assert st.next_scan - h.clock() == 1
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_a_scan_budget_larger_than_the_vm_looks_at_each_page_once(h: Harness) -> None:
+    """The scanner asks for SCAN_CHUNK entries of every VM, more than a small VM has: the
+    scan looks at each of its pages once (the window does not wrap around onto itself) and
+    queues each remote page once."""
+    g = h.add_vm()
+    h.back(g, [3, 100, 255], node=1)
+    h.back(g, [4], node=0)
+    assert numa.SCAN_CHUNK > GUEST_PAGES
+
+    looked = h.svc.scan(g.vm, numa.SCAN_CHUNK, h.clock())
+
+    assert looked == GUEST_PAGES
+    assert h.svc.vms[g.vm.vm_id].queue == [3, 100, 255]
+    assert h.svc.pending_work(g.vm, h.clock()) == 3
+    h.rounds(g)
+    assert h.svc.stats(g.vm).migrated == 3
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_a_fault_that_cancels_the_move_is_not_counted_as_a_completion(h: Harness) -> None:
+    """fault_completions counts faults that moved their page home; a fault that found no room
+    (CANCEL: the page keeps its old frame) is not one, a later one with room is."""
+    g = h.add_vm()
+    _released(h, g, [3, 4])
+    filler = home_room(h, 0)
+    filler_frames = filler.vm.p2m.frame[: h.svc.reserve(0)].copy()  # (to free them later)
+
+    assert h.svc.on_fault(g.vm, 3, write=True).reason == FaultReason.CANCEL
+    assert h.svc.stats(g.vm).fault_completions == 0
+
+    h.machine.release_or_retire(filler_frames)  # room again (the reserve's worth)
+    filler.vm.p2m.frame[: h.svc.reserve(0)] = -1
+    filler.vm.p2m.state[: h.svc.reserve(0)] = PageState.ZERO
+    for b in range(h.svc.reserve(0)):
+        del filler.data[b]
+    assert h.svc.on_fault(g.vm, 4, write=True).reason == FaultReason.COMPLETE
+    st = h.svc.stats(g.vm)
+    assert (st.fault_completions, st.migrated, st.aborted) == (1, 1, 1)
+    assert h.node(g, 3) == 1 and h.node(g, 4) == 0
+    h.run_spawned()  # the pending move finds neither page in flight any more
+    assert h.svc.stats(g.vm).migrated == 1
+    assert h.invariants() == [] and h.svc.promised == [0, 0]
+
+
+def test_locality_counts_only_private_frames(h: Harness) -> None:
+    """A shared frame (a node's zero frame, a merged frame) backs pages of several VMs whose
+    home nodes differ: it is no VM's local or remote memory, and migration never moves it."""
+    g = h.add_vm()
+    h.back(g, [0, 1, 2], node=0)
+    h.back(g, [3, 4], node=1)
+    h.resolver.first_touch(g.vm, 20, write=False, around=0)  # node 0's zero frame, shared
+    p2m = g.vm.p2m
+    assert p2m.flags[20] & FLAG_SHARED
+    p2m.frame[21], p2m.flags[21] = h.machine.zero_frame[1], FLAG_SHARED  # node 1's
+    p2m.state[21] = PageState.EXPOSED
+
+    assert locality(g.vm, h.machine.allocator) == (3, 2)
+    h.scan(g)
+    assert h.svc.vms[g.vm.vm_id].queue == [3, 4]
+
+
+@pytest.mark.timeout(30)
+def test_rate_zero_parks_the_scanner_and_a_new_rate_wakes_it(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rate 0 (per VM or for the host) stops migration: no VM is scanned and the idle scanner
+    sleeps its longest, not polling a VM that is due (configure() is what changes that).
+    Setting a rate again wakes the sleeping scanner at once, not after its long sleep."""
+    monkeypatch.setattr(numa, "SCAN_IDLE_MAX_SECONDS", 60.0)
+    g = h.add_vm()
+    h.back(g, [0, 1, 2], node=1)
+    st = h.svc.vms[g.vm.vm_id]
+    for stop in ({"vm_rate": 0}, {"host_rate": 0}):
+        h.svc.configure(**stop)
+        assert not h.svc._wants_scan(st, h.clock())  # due (next_scan 0), with room: still no
+        assert h.svc._idle_sleep(h.clock()) == 60.0
+        h.svc.configure(vm_rate=1e6, host_rate=1e6)
+        assert h.svc._wants_scan(st, h.clock())
+    h.svc.configure(vm_rate=0)
+
+    async def run() -> None:
+        task = asyncio.create_task(h.svc.scanner())
+        try:
+            for _ in range(5):
+                await asyncio.sleep(0)  # the scanner looks, scans nothing and sleeps
+            assert h.svc.queued(g.vm) == 0
+            h.svc.configure(vm_rate=1e6)
+            while h.svc.queued(g.vm) == 0:
+                await asyncio.sleep(0.005)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    asyncio.run(asyncio.wait_for(run(), 3))
+    assert h.svc.vms[g.vm.vm_id].queue == [0, 1, 2]

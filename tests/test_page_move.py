@@ -15,6 +15,7 @@ real bytes and the daemon's invariants after each step.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,10 +23,13 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+import platform_daemon.services.numa_migration as numa
+from platform_daemon.hugepages import FLAG_LARGE, coverage
+from platform_daemon.p2m import NO_OP
 from platform_daemon.services import page_move
 from shared.constants import PAGES_PER_2M, FaultReason, PageState, ServiceType
-from tests.test_hugepages import HugeHarness, region
-from tests.test_numa_migration import Guest
+from tests.test_hugepages import HugeHarness, promoted, region, split_count
+from tests.test_numa_migration import Guest, _released, content, home_room, unmapped
 
 pytestmark = pytest.mark.timeout(60)
 R = PAGES_PER_2M
@@ -219,3 +223,108 @@ def test_copy_frames_copies_into_runs_and_scattered_frames_alike(h: HugeHarness,
             wrong = np.full(k, bad, dtype=np.int64)
             with pytest.raises(ValueError):
                 page_move.copy_frames(frames, source, run[:k], wrong)
+
+
+# ---- gaps a mutation sweep found ---------------------------------------------------------------
+
+
+def test_an_unmapped_page_of_a_large_region_is_split_before_it_moves_home(h: HugeHarness) -> None:
+    """A large region off the VM's home node whose pages no VMM maps (RESIDENT): NUMA
+    migration moves them in the selection, without a batch (so no release splits the region
+    on the way); the move itself ends the large mapping first, else the p2m would call
+    scattered frames one large region."""
+    g = h.add_vm(home_node=1)
+    promoted(h, g)
+    pages = region(0)
+    unmapped(g, pages)  # (the agent splits its own large mapping as it drops it)
+    g.vm.home_node = 0
+    h.svc.vms.pop(g.vm.vm_id)
+    h.svc.pending_work(g.vm, h.clock())
+    h.scan(g)
+
+    sel = h.svc.select_work(g.vm, R, R, h.clock())
+
+    assert len(sel.bpns) == 0 and h.svc.stats(g.vm).migrated == R  # moved, no batch
+    p2m = g.vm.p2m
+    assert (h.machine.allocator.node_of(p2m.frame[pages]) == 0).all()
+    assert not (p2m.flags[pages] & FLAG_LARGE).any()
+    assert coverage(p2m)[0] == 0
+    assert g.vm.stats.hugepage_splits == 1 and split_count(h, "numa_migration") == 1
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_a_stale_step_leaves_a_page_released_again_to_its_own_step(h: HugeHarness) -> None:
+    """A fault cancelled page 3's move (no room), so the pending step of that release still
+    holds it; room came back and the page was released again, for the same service. It is
+    IN_FLIGHT for the same operation once more, and only its epoch tells the two releases
+    apart: the old step moves page 4 and leaves page 3 to the new release's step."""
+    g = h.add_vm()
+    old = _released(h, g, [3, 4])
+    released = int(g.vm.p2m.epoch[3])
+    filler = home_room(h, 0)
+    reply = h.svc.on_fault(g.vm, 3, write=True)
+    assert reply.reason == FaultReason.CANCEL
+    g.exposure.install(reply.bpns, reply.mpns, np.array([True]))
+    h.write(g, 3, content(4242))  # the guest writes to the page it kept
+    freed = list(range(h.svc.reserve(0) + 4))  # room again: the filler frees some pages
+    h.machine.release_or_retire(filler.vm.p2m.frame[freed])
+    filler.vm.p2m.frame[freed], filler.vm.p2m.state[freed] = -1, PageState.ZERO
+    for b in freed:
+        del filler.data[b]
+    h.scan(g)
+    assert h.low_round(g, run_moves=False) == [(ServiceType.NUMA_MIGRATION, [3])]
+    p2m = g.vm.p2m
+    assert p2m.state[3] == PageState.IN_FLIGHT and p2m.op[3] == ServiceType.NUMA_MIGRATION
+    assert int(p2m.epoch[3]) > released and len(h.spawned) == 2
+
+    asyncio.run(h.spawned.pop(0))  # the first release's step only
+
+    assert h.node(g, 4) == 0 and p2m.state[4] == PageState.RESIDENT
+    assert p2m.state[3] == PageState.IN_FLIGHT and int(p2m.frame[3]) == old[0]
+    assert h.svc.stats(g.vm).migrated == 1
+    asyncio.run(h.spawned.pop(0))  # the second release's step moves it
+    assert h.node(g, 3) == 0 and p2m.state[3] == PageState.RESIDENT and p2m.op[3] == NO_OP
+    st = h.svc.stats(g.vm)
+    assert (st.migrated, st.aborted) == (2, 1) and h.svc.promised == [0, 0]
+    h.rounds(g)  # validation maps both
+    assert (g.exposure.frame[[3, 4]] == p2m.frame[[3, 4]]).all()
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_a_move_yields_to_the_event_loop_between_chunks(
+    h: HugeHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A released batch is copied MOVE_CHUNK pages at a time, the coroutine suspending
+    before each chunk, so a fault (or another VM) is served between chunks: here a fault on
+    a page of the last chunk completes it while the move is half done, and the last chunk
+    skips it. Stepped by hand (send) so each suspension is seen."""
+    monkeypatch.setattr(numa, "MOVE_CHUNK", 2)
+    g = h.add_vm()
+    pages = list(range(10, 16))
+    _released(h, g, pages)
+    coro = h.spawned.pop(0)
+    p2m = g.vm.p2m
+
+    def moved() -> list[int]:
+        return [b for b in pages if p2m.state[b] != PageState.IN_FLIGHT]
+
+    coro.send(None)  # suspended before its first chunk
+    assert moved() == []
+    coro.send(None)
+    assert moved() == [10, 11]
+    reply = h.svc.on_fault(g.vm, 14, write=True)  # served while the move is half done
+    assert reply.reason == FaultReason.COMPLETE
+    g.exposure.install(reply.bpns, reply.mpns, np.array([True]))
+    h.write(g, 14, content(777))
+    coro.send(None)
+    assert moved() == [10, 11, 12, 13, 14]
+    assert p2m.state[15] == PageState.IN_FLIGHT
+    with pytest.raises(StopIteration):
+        coro.send(None)  # the last chunk: 15 moves, 14 (exposed since) is skipped
+    assert [h.node(g, b) for b in pages] == [0] * 6
+    assert h.svc.stats(g.vm).migrated == 6 and h.svc.promised == [0, 0]
+    h.rounds(g)
+    h.content_intact(g)
+    assert h.invariants() == []
