@@ -25,6 +25,7 @@ from platform_daemon.hugepages import FLAG_LARGE, coverage
 from platform_daemon.invariants import HostState, check
 from platform_daemon.p2m import FLAG_SHARED, NO_OP
 from platform_daemon.rounds import RoundEngine
+from platform_daemon.services import defrag as defrag_mod
 from platform_daemon.services.balloon import BalloonService
 from platform_daemon.services.defrag import DefragService
 from platform_daemon.services.page_retire import PageRetireService
@@ -847,3 +848,440 @@ def test_the_agent_maps_large_only_an_aligned_run_in_order() -> None:
     assert t.coverage() == 0.25
     t.invalidate(np.array([7]))
     assert not t.large.any() and t.splits == 1
+
+
+# ---- defrag: what cannot be emptied, what is sent ----------------------------------------------
+
+
+def test_a_run_holding_a_retired_frame_is_never_isolated(h: HugeHarness) -> None:
+    """A retired frame never comes back to the pool, so a run holding one can never be
+    released whole: the look skips it (and marks it skipped) instead of claiming its 509
+    free frames for nothing."""
+    g = h.add_vm(guest_pages=4 * R)
+    fragment(h, g, keep=2)
+    alloc = h.machine.allocator
+    bad = R + int(np.flatnonzero(alloc.frame_state[R : 2 * R] == FrameState.FREE)[0])
+    assert alloc.retire(bad)  # a free frame of run 1 retired (page retire of a free frame)
+    free = alloc.free
+
+    h.defrag.step(h.clock())
+
+    assert h.defrag.nodes[0].isolated is None and 1 in h.defrag.nodes[0].skip
+    assert alloc.free == free  # nothing claimed
+    assert h.frame_state([bad]) == [FrameState.RETIRED]
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_an_isolated_run_whose_frame_is_retired_is_given_up_at_once(h: HugeHarness) -> None:
+    """A frame of the isolated run turns failing under its page and is retired when the page
+    moves out: the run can never be whole, so the next step gives it up at once (its claimed
+    frames back to the pool, the run skipped) rather than hold 500 frames until the
+    isolation times out."""
+    g = h.add_vm(guest_pages=4 * R)
+    stay = fragment(h, g, keep=10)
+    h.defrag.step(h.clock())
+    assert h.defrag.nodes[0].isolated is not None
+    bad = int(g.vm.p2m.frame[stay[0]])
+    h.machine.failing[bad] = True
+    h.rounds(g)
+    assert h.frame_state([bad]) == [FrameState.RETIRED]
+    free = h.machine.allocator.free
+
+    h.defrag.step(h.clock() + 0.01)  # well within ISOLATION_SECONDS
+
+    st = h.defrag.nodes[0]
+    assert st.isolated is None and 1 in st.skip
+    assert h.defrag.stats.runs_aborted == 1 and h.defrag.stats.runs_freed == 0
+    assert h.machine.allocator.free == free + R - 1  # all of run 1 but the retired frame
+    assert h.frame_state([bad]) == [FrameState.RETIRED]
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_pages_of_a_run_given_up_are_not_sent_any_more(h: HugeHarness) -> None:
+    """The run's pages were queued when it was isolated; it is given up (timeout) before the
+    VM ran a round. Moving them now would cost a fault-prone release for nothing (no run is
+    being emptied), so the round sends no DEFRAG_2M batch and the pages keep their frames."""
+    g = h.add_vm(guest_pages=4 * R)
+    stay = fragment(h, g, keep=6)
+    h.defrag.step(h.clock())
+    assert h.defrag.nodes[0].isolated is not None
+    assert h.defrag.pending_work(g.vm, h.clock()) == 6
+    h.clock.now += defrag_mod.ISOLATION_SECONDS + 1
+    h.defrag.step(h.clock())
+    assert h.defrag.nodes[0].isolated is None and h.defrag.stats.runs_aborted == 1
+    before = g.vm.p2m.frame[stay].copy()
+
+    batches = h.rounds(g)
+
+    assert [s for s, _ in batches if s == ServiceType.DEFRAG_2M] == []
+    assert (g.vm.p2m.frame[stay] == before).all() and h.defrag.stats.moved == 0
+    assert (g.vm.p2m.state[stay] == PageState.EXPOSED).all()
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_defrag_moves_never_exceed_the_host_limit(h: HugeHarness) -> None:
+    """Each move takes a new frame while the frame it leaves stays claimed for the run: the
+    host's used frames grow by one per page. With the host limit 4 frames above what is
+    used, 4 pages move, the other 6 keep their frames (mapped again by validation) and the
+    limit holds; raised again, the next step re-queues the 6 and the run is freed."""
+    g = h.add_vm(guest_pages=4 * R)
+    stay = fragment(h, g, keep=10)
+    h.defrag.step(h.clock())
+    assert h.defrag.nodes[0].isolated is not None
+    m = h.machine
+    m.limit_pages = m.allocator.used + 4
+    assert m.allocator.free_on(0) > 10  # the node has room: only the host limit stops them
+
+    h.rounds(g)
+
+    assert m.allocator.used <= m.limit_pages and m.available() == 0
+    assert h.defrag.stats.moved == 4
+    on_run1 = (g.vm.p2m.frame[stay] >= R) & (g.vm.p2m.frame[stay] < 2 * R)
+    assert on_run1.sum() == 6
+    assert (g.exposure.frame[stay] == g.vm.p2m.frame[stay]).all()  # all mapped again
+    h.content_intact(g)
+    assert h.invariants() == []
+
+    m.limit_pages = m.host_pages
+    h.defrag.step(h.clock() + 0.01)  # re-queues the 6 left on the run
+    h.rounds(g)
+    h.defrag.step(h.clock() + 0.02)
+    assert h.defrag.stats.runs_freed == 1 and m.allocator.run_free[1] == R
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_only_a_fault_that_completes_the_move_counts_as_a_fault_completion(
+    h: HugeHarness,
+) -> None:
+    """A fault on a page in flight with no free frame keeps the page where it was (CANCEL):
+    that is not a completed move and is not counted; one that moves it (COMPLETE) is."""
+    g = h.add_vm(guest_pages=4 * R)
+    stay = fragment(h, g, keep=5)
+    h.defrag.step(h.clock())
+    assert h.low_round(g, run_moves=False)[0][0] == ServiceType.DEFRAG_2M
+    filler = h.add_vm(guest_pages=4 * R)
+    h.back(filler, list(range(h.machine.allocator.free_on(0))), node=0)
+
+    reply = h.defrag.on_fault(g.vm, stay[0], True)
+
+    assert reply.reason == FaultReason.CANCEL and h.defrag.stats.fault_completions == 0
+    g.exposure.install(reply.bpns, reply.mpns, np.array([True]))
+    h.machine.release_or_retire(filler.vm.p2m.frame[[0]])  # one frame free again
+    filler.vm.p2m.frame[0], filler.vm.p2m.state[0] = -1, PageState.ZERO
+    filler.exposure.frame[0] = -1
+    del filler.data[0]
+    reply = h.defrag.on_fault(g.vm, stay[1], True)
+    assert reply.reason == FaultReason.COMPLETE and h.defrag.stats.fault_completions == 1
+    g.exposure.install(reply.bpns, reply.mpns, np.array([True]))
+    h.run_spawned()
+    for guest in (g, filler):
+        h.content_intact(guest)
+    assert h.invariants() == []
+
+
+# ---- defrag: the default policy ----------------------------------------------------------------
+
+
+def hold_node0(h: HugeHarness, whole: list[int], scattered: int) -> npt.NDArray[np.int64]:
+    """Leave node 0 (fresh: only the zero frame used) with runs ``whole`` free and
+    ``scattered`` more free frames in the other runs, none of those whole (their first frame
+    is held). The held frames are owned by nobody: release them before the invariant check."""
+    alloc = h.machine.allocator
+    held = alloc.allocate(alloc.free_on(0), 0)
+    others = np.sort(held[~np.isin(held // R, whole)])
+    others = others[others % R != 0]  # a run's first frame stays held: never whole
+    give = np.concatenate([held[np.isin(held // R, whole)], others[:scattered]])
+    assert len(others) >= scattered
+    alloc.release(give)
+    assert alloc.free_runs(0) == len(whole) and alloc.free_on(0) == R * len(whole) + scattered
+    return held[~np.isin(held, give)]
+
+
+def test_the_fragmentation_score_is_the_percent_of_free_frames_outside_whole_runs(
+    h: HugeHarness,
+) -> None:
+    """Linux's fragmentation_score_node: 100 * (free - 512 * whole free runs) / free.
+    A fresh node 0 has 2047 free frames (frame 0 is the zero frame), 3 of its 4 runs whole:
+    511 of 2047 free frames are outside them, 24.96 %, reported as a whole percent (25).
+    One whole run and 128 scattered frames: exactly 20 %. No whole run: 100. None free: 0."""
+    alloc = h.machine.allocator
+    assert (alloc.free_on(0), alloc.free_runs(0)) == (2047, 3)
+    assert h.defrag.fragmentation_score(0) == round(100 * 511 / 2047) == 25
+    held = hold_node0(h, whole=[3], scattered=128)
+    assert h.defrag.fragmentation_score(0) == 20  # 128 / 640
+    alloc.release(held)
+    taken = break_runs(h, 0)
+    assert h.defrag.fragmentation_score(0) == 100
+    alloc.release(taken)
+    everything = alloc.allocate(alloc.free_on(0), 0)
+    assert h.defrag.fragmentation_score(0) == 0
+    alloc.release(everything)
+    assert h.invariants() == []
+
+
+class Looks:
+    """Node 0 set to a given free-frame layout (``hold_node0``), then one look of defrag at
+    the next check time: returns the node's score and whether it is compacting."""
+
+    def __init__(self, h: HugeHarness, whole: list[int]) -> None:
+        self.h, self.whole = h, whole
+        self.held = np.empty(0, dtype=np.int64)
+
+    def __call__(self, scattered: int) -> tuple[int, bool]:
+        h = self.h
+        h.machine.allocator.release(self.held)
+        self.held = hold_node0(h, self.whole, scattered)
+        h.clock.now += defrag_mod.CHECK_SECONDS
+        h.defrag.step(h.clock())
+        return h.defrag.fragmentation_score(0), h.defrag.nodes[0].compacting
+
+    def done(self) -> None:
+        self.h.machine.allocator.release(self.held)
+        self.held = np.empty(0, dtype=np.int64)
+
+
+def test_proactive_compaction_starts_above_the_high_mark_and_stops_at_the_low_one(
+    h: HugeHarness,
+) -> None:
+    """kcompactd's hysteresis: with proactiveness p a node starts compacting when its score is
+    above 100 - p + 10, keeps compacting while it is above 100 - p, and stops at 100 - p or
+    below; between the two marks it keeps doing what it did. (p = 40 here: the band 60..70
+    is reachable on this small node, where one whole run caps the score at 75.)"""
+    h.defrag.proactiveness = 40
+    look = Looks(h, whole=[3])  # run 3 free, plus n frames scattered in runs 0-2
+
+    assert look(1195) == (70, False)  # at the high mark: not above it, does not start
+    assert look(1024) == (67, False)  # in the band, not compacting: stays off
+    assert look(1254) == (71, True)  # above the high mark: starts
+    assert look(1024) == (67, True)  # in the band: keeps compacting
+    assert look(1195) == (70, True)
+    assert look(768) == (60, False)  # at the low mark: stops
+    assert look(1024) == (67, False)  # in the band again: stays off
+    assert h.defrag.nodes[0].isolated is None  # (nothing to empty: no VM page anywhere)
+    look.done()
+    assert h.invariants() == []
+
+
+def test_the_low_mark_is_never_below_5_percent(h: HugeHarness) -> None:
+    """Linux's ``max(100 - proactiveness, 5)``: even at proactiveness 100 a node whose free
+    frames are 95 % in whole runs is compacted enough (marks 5 and 15), so defrag does not
+    churn for the last few scattered frames."""
+    h.defrag.proactiveness = 100
+    look = Looks(h, whole=[1, 2, 3])  # 1536 frames in whole runs, n more in run 0
+
+    assert look(271) == (15, False)  # at the high mark: does not start
+    assert look(292) == (16, True)  # above it: starts
+    assert look(100) == (6, True)  # above the low mark: keeps compacting
+    assert look(81) == (5, False)  # at the low mark (5, not 0): stops
+    look.done()
+    assert h.invariants() == []
+
+
+def test_with_default_proactiveness_a_node_without_a_whole_run_is_compacted_unasked(
+    h: HugeHarness,
+) -> None:
+    """Proactiveness 20 (marks 80 and 90). Node 0 with whole free runs scores 33: no
+    compaction. With every run broken it scores 100: defrag empties the nearly free run 1
+    without promotion asking; once a run is whole again (score 66) it stops."""
+    g = h.add_vm(guest_pages=4 * R)
+    fragment(h, g, keep=10)
+    h.defrag.proactiveness = defrag_mod.PROACTIVENESS
+    st = h.defrag.nodes[0]
+    h.defrag.step(h.clock())
+    assert h.defrag.fragmentation_score(0) == 33 and not st.compacting
+    assert st.isolated is None and not st.wanted
+    taken = break_runs(h, 0)  # runs 2 and 3: one frame each, owned by nobody (skipped)
+    h.clock.now += defrag_mod.CHECK_SECONDS
+
+    h.defrag.step(h.clock())
+
+    assert h.defrag.fragmentation_score(0) == 100
+    assert st.compacting and st.isolated is not None and st.isolated.run == 1
+    h.rounds(g)
+    h.defrag.step(h.clock() + 0.01)
+    assert h.defrag.stats.runs_freed == 1
+    h.clock.now += defrag_mod.CHECK_SECONDS
+    h.defrag.step(h.clock())
+    assert h.defrag.fragmentation_score(0) == 66 and not st.compacting  # 1010 of 1522
+    h.machine.allocator.release(taken)
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_a_request_for_a_run_is_dropped_when_a_run_is_free(h: HugeHarness) -> None:
+    """Promotion asked (want_run) but a whole run is free on the node by the next look: the
+    request is dropped there (promotion takes that run) and no run is emptied for it."""
+    g = h.add_vm(guest_pages=4 * R)
+    fragment(h, g, keep=10)  # runs 2 and 3 free
+    h.defrag.proactiveness = defrag_mod.PROACTIVENESS  # score 33: no proactive compaction
+    h.defrag.want_run(0)
+
+    h.defrag.step(h.clock())
+
+    st = h.defrag.nodes[0]
+    assert not st.wanted and st.isolated is None
+    assert h.invariants() == []
+
+
+def test_a_request_for_a_run_is_answered_once_by_the_run_it_freed(h: HugeHarness) -> None:
+    """Promotion asked for a run; defrag empties run 1 and releases it whole: the request is
+    answered. If the run is taken at once (as promotion's copy takes it) and no whole run is
+    left, defrag does not go on emptying runs nobody asked for; a new request does."""
+    g = h.add_vm(guest_pages=4 * R)
+    h.back(g, list(range(2047)), node=0)  # frames 1..2047: all of node 0
+    p2m = g.vm.p2m
+    runs = p2m.frame // R
+    keep = {1: 10, 2: 20, 3: 300}  # run 3 keeps too many pages to be a candidate
+    drop = np.concatenate([np.flatnonzero(runs == r)[k:] for r, k in keep.items()])
+    h.machine.release_or_retire(p2m.frame[drop])
+    p2m.frame[drop], p2m.state[drop] = -1, PageState.ZERO
+    g.exposure.frame[drop] = -1
+    for b in drop.tolist():
+        del g.data[b]
+    alloc = h.machine.allocator
+    assert alloc.free_runs(0) == 0
+    h.defrag.proactiveness = 0  # only when asked
+    st = h.defrag.nodes[0]
+    h.defrag.want_run(0)
+    h.defrag.step(h.clock())
+    assert st.isolated is not None and st.isolated.run == 1
+    h.rounds(g)
+    h.defrag.step(h.clock() + 0.01)
+    assert h.defrag.stats.runs_freed == 1 and not st.wanted
+    run = alloc.allocate_run(0)  # the requester takes it
+    assert run is not None and run[0] == R and alloc.free_runs(0) == 0
+
+    h.clock.now += defrag_mod.CHECK_SECONDS
+    h.defrag.step(h.clock())
+
+    assert st.isolated is None  # run 2 is not emptied unasked
+    h.defrag.want_run(0)
+    h.clock.now += defrag_mod.CHECK_SECONDS
+    h.defrag.step(h.clock())
+    assert st.isolated is not None and st.isolated.run == 2
+    alloc.release(run)
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+@pytest.mark.parametrize(("keep", "isolated"), [(defrag_mod.MAX_USED, True), (65, False)])
+def test_a_run_with_at_most_max_used_pages_is_emptied(
+    h: HugeHarness, keep: int, isolated: bool
+) -> None:
+    """The design's "nearly free 2 MB regions": a run holding MAX_USED (64) pages is emptied,
+    one holding 65 is left alone (too many pages to move for one run)."""
+    g = h.add_vm(guest_pages=4 * R)
+    stay = fragment(h, g, keep=keep)
+    assert len(stay) == keep
+
+    h.defrag.step(h.clock())
+
+    assert (h.defrag.nodes[0].isolated is not None) == isolated
+    if isolated:
+        h.rounds(g)
+        h.defrag.step(h.clock() + 0.01)
+        assert h.defrag.stats.runs_freed == 1 and h.machine.allocator.run_free[1] == R
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+@pytest.mark.parametrize("spare", [0, -1])
+def test_defrag_keeps_the_node_reserve_free(h: HugeHarness, spare: int) -> None:
+    """Claiming a run and moving its pages out must leave the node its reserve for faults
+    (free_high_pct = 6 % of 2048 frames: 123). Node 0 with 635 free frames (502 of them in
+    run 1, whose 10 pages move): after the moves exactly 123 are free outside the run, so
+    the run is emptied. One frame fewer (634): nothing is isolated and the request dropped."""
+    g = h.add_vm(guest_pages=4 * R)
+    fragment(h, g, keep=10)
+    alloc = h.machine.allocator
+    reserve = 123
+    assert h.defrag._reserve(0) == reserve
+    held = np.arange(2 * R, 4 * R)  # runs 2 and 3, held by nobody but a few frames
+    alloc.claim_free(2), alloc.claim_free(3)
+    target = R + reserve + spare  # 635 or 634
+    cut = len(held) - (target - alloc.free_on(0))
+    alloc.release(held[cut:])
+    held = held[:cut]
+    assert alloc.free_on(0) == target and alloc.run_free[1] == R - 10
+    h.defrag.want_run(0)
+
+    h.defrag.step(h.clock())
+
+    st = h.defrag.nodes[0]
+    if spare < 0:
+        assert st.isolated is None and not st.wanted and not st.compacting
+    else:
+        assert st.isolated is not None and st.isolated.run == 1
+        h.rounds(g)
+        assert alloc.free_on(0) == reserve  # the moves used the rest, and no more
+        h.defrag.step(h.clock() + 0.01)
+        assert h.defrag.stats.runs_freed == 1
+    alloc.release(held)
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_each_node_is_looked_at_once_per_check_interval(h: HugeHarness) -> None:
+    """A look costs a scan of runs, so a node is looked at every CHECK_SECONDS, however often
+    the worker steps. Defrag switched on just after a look: the run is isolated at the next
+    check time, not at the steps in between."""
+    g = h.add_vm(guest_pages=4 * R)
+    fragment(h, g, keep=10)
+    h.defrag.enabled = False
+    t = h.clock()
+    h.defrag.step(t)  # a look: nothing (switched off)
+    h.defrag.enabled = True
+    st = h.defrag.nodes[0]
+
+    h.defrag.step(t + defrag_mod.CHECK_SECONDS / 2)
+    assert st.isolated is None  # too soon
+
+    h.defrag.step(t + defrag_mod.CHECK_SECONDS)
+    assert st.isolated is not None and st.isolated.run == 1
+    assert h.invariants() == []
+
+
+# ---- splitting and coverage --------------------------------------------------------------------
+
+
+def test_one_release_touching_two_large_regions_counts_two_splits(h: HugeHarness) -> None:
+    """The split counters count regions split, not releases or pages: one balloon batch
+    taking a page of each of two large regions splits both (2), and each keeps its other
+    511 pages on their frames."""
+    g = h.add_vm()
+    h.back(g, region(0) + region(1), node=0)  # frames 1..1024: neither on a run
+    h.promote(g)
+    assert g.exposure.large.all() and coverage(g.vm.p2m) == (2, 2)
+    frames = g.vm.p2m.frame[: 2 * R].copy()
+    taken = np.array([100, R + 7])
+    g.exposure.invalidate(taken)  # the balloon driver, on the agent
+    BalloonService(h.ctx).complete(g.vm, taken, np.zeros(2, dtype=np.uint8))
+    for b in taken.tolist():
+        del g.data[b]
+
+    assert g.vm.stats.hugepage_splits == 2 and split_count(h, "balloon") == 2
+    assert g.exposure.splits == 2 and coverage(g.vm.p2m) == (0, 2)
+    assert not (g.vm.p2m.flags[: 2 * R] & FLAG_LARGE).any()
+    rest = np.setdiff1d(np.arange(2 * R), taken)
+    assert (g.vm.p2m.frame[rest] == frames[rest]).all()
+    h.both_sides_agree(g)
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_coverage_counts_only_whole_regions_of_a_guest_not_a_multiple_of_2m(
+    h: HugeHarness,
+) -> None:
+    """A guest of 2 MiB * 2 + 100 pages has 2 whole regions; the 100-page tail can never be
+    mapped large, so it is not a region coverage counts (1 of 2 large, not 1 of 3)."""
+    g = h.add_vm(guest_pages=2 * R + 100)
+    h.back(g, list(range(2 * R, 2 * R + 100)), node=0)  # the tail, backed
+    promoted(h, g, 0)
+    assert coverage(g.vm.p2m) == (1, 2)
+    assert len(g.exposure.large) == 2
+    h.content_intact(g)
+    assert h.invariants() == []
