@@ -26,6 +26,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 import platform_daemon.services.numa_migration as numa
+import platform_daemon.services.validation as validation_module
 from platform_daemon.allocator import FrameState
 from platform_daemon.context import ServiceContext
 from platform_daemon.faults import FaultResolver
@@ -34,11 +35,14 @@ from platform_daemon.machine import MachineMemory
 from platform_daemon.metrics import PlatformMetrics
 from platform_daemon.p2m import FLAG_SHARED, NO_OP, P2M
 from platform_daemon.rounds import RoundEngine, RoundState
+from platform_daemon.services.balloon import BalloonService
+from platform_daemon.services.base import Selection
 from platform_daemon.services.numa_migration import (
     BURST_SECONDS,
     NumaMigrationService,
     locality,
 )
+from platform_daemon.services.page_sharing import PageSharingService
 from platform_daemon.services.validation import ValidationService
 from platform_daemon.shared_frames import SharedFrames
 from platform_daemon.vm import VM
@@ -658,6 +662,189 @@ def test_validation_never_maps_a_page_something_else_took_meanwhile(h: Harness) 
     assert h.validation.validated.get(g.vm.vm_id, 0) == 0
     h.content_intact(g)
     assert h.invariants() == []
+
+
+def _moved(h: Harness, g: Guest, bpns: list[int]) -> None:
+    """Move ``bpns`` home (first half of the remap: released, copied, RESIDENT on the new
+    frame) and stop there: they wait in remap validation's queue, in this order."""
+    _released(h, g, bpns)
+    assert h.run_spawned() == 1
+    assert (g.vm.p2m.state[bpns] == PageState.RESIDENT).all()
+
+
+def _validate(h: Harness, g: Guest, sel: Selection) -> npt.NDArray[np.uint8]:
+    """The VMM's filter on a selection, and the completion: the verdicts."""
+    status = np.zeros(len(sel.bpns), dtype=np.uint8)
+    g.filters[ServiceType.VALIDATION].process(sel.bpns.astype(np.uint64), sel.mpns, status)
+    h.validation.complete(g.vm, sel.bpns, status)
+    return status
+
+
+def test_one_selection_takes_no_more_remapped_pages_than_its_units(h: Harness) -> None:
+    """The scheduler prices a batch in units: a selection of remapped pages stops there, and
+    the rest wait for the next one (each page validated once, on its new frame)."""
+    g = h.add_vm()
+    pages = list(range(6))
+    _moved(h, g, pages)
+    first = h.validation.select_work(g.vm, SLOT_CAPACITY, 2, h.clock())
+    assert first.bpns.tolist() == [0, 1] and first.work == 2
+    assert h.validation.pending_work(g.vm, h.clock()) == 4
+    _validate(h, g, first)
+    rest = h.validation.select_work(g.vm, SLOT_CAPACITY, SLOT_CAPACITY, h.clock())
+    assert rest.bpns.tolist() == [2, 3, 4, 5]
+    _validate(h, g, rest)
+    assert (g.vm.p2m.state[pages] == PageState.EXPOSED).all()
+    assert h.validation.validated[g.vm.vm_id] == 6
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_a_full_validation_queue_drops_the_oldest_pages_which_then_fault(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past MAX_QUEUE waiting pages the oldest leave the queue (the newest are the likeliest
+    still untouched): they stay RESIDENT on their new frame, and the guest's touch maps
+    that frame with a fault (REMAP), every byte intact."""
+    monkeypatch.setattr(validation_module, "MAX_QUEUE", 4)
+    g = h.add_vm()
+    pages = list(range(6))
+    _moved(h, g, pages)
+    assert h.validation.pending_work(g.vm, h.clock()) == 4
+    sel = h.validation.select_work(g.vm, SLOT_CAPACITY, SLOT_CAPACITY, h.clock())
+    assert sel.bpns.tolist() == [2, 3, 4, 5]
+    _validate(h, g, sel)
+    p2m = g.vm.p2m
+    assert (p2m.state[[0, 1]] == PageState.RESIDENT).all()
+    assert (g.exposure.frame[[0, 1]] == -1).all()
+    for bpn in (0, 1):
+        reply = h.resolver.try_resolve(g.vm, bpn, False, 0)
+        assert reply is not None and reply.reason == FaultReason.REMAP
+        assert reply.mpns.tolist() == [p2m.frame[bpn]]
+        g.exposure.install(reply.bpns, reply.mpns, np.array(writable(reply)))
+    assert h.validation.validated[g.vm.vm_id] == 4
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_a_page_queued_twice_is_validated_once(h: Harness) -> None:
+    """A page can be queued again before its validation (moved a second time without a
+    batch: defrag takes RESIDENT pages): the batch carries it once, and the payoff counter
+    counts it once."""
+    g = h.add_vm()
+    _moved(h, g, [7, 8])
+    h.validation.enqueue(g.vm, np.array([7]))  # its second move's on_moved
+    sel = h.validation.select_work(g.vm, SLOT_CAPACITY, SLOT_CAPACITY, h.clock())
+    assert sorted(sel.bpns.tolist()) == [7, 8]
+    status = _validate(h, g, sel)
+    assert status.tolist() == [PageStatus.OK, PageStatus.OK]
+    assert h.validation.validated[g.vm.vm_id] == 2
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_a_remapped_page_merged_meanwhile_is_not_handed_out_writable(h: Harness) -> None:
+    """A page waiting for validation is RESIDENT, so page sharing may merge it without a
+    batch (here: all zeros, onto the node's zero frame). Validation then hands it out no
+    more: the VMM maps private pages writable, and a guest write through that mapping would
+    change the frame every sharer reads. A touch faults and maps it read-only instead."""
+    g = h.add_vm()
+    h.back(g, [3, 4], node=1)
+    h.write(g, 3, np.zeros(PAGE_SIZE, dtype=np.uint8))
+    h.scan(g)
+    h.low_round(g, run_moves=False)
+    h.run_spawned()
+    p2m = g.vm.p2m
+    PageSharingService(h.ctx).merge(g.vm, np.array([3]))
+    zero = int(h.machine.zero_frame[0])
+    assert p2m.frame[3] == zero and p2m.flags[3] & FLAG_SHARED
+    sel = h.validation.select_work(g.vm, SLOT_CAPACITY, SLOT_CAPACITY, h.clock())
+    assert sel.bpns.tolist() == [4]
+    _validate(h, g, sel)
+    assert g.exposure.frame[3] == -1 and p2m.state[3] == PageState.RESIDENT
+    reply = h.resolver.try_resolve(g.vm, 3, False, 0)
+    assert reply is not None and reply.mpns.tolist() == [zero] and writable(reply) == [False]
+    g.exposure.install(reply.bpns, reply.mpns, np.array(writable(reply)))
+    assert not h.machine.frames[zero].any()
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_stale_queue_entries_count_as_the_selection_s_work(h: Harness) -> None:
+    """Entries popped for pages the guest faulted in meanwhile hand nothing out but were
+    work (the engine drops a type from the round only when a selection did no work at
+    all), and they use up the units: the next pages wait for the next selection."""
+    g = h.add_vm()
+    _moved(h, g, [0, 1, 2])
+    for bpn in (0, 1):  # the guest touches them first: REMAP, EXPOSED
+        reply = h.resolver.try_resolve(g.vm, bpn, False, 0)
+        g.exposure.install(reply.bpns, reply.mpns, np.array(writable(reply)))
+    sel = h.validation.select_work(g.vm, SLOT_CAPACITY, 2, h.clock())
+    assert sel.bpns.tolist() == [] and sel.work == 2
+    sel = h.validation.select_work(g.vm, SLOT_CAPACITY, 2, h.clock())
+    assert sel.bpns.tolist() == [2] and sel.work == 1
+    _validate(h, g, sel)
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_a_page_ballooned_while_its_validation_is_out_stays_ballooned(h: Harness) -> None:
+    """The guest balloons a page whose VALIDATION batch is out, and the balloon's completion
+    lands first (the page is ZERO, its frame freed): the VMM's late STALE_FRAME verdict must
+    leave it ZERO, not make it RESIDENT on a frame it no longer has."""
+    g = h.add_vm()
+    _moved(h, g, [5, 6])
+    sel = h.validation.select_work(g.vm, SLOT_CAPACITY, SLOT_CAPACITY, h.clock())
+    assert sel.bpns.tolist() == [5, 6]
+    g.exposure.released_by[6] = ServiceType.BALLOON  # the guest gives page 6 to its balloon
+    BalloonService(h.ctx).complete(g.vm, np.array([6]), np.zeros(1, dtype=np.uint8))
+    del g.data[6]
+    status = _validate(h, g, sel)
+    assert status.tolist() == [PageStatus.OK, PageStatus.STALE_FRAME]
+    p2m = g.vm.p2m
+    assert p2m.state[6] == PageState.ZERO and p2m.frame[6] == -1
+    assert p2m.state[5] == PageState.EXPOSED
+    assert h.validation.validated[g.vm.vm_id] == 1
+    for outcome in ("mapped", "refused"):
+        got = h.metrics.registry.get_sample_value(
+            "vmmem_validated_pages_total", {"outcome": outcome}
+        )
+        assert got == 1, outcome
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_a_page_ballooned_after_the_vmm_mapped_it_is_not_counted_validated(h: Harness) -> None:
+    """The VMM maps both pages (OK), then the guest balloons one and the balloon's completion
+    lands before validation's: that page is ZERO and stays so, and only the page still
+    validated counts toward the payoff."""
+    g = h.add_vm()
+    _moved(h, g, [5, 6])
+    sel = h.validation.select_work(g.vm, SLOT_CAPACITY, SLOT_CAPACITY, h.clock())
+    status = np.zeros(2, dtype=np.uint8)
+    g.filters[ServiceType.VALIDATION].process(sel.bpns.astype(np.uint64), sel.mpns, status)
+    assert status.tolist() == [PageStatus.OK, PageStatus.OK]
+    g.exposure.invalidate(np.array([6]))  # the guest gives page 6 to its balloon
+    g.exposure.released_by[6] = ServiceType.BALLOON
+    BalloonService(h.ctx).complete(g.vm, np.array([6]), np.zeros(1, dtype=np.uint8))
+    del g.data[6]
+    h.validation.complete(g.vm, sel.bpns, status)
+    assert g.vm.p2m.state[6] == PageState.ZERO and g.vm.p2m.state[5] == PageState.EXPOSED
+    assert h.validation.validated[g.vm.vm_id] == 1
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_a_vm_gone_leaves_no_validation_work_behind(h: Harness) -> None:
+    """The VM leaves with moved pages waiting, and a move that lands after it left (a
+    remap's second half for a detached p2m) queues nothing: the service holds no work, nor
+    a queue, for a VM that no round will ever serve."""
+    g = h.add_vm()
+    _moved(h, g, [0, 1])
+    g.vm.alive = False
+    h.validation.on_vm_gone(g.vm)
+    h.validation.enqueue(g.vm, np.arange(2, 5))
+    assert h.validation.pending_work(g.vm, h.clock()) == 0
+    assert g.vm.vm_id not in h.validation.queues
 
 
 # ---- the bandwidth bound ----------------------------------------------------------------------

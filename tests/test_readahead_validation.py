@@ -44,6 +44,7 @@ from shared.constants import (
     FaultReason,
     FreeState,
     PageState,
+    PageStatus,
     Priority,
     ServiceType,
 )
@@ -277,6 +278,8 @@ def test_read_ahead_pages_are_held_mapped_with_their_slots(h: Harness) -> None:
     assert h.outcomes() == {"held": AROUND}
     for bpn in ahead.tolist():
         h.touch(bpn)  # the content is the page's
+    h.swap.mark_in_flight(h.vm, np.array([50]))  # a swap-out in flight is not a hold
+    assert h.validation.readahead.status(h.vm)["held_now"] == AROUND
 
 
 def test_after_the_window_touched_pages_stay_and_untouched_ones_go_back_to_their_slots(
@@ -293,8 +296,10 @@ def test_after_the_window_touched_pages_stay_and_untouched_ones_go_back_to_their
     h.clock.now += WINDOW / 2
     assert h.low_round() == []
     frames = h.vm.p2m.frame[untouched].copy()
+    swapped_out = h.vm.stats.swapped_out
     h.clock.now += WINDOW / 2
     assert h.low_round() == ahead.tolist()
+    assert h.vm.stats.swapped_out == swapped_out + len(untouched)  # frames given back
     p2m = h.vm.p2m
     assert (p2m.state[touched] == PageState.EXPOSED).all()
     assert (p2m.swap_slot[touched] == NO_SLOT).all()
@@ -330,6 +335,8 @@ def test_a_pinned_read_ahead_page_is_kept_not_dropped(h: Harness) -> None:
     assert h.vm.p2m.swap_slot[ahead[0]] == NO_SLOT and not h.swapfile.in_use[slots[0]]
     assert h.exposure.frame[ahead[0]] == h.vm.p2m.frame[ahead[0]]
     assert h.outcomes() == {"held": 8, "kept": 1, "frame_recovered": 7}
+    st = h.validation.readahead.status(h.vm)
+    assert (st["held"], st["kept"], st["frames_recovered"], st["validated"]) == (8, 1, 7, 8)
     assert h.violations() == []
 
 
@@ -355,6 +362,7 @@ def test_a_fault_during_validation_gets_the_same_frame_and_keeps_the_page(h: Har
     others = np.delete(ahead, 2)
     assert (h.vm.p2m.state[others] == PageState.SWAPPED).all()
     assert h.outcomes() == {"held": 8, "faulted": 1, "frame_recovered": 7}
+    assert h.validation.readahead.status(h.vm)["faulted"] == 1
     assert h.violations() == []
 
 
@@ -402,6 +410,27 @@ def test_a_vm_gone_mid_validation_frees_each_frame_and_slot_once(h: Harness) -> 
     assert h.violations() == []
 
 
+def test_pressure_after_a_vm_left_mid_validation_touches_nothing_of_it(h: Harness) -> None:
+    """The VM leaves with read-ahead pages out in a batch; memsched's next tick under
+    pressure ends every VM's holds: the gone VM's are nobody's any more (its frames and
+    slots went with its p2m, now read-only), so it releases none and raises nothing."""
+    h.read_ahead()
+    h.clock.now += WINDOW
+    req = h.get_request()
+    h.process(req)
+    h.validation.on_vm_gone(h.vm)
+    h.swap.on_vm_gone(h.vm)
+    p2m = h.vm.p2m
+    h.machine.release_or_retire(p2m.frame[p2m.frame != NO_FRAME])
+    h.swapfile.release(p2m.swap_slot[p2m.swap_slot >= 0])
+    h.vm.alive = False
+    p2m.detach()
+    assert h.validation.readahead.set_pressure(True) == 0
+    assert h.validation.readahead.status(h.vm)["held"] == 0  # nothing remembered
+    assert h.swapfile.used == 0
+    assert h.violations() == []
+
+
 def test_read_ahead_and_remap_pages_share_a_batch(h: Harness) -> None:
     """A batch may carry remapped pages and read-ahead pages: each gets its own handling
     (the remapped page is installed on its new frame, the read-ahead ones validated)."""
@@ -423,6 +452,85 @@ def test_read_ahead_and_remap_pages_share_a_batch(h: Harness) -> None:
     assert (h.vm.p2m.state[ahead] == PageState.SWAPPED).all()
     assert h.outcomes()["frame_recovered"] == AROUND
     assert h.violations() == []
+
+
+def _remapped(h: Harness, bpns: list[int]) -> None:
+    """NUMA migration's first half, in short: released by the VMM, copied to new frames,
+    RESIDENT there and queued for remap validation."""
+    idx = np.array(bpns, dtype=np.int64)
+    h.back(bpns)
+    h.exposure.invalidate(idx)
+    h.exposure.released_by[idx] = ServiceType.NUMA_MIGRATION
+    new = h.machine.allocator.allocate(len(idx), 0)
+    h.machine.frames[new] = h.machine.frames[h.vm.p2m.frame[idx]]
+    h.machine.release_or_retire(h.vm.p2m.frame[idx])
+    h.resolver.map_private(h.vm, idx, new)
+    h.vm.p2m.state[idx] = PageState.RESIDENT
+    h.validation.enqueue(h.vm, idx)
+
+
+def _validate(h: Harness, bpns: npt.NDArray[np.int64], mpns: npt.NDArray[np.int64]) -> None:
+    status = np.zeros(len(bpns), dtype=np.uint8)
+    h.filter.process(bpns.astype(np.uint64), mpns, status)
+    h.validation.complete(h.vm, bpns, status)
+
+
+def test_remapped_and_read_ahead_pages_share_the_slot_s_capacity_and_the_units(
+    h: Harness,
+) -> None:
+    """Read-ahead pages fill what the remapped pages left of a batch: of the slot's capacity
+    and of the units the scheduler gave it, never more; the rest wait for the next batch,
+    and every page ends validated with its bytes."""
+    ahead, _ = h.read_ahead()
+    remapped = list(range(100, 106))
+    _remapped(h, remapped)
+    h.clock.now += WINDOW
+    sel = h.validation.select_work(h.vm, 10, 1000, h.clock.now)
+    assert sel.bpns.tolist() == [*remapped, *ahead[:4].tolist()] and sel.work == 10
+    _validate(h, sel.bpns, sel.mpns)
+    sel = h.validation.select_work(h.vm, 64, 2, h.clock.now)
+    assert sel.bpns.tolist() == ahead[4:6].tolist() and sel.work == 2
+    _validate(h, sel.bpns, sel.mpns)
+    assert h.low_round() == ahead[6:].tolist()
+    assert (h.vm.p2m.state[remapped] == PageState.EXPOSED).all()
+    assert (h.vm.p2m.state[ahead] == PageState.SWAPPED).all()
+    for bpn in remapped:
+        h.touch(bpn)
+    for bpn in ahead.tolist():
+        h.fault(bpn)
+        h.touch(bpn)
+    assert h.violations() == []
+
+
+def test_a_remap_verdict_in_a_mixed_batch_reaches_the_platform(h: Harness) -> None:
+    """A batch of read-ahead pages and a remapped page the guest already faulted in: the
+    VMM's CANCELLED for that page is written back with the read-ahead verdicts, so the
+    platform does not count it as a page the batch validated."""
+    h.read_ahead()
+    _remapped(h, [100])
+    h.exposure.install(np.array([100]), h.vm.p2m.frame[[100]], np.array([True]))  # a fault
+    h.clock.now += WINDOW
+    sel = h.validation.select_work(h.vm, 64, 1000, h.clock.now)
+    status = np.zeros(len(sel.bpns), dtype=np.uint8)
+    h.filter.process(sel.bpns.astype(np.uint64), sel.mpns, status)
+    assert sel.bpns.tolist()[0] == 100 and status[0] == PageStatus.CANCELLED
+    h.validation.complete(h.vm, sel.bpns, status)
+    assert h.validation.validated.get(h.vm.vm_id, 0) == 0
+    assert h.vm.p2m.state[100] == PageState.EXPOSED
+    h.touch(100)
+    assert h.violations() == []
+
+
+def test_read_ahead_verdicts_are_not_counted_as_refused_remaps(h: Harness) -> None:
+    """A VALIDATION batch of read-ahead pages only: their verdicts are read-ahead outcomes,
+    and remap validation's own counter (mapped / refused) does not see them."""
+    ahead, _ = h.read_ahead()
+    h.touch(int(ahead[0]))
+    h.clock.now += WINDOW
+    assert h.low_round() == ahead.tolist()
+    samples = next(iter(h.metrics.validated.collect())).samples
+    assert [s.value for s in samples if s.name.endswith("_total")] == []
+    assert h.outcomes() == {"held": AROUND, "fault_avoided": 1, "frame_recovered": AROUND - 1}
 
 
 # ---- memory pressure: holds end at once -----------------------------------------------------
@@ -547,6 +655,18 @@ def test_a_fault_waiting_for_a_frame_is_counted_while_it_waits(h: Harness) -> No
     assert seen == [1] and waits.waiting == 0
 
 
+def test_before_any_verdict_a_second_read_ahead_gets_the_whole_window(h: Harness) -> None:
+    """A VM whose read-ahead pages are held but not validated yet has no verdict to go by:
+    its next swap-in reads the whole window ahead, not one page (no verdict is a hit ratio
+    of 1, not 0)."""
+    h.read_ahead()
+    reply = h.fault(SWAPPED[10], around=AROUND)
+    assert reply.bpns.tolist() == list(range(SWAPPED[10], SWAPPED[10] + 1 + AROUND))
+    for bpn in reply.bpns.tolist():
+        h.touch(bpn)
+    assert h.violations() == []
+
+
 def test_due_pages_are_counted_per_hold_time_and_taken_in_order(h: Harness) -> None:
     """Two read-aheads half a window apart: the count of due pages follows each one's due
     time, a partial batch takes the oldest first and the count drops by what it took (the
@@ -570,6 +690,26 @@ def test_due_pages_are_counted_per_hold_time_and_taken_in_order(h: Harness) -> N
     assert ra.pending(h.vm, h.clock.now) == 0
 
 
+def test_a_batch_takes_no_page_before_its_window_even_behind_due_ones(h: Harness) -> None:
+    """Two read-aheads half a window apart; when the first is due a batch with room for all
+    takes the first only: the second's pages are still held (mapped, slots kept) until
+    their own window ends, and the guest's touches meanwhile count as faults avoided."""
+    ahead, _ = h.read_ahead()
+    h.clock.now += WINDOW / 2
+    later = h.fault(SWAPPED[10], around=AROUND).bpns[1:].astype(np.int64)
+    h.clock.now += WINDOW / 2
+    sel = h.validation.select_work(h.vm, 64, 1000, h.clock.now)
+    assert sel.bpns.tolist() == ahead.tolist()
+    _validate(h, sel.bpns, sel.mpns)
+    assert (h.vm.p2m.state[later] == PageState.IN_FLIGHT).all()
+    for bpn in later.tolist():
+        h.touch(bpn)
+    h.clock.now += WINDOW / 2
+    assert h.low_round() == later.tolist()
+    assert h.outcomes()["fault_avoided"] == len(later)
+    assert h.violations() == []
+
+
 def test_a_full_read_ahead_queue_ends_the_oldest_holds_and_counts_them(h: Harness) -> None:
     """Past ``max_queued`` held pages the oldest are no longer held: ordinary exposed pages,
     still mapped with the same frame, slot freed (never dropped without the VMM's word), and
@@ -588,6 +728,43 @@ def test_a_full_read_ahead_queue_ends_the_oldest_holds_and_counts_them(h: Harnes
     assert h.violations() == []
     h.clock.now += WINDOW
     assert h.low_round() == kept.tolist()
+    assert h.violations() == []
+
+
+def test_a_full_queue_ends_only_holds_that_are_still_holds(h: Harness) -> None:
+    """The queue's oldest entry is stale: its page faulted (no longer held) and was swapped
+    out again. When a new read-ahead overflows the queue, that entry is skipped: the page
+    stays SWAPPED in its slot (ending a hold it no longer has would map a page with no
+    frame and free the slot that holds its bytes), and only real holds count as dropped."""
+    h.validation.readahead.max_queued = AROUND
+    ahead, _ = h.read_ahead()
+    stale = int(ahead[0])
+    assert h.fault(stale).reason == FaultReason.REMAP  # no longer held
+    h.touch(stale)
+    h.exposure.accessed[stale] = False
+    h.swap_out([stale])
+    slot = int(h.vm.p2m.swap_slot[stale])
+    h.fault(SWAPPED[20], around=1)  # 30, 31: the queue overflows by one entry
+    p2m = h.vm.p2m
+    assert p2m.state[stale] == PageState.SWAPPED and p2m.swap_slot[stale] == slot
+    assert h.swapfile.in_use[slot]
+    assert h.validation.readahead.status(h.vm)["dropped"] == 0
+    assert h.violations() == []
+    assert h.fault(stale).reason == FaultReason.SWAP_IN
+    h.touch(stale)
+    assert h.violations() == []
+
+
+def test_a_page_that_faulted_while_held_is_not_validated(h: Harness) -> None:
+    """A held page the guest faulted on is an ordinary page again: the batch after the
+    window carries only the pages still held."""
+    ahead, _ = h.read_ahead()
+    h.exposure.invalidate(ahead[:1])  # the VMM let it go (a batch that crossed)
+    assert h.fault(int(ahead[0])).reason == FaultReason.REMAP
+    h.clock.now += WINDOW
+    assert h.low_round() == ahead[1:].tolist()
+    assert h.vm.p2m.state[ahead[0]] == PageState.EXPOSED
+    h.touch(int(ahead[0]))
     assert h.violations() == []
 
 
@@ -642,6 +819,22 @@ def test_the_window_cap_follows_the_recent_hit_ratio() -> None:
     assert stats.recent_wanted + stats.recent_unwanted <= HIT_MEMORY
     assert ra.window_cap(vm, 64) == 64  # the misses faded
     assert ra.window_cap(vm, 1) == 1 and ra.window_cap(vm, 0) == 0
+
+
+@pytest.mark.timeout(10)
+def test_one_large_batch_of_verdicts_weighs_no_more_than_the_hit_memory() -> None:
+    """A batch may carry more verdicts than HIT_MEMORY (a whole slot of pages let go): the
+    counts are halved until they fit, so a guest that walks again gets its window back as
+    fast as after any other misses."""
+    ra = ReadAheadValidation(cast(Any, SimpleNamespace(config=None)))
+    vm = cast(VM, SimpleNamespace(vm_id=1))
+    stats = ra._queue(vm).stats
+    assert ra.window_cap(vm, 6) == 6  # rounded up to a power of two, but never past the cap
+    stats.verdicts(wanted=0, unwanted=4 * HIT_MEMORY)
+    assert stats.recent_wanted + stats.recent_unwanted <= HIT_MEMORY
+    stats.verdicts(wanted=HIT_MEMORY, unwanted=0)
+    assert stats.hit_ratio() == 0.5
+    assert ra.window_cap(vm, 64) == 32
 
 
 def test_page_cache_swap_in_maps_read_ahead_with_its_content(h: Harness) -> None:

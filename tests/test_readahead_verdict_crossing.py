@@ -45,3 +45,24 @@ def test_a_kept_page_selected_by_swap_when_its_verdict_lands_is_not_made_residen
     h.touch(page)
     assert h.violations() == []
     assert np.array_equal(h.machine.frames[frame], np.frombuffer(h.data[page], np.uint8))
+
+
+def test_an_untouched_page_selected_by_swap_when_its_verdict_lands_is_the_platform_s_alone(
+    h: Harness,  # noqa: F811
+) -> None:
+    """The same crossing, the page untouched: the VMM let it go (UNTOUCHED), so nobody maps
+    it and it is RESIDENT, which swap may take without asking the VMM; its frame still
+    holds its bytes, and a touch maps that frame back."""
+    ahead, _ = h.read_ahead()
+    page = int(ahead[0])
+    h.clock.now += WINDOW
+    req = h.get_request()
+    h.process(req)
+    assert h.validation.readahead.set_pressure(True) == len(ahead)
+    h.vm.p2m.state[page] = PageState.SELECTED  # a swap batch takes it (RoundEngine._issue)
+    h.complete(req)
+    assert h.exposure.frame[page] < 0
+    assert h.vm.p2m.state[page] == PageState.RESIDENT
+    frame = int(h.vm.p2m.frame[page])
+    assert np.array_equal(h.machine.frames[frame], np.frombuffer(h.data[page], np.uint8))
+    assert h.violations() == []
