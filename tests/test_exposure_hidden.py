@@ -193,3 +193,27 @@ def test_table_has_no_per_page_column_for_hidden_mappings() -> None:
         v.nbytes for v in vars(ex).values() if isinstance(v, np.ndarray) and len(v) == 1024
     )
     assert per_page == 14 * 1024
+
+
+def test_unhide_all_gives_back_only_the_pages_asked() -> None:
+    """A new sample gives back the hidden mappings of the old one's pages: only those. A
+    hidden page not named stays hidden (and watched), with its mapping."""
+    ex = ExposureTable(PAGES)
+    ex.install(pages(1, 2, 3), pages(901, 902, 903), np.array([True, False, True]))
+    ex.hide(pages(1, 2, 3))
+    ex.unhide_all(pages(2, 7))
+    assert ex.frame[[1, 2, 3]].tolist() == [NO_FRAME, 902, NO_FRAME]
+    assert not ex.writable[2]  # the mapping's own bit, given back
+    assert ex.hidden == {1: (901, True), 3: (903, True)}
+    assert ex.stray_hidden() == []
+
+
+def test_mapped_in_sees_a_hidden_page_wherever_the_range_starts() -> None:
+    """``mapped_in(start, end)`` is indexed from ``start``: a hidden page is mapped at its
+    own position in a range that does not start at 0 (page checking's windows), and a
+    page at the same offset from 0 is not made mapped by it."""
+    ex = ExposureTable(PAGES)
+    ex.install(pages(2, 9), pages(902, 909), np.array([True, True]))
+    ex.hide(pages(9))
+    assert ex.mapped_in(8, PAGES).tolist() == [False, True, False, False]
+    assert ex.mapped_in(0, 4).tolist() == [False, False, True, False]

@@ -850,6 +850,73 @@ def test_the_agent_maps_large_only_an_aligned_run_in_order() -> None:
     assert not t.large.any() and t.splits == 1
 
 
+def test_a_region_with_a_page_hidden_by_sampling_is_still_mapped_large() -> None:
+    """Hiding a page for working-set sampling is a monitor-only trap, not a release: the
+    monitor still maps it (writable) on the run, so its region is mapped large all the same."""
+    from vmm_agent.exposure import ExposureTable
+
+    t = ExposureTable(2 * R)
+    t.install(np.arange(R), np.arange(R, 2 * R), np.ones(R, dtype=bool))
+    t.hide(np.array([5, 300]))
+    assert t.frame[5] < 0 and t.hidden[5] == (R + 5, True)
+    assert t.arm_large(np.array([0])) == 1
+    assert t.large.tolist() == [True, False] and t.splits == 0
+
+
+def test_arming_a_region_already_large_counts_nothing_more() -> None:
+    """arm_large returns how many regions it armed: a region already large is not armed
+    again, so asking twice counts it once."""
+    from vmm_agent.exposure import ExposureTable
+
+    t = ExposureTable(2 * R)
+    t.install(np.arange(2 * R), np.arange(2 * R, 4 * R), np.ones(2 * R, dtype=bool))
+    assert t.arm_large(np.array([0])) == 1
+    assert t.arm_large(np.array([0, 1, 1])) == 1
+    assert t.arm_large(np.array([0, 1])) == 0
+    assert t.large.tolist() == [True, True] and t.coverage() == 1.0
+
+
+def test_a_partial_region_at_the_guest_s_end_is_never_mapped_large() -> None:
+    """A guest of 1.5 regions: its tail (256 pages) is no 2 MB region. Asked to arm it, even
+    on an aligned run in order, the table arms only the whole region, and does not fail."""
+    from vmm_agent.exposure import ExposureTable
+
+    n = R + R // 2
+    t = ExposureTable(n)
+    t.install(np.arange(n), np.arange(R, R + n), np.ones(n, dtype=bool))
+    assert len(t.large) == 1
+    assert t.arm_large(np.array([1])) == 0
+    assert t.arm_large(np.array([0, 1])) == 1
+    assert t.large.tolist() == [True] and t.coverage() == R / n
+
+
+def test_promotion_refuses_whole_regions_and_only_the_regions_with_a_refused_page() -> None:
+    """One PROMOTION_2M batch of four regions: a pinned page (BUSY), a stale frame and a page
+    not exposed each keep their whole region (every other page BUSY, nothing released of
+    it), and the clean region in the same batch is released whole."""
+    from vmm_agent.exposure import ExposureTable
+    from vmm_agent.services.promotion import PromotionFilter
+
+    t = ExposureTable(4 * R)
+    bpns = np.arange(4 * R, dtype=np.int64)
+    t.install(bpns, bpns + R, np.ones(4 * R, dtype=bool))
+    t.pinned[5] = 1  # region 0
+    mpns = bpns + R
+    mpns[R + 9] += 1  # region 1: the platform's frame is not the one mapped
+    t.invalidate(np.array([3 * R + 7]))  # region 3: not exposed
+    status = np.zeros(4 * R, dtype=np.uint8)
+    accepted = PromotionFilter(t).process(bpns.astype(np.uint64), mpns, status)
+    expect = np.full(4 * R, PageStatus.BUSY, dtype=np.uint8)
+    expect[2 * R : 3 * R] = PageStatus.OK
+    expect[R + 9] = PageStatus.STALE_FRAME
+    expect[3 * R + 7] = PageStatus.NOT_EXPOSED
+    assert status.tolist() == expect.tolist()
+    assert accepted.tolist() == list(range(2 * R, 3 * R))
+    assert (t.frame[: 2 * R] == bpns[: 2 * R] + R).all()
+    assert (t.frame[2 * R : 3 * R] < 0).all()
+    assert (t.released_by[2 * R : 3 * R] == ServiceType.PROMOTION_2M).all()
+
+
 # ---- defrag: what cannot be emptied, what is sent ----------------------------------------------
 
 
