@@ -207,9 +207,14 @@ class PageChecker:
             window = min(WINDOW, max(window * 2, 2 * (wanted - count)))
             start = self.cursor
             end = min(self.guest_pages, start + window, start + limit - scanned)
-            ok = np.flatnonzero(self._checkable(start, end))[: wanted - count]
+            checkable, ballooned, faulting = self._checkable(start, end)
+            ok = np.flatnonzero(checkable)[: wanted - count]
             if len(ok) == wanted - count:  # the cursor stops right after the last page taken
                 end = start + int(ok[-1]) + 1
+            # Skips are counted over what the cursor passed only: the window may reach
+            # further, and those pages are looked at again by the next turn.
+            self.skipped_ballooned += int(np.count_nonzero(ballooned[: end - start]))
+            self.skipped_faulting += int(np.count_nonzero(faulting[: end - start]))
             found.append(ok + start)
             count += len(ok)
             scanned += end - start
@@ -226,19 +231,22 @@ class PageChecker:
             self._rest_until = self.clock() + EMPTY_REST_SECONDS
         return np.concatenate(found) if found else np.empty(0, dtype=np.int64)
 
-    def _checkable(self, start: int, end: int) -> npt.NDArray[np.bool_]:
-        """Which BPNs of ``start:end`` may be checked now (module docstring: the skips)."""
+    def _checkable(
+        self, start: int, end: int
+    ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+        """Which BPNs of ``start:end`` may be checked now, and which mapped ones are skipped
+        as ballooned or as faulting (module docstring: the skips)."""
         exposure = self.exposure
         mapped = exposure.mapped_in(start, end)
         ballooned = mapped & (self.os.kind[start:end] == BALLOON)
-        self.skipped_ballooned += int(np.count_nonzero(ballooned))
         ok: npt.NDArray[np.bool_] = mapped & ~ballooned
+        faulting = np.zeros(end - start, dtype=bool)
         if self.faulting:  # a few dozen at most (the outstanding-fault bound)
             busy = np.fromiter(self.faulting, dtype=np.int64, count=len(self.faulting))
             busy = busy[(busy >= start) & (busy < end)] - start
-            self.skipped_faulting += int(np.count_nonzero(ok[busy]))
+            faulting[busy] = ok[busy]
             ok[busy] = False
-        return ok
+        return ok, ballooned, faulting
 
     def _check(self, bpns: npt.NDArray[np.int64]) -> None:
         """Hash each page's frame (the part that is per page) and compare the batch at once."""
