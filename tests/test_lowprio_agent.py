@@ -52,7 +52,7 @@ from vmm_agent.lowprio import (
     LowPriorityLoop,
     RoundRecord,
 )
-from vmm_agent.monitor import MonitorQueue, MonitorTask, TaskCost
+from vmm_agent.monitor import MIN_PER_UNIT, MonitorQueue, MonitorTask, TaskCost
 from vmm_agent.rounds import HighPriorityLoop
 from vmm_agent.sampler import TRUTH_KEPT, Sampler
 from vmm_agent.touches import TouchLog
@@ -403,6 +403,39 @@ def test_monitor_runs_tasks_in_priority_order() -> None:
     assert a.work == b.work == 0
     assert done == 10 and clock.now - t0 == pytest.approx(10 * US)
     assert not queue.has_work()
+
+
+class OnePerTurn:
+    """Monitor work of one unit a turn that takes no time the clock can see."""
+
+    name = "one"
+
+    def __init__(self) -> None:
+        self.ready = True
+        self.asked: list[int] = []
+
+    def has_work(self) -> bool:
+        return self.ready
+
+    def run(self, units: int) -> int:
+        self.asked.append(units)
+        self.ready = False
+        return 1
+
+
+@pytest.mark.timeout(10)
+def test_turns_the_clock_does_not_see_keep_the_cost_estimate_above_zero() -> None:
+    """A clock that does not move during a turn (coarse, or virtual) measures 0 s for the
+    work: the moving average falls towards 0, but never below MIN_PER_UNIT, so a turn's units
+    stay finite (``int(left / per_unit)`` of a denormal estimate raised OverflowError)."""
+    clock = FakeClock()
+    task = OnePerTurn()
+    queue = MonitorQueue([task], clock)
+    for _ in range(4000):  # 0.75 ** 4000 * 2e-6 is far below the smallest float
+        task.ready = True
+        assert queue.run(1 * MS) == 1
+    assert queue.costs["one"].per_unit == MIN_PER_UNIT
+    assert task.asked[-1] == round(1 * MS / MIN_PER_UNIT)
 
 
 @pytest.mark.timeout(10)

@@ -26,6 +26,10 @@ class MonitorTask(Protocol):
         ...
 
 
+#: No unit of monitor work is estimated below this (seconds): far below any real one.
+MIN_PER_UNIT = 1e-9
+
+
 @dataclass
 class TaskCost:
     """Moving average of one task's cost per unit, and what it has done."""
@@ -38,6 +42,9 @@ class TaskCost:
     def record(self, units: int, seconds: float) -> None:
         if units > 0:
             self.per_unit += self.alpha * (seconds / units - self.per_unit)
+            # Turns the clock did not see (a coarse or a virtual clock) would drive the
+            # estimate towards 0, and a turn's units to infinity (``int`` of inf raises).
+            self.per_unit = max(self.per_unit, MIN_PER_UNIT)
         self.units += units
         self.seconds += seconds
 
