@@ -76,6 +76,27 @@ def test_a_region_split_between_its_two_batches_stays_small() -> None:
 
 
 @pytest.mark.timeout(10)
+def test_a_batch_mixing_read_ahead_pages_with_a_marked_region_maps_the_region_large() -> None:
+    """Validation's selection puts remapped pages first and read-ahead pages after them, so
+    one batch can hold a promoted region (marked LARGE) and swap's read-ahead pages of
+    another region: each part gets its own verdicts (the marks narrowed to the remapped
+    part), the region is mapped large, the untouched read-ahead page is let go."""
+    table, f = promoted(2)
+    ahead = np.array([R + 3, R + 9], dtype=np.int64)  # mapped by swap-in replies
+    table.released_by[ahead] = ServiceType.SWAP
+    table.install(ahead, 100 + ahead, np.ones(2, dtype=bool))
+    table.accessed[ahead[0]] = True  # the guest touched one of them
+    bpns = np.concatenate((np.arange(R), ahead))
+    status = np.full(len(bpns), PageStatus.OK, dtype=np.uint8)
+    status[:R] = PageStatus.LARGE
+    f.process(bpns.astype(np.uint64), np.concatenate((RUN + np.arange(R), 100 + ahead)), status)
+    assert (status[:R] == PageStatus.OK).all()
+    assert status[R:].tolist() == [PageStatus.REFERENCED, PageStatus.UNTOUCHED]
+    assert table.large.tolist() == [True, False]
+    assert table.mapped_frame(ahead).tolist() == [100 + ahead[0], -1]
+
+
+@pytest.mark.timeout(10)
 def test_the_slot_carries_the_daemons_marks_and_checks_their_length() -> None:
     cap = 8
     buf = bytearray(region_size(1, cap))
