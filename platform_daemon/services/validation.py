@@ -130,6 +130,9 @@ class ValidationService(LowPriorityService):
         # that keeps it mapped (REFERENCED, BUSY) must not make it RESIDENT, which swap
         # takes without asking the VMM (it would free the frame the guest uses). EXPOSED
         # is safe either way: a page the VMM does not map then faults to the same frame.
+        # Such a page is never SELECTED by a batch that maps it (remap validation after a
+        # move): every step of that path is a low batch, and the agent completes each low
+        # batch before it asks for the next (tests/test_lowprio_one_batch_out.py).
         unmapped = (status == PageStatus.STALE_FRAME) | (status == PageStatus.UNTOUCHED)
         p2m.state[accepted[still & ~unmapped]] = _EXPOSED
         p2m.state[accepted[still & unmapped]] = _RESIDENT
