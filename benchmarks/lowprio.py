@@ -439,6 +439,20 @@ FILL = {
 }
 
 
+async def _agent_rounds(path: Path, start: float, end: float) -> list[dict[str, Any]]:
+    """The agent's recorded low-priority rounds that started in ``start..end`` (monotonic),
+    a reply's page at a time (ctl op ``lowprio`` with ``after``)."""
+    out: list[dict[str, Any]] = []
+    after = start - 1e-9
+    while True:
+        page = await _ctl(path, "lowprio", after=after)
+        rounds = page["rounds"]
+        out += [r for r in rounds if r["started"] <= end]
+        if not page["more"] or not rounds or rounds[-1]["started"] > end:
+            return out
+        after = rounds[-1]["started"]
+
+
 async def _phase(d: Daemons, names: list[str], phase: dict[str, Any]) -> tuple[float, float]:
     await asyncio.gather(*(_ctl(d.control_socket(n), "run_phase", phase=phase) for n in names))
     start = time.monotonic()
@@ -467,8 +481,7 @@ async def _overrun_run(vms: int, think_us: float, seconds: float) -> dict[str, A
         start, end = await _phase(d, names, run)
         rounds: list[dict[str, Any]] = []
         for name in names:
-            summary = await _ctl(d.control_socket(name), "lowprio")
-            rounds += [r for r in summary["rounds"] if start <= r["started"] <= end]
+            rounds += await _agent_rounds(d.control_socket(name), start, end)
         worked = [r for r in rounds if r["batches"]]
         ratio = [r["overrun"] / r["bound"] for r in rounds]
         cpu_over = [max(0.0, r["cpu"] - r["bound"]) / r["bound"] for r in rounds]
@@ -680,8 +693,9 @@ async def _all_six_run(seconds: float, guest: str = "64MiB") -> dict[str, Any]:
         rounds: list[dict[str, Any]] = []
         checked = mismatches = 0
         for name in names:
-            summary = await _ctl(d.control_socket(name), "lowprio")
-            rounds += [{**r, "vm": name} for r in summary["rounds"] if start <= r["started"] <= end]
+            rounds += [
+                {**r, "vm": name} for r in await _agent_rounds(d.control_socket(name), start, end)
+            ]
             res = await _ctl(d.control_socket(name), "results")
             checked += res["pages_checked"]
             mismatches += res["mismatches"] + res["page_check_mismatches"]

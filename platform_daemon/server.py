@@ -31,7 +31,7 @@ from shared.constants import (
     PageStatus,
     ServiceType,
 )
-from shared.errors import ErrorCode, RemoteProtocolError, VMMemError
+from shared.errors import ErrorCode, LocalProtocolError, RemoteProtocolError, VMMemError
 from shared.layout import ControlRegion, region_size
 from shared.messages import (
     CompleteRequest,
@@ -581,8 +581,12 @@ class PlatformServer:
             result = await self.ctl.handle(msg.op, msg.args, conn)
         except (VMMemError, ValueError, OverflowError, TypeError) as exc:
             conn.send(CtlReply(ok=False, error=str(exc)), request_id)
-        else:
+            return
+        try:
             conn.send(CtlReply(ok=True, result=result), request_id)
+        except LocalProtocolError as exc:  # the reply does not fit a frame: say so, not hang
+            log.warning("ctl_reply_too_large", op=msg.op, error=str(exc))
+            conn.send(CtlReply(ok=False, error=f"{msg.op}: reply too large ({exc})"), request_id)
 
     # ---- faults -----------------------------------------------------------------------------
 

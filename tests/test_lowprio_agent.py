@@ -10,6 +10,7 @@ yields to the event loop).
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable, Iterable, Sequence
 from typing import cast
 
@@ -40,6 +41,7 @@ from shared.messages import (
     Request,
 )
 from shared.timebound import TICK_SECONDS, bound_for
+from vmm_agent import lowprio
 from vmm_agent.batches import BatchProcessor
 from vmm_agent.exposure import ExposureTable
 from vmm_agent.fault_path import FaultPath
@@ -1633,6 +1635,41 @@ async def test_gate_opens_after_an_exception_from_the_link() -> None:
     assert len(rig.link.gets) == 2
 
 
+def record(started: float, steps: int) -> RoundRecord:
+    step: dict[str, float | int | str] = {"kind": "batch", "wall": 1e-4}
+    return RoundRecord(started, 0.004, 0.001, 0.0, "done", 0.001, 1, 8, steps=[step] * steps)
+
+
+@pytest.mark.timeout(10)
+def test_rounds_come_a_page_at_a_time_within_the_reply_budget() -> None:
+    """``rounds(after)``: the rounds that started after ``after``, in order, as many as the
+    estimate of their JSON allows (at least one, however large), and whether more follow;
+    paging on from the last one's start gives each round once."""
+    loop = Rig().loop
+    for i in range(10):
+        loop.records.append(record(float(i), steps=100))
+    per_round = lowprio._ROUND_JSON_BYTES + 100 * lowprio._STEP_JSON_BYTES
+    page, more = loop.rounds(float("-inf"), budget=3 * per_round)
+    assert [r["started"] for r in page] == [0.0, 1.0, 2.0] and more
+    page, more = loop.rounds(2.0, budget=3 * per_round)
+    assert [r["started"] for r in page] == [3.0, 4.0, 5.0] and more
+    page, more = loop.rounds(8.0, budget=3 * per_round)
+    assert [r["started"] for r in page] == [9.0] and not more
+    assert loop.rounds(9.0) == ([], False)
+    assert [r["started"] for r in loop.rounds(4.5, budget=1)[0]] == [5.0]  # at least one
+    seen, after, more = [], float("-inf"), True
+    while more:
+        page, more = loop.rounds(after, budget=4 * per_round)
+        seen += [r["started"] for r in page]
+        after = page[-1]["started"]  # type: ignore[assignment]
+    assert seen == [float(i) for i in range(10)]
+    # The default budget keeps a page well inside a frame even with long rounds.
+    for i in range(10, 4096):
+        loop.records.append(record(float(i), steps=200))
+    page, more = loop.rounds(float("-inf"))
+    assert more and 0 < len(json.dumps(page)) <= lowprio.ROUNDS_REPLY_BYTES
+
+
 @pytest.mark.timeout(10)
 async def test_round_records_outcomes_time_used_and_summary() -> None:
     """Each round leaves a RoundRecord (start, bound, used, gap, outcome, cpu, batches,
@@ -1683,8 +1720,8 @@ async def test_round_records_outcomes_time_used_and_summary() -> None:
     assert summary["time_used_seconds"] == rig.loop.time_used
     assert summary["outcomes"] == {"idle": 1, "done": 1, "empty": 1, "bound": 1}
     assert summary["rtt_seconds"] == pytest.approx(0.2 * MS)
-    rounds = summary["rounds"]
-    assert isinstance(rounds, list) and len(rounds) == 2
+    rounds, more = rig.loop.rounds(float("-inf"))
+    assert len(rounds) == 2 and not more
     expected = {
         "started": bounded.started,
         "bound": bound,
@@ -1744,7 +1781,7 @@ async def test_a_round_records_its_steps_for_the_overrun_split() -> None:
     assert ex2["resumed"] - ex2["sent"] == pytest.approx(2 * MS) and ex2["daemon"] == 300e-6
     assert record.used == pytest.approx(4 * MS)
     assert record.run_delay >= 0.0 and all(s["wait"] >= 0.0 for s in record.steps)
-    assert rig.loop.summary()["rounds"][-1]["steps"] == record.steps
+    assert rig.loop.rounds(float("-inf"))[0][-1]["steps"] == record.steps
 
 
 @pytest.mark.timeout(10)

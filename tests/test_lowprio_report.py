@@ -6,7 +6,10 @@ from typing import Any
 
 import pytest
 
-from vmm_agent.load.lowprio_report import PhaseWindow, sampling_report
+from tests.test_lowprio_agent import Rig, record
+from vmm_agent import lowprio
+from vmm_agent.load import driver
+from vmm_agent.load.lowprio_report import PhaseWindow, latency_report, sampling_report
 
 PHASES = [
     PhaseWindow("fill", 0.0, 10.0),
@@ -74,3 +77,37 @@ def test_a_period_is_compared_only_when_measured_inside_the_phase() -> None:
     ws35 = sampling_report(history, truths, PHASES, windows)["phases"]["ws35"]["a"]
     assert ws35["periods"] == 0
     assert ws35["truth_outside_phase"] == 1  # period 4: measured, truth without a window
+
+
+class PagedAgent:
+    """The agent's ``lowprio`` op over a real LowPriorityLoop, with a small reply budget so
+    the rounds take several pages (the link is the fake; the paging under test is the
+    driver's, the pages the loop's)."""
+
+    name = "g0"
+
+    def __init__(self, budget: int) -> None:
+        self.loop = Rig().loop
+        for i in range(20):
+            self.loop.records.append(record(float(i), steps=10))
+        self.budget = budget
+        self.calls: list[float] = []
+
+    async def call(self, op: str, during: str = "", **args: Any) -> dict[str, Any] | None:
+        assert op == "lowprio"
+        self.calls.append(args["after"])
+        rounds, more = self.loop.rounds(args["after"], budget=self.budget)
+        return {**self.loop.summary(), "rounds": rounds, "more": more}
+
+
+@pytest.mark.timeout(10)
+async def test_the_latency_report_gets_every_round_of_the_window_over_several_pages() -> None:
+    """Rounds 0..19 kept, the last phase 4.5..15.5, three rounds a page: the driver asks on
+    from the last round it got until the window is passed, and keeps the rounds 5..15."""
+    agent = PagedAgent(budget=3 * (lowprio._ROUND_JSON_BYTES + 10 * lowprio._STEP_JSON_BYTES))
+    got = await driver._rounds_in(agent, PhaseWindow("run", 4.5, 15.5))  # type: ignore[arg-type]
+    assert got is not None
+    assert [r["started"] for r in got["rounds"]] == [float(i) for i in range(5, 16)]
+    assert len(agent.calls) == 4  # 5-7, 8-10, 11-13, 14-16: past the window, stop
+    report = latency_report({"g0": got}, PhaseWindow("run", 4.5, 15.5))
+    assert report["rounds"] == 11

@@ -308,8 +308,12 @@ class Agent:
             return await self.runner.verify()
         if op == "results":
             return self.results()
-        if op == "lowprio":
-            return self.lowprio.summary()
+        if op == "lowprio":  # the summary, and a page of the recent rounds
+            after = args.get("after", float("-inf"))
+            if not isinstance(after, (int, float)) or isinstance(after, bool):
+                raise VMMemError("after: a number, monotonic seconds", ErrorCode.BAD_REQUEST)
+            rounds, more = self.lowprio.rounds(float(after))
+            return {**self.lowprio.summary(), "rounds": rounds, "more": more}
         if op == "footprint":  # metadata bytes per guest page (benchmarks/scale.py)
             return footprint(self)
         if op == "exposures":  # for the daemon's invariant check (vmmem-ctl check)
@@ -375,7 +379,7 @@ class Agent:
                 "truth": {str(k): v for k, v in self.sampler.truth.items()},
                 "truth_windows": {str(k): list(w) for k, w in self.sampler.truth_windows.items()},
             },
-            "lowprio": {k: v for k, v in self.lowprio.summary().items() if k != "rounds"},
+            "lowprio": self.lowprio.summary(),
             "pin_cycles": r.pin_cycles,
             "pin_violations": r.pin_violations,
             "guest_os": self.guest_os.summary(),

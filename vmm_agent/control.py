@@ -9,7 +9,7 @@ from typing import Any, cast
 import structlog
 
 from shared.codec import Codec
-from shared.errors import RemoteProtocolError, VMMemError
+from shared.errors import LocalProtocolError, RemoteProtocolError, VMMemError
 from shared.messages import CtlReply, CtlRequest, Error
 
 log = structlog.get_logger("vmmem.vmm.control")
@@ -51,8 +51,12 @@ class ControlConnection(asyncio.Protocol):
             result = await self.handler(msg.op, msg.args)
         except (VMMemError, ValueError) as exc:
             self._send(CtlReply(ok=False, error=str(exc)), request_id)
-        else:
+            return
+        try:
             self._send(CtlReply(ok=True, result=result), request_id)
+        except LocalProtocolError as exc:  # the reply does not fit a frame: say so, not hang
+            log.warning("ctl_reply_too_large", op=msg.op, error=str(exc))
+            self._send(CtlReply(ok=False, error=f"{msg.op}: reply too large ({exc})"), request_id)
 
     def _send(self, msg: CtlReply | Error, request_id: int) -> None:
         if self.transport is not None and not self.transport.is_closing():

@@ -60,6 +60,11 @@ ROUND_CREDIT = 0.9 * TICK_SECONDS
 MAX_CREDIT = 2 * TICK_SECONDS
 #: Rounds remembered for the load generator's report.
 RECORDS_KEPT = 4096
+#: What one page of rounds (ctl op ``lowprio``) may take of a control reply, estimated as
+#: below: the rounds kept, with their steps, are several MiB, and a frame holds 1 MiB.
+ROUNDS_REPLY_BYTES = 512 << 10
+#: Upper estimates of a round's JSON without its steps, and of one step's.
+_ROUND_JSON_BYTES, _STEP_JSON_BYTES = 512, 320
 #: Empty GetRequest round trips kept for the agent's estimate of one: the last this many,
 #: and none older than RTT_MAX_AGE seconds (a long one must not block exchanges for good).
 RTT_WINDOW = 32
@@ -358,12 +363,29 @@ class LowPriorityLoop:
             callback(record)
 
     def summary(self) -> dict[str, object]:
-        """Rounds, outcomes and the recent rounds for the load generator's report."""
+        """Rounds' outcomes and time used, for the load generator's report."""
         return {
             "latency_sensitivity": self.latency_sensitivity,
             "bound_seconds": self.bound,
             "time_used_seconds": self.time_used,
             "outcomes": dict(self.outcomes),
             "rtt_seconds": self.rtt(),
-            "rounds": [{**asdict(r), "overrun": r.overrun} for r in self.records],
         }
+
+    def rounds(
+        self, after: float, limit: int = RECORDS_KEPT, budget: int = ROUNDS_REPLY_BYTES
+    ) -> tuple[list[dict[str, object]], bool]:
+        """The recent rounds that started after ``after`` (monotonic), in order, with their
+        overruns, up to ``limit`` of them and about ``budget`` bytes of JSON (at least one);
+        and whether more follow. A page at a time: all the rounds kept, with their steps, do
+        not fit one control reply."""
+        out: list[dict[str, object]] = []
+        size = 0
+        for record in self.records:
+            if record.started <= after:
+                continue
+            size += _ROUND_JSON_BYTES + _STEP_JSON_BYTES * len(record.steps)
+            if len(out) == limit or (out and size > budget):
+                return out, True
+            out.append({**asdict(record), "overrun": record.overrun})
+        return out, False

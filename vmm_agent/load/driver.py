@@ -69,6 +69,22 @@ async def connect_agents(
     return links
 
 
+async def _rounds_in(agent: AgentLink, window: PhaseWindow) -> dict[str, Any] | None:
+    """The agent's low-priority summary with its rounds that started in ``window``, asked a
+    reply's page at a time (ctl op ``lowprio`` with ``after``); None if the VM left."""
+    rounds: list[dict[str, Any]] = []
+    after = window.start - 1e-9
+    while True:
+        page = await agent.call("lowprio", "report", after=after)
+        if page is None:
+            return None
+        got = page["rounds"]
+        rounds += [r for r in got if r["started"] <= window.end]
+        if not page["more"] or not got or got[-1]["started"] > window.end:
+            return {**page, "rounds": rounds}
+        after = got[-1]["started"]
+
+
 @dataclass
 class Outcome:
     """What a run produced, for the report."""
@@ -271,10 +287,10 @@ class LoadRun:
                 return {"unavailable": "the daemon did not answer after every phase"}
             return sharing_report(out.snapshots)
         if name == "latency":
-            agents = self.active()
-            summaries = await asyncio.gather(*(a.call("lowprio", "report") for a in agents))
+            agents, window = self.active(), out.windows[-1]
+            summaries = await asyncio.gather(*(_rounds_in(a, window) for a in agents))
             got = {a.name: s for a, s in zip(agents, summaries, strict=True) if s is not None}
-            return latency_report(got, out.windows[-1])
+            return latency_report(got, window)
         history = await self.daemon.call("sampling")
         if history is None:
             return {"unavailable": "the daemon did not give its sampling history"}
