@@ -11,7 +11,8 @@ Issue 10's scale table. For each host size, with real daemons (``vmmem-platform`
     (apart from the guest model, which stands in for the guest and the oracle), from each
     agent's ``footprint`` op. Aim: at most 24 B per guest page on each side.
 (c) **RSS** of the daemon and of each agent (the machine memory mapping counts in RSS once
-    touched: the daemon's figure includes the guest frames it zeroed).
+    touched: the daemon's figure includes the guest frames it zeroed, and a second time the
+    frames its page moves read through the read-only mapping, ``MachineMemory.source``).
 (d) **Loaded**: the load generator's overcommit scenario on every VM, host limit 75 % of
     the guests; the daemon's CPU per second while it runs, the fault latency p50/p99 over all
     VMs (the VMs' own percentiles, median across VMs, and the worst VM's p99), and that every

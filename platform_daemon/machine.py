@@ -13,7 +13,7 @@ import numpy.typing as npt
 
 from shared.constants import NO_FRAME, PAGE_SIZE
 from shared.errors import VMMemError
-from shared.shm import MappedFile, frames_view, open_mapped, open_read_only
+from shared.shm import MappedFile, file_ident, frames_view, open_mapped, open_read_only
 
 from .allocator import FrameAllocator, Frames
 
@@ -64,9 +64,10 @@ def create_reserved(path: Path, size: int) -> MappedFile:
                 f"cannot reserve {size} bytes of machine memory in {path.parent}: {exc.strerror}"
             ) from None
         mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        ident = file_ident(fd)
     finally:
         os.close(fd)
-    return MappedFile(path, mm)
+    return MappedFile(path, mm, ident)
 
 
 def _free_bytes(directory: Path) -> int:
@@ -113,7 +114,12 @@ class MachineMemory:
         # The same frames through a read-only mapping: the source of page moves' gathers
         # (``services/page_move.copy_frames``), read-only as an array too. Its page tables
         # fill on first read only.
-        self._source_file = open_read_only(path, size)
+        try:
+            self._source_file = open_read_only(path, size, same_as=self.file)
+        except BaseException:
+            del self.frames
+            self.file.close()
+            raise
         self.source = frames_view(self._source_file)
         if prefault:
             populate(self.file)

@@ -587,6 +587,10 @@ class PlatformServer:
         except LocalProtocolError as exc:  # the reply does not fit a frame: say so, not hang
             log.warning("ctl_reply_too_large", op=msg.op, error=str(exc))
             conn.send(CtlReply(ok=False, error=f"{msg.op}: reply too large ({exc})"), request_id)
+        except Exception as exc:  # a result that cannot be encoded: our bug, still an answer
+            log.exception("ctl_reply_unencodable", op=msg.op)
+            error = f"{msg.op}: reply not encodable ({type(exc).__name__}: {exc})"
+            conn.send(CtlReply(ok=False, error=error), request_id)
 
     # ---- faults -----------------------------------------------------------------------------
 

@@ -29,6 +29,9 @@ class MappedFile:
 
     path: Path
     mm: mmap.mmap
+    #: ``(st_dev, st_ino)`` of the file mapped, when known: a second mapping by path checks
+    #: it maps the same file (the name may have been replaced meanwhile).
+    ident: tuple[int, int] | None = None
 
     def close(self, *, strict: bool = False) -> bool:
         """Unmap now, and release the descriptor the mapping keeps; True when done.
@@ -61,9 +64,10 @@ def create_mapped(path: Path, size: int) -> MappedFile:
         os.fchmod(fd, 0o600)
         os.ftruncate(fd, size)
         mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        ident = file_ident(fd)
     finally:
         os.close(fd)
-    return MappedFile(path, mm)
+    return MappedFile(path, mm, ident)
 
 
 def open_mapped(path: Path, size: int | None = None) -> MappedFile:
@@ -74,13 +78,21 @@ def open_mapped(path: Path, size: int | None = None) -> MappedFile:
         if size is not None and actual != size:
             raise ValueError(f"{path}: {actual} bytes, expected {size}")
         mm = mmap.mmap(fd, actual, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        ident = file_ident(fd)
     finally:
         os.close(fd)
-    return MappedFile(path, mm)
+    return MappedFile(path, mm, ident)
 
 
-def open_read_only(path: Path, size: int) -> MappedFile:
-    """A second, read-only mapping of an existing file of ``size`` bytes.
+def file_ident(fd: int) -> tuple[int, int]:
+    """Which file ``fd`` is: its device and inode."""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def open_read_only(path: Path, size: int, same_as: MappedFile) -> MappedFile:
+    """A second, read-only mapping of the file ``same_as`` maps, ``size`` bytes, by its
+    path; raises VMMemError if the path names another file now.
 
     The platform copies frames from this mapping into the read-write one: the two are the
     same memory, but NumPy, seeing two address ranges, gathers straight into the
@@ -92,10 +104,13 @@ def open_read_only(path: Path, size: int) -> MappedFile:
         actual = os.fstat(fd).st_size
         if actual != size:
             raise ValueError(f"{path}: {actual} bytes, expected {size}")
+        ident = file_ident(fd)
+        if same_as.ident is not None and ident != same_as.ident:
+            raise VMMemError(f"{path} was replaced while the daemon mapped it")
         mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
     finally:
         os.close(fd)
-    return MappedFile(path, mm)
+    return MappedFile(path, mm, ident)
 
 
 def frames_view(mapped: MappedFile) -> npt.NDArray[np.uint8]:

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from shared.codec import DEFAULT_MAX_FRAME
-from shared.errors import VMMemError
+from shared.errors import ErrorCode, VMMemError
 from tests.test_services_swap import FakeAgent, running_platform
+from vmm_agent.agent import _seconds_arg
 from vmm_agent.control import ControlConnection
 from vmm_agent.rpc import PeerError, RpcClient
 
@@ -31,6 +32,8 @@ async def test_the_agent_answers_a_reply_too_large_with_an_error(short_tmp: Path
             return HUGE
         if op == "small":
             return {"fine": True}
+        if op == "odd":
+            return {"what": object()}  # no JSON for it
         raise VMMemError(f"unknown op {op!r}")
 
     tasks: set[asyncio.Task[Any]] = set()
@@ -44,6 +47,8 @@ async def test_the_agent_answers_a_reply_too_large_with_an_error(short_tmp: Path
         with pytest.raises(PeerError, match="huge: reply too large"):
             await client.ctl("huge", timeout=10.0)
         assert time.monotonic() - t0 < 5.0
+        with pytest.raises(PeerError, match="odd: reply not encodable"):
+            await client.ctl("odd", timeout=10.0)
         assert await client.ctl("small", timeout=10.0) == {"fine": True}
         client.close()
     finally:
@@ -58,7 +63,11 @@ async def test_the_platform_answers_a_reply_too_large_with_an_error(
         handle = server.ctl.handle
 
         async def with_huge(op: str, args: dict[str, Any], conn: Any) -> dict[str, Any]:
-            return HUGE if op == "status" and args.get("huge") else await handle(op, args, conn)
+            if op == "status" and args.get("huge"):
+                return HUGE
+            if op == "status" and args.get("odd"):
+                return {"what": object()}
+            return await handle(op, args, conn)
 
         monkeypatch.setattr(server.ctl, "handle", with_huge)
         agent = await FakeAgent.connect(server, "vm1", guest_pages=64)
@@ -67,6 +76,18 @@ async def test_the_platform_answers_a_reply_too_large_with_an_error(
         with pytest.raises(PeerError, match="status: reply too large"):
             await agent.link.ctl("status", huge=True, timeout=10.0)
         assert time.monotonic() - t0 < 5.0
+        with pytest.raises(PeerError, match="status: reply not encodable"):
+            await agent.link.ctl("status", odd=True, timeout=10.0)
         assert (await agent.barrier())["vms"][0]["name"] == "vm1"
         await agent.verify(np.arange(8))
         await agent.close()
+
+
+@pytest.mark.parametrize("bad", [True, "5", 10**400, float("nan"), float("inf"), -float("inf")])
+def test_a_seconds_argument_must_be_a_finite_number(bad: Any) -> None:
+    """The agent's ``after``: a JSON integer too large for a float, NaN and the infinities
+    pass JSON decoding; each is a BAD_REQUEST, not a silent default nor an unanswered op."""
+    with pytest.raises(VMMemError) as info:
+        _seconds_arg("after", bad)
+    assert info.value.code == ErrorCode.BAD_REQUEST and "after" in str(info.value)
+    assert _seconds_arg("after", 3) == 3.0 and _seconds_arg("after", 2.5) == 2.5

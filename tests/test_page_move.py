@@ -27,7 +27,9 @@ import platform_daemon.services.numa_migration as numa
 from platform_daemon.hugepages import FLAG_LARGE, coverage
 from platform_daemon.p2m import NO_OP
 from platform_daemon.services import page_move
-from shared.constants import PAGES_PER_2M, FaultReason, PageState, ServiceType
+from shared.constants import PAGE_SIZE, PAGES_PER_2M, FaultReason, PageState, ServiceType
+from shared.errors import VMMemError
+from shared.shm import create_mapped, open_read_only
 from tests.test_hugepages import HugeHarness, promoted, region, split_count
 from tests.test_numa_migration import Guest, _released, content, home_room, unmapped
 
@@ -223,6 +225,16 @@ def test_copy_frames_copies_into_runs_and_scattered_frames_alike(h: HugeHarness,
             wrong = np.full(k, bad, dtype=np.int64)
             with pytest.raises(ValueError):
                 page_move.copy_frames(frames, source, run[:k], wrong)
+    before = frames.copy()
+    for k in (1, min(n, page_move.TAKE_MIN)):  # destinations off either end: refused, no copy
+        for outside in (np.arange(-k, 0), np.arange(len(frames) - k + 1, len(frames) + 1)):
+            with pytest.raises(ValueError):
+                page_move.copy_frames(frames, source, outside.astype(np.int64), old[:k])
+    # A good stretch before a bad one: refused before the good one is copied.
+    mixed = np.append(run[: min(n, page_move.TAKE_MIN)], len(frames))
+    with pytest.raises(ValueError, match="outside machine memory"):
+        page_move.copy_frames(frames, source, mixed, np.resize(old, len(mixed)))
+    assert (frames == before).all()
 
 
 # ---- gaps a mutation sweep found ---------------------------------------------------------------
@@ -328,3 +340,21 @@ def test_a_move_yields_to_the_event_loop_between_chunks(
     h.rounds(g)
     h.content_intact(g)
     assert h.invariants() == []
+
+
+def test_the_read_only_mapping_refuses_a_file_replaced_under_its_name(short_tmp: Path) -> None:
+    """The copies' source is a second mapping opened by name: if the name now holds another
+    file (replaced meanwhile), copies would read other memory with no error; refused."""
+    path = short_tmp / "machine"
+    first = create_mapped(path, 4 * PAGE_SIZE)
+    try:
+        second = open_read_only(path, 4 * PAGE_SIZE, same_as=first)
+        assert second.ident == first.ident
+        second.close()
+        path.unlink()
+        create_mapped(path, 4 * PAGE_SIZE).close()  # another file, the same name and size
+        with pytest.raises(VMMemError, match="replaced"):
+            open_read_only(path, 4 * PAGE_SIZE, same_as=first)
+    finally:
+        first.close()
+        path.unlink(missing_ok=True)

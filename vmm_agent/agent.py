@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import signal
 import time
@@ -58,6 +59,20 @@ from .touches import TouchLog
 log = structlog.get_logger("vmmem.vmm")
 #: Faults this agent keeps on the wire at most (fewer if the daemon says so).
 MAX_OUTSTANDING_FAULTS = 64
+
+
+def _seconds_arg(name: str, value: Any) -> float:
+    """A ctl argument that is a finite number of seconds (a JSON integer may be too large
+    for a float; NaN and infinities pass JSON decoding): else a clear BAD_REQUEST."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise VMMemError(f"{name}: a number of seconds", ErrorCode.BAD_REQUEST)
+    try:
+        seconds = float(value)
+    except OverflowError:
+        raise VMMemError(f"{name}: out of range", ErrorCode.BAD_REQUEST) from None
+    if not math.isfinite(seconds):
+        raise VMMemError(f"{name}: a finite number of seconds", ErrorCode.BAD_REQUEST)
+    return seconds
 
 
 class Agent:
@@ -309,10 +324,11 @@ class Agent:
         if op == "results":
             return self.results()
         if op == "lowprio":  # the summary, and a page of the recent rounds
-            after = args.get("after", float("-inf"))
-            if not isinstance(after, (int, float)) or isinstance(after, bool):
-                raise VMMemError("after: a number, monotonic seconds", ErrorCode.BAD_REQUEST)
-            rounds, more = self.lowprio.rounds(float(after))
+            after = args.get("after")
+            if after is None:
+                rounds, more = self.lowprio.rounds(float("-inf"))
+            else:
+                rounds, more = self.lowprio.rounds(_seconds_arg("after", after))
             return {**self.lowprio.summary(), "rounds": rounds, "more": more}
         if op == "footprint":  # metadata bytes per guest page (benchmarks/scale.py)
             return footprint(self)

@@ -49,7 +49,7 @@ class ControlConnection(asyncio.Protocol):
     async def _answer(self, request_id: int, msg: CtlRequest) -> None:
         try:
             result = await self.handler(msg.op, msg.args)
-        except (VMMemError, ValueError) as exc:
+        except (VMMemError, ValueError, OverflowError, TypeError) as exc:
             self._send(CtlReply(ok=False, error=str(exc)), request_id)
             return
         try:
@@ -57,6 +57,10 @@ class ControlConnection(asyncio.Protocol):
         except LocalProtocolError as exc:  # the reply does not fit a frame: say so, not hang
             log.warning("ctl_reply_too_large", op=msg.op, error=str(exc))
             self._send(CtlReply(ok=False, error=f"{msg.op}: reply too large ({exc})"), request_id)
+        except Exception as exc:  # a result that cannot be encoded: our bug, still an answer
+            log.exception("ctl_reply_unencodable", op=msg.op)
+            error = f"{msg.op}: reply not encodable ({type(exc).__name__}: {exc})"
+            self._send(CtlReply(ok=False, error=error), request_id)
 
     def _send(self, msg: CtlReply | Error, request_id: int) -> None:
         if self.transport is not None and not self.transport.is_closing():

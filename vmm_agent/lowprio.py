@@ -378,7 +378,8 @@ class LowPriorityLoop:
         """The recent rounds that started after ``after`` (monotonic), in order, with their
         overruns, up to ``limit`` of them and about ``budget`` bytes of JSON (at least one);
         and whether more follow. A page at a time: all the rounds kept, with their steps, do
-        not fit one control reply."""
+        not fit one control reply. Paging by start time relies on starts strictly increasing:
+        one round a tick at most, ticks TICK_SECONDS apart."""
         out: list[dict[str, object]] = []
         size = 0
         for record in self.records:

@@ -68,7 +68,7 @@ class MonitorQueue:
             cost = self.costs[task.name]
             while task.has_work():
                 left = seconds - (self.clock() - start)
-                units = int(left / cost.per_unit) if cost.per_unit > 0 else 1
+                units = int(left / cost.per_unit)  # per_unit >= MIN_PER_UNIT > 0
                 if units < 1:
                     return total
                 t0 = self.clock()

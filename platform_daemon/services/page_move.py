@@ -80,6 +80,8 @@ def copy_frames(
         order = np.argsort(new)
         new, old = new[order], old[order]
         steps = np.diff(new)
+    if int(new[0]) < 0 or int(new[-1]) >= len(frames):  # ascending now: the two ends
+        raise ValueError("copy to a frame outside machine memory")
     breaks = np.flatnonzero(steps != 1) + 1
     starts, ends = np.r_[0, breaks], np.r_[breaks, len(new)]
     long = ends - starts >= TAKE_MIN
