@@ -28,8 +28,12 @@ from shared.constants import PAGES_PER_2M
 from shared.errors import OutOfMemoryError, VMMemError
 
 Frames = npt.NDArray[np.int64]
-#: Stale stack entries a node tolerates before its stack is rebuilt (beyond its live ones).
+#: Stale stack entries a node tolerates before its stack is rebuilt (beyond its live ones):
+#: at least REBUILD_SLACK, and a REBUILD_FRACTION-th of the node, so that a rebuild (a scan
+#: of the node's frame states) costs at most that many reads per stale entry on any host
+#: (a fixed slack made it O(node) per few runs on a big host with little free).
 REBUILD_SLACK = 4096
+REBUILD_FRACTION = 16
 _RUN_SHIFT = PAGES_PER_2M.bit_length() - 1  # MPN >> _RUN_SHIFT is its run
 
 
@@ -59,6 +63,8 @@ class _NodeStack:
         self.stale = 0
         #: Where ``allocate_run`` looks next (a run index), so it scans a window, not the node.
         self.run_hand = first // PAGES_PER_2M
+        #: Stale entries tolerated beyond the live ones before a rebuild.
+        self.slack = max(REBUILD_SLACK, (last - first) // REBUILD_FRACTION)
 
     def push(self, frames: Frames) -> None:
         n = len(frames)
@@ -237,7 +243,7 @@ class FrameAllocator:
         ns.free -= n
         self._free -= n
         ns.stale += n
-        if ns.stale > ns.free + REBUILD_SLACK:
+        if ns.stale > ns.free + ns.slack:
             self._rebuild(ns)
 
     def release(self, frames: npt.NDArray[Any]) -> None:
