@@ -71,7 +71,7 @@ class RoundEnd(Enum):
     DONE = "done"  # no pending type had work left
     BOUND = "bound"  # the time left fits no batch of any pending type
     PREEMPTED = "preempted"  # high-priority work became pending
-    NO_SLOT = "no_slot"  # every PageList slot is out (the agent holds batches)
+    NO_SLOT = "no_slot"  # every PageList slot is out, or a low batch is (one at a time)
     LEFT = "left"  # the agent started a new round without finishing this one (its bound)
 
 

@@ -235,7 +235,12 @@ class RoundEngine:
             if isinstance(choice, RoundEnd):
                 return self._close_low(vm, state, choice, received, work)
             slot_index = self._free_slot(vm, state)
-            if slot_index is None:
+            if slot_index is None or self._low_batch_out(state):
+                # One low-priority batch out at a time: a verdict that reaches a page only
+                # after another batch selected it would be applied to that batch's page
+                # (remap validation has no epochs). The agent completes each batch before it
+                # asks for the next (tests/test_lowprio_one_batch_out.py); a peer that does
+                # not is given no more, and only its own guest could suffer otherwise.
                 return self._close_low(vm, state, RoundEnd.NO_SLOT, received, work)
             svc = self.low_services[choice.service]
             sel = svc.select_work(vm, vm.region.slot_capacity, choice.units, now)
@@ -345,6 +350,10 @@ class RoundEngine:
         return Request(0, NO_SLOT, min(0xFFFFFFFF, round((now - received) * 1e6)), 0)
 
     # ---- both -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _low_batch_out(state: RoundState) -> bool:
+        return any(b.priority == Priority.LOW for b in state.issued.values())
 
     def _free_slot(self, vm: VM, state: RoundState) -> int | None:
         for i in range(vm.region.slot_count):
