@@ -98,7 +98,7 @@ from shared.messages import (  # noqa: E402
 from shared.sizes import parse_size  # noqa: E402
 from tests.procs import Daemons  # noqa: E402
 from vmm_agent.exposure import ExposureTable  # noqa: E402
-from vmm_agent.load.lowprio_report import PhaseWindow  # noqa: E402
+from vmm_agent.load.lowprio_report import PhaseWindow, rounds_in  # noqa: E402
 from vmm_agent.rpc import RpcClient  # noqa: E402
 from vmm_agent.sampler import Sampler  # noqa: E402
 from vmm_agent.services import build_services  # noqa: E402
@@ -440,17 +440,15 @@ FILL = {
 
 
 async def _agent_rounds(path: Path, start: float, end: float) -> list[dict[str, Any]]:
-    """The agent's recorded low-priority rounds that started in ``start..end`` (monotonic),
-    a reply's page at a time (ctl op ``lowprio`` with ``after``)."""
-    out: list[dict[str, Any]] = []
-    after = start - 1e-9
-    while True:
-        page = await _ctl(path, "lowprio", after=after)
-        rounds = page["rounds"]
-        out += [r for r in rounds if r["started"] <= end]
-        if not page["more"] or not rounds or rounds[-1]["started"] > end:
-            return out
-        after = rounds[-1]["started"]
+    """The agent's recorded low-priority rounds that started in ``start..end``."""
+
+    async def ask(after: float) -> dict[str, Any]:
+        return await _ctl(path, "lowprio", after=after)
+
+    got = await rounds_in(ask, start, end)
+    assert got is not None
+    rounds: list[dict[str, Any]] = got["rounds"]
+    return rounds
 
 
 async def _phase(d: Daemons, names: list[str], phase: dict[str, Any]) -> tuple[float, float]:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from vmm_agent.rpc import PeerError
+
 from .procs import BIN, ctl, daemons, load_json, run_load
 
 pytestmark = pytest.mark.e2e
@@ -148,6 +150,14 @@ def test_latency_scenario_gives_each_vm_its_own_bound(short_tmp: Path, mem_dir: 
         for name in ("a", "b"):
             summary = asyncio.run(ctl(d.control_socket(name), "lowprio"))
             assert summary["latency_sensitivity"] == 0
+        # The rounds a page at a time: after a round's start, the rounds after it (more may
+        # have run since); an ``after`` that is no finite number is refused.
+        starts = [r["started"] for r in summary["rounds"]]
+        assert len(starts) >= 3 and starts == sorted(starts)
+        later = asyncio.run(ctl(d.control_socket("b"), "lowprio", after=starts[1]))
+        assert [r["started"] for r in later["rounds"]][: len(starts) - 2] == starts[2:]
+        with pytest.raises(PeerError, match="after"):
+            asyncio.run(ctl(d.control_socket("b"), "lowprio", after=10**400))
 
 
 @pytest.mark.timeout(180)

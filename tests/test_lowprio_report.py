@@ -105,7 +105,7 @@ async def test_the_latency_report_gets_every_round_of_the_window_over_several_pa
     """Rounds 0..19 kept, the last phase 4.5..15.5, three rounds a page: the driver asks on
     from the last round it got until the window is passed, and keeps the rounds 5..15."""
     agent = PagedAgent(budget=3 * (lowprio._ROUND_JSON_BYTES + 10 * lowprio._STEP_JSON_BYTES))
-    got = await driver._rounds_in(agent, PhaseWindow("run", 4.5, 15.5))  # type: ignore[arg-type]
+    got = await driver._agent_rounds(agent, PhaseWindow("run", 4.5, 15.5))  # type: ignore[arg-type]
     assert got is not None
     assert [r["started"] for r in got["rounds"]] == [float(i) for i in range(5, 16)]
     assert len(agent.calls) == 4  # 5-7, 8-10, 11-13, 14-16: past the window, stop

@@ -325,10 +325,8 @@ class Agent:
             return self.results()
         if op == "lowprio":  # the summary, and a page of the recent rounds
             after = args.get("after")
-            if after is None:
-                rounds, more = self.lowprio.rounds(float("-inf"))
-            else:
-                rounds, more = self.lowprio.rounds(_seconds_arg("after", after))
+            since = float("-inf") if after is None else _seconds_arg("after", after)
+            rounds, more = self.lowprio.rounds(since)
             return {**self.lowprio.summary(), "rounds": rounds, "more": more}
         if op == "footprint":  # metadata bytes per guest page (benchmarks/scale.py)
             return footprint(self)

@@ -20,7 +20,13 @@ from shared.constants import PAGE_SIZE
 from shared.workload import Phase
 
 from .links import AgentLink, Clock, DaemonLink, VmState
-from .lowprio_report import PhaseWindow, latency_report, sampling_report, sharing_report
+from .lowprio_report import (
+    PhaseWindow,
+    latency_report,
+    rounds_in,
+    sampling_report,
+    sharing_report,
+)
 from .progress import Progress
 from .samples import SAMPLE_PERIOD, make_sample
 from .scenarios import Scenario
@@ -69,20 +75,13 @@ async def connect_agents(
     return links
 
 
-async def _rounds_in(agent: AgentLink, window: PhaseWindow) -> dict[str, Any] | None:
-    """The agent's low-priority summary with its rounds that started in ``window``, asked a
-    reply's page at a time (ctl op ``lowprio`` with ``after``); None if the VM left."""
-    rounds: list[dict[str, Any]] = []
-    after = window.start - 1e-9
-    while True:
-        page = await agent.call("lowprio", "report", after=after)
-        if page is None:
-            return None
-        got = page["rounds"]
-        rounds += [r for r in got if r["started"] <= window.end]
-        if not page["more"] or not got or got[-1]["started"] > window.end:
-            return {**page, "rounds": rounds}
-        after = got[-1]["started"]
+async def _agent_rounds(agent: AgentLink, window: PhaseWindow) -> dict[str, Any] | None:
+    """The agent's summary with its rounds of ``window`` (None if the VM left)."""
+
+    async def ask(after: float) -> dict[str, Any] | None:
+        return await agent.call("lowprio", "report", after=after)
+
+    return await rounds_in(ask, window.start, window.end)
 
 
 @dataclass
@@ -288,7 +287,7 @@ class LoadRun:
             return sharing_report(out.snapshots)
         if name == "latency":
             agents, window = self.active(), out.windows[-1]
-            summaries = await asyncio.gather(*(_rounds_in(a, window) for a in agents))
+            summaries = await asyncio.gather(*(_agent_rounds(a, window) for a in agents))
             got = {a.name: s for a, s in zip(agents, summaries, strict=True) if s is not None}
             return latency_report(got, window)
         history = await self.daemon.call("sampling")

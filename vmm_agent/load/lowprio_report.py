@@ -7,7 +7,7 @@ history) into the figures the scenario is about, computed from the guest model's
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,28 @@ class PhaseWindow:
     def holds(self, start: float, end: float) -> bool:
         """Whether the window [start, end] lies wholly inside this phase."""
         return self.start <= start and end <= self.end
+
+
+Page = dict[str, Any]
+
+
+async def rounds_in(
+    ask: Callable[[float], Awaitable[Page | None]], start: float, end: float
+) -> Page | None:
+    """An agent's low-priority summary with its rounds that started in ``start..end``
+    (monotonic), asked a reply's page at a time: ``ask(after)`` is its ctl op ``lowprio``
+    with ``after``. None when ``ask`` gives None (the VM left)."""
+    rounds: list[Page] = []
+    after = start - 1e-9
+    while True:
+        page = await ask(after)
+        if page is None:
+            return None
+        got = page["rounds"]
+        rounds += [r for r in got if r["started"] <= end]
+        if not page["more"] or not got or got[-1]["started"] > end:
+            return {**page, "rounds": rounds}
+        after = got[-1]["started"]
 
 
 def shareable(contents: list[dict[str, Any]]) -> dict[str, int]:
