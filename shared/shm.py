@@ -70,14 +70,16 @@ def create_mapped(path: Path, size: int) -> MappedFile:
     return MappedFile(path, mm, ident)
 
 
-def open_mapped(path: Path, size: int | None = None) -> MappedFile:
-    """Map an existing file read-write; ``size`` (if given) must match the file."""
-    fd = os.open(path, os.O_RDWR)
+def open_mapped(path: Path, size: int | None = None, *, read_only: bool = False) -> MappedFile:
+    """Map an existing file read-write (or ``read_only``); ``size`` (if given) must match
+    the file."""
+    fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
     try:
         actual = os.fstat(fd).st_size
         if size is not None and actual != size:
             raise ValueError(f"{path}: {actual} bytes, expected {size}")
-        mm = mmap.mmap(fd, actual, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        prot = mmap.PROT_READ if read_only else mmap.PROT_READ | mmap.PROT_WRITE
+        mm = mmap.mmap(fd, actual, mmap.MAP_SHARED, prot)
         ident = file_ident(fd)
     finally:
         os.close(fd)
@@ -99,18 +101,11 @@ def open_read_only(path: Path, size: int, same_as: MappedFile) -> MappedFile:
     destination instead of through a temporary (it buffers a gather whose source and
     destination are views of one mapping, since they might overlap).
     """
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        actual = os.fstat(fd).st_size
-        if actual != size:
-            raise ValueError(f"{path}: {actual} bytes, expected {size}")
-        ident = file_ident(fd)
-        if same_as.ident is not None and ident != same_as.ident:
-            raise VMMemError(f"{path} was replaced while the daemon mapped it")
-        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
-    finally:
-        os.close(fd)
-    return MappedFile(path, mm, ident)
+    mapped = open_mapped(path, size, read_only=True)
+    if same_as.ident is not None and mapped.ident != same_as.ident:
+        mapped.close()
+        raise VMMemError(f"{path} was replaced while the daemon mapped it")
+    return mapped
 
 
 def frames_view(mapped: MappedFile) -> npt.NDArray[np.uint8]:

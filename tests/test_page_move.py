@@ -29,7 +29,7 @@ from platform_daemon.p2m import NO_OP
 from platform_daemon.services import page_move
 from shared.constants import PAGE_SIZE, PAGES_PER_2M, FaultReason, PageState, ServiceType
 from shared.errors import VMMemError
-from shared.shm import create_mapped, open_read_only
+from shared.shm import create_mapped, frames_view, open_read_only
 from tests.test_hugepages import HugeHarness, promoted, region, split_count
 from tests.test_numa_migration import Guest, _released, content, home_room, unmapped
 
@@ -350,6 +350,9 @@ def test_the_read_only_mapping_refuses_a_file_replaced_under_its_name(short_tmp:
     try:
         second = open_read_only(path, 4 * PAGE_SIZE, same_as=first)
         assert second.ident == first.ident
+        view = frames_view(second)
+        assert not view.flags.writeable  # PROT_READ: no write can go through it
+        del view
         second.close()
         path.unlink()
         create_mapped(path, 4 * PAGE_SIZE).close()  # another file, the same name and size
