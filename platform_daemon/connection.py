@@ -121,7 +121,11 @@ class PlatformConnection(asyncio.Protocol):
     def send(self, message: Message, request_id: int = 0) -> None:
         """Queue one frame to the peer (dropped silently once the peer is gone)."""
         if self.transport is not None and not self.closed:
-            frame = self.codec.send(message, request_id)
+            self.send_frame(self.codec.send(message, request_id))
+
+    def send_frame(self, frame: bytes) -> None:
+        """Queue one frame already encoded (``send`` encodes, then comes here)."""
+        if self.transport is not None and not self.closed:
             if self._corked is not None:
                 self._corked.append(frame)
             else:

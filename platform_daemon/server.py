@@ -31,7 +31,8 @@ from shared.constants import (
     PageStatus,
     ServiceType,
 )
-from shared.errors import ErrorCode, LocalProtocolError, RemoteProtocolError, VMMemError
+from shared.ctl_reply import reply_frame
+from shared.errors import ErrorCode, RemoteProtocolError, VMMemError
 from shared.layout import ControlRegion, region_size
 from shared.messages import (
     CompleteRequest,
@@ -581,16 +582,8 @@ class PlatformServer:
             result = await self.ctl.handle(msg.op, msg.args, conn)
         except (VMMemError, ValueError, OverflowError, TypeError) as exc:
             conn.send(CtlReply(ok=False, error=str(exc)), request_id)
-            return
-        try:
-            conn.send(CtlReply(ok=True, result=result), request_id)
-        except LocalProtocolError as exc:  # the reply does not fit a frame: say so, not hang
-            log.warning("ctl_reply_too_large", op=msg.op, error=str(exc))
-            conn.send(CtlReply(ok=False, error=f"{msg.op}: reply too large ({exc})"), request_id)
-        except Exception as exc:  # a result that cannot be encoded: our bug, still an answer
-            log.exception("ctl_reply_unencodable", op=msg.op)
-            error = f"{msg.op}: reply not encodable ({type(exc).__name__}: {exc})"
-            conn.send(CtlReply(ok=False, error=error), request_id)
+        else:
+            conn.send_frame(reply_frame(conn.codec, msg.op, result, request_id))
 
     # ---- faults -----------------------------------------------------------------------------
 

@@ -9,7 +9,8 @@ from typing import Any, cast
 import structlog
 
 from shared.codec import Codec
-from shared.errors import LocalProtocolError, RemoteProtocolError, VMMemError
+from shared.ctl_reply import reply_frame
+from shared.errors import RemoteProtocolError, VMMemError
 from shared.messages import CtlReply, CtlRequest, Error
 
 log = structlog.get_logger("vmmem.vmm.control")
@@ -42,7 +43,7 @@ class ControlConnection(asyncio.Protocol):
                 task.add_done_callback(self.tasks.discard)
         except RemoteProtocolError as exc:
             log.warning("control_protocol_error", error=str(exc))
-            self._send(Error(code=int(exc.code), message=str(exc)), 0)
+            self._write(self.codec.send(Error(code=int(exc.code), message=str(exc)), 0))
             assert self.transport is not None
             self.transport.close()
 
@@ -50,18 +51,10 @@ class ControlConnection(asyncio.Protocol):
         try:
             result = await self.handler(msg.op, msg.args)
         except (VMMemError, ValueError, OverflowError, TypeError) as exc:
-            self._send(CtlReply(ok=False, error=str(exc)), request_id)
-            return
-        try:
-            self._send(CtlReply(ok=True, result=result), request_id)
-        except LocalProtocolError as exc:  # the reply does not fit a frame: say so, not hang
-            log.warning("ctl_reply_too_large", op=msg.op, error=str(exc))
-            self._send(CtlReply(ok=False, error=f"{msg.op}: reply too large ({exc})"), request_id)
-        except Exception as exc:  # a result that cannot be encoded: our bug, still an answer
-            log.exception("ctl_reply_unencodable", op=msg.op)
-            error = f"{msg.op}: reply not encodable ({type(exc).__name__}: {exc})"
-            self._send(CtlReply(ok=False, error=error), request_id)
+            self._write(self.codec.send(CtlReply(ok=False, error=str(exc)), request_id))
+        else:
+            self._write(reply_frame(self.codec, msg.op, result, request_id))
 
-    def _send(self, msg: CtlReply | Error, request_id: int) -> None:
+    def _write(self, frame: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(self.codec.send(msg, request_id))
+            self.transport.write(frame)
