@@ -622,29 +622,6 @@ def test_defrag_empties_a_nearly_free_run(h: HugeHarness) -> None:
     assert h.invariants() == []
 
 
-def test_a_failing_frame_a_page_leaves_is_retired_not_claimed_for_the_run(
-    h: HugeHarness,
-) -> None:
-    """A frame of the isolated run that turns failing while its page is still on it: when
-    the page moves out, the frame is retired, not claimed, so the run is never released
-    whole with a bad frame in it (it would go back to the pool as free)."""
-    g = h.add_vm(guest_pages=4 * R)
-    stay = fragment(h, g, keep=10)
-    h.defrag.step(h.clock())
-    assert h.defrag.nodes[0].isolated is not None
-    bad = int(g.vm.p2m.frame[stay[0]])
-    h.machine.failing[bad] = True
-
-    h.rounds(g)
-
-    assert h.frame_state([bad]) == [FrameState.RETIRED]
-    h.defrag.step(h.clock() + 0.01)
-    assert h.defrag.stats.runs_freed == 0
-    assert h.frame_state([bad]) == [FrameState.RETIRED]
-    h.content_intact(g)
-    assert h.invariants() == []
-
-
 def test_defrag_skips_runs_it_cannot_empty(h: HugeHarness) -> None:
     """Run 0 holds the zero frame: never chosen. A run holding a merged (shared) frame or a
     failing frame is skipped."""
@@ -942,8 +919,9 @@ def test_a_run_holding_a_retired_frame_is_never_isolated(h: HugeHarness) -> None
 
 def test_an_isolated_run_whose_frame_is_retired_is_given_up_at_once(h: HugeHarness) -> None:
     """A frame of the isolated run turns failing under its page and is retired when the page
-    moves out: the run can never be whole, so the next step gives it up at once (its claimed
-    frames back to the pool, the run skipped) rather than hold 500 frames until the
+    moves out, not claimed (else the run could be released whole, the bad frame back in the
+    pool as free): the run can never be whole, so the next step gives it up at once (its
+    claimed frames back to the pool, the run skipped) rather than hold 500 frames until the
     isolation times out."""
     g = h.add_vm(guest_pages=4 * R)
     stay = fragment(h, g, keep=10)
