@@ -583,21 +583,26 @@ def test_a_fault_during_the_move_without_room_keeps_the_old_frame(h: Harness) ->
     assert h.invariants() == [] and h.svc.promised == [0, 0]
 
 
-def test_moves_in_flight_stop_at_the_reserve_when_the_home_node_fills_meanwhile(
-    h: Harness,
-) -> None:
-    """Room was there when the pages were selected, but other allocations took most of it
-    before the copy ran: the copy moves only what keeps the reserve free; the rest keep
-    their old frames (RESIDENT, content intact) and are offered to the VMM again."""
+@pytest.mark.parametrize("squeeze", ["reserve", "host_limit"])
+def test_moves_in_flight_stop_where_room_ran_out_meanwhile(h: Harness, squeeze: str) -> None:
+    """Room was there when the pages were selected, but before the copy ran other
+    allocations took most of the home node (``reserve``), or the host limit was lowered
+    because other VMs grew (``host_limit``): the copy moves only the 4 pages there is room
+    for; the rest keep their old frames (RESIDENT, content intact) and are given up for now,
+    to be offered to the VMM again."""
     g = h.add_vm()
     old = _released(h, g, list(range(10)))
-    filler = h.add_vm(guest_pages=2048)
     reserve = h.svc.reserve(0)
-    h.back(filler, list(range(h.machine.allocator.free_on(0) - reserve - 4)), node=0)
+    if squeeze == "reserve":
+        filler = h.add_vm(guest_pages=2048)
+        h.back(filler, list(range(h.machine.allocator.free_on(0) - reserve - 4)), node=0)
+    else:
+        h.machine.limit_pages = h.machine.allocator.used + 4
 
     assert h.run_spawned() == 1
 
-    assert h.machine.allocator.free_on(0) == reserve
+    if squeeze == "reserve":
+        assert h.machine.allocator.free_on(0) == reserve
     assert [h.node(g, b) for b in range(10)] == [0] * 4 + [1] * 6
     assert (g.vm.p2m.frame[4:10] == old[4:]).all()
     assert (g.vm.p2m.state[:10] == PageState.RESIDENT).all()
@@ -1145,25 +1150,6 @@ def test_migration_takes_no_more_frames_at_once_than_the_host_limit_leaves(h: Ha
     assert h.machine.allocator.used <= h.machine.limit_pages
     h.content_intact(g)
     assert h.invariants() == [] and h.svc.promised == [0, 0]
-
-
-def test_moves_in_flight_stop_at_the_host_limit_when_it_drops_meanwhile(h: Harness) -> None:
-    """The host limit was lowered (other VMs grew) after the pages were released: the copy
-    takes only the 4 frames the limit still allows; the other pages keep their old frames
-    (RESIDENT, content intact) and are given up for now."""
-    g = h.add_vm()
-    old = _released(h, g, list(range(10)))
-    h.machine.limit_pages = h.machine.allocator.used + 4
-
-    assert h.run_spawned() == 1
-
-    assert [h.node(g, b) for b in range(10)] == [0] * 4 + [1] * 6
-    assert (g.vm.p2m.frame[4:10] == old[4:]).all()
-    assert (g.vm.p2m.state[:10] == PageState.RESIDENT).all()
-    st = h.svc.stats(g.vm)
-    assert (st.migrated, st.aborted) == (4, 6) and h.svc.promised == [0, 0]
-    h.content_intact(g)
-    assert h.invariants() == []
 
 
 def test_the_queue_is_capped_and_the_scan_pauses_until_rounds_drain_it(

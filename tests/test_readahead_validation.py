@@ -386,6 +386,18 @@ def test_a_stale_verdict_never_drops_a_page_read_ahead_again(h: Harness) -> None
     assert h.violations() == []
 
 
+def vm_gone(h: Harness) -> None:
+    """What PlatformServer.on_vm_gone does: the services forget the VM, its frames and slots
+    are freed, its p2m is detached (read-only)."""
+    h.validation.on_vm_gone(h.vm)
+    h.swap.on_vm_gone(h.vm)
+    p2m = h.vm.p2m
+    h.machine.release_or_retire(p2m.frame[p2m.frame != NO_FRAME])
+    h.swapfile.release(p2m.swap_slot[p2m.swap_slot >= 0])
+    h.vm.alive = False
+    p2m.detach()
+
+
 def test_a_vm_gone_mid_validation_frees_each_frame_and_slot_once(h: Harness) -> None:
     """The VM leaves with a validation batch out: the daemon's teardown frees the held
     pages' frames and slots; a completion that still arrives changes nothing and raises
@@ -395,14 +407,7 @@ def test_a_vm_gone_mid_validation_frees_each_frame_and_slot_once(h: Harness) -> 
     req = h.get_request()
     h.process(req)
     bpns, status, _ = h.vm.region.slot(req.slot).batch(req.count)
-    # What PlatformServer.on_vm_gone does.
-    h.validation.on_vm_gone(h.vm)
-    h.swap.on_vm_gone(h.vm)
-    p2m = h.vm.p2m
-    h.machine.release_or_retire(p2m.frame[p2m.frame != NO_FRAME])
-    h.swapfile.release(p2m.swap_slot[p2m.swap_slot >= 0])
-    h.vm.alive = False
-    p2m.detach()
+    vm_gone(h)
     h.validation.complete(h.vm, bpns.astype(np.int64), status.copy())
     assert h.swapfile.used == 0
     assert h.machine.allocator.used == len(h.machine.zero_frame)
@@ -418,13 +423,7 @@ def test_pressure_after_a_vm_left_mid_validation_touches_nothing_of_it(h: Harnes
     h.clock.now += WINDOW
     req = h.get_request()
     h.process(req)
-    h.validation.on_vm_gone(h.vm)
-    h.swap.on_vm_gone(h.vm)
-    p2m = h.vm.p2m
-    h.machine.release_or_retire(p2m.frame[p2m.frame != NO_FRAME])
-    h.swapfile.release(p2m.swap_slot[p2m.swap_slot >= 0])
-    h.vm.alive = False
-    p2m.detach()
+    vm_gone(h)
     assert h.validation.readahead.set_pressure(True) == 0
     assert h.validation.readahead.status(h.vm)["held"] == 0  # nothing remembered
     assert h.swapfile.used == 0
