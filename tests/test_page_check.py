@@ -313,14 +313,7 @@ async def test_checking_takes_at_most_a_tenth_of_the_bound_whatever_the_rate(
     a tick once the cost is measured (10 % of the bound), though the rate and the queue's
     time would allow 100; over the ticks the time spent stays within the share."""
     await rig.fill()
-    check = rig.checker._check
-
-    def costly_check(bpns: npt.NDArray[np.int64]) -> None:
-        check(bpns)
-        rig.clock.now += len(bpns) * 10e-6
-
-    rig.checker._check = costly_check  # type: ignore[method-assign]
-    rig.checker.bound = lambda: 0.5e-3
+    latency_sensitive_with_costly_checks(rig)
     per_tick = [rig.tick() for _ in range(30)]
     # The first turns guess the cost (2 µs a page) and overspend; a turn's overspending is
     # paid back from the next ticks' shares (up to one tick's worth).
@@ -416,6 +409,18 @@ async def test_page_checking_alone_runs_on_spare_credit_only() -> None:
 
 
 # ---- what is skipped ---------------------------------------------------------------------
+
+
+def latency_sensitive_with_costly_checks(rig: CheckRig) -> None:
+    """A bound of 0.5 ms, and checks that cost 10 µs a page on the virtual clock."""
+    check = rig.checker._check
+
+    def costly_check(bpns: npt.NDArray[np.int64]) -> None:
+        check(bpns)
+        rig.clock.now += len(bpns) * 10e-6
+
+    rig.checker._check = costly_check  # type: ignore[method-assign]
+    rig.checker.bound = lambda: 0.5e-3
 
 
 def sweep(rig: CheckRig) -> None:
@@ -769,14 +774,7 @@ async def test_an_idle_spell_banks_at_most_one_ticks_share_of_the_bound(rig: Che
     no round for a second: the next tick still checks at most its 10 % share of one tick's
     bound, not the shares of the ticks it missed (the rate would allow 100)."""
     await rig.fill()
-    check = rig.checker._check
-
-    def costly_check(bpns: npt.NDArray[np.int64]) -> None:
-        check(bpns)
-        rig.clock.now += len(bpns) * 10e-6
-
-    rig.checker._check = costly_check  # type: ignore[method-assign]
-    rig.checker.bound = lambda: 0.5e-3
+    latency_sensitive_with_costly_checks(rig)
     for _ in range(20):  # the cost per page is measured
         rig.tick()
     rig.clock.now += 10 * TICK_SECONDS
