@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.constants import PAGES_PER_2M
+from shared.distinct import distinct, first_occurrences, has_repeats
 from shared.errors import OutOfMemoryError, VMMemError
 
 Frames = npt.NDArray[np.int64]
@@ -202,9 +203,9 @@ class FrameAllocator:
             chunk = chunk[self.frame_state[chunk] == _FREE]
             if ns.stale:
                 if len(chunk) > 1:
-                    _, first = np.unique(chunk, return_index=True)
+                    first = first_occurrences(chunk)
                     if len(first) != len(chunk):
-                        chunk = chunk[np.sort(first)]
+                        chunk = chunk[first]
                 ns.stale = max(0, ns.stale - (before - len(chunk)))
             # Marked at once, so a later chunk of this pop skips a second copy of the frame.
             self.frame_state[chunk] = _USED
@@ -266,7 +267,7 @@ class FrameAllocator:
             self._nodes[0].push(frames)
             return
         nodes = self._node_of_block[frames]
-        for node in np.unique(nodes):
+        for node in distinct(nodes):
             self._nodes[int(node)].push(frames[nodes == node])
 
     def _check_sorted(self, ordered: Frames, what: str) -> None:
@@ -281,7 +282,7 @@ class FrameAllocator:
         the last frame, and a repeated one would be counted twice."""
         if frames.min() < 0 or frames.max() >= self.host_pages:
             raise VMMemError(f"{what} of MPNs outside 0..{self.host_pages - 1}")
-        if len(np.unique(frames)) != len(frames):
+        if has_repeats(frames):
             raise VMMemError(f"{what}: the same frame appears twice in one batch")
 
     def retire(self, mpn: int) -> bool:

@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.constants import PAGES_PER_2M
+from shared.distinct import distinct
 
 if TYPE_CHECKING:
     from .p2m import P2M
@@ -42,7 +43,7 @@ def large_regions(p2m: P2M, bpns: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
     hit = idx[(p2m.flags[idx] & FLAG_LARGE) != 0]
     if len(hit) == 0:
         return np.empty(0, dtype=np.int64)
-    regions: npt.NDArray[np.int64] = np.unique(hit // PAGES_PER_2M)
+    regions: npt.NDArray[np.int64] = distinct(hit // PAGES_PER_2M)
     return regions
 
 

@@ -35,6 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.constants import NO_FRAME, PageState, ServiceType
+from shared.distinct import distinct_counts
 from shared.exposures import Exposures
 
 from .allocator import FrameAllocator, FrameState
@@ -240,7 +241,7 @@ def _frame_owners(state: HostState, pages: _Pages) -> list[Violation]:
                 f"pages (vm:bpn) {pages.where(bad)} map frames {_examples(pages.frame[bad])}",
             )
         )
-    frames, counts = np.unique(pages.frame[private], return_counts=True)
+    frames, counts = distinct_counts(pages.frame[private])
     if (counts > 1).any():
         out.append(
             Violation(
@@ -328,7 +329,7 @@ def _swap_slots(state: HostState, pages: _Pages) -> list[Violation]:
         not_in_use = slots[~swap.in_use[slots]]
         if len(not_in_use):
             problems.append(f"swapped pages' slots not in use: {_examples(not_in_use)}")
-        uniq, counts = np.unique(slots, return_counts=True)
+        uniq, counts = distinct_counts(slots)
         if (counts > 1).any():
             problems.append(f"slots of several pages: {_examples(uniq[counts > 1])}")
         marked = int(np.count_nonzero(swap.in_use))

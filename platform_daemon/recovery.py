@@ -39,6 +39,7 @@ import numpy.typing as npt
 import structlog
 
 from shared.constants import NO_FRAME, PAGE_SIZE, PageState
+from shared.distinct import has_repeats
 
 from .allocator import FrameState
 from .p2m import FLAG_MERGED, FLAG_SHARED, NO_OP, NO_SLOT
@@ -242,7 +243,7 @@ def reconcile(state: StateFile, files: list[P2MFile]) -> Reconciled:
     out.refs = np.where(shared & ~is_zero, mapped_by, 0).astype(np.int32)
     _settle_frames(state, mapped_by > 0, is_zero, out)
     out.swap_slots_in_use = np.concatenate(swapped) if swapped else np.empty(0, dtype=np.int64)
-    if len(np.unique(out.swap_slots_in_use)) != len(out.swap_slots_in_use):
+    if has_repeats(out.swap_slots_in_use):
         raise StateError("two pages name the same swap slot: the p2m files are damaged")
     counts = np.zeros(len(PageState), dtype=np.int64)
     for f in files:

@@ -33,6 +33,7 @@ from shared.constants import (
     Priority,
     ServiceType,
 )
+from shared.distinct import has_repeats
 from shared.errors import ErrorCode, RemoteProtocolError
 from shared.layout import SlotState
 from shared.messages import (
@@ -119,7 +120,7 @@ def _agent_pages(
             ErrorCode.BPN_OUT_OF_RANGE,
         )
     pages = bpns.astype(np.int64)
-    if len(np.unique(pages)) != len(pages):
+    if has_repeats(pages):
         raise RemoteProtocolError(f"slot {msg.slot}: a page is listed twice", ErrorCode.BAD_BODY)
     if np.any(status != PageStatus.OK):
         raise RemoteProtocolError(

@@ -22,6 +22,8 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
+from shared.distinct import distinct_counts
+
 from .machine import MachineMemory
 from .p2m import FLAG_MERGED, P2M
 
@@ -133,7 +135,7 @@ class SharedFrames:
         mpns = np.asarray(mpns, dtype=np.int64)
         if len(mpns) == 0:
             return
-        uniq, counts = np.unique(mpns, return_counts=True)
+        uniq, counts = distinct_counts(mpns)
         if np.any(self.refs[uniq] < counts):
             raise ValueError("unref of a merged frame below zero sharers")
         self.refs[uniq] -= counts.astype(np.int32)

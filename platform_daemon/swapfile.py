@@ -24,6 +24,7 @@ import numpy.typing as npt
 import xxhash
 
 from shared.constants import PAGE_SIZE
+from shared.distinct import has_repeats
 from shared.errors import VMMemError
 
 #: preadv flag: fail with EAGAIN instead of waiting for the disk (Linux >= 4.14).
@@ -196,7 +197,7 @@ class SwapFile:
         slots = np.asarray(slots, dtype=np.int64)
         if len(slots) == 0:
             return
-        if not self.in_use[slots].all() or len(np.unique(slots)) != len(slots):
+        if not self.in_use[slots].all() or has_repeats(slots):
             raise VMMemError("swap slot released twice")
         self.in_use[slots] = False
         self.checksum[slots] = 0

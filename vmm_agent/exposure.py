@@ -39,6 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.constants import NO_FRAME, PAGES_PER_2M
+from shared.distinct import distinct
 
 NOT_RELEASED = 0xFF
 
@@ -90,7 +91,7 @@ class ExposureTable:
         """End the large mappings of the regions ``bpns`` touch; returns how many."""
         regions = np.asarray(bpns, dtype=np.int64) // PAGES_PER_2M
         regions = regions[regions < len(self.large)]
-        hit = np.unique(regions[self.large[regions]])
+        hit = distinct(regions[self.large[regions]])
         self.large[hit] = False
         self.splits += len(hit)
         return len(hit)
@@ -104,7 +105,7 @@ class ExposureTable:
         swap-out of a page not mapped yet that failed keeps the order), so the caller passes
         only regions the platform marked large (``services/validation.py``).
         """
-        regions = np.unique(regions[regions < len(self.large)])
+        regions = distinct(regions[regions < len(self.large)])
         if len(regions) == 0:
             return 0
         pages = regions[:, None] * PAGES_PER_2M + np.arange(PAGES_PER_2M, dtype=np.int64)

@@ -50,6 +50,7 @@ import numpy.typing as npt
 import structlog
 
 from shared.constants import PAGES_PER_2M, PageState, ServiceType
+from shared.distinct import distinct
 from shared.messages import FaultReply
 
 from ..allocator import FrameState
@@ -248,7 +249,7 @@ class DefragService(LowPriorityService):
             return None
         owners = machine.owner_vm[used]
         out: dict[int, Pages] = {}
-        for vm_id in np.unique(owners).tolist():
+        for vm_id in distinct(owners).tolist():
             vm = self.vms.get(vm_id)
             if vm is None or not vm.alive:
                 return None  # the host's (zero, merged, in transit) or an unknown VM's
@@ -290,7 +291,7 @@ class DefragService(LowPriorityService):
             return
         # Pages that landed in the run before it was claimed, or moved back: queue them.
         owners = self.ctx.machine.owner_vm[frames]
-        for vm_id in np.unique(owners).tolist():
+        for vm_id in distinct(owners).tolist():
             vm = self.vms.get(vm_id)
             if vm is None:
                 continue
@@ -335,7 +336,7 @@ class DefragService(LowPriorityService):
         take = min(capacity, units, len(q) if q else 0)
         if not q or take <= 0:
             return Selection.empty()
-        popped = np.unique(np.array(q[:take], dtype=np.int64))
+        popped = distinct(np.array(q[:take], dtype=np.int64))
         del q[:take]
         frames = vm.p2m.frame[popped].astype(np.int64)
         keep = self._movable(vm, popped, frames) & self._isolated_run_of(frames)
@@ -349,7 +350,7 @@ class DefragService(LowPriorityService):
     def on_refused(self, vm: VM, refused: Pages, status: npt.NDArray[np.uint8]) -> None:
         """A page the VMM keeps (pinned) cannot leave its run: give that run up now."""
         self.stats.refused += len(refused)
-        runs = np.unique(vm.p2m.frame[refused] // PAGES_PER_2M)
+        runs = distinct(vm.p2m.frame[refused] // PAGES_PER_2M)
         now = self.ctx.clock()
         for node, st in enumerate(self.nodes):
             if st.isolated is not None and st.isolated.run in runs:
@@ -383,7 +384,7 @@ class DefragService(LowPriorityService):
         nodes = alloc.node_of(vm.p2m.frame[bpns])
         room = machine.available()
         new = np.empty(len(bpns), dtype=np.int64)
-        for node in np.unique(nodes).tolist():  # (a loop over nodes, not pages)
+        for node in distinct(nodes).tolist():  # (a loop over nodes, not pages)
             idx = np.flatnonzero(nodes == node)[: max(0, min(alloc.free_on(node), room))]
             if len(idx):
                 new[idx] = alloc.allocate(len(idx), node)  # <= free_on(node): all on it

@@ -50,6 +50,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.constants import PageState, ServiceType
+from shared.distinct import distinct
 from shared.messages import FaultReply
 
 from ..p2m import FLAG_SHARED
@@ -301,7 +302,7 @@ class NumaMigrationService(LowPriorityService):
             return Selection.empty()
         popped = np.array(st.queue[:limit], dtype=np.int64)
         del st.queue[:limit]
-        bpns = self._movable(vm, np.unique(popped))
+        bpns = self._movable(vm, distinct(popped))
         resident = bpns[vm.p2m.state[bpns] == _RESIDENT]
         batch = bpns[vm.p2m.state[bpns] == _EXPOSED]
         self._charge(st, len(bpns))

@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.constants import FaultReason, PageState, PageStatus, ServiceType
+from shared.distinct import distinct
 from shared.messages import FaultReply
 
 from .base import Pages, PlatformService
@@ -93,7 +94,7 @@ class PageRetireService(PlatformService):
         old = vm.p2m.frame[bpns].astype(np.int64)
         nodes = machine.allocator.node_of(old)
         new = np.empty_like(old)
-        for node in np.unique(nodes):
+        for node in distinct(nodes):
             sel = nodes == node
             new[sel] = machine.allocator.allocate(int(sel.sum()), int(node))
         machine.frames[new] = machine.frames[old]

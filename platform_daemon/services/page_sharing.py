@@ -43,6 +43,7 @@ import numpy.typing as npt
 import xxhash
 
 from shared.constants import PAGE_SIZE, FaultReason, PageState, ServiceType
+from shared.distinct import distinct
 from shared.messages import FaultReply
 
 from ..p2m import FLAG_MERGED, FLAG_SHARED, NO_OP
@@ -246,7 +247,7 @@ class PageSharingService(LowPriorityService):
         bpns = np.array(st.candidates[:take], dtype=np.int64)
         del st.candidates[:take]
         p2m = vm.p2m
-        bpns = np.unique(bpns[(p2m.state[bpns] == _EXPOSED) & (p2m.flags[bpns] == 0)])
+        bpns = distinct(bpns[(p2m.state[bpns] == _EXPOSED) & (p2m.flags[bpns] == 0)])
         return Selection(bpns, p2m.frame[bpns].astype(np.int64), take)
 
     def _classify(

@@ -53,6 +53,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.constants import PAGES_PER_2M, PageState, ServiceType
+from shared.distinct import distinct, distinct_counts
 from shared.messages import FaultReply
 
 from ..hugepages import FLAG_LARGE, region_pages
@@ -240,7 +241,7 @@ class PromotionService(LowPriorityService):
 
     def on_refused(self, vm: VM, refused: Pages, status: npt.NDArray[np.uint8]) -> None:
         """Regions with a page the VMM kept (pinned): not collapsed this time."""
-        self._state(vm).stats.refused += len(np.unique(refused // PAGES_PER_2M))
+        self._state(vm).stats.refused += len(distinct(refused // PAGES_PER_2M))
 
     def complete(self, vm: VM, accepted: Pages, status: npt.NDArray[np.uint8]) -> None:
         """Whole regions released: copy them asynchronously, one region per step. A region
@@ -253,7 +254,7 @@ class PromotionService(LowPriorityService):
         if (counts[present] == PAGES_PER_2M).all():  # the common case: no sort needed
             whole = region_pages(present + lo)
         else:
-            firsts, counts = np.unique(regions, return_counts=True)
+            firsts, counts = distinct_counts(regions)
             full = np.isin(regions, firsts[counts == PAGES_PER_2M])
             whole = region_pages(firsts[counts == PAGES_PER_2M])
             self._abort(vm, accepted[~full])
@@ -303,7 +304,7 @@ class PromotionService(LowPriorityService):
     def _abort(self, vm: VM, pages: Pages) -> None:
         """Released pages not collapsed keep their frames; validation maps them again."""
         page_move.keep(vm, pages)
-        self._state(vm).stats.aborted += len(np.unique(pages // PAGES_PER_2M))
+        self._state(vm).stats.aborted += len(distinct(pages // PAGES_PER_2M))
         self.on_moved(vm, pages)
 
     # ---- faults ---------------------------------------------------------------------------

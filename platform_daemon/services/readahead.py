@@ -62,6 +62,7 @@ import numpy.typing as npt
 import structlog
 
 from shared.constants import FaultReason, PageState, PageStatus, ServiceType
+from shared.distinct import distinct
 from shared.messages import FaultReply
 
 from ..p2m import NO_OP, NO_SLOT
@@ -325,7 +326,7 @@ class ReadAheadValidation:
         # Out entries stay: their verdict must still be recognised as ours.
         bpns = np.concatenate((due_bpns, np.fromiter(q.out.keys(), np.int64, n_out)))
         epochs = np.concatenate((due_epochs, np.fromiter(q.out.values(), np.int64, n_out)))
-        held = np.unique(bpns[self._held(vm, bpns, epochs)])
+        held = distinct(bpns[self._held(vm, bpns, epochs)])
         self._keep(vm, held)
         self._count_released(q, len(held))
         return len(held)
