@@ -32,10 +32,12 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.constants import PageState, PageStatus, ServiceType
+from shared.distinct import distinct
 from shared.messages import FaultReply
 
 from ..hugepages import FLAG_LARGE
 from ..p2m import FLAG_SHARED
+from ..page_fifo import PageFifo
 from .base import LowPriorityService, Pages, Selection
 from .readahead import ReadAheadValidation
 
@@ -59,7 +61,7 @@ class ValidationService(LowPriorityService):
 
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
-        self.queues: dict[int, list[int]] = {}
+        self.queues: dict[int, PageFifo] = {}
         self.validated: dict[int, int] = {}  # per VM: pages the VMM mapped by a batch
         self.readahead = ReadAheadValidation(ctx)
 
@@ -67,10 +69,10 @@ class ValidationService(LowPriorityService):
         """Pages whose remap's first half is done (RESIDENT on their new frame)."""
         if len(bpns) == 0 or not vm.alive:
             return
-        q = self.queues.setdefault(vm.vm_id, [])
-        q.extend(bpns.tolist())
-        if len(q) > MAX_QUEUE:
-            del q[: len(q) - MAX_QUEUE]
+        q = self.queues.get(vm.vm_id)
+        if q is None:
+            q = self.queues[vm.vm_id] = PageFifo(MAX_QUEUE)
+        q.push(bpns)  # beyond MAX_QUEUE the oldest are dropped
 
     def pending_work(self, vm: VM, now: float) -> int:
         return len(self.queues.get(vm.vm_id, ())) + self.readahead.pending(vm, now)
@@ -94,8 +96,7 @@ class ValidationService(LowPriorityService):
         take = min(capacity, units, len(q) if q else 0)
         if not q or take <= 0:
             return Selection.empty()
-        popped = np.unique(np.array(q[:take], dtype=np.int64))
-        del q[:take]
+        popped = distinct(q.pop(take))
         p2m = vm.p2m
         keep = (p2m.state[popped] == _RESIDENT) & ((p2m.flags[popped] & FLAG_SHARED) == 0)
         bpns = popped[keep & (p2m.frame[popped] >= 0)]
