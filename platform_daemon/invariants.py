@@ -115,6 +115,7 @@ class HostState:
         p2m_update = server.services.get(ServiceType.P2M_UPDATE)
         swap_svc = server.services.get(ServiceType.SWAP)
         defrag = server.services.get(ServiceType.DEFRAG_2M)
+        promotion = server.services.get(ServiceType.PROMOTION_2M)
         return cls(
             allocator=machine.allocator,
             owner_vm=machine.owner_vm,
@@ -123,10 +124,12 @@ class HostState:
             refs=shared.refs,
             merged_frames=shared.frames,
             vms={vm_id: vm.p2m for vm_id, vm in server.vms.items()},
-            # p2mUpdate's old frames, and the frames of runs 2M defrag is emptying.
+            # p2mUpdate's old frames, the frames of runs 2M defrag is emptying, and the
+            # runs 2M promotion is copying into.
             held_frames=[
                 *getattr(p2m_update, "refs", {}),
                 *getattr(defrag, "held_frames", list)(),
+                *getattr(promotion, "held_frames", list)(),
             ],
             swap=server.swap,
             swap_writing=getattr(swap_svc, "writing", None),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import mmap
 import os
 from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,20 @@ class MachineMemory:
         self.zero_frame = zero_frames
         self.owner_vm[self.zero_frame] = HOST_OWNER
         self.zero_frames = frozenset(self.zero_frame)
+        self._copier: Executor | None = None
+
+    @property
+    def copier(self) -> Executor:
+        """The one thread that copies frames off the event loop (``page_move.copy_off_loop``),
+        started on first use. One: copies are memory-bound, and one core is the loop's."""
+        if self._copier is None:
+            self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmmem-copier")
+        return self._copier
+
+    @copier.setter
+    def copier(self, executor: Executor) -> None:
+        """Another executor (the tests' ``HeldCopies`` decide when a copy runs)."""
+        self._copier = executor
 
     @property
     def nodes(self) -> int:
@@ -194,6 +209,11 @@ class MachineMemory:
         return mpn in self.zero_frames
 
     def close(self, unlink: bool = True) -> None:
+        if self._copier is not None:
+            # A copy still running (its task was cancelled at shutdown) writes through these
+            # mappings: it finishes before they go.
+            self._copier.shutdown(wait=True)
+            self._copier = None
         del self.frames, self.source
         self.file.close()
         self._source_file.close()

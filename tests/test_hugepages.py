@@ -11,6 +11,7 @@ frames counted as held) and with both sides' view of large regions.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from platform_daemon.invariants import HostState, check
 from platform_daemon.p2m import FLAG_SHARED, NO_OP
 from platform_daemon.rounds import RoundEngine
 from platform_daemon.services import defrag as defrag_mod
+from platform_daemon.services import page_move as page_move_mod
 from platform_daemon.services.balloon import BalloonService
 from platform_daemon.services.defrag import DefragService
 from platform_daemon.services.page_retire import PageRetireService
@@ -44,6 +46,7 @@ from shared.constants import (
 from shared.layout import ControlRegion, region_size
 from shared.messages import GET_FLAG_NEW_ROUND, CompleteRequest, GetRequest
 from tests import test_numa_migration as numa_tests
+from tests.held_copies import HeldCopies
 from tests.test_numa_migration import Guest, Harness, content
 from vmm_agent.services import FILTERS
 from vmm_agent.services.numa_migration import NumaMigrationFilter
@@ -72,9 +75,10 @@ class HugeHarness(Harness):
         }
         self.engine = RoundEngine(self.services, clock=self.clock)
 
-    def add_vm(self, guest_pages: int = 2 * R, home_node: int = 0) -> Guest:
+    def add_vm(self, guest_pages: int = 2 * R, home_node: int = 0, regions: int = 1) -> Guest:
+        """A guest; its slots hold ``regions`` whole regions."""
         old = numa_tests.SLOT_CAPACITY
-        numa_tests.SLOT_CAPACITY = R  # a whole region per batch
+        numa_tests.SLOT_CAPACITY = regions * R
         try:
             g = super().add_vm(guest_pages, home_node)
         finally:
@@ -100,7 +104,7 @@ class HugeHarness(Harness):
             refs=self.shared.refs,
             merged_frames=self.shared.frames,
             vms={g.vm.vm_id: g.vm.p2m for g in self.guests.values() if g.vm.alive},
-            held_frames=self.defrag.held_frames(),
+            held_frames=[*self.defrag.held_frames(), *self.promo.held_frames()],
             swap=self.swapfile,
         )
         return [v.name for v in check(state)]
@@ -314,9 +318,244 @@ def test_a_fault_during_promotion_completes_the_whole_region_first(
     h.write(g, 77, numa_tests.content(4242))
     assert h.run_spawned() == 1
     assert (g.vm.p2m.frame[region(0)] == run).all()  # not copied twice
+    assert g.vm.p2m.state[77] == PageState.EXPOSED  # nor collapsed again in place
+    assert h.promo.stats(g.vm).promoted == 1
     h.rounds(g)
     assert g.exposure.large[0] and h.promo.stats(g.vm).fault_completions == 1
     h.both_sides_agree(g)
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def _collapse_held_at_its_copy(h: HugeHarness, g: Guest) -> tuple[HeldCopies, Any, Any]:
+    """Region 0 released by a PROMOTION_2M batch, its collapse run on a loop of its own up
+    to the copy, which the copier holds: (the copier, the loop, the collapse's task)."""
+    copies = HeldCopies()
+    h.machine.copier = copies
+    h.promo.scan(g.vm, 64, h.clock())
+    assert h.low_round(g, run_moves=False) == [(ServiceType.PROMOTION_2M, region(0))]
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(h.spawned.pop(0))
+    for _ in range(10):
+        if copies.held:
+            break
+        loop.run_until_complete(asyncio.sleep(0))
+    assert len(copies.held) == 1 and not task.done()
+    return copies, loop, task
+
+
+@pytest.mark.parametrize("write", [False, True])
+def test_a_fault_while_the_copier_copies_a_region_completes_it_and_the_copy_is_dropped(
+    h: HugeHarness, write: bool
+) -> None:
+    """The copier thread is copying region 0 into a run when the guest faults on a page of
+    it: the fault collapses the region itself, at once, into another run (COMPLETE). When
+    the copier's copy lands, the region is no longer in flight: its run is freed, the p2m
+    keeps the fault's run, nothing is freed twice, and the region is mapped large with the
+    guest's write in it."""
+    g = h.add_vm()
+    old = h.back(g, region(0), node=0)
+    copies, loop, task = _collapse_held_at_its_copy(h, g)
+    try:
+        held = np.array(h.promo.held_frames(), dtype=np.int64)
+        assert len(held) == R and held[0] % R == 0
+        assert h.frame_state(held) == [FrameState.USED] * R
+        assert h.invariants() == []  # the run being copied into is counted as held
+
+        reply = h.promo.on_fault(g.vm, 77, write)
+
+        assert reply.reason == FaultReason.COMPLETE
+        run = g.vm.p2m.frame[region(0)].copy()
+        assert run[0] % R == 0 and not np.isin(run, held).any()
+        g.exposure.install(reply.bpns, reply.mpns, np.array([True]))
+        h.write(g, 77, numa_tests.content(4242))
+        assert copies.run_held() == 1
+        loop.run_until_complete(task)
+    finally:
+        loop.close()
+    assert (g.vm.p2m.frame[region(0)] == run).all()
+    assert h.frame_state(held) == [FrameState.FREE] * R  # the copier's run, thrown away
+    assert h.frame_state(old) == [FrameState.FREE] * R
+    assert h.promo.held_frames() == []
+    stats = h.promo.stats(g.vm)
+    assert (stats.promoted, stats.fault_completions, stats.copies_discarded) == (1, 1, 1)
+    h.rounds(g)
+    assert g.exposure.large[0]
+    h.both_sides_agree(g)
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_a_fault_cancelling_a_region_the_copier_copies_keeps_its_frames(h: HugeHarness) -> None:
+    """The copier is copying region 0 when a fault on it finds no free run for its own
+    collapse: the region keeps its frames (CANCEL), the guest writes through the old frame.
+    When the copier's copy lands it must not repoint the region (its pages are not in flight
+    any more, though the p2m still names the frames it copied): the run is freed, and the
+    write is where the guest reads."""
+    g = h.add_vm()
+    old = h.back(g, region(0), node=0)
+    copies, loop, task = _collapse_held_at_its_copy(h, g)
+    taken = []
+    try:
+        for node in (0, 1):
+            while (run := h.machine.allocator.allocate_run(node)) is not None:
+                taken.append(run)
+        held = np.array(h.promo.held_frames(), dtype=np.int64)
+
+        reply = h.promo.on_fault(g.vm, 3, write=True)
+
+        assert reply.reason == FaultReason.CANCEL and reply.mpns.tolist() == [old[3]]
+        g.exposure.install(reply.bpns, reply.mpns, np.array([True]))
+        h.write(g, 3, numa_tests.content(77))
+        assert copies.run_held() == 1
+        loop.run_until_complete(task)
+    finally:
+        loop.close()
+        for run in taken:
+            h.machine.allocator.release(run)
+    assert (g.vm.p2m.frame[region(0)] == old).all()
+    assert h.frame_state(held) == [FrameState.FREE] * R
+    assert h.promo.stats(g.vm).copies_discarded == 1
+    h.clock.now += 1
+    h.rounds(g)
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_a_run_frame_found_failing_during_the_copy_keeps_the_region_off_the_run(
+    h: HugeHarness,
+) -> None:
+    """Page retire marks a frame of the run being copied into failing (no page owns it yet:
+    "in transit", retired when freed). When the copy lands the region is not put on that
+    run: the run is freed with its failing frame retired, the region keeps its frames and
+    validation maps them again small."""
+    g = h.add_vm()
+    old = h.back(g, region(0), node=0)
+    copies, loop, task = _collapse_held_at_its_copy(h, g)
+    try:
+        held = np.array(h.promo.held_frames(), dtype=np.int64)
+        bad = int(held[100])
+        h.machine.failing[bad] = True  # what FrameRetirement.retire does for it
+        assert copies.run_held() == 1
+        loop.run_until_complete(task)
+    finally:
+        loop.close()
+    assert (g.vm.p2m.frame[region(0)] == old).all()
+    assert h.frame_state([bad]) == [FrameState.RETIRED]
+    rest = held[held != bad]
+    assert h.frame_state(rest) == [FrameState.FREE] * (R - 1)
+    assert h.promo.stats(g.vm).aborted == 1 and h.promo.stats(g.vm).promoted == 0
+    h.rounds(g)
+    assert (g.exposure.frame[region(0)] == old).all() and not g.exposure.large.any()
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_a_vm_gone_while_the_copier_copies_its_region_frees_the_run(h: HugeHarness) -> None:
+    """The VM leaves while the copier thread copies its region: once the copy lands, its
+    run is freed with the VM's frames, and nothing is left used."""
+    g = h.add_vm()
+    h.back(g, region(0), node=0)
+    free_before = h.machine.allocator.free
+    copies, loop, task = _collapse_held_at_its_copy(h, g)
+    try:
+        assert h.machine.allocator.free == free_before - R  # the run
+        vm = g.vm  # what PlatformServer.on_vm_gone does
+        vm.alive = False
+        for svc in h.services.values():
+            svc.on_vm_gone(vm)
+        h.machine.release_or_retire(vm.p2m.private_frames())
+        vm.p2m.frame[:] = -1
+        del h.guests[vm.vm_id]
+        assert copies.run_held() == 1
+        loop.run_until_complete(task)
+    finally:
+        loop.close()
+    assert h.machine.allocator.free == free_before + R  # the region's frames and the run
+    assert h.promo.held_frames() == []
+    assert h.invariants() == []
+
+
+def test_regions_of_one_batch_collapse_together_while_runs_last(h: HugeHarness) -> None:
+    """A batch of two regions (slots of 2 x 512 pages) is collapsed in one step: with one
+    free run left, region 0 is copied and mapped large; region 1 keeps its frames (no run:
+    defrag is asked), and validation maps it again small. Every byte is where it was."""
+    g = h.add_vm(regions=2)
+    olds = [h.back(g, region(r), node=0) for r in range(2)]
+    spare = break_runs(h, 1)  # node 1: no whole run
+    kept = []
+    while (run := h.machine.allocator.allocate_run(0)) is not None:
+        kept.append(run)
+    h.machine.allocator.release(kept.pop())  # one run left, on node 0
+
+    batches = h.promote(g)
+
+    assert [(s, len(b)) for s, b in batches][:1] == [(ServiceType.PROMOTION_2M, 2 * R)]
+    assert g.exposure.large.tolist() == [True, False]
+    assert (g.vm.p2m.frame[region(1)] == olds[1]).all()
+    assert (g.exposure.frame[region(1)] == olds[1]).all()
+    assert h.frame_state(olds[0]) == [FrameState.FREE] * R
+    stats = h.promo.stats(g.vm)
+    assert (stats.promoted, stats.aborted, stats.no_run) == (1, 1, 1)
+    assert h.defrag.nodes[0].wanted
+    h.both_sides_agree(g)
+    h.content_intact(g)
+    for run in kept:
+        h.machine.allocator.release(run)
+    h.machine.allocator.release(spare)
+    assert h.invariants() == []
+
+
+def test_a_region_a_fault_collapsed_before_its_step_is_left_out_of_it(h: HugeHarness) -> None:
+    """A batch of two regions; before their step runs, a fault on region 1 collapses it
+    (COMPLETE, the page mapped). The step then collapses region 0 only: region 1 is not
+    collapsed again (it is on its run in order now), its faulted page stays EXPOSED."""
+    g = h.add_vm(regions=2)
+    for r in range(2):
+        h.back(g, region(r), node=0)
+    h.promo.scan(g.vm, 64, h.clock())
+    assert h.low_round(g, run_moves=False) == [(ServiceType.PROMOTION_2M, region(0) + region(1))]
+    reply = h.promo.on_fault(g.vm, R + 5, write=False)
+    assert reply.reason == FaultReason.COMPLETE
+    g.exposure.install(reply.bpns, reply.mpns, np.array([True]))
+    run1 = g.vm.p2m.frame[region(1)].copy()
+
+    assert h.run_spawned() == 1
+
+    assert g.vm.p2m.state[R + 5] == PageState.EXPOSED
+    assert (g.vm.p2m.frame[region(1)] == run1).all()
+    stats = h.promo.stats(g.vm)
+    assert (stats.promoted, stats.in_place, stats.fault_completions) == (2, 0, 1)
+    h.rounds(g)
+    assert g.exposure.large.tolist() == [True, True]
+    h.both_sides_agree(g)
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_a_copy_that_fails_gives_the_regions_back_on_their_frames(
+    h: HugeHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copier's copy raises: the run is freed, the region keeps its frames (RESIDENT,
+    validation maps them again), and the error reaches the task (logged by the daemon)."""
+    g = h.add_vm()
+    old = h.back(g, region(0), node=0)
+    free_before = h.machine.allocator.free
+    h.promo.scan(g.vm, 64, h.clock())
+    h.low_round(g, run_moves=False)
+
+    def broken(*args: Any) -> None:
+        raise ValueError("copy to a frame outside machine memory")
+
+    monkeypatch.setattr(page_move_mod, "copy_frames", broken)
+    with pytest.raises(ValueError, match="outside machine memory"):
+        h.run_spawned()
+    monkeypatch.undo()
+    assert h.machine.allocator.free == free_before and h.promo.held_frames() == []
+    assert (g.vm.p2m.frame[region(0)] == old).all()
+    assert (g.vm.p2m.state[region(0)] == PageState.RESIDENT).all()
+    h.rounds(g)
+    assert (g.exposure.frame[region(0)] == old).all() and not g.exposure.large.any()
     h.content_intact(g)
     assert h.invariants() == []
 

@@ -26,6 +26,7 @@ both sides agree on large regions.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 
 import numpy as np
@@ -41,6 +42,7 @@ from platform_daemon.services.promotion import PromotionService
 from shared.config import PlatformConfig
 from shared.constants import PAGE_SIZE, PAGES_PER_2M, Priority, ServiceType
 from shared.messages import GET_FLAG_NEW_ROUND, GetRequest
+from tests.held_copies import HeldCopies
 from tests.test_page_life import (
     _EXPOSED,
     _IN_FLIGHT,
@@ -91,10 +93,14 @@ class MovesLife(PageLife):
         self.service(ServiceType.DEFRAG_2M, type(self.services[ServiceType.DEFRAG_2M]))
         self.services[ServiceType.DEFRAG_2M].enabled = False  # type: ignore[attr-defined]
         self.filler: list[int] = []
+        # Promotion's copies run when a rule says (``copier_finishes``): a fault, a round
+        # or a split can come while a region is being copied, as on the copier thread.
+        self.copies = HeldCopies()
+        self.machine.copier = self.copies
         self.fills = self.split_retires = 0
 
     def held_frames(self) -> set[int]:
-        return set(self.filler)
+        return set(self.filler) | set(self.promo.held_frames())  # runs being copied into
 
     def teardown(self) -> None:
         for vm in self.vm_list:
@@ -103,6 +109,7 @@ class MovesLife(PageLife):
             REACHED["promoted"] += self.promo.stats(vm).promoted > 0
             REACHED["promo_fault_completions"] += self.promo.stats(vm).fault_completions > 0
             REACHED["promo_aborted"] += self.promo.stats(vm).aborted > 0
+            REACHED["promo_copies_discarded"] += self.promo.stats(vm).copies_discarded > 0
         REACHED["mapped_large"] += int(self.exposure[0].large.any())
         REACHED["agent_splits"] += self.exposure[0].splits > 0
         super().teardown()
@@ -277,6 +284,30 @@ class MovesLife(PageLife):
         assert (vm.p2m.frame[:R][others] == before[:R][others]).all(), "a split moved pages"
 
     @rule()
+    def copier_turn(self) -> None:
+        """The copier thread finishes the copies it was handed; their regions are repointed
+        on the loop's next turns (``step``), unless a fault collapsed them meanwhile. With
+        none handed over, the loop turns until collapses waiting to run reach their copy,
+        which then stays in flight for the rules that follow."""
+        self.poison()
+        if self.copies.held:
+            REACHED["copier_finished"] += self.copies.run_held() > 0
+            return
+        for _ in range(2):  # a collapse yields once before its step, then hands its copy over
+            self.run(asyncio.sleep(0))
+        REACHED["copy_in_flight"] += len(self.copies.held) > 0
+
+    @rule()
+    def settle(self) -> None:
+        """As the base's, with the copier running what it is handed at once."""
+        self.copies.inline = True
+        try:
+            REACHED["copier_finished"] += self.copies.run_held() > 0
+            super().settle()
+        finally:
+            self.copies.inline = False
+
+    @rule()
     def idle(self) -> None:
         """The guest leaves its pages alone for a while: their accessed bits are clear, so
         the next swap clock pass takes them without a second chance."""
@@ -302,6 +333,8 @@ def check_move_milestones() -> None:
         "batch_numa_migration",
         "batch_promotion_2m",
         "batch_validation",
+        "copy_in_flight",
+        "copier_finished",
     ]
     # Rare in the walk, whose batch sizes follow measured costs (perf_counter), so whether a
     # run reaches them depends on the machine and on the tests run before it in the process:

@@ -104,16 +104,43 @@ def move(
     """Copy the pages ``bpns`` (in flight or RESIDENT, private) into the frames ``new``,
     repoint the p2m (and its owners), OR ``flags`` into theirs; the pages end RESIDENT with
     no operation. Returns the frames they left: the caller frees or claims them."""
-    p2m = vm.p2m
-    old = p2m.frame[bpns].astype(np.int64)  # a copy, widened from the p2m's int32
+    old = vm.p2m.frame[bpns].astype(np.int64)  # a copy, widened from the p2m's int32
     # The order keeps a crash safe: the copy is in the new frame before the p2m names it.
     copy_frames(machine.frames, machine.source, new, old)
+    repoint(machine, vm, bpns, new, flags)
+    return old
+
+
+async def copy_off_loop(
+    machine: MachineMemory, new: npt.NDArray[np.int64], old: npt.NDArray[np.int64]
+) -> None:
+    """``copy_frames`` in the machine's copier thread (``MachineMemory.copier``): NumPy
+    releases the GIL inside each gather, so the event loop goes on (faults, other VMs, the
+    next batch) on the other core while the bytes move.
+
+    What the caller must hold: ``new`` are frames it allocated and nothing names yet, so
+    only the copier writes them; ``old`` may change meanwhile (a fault can finish the pages'
+    move itself and free them), so after the await the caller checks the pages are still
+    its own (``still_ours``) and the p2m still names ``old``, and frees ``new`` otherwise.
+    """
+    loop = asyncio.get_running_loop()
+    # copy_frames looked up at call time: the promotion benchmark times it by wrapping it.
+    await loop.run_in_executor(
+        machine.copier, copy_frames, machine.frames, machine.source, new, old
+    )
+
+
+def repoint(
+    machine: MachineMemory, vm: VM, bpns: Pages, new: npt.NDArray[np.int64], flags: int = 0
+) -> None:
+    """The second half of a move, once ``new`` holds the pages' bytes: the p2m (and the
+    frames' owners) name ``new``, ``flags`` ORed in; the pages end RESIDENT, no operation."""
+    p2m = vm.p2m
     p2m.frame[bpns] = new
     machine.set_owner(new, vm.vm_id, bpns)
     if flags:
         p2m.flags[bpns] |= flags
     keep(vm, bpns)
-    return old
 
 
 def keep(vm: VM, bpns: Pages) -> None:

@@ -27,6 +27,13 @@ Linux's khugepaged (``mm/khugepaged.c``):
   frames into the run with one NumPy gather, repoints the p2m (``FLAG_LARGE`` on every page)
   and frees the old frames; the second half, the VMM installing the new frames, is a
   VALIDATION batch, after which the VMM maps the region large (``vmm_agent/exposure.py``);
+- **the copy off the event loop** (khugepaged is a kernel thread of its own: the copy never
+  runs in the faulting task): a batch's regions are collapsed ``STEP_REGIONS`` at a time,
+  their runs taken together and the copy handed to the daemon's copier thread
+  (``MachineMemory.copier``; NumPy lets go of the GIL while it gathers), so the loop serves
+  faults, other VMs and the next batch meanwhile on the other core. After the copy the
+  p2m is repointed only for regions still in flight since their release, and whose run
+  has no frame page retire marked failing meanwhile; the others' runs are freed;
 - **already in place** (``collapse_pte_mapped_thp``: pages that already sit in one huge
   folio, mapped by PTEs, get the PMD without a copy): a region whose 512 frames already are
   one aligned run in guest order is promoted without a copy or a new run: the same release
@@ -34,9 +41,11 @@ Linux's khugepaged (``mm/khugepaged.c``):
   touches often leave regions so;
 - **a fault waits for the collapse** (a fault during ``collapse_huge_page`` waits on the mmap
   lock, then finds the huge page): a fault on a page of a region in flight completes the
-  region's copy at once and maps the new frame (COMPLETE); only when no run can be had does
-  the region keep its old frames (CANCEL). Content is never lost: the old frames are freed
-  only after the run holds the copy and the p2m names it.
+  region's copy at once, on the loop, and maps the new frame (COMPLETE); only when no run
+  can be had does the region keep its old frames (CANCEL). If the copier was copying that
+  region, its copy is thrown away when it lands (``copies_discarded``): the fault does not
+  wait for another thread. Content is never lost: the old frames are freed only after the
+  run holds the copy and the p2m names it.
 
 A unit of work for the low-priority scheduler is one region (512 pages). A slot with room
 for fewer than 512 pages cannot carry a region: promotion then never offers work.
@@ -76,6 +85,10 @@ MAX_QUEUE = 16
 NO_RUN_SECONDS = 0.5
 #: Runs ``allocate_run`` looks at per call (a window: bounded cost on any host).
 RUN_WINDOW = 1024
+#: Regions collapsed together per step of a batch's collapse: one copy in the copier
+#: thread, one p2m update and one free for all of them (8 MiB: ~1 ms of copying, which the
+#: event loop does not wait for).
+STEP_REGIONS = 4
 
 _EXPOSED, _RESIDENT = int(PageState.EXPOSED), int(PageState.RESIDENT)
 _IN_FLIGHT = int(PageState.IN_FLIGHT)
@@ -92,6 +105,7 @@ class PromotionStats:
     refused: int = 0  # regions the VMM kept (a pinned page)
     in_place: int = 0  # of ``promoted``: regions already on their run, mapped large uncopied
     no_run: int = 0  # times no free run was found on the home node
+    copies_discarded: int = 0  # regions a fault collapsed while the copier copied them
 
 
 @dataclass
@@ -119,6 +133,8 @@ class PromotionService(LowPriorityService):
         self.on_moved: Callable[[VM, Pages], None] = lambda vm, bpns: None
         #: Called with a node that had no free run for a promotion (2M defrag makes one).
         self.want_run: Callable[[int], None] = lambda node: None
+        #: Runs the copier thread is filling, by id: used frames no p2m names yet.
+        self._copying: dict[int, npt.NDArray[np.int64]] = {}
 
     def stats(self, vm: VM) -> PromotionStats:
         st = self.vms.get(vm.vm_id)
@@ -244,9 +260,10 @@ class PromotionService(LowPriorityService):
         self._state(vm).stats.refused += len(distinct(refused // PAGES_PER_2M))
 
     def complete(self, vm: VM, accepted: Pages, status: npt.NDArray[np.uint8]) -> None:
-        """Whole regions released: copy them asynchronously, one region per step. A region
-        with a page the VMM kept (it faulted while selected) cannot be copied: its released
-        pages go back. (A batch holds whole regions in order: a count per region suffices.)"""
+        """Whole regions released: copy them asynchronously (``_collapse_in_steps``). A
+        region with a page the VMM kept (it faulted while selected) cannot be copied: its
+        released pages go back. (A batch holds whole regions in order: a count per region
+        suffices.)"""
         regions = accepted // PAGES_PER_2M
         lo = int(regions.min()) if len(regions) else 0
         counts = np.bincount(regions - lo)
@@ -259,50 +276,153 @@ class PromotionService(LowPriorityService):
             whole = region_pages(firsts[counts == PAGES_PER_2M])
             self._abort(vm, accepted[~full])
         if len(whole):
-            page_move.spawn_moves(self.ctx, vm, whole, _PROMO, PAGES_PER_2M, self._collapse_step)
+            epochs = vm.p2m.epoch[whole]  # (a copy) as the release left them
+            self.ctx.spawn(self._collapse_in_steps(vm, whole, epochs))
 
-    def _collapse_step(self, vm: VM, pages: Pages) -> None:
-        """A step's region, if all of it is still in flight (a fault collapsed it, or gave
-        it up, meanwhile: done)."""
-        if len(pages) == PAGES_PER_2M:
-            self.collapse(vm, int(pages[0]) // PAGES_PER_2M)
+    async def _collapse_in_steps(
+        self, vm: VM, pages: Pages, epochs: npt.NDArray[np.uint32]
+    ) -> None:
+        """``STEP_REGIONS`` regions a step: the regions still all in flight since their
+        release (a fault collapsed or gave up the others meanwhile) collapse together."""
+        step = STEP_REGIONS * PAGES_PER_2M
+        for start in range(0, len(pages), step):
+            await asyncio.sleep(0)  # faults and other VMs go first
+            if not vm.alive:
+                return
+            chunk = pages[start : start + step]
+            ours = page_move.still_ours(vm, chunk, epochs[start : start + step], _PROMO)
+            whole = ours.reshape(-1, PAGES_PER_2M).all(axis=1)
+            # Not reachable (a fault takes a whole region): pages of a region partly taken
+            # would otherwise stay in flight for ever.
+            self._abort(vm, chunk[ours & ~np.repeat(whole, PAGES_PER_2M)])
+            if whole.any():
+                await self._collapse_regions(vm, chunk[::PAGES_PER_2M][whole] // PAGES_PER_2M)
+
+    async def _collapse_regions(self, vm: VM, regions: Pages) -> None:
+        """Collapse ``regions`` (their pages in flight): those already in place at once,
+        the others copied into runs by the copier thread, with the p2m repointed after."""
+        placed = self._in_place(vm, regions)
+        if placed.any():
+            self._promote_in_place(vm, regions[placed])
+        todo = regions[~placed]
+        while len(todo):
+            runs = self._take_runs(vm, len(todo))
+            if not runs:
+                self._no_run(self._state(vm), self.ctx.clock())
+                self._abort(vm, region_pages(todo))
+                return
+            got, todo = todo[: len(runs)], todo[len(runs) :]
+            await self._copy_and_repoint(vm, got, np.concatenate(runs))
+
+    async def _copy_and_repoint(self, vm: VM, regions: Pages, new: Pages) -> None:
+        """Copy ``regions`` into the runs ``new`` off the event loop, then repoint those
+        still ours. While the copy runs a fault may collapse a region itself (its pages are
+        then no longer in flight, or its old frames freed): that region's run is freed."""
+        machine = self.ctx.machine
+        pages = region_pages(regions)
+        p2m = vm.p2m
+        epochs = p2m.epoch[pages]
+        old = p2m.frame[pages].astype(np.int64)
+        copying = self._copying
+        copying[id(new)] = new
+        try:
+            await page_move.copy_off_loop(machine, new, old)
+        except asyncio.CancelledError:
+            # Only a shutdown cancels: the copier may still be writing the runs, so they are
+            # not freed (another allocation could get them); the daemon's end frees all.
+            raise
+        except Exception:
+            # The copy failed: the runs were never named; the pages keep their frames, which
+            # hold their content, and go back to validation.
+            del copying[id(new)]
+            machine.release_or_retire(new)
+            if vm.alive:
+                self._abort(vm, pages[page_move.still_ours(vm, pages, epochs, _PROMO)])
+            raise
+        del copying[id(new)]
+        if not vm.alive:  # its frames went with it; the runs were never named
+            machine.release_or_retire(new)
+            return
+        ours = page_move.still_ours(vm, pages, epochs, _PROMO)
+        whole = ours.reshape(-1, PAGES_PER_2M).all(axis=1)
+        # A frame of a run marked failing while the copy ran (page retire found no owner:
+        # "in transit", retired once freed): that region keeps its old frames.
+        healthy = ~machine.failing[new].reshape(-1, PAGES_PER_2M).any(axis=1)
+        done = np.repeat(whole & healthy, PAGES_PER_2M)
+        machine.release_or_retire(new[~done])  # the failing frames are retired here
+        self._state(vm).stats.copies_discarded += int((~whole).sum())
+        self._abort(vm, pages[ours & ~done])  # (a partly taken region: not reachable)
+        if done.any():
+            self._repoint(vm, pages[done], new[done], old[done])
 
     def collapse(self, vm: VM, region: int) -> bool:
-        """Copy the region's pages (in flight) into a free run of the home node (else of
-        another node); without a run they keep their frames. Either way they end RESIDENT
-        and go to validation."""
-        machine = self.ctx.machine
-        st = self._state(vm)
-        pages = region_pages(np.array([region], dtype=np.int64))
-        if self._in_place(vm, np.array([region], dtype=np.int64))[0]:
-            # Already one aligned run in order: no copy, no new run; mapped large as it is.
-            vm.p2m.flags[pages] |= FLAG_LARGE
-            page_move.keep(vm, pages)
-            st.stats.promoted += 1
-            st.stats.in_place += 1
-            self.ctx.metrics.hugepage_promoted.inc(PAGES_PER_2M)
-            self.on_moved(vm, pages)
+        """The fault path's collapse of one region (its pages in flight), on the event loop:
+        into a free run of the home node (else of another node); without a run the pages
+        keep their frames. Either way they end RESIDENT and go to validation."""
+        regions = np.array([region], dtype=np.int64)
+        if self._in_place(vm, regions)[0]:
+            self._promote_in_place(vm, regions)
             return True
-        run = None
-        if machine.available() >= PAGES_PER_2M:
-            alloc = machine.allocator
-            for node in [vm.home_node, *(n for n in range(alloc.nodes) if n != vm.home_node)]:
+        runs = self._take_runs(vm, 1)
+        pages = region_pages(regions)
+        if not runs:
+            self._no_run(self._state(vm), self.ctx.clock())
+            self._abort(vm, pages)
+            return False
+        old = vm.p2m.frame[pages].astype(np.int64)
+        page_move.copy_frames(self.ctx.machine.frames, self.ctx.machine.source, runs[0], old)
+        self._repoint(vm, pages, runs[0], old)
+        return True
+
+    def held_frames(self) -> list[int]:
+        """The runs being copied into: used, named by no p2m yet (the invariant check)."""
+        return [f for run in self._copying.values() for f in run.tolist()]
+
+    def _take_runs(self, vm: VM, want: int) -> list[npt.NDArray[np.int64]]:
+        """Up to ``want`` free runs, each from the home node, else from another node, while
+        the host limit leaves room for one more."""
+        machine = self.ctx.machine
+        alloc = machine.allocator
+        nodes = [vm.home_node, *(n for n in range(alloc.nodes) if n != vm.home_node)]
+        runs: list[npt.NDArray[np.int64]] = []
+        while len(runs) < want and machine.available() >= PAGES_PER_2M:
+            run = None
+            for node in nodes:
                 run = alloc.allocate_run(node, RUN_WINDOW)
                 if run is not None:
                     break
-        if run is None:
-            self._no_run(st, self.ctx.clock())
-            self._abort(vm, pages)
-            return False
-        # The run is one aligned range: the copy is a gather straight into it.
-        machine.release_or_retire(page_move.move(machine, vm, pages, run, FLAG_LARGE))
-        st.stats.promoted += 1
-        self.ctx.metrics.hugepage_promoted.inc(PAGES_PER_2M)
+            if run is None:
+                break
+            runs.append(run)
+        return runs
+
+    def _repoint(self, vm: VM, pages: Pages, new: Pages, old: Pages) -> None:
+        """Regions copied into their runs: the p2m names the runs, mapped large; the old
+        frames are freed; validation maps the regions."""
+        machine = self.ctx.machine
+        page_move.repoint(machine, vm, pages, new, FLAG_LARGE)
+        machine.release_or_retire(old)
+        n = len(pages) // PAGES_PER_2M
+        self._state(vm).stats.promoted += n
+        self.ctx.metrics.hugepage_promoted.inc(len(pages))
         self.on_moved(vm, pages)
-        return True
+
+    def _promote_in_place(self, vm: VM, regions: Pages) -> None:
+        """Regions already one aligned run each, in order: no copy, no new run; mapped
+        large as they are."""
+        pages = region_pages(regions)
+        vm.p2m.flags[pages] |= FLAG_LARGE
+        page_move.keep(vm, pages)
+        st = self._state(vm)
+        st.stats.promoted += len(regions)
+        st.stats.in_place += len(regions)
+        self.ctx.metrics.hugepage_promoted.inc(len(pages))
+        self.on_moved(vm, pages)
 
     def _abort(self, vm: VM, pages: Pages) -> None:
         """Released pages not collapsed keep their frames; validation maps them again."""
+        if len(pages) == 0:
+            return
         page_move.keep(vm, pages)
         self._state(vm).stats.aborted += len(distinct(pages // PAGES_PER_2M))
         self.on_moved(vm, pages)
