@@ -16,6 +16,8 @@ real bytes and the daemon's invariants after each step.
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +27,7 @@ import pytest
 
 import platform_daemon.services.numa_migration as numa
 from platform_daemon.hugepages import FLAG_LARGE, coverage
+from platform_daemon.machine import MachineMemory
 from platform_daemon.p2m import NO_OP
 from platform_daemon.services import page_move
 from shared.constants import PAGE_SIZE, PAGES_PER_2M, FaultReason, PageState, ServiceType
@@ -361,3 +364,49 @@ def test_the_read_only_mapping_refuses_a_file_replaced_under_its_name(short_tmp:
     finally:
         first.close()
         path.unlink(missing_ok=True)
+
+
+def test_copy_off_loop_copies_on_the_copier_thread(h: HugeHarness) -> None:
+    """``copy_off_loop`` does ``copy_frames`` on the machine's copier thread, not the
+    loop's, and the bytes land."""
+    machine = h.machine
+    old = np.array([5, 9, 2], dtype=np.int64)
+    new = np.array([600, 601, 602], dtype=np.int64)
+    machine.frames[old] = np.arange(3, dtype=np.uint8)[:, None] + 7
+    threads: list[str] = []
+    real = page_move.copy_frames
+
+    def noting(*args: object) -> None:
+        threads.append(threading.current_thread().name)
+        real(*args)  # type: ignore[arg-type]
+
+    page_move.copy_frames = noting  # type: ignore[assignment]
+    try:
+        asyncio.run(page_move.copy_off_loop(machine, new, old))
+    finally:
+        page_move.copy_frames = real
+    assert len(threads) == 1 and threads[0].startswith("vmmem-copier")
+    assert (machine.frames[new] == machine.frames[old]).all()
+
+
+def test_closing_machine_memory_waits_for_a_copy_in_flight(tmp_path: Path) -> None:
+    """A copy still running on the copier thread (its task cancelled at shutdown) writes
+    through the mappings: ``close`` waits for it before unmapping them."""
+    machine = MachineMemory(Path("/dev/shm") / f"vmmem-close-{os.getpid()}", 2048, 1, False)
+    go = threading.Event()
+
+    def slow_copy(frames: npt.NDArray[np.uint8], source: npt.NDArray[np.uint8]) -> None:
+        go.wait(10)
+        page_move.copy_frames(frames, source, np.array([1000]), np.array([3]))
+
+    running = machine.copier.submit(slow_copy, machine.frames, machine.source)
+    closer = threading.Thread(target=machine.close)
+    closer.start()
+    try:
+        closer.join(0.2)
+        assert closer.is_alive(), "close did not wait for the copy"
+    finally:
+        go.set()
+        closer.join(10)
+    assert not closer.is_alive()
+    running.result(0)  # the copy ran to its end, through live mappings
