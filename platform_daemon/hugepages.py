@@ -55,6 +55,16 @@ def region_pages(regions: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
     return pages
 
 
+def region_rows(per_page: npt.NDArray[Any], regions: npt.NDArray[np.int64]) -> npt.NDArray[Any]:
+    """``per_page[region_pages(regions)]`` as one row of 512 per region (a copy), gathered a
+    row at a time: a copy of 512 entries per region, where an index per page costs building
+    the index and a lookup per entry (a 64-region scan of the p2m: several times cheaper).
+    Only whole regions: ``regions`` below ``len(per_page) // 512``."""
+    whole = len(per_page) // PAGES_PER_2M
+    rows: npt.NDArray[Any] = per_page[: whole * PAGES_PER_2M].reshape(whole, PAGES_PER_2M)[regions]
+    return rows
+
+
 def split(vm: VM, bpns: npt.NDArray[Any]) -> int:
     """End the large mapping of every region ``bpns`` touch; returns how many were split.
 

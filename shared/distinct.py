@@ -52,3 +52,11 @@ def first_occurrences(values: npt.ArrayLike) -> npt.NDArray[np.intp]:
     flat = np.asarray(values).reshape(-1)
     order = np.argsort(flat, kind="stable")  # stable: the first of equal values leads
     return np.sort(order[_first_of_each(flat[order])])
+
+
+def difference(values: npt.ArrayLike, without: npt.ArrayLike) -> npt.NDArray[Any]:
+    """The distinct values of ``values`` not in ``without``, ascending
+    (``np.setdiff1d(values, without)``, which takes the hash path of ``np.unique``)."""
+    kept = distinct(values)
+    out = np.asarray(without).reshape(-1)
+    return kept if len(out) == 0 else kept[~np.isin(kept, out)]

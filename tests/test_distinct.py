@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.distinct import distinct, distinct_counts, first_occurrences, has_repeats
+from shared.distinct import (
+    difference,
+    distinct,
+    distinct_counts,
+    first_occurrences,
+    has_repeats,
+)
 
 CASES = [
     np.array([], dtype=np.int64),
@@ -33,3 +39,9 @@ def test_a_list_and_a_2d_array_are_taken_flat() -> None:
     assert distinct([4, 4, 1]).tolist() == [1, 4]
     assert distinct(np.array([[2, 1], [2, 0]])).tolist() == [0, 1, 2]
     assert has_repeats([1, 2, 1]) and not has_repeats([1, 2, 3])
+
+
+@pytest.mark.parametrize("values", CASES, ids=range(len(CASES)))
+def test_difference_is_np_setdiff1d(values: np.ndarray) -> None:
+    for without in (values[: len(values) // 2], np.array([], dtype=np.int64), [3, 7, 49]):
+        assert difference(values, without).tolist() == np.setdiff1d(values, without).tolist()

@@ -65,7 +65,7 @@ from shared.constants import PAGES_PER_2M, PageState, ServiceType
 from shared.distinct import distinct, distinct_counts
 from shared.messages import FaultReply
 
-from ..hugepages import FLAG_LARGE, region_pages
+from ..hugepages import FLAG_LARGE, region_pages, region_rows
 from . import page_move
 from .base import LowPriorityService, Pages, Selection
 
@@ -186,17 +186,22 @@ class PromotionService(LowPriorityService):
         """Per region: all 512 pages mapped by the VMM on private healthy frames, no flag
         (shared, merged, large: a region mapped large is done)."""
         p2m = vm.p2m
-        pages = region_pages(regions).reshape(len(regions), PAGES_PER_2M)
-        frame = p2m.frame[pages]
-        ok: npt.NDArray[np.bool_] = (p2m.state[pages] == _EXPOSED).all(axis=1)
-        ok &= (p2m.flags[pages] == 0).all(axis=1) & (frame >= 0).all(axis=1)
-        ok &= ~self.ctx.machine.failing[np.where(frame >= 0, frame, 0)].any(axis=1)
+        ok: npt.NDArray[np.bool_] = (region_rows(p2m.state, regions) == _EXPOSED).all(axis=1)
+        ok &= (region_rows(p2m.flags, regions) == 0).all(axis=1)
+        if not ok.any():
+            return ok
+        # Frames only for the regions still fit (exposed pages have frames; checked anyway).
+        fit = np.flatnonzero(ok)
+        frame = region_rows(p2m.frame, regions[fit])
+        good = (frame >= 0).all(axis=1)
+        good &= ~self.ctx.machine.failing[np.where(frame >= 0, frame, 0)].any(axis=1)
+        ok[fit] = good
         return ok
 
     @staticmethod
     def _in_place(vm: VM, regions: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
         """Per region: its 512 frames already are one aligned run in guest order."""
-        frame = vm.p2m.frame[region_pages(regions).reshape(len(regions), PAGES_PER_2M)]
+        frame = region_rows(vm.p2m.frame, regions)
         base = frame[:, :1].astype(np.int64)
         in_place: npt.NDArray[np.bool_] = (base[:, 0] % PAGES_PER_2M == 0) & (
             frame == base + np.arange(PAGES_PER_2M)

@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.constants import PAGES_PER_2M, PageStatus, ServiceType
+from shared.distinct import difference
 
 from ..exposure import NOT_RELEASED
 from .base import AgentService, refuse
@@ -92,4 +93,4 @@ class ValidationFilter(AgentService):
             # batch carries: frame order alone cannot tell a region the daemon split
             # without asking the monitor (tests/test_page_life_moves.py).
             regions = idx // PAGES_PER_2M
-            exposure.arm_large(np.setdiff1d(regions[large], regions[~large]))
+            exposure.arm_large(difference(regions[large], regions[~large]))
