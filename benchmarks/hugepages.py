@@ -18,9 +18,18 @@ promoted pages per second over each, per repeat, and their medians (issue 9's ai
 (``platform_daemon/malloc_tuning.py``): a 2 MiB temporary then costs a fresh mapping, as in
 the daemon.
 
-Where the time goes: per region, the daemon's part (its GetRequest and CompleteRequest
-handling, the collapse and, within it, the copy) and the agent's part (its filters), for
-the PROMOTION_2M release and the VALIDATION install. ``--slot-capacity`` (the daemon's
+Rounds are made as the agent makes them: a GetRequest{LOW} with GET_FLAG_NEW_ROUND and the
+whole bound (8 ms, a VM of latency sensitivity 0), later requests with what is left of it,
+until the daemon says the round is over (no work, or the LAST flag) or the bound is used up.
+Between a CompleteRequest and the next GetRequest the event loop turns once, so the spawned
+collapses take their steps while the next batch is handed out; their copies run on the
+daemon's copier thread (``MachineMemory.copier``), overlapping the loop's work. The loop
+waits for a collapse only when no batch is to be had.
+
+Where the time goes: per region, the daemon's part on the event loop (its GetRequest and
+CompleteRequest handling, the collapses' steps, the waits for a collapse), the agent's part
+(its filters), for the PROMOTION_2M release and the VALIDATION install; beside them the copy
+(on the copier thread, overlapping) and the CPU time of the process, both threads. ``--slot-capacity`` (the daemon's
 ``slot_capacity``; by default the daemon's own for the guest's size: 512 pages, one region
 per batch, up to 64 MiB, 2048 at 256 MiB) shows what larger PageLists buy.
 
@@ -52,6 +61,7 @@ from shared.config import PlatformConfig
 from shared.constants import PAGE_SIZE, PAGES_PER_2M, Priority, ServiceType
 from shared.logs import configure_logging
 from shared.messages import GET_FLAG_NEW_ROUND, CompleteRequest, GetRequest, Message, Register
+from shared.timebound import BASE_BOUND_SECONDS
 from vmm_agent.exposure import NOT_RELEASED, ExposureTable
 from vmm_agent.services.promotion import PromotionFilter
 from vmm_agent.services.validation import ValidationFilter
@@ -167,20 +177,32 @@ class Bench:
         page_move.copy_frames = timed_copy  # type: ignore[assignment]
         try:
             t0, cpu0 = time.perf_counter(), time.process_time()
+            started: float | None = None  # the round's start, as the agent keeps it
             while not self.exposure.large.all():
                 if not self.svc.queued(vm):
                     self.svc.scan(vm, vm.guest_pages // R, time.monotonic())
                 t = time.perf_counter()
-                req = s.engine.get_request(
-                    vm, self.state, GetRequest(Priority.LOW, 4_000_000_000, GET_FLAG_NEW_ROUND)
-                )
+                # Rounds as the agent makes them: a new one opens with the whole bound,
+                # later requests carry what is left of it.
+                if started is None:
+                    started, flags, left = t, GET_FLAG_NEW_ROUND, BASE_BOUND_SECONDS
+                else:
+                    flags, left = 0, BASE_BOUND_SECONDS - (t - started)
+                    if left <= 0:
+                        started = None  # the bound is used up: the next request opens one
+                        continue
+                get = GetRequest(Priority.LOW, int(left * 1e6), flags)
+                req = s.engine.get_request(vm, self.state, get)
                 t1 = time.perf_counter()
                 spent["daemon_get"] += t1 - t
                 if not req.has_work:  # nothing to hand out until a collapse is done
+                    started = None
                     if s.tasks:
                         await asyncio.wait(list(s.tasks), return_when=asyncio.FIRST_COMPLETED)
                     spent["wait"] += time.perf_counter() - t1
                     continue
+                if req.last:
+                    started = None
                 service = ServiceType(req.service)
                 bpns, status, mpns = vm.region.slot(req.slot).batch(req.count)
                 if service in self.filters:
