@@ -29,9 +29,10 @@ waits for a collapse only when no batch is to be had.
 Where the time goes: per region, the daemon's part on the event loop (its GetRequest and
 CompleteRequest handling, the collapses' steps, the waits for a collapse), the agent's part
 (its filters), for the PROMOTION_2M release and the VALIDATION install; beside them the copy
-(on the copier thread, overlapping) and the CPU time of the process, both threads. ``--slot-capacity`` (the daemon's
-``slot_capacity``; by default the daemon's own for the guest's size: 512 pages, one region
-per batch, up to 64 MiB, 2048 at 256 MiB) shows what larger PageLists buy.
+(on the copier thread, overlapping) and the CPU time of the process, both threads.
+``--slot-capacity`` (the daemon's ``slot_capacity``; by default the daemon's own for the
+guest's size: 512 pages, one region per batch, up to 64 MiB, 2048 at 256 MiB) shows what
+larger PageLists buy.
 
 Usage: ``python benchmarks/hugepages.py [--mib 32] [--repeats 5] [--slot-capacity N]
 [--json out.json]``. Every file is removed in ``finally`` blocks.

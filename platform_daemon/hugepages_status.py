@@ -37,6 +37,7 @@ def hugepages_status(server: PlatformServer, vm: VM) -> dict[str, Any]:
         "refused_regions": 0 if st is None else st.refused,
         "fault_completions": 0 if st is None else st.fault_completions,
         "no_run": 0 if st is None else st.no_run,
+        "copies_discarded": 0 if st is None else st.copies_discarded,
     }
 
 
