@@ -168,14 +168,14 @@ class Bench:
             ),
             0.0,
         )
-        copy = page_move.copy_frames
+        copy = page_move.run_copy
 
         def timed_copy(*args: Any) -> None:  # on the copier thread
             t = time.perf_counter()
             copy(*args)
             spent["copy"] += time.perf_counter() - t
 
-        page_move.copy_frames = timed_copy  # type: ignore[assignment]
+        page_move.run_copy = timed_copy  # type: ignore[assignment]
         try:
             t0, cpu0 = time.perf_counter(), time.process_time()
             started: float | None = None  # the round's start, as the agent keeps it
@@ -222,7 +222,7 @@ class Bench:
             total = time.perf_counter() - t0
             spent["cpu"] = time.process_time() - cpu0
         finally:
-            page_move.copy_frames = copy
+            page_move.run_copy = copy
         spent["total"] = total
         self.spent = spent
         return total

@@ -547,7 +547,7 @@ def test_a_copy_that_fails_gives_the_regions_back_on_their_frames(
     def broken(*args: Any) -> None:
         raise ValueError("copy to a frame outside machine memory")
 
-    monkeypatch.setattr(page_move_mod, "copy_frames", broken)
+    monkeypatch.setattr(page_move_mod, "run_copy", broken)
     with pytest.raises(ValueError, match="outside machine memory"):
         h.run_spawned()
     monkeypatch.undo()

@@ -367,24 +367,24 @@ def test_the_read_only_mapping_refuses_a_file_replaced_under_its_name(short_tmp:
 
 
 def test_copy_off_loop_copies_on_the_copier_thread(h: HugeHarness) -> None:
-    """``copy_off_loop`` does ``copy_frames`` on the machine's copier thread, not the
+    """``copy_off_loop`` does the copies (``run_copy``) on the machine's copier thread, not the
     loop's, and the bytes land."""
     machine = h.machine
     old = np.array([5, 9, 2], dtype=np.int64)
     new = np.array([600, 601, 602], dtype=np.int64)
     machine.frames[old] = np.arange(3, dtype=np.uint8)[:, None] + 7
     threads: list[str] = []
-    real = page_move.copy_frames
+    real = page_move.run_copy
 
     def noting(*args: object) -> None:
         threads.append(threading.current_thread().name)
         real(*args)  # type: ignore[arg-type]
 
-    page_move.copy_frames = noting  # type: ignore[assignment]
+    page_move.run_copy = noting  # type: ignore[assignment]
     try:
         asyncio.run(page_move.copy_off_loop(machine, new, old))
     finally:
-        page_move.copy_frames = real
+        page_move.run_copy = real
     assert len(threads) == 1 and threads[0].startswith("vmmem-copier")
     assert (machine.frames[new] == machine.frames[old]).all()
 

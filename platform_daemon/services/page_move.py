@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -49,6 +50,70 @@ _IN_FLIGHT = int(PageState.IN_FLIGHT)
 TAKE_MIN = 3
 
 
+@dataclass(frozen=True)
+class CopyPlan:
+    """What ``run_copy`` does, worked out beforehand (``plan_copy``): the gathers, as
+    (first destination frame, source frames), and the pages of short stretches, as
+    (destination, source) frame lists."""
+
+    gathers: list[tuple[int, npt.NDArray[np.int64]]]
+    single_new: list[int]
+    single_old: list[int]
+
+
+def plan_copy(
+    frames_count: int, new: npt.NDArray[np.int64], old: npt.NDArray[np.int64]
+) -> CopyPlan:
+    """How to do ``frames[new] = frames[old]`` on a machine of ``frames_count`` frames: each
+    stretch of consecutive frames in ``new`` is one ``np.take`` from the read-only mapping
+    straight into it; stretches shorter than ``TAKE_MIN`` are stored a page at a time.
+    Raises before anything is copied if a frame is outside machine memory.
+
+    A promotion's run is one stretch; migration's frames come off the allocator's stacks in
+    runs, but often top down, so the pairs are put in ascending order of ``new`` first (in
+    ``benchmarks/numa.py``: 49,536 stretches for 98,304 pages as given, one per batch once
+    sorted; the order of the copies does not matter).
+    """
+    if len(new) == 0:
+        return CopyPlan([], [], [])
+    if int(old.min()) < 0 or int(old.max()) >= frames_count:  # NO_FRAME would wrap around
+        raise ValueError("copy from a page without a frame")
+    steps = np.diff(new)
+    if (steps < 0).any():
+        order = np.argsort(new)
+        new, old = new[order], old[order]
+        steps = np.diff(new)
+    if int(new[0]) < 0 or int(new[-1]) >= frames_count:  # ascending now: the two ends
+        raise ValueError("copy to a frame outside machine memory")
+    breaks = np.flatnonzero(steps != 1) + 1
+    starts, ends = np.r_[0, breaks], np.r_[breaks, len(new)]
+    long = ends - starts >= TAKE_MIN
+    gathers = [
+        (int(new[a]), old[a:b])
+        for a, b in zip(starts[long].tolist(), ends[long].tolist(), strict=True)
+    ]
+    if long.all():
+        return CopyPlan(gathers, [], [])
+    alone = ~np.repeat(long, ends - starts)  # the pages of short stretches
+    return CopyPlan(gathers, new[alone].tolist(), old[alone].tolist())
+
+
+def run_copy(frames: npt.NDArray[np.uint8], source: npt.NDArray[np.uint8], plan: CopyPlan) -> None:
+    """Do what ``plan`` says: on the copier thread, nothing but the copies, so the thread
+    takes the GIL back once per gather (NumPy lets it go inside), not after each of the
+    checks and sorts ``plan_copy`` makes (each of which may let it go on a large array, and
+    waits up to the switch interval to get it back while the event loop runs)."""
+    for first, olds in plan.gathers:
+        # mode="clip": the indices were checked; "raise" would buffer the output.
+        np.take(source, olds, axis=0, out=frames[first : first + len(olds)], mode="clip")
+    if not plan.single_new:
+        return
+    flat, src = frames.reshape(-1).data.cast("B"), source.reshape(-1).data.cast("B")
+    size = frames.shape[1]
+    for dst, s in zip(plan.single_new, plan.single_old, strict=True):
+        flat[dst * size : (dst + 1) * size] = src[s * size : (s + 1) * size]
+
+
 def copy_frames(
     frames: npt.NDArray[np.uint8],
     source: npt.NDArray[np.uint8],
@@ -56,46 +121,15 @@ def copy_frames(
     old: npt.NDArray[np.int64],
 ) -> None:
     """``frames[new] = frames[old]``; ``source`` is the same memory as ``frames`` through a
-    second mapping (``MachineMemory.source``).
+    second mapping (``MachineMemory.source``), the copy done as ``plan_copy`` says.
 
-    Each stretch of consecutive frames in ``new`` is one ``np.take`` from ``source`` straight
-    into it: NumPy's gather, one memmove per page in C. A promotion's run is one stretch;
-    migration's frames come off the allocator's stacks in runs, but often top down, so the
-    pairs are put in ascending order of ``new`` first (in ``benchmarks/numa.py``: 49,536
-    stretches for 98,304 pages as given, one per batch once sorted).
     From a view of the same mapping NumPy would gather into a temporary and copy again,
     since it must assume the two overlap; they cannot, since ``new`` are frames just
     allocated (no page's new frame is another's old one). For 512 scattered frames on this
     machine: 0.31 ms, against 0.52 ms for a slice store per page from Python (median, 256
     MiB of frames, 2026-12-03). Short stretches keep the slice store.
     """
-    if len(new) == 0:
-        return
-    if int(old.min()) < 0 or int(old.max()) >= len(frames):  # NO_FRAME would wrap around
-        raise ValueError("copy from a page without a frame")
-    steps = np.diff(new)
-    if (steps < 0).any():
-        # The allocator's stacks hand out frames in runs, but often from the top down: in
-        # ascending order the stretches are whole (the order of the copies does not matter).
-        order = np.argsort(new)
-        new, old = new[order], old[order]
-        steps = np.diff(new)
-    if int(new[0]) < 0 or int(new[-1]) >= len(frames):  # ascending now: the two ends
-        raise ValueError("copy to a frame outside machine memory")
-    breaks = np.flatnonzero(steps != 1) + 1
-    starts, ends = np.r_[0, breaks], np.r_[breaks, len(new)]
-    long = ends - starts >= TAKE_MIN
-    for a, b in zip(starts[long].tolist(), ends[long].tolist(), strict=True):
-        first = int(new[a])
-        # mode="clip": the indices are checked above; "raise" would buffer the output.
-        np.take(source, old[a:b], axis=0, out=frames[first : first + b - a], mode="clip")
-    if long.all():
-        return
-    alone = ~np.repeat(long, ends - starts)  # the pages of short stretches
-    flat, src = frames.reshape(-1).data.cast("B"), source.reshape(-1).data.cast("B")
-    size = frames.shape[1]
-    for dst, s in zip(new[alone].tolist(), old[alone].tolist(), strict=True):
-        flat[dst * size : (dst + 1) * size] = src[s * size : (s + 1) * size]
+    run_copy(frames, source, plan_copy(len(frames), new, old))
 
 
 def move(
@@ -114,20 +148,19 @@ def move(
 async def copy_off_loop(
     machine: MachineMemory, new: npt.NDArray[np.int64], old: npt.NDArray[np.int64]
 ) -> None:
-    """``copy_frames`` in the machine's copier thread (``MachineMemory.copier``): NumPy
-    releases the GIL inside each gather, so the event loop goes on (faults, other VMs, the
-    next batch) on the other core while the bytes move.
+    """``copy_frames`` with its copies on the machine's copier thread
+    (``MachineMemory.copier``): NumPy releases the GIL inside each gather, so the event loop
+    goes on (faults, other VMs, the next batch) on the other core while the bytes move.
 
     What the caller must hold: ``new`` are frames it allocated and nothing names yet, so
     only the copier writes them; ``old`` may change meanwhile (a fault can finish the pages'
     move itself and free them), so after the await the caller checks the pages are still
     its own (``still_ours``) and the p2m still names ``old``, and frees ``new`` otherwise.
     """
+    plan = plan_copy(len(machine.frames), new, old)  # the checks and sorts, on the loop
     loop = asyncio.get_running_loop()
-    # copy_frames looked up at call time: the promotion benchmark times it by wrapping it.
-    await loop.run_in_executor(
-        machine.copier, copy_frames, machine.frames, machine.source, new, old
-    )
+    # run_copy looked up at call time: the promotion benchmark times it by wrapping it.
+    await loop.run_in_executor(machine.copier, run_copy, machine.frames, machine.source, plan)
 
 
 def repoint(
