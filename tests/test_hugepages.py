@@ -327,13 +327,17 @@ def test_a_fault_during_promotion_completes_the_whole_region_first(
     assert h.invariants() == []
 
 
-def _collapse_held_at_its_copy(h: HugeHarness, g: Guest) -> tuple[HeldCopies, Any, Any]:
-    """Region 0 released by a PROMOTION_2M batch, its collapse run on a loop of its own up
-    to the copy, which the copier holds: (the copier, the loop, the collapse's task)."""
+def _collapse_held_at_its_copy(
+    h: HugeHarness, g: Guest, released: list[int] | None = None
+) -> tuple[HeldCopies, Any, Any]:
+    """Region 0 (or the pages ``released``) released by a PROMOTION_2M batch, its collapse
+    run on a loop of its own up to the copy, which the copier holds: (the copier, the loop,
+    the collapse's task)."""
     copies = HeldCopies()
     h.machine.copier = copies
     h.promo.scan(g.vm, 64, h.clock())
-    assert h.low_round(g, run_moves=False) == [(ServiceType.PROMOTION_2M, region(0))]
+    batch = region(0) if released is None else released
+    assert h.low_round(g, run_moves=False) == [(ServiceType.PROMOTION_2M, batch)]
     loop = asyncio.new_event_loop()
     task = loop.create_task(h.spawned.pop(0))
     for _ in range(10):
@@ -451,6 +455,48 @@ def test_a_run_frame_found_failing_during_the_copy_keeps_the_region_off_the_run(
     assert h.invariants() == []
 
 
+def test_a_copy_outlived_by_a_new_release_of_its_region_is_dropped(h: HugeHarness) -> None:
+    """The copier holds region 0's copy; a fault gives the region up (no run), the guest
+    writes to it, validation maps it again, and a new PROMOTION_2M batch releases it anew
+    (new epochs). When the old copy lands, its bytes are stale (taken before the write):
+    it must be dropped, though the pages are in flight for promotion again. The new
+    release's collapse then promotes the region with the write in it."""
+    g = h.add_vm()
+    old = h.back(g, region(0), node=0)
+    copies, loop, task = _collapse_held_at_its_copy(h, g)
+    try:
+        held = np.array(h.promo.held_frames(), dtype=np.int64)
+        taken = []
+        for node in (0, 1):
+            while (run := h.machine.allocator.allocate_run(node)) is not None:
+                taken.append(run)
+        reply = h.promo.on_fault(g.vm, 3, write=True)
+        assert reply.reason == FaultReason.CANCEL
+        g.exposure.install(reply.bpns, reply.mpns, np.array([True]))
+        h.write(g, 3, numa_tests.content(1234))
+        h.clock.now += 1
+        h.rounds(g)  # validation maps the region again
+        for run in taken:
+            h.machine.allocator.release(run)
+        h.promo.scan(g.vm, 64, h.clock())
+        assert h.low_round(g, run_moves=False) == [(ServiceType.PROMOTION_2M, region(0))]
+        second = h.spawned.pop(0)
+        assert copies.run_held() == 1
+        loop.run_until_complete(task)
+        assert (g.vm.p2m.frame[region(0)] == old).all()  # the stale copy was not used
+        assert h.frame_state(held) == [FrameState.FREE] * R
+        copies.inline = True
+        loop.run_until_complete(second)
+    finally:
+        loop.close()
+    assert h.promo.stats(g.vm).copies_discarded == 1 and h.promo.stats(g.vm).promoted == 1
+    h.rounds(g)
+    assert g.exposure.large[0]
+    h.both_sides_agree(g)
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
 def test_a_vm_gone_while_the_copier_copies_its_region_frees_the_run(h: HugeHarness) -> None:
     """The VM leaves while the copier thread copies its region: once the copy lands, its
     run is freed with the VM's frames, and nothing is left used."""
@@ -531,6 +577,89 @@ def test_a_region_a_fault_collapsed_before_its_step_is_left_out_of_it(h: HugeHar
     h.both_sides_agree(g)
     h.content_intact(g)
     assert h.invariants() == []
+
+
+def _two_regions_one_run(h: HugeHarness) -> tuple[Guest, list[Any], Any]:
+    """A guest of two backed regions in one slot, one free run (on node 0): region 0's copy
+    is handed to a held copier, region 1 waits for the step's next turn. Returns the
+    guest, the runs taken out of the way, node 1's spare frames."""
+    g = h.add_vm(regions=2)
+    for r in range(2):
+        h.back(g, region(r), node=0)
+    spare = break_runs(h, 1)  # node 1: no whole run
+    kept = []
+    while (run := h.machine.allocator.allocate_run(0)) is not None:
+        kept.append(run)
+    h.machine.allocator.release(kept.pop())  # one run left, on node 0
+    return g, kept, spare
+
+
+def test_a_region_given_up_by_a_fault_during_an_earlier_copy_of_its_step_is_left_alone(
+    h: HugeHarness,
+) -> None:
+    """Two regions, one run: while the copier copies region 0, a fault on region 1 finds
+    no run and gives it up (CANCEL: the page is exposed, mapped writable). When the copy
+    lands, the step's next turn must not give region 1 up again: its faulted page stays
+    EXPOSED (RESIDENT would tell defrag it may move a page the VMM maps), and it is
+    counted once. (Found by review: the later turn took the step's first check as still
+    good.)"""
+    g, kept, spare = _two_regions_one_run(h)
+    copies, loop, task = _collapse_held_at_its_copy(h, g, [*region(0), *region(1)])
+    try:
+        reply = h.promo.on_fault(g.vm, R + 5, write=True)
+        assert reply.reason == FaultReason.CANCEL
+        g.exposure.install(reply.bpns, reply.mpns, np.array([True]))
+        h.write(g, R + 5, numa_tests.content(99))
+        stats = h.promo.stats(g.vm)
+        before = (stats.aborted, stats.no_run)
+        assert copies.run_held() == 1
+        loop.run_until_complete(task)
+    finally:
+        loop.close()
+    assert g.vm.p2m.state[R + 5] == PageState.EXPOSED
+    assert (stats.aborted, stats.no_run) == before
+    assert stats.promoted == 1 and stats.copies_discarded == 0
+    for run in kept:
+        h.machine.allocator.release(run)
+    h.machine.allocator.release(spare)
+    h.clock.now += 1
+    h.rounds(g)
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+@pytest.mark.parametrize("run_for_the_second", [False, True])
+def test_a_vm_gone_during_the_first_copy_of_a_step_ends_the_step(
+    h: HugeHarness, run_for_the_second: bool
+) -> None:
+    """Two regions, one run: the VM leaves while the copier copies region 0. When the copy
+    lands, the step ends: no copy of region 1 from its freed frames (a run was made free
+    for it meanwhile), no state re-created for the gone VM (none was), nothing left used.
+    (Found by review: the step went on with the next region.)"""
+    g, kept, spare = _two_regions_one_run(h)
+    copies, loop, task = _collapse_held_at_its_copy(h, g, [*region(0), *region(1)])
+    try:
+        if run_for_the_second:  # node 1's runs whole again
+            h.machine.allocator.release(spare)
+            spare = spare[:0]
+        vm = g.vm  # what PlatformServer.on_vm_gone does
+        vm.alive = False
+        for svc in h.services.values():
+            svc.on_vm_gone(vm)
+        h.machine.release_or_retire(vm.p2m.private_frames())
+        vm.p2m.frame[:] = -1
+        del h.guests[vm.vm_id]
+        assert copies.run_held() == 1
+        loop.run_until_complete(task)
+    finally:
+        loop.close()
+    assert vm.vm_id not in h.promo.vms and h.promo.held_frames() == []
+    assert copies.held == []  # no second copy was handed over
+    for run in kept:
+        h.machine.allocator.release(run)
+    h.machine.allocator.release(spare)
+    assert h.invariants() == []
+    assert h.machine.allocator.used == len(h.machine.zero_frame)
 
 
 def test_a_copy_that_fails_gives_the_regions_back_on_their_frames(

@@ -155,7 +155,9 @@ async def copy_off_loop(
     What the caller must hold: ``new`` are frames it allocated and nothing names yet, so
     only the copier writes them; ``old`` may change meanwhile (a fault can finish the pages'
     move itself and free them), so after the await the caller checks the pages are still
-    its own (``still_ours``) and the p2m still names ``old``, and frees ``new`` otherwise.
+    its own since their release (``still_ours``: nothing repoints a page in flight but the
+    operation it is in flight for, or a fault, which bumps its epoch), and frees ``new``
+    otherwise.
     """
     plan = plan_copy(len(machine.frames), new, old)  # the checks and sorts, on the loop
     loop = asyncio.get_running_loop()

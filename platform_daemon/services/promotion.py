@@ -287,46 +287,54 @@ class PromotionService(LowPriorityService):
     async def _collapse_in_steps(
         self, vm: VM, pages: Pages, epochs: npt.NDArray[np.uint32]
     ) -> None:
-        """``STEP_REGIONS`` regions a step: the regions still all in flight since their
-        release (a fault collapsed or gave up the others meanwhile) collapse together."""
+        """``STEP_REGIONS`` regions a step (``_collapse_regions``), yielding between steps."""
         step = STEP_REGIONS * PAGES_PER_2M
         for start in range(0, len(pages), step):
             await asyncio.sleep(0)  # faults and other VMs go first
+            end = start + step
+            await self._collapse_regions(vm, pages[start:end], epochs[start:end])
+
+    async def _collapse_regions(self, vm: VM, pages: Pages, epochs: npt.NDArray[np.uint32]) -> None:
+        """Collapse the whole regions ``pages`` (released with ``epochs``): those already in
+        place at once, the others copied into runs by the copier thread, as many at a time
+        as runs are free, the p2m repointed after each copy. Each turn first drops what is
+        no longer ours since the release: a fault collapsed or gave up a region while an
+        earlier copy ran, or the VM went."""
+        while len(pages):
             if not vm.alive:
                 return
-            chunk = pages[start : start + step]
-            ours = page_move.still_ours(vm, chunk, epochs[start : start + step], _PROMO)
-            whole = ours.reshape(-1, PAGES_PER_2M).all(axis=1)
+            ours = page_move.still_ours(vm, pages, epochs, _PROMO)
+            whole = np.repeat(ours.reshape(-1, PAGES_PER_2M).all(axis=1), PAGES_PER_2M)
             # Not reachable (a fault takes a whole region): pages of a region partly taken
             # would otherwise stay in flight for ever.
-            self._abort(vm, chunk[ours & ~np.repeat(whole, PAGES_PER_2M)])
-            if whole.any():
-                await self._collapse_regions(vm, chunk[::PAGES_PER_2M][whole] // PAGES_PER_2M)
-
-    async def _collapse_regions(self, vm: VM, regions: Pages) -> None:
-        """Collapse ``regions`` (their pages in flight): those already in place at once,
-        the others copied into runs by the copier thread, with the p2m repointed after."""
-        placed = self._in_place(vm, regions)
-        if placed.any():
-            self._promote_in_place(vm, regions[placed])
-        todo = regions[~placed]
-        while len(todo):
-            runs = self._take_runs(vm, len(todo))
+            self._abort(vm, pages[ours & ~whole])
+            pages, epochs = pages[whole], epochs[whole]
+            regions = pages[::PAGES_PER_2M] // PAGES_PER_2M
+            placed = self._in_place(vm, regions)
+            if placed.any():
+                self._promote_in_place(vm, regions[placed])
+                moving = ~np.repeat(placed, PAGES_PER_2M)
+                pages, epochs, regions = pages[moving], epochs[moving], regions[~placed]
+            if len(regions) == 0:
+                return
+            runs = self._take_runs(vm, len(regions))
             if not runs:
                 self._no_run(self._state(vm), self.ctx.clock())
-                self._abort(vm, region_pages(todo))
+                self._abort(vm, pages)
                 return
-            got, todo = todo[: len(runs)], todo[len(runs) :]
-            await self._copy_and_repoint(vm, got, np.concatenate(runs))
+            n = len(runs) * PAGES_PER_2M
+            await self._copy_and_repoint(vm, pages[:n], epochs[:n], np.concatenate(runs))
+            pages, epochs = pages[n:], epochs[n:]
 
-    async def _copy_and_repoint(self, vm: VM, regions: Pages, new: Pages) -> None:
-        """Copy ``regions`` into the runs ``new`` off the event loop, then repoint those
-        still ours. While the copy runs a fault may collapse a region itself (its pages are
-        then no longer in flight, or its old frames freed): that region's run is freed."""
+    async def _copy_and_repoint(
+        self, vm: VM, pages: Pages, epochs: npt.NDArray[np.uint32], new: Pages
+    ) -> None:
+        """Copy the whole regions ``pages`` (released with ``epochs``) into the runs ``new``
+        off the event loop, then repoint those still ours. While the copy runs a fault may
+        collapse a region itself, or give it up (its pages are then no longer in flight for
+        this release): that region's run is freed."""
         machine = self.ctx.machine
-        pages = region_pages(regions)
         p2m = vm.p2m
-        epochs = p2m.epoch[pages]
         old = p2m.frame[pages].astype(np.int64)
         copying = self._copying
         copying[id(new)] = new
