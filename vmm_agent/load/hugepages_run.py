@@ -59,6 +59,9 @@ class HugepagesRun:
             rec.enabled = bool(status and status.get("hugepages", {}).get("enabled"))
             if not rec.enabled:
                 rec.notes.append("the daemon runs without --hugepages: nothing is promoted")
+            # The timeline starts before the writes: with 16 MiB guests promotion can be
+            # done before the first period's sample, and the growth would not show.
+            self._sample(status, time.monotonic() - t0)
             for phase in (fill, steady):
                 if not await load.run_phase(phase, every=sample, period=SAMPLE_PERIOD):
                     return
