@@ -662,6 +662,39 @@ def test_a_vm_gone_during_the_first_copy_of_a_step_ends_the_step(
     assert h.machine.allocator.used == len(h.machine.zero_frame)
 
 
+def test_near_the_host_limit_a_step_takes_one_run_at_a_time(h: HugeHarness) -> None:
+    """Two regions in a step, plenty of free runs, but the host limit leaves room for two
+    runs and less than the high free threshold beside the second: the step copies one
+    region, frees its old frames, then takes the next run. Both are promoted; at no time
+    did it hold two runs (the faults' frames came first)."""
+    g = h.add_vm(regions=2)
+    for r in range(2):
+        h.back(g, region(r), node=0)
+    m = h.machine
+    m.limit_pages = m.allocator.used + 2 * R  # room for two runs, nothing beside the second
+    assert m.available() == 2 * R and h.config.free_high_pct > 0
+    copies, loop, task = _collapse_held_at_its_copy(h, g, [*region(0), *region(1)])
+    try:
+        assert len(h.promo.held_frames()) == R  # one run
+        assert copies.run_held() == 1
+        for _ in range(10):
+            if copies.held:
+                break
+            loop.run_until_complete(asyncio.sleep(0))
+        assert len(h.promo.held_frames()) == R  # the second run, once the first was done
+        copies.inline = True
+        copies.run_held()
+        loop.run_until_complete(task)
+    finally:
+        loop.close()
+    stats = h.promo.stats(g.vm)
+    assert (stats.promoted, stats.aborted, stats.no_run) == (2, 0, 0)
+    h.rounds(g)
+    assert g.exposure.large.tolist() == [True, True]
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
 def test_a_copy_that_fails_gives_the_regions_back_on_their_frames(
     h: HugeHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -393,12 +393,16 @@ class PromotionService(LowPriorityService):
 
     def _take_runs(self, vm: VM, want: int) -> list[npt.NDArray[np.int64]]:
         """Up to ``want`` free runs, each from the home node, else from another node, while
-        the host limit leaves room for one more."""
+        the host limit leaves room for one more. A step holds its runs and the regions' old
+        frames together until its copy lands, so runs after the first are taken only while
+        the host keeps its high free threshold beside them (faults first); the regions
+        left wait for the step's next turn, when the old frames are free again."""
         machine = self.ctx.machine
         alloc = machine.allocator
         nodes = [vm.home_node, *(n for n in range(alloc.nodes) if n != vm.home_node)]
+        reserve = int(np.ceil(self.ctx.config.free_high_pct / 100 * machine.limit_pages))
         runs: list[npt.NDArray[np.int64]] = []
-        while len(runs) < want and machine.available() >= PAGES_PER_2M:
+        while len(runs) < want and machine.available() >= PAGES_PER_2M + (reserve if runs else 0):
             run = None
             for node in nodes:
                 run = alloc.allocate_run(node, RUN_WINDOW)
