@@ -28,6 +28,7 @@ from platform_daemon.p2m import FLAG_SHARED, NO_OP
 from platform_daemon.rounds import RoundEngine
 from platform_daemon.services import defrag as defrag_mod
 from platform_daemon.services import page_move as page_move_mod
+from platform_daemon.services import promotion as promotion_mod
 from platform_daemon.services.balloon import BalloonService
 from platform_daemon.services.defrag import DefragService
 from platform_daemon.services.page_retire import PageRetireService
@@ -1729,5 +1730,63 @@ def test_coverage_counts_only_whole_regions_of_a_guest_not_a_multiple_of_2m(
     promoted(h, g, 0)
     assert coverage(g.vm.p2m) == (1, 2)
     assert len(g.exposure.large) == 2
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+# ---- gaps a mutation sweep of the copier's collapse found --------------------------------------
+
+
+def _back_in_place(h: HugeHarness, g: Guest, r: int, node: int = 0) -> npt.NDArray[np.int64]:
+    """Back region ``r`` on a whole free run of ``node``, in guest order (already in place);
+    returns the run."""
+    run = h.machine.allocator.allocate_run(node)
+    assert run is not None
+    idx = np.array(region(r), dtype=np.int64)
+    for bpn, mpn in zip(idx.tolist(), run.tolist(), strict=True):
+        g.data[bpn] = content(g.vm.vm_id * 1000 + bpn)
+        h.machine.frames[mpn] = g.data[bpn]
+    h.resolver.map_private(g.vm, idx, run)
+    g.exposure.install(idx, run, np.ones(R, dtype=bool))
+    return run
+
+
+def test_a_batch_s_steps_yield_between_them_and_leave_no_region_behind(
+    h: HugeHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three regions already in place, released in one batch, two regions a step: the
+    collapse yields before each step (faults first), a step promotes every region of its
+    own, and a fault between two steps on a region of the next collapses it itself, which
+    that step then leaves alone. No region of the batch is left in flight."""
+    monkeypatch.setattr(promotion_mod, "STEP_REGIONS", 2)
+    g = h.add_vm(guest_pages=3 * R, regions=3)
+    for r in range(3):
+        _back_in_place(h, g, r)
+    h.promo.scan(g.vm, 64, h.clock())
+    batch = [*region(0), *region(1), *region(2)]
+    assert h.low_round(g, run_moves=False) == [(ServiceType.PROMOTION_2M, batch)]
+    collapse = h.spawned.pop(0)  # in place: its only awaits are the yields between steps
+    stats = h.promo.stats(g.vm)
+    try:
+        collapse.send(None)  # up to the yield before the first step: nothing done yet
+        assert stats.promoted == 0
+        collapse.send(None)  # the first step: regions 0 and 1
+        assert (stats.promoted, stats.in_place) == (2, 2)
+        assert (g.vm.p2m.state[region(2)] == PageState.IN_FLIGHT).all()
+
+        reply = h.promo.on_fault(g.vm, 2 * R + 5, write=True)
+
+        assert reply.reason == FaultReason.COMPLETE
+        g.exposure.install(reply.bpns, reply.mpns, np.array([True]))
+        with pytest.raises(StopIteration):
+            collapse.send(None)  # the second step: region 2 is the fault's already
+    finally:
+        collapse.close()
+    assert (stats.promoted, stats.in_place, stats.fault_completions) == (3, 3, 1)
+    assert g.vm.p2m.state[2 * R + 5] == PageState.EXPOSED
+    assert not (g.vm.p2m.state == PageState.IN_FLIGHT).any()
+    h.rounds(g)
+    assert g.exposure.large.tolist() == [True, True, True]
+    h.both_sides_agree(g)
     h.content_intact(g)
     assert h.invariants() == []
