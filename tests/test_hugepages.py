@@ -1790,3 +1790,47 @@ def test_a_batch_s_steps_yield_between_them_and_leave_no_region_behind(
     h.both_sides_agree(g)
     h.content_intact(g)
     assert h.invariants() == []
+
+
+def test_a_step_with_a_region_in_place_and_one_to_copy_checks_each_against_its_own_epochs(
+    h: HugeHarness,
+) -> None:
+    """Region 0 already in place, region 1 scattered, released in one batch; region 0's
+    pages were faulted during earlier moves (their epochs are ahead of region 1's). The
+    step promotes region 0 in place and copies region 1, whose copy is checked against
+    region 1's epochs as the release left them: both end large, none stays in flight."""
+    g = h.add_vm(regions=2)
+    _back_in_place(h, g, 0)
+    h.back(g, region(1), node=0)
+    g.vm.p2m.epoch[region(0)] += 3  # as faults during earlier moves left them
+
+    h.promote(g)
+
+    stats = h.promo.stats(g.vm)
+    assert (stats.promoted, stats.in_place, stats.aborted, stats.copies_discarded) == (2, 1, 0, 0)
+    assert not (g.vm.p2m.state == PageState.IN_FLIGHT).any()
+    assert g.exposure.large.tolist() == [True, True]
+    h.both_sides_agree(g)
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+def test_one_run_at_a_time_each_region_is_checked_against_its_own_epochs(h: HugeHarness) -> None:
+    """Two regions in a step near the host limit (one run at a time), region 1's epochs
+    ahead of region 0's (faults during earlier moves): the step's second turn checks region
+    1 against its own epochs, so it is copied too; none stays in flight."""
+    g = h.add_vm(regions=2)
+    for r in range(2):
+        h.back(g, region(r), node=0)
+    g.vm.p2m.epoch[region(1)] += 3  # as faults during earlier moves left them
+    m = h.machine
+    m.limit_pages = m.allocator.used + 2 * R  # room for two runs, nothing beside the second
+
+    h.promote(g)
+
+    stats = h.promo.stats(g.vm)
+    assert (stats.promoted, stats.aborted, stats.copies_discarded) == (2, 0, 0)
+    assert not (g.vm.p2m.state == PageState.IN_FLIGHT).any()
+    assert g.exposure.large.tolist() == [True, True]
+    h.content_intact(g)
+    assert h.invariants() == []
