@@ -1834,3 +1834,61 @@ def test_one_run_at_a_time_each_region_is_checked_against_its_own_epochs(h: Huge
     assert g.exposure.large.tolist() == [True, True]
     h.content_intact(g)
     assert h.invariants() == []
+
+
+def test_with_room_a_step_copies_its_regions_into_their_runs_in_one_copy(h: HugeHarness) -> None:
+    """Two regions in a step, room for both runs and the high free threshold beside them:
+    both runs are taken at once and filled by one copy on the copier, then both regions
+    are repointed together (two promoted)."""
+    g = h.add_vm(regions=2)
+    for r in range(2):
+        h.back(g, region(r), node=0)
+    copies, loop, task = _collapse_held_at_its_copy(h, g, [*region(0), *region(1)])
+    try:
+        held = h.promo.held_frames()
+        assert len(held) == 2 * R and len(set(held)) == 2 * R  # both runs, one copy
+        assert copies.run_held() == 1
+        loop.run_until_complete(task)
+    finally:
+        loop.close()
+    assert copies.ran == 1 and copies.held == []
+    stats = h.promo.stats(g.vm)
+    assert (stats.promoted, stats.aborted, stats.no_run) == (2, 0, 0)
+    h.rounds(g)
+    assert g.exposure.large.tolist() == [True, True]
+    h.both_sides_agree(g)
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
+@pytest.mark.parametrize("beside", [0, -1])
+def test_a_second_run_is_taken_only_with_the_high_free_threshold_beside_it(
+    h: HugeHarness, beside: int
+) -> None:
+    """The host limit leaves room for two runs and exactly the high free threshold
+    (``free_high_pct`` of the limit) beside them: the step takes both runs for one copy.
+    One frame less: one run at a time."""
+    g = h.add_vm(regions=2)
+    for r in range(2):
+        h.back(g, region(r), node=0)
+    m, pct = h.machine, h.config.free_high_pct
+    used = m.allocator.used
+    limit = used + 2 * R
+    while limit - used - 2 * R != int(np.ceil(pct / 100 * limit)) + beside:
+        limit += 1
+    m.limit_pages = limit
+    assert m.available() - 2 * R == int(np.ceil(pct / 100 * limit)) + beside > 0
+    copies, loop, task = _collapse_held_at_its_copy(h, g, [*region(0), *region(1)])
+    try:
+        assert len(h.promo.held_frames()) == (2 * R if beside == 0 else R)
+        copies.inline = True
+        copies.run_held()
+        loop.run_until_complete(task)
+    finally:
+        loop.close()
+    stats = h.promo.stats(g.vm)
+    assert (stats.promoted, stats.aborted, stats.no_run) == (2, 0, 0)
+    h.rounds(g)
+    assert g.exposure.large.tolist() == [True, True]
+    h.content_intact(g)
+    assert h.invariants() == []
