@@ -1892,3 +1892,37 @@ def test_a_second_run_is_taken_only_with_the_high_free_threshold_beside_it(
     assert g.exposure.large.tolist() == [True, True]
     h.content_intact(g)
     assert h.invariants() == []
+
+
+def test_the_runs_of_every_copy_in_flight_are_held(h: HugeHarness) -> None:
+    """Two VMs' collapses both hand their copies to the copier: while both are in flight,
+    both runs are used frames no p2m names, and ``held_frames`` names every one of them
+    (the invariant check counts them held)."""
+    copies = HeldCopies()
+    h.machine.copier = copies
+    guests = [h.add_vm() for _ in range(2)]
+    for g in guests:
+        h.back(g, region(0), node=0)
+        h.promo.scan(g.vm, 64, h.clock())
+        assert h.low_round(g, run_moves=False) == [(ServiceType.PROMOTION_2M, region(0))]
+    loop = asyncio.new_event_loop()
+    try:
+        tasks = [loop.create_task(h.spawned.pop(0)) for _ in guests]
+        for _ in range(10):
+            if len(copies.held) == 2:
+                break
+            loop.run_until_complete(asyncio.sleep(0))
+        assert len(copies.held) == 2
+        held = h.promo.held_frames()
+        assert len(held) == 2 * R and len(set(held)) == 2 * R
+        assert h.invariants() == []
+        assert copies.run_held() == 2
+        loop.run_until_complete(asyncio.gather(*tasks))
+    finally:
+        loop.close()
+    assert h.promo.held_frames() == []
+    for g in guests:
+        h.rounds(g)
+        assert g.exposure.large[0]
+        h.content_intact(g)
+    assert h.invariants() == []
