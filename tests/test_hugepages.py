@@ -1926,3 +1926,30 @@ def test_the_runs_of_every_copy_in_flight_are_held(h: HugeHarness) -> None:
         assert g.exposure.large[0]
         h.content_intact(g)
     assert h.invariants() == []
+
+
+def test_a_fault_on_a_region_in_place_completes_it_without_a_run(h: HugeHarness) -> None:
+    """A region already in place is in flight when no whole run is free anywhere: a fault
+    on it promotes it where it is (COMPLETE, its own frame), no copy and no run needed,
+    and the pending step leaves it alone."""
+    g = h.add_vm()
+    run = _back_in_place(h, g, 0)
+    h.promo.scan(g.vm, 64, h.clock())
+    assert h.low_round(g, run_moves=False) == [(ServiceType.PROMOTION_2M, region(0))]
+    taken = np.concatenate([break_runs(h, 0), break_runs(h, 1)])
+
+    reply = h.promo.on_fault(g.vm, 9, write=True)
+
+    assert reply.reason == FaultReason.COMPLETE and reply.mpns.tolist() == [run[9]]
+    g.exposure.install(reply.bpns, reply.mpns, np.array([True]))
+    h.write(g, 9, numa_tests.content(909))
+    assert h.run_spawned() == 1
+    assert g.vm.p2m.frame[region(0)].tolist() == run.tolist()
+    stats = h.promo.stats(g.vm)
+    assert (stats.promoted, stats.in_place, stats.fault_completions, stats.no_run) == (1, 1, 1, 0)
+    h.machine.allocator.release(taken)
+    h.rounds(g)
+    assert g.exposure.large.tolist() == [True, False]
+    h.both_sides_agree(g)
+    h.content_intact(g)
+    assert h.invariants() == []
