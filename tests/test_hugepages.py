@@ -1953,3 +1953,28 @@ def test_a_fault_on_a_region_in_place_completes_it_without_a_run(h: HugeHarness)
     h.both_sides_agree(g)
     h.content_intact(g)
     assert h.invariants() == []
+
+
+def test_a_fault_that_finds_no_run_counts_it_and_asks_defrag_for_one(h: HugeHarness) -> None:
+    """A fault on a region in flight, no whole run free anywhere: the region keeps its
+    frames (CANCEL), the miss is counted (``no_run``) and 2M defrag is asked for a run on
+    the home node, as when a step finds none."""
+    g = h.add_vm()
+    old = h.back(g, region(0), node=0)
+    h.promo.scan(g.vm, 64, h.clock())
+    h.low_round(g, run_moves=False)
+    taken = np.concatenate([break_runs(h, 0), break_runs(h, 1)])
+    assert not h.defrag.nodes[0].wanted
+
+    reply = h.promo.on_fault(g.vm, 3, write=True)
+
+    assert reply.reason == FaultReason.CANCEL and reply.mpns.tolist() == [old[3]]
+    assert h.promo.stats(g.vm).no_run == 1 and h.defrag.nodes[0].wanted
+    g.exposure.install(reply.bpns, reply.mpns, np.array([True]))
+    assert h.run_spawned() == 1
+    assert h.promo.stats(g.vm).no_run == 1  # the step found the region no longer its own
+    h.machine.allocator.release(taken)
+    h.clock.now += 1
+    h.rounds(g)
+    h.content_intact(g)
+    assert h.invariants() == []
