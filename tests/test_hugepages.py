@@ -450,6 +450,7 @@ def test_a_run_frame_found_failing_during_the_copy_keeps_the_region_off_the_run(
     rest = held[held != bad]
     assert h.frame_state(rest) == [FrameState.FREE] * (R - 1)
     assert h.promo.stats(g.vm).aborted == 1 and h.promo.stats(g.vm).promoted == 0
+    assert h.promo.stats(g.vm).copies_discarded == 0  # not discarded: given up
     h.rounds(g)
     assert (g.exposure.frame[region(0)] == old).all() and not g.exposure.large.any()
     h.content_intact(g)
