@@ -1979,3 +1979,22 @@ def test_a_fault_that_finds_no_run_counts_it_and_asks_defrag_for_one(h: HugeHarn
     h.rounds(g)
     h.content_intact(g)
     assert h.invariants() == []
+
+
+def test_a_page_queued_twice_for_remap_validation_is_sent_once(h: HugeHarness) -> None:
+    """A page moved twice before its remap validation (NUMA migration, then 2M defrag: each
+    queues it) is in the VALIDATION batch once, the batch in page order."""
+    g = h.add_vm()
+    old = h.back(g, [3, 5], node=0)
+    g.exposure.invalidate(np.array([3, 5]))  # released for the moves
+    g.exposure.released_by[[3, 5]] = ServiceType.NUMA_MIGRATION
+    g.vm.p2m.state[[3, 5]] = PageState.RESIDENT  # moved (on the same frames here)
+    h.validation.enqueue(g.vm, np.array([5, 3]))
+    h.validation.enqueue(g.vm, np.array([3]))
+
+    assert h.rounds(g) == [(ServiceType.VALIDATION, [3, 5])]
+
+    assert g.exposure.frame[[3, 5]].tolist() == old.tolist()
+    assert (g.vm.p2m.state[[3, 5]] == PageState.EXPOSED).all()
+    h.content_intact(g)
+    assert h.invariants() == []
