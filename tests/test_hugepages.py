@@ -1998,3 +1998,24 @@ def test_a_page_queued_twice_for_remap_validation_is_sent_once(h: HugeHarness) -
     assert (g.vm.p2m.state[[3, 5]] == PageState.EXPOSED).all()
     h.content_intact(g)
     assert h.invariants() == []
+
+
+def test_validation_maps_large_only_a_region_the_daemon_marked_large_on_every_page_sent() -> None:
+    """One VALIDATION batch with pages of two regions, each region on an aligned run in
+    order: region 1's pages all LARGE, region 0's one LARGE and one not (the daemon split it
+    without a batch; its frames still lie in order). Only region 1 is mapped large."""
+    from vmm_agent.exposure import ExposureTable
+
+    t = ExposureTable(2 * R)
+    frames = np.arange(2 * R, 4 * R, dtype=np.int64)  # runs 2 and 3, in order
+    t.install(np.arange(2 * R), frames, np.ones(2 * R, dtype=bool))
+    bpns = np.array([5, 6, R + 5, R + 6], dtype=np.int64)
+    t.invalidate(bpns)
+    t.released_by[bpns] = ServiceType.PROMOTION_2M
+    status = np.full(len(bpns), PageStatus.LARGE, dtype=np.uint8)
+    status[1] = PageStatus.OK  # page 6: region 0 is small pages now
+
+    ValidationFilter(t).process(bpns.astype(np.uint64), frames[bpns], status)
+
+    assert status.tolist() == [PageStatus.OK] * 4
+    assert t.large.tolist() == [False, True]
