@@ -410,3 +410,22 @@ def test_closing_machine_memory_waits_for_a_copy_in_flight(tmp_path: Path) -> No
         closer.join(10)
     assert not closer.is_alive()
     running.result(0)  # the copy ran to its end, through live mappings
+
+
+def test_a_copy_plan_gathers_stretches_of_take_min_frames_or_more_in_any_order() -> None:
+    """``plan_copy``: destinations handed out top down (as the allocator's stacks do) are put
+    in ascending order first, so a descending stretch is one gather too, each destination
+    with its own source; a stretch of exactly TAKE_MIN frames is a gather, a shorter one is
+    stored page by page."""
+    k = page_move.TAKE_MIN
+    new = np.concatenate(
+        [np.arange(109, 99, -1), np.arange(200, 200 + k), np.arange(300, 300 + k - 1)]
+    ).astype(np.int64)
+    old = np.arange(1000, 1000 + len(new), dtype=np.int64)
+
+    plan = page_move.plan_copy(2048, new, old)
+
+    gathers = [(first, olds.tolist()) for first, olds in plan.gathers]
+    assert gathers == [(100, old[:10][::-1].tolist()), (200, old[10 : 10 + k].tolist())]
+    assert plan.single_new == list(range(300, 300 + k - 1))
+    assert plan.single_old == old[10 + k :].tolist()
