@@ -429,3 +429,32 @@ def test_a_copy_plan_gathers_stretches_of_take_min_frames_or_more_in_any_order()
     assert gathers == [(100, old[:10][::-1].tolist()), (200, old[10 : 10 + k].tolist())]
     assert plan.single_new == list(range(300, 300 + k - 1))
     assert plan.single_old == old[10 + k :].tolist()
+
+
+def test_the_copier_is_one_thread_running_one_copy_after_another(tmp_path: Path) -> None:
+    """``MachineMemory.copier`` is one thread (copies are memory-bound; the other core is the
+    loop's): a copy handed over while another runs waits for it, on the same thread."""
+    machine = MachineMemory(Path("/dev/shm") / f"vmmem-copier-{os.getpid()}", 2048, 1, False)
+    go = threading.Event()
+    ran: list[tuple[str, int]] = []
+
+    def first_copy() -> None:
+        go.wait(10)
+        ran.append(("first", threading.get_ident()))
+
+    def second_copy() -> None:
+        ran.append(("second", threading.get_ident()))
+
+    try:
+        first = machine.copier.submit(first_copy)
+        second = machine.copier.submit(second_copy)
+        with pytest.raises(TimeoutError):
+            second.result(0.2)  # waits for the first copy
+        go.set()
+        first.result(10)
+        second.result(10)
+    finally:
+        go.set()
+        machine.close()
+    assert [name for name, _ in ran] == ["first", "second"]
+    assert ran[0][1] == ran[1][1]
