@@ -53,3 +53,10 @@ def test_a_pop_of_part_of_a_chunk_leaves_the_rest_in_order() -> None:
 def test_capacity_must_be_positive() -> None:
     with pytest.raises(ValueError, match="capacity"):
         PageFifo(0)
+
+
+def test_a_pop_of_a_negative_count_takes_nothing() -> None:
+    q = PageFifo(10)
+    q.push(np.array([1, 2, 3]))
+    assert q.pop(-1).tolist() == []
+    assert len(q) == 3 and q.to_array().tolist() == [1, 2, 3]
