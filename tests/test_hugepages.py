@@ -2019,3 +2019,42 @@ def test_validation_maps_large_only_a_region_the_daemon_marked_large_on_every_pa
 
     assert status.tolist() == [PageStatus.OK] * 4
     assert t.large.tolist() == [False, True]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a copy that fails ends the batch's collapse: the regions of its later turns and "
+    "steps are never given back, and stay in flight until a fault collapses them",
+)
+@pytest.mark.parametrize("later", ["turn", "step"])
+def test_a_copy_that_fails_gives_back_the_regions_its_batch_had_not_copied_yet(
+    h: HugeHarness, monkeypatch: pytest.MonkeyPatch, later: str
+) -> None:
+    """Two regions in one batch; the copier's first copy (region 0's) raises. Region 0
+    keeps its frames and goes back to validation; region 1, which waited for the step's
+    next turn (near the host limit) or for the next step (one region a step), must go back
+    as well: not left in flight, where no scan, round or validation reaches it."""
+    g = h.add_vm(regions=2)
+    olds = [h.back(g, region(r), node=0) for r in range(2)]
+    if later == "turn":
+        h.machine.limit_pages = h.machine.allocator.used + 2 * R  # one run at a time
+    else:
+        monkeypatch.setattr(promotion_mod, "STEP_REGIONS", 1)
+    h.promo.scan(g.vm, 64, h.clock())
+    h.low_round(g, run_moves=False)
+
+    def broken(*args: Any) -> None:
+        raise ValueError("copy to a frame outside machine memory")
+
+    monkeypatch.setattr(page_move_mod, "run_copy", broken)
+    with pytest.raises(ValueError, match="outside machine memory"):
+        h.run_spawned()
+    monkeypatch.undo()
+    assert h.promo.held_frames() == []
+    assert (g.vm.p2m.state[region(0)] == PageState.RESIDENT).all()
+    assert (g.vm.p2m.state[region(1)] == PageState.RESIDENT).all()
+    h.rounds(g)
+    for r in range(2):
+        assert (g.exposure.frame[region(r)] == olds[r]).all()
+    h.content_intact(g)
+    assert h.invariants() == []
