@@ -2021,11 +2021,6 @@ def test_validation_maps_large_only_a_region_the_daemon_marked_large_on_every_pa
     assert t.large.tolist() == [False, True]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a copy that fails ends the batch's collapse: the regions of its later turns and "
-    "steps are never given back, and stay in flight until a fault collapses them",
-)
 @pytest.mark.parametrize("later", ["turn", "step"])
 def test_a_copy_that_fails_gives_back_the_regions_its_batch_had_not_copied_yet(
     h: HugeHarness, monkeypatch: pytest.MonkeyPatch, later: str

@@ -292,7 +292,15 @@ class PromotionService(LowPriorityService):
         for start in range(0, len(pages), step):
             await asyncio.sleep(0)  # faults and other VMs go first
             end = start + step
-            await self._collapse_regions(vm, pages[start:end], epochs[start:end])
+            try:
+                await self._collapse_regions(vm, pages[start:end], epochs[start:end])
+            except Exception:
+                # A copy failed (its regions were given back): the batch's regions not
+                # reached would otherwise stay in flight until the guest faults on them.
+                if vm.alive:
+                    rest, rest_epochs = pages[start:], epochs[start:]
+                    self._abort(vm, rest[page_move.still_ours(vm, rest, rest_epochs, _PROMO)])
+                raise
 
     async def _collapse_regions(self, vm: VM, pages: Pages, epochs: npt.NDArray[np.uint32]) -> None:
         """Collapse the whole regions ``pages`` (released with ``epochs``): those already in
