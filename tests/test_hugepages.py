@@ -130,6 +130,17 @@ class HugeHarness(Harness):
             self.engine.complete(g.vm, g.state, CompleteRequest(req.slot, req.count, req.seq))
             self.run_spawned()
 
+    def vm_gone(self, g: Guest) -> None:
+        """What PlatformServer.on_vm_gone does: the services forget the VM, its frames are
+        freed, its p2m names none."""
+        vm = g.vm
+        vm.alive = False
+        for svc in self.services.values():
+            svc.on_vm_gone(vm)
+        self.machine.release_or_retire(vm.p2m.private_frames())
+        vm.p2m.frame[:] = -1
+        del self.guests[vm.vm_id]
+
     def both_sides_agree(self, g: Guest) -> None:
         """A region the agent maps large is large in the p2m, on one aligned run in order."""
         p2m = g.vm.p2m
@@ -508,13 +519,7 @@ def test_a_vm_gone_while_the_copier_copies_its_region_frees_the_run(h: HugeHarne
     copies, loop, task = _collapse_held_at_its_copy(h, g)
     try:
         assert h.machine.allocator.free == free_before - R  # the run
-        vm = g.vm  # what PlatformServer.on_vm_gone does
-        vm.alive = False
-        for svc in h.services.values():
-            svc.on_vm_gone(vm)
-        h.machine.release_or_retire(vm.p2m.private_frames())
-        vm.p2m.frame[:] = -1
-        del h.guests[vm.vm_id]
+        h.vm_gone(g)
         assert copies.run_held() == 1
         loop.run_until_complete(task)
     finally:
@@ -644,13 +649,8 @@ def test_a_vm_gone_during_the_first_copy_of_a_step_ends_the_step(
         if run_for_the_second:  # node 1's runs whole again
             h.machine.allocator.release(spare)
             spare = spare[:0]
-        vm = g.vm  # what PlatformServer.on_vm_gone does
-        vm.alive = False
-        for svc in h.services.values():
-            svc.on_vm_gone(vm)
-        h.machine.release_or_retire(vm.p2m.private_frames())
-        vm.p2m.frame[:] = -1
-        del h.guests[vm.vm_id]
+        vm = g.vm
+        h.vm_gone(g)
         assert copies.run_held() == 1
         loop.run_until_complete(task)
     finally:
@@ -773,14 +773,7 @@ def test_a_vm_gone_mid_promotion_leaves_nothing_behind(h: HugeHarness) -> None:
     h.low_round(g, run_moves=False)
     free_before = h.machine.allocator.free
     for guest in (g, other):
-        vm = guest.vm  # what PlatformServer.on_vm_gone does
-        vm.alive = False
-        for svc in h.services.values():
-            svc.on_vm_gone(vm)
-        p2m = vm.p2m
-        h.machine.release_or_retire(p2m.private_frames())
-        p2m.frame[:] = -1
-        del h.guests[vm.vm_id]
+        h.vm_gone(guest)
     assert h.run_spawned() == 1
     assert h.machine.allocator.free == free_before + 2 * R
     assert h.invariants() == []
