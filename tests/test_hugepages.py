@@ -193,6 +193,38 @@ def promoted(h: HugeHarness, g: Guest, r: int = 0) -> npt.NDArray[np.int64]:
     return old
 
 
+def on_run_in_order(
+    h: HugeHarness, g: Guest, r: int, swap: tuple[int, int] | None = None
+) -> npt.NDArray[np.int64]:
+    """Back region ``r`` on one whole free run of the home node, page i on frame i of the
+    run (already in place), but for the pair ``swap`` of pages, whose frames are
+    exchanged; returns the run."""
+    run = h.machine.allocator.allocate_run(g.vm.home_node)
+    assert run is not None
+    if swap is not None:
+        i, j = swap
+        run[i], run[j] = run[j], run[i]
+    idx = np.array(region(r), dtype=np.int64)
+    for bpn, mpn in zip(idx.tolist(), run.tolist(), strict=True):
+        g.data[bpn] = content(g.vm.vm_id * 1000 + bpn)
+        h.machine.frames[mpn] = g.data[bpn]
+    h.resolver.map_private(g.vm, idx, run)
+    g.exposure.install(idx, run, np.ones(R, dtype=bool))
+    return run
+
+
+def both_regions_promoted(h: HugeHarness, g: Guest) -> None:
+    """Both regions of ``g`` were promoted (none given up, no run missing), validation maps
+    them large, both sides agree, every byte is where it was."""
+    stats = h.promo.stats(g.vm)
+    assert (stats.promoted, stats.aborted, stats.no_run) == (2, 0, 0)
+    h.rounds(g)
+    assert g.exposure.large.tolist() == [True, True]
+    h.both_sides_agree(g)
+    h.content_intact(g)
+    assert h.invariants() == []
+
+
 # ---- promotion ---------------------------------------------------------------------------------
 
 
@@ -689,12 +721,7 @@ def test_near_the_host_limit_a_step_takes_one_run_at_a_time(h: HugeHarness) -> N
         loop.run_until_complete(task)
     finally:
         loop.close()
-    stats = h.promo.stats(g.vm)
-    assert (stats.promoted, stats.aborted, stats.no_run) == (2, 0, 0)
-    h.rounds(g)
-    assert g.exposure.large.tolist() == [True, True]
-    h.content_intact(g)
-    assert h.invariants() == []
+    both_regions_promoted(h, g)
 
 
 def test_a_copy_that_fails_gives_the_regions_back_on_their_frames(
@@ -1731,20 +1758,6 @@ def test_coverage_counts_only_whole_regions_of_a_guest_not_a_multiple_of_2m(
 # ---- gaps a mutation sweep of the copier's collapse found --------------------------------------
 
 
-def _back_in_place(h: HugeHarness, g: Guest, r: int, node: int = 0) -> npt.NDArray[np.int64]:
-    """Back region ``r`` on a whole free run of ``node``, in guest order (already in place);
-    returns the run."""
-    run = h.machine.allocator.allocate_run(node)
-    assert run is not None
-    idx = np.array(region(r), dtype=np.int64)
-    for bpn, mpn in zip(idx.tolist(), run.tolist(), strict=True):
-        g.data[bpn] = content(g.vm.vm_id * 1000 + bpn)
-        h.machine.frames[mpn] = g.data[bpn]
-    h.resolver.map_private(g.vm, idx, run)
-    g.exposure.install(idx, run, np.ones(R, dtype=bool))
-    return run
-
-
 def test_a_batch_s_steps_yield_between_them_and_leave_no_region_behind(
     h: HugeHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1755,7 +1768,7 @@ def test_a_batch_s_steps_yield_between_them_and_leave_no_region_behind(
     monkeypatch.setattr(promotion_mod, "STEP_REGIONS", 2)
     g = h.add_vm(guest_pages=3 * R, regions=3)
     for r in range(3):
-        _back_in_place(h, g, r)
+        on_run_in_order(h, g, r)
     h.promo.scan(g.vm, 64, h.clock())
     batch = [*region(0), *region(1), *region(2)]
     assert h.low_round(g, run_moves=False) == [(ServiceType.PROMOTION_2M, batch)]
@@ -1794,7 +1807,7 @@ def test_a_step_with_a_region_in_place_and_one_to_copy_checks_each_against_its_o
     step promotes region 0 in place and copies region 1, whose copy is checked against
     region 1's epochs as the release left them: both end large, none stays in flight."""
     g = h.add_vm(regions=2)
-    _back_in_place(h, g, 0)
+    on_run_in_order(h, g, 0)
     h.back(g, region(1), node=0)
     g.vm.p2m.epoch[region(0)] += 3  # as faults during earlier moves left them
 
@@ -1846,13 +1859,7 @@ def test_with_room_a_step_copies_its_regions_into_their_runs_in_one_copy(h: Huge
     finally:
         loop.close()
     assert copies.ran == 1 and copies.held == []
-    stats = h.promo.stats(g.vm)
-    assert (stats.promoted, stats.aborted, stats.no_run) == (2, 0, 0)
-    h.rounds(g)
-    assert g.exposure.large.tolist() == [True, True]
-    h.both_sides_agree(g)
-    h.content_intact(g)
-    assert h.invariants() == []
+    both_regions_promoted(h, g)
 
 
 @pytest.mark.parametrize("beside", [0, -1])
@@ -1880,12 +1887,7 @@ def test_a_second_run_is_taken_only_with_the_high_free_threshold_beside_it(
         loop.run_until_complete(task)
     finally:
         loop.close()
-    stats = h.promo.stats(g.vm)
-    assert (stats.promoted, stats.aborted, stats.no_run) == (2, 0, 0)
-    h.rounds(g)
-    assert g.exposure.large.tolist() == [True, True]
-    h.content_intact(g)
-    assert h.invariants() == []
+    both_regions_promoted(h, g)
 
 
 def test_the_runs_of_every_copy_in_flight_are_held(h: HugeHarness) -> None:
@@ -1927,7 +1929,7 @@ def test_a_fault_on_a_region_in_place_completes_it_without_a_run(h: HugeHarness)
     on it promotes it where it is (COMPLETE, its own frame), no copy and no run needed,
     and the pending step leaves it alone."""
     g = h.add_vm()
-    run = _back_in_place(h, g, 0)
+    run = on_run_in_order(h, g, 0)
     h.promo.scan(g.vm, 64, h.clock())
     assert h.low_round(g, run_moves=False) == [(ServiceType.PROMOTION_2M, region(0))]
     taken = np.concatenate([break_runs(h, 0), break_runs(h, 1)])

@@ -20,8 +20,7 @@ import platform_daemon.services.promotion as promotion
 from platform_daemon.allocator import FrameState
 from platform_daemon.hugepages import FLAG_LARGE
 from shared.constants import PAGES_PER_2M, FaultReason, ServiceType
-from tests.test_hugepages import HugeHarness, break_runs, region
-from tests.test_numa_migration import Guest, content
+from tests.test_hugepages import HugeHarness, break_runs, on_run_in_order, region
 
 pytestmark = pytest.mark.timeout(60)
 R = PAGES_PER_2M
@@ -34,22 +33,6 @@ def h(mem_dir: Path, short_tmp: Path) -> Iterator[HugeHarness]:
         yield harness
     finally:
         harness.close()
-
-
-def on_run_in_order(h: HugeHarness, g: Guest, r: int, swap: tuple[int, int] | None = None) -> None:
-    """Back region ``r`` on one whole free run of the home node, page i on frame i of the run,
-    but for the pair ``swap`` of pages, whose frames are exchanged."""
-    run = h.machine.allocator.allocate_run(g.vm.home_node)
-    assert run is not None
-    if swap is not None:
-        i, j = swap
-        run[i], run[j] = run[j], run[i]
-    idx = np.array(region(r), dtype=np.int64)
-    for bpn, mpn in zip(idx.tolist(), run.tolist(), strict=True):
-        g.data[bpn] = content(g.vm.vm_id * 1000 + bpn)
-        h.machine.frames[mpn] = g.data[bpn]
-    h.resolver.map_private(g.vm, idx, run)
-    g.exposure.install(idx, run, np.ones(R, dtype=bool))
 
 
 def test_a_collapse_that_would_pass_the_host_limit_keeps_the_regions_frames(
