@@ -724,6 +724,18 @@ def test_near_the_host_limit_a_step_takes_one_run_at_a_time(h: HugeHarness) -> N
     both_regions_promoted(h, g)
 
 
+def _run_collapse_with_a_failing_copy(h: HugeHarness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the spawned collapse with the copier's copy raising; the error reaches the task."""
+
+    def broken(*args: Any) -> None:
+        raise ValueError("copy to a frame outside machine memory")
+
+    monkeypatch.setattr(page_move_mod, "run_copy", broken)
+    with pytest.raises(ValueError, match="outside machine memory"):
+        h.run_spawned()
+    monkeypatch.undo()
+
+
 def test_a_copy_that_fails_gives_the_regions_back_on_their_frames(
     h: HugeHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -734,14 +746,7 @@ def test_a_copy_that_fails_gives_the_regions_back_on_their_frames(
     free_before = h.machine.allocator.free
     h.promo.scan(g.vm, 64, h.clock())
     h.low_round(g, run_moves=False)
-
-    def broken(*args: Any) -> None:
-        raise ValueError("copy to a frame outside machine memory")
-
-    monkeypatch.setattr(page_move_mod, "run_copy", broken)
-    with pytest.raises(ValueError, match="outside machine memory"):
-        h.run_spawned()
-    monkeypatch.undo()
+    _run_collapse_with_a_failing_copy(h, monkeypatch)
     assert h.machine.allocator.free == free_before and h.promo.held_frames() == []
     assert (g.vm.p2m.frame[region(0)] == old).all()
     assert (g.vm.p2m.state[region(0)] == PageState.RESIDENT).all()
@@ -2032,14 +2037,7 @@ def test_a_copy_that_fails_gives_back_the_regions_its_batch_had_not_copied_yet(
         monkeypatch.setattr(promotion_mod, "STEP_REGIONS", 1)
     h.promo.scan(g.vm, 64, h.clock())
     h.low_round(g, run_moves=False)
-
-    def broken(*args: Any) -> None:
-        raise ValueError("copy to a frame outside machine memory")
-
-    monkeypatch.setattr(page_move_mod, "run_copy", broken)
-    with pytest.raises(ValueError, match="outside machine memory"):
-        h.run_spawned()
-    monkeypatch.undo()
+    _run_collapse_with_a_failing_copy(h, monkeypatch)
     assert h.promo.held_frames() == []
     assert (g.vm.p2m.state[region(0)] == PageState.RESIDENT).all()
     assert (g.vm.p2m.state[region(1)] == PageState.RESIDENT).all()
